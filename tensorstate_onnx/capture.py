@@ -1,0 +1,252 @@
+"""One probe's capture: engine + store + metrics behind the TensorState API.
+
+``AbstractStateCapture`` is what every front end feeds: the Keras
+``StateCapture`` layer, the PyTorch ``StateCaptureHook`` and the ONNX probes
+are thin subclasses that call :meth:`AbstractStateCapture.record` with a tensor
+and its channel axis.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .engine import StateCounter, n_bytes_for, pack
+from .errors import NoStatesError
+from .store import StateStore
+
+__all__ = ["AbstractStateCapture", "StateCaptureProbe"]
+
+
+class AbstractStateCapture(abc.ABC):
+    """Records the firing states of one probed tensor and computes its entropy.
+
+    Args:
+        name: the probe's name, unique within a model.
+        disk_path: directory of a zarr store for the raw states. ``None`` keeps
+            them in memory (compressed) when ``keep_states`` is true.
+        keep_states: keep the raw states (needed for ``states`` and for
+            ``counts(index=...)``). Counts, entropy and efficiency never need
+            them: they come from a streaming counter whose memory grows with
+            the number of distinct states only.
+        overwrite: replace an existing store at ``disk_path``.
+        metadata: extra facts stored with the states (node, method, ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        disk_path: str | os.PathLike | None = None,
+        keep_states: bool = True,
+        overwrite: bool = False,
+        metadata: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.name = name
+        self.disk_path = None if disk_path is None else Path(disk_path)
+        self.keep_states = keep_states or disk_path is not None
+        self.metadata = dict(metadata or {})
+        self.capture_on = True
+        self.input_shape = None
+        self._overwrite = overwrite
+        self._lock = threading.Lock()
+        if self.disk_path is not None:
+            StateStore.check_free(self.disk_path, overwrite)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.n_neurons: int | None = None
+        self.states_per_instance: int | None = None
+        self._counter: StateCounter | None = None
+        self._store: StateStore | None = None
+        self._batches: list[tuple[int, int]] = []  # (instances, states per instance)
+        self._result: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ recording
+
+    def record(self, tensor: np.ndarray, channel_axis: int) -> None:
+        """Quantize, pack, count and (optionally) store one batch.
+
+        Axis 0 is the batch axis for tensors of rank >= 2 whose channel axis
+        is not 0; otherwise the whole tensor is one instance.
+        """
+        if not self.capture_on:
+            return
+        tensor = np.asarray(tensor) if not isinstance(tensor, np.ndarray) else tensor
+        packed = pack(tensor, channel_axis)
+        axis = channel_axis % tensor.ndim
+        instances = tensor.shape[0] if tensor.ndim >= 2 and axis != 0 else 1
+        self.record_packed(packed, tensor.shape[axis], instances)
+
+    def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int) -> None:
+        """Count and store states already packed (by ``engine.pack`` or in an ONNX graph)."""
+        if not self.capture_on:
+            return
+        with self._lock:
+            if self.n_neurons is None:
+                self._start(int(n_neurons))
+            elif n_neurons != self.n_neurons:
+                raise ValueError(
+                    f"probe {self.name!r} recorded {self.n_neurons} neurons before and now got "
+                    f"{n_neurons}; call reset_states() before feeding a different layout"
+                )
+            per_instance = packed.shape[0] // instances if instances else 0
+            if instances and per_instance * instances != packed.shape[0]:
+                raise ValueError(
+                    f"{packed.shape[0]} states cannot be split evenly into {instances} instances"
+                )
+            self._counter.add(packed)
+            if self._store is not None:
+                self._store.append(packed)
+            self._batches.append((instances, per_instance))
+            if self.states_per_instance is None:
+                self.states_per_instance = per_instance
+            elif self.states_per_instance != per_instance:
+                self.states_per_instance = -1  # varies between batches
+            self._result = None
+
+    def _start(self, n_neurons: int) -> None:
+        self.n_neurons = n_neurons
+        self._counter = StateCounter(n_neurons)
+        if self.keep_states:
+            meta = {"name": self.name, **self.metadata}
+            self._store = StateStore(n_neurons, self.disk_path, meta, overwrite=self._overwrite)
+            # Our own store from here on: a reset may replace it.
+            self._overwrite = True
+
+    def merge(self, other: "AbstractStateCapture | StateCounter") -> None:
+        """Add the counts of another capture or counter of the same probe (for sharded runs)."""
+        counter = other._counter if isinstance(other, AbstractStateCapture) else other
+        if counter is None:
+            return
+        with self._lock:
+            if self.n_neurons is None:
+                self._start(counter.n_neurons)
+            self._counter.merge(counter)
+            self._result = None
+
+    def flush(self) -> None:
+        """Write buffered raw states to the store."""
+        with self._lock:
+            if self._store is not None:
+                self._store.flush()
+
+    def reset_states(self, input_shape=None) -> None:
+        """Forget every recorded state (``input_shape`` is kept for subclasses)."""
+        with self._lock:
+            self.input_shape = input_shape
+            self._clear()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def state_count(self) -> int:
+        """Number of states recorded, repeats included."""
+        return 0 if self._counter is None else self._counter.total
+
+    @property
+    def counter(self) -> StateCounter | None:
+        """The streaming counter (None before the first record)."""
+        return self._counter
+
+    @property
+    def states(self):
+        """The raw packed states as a zarr array ``uint8 (state_count, ceil(C/8))``."""
+        store = self._require_store("states")
+        self.flush()
+        return store.array
+
+    def _require_store(self, what: str) -> StateStore:
+        self._require_states()
+        if self._store is None:
+            raise NoStatesError(
+                f"{what} needs the raw states, which probe {self.name!r} does not keep; "
+                "pass a storage path (or keep_states=True) when building the model"
+            )
+        return self._store
+
+    def _require_states(self) -> None:
+        if self._counter is None or self._counter.total == 0:
+            raise NoStatesError(
+                f"probe {self.name!r} has recorded no states yet; run data through the model first"
+            )
+
+    def _instance_rows(self, index) -> np.ndarray:
+        starts = []
+        offset = 0
+        for instances, per in self._batches:
+            starts.append(offset + per * np.arange(instances, dtype=np.int64))
+            offset += instances * per
+        starts = np.concatenate(starts)
+        pers = np.concatenate([np.full(n, per, np.int64) for n, per in self._batches])
+        index = np.asarray(index, dtype=np.int64).ravel()
+        if index.size == 0:
+            raise ValueError("index selects no input instance")
+        n = starts.size
+        if index.min() < -n or index.max() >= n:
+            raise IndexError(f"instance index out of range: {n} instances were recorded")
+        index %= n
+        return np.concatenate([np.arange(starts[i], starts[i] + pers[i]) for i in index])
+
+    def _counts_for(self, index) -> tuple[np.ndarray, np.ndarray]:
+        if index is None:
+            self._require_states()
+            if self._result is None:
+                self._result = self._counter.result()
+            return self._result
+        store = self._require_store("counts(index=...)")
+        self.flush()
+        counter = StateCounter(self.n_neurons)
+        counter.add(store.read(self._instance_rows(index)))
+        return counter.result()
+
+    def counts(self, index=None) -> np.ndarray:
+        """Occurrences of each observed state; ``index`` selects input instances."""
+        return self._counts_for(index)[1]
+
+    def state_ids(self, index=None) -> list[bytes]:
+        """The observed states as bytes, aligned with :meth:`counts`."""
+        return [row.tobytes() for row in self._counts_for(index)[0]]
+
+    def max_entropy(self) -> float:
+        """The number of neurons: the entropy if every pattern were equally likely."""
+        if self.n_neurons is None:
+            self._require_states()
+        return float(self.n_neurons)
+
+    def entropy(self, alpha: float | None = 1) -> float:
+        """Rényi entropy (bits) of the observed states; ``None`` gives ``max_entropy()``."""
+        if alpha is None:
+            return self.max_entropy()
+        return metrics.entropy(self.counts(), alpha)
+
+    def efficiency(self, alpha1: float = 1, alpha2: float | None = None) -> float:
+        """``entropy(alpha1) / (max_entropy() if alpha2 is None else entropy(alpha2))``.
+
+        A probe that saw a single state has every Rényi entropy 0; its
+        efficiency is 0.
+        """
+        numerator = self.entropy(alpha1)
+        denominator = self.entropy(alpha2)
+        return 0.0 if denominator == 0 else numerator / denominator
+
+    @property
+    def n_bytes(self) -> int | None:
+        """Bytes of one packed state."""
+        return None if self.n_neurons is None else n_bytes_for(self.n_neurons)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, neurons={self.n_neurons}, "
+            f"states={self.state_count})"
+        )
+
+
+class StateCaptureProbe(AbstractStateCapture):
+    """A capture fed directly with numpy tensors (the ONNX path and plain use)."""

@@ -1,0 +1,154 @@
+"""Zarr v3 storage of the raw packed states of one probe.
+
+One array per probe, ``uint8 (n_states, n_bytes)``, Blosc-compressed (lz4,
+bitshuffle), in memory or in a directory. Appends are buffered and written in
+whole chunks, so a run of small batches does not recompress the same chunk
+again and again; ``flush()`` writes the rest. The directory form keeps the
+probe's metadata in the array's attributes, so a store can be reopened and
+analyzed without the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from .engine import n_bytes_for
+from .errors import StorageExistsError
+
+__all__ = ["StateStore"]
+
+_CHUNK_BYTES = 4 << 20
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=1)
+
+
+class StateStore:
+    """Append-only store of packed states, one row per state."""
+
+    def __init__(
+        self,
+        n_neurons: int,
+        path: str | os.PathLike | None = None,
+        metadata: dict | None = None,
+        overwrite: bool = False,
+    ):
+        self.n_neurons = int(n_neurons)
+        self.n_bytes = n_bytes_for(self.n_neurons)
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.check_free(self.path, overwrite)
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            elif self.path.exists():
+                self.path.unlink()
+        rows = max(1, _CHUNK_BYTES // self.n_bytes)
+        store = zarr.storage.MemoryStore() if self.path is None else zarr.storage.LocalStore(self.path)
+        attributes = {"n_neurons": self.n_neurons, **(metadata or {})}
+        self._array = zarr.create_array(
+            store,
+            shape=(0, self.n_bytes),
+            chunks=(rows, self.n_bytes),
+            dtype="uint8",
+            compressors=[_compressor()],
+            attributes=attributes,
+            fill_value=0,
+        )
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    @staticmethod
+    def check_free(path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Raise ``StorageExistsError`` if ``path`` exists and may not be replaced."""
+        if Path(path).exists() and not overwrite:
+            raise StorageExistsError(
+                f"a state store already exists at {path}; choose another storage path, "
+                "delete it, or pass overwrite=True to replace it"
+            )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "StateStore":
+        """Reopen a directory store written earlier, for reading and appending."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no state store at {path}: it is not a directory")
+        try:
+            array = zarr.open_array(zarr.storage.LocalStore(path), mode="r+")
+        except Exception as exc:  # zarr raises several types for a directory that is not an array
+            raise ValueError(f"{path} is not a tensorstate-onnx state store: {exc}") from None
+        if "n_neurons" not in array.attrs or array.dtype != np.uint8 or array.ndim != 2:
+            raise ValueError(f"{path} is a zarr array but not a tensorstate-onnx state store")
+        self = cls.__new__(cls)
+        self.n_neurons = int(array.attrs["n_neurons"])
+        self.n_bytes = n_bytes_for(self.n_neurons)
+        self.path = path
+        self._array = array
+        self._pending = []
+        self._pending_rows = 0
+        return self
+
+    @property
+    def metadata(self) -> dict:
+        """The probe metadata kept with the states."""
+        return dict(self._array.attrs)
+
+    @property
+    def array(self) -> zarr.Array:
+        """The zarr array, with every buffered row written."""
+        self.flush()
+        return self._array
+
+    def __len__(self) -> int:
+        return self._array.shape[0] + self._pending_rows
+
+    def append(self, packed: np.ndarray) -> None:
+        """Add rows; whole chunks are written at once, the rest waits for more or ``flush``."""
+        if packed.ndim != 2 or packed.shape[1] != self.n_bytes or packed.dtype != np.uint8:
+            raise ValueError(
+                f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
+            )
+        if packed.shape[0] == 0:
+            return
+        self._pending.append(np.array(packed, copy=True))
+        self._pending_rows += packed.shape[0]
+        chunk_rows = self._array.chunks[0]
+        if self._pending_rows >= chunk_rows:
+            data = np.concatenate(self._pending)
+            stored = self._array.shape[0]
+            aligned = (stored + data.shape[0]) // chunk_rows * chunk_rows - stored
+            self._write(data[:aligned])
+            rest = data[aligned:]
+            self._pending = [rest] if rest.shape[0] else []
+            self._pending_rows = rest.shape[0]
+
+    def _write(self, data: np.ndarray) -> None:
+        start = self._array.shape[0]
+        # zarr silently drops writes past the end: grow the array first.
+        self._array.resize((start + data.shape[0], self.n_bytes))
+        self._array[start:] = data
+
+    def flush(self) -> None:
+        """Write every buffered row."""
+        if self._pending_rows:
+            self._write(np.concatenate(self._pending))
+            self._pending = []
+            self._pending_rows = 0
+
+    def read(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Stored rows: all, a slice, or an integer index array (in the order given)."""
+        self.flush()
+        if rows is None:
+            return self._array[:]
+        if isinstance(rows, slice):
+            return self._array[rows]
+        index = np.asarray(rows, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
+        return self._array.get_orthogonal_selection((index, slice(None)))

@@ -1,0 +1,148 @@
+import threading
+
+import numpy as np
+import pytest
+
+from tensorstate_onnx import NoStatesError, StateCaptureProbe, StorageExistsError, entropy
+from tensorstate_onnx.store import StateStore
+
+
+def _reference(x, axis):
+    c = x.shape[axis]
+    packed = np.packbits(np.moveaxis(x, axis, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
+    ids, counts = np.unique(packed, axis=0, return_counts=True)
+    return packed, {row.tobytes(): int(n) for row, n in zip(ids, counts)}
+
+
+def _as_dict(capture, index=None):
+    return dict(zip(capture.state_ids(index), capture.counts(index).tolist()))
+
+
+@pytest.fixture
+def batches():
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal((n, 10, 3, 4)).astype(np.float32) for n in (5, 2, 7)]
+
+
+def test_counts_entropy_and_efficiency_match_numpy(batches):
+    capture = StateCaptureProbe("conv")
+    for batch in batches:
+        capture.record(batch, 1)
+    everything = np.concatenate(batches)
+    packed, expected = _reference(everything, 1)
+    assert capture.state_count == 14 * 12
+    assert capture.states_per_instance == 12
+    assert _as_dict(capture) == expected
+    assert capture.max_entropy() == 10.0
+    assert capture.entropy() == pytest.approx(entropy(list(expected.values())))
+    assert capture.entropy(2) == pytest.approx(entropy(list(expected.values()), 2))
+    assert capture.entropy(None) == 10.0
+    assert capture.efficiency() == pytest.approx(capture.entropy() / 10)
+    assert capture.efficiency(1, 0) == pytest.approx(capture.entropy(1) / capture.entropy(0))
+    assert np.array_equal(capture.states[:], packed)
+
+
+def test_counts_by_instance_index(batches):
+    capture = StateCaptureProbe("conv")
+    for batch in batches:
+        capture.record(batch, 1)
+    everything = np.concatenate(batches)
+    for index in ([0], [4, 5, 13], [-1], np.arange(14)):
+        _, expected = _reference(everything[np.asarray(index)], 1)
+        assert _as_dict(capture, index) == expected
+    with pytest.raises(IndexError, match="14 instances"):
+        capture.counts([14])
+
+
+def test_varying_positions_per_instance_still_index_correctly():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 9, 2, 2)).astype(np.float32)
+    b = rng.standard_normal((2, 9, 5, 1)).astype(np.float32)
+    capture = StateCaptureProbe("varying")
+    capture.record(a, 1)
+    capture.record(b, 1)
+    assert capture.states_per_instance == -1
+    _, expected = _reference(b[1:2], 1)
+    assert _as_dict(capture, [4]) == expected
+
+
+def test_keep_states_false_counts_without_raw_states(batches):
+    capture = StateCaptureProbe("light", keep_states=False)
+    for batch in batches:
+        capture.record(batch, 1)
+    assert _as_dict(capture) == _reference(np.concatenate(batches), 1)[1]
+    with pytest.raises(NoStatesError, match="storage path"):
+        capture.states
+    with pytest.raises(NoStatesError, match="storage path"):
+        capture.counts([0])
+
+
+def test_disk_store_and_reopen(tmp_path, batches):
+    path = tmp_path / "conv"
+    capture = StateCaptureProbe("conv", disk_path=path, metadata={"node": "/conv/Conv"})
+    for batch in batches:
+        capture.record(batch, 1)
+    capture.flush()
+    reopened = StateStore.open(path)
+    assert reopened.metadata["name"] == "conv" and reopened.metadata["node"] == "/conv/Conv"
+    assert np.array_equal(reopened.read(), _reference(np.concatenate(batches), 1)[0])
+    with pytest.raises(StorageExistsError):
+        StateCaptureProbe("again", disk_path=path)
+    capture.reset_states()
+    capture.record(batches[0], 1)
+    capture.flush()
+    assert len(StateStore.open(path)) == 5 * 12
+
+
+def test_reset_and_capture_off(batches):
+    capture = StateCaptureProbe("p")
+    capture.record(batches[0], 1)
+    capture.reset_states()
+    assert capture.state_count == 0
+    with pytest.raises(NoStatesError, match="no states"):
+        capture.counts()
+    capture.capture_on = False
+    capture.record(batches[0], 1)
+    assert capture.state_count == 0
+    capture.capture_on = True
+    capture.record(np.ones((4, 3), np.float32), -1)  # a new layout after reset is fine
+    assert capture.counts().tolist() == [4]
+    assert capture.efficiency() == 0.0
+
+
+def test_layout_change_without_reset_is_refused(batches):
+    capture = StateCaptureProbe("p")
+    capture.record(batches[0], 1)
+    with pytest.raises(ValueError, match="reset_states"):
+        capture.record(batches[0], 2)
+
+
+def test_instances_do_not_share_state(batches):
+    first, second = StateCaptureProbe("a"), StateCaptureProbe("b")
+    first.record(batches[0], 1)
+    assert second.state_count == 0 and second._batches == []
+
+
+def test_merge_matches_single_capture(batches):
+    whole, left, right = StateCaptureProbe("w"), StateCaptureProbe("l"), StateCaptureProbe("r")
+    for batch in batches:
+        whole.record(batch, 1)
+    left.record(batches[0], 1)
+    right.record(batches[1], 1)
+    right.record(batches[2], 1)
+    left.merge(right)
+    assert _as_dict(left) == _as_dict(whole)
+    assert left.state_count == whole.state_count
+
+
+def test_many_threads_feed_one_capture():
+    rng = np.random.default_rng(3)
+    data = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(40)]
+    capture = StateCaptureProbe("threads")
+    threads = [threading.Thread(target=lambda b=b: capture.record(b, -1)) for b in data]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert capture.state_count == 40 * 64
+    assert _as_dict(capture) == _reference(np.concatenate(data), -1)[1]

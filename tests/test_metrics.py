@@ -1,0 +1,91 @@
+import math
+
+import numpy as np
+import pytest
+
+from tensorstate_onnx import aIQ, entropy, network_efficiency
+
+
+def test_shannon_entropy_of_uniform_and_skewed_counts():
+    assert entropy([5, 5, 5, 5]) == pytest.approx(2.0)
+    p = np.array([0.5, 0.25, 0.25])
+    assert entropy([2, 1, 1]) == pytest.approx(-(p * np.log2(p)).sum())
+    assert entropy([7]) == 0.0
+
+
+def test_renyi_orders_by_hand():
+    counts = [6, 3, 1]
+    p = np.array(counts) / 10
+    assert entropy(counts, 0) == pytest.approx(math.log2(3))
+    assert entropy(counts, 2) == pytest.approx(-math.log2((p**2).sum()))
+    assert entropy(counts, 0.5) == pytest.approx(2 * math.log2(np.sqrt(p).sum()))
+    assert entropy(counts, float("inf")) == pytest.approx(-math.log2(0.6))
+    # alpha -> 1 approaches Shannon
+    assert entropy(counts, 1 + 1e-9) == pytest.approx(entropy(counts, 1), rel=1e-6)
+    # Renyi entropy is non-increasing in alpha
+    values = [entropy(counts, a) for a in (0, 0.5, 1, 2, float("inf"))]
+    assert values == sorted(values, reverse=True)
+
+
+def test_zero_counts_are_ignored():
+    assert entropy([4, 0, 4]) == pytest.approx(1.0)
+    assert entropy(np.array([3, 0, 0, 1]), 0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("alpha", [-1, float("nan"), "1", None, True])
+def test_invalid_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        entropy([1, 2], alpha)
+
+
+@pytest.mark.parametrize("counts", [[], [0, 0], [-1, 2], [np.inf, 1]])
+def test_invalid_counts(counts):
+    with pytest.raises(ValueError, match="count"):
+        entropy(counts)
+
+
+def test_network_efficiency_is_geometric_mean():
+    assert network_efficiency([0.25, 1.0]) == pytest.approx(0.5)
+    assert network_efficiency([0.2, 0.4, 0.8]) == pytest.approx(0.4)
+    assert network_efficiency([0.5, 0.0]) == 0.0
+
+
+def test_network_efficiency_of_model_like():
+    class Layer:
+        def __init__(self, value):
+            self.value = value
+
+        def efficiency(self):
+            return self.value
+
+    class Model:
+        efficiency_layers = [Layer(0.1), Layer(0.9)]
+
+    assert network_efficiency(Model()) == pytest.approx(0.3)
+
+
+def test_network_efficiency_errors():
+    with pytest.raises(ValueError, match="no efficiencies"):
+        network_efficiency([])
+    with pytest.raises(ValueError, match="finite"):
+        network_efficiency([0.5, -0.1])
+    with pytest.raises(TypeError, match="list of floats"):
+        network_efficiency(0.5)
+
+
+def test_aiq_by_hand():
+    assert aIQ(0.25, 1.0, 1) == pytest.approx(0.5)
+    assert aIQ(0.4, 0.9, 2) == pytest.approx((0.4 * 0.81) ** (1 / 3))
+    assert aIQ(0.3, 0.8, np.int64(5)) == pytest.approx((0.3 * 0.8**5) ** (1 / 6))
+
+
+@pytest.mark.parametrize("weight", [0, -1, 1.5, True, "2", None])
+def test_aiq_weight_must_be_int_at_least_one(weight):
+    with pytest.raises(ValueError, match="weight"):
+        aIQ(0.5, 0.5, weight)
+
+
+@pytest.mark.parametrize("args", [(1.5, 0.5), (0.5, -0.1), (float("nan"), 0.5)])
+def test_aiq_inputs_in_unit_interval(args):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        aIQ(*args, 1)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from tensorstate_onnx import StorageExistsError
+from tensorstate_onnx.store import StateStore
+
+
+def _rows(n, n_bytes, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, n_bytes), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("n_neurons", [1, 12, 64, 1000])
+def test_memory_round_trip_in_many_small_appends(n_neurons):
+    n_bytes = (n_neurons + 7) // 8
+    data = _rows(20_000, n_bytes)
+    if n_neurons % 8:
+        data[:, -1] &= (1 << (n_neurons % 8)) - 1
+    store = StateStore(n_neurons)
+    for start in range(0, len(data), 777):
+        store.append(data[start : start + 777])
+    assert len(store) == len(data)
+    assert np.array_equal(store.read(), data)
+    assert np.array_equal(store.read(slice(100, 200)), data[100:200])
+    index = np.array([5, 19_999, 0, 5])
+    assert np.array_equal(store.read(index), data[index])
+
+
+def test_appends_larger_than_a_chunk_and_flushes_in_between():
+    store = StateStore(4096)  # 512-byte rows: a chunk holds 8192 rows
+    data = _rows(30_000, 512)
+    store.append(data[:10])
+    store.flush()
+    store.append(data[10:20_000])
+    store.append(data[20_000:])
+    assert np.array_equal(store.array[:], data)
+
+
+def test_directory_store_reopens_with_metadata(tmp_path):
+    data = _rows(5000, 3)
+    path = tmp_path / "conv1"
+    store = StateStore(20, path, {"name": "conv1:after", "node": "/conv1/Conv", "states_per_instance": 576})
+    store.append(data)
+    store.flush()
+    reopened = StateStore.open(path)
+    assert reopened.n_neurons == 20
+    assert reopened.metadata == {"n_neurons": 20, "name": "conv1:after", "node": "/conv1/Conv", "states_per_instance": 576}
+    assert np.array_equal(reopened.read(), data)
+    reopened.append(data[:3])
+    assert len(StateStore.open(path)) == 5000  # buffered rows reach the disk on flush
+    reopened.flush()
+    assert np.array_equal(StateStore.open(path).read()[-3:], data[:3])
+
+
+def test_existing_store_is_never_overwritten_unless_asked(tmp_path):
+    path = tmp_path / "probe"
+    first = StateStore(8, path)
+    first.append(_rows(10, 1))
+    first.flush()
+    with pytest.raises(StorageExistsError, match="overwrite=True"):
+        StateStore(8, path)
+    assert len(StateStore.open(path)) == 10
+    StateStore(8, path, overwrite=True)
+    assert len(StateStore.open(path)) == 0
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no state store"):
+        StateStore.open(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a tensorstate-onnx state store"):
+        StateStore.open(tmp_path / "junk")
+
+
+def test_bad_rows_and_indices():
+    store = StateStore(16)
+    with pytest.raises(ValueError, match="2 bytes"):
+        store.append(np.zeros((3, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        store.append(np.zeros((3, 2), np.int16))
+    store.append(np.zeros((4, 2), np.uint8))
+    with pytest.raises(IndexError, match="rows must lie"):
+        store.read(np.array([4]))
