@@ -5,6 +5,7 @@ through onnxruntime. Importing this package imports neither TensorFlow nor
 PyTorch; their front ends load them when used.
 """
 
+from .api import build_efficiency_model, reset_efficiency_model
 from .capture import AbstractStateCapture, StateCaptureProbe
 from .engine import StateCounter, pack, unpack
 from .errors import (
@@ -16,6 +17,7 @@ from .errors import (
     StorageExistsError,
 )
 from .metrics import aIQ, entropy, network_efficiency
+from .runtime import OnnxEfficiencyModel
 from .store import StateStore
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "ModelFileError",
     "ModelInputError",
     "NoStatesError",
+    "OnnxEfficiencyModel",
     "ProbeMatchError",
     "ProviderError",
     "StateCaptureProbe",
@@ -32,8 +35,10 @@ __all__ = [
     "StateStore",
     "StorageExistsError",
     "aIQ",
+    "build_efficiency_model",
     "entropy",
     "network_efficiency",
     "pack",
+    "reset_efficiency_model",
     "unpack",
 ]

@@ -1,0 +1,221 @@
+"""The ``tensorstate-onnx`` command: inspect, analyze and export models.
+
+Exit codes: 0 on success, 2 with a one-line message for bad input, 1 for an
+internal error (with its traceback, for a bug report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import demo
+from .errors import ModelInputError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IndexError, KeyError, ImportError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorstate-onnx",
+        description="Measure neuron-state efficiency and aIQ of ONNX, Keras and PyTorch models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="list inputs, outputs, op types and probe-able tensors")
+    inspect.add_argument("model", help="path of an .onnx file")
+
+    analyze = commands.add_parser("analyze", help="run data through a model and report efficiencies")
+    analyze.add_argument("model", nargs="?", help="path of an .onnx file (default: the bundled LeNet-5 digits demo)")
+    analyze.add_argument("--data", help=".npy or .npz file of inputs (.npz: arrays named like the inputs, or x [and y])")
+    analyze.add_argument("--labels", help=".npy file of class labels, one per sample")
+    analyze.add_argument("--attach-to", nargs="+", default=["Conv"], metavar="NAME", help="op types, node or layer names, globs (default: Conv)")
+    analyze.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="names never probed (wins over --attach-to)")
+    analyze.add_argument("--method", choices=["before", "after", "both"], default="after")
+    analyze.add_argument("--batch-size", type=int, default=256)
+    analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda (default: auto)")
+    analyze.add_argument("--pack-in-graph", action="store_true", help="quantize and pack inside the ONNX graph")
+    analyze.add_argument("--storage", help="directory to keep the raw states (zarr); must not exist")
+    analyze.add_argument("--json", help="write the report as JSON")
+    analyze.add_argument("--csv", help="write the per-probe table as CSV")
+    analyze.add_argument("--plot", help="write a PNG bar chart of efficiency per probe")
+    analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
+    analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
+
+    export = commands.add_parser("export", help="export a Keras (.keras) or PyTorch (module:factory) model to ONNX")
+    export.add_argument("source", help="a .keras file, or 'package.module:factory' returning a torch.nn.Module")
+    export.add_argument("output", help="path of the .onnx file to write")
+    export.add_argument("--weights", help="PyTorch state_dict file (.pt) to load into the module")
+    export.add_argument("--input-shape", help="PyTorch example input shape, e.g. 1,3,96,96")
+    export.add_argument("--legacy", action="store_true", help="use the legacy TorchScript exporter (PyTorch)")
+    return parser
+
+
+def _load_array(path: str, what: str) -> np.ndarray | dict:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        loaded = np.load(file, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise ModelInputError(f"{what} file {path} is not a readable .npy/.npz file ({exc})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        return {key: loaded[key] for key in loaded.files}
+    return loaded
+
+
+def _data_and_labels(args, model) -> tuple:
+    if args.data is None:
+        if args.model is not None:
+            raise ModelInputError("--data is required when a model is given (a .npy or .npz file of inputs)")
+        return demo.load_test_data()
+    data = _load_array(args.data, "data")
+    labels = None
+    if isinstance(data, dict):
+        names = {spec.name for spec in model.inputs}
+        if set(data) >= names:
+            labels = data.get("y") if "y" not in names else None
+            data = {name: data[name] for name in names}
+        elif "x" in data:
+            labels = data.get("y")
+            data = data["x"]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+        else:
+            raise ModelInputError(
+                f"{args.data} holds arrays {sorted(data)}; name them like the model inputs "
+                f"{sorted(names)} or store the inputs as 'x' (and labels as 'y')"
+            )
+    if args.labels is not None:
+        labels = _load_array(args.labels, "labels")
+        if isinstance(labels, dict):
+            raise ModelInputError("--labels takes a .npy file of one label per sample")
+    return data, labels
+
+
+def _analyze(args) -> int:
+    from .api import build_efficiency_model
+    from .report import summarize
+
+    model_path = args.model if args.model is not None else str(demo.model_path())
+    model = build_efficiency_model(
+        model_path, args.attach_to, args.exclude, args.method, args.storage,
+        providers=args.provider, pack_in_graph=args.pack_in_graph,
+    )  # fmt: skip
+    data, labels = _data_and_labels(args, model)
+    if labels is not None:
+        accuracy = model.evaluate(data, labels, batch_size=args.batch_size, progress=args.progress)
+    else:
+        model.predict(data, batch_size=args.batch_size, progress=args.progress)
+        accuracy = None
+    report = summarize(model, accuracy, args.aiq_weight)
+    if args.model is None:
+        print(f"model: bundled demo ({Path(model_path).name}, LeNet-5 on held-out scikit-learn digits)")
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+    if args.csv:
+        report.write_csv(args.csv)
+    if args.plot:
+        report.plot(args.plot)
+    return 0
+
+
+def _inspect(args) -> int:
+    from .graph import list_nodes, load_model
+
+    model = load_model(args.model)
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    print(f"model: {args.model}  (opset {opsets})")
+    print("inputs:")
+    for value in graph.input:
+        if value.name not in initializers:
+            print(f"  {value.name}  {_type_text(value)}")
+    print("outputs:")
+    for value in graph.output:
+        print(f"  {value.name}  {_type_text(value)}")
+    nodes = list_nodes(model)
+    counts = Counter(node["op_type"] for node in nodes)
+    print("op types:")
+    for op, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        print(f"  {op:24s} {count}")
+    print("probe-able tensors (node, op type, labels, output shapes):")
+    for node in nodes:
+        labels = ", ".join(node.get("labels", [])) or "-"
+        shapes = "; ".join(str(shape) for shape in node.get("output_shapes", []))
+        print(f"  {node['name']}  {node['op_type']}  [{labels}]  {shapes}")
+    return 0
+
+
+def _type_text(value) -> str:
+    tensor = value.type.tensor_type
+    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+    return f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}[{', '.join(dims)}]"
+
+
+def _export(args) -> int:
+    from . import converters
+
+    if args.source.endswith(".keras"):
+        import keras
+
+        model = keras.models.load_model(args.source)
+        converters.from_keras(model, path=args.output)
+    else:
+        module = _torch_module(args)
+        import torch
+
+        if not args.input_shape:
+            raise ValueError("exporting a PyTorch model needs --input-shape, e.g. --input-shape 1,3,224,224")
+        shape = tuple(int(part) for part in args.input_shape.split(","))
+        converters.from_torch(module, (torch.zeros(shape),), path=args.output, dynamo=not args.legacy)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _torch_module(args):
+    import importlib
+
+    if ":" not in args.source:
+        raise ValueError(f"{args.source!r} is neither a .keras file nor 'package.module:factory'")
+    module_name, factory_name = args.source.split(":", 1)
+    factory = getattr(importlib.import_module(module_name), factory_name, None)
+    if factory is None:
+        raise ValueError(f"module {module_name} has no {factory_name}")
+    module = factory()
+    if args.weights:
+        import torch
+
+        module.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    module.eval()
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    handlers = {"analyze": _analyze, "inspect": _inspect, "export": _export}
+    try:
+        return handlers[args.command](args)
+    except _BAD_INPUT as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"tensorstate-onnx: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception:  # an internal error: show everything for a bug report
+        traceback.print_exc()
+        print("tensorstate-onnx: internal error (please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

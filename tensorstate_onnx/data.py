@@ -1,0 +1,145 @@
+"""Turn the many shapes of user data into batches of numpy arrays.
+
+Accepted: numpy arrays and array-likes that slice (zarr, dask, h5py, memory
+maps), dicts of them (one entry per model input), ``(x, y)`` pairs, and
+iterables of batches of any of these (generators, torch DataLoaders, tf.data
+datasets). Framework tensors are recognised by duck typing, so no framework is
+imported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ModelInputError
+
+__all__ = ["Batch", "iter_batches", "to_numpy", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_BATCH_SIZE = 256
+
+
+@dataclass
+class Batch:
+    """Inputs (an array or a dict of arrays) and, if known, their labels."""
+
+    inputs: np.ndarray | dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+
+def to_numpy(value) -> np.ndarray:
+    """A numpy view or copy of an array, torch tensor, TF tensor or array-like."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch.Tensor
+        return value.detach().cpu().numpy()
+    if hasattr(value, "numpy"):  # tf.Tensor, EagerTensor
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _is_array_like(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "__getitem__") and not isinstance(value, (dict, tuple, list))
+
+
+def _length(inputs) -> int:
+    if isinstance(inputs, dict):
+        lengths = {name: len(value) for name, value in inputs.items()}
+        if not lengths:
+            raise ModelInputError("the input dict is empty; map each model input name to an array")
+        if len(set(lengths.values())) != 1:
+            raise ModelInputError(f"inputs have different numbers of samples: {lengths}")
+        return next(iter(lengths.values()))
+    if not getattr(inputs, "shape", ()):
+        raise ModelInputError("data must have a batch axis; got a scalar")
+    return inputs.shape[0]
+
+
+def _slice(inputs, start: int, stop: int):
+    if isinstance(inputs, dict):
+        return {name: to_numpy(value[start:stop]) for name, value in inputs.items()}
+    return to_numpy(inputs[start:stop])
+
+
+def _as_pair(item, single_input: bool):
+    """Split ``item`` into (inputs, labels) when it is an ``(x, y)`` pair."""
+    if isinstance(item, (tuple, list)) and len(item) == 2 and (single_input or isinstance(item[0], dict)):
+        return item[0], item[1]
+    if isinstance(item, (tuple, list)):
+        raise ModelInputError(
+            f"a batch given as a {type(item).__name__} of {len(item)} items is ambiguous; pass an "
+            "array, a dict of arrays (one per model input), or an (inputs, labels) pair"
+        )
+    return item, None
+
+
+def _convert(inputs):
+    if isinstance(inputs, dict):
+        return {name: to_numpy(value) for name, value in inputs.items()}
+    return to_numpy(inputs)
+
+
+def _check_labels(labels, n: int) -> np.ndarray:
+    labels = to_numpy(labels)
+    if labels.ndim == 0 or labels.shape[0] != n:
+        got = "a scalar" if labels.ndim == 0 else f"{labels.shape[0]} labels"
+        raise ModelInputError(f"got {got} for {n} samples; give one label per sample")
+    return labels
+
+
+def iter_batches(data, labels=None, batch_size: int | None = None, single_input: bool = True) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects from ``data`` (see the module docstring).
+
+    ``batch_size`` splits arrays (default :data:`DEFAULT_BATCH_SIZE`); batches
+    that come from an iterable are used as they come. ``labels`` may be given
+    separately, one per sample. Raises ``ModelInputError`` for empty data and
+    for labels whose length differs from the data's.
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    size = int(batch_size or DEFAULT_BATCH_SIZE)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and (_is_array_like(data[0]) or isinstance(data[0], dict)):
+        if labels is not None:
+            raise ModelInputError("labels were given twice: inside (x, y) data and as labels=")
+        data, labels = _as_pair(data, single_input)
+    if _is_array_like(data) or isinstance(data, dict):
+        n = _length(data)
+        if n == 0:
+            raise ModelInputError("the data holds no samples")
+        if labels is not None:
+            labels = _check_labels(labels, n)
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            yield Batch(_slice(data, start, stop), None if labels is None else labels[start:stop])
+        return
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(
+            f"cannot read batches from {type(data).__name__}; pass a numpy array, a dict of arrays, "
+            "an (x, y) pair or an iterable of batches"
+        )
+    yield from _iter_stream(data, labels, single_input)
+
+
+def _iter_stream(data, labels, single_input: bool) -> Iterator[Batch]:
+    labels = None if labels is None else to_numpy(labels)
+    used = 0
+    for item in data:
+        inputs, batch_labels = _as_pair(item, single_input)
+        inputs = _convert(inputs)
+        n = _length(inputs)
+        if labels is not None:
+            if batch_labels is not None:
+                raise ModelInputError("labels were given twice: inside the batches and as labels=")
+            batch_labels = labels[used : used + n]
+            if len(batch_labels) != n:
+                raise ModelInputError(f"labels ran out after {used} samples; give one label per sample")
+        elif batch_labels is not None:
+            batch_labels = _check_labels(batch_labels, n)
+        used += n
+        yield Batch(inputs, batch_labels)
+    if used == 0:
+        raise ModelInputError("the data holds no samples")
+    if labels is not None and used != len(labels):
+        raise ModelInputError(f"got {len(labels)} labels for {used} samples; give one label per sample")

@@ -1,0 +1,115 @@
+"""Summaries of an analysis: per-probe statistics, network efficiency, accuracy and aIQ,
+as a text table, JSON, CSV or a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from .metrics import aIQ, network_efficiency
+
+__all__ = ["LayerSummary", "AnalysisReport", "summarize"]
+
+
+@dataclass
+class LayerSummary:
+    """Statistics of one probe."""
+
+    name: str
+    node: str
+    neurons: int
+    states: int
+    distinct_states: int
+    entropy: float
+    efficiency: float
+
+
+@dataclass
+class AnalysisReport:
+    """Everything ``tensorstate-onnx analyze`` reports."""
+
+    layers: list[LayerSummary]
+    network_efficiency: float
+    accuracy: float | None = None
+    aiq: float | None = None
+    aiq_weight: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A fixed-width text table followed by the network figures."""
+        header = ("probe", "node", "neurons", "states", "distinct", "entropy", "efficiency")
+        rows = [
+            (l.name, l.node, str(l.neurons), str(l.states), str(l.distinct_states), f"{l.entropy:.4f}", f"{l.efficiency:.4f}")
+            for l in self.layers
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        lines.append(f"network efficiency: {self.network_efficiency:.4f}")
+        if self.accuracy is not None:
+            lines.append(f"accuracy:           {self.accuracy:.4f}")
+            lines.append(f"aIQ (weight {self.aiq_weight}):     {self.aiq:.4f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+            handle.write("\n")
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """One row per probe; network figures repeat on every row for easy joins."""
+        names = list(LayerSummary.__dataclass_fields__)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([*names, "network_efficiency", "accuracy", "aiq"])
+            for layer in self.layers:
+                writer.writerow([*(getattr(layer, n) for n in names), self.network_efficiency, self.accuracy, self.aiq])
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Bar chart of efficiency per probe (needs matplotlib: the ``plot`` extra)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("plotting needs matplotlib: pip install 'tensorstate-onnx[plot]'") from None
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(self.layers) + 2), 4.0))
+        ax.bar([l.name for l in self.layers], [l.efficiency for l in self.layers], color="#4477aa")
+        ax.axhline(self.network_efficiency, color="#cc3311", linestyle="--", label=f"network {self.network_efficiency:.3f}")
+        ax.set_ylabel("efficiency (H / neurons)")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper right")
+        ax.tick_params(axis="x", labelrotation=45)
+        title = "layer efficiency"
+        if self.aiq is not None:
+            title += f"  (accuracy {self.accuracy:.3f}, aIQ {self.aiq:.3f})"
+        ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def summarize(model, accuracy: float | None = None, aiq_weight: int = 2) -> AnalysisReport:
+    """Collect the report of a model built by ``build_efficiency_model`` after a run."""
+    layers = [
+        LayerSummary(
+            name=layer.name,
+            node=str(layer.metadata.get("node", layer.name)) if hasattr(layer, "metadata") else layer.name,
+            neurons=int(layer.max_entropy()),
+            states=layer.state_count,
+            distinct_states=len(layer.counts()),
+            entropy=layer.entropy(),
+            efficiency=layer.efficiency(),
+        )
+        for layer in model.efficiency_layers
+    ]
+    net = network_efficiency([layer.efficiency for layer in layers])
+    score = None if accuracy is None else aIQ(net, accuracy, aiq_weight)
+    return AnalysisReport(layers, net, accuracy, score, aiq_weight if accuracy is not None else None)

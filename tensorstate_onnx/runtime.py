@@ -1,0 +1,327 @@
+"""Run a probed ONNX model in onnxruntime and feed its probes to the engine.
+
+``OnnxEfficiencyModel`` rewrites a model so the chosen tensors become extra
+outputs (see :mod:`tensorstate_onnx.graph`), runs it batch by batch, returns
+the original outputs, and hands each probe's tensor (or its in-graph packed
+bytes) to an :class:`~tensorstate_onnx.capture.AbstractStateCapture`. Counting
+of one batch runs on a worker thread while onnxruntime computes the next; both
+release the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .capture import AbstractStateCapture
+from .data import Batch, iter_batches
+from .errors import ModelInputError, ProviderError, StorageExistsError
+from .graph import Probe, add_probes, load_model, save_model
+
+__all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
+
+log = logging.getLogger(__name__)
+
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class OnnxProbeCapture(AbstractStateCapture):
+    """The capture of one ONNX probe; ``probe`` says which tensor it watches."""
+
+    def __init__(self, probe: Probe, disk_path=None, keep_states: bool = False, overwrite: bool = False):
+        metadata = {
+            "label": probe.label,
+            "node": probe.node_name,
+            "op_type": probe.op_type,
+            "method": probe.method,
+            "tensor": probe.tensor_name,
+            "channel_axis": probe.channel_axis,
+        }
+        super().__init__(probe.name, disk_path, keep_states, overwrite, metadata)
+        self.probe = probe
+
+    def record_output(self, value: np.ndarray, batch_size: int) -> None:
+        """Record one batch of this probe's session output."""
+        probe = self.probe
+        if probe.packed_in_graph:
+            instances = batch_size if len(probe.shape) >= 2 and probe.channel_axis != 0 else 1
+            self.record_packed(value, probe.n_neurons, instances)
+        else:
+            self.record(value, probe.channel_axis)
+
+
+def resolve_providers(providers: str | Iterable[str] = "auto") -> list[str]:
+    """onnxruntime provider names for ``"auto"``, ``"cpu"``, ``"cuda"`` or an explicit list."""
+    available = ort.get_available_providers()
+    if isinstance(providers, str):
+        choice = providers.lower()
+        if choice == "auto":
+            chosen = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+            log.info("onnxruntime providers (auto): %s", ", ".join(chosen))
+            return chosen
+        if choice not in _PROVIDERS:
+            raise ProviderError(
+                f"unknown provider {providers!r}; use 'auto', 'cpu', 'cuda' or a list of "
+                f"onnxruntime provider names (available here: {', '.join(available)})"
+            )
+        providers = [_PROVIDERS[choice]] + (["CPUExecutionProvider"] if choice == "cuda" else [])
+    providers = list(providers)
+    missing = [name for name in providers if name not in available]
+    if missing:
+        hint = " install the 'gpu' extra (onnxruntime-gpu) and check the CUDA drivers;" if "CUDAExecutionProvider" in missing else ""
+        raise ProviderError(
+            f"onnxruntime provider(s) {', '.join(missing)} not available;{hint} "
+            f"available here: {', '.join(available)}"
+        )
+    return providers
+
+
+def _safe_dirname(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "probe"
+
+
+class OnnxEfficiencyModel:
+    """An ONNX model with state probes, run by onnxruntime.
+
+    Args:
+        model: ``onnx.ModelProto`` or path of an ``.onnx`` file.
+        attach_to, exclude, method, channel_axes, pack_in_graph: which tensors
+            to probe and how (see :func:`tensorstate_onnx.graph.add_probes`).
+        storage_path: directory for one zarr store of raw states per probe;
+            must not exist yet unless ``overwrite``. Without it only counts are
+            kept (memory grows with distinct states, not samples) unless
+            ``keep_states=True``.
+        providers: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``,
+            ``"cuda"`` or a list of onnxruntime provider names.
+        optimization: onnxruntime graph optimization level: ``"all"``,
+            ``"extended"``, ``"basic"`` or ``"disable"``.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | os.PathLike,
+        attach_to,
+        exclude=(),
+        method: str = "after",
+        storage_path: str | os.PathLike | None = None,
+        *,
+        providers: str | Iterable[str] = "auto",
+        optimization: str = "all",
+        pack_in_graph: bool = False,
+        channel_axes: dict | None = None,
+        keep_states: bool = False,
+        overwrite: bool = False,
+        threads: int | None = None,
+    ):
+        if optimization not in _OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"unknown optimization level {optimization!r}; use one of {', '.join(_OPTIMIZATION_LEVELS)}"
+            )
+        self.providers = resolve_providers(providers)
+        self.storage_path = None if storage_path is None else Path(storage_path)
+        if self.storage_path is not None and self.storage_path.exists() and any(self.storage_path.iterdir()) and not overwrite:
+            raise StorageExistsError(
+                f"storage path {self.storage_path} already exists and is not empty; choose a new "
+                "directory, empty it, or pass overwrite=True"
+            )
+        source = load_model(model)
+        self.output_names = [output.name for output in source.graph.output]
+        self.model, self.probes = add_probes(
+            source, attach_to, exclude=exclude, method=method,
+            channel_axes=channel_axes, pack_in_graph=pack_in_graph,
+        )
+        self.efficiency_layers = [
+            OnnxProbeCapture(
+                probe,
+                None if self.storage_path is None else self.storage_path / _safe_dirname(probe.name),
+                keep_states=keep_states,
+                overwrite=overwrite,
+            )
+            for probe in self.probes
+        ]
+        self.session = self._make_session(optimization, threads)
+        self.inputs = self.session.get_inputs()
+        self._run_outputs = self.output_names + [probe.output_name for probe in self.probes]
+        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="tensorstate-record")
+
+    def _make_session(self, optimization: str, threads: int | None) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        if self.model.ByteSize() < (1 << 30):
+            return ort.InferenceSession(self.model.SerializeToString(), options, providers=self.providers)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_model(self.model, Path(tmp, "probed.onnx"), external_data=True)
+            return ort.InferenceSession(str(path), options, providers=self.providers)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _feed(self, inputs) -> dict[str, np.ndarray]:
+        """Check one batch of inputs against the model and name them."""
+        if isinstance(inputs, dict):
+            feed = dict(inputs)
+        elif len(self.inputs) == 1:
+            feed = {self.inputs[0].name: inputs}
+        else:
+            raise ModelInputError(
+                f"the model has {len(self.inputs)} inputs ({', '.join(i.name for i in self.inputs)}); "
+                "pass a dict that maps each input name to an array"
+            )
+        expected = {i.name: i for i in self.inputs}
+        unknown = sorted(set(feed) - set(expected))
+        missing = sorted(set(expected) - set(feed))
+        if unknown or missing:
+            raise ModelInputError(
+                f"input names do not match the model: expected {sorted(expected)}, got {sorted(feed)}"
+                + (f" (unknown: {unknown})" if unknown else "")
+                + (f" (missing: {missing})" if missing else "")
+            )
+        return {name: self._check_input(expected[name], value) for name, value in feed.items()}
+
+    @staticmethod
+    def _check_input(spec, value) -> np.ndarray:
+        value = np.asarray(value)
+        want = _ORT_TYPES.get(spec.type)
+        if want is not None and value.dtype != want:
+            if value.dtype.kind == "f" and np.dtype(want).kind == "f":
+                value = value.astype(want)
+            else:
+                raise ModelInputError(
+                    f"input {spec.name!r} expects {np.dtype(want).name} data, got {value.dtype.name}; "
+                    "convert it (and normalize it as the model was trained) first"
+                )
+        shape = list(spec.shape)
+        if value.ndim != len(shape) or any(
+            isinstance(dim, int) and dim != got for dim, got in zip(shape, value.shape)
+        ):
+            raise ModelInputError(
+                f"input {spec.name!r} expects shape {_shape_text(shape)}, got {tuple(value.shape)}"
+            )
+        if value.shape and value.shape[0] == 0:
+            raise ModelInputError(f"input {spec.name!r} got an empty batch (shape {tuple(value.shape)})")
+        return value
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, inputs) -> list[np.ndarray]:
+        """Run one batch; record its probes; return the model's original outputs."""
+        outputs, pending = self._run_batch(self._feed(inputs))
+        pending.result()
+        return outputs
+
+    __call__ = run
+
+    def _run_batch(self, feed: dict[str, np.ndarray], previous: Future | None = None):
+        values = self.session.run(self._run_outputs, feed)
+        n_out = len(self.output_names)
+        batch_size = next(iter(feed.values())).shape[0] if feed else 1
+        if previous is not None:
+            previous.result()  # at most one batch waits to be counted
+        pending = self._recorder.submit(self._record, values[n_out:], batch_size)
+        return values[:n_out], pending
+
+    def _record(self, values: list[np.ndarray], batch_size: int) -> None:
+        for capture, value in zip(self.efficiency_layers, values):
+            capture.record_output(value, batch_size)
+
+    def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
+        pending: Future | None = None
+        try:
+            for batch in _with_progress(iter_batches(data, labels, batch_size, len(self.inputs) == 1), progress):
+                outputs, pending = self._run_batch(self._feed(batch.inputs), pending)
+                yield outputs, batch.labels
+            if pending is not None:
+                pending.result()
+        finally:
+            if pending is not None and not pending.done():
+                pending.result()
+            self.flush()
+
+    def predict(self, data, batch_size: int | None = None, progress: bool | None = None):
+        """Run all of ``data`` through the model, recording every probe.
+
+        ``data``: a numpy array, a dict of arrays, an ``(x, y)`` pair, or an
+        iterable of batches of those (generators, torch DataLoaders, tf.data
+        datasets). Returns the model's output (a list when it has several).
+        """
+        collected: list[list[np.ndarray]] = []
+        for outputs, _ in self._stream(data, None, batch_size, progress):
+            collected.append(outputs)
+        joined = [np.concatenate([batch[i] for batch in collected]) for i in range(len(self.output_names))]
+        return joined[0] if len(joined) == 1 else joined
+
+    def evaluate(self, data, labels=None, batch_size: int | None = None, progress: bool | None = None) -> float:
+        """Record every probe and return the accuracy of the first output.
+
+        The predicted class is the argmax of the last axis; labels are class
+        indices or one-hot rows, given here or inside ``data`` as ``(x, y)``.
+        """
+        correct = total = 0
+        for outputs, batch_labels in self._stream(data, labels, batch_size, progress):
+            if batch_labels is None:
+                raise ModelInputError("evaluate() needs labels: pass labels=... or (x, y) batches")
+            batch_labels = np.asarray(batch_labels)
+            if batch_labels.ndim == 2 and batch_labels.shape[1] > 1:
+                batch_labels = batch_labels.argmax(axis=1)
+            predicted = np.asarray(outputs[0]).reshape(len(batch_labels), -1).argmax(axis=1)
+            correct += int(np.count_nonzero(predicted == batch_labels.ravel()))
+            total += len(batch_labels)
+        return correct / total
+
+    def flush(self) -> None:
+        """Write buffered raw states of every probe to their stores."""
+        for capture in self.efficiency_layers:
+            capture.flush()
+
+    def reset_states(self) -> None:
+        """Forget every probe's states (for a new evaluation in the same session)."""
+        for capture in self.efficiency_layers:
+            capture.reset_states()
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxEfficiencyModel(probes={[p.name for p in self.probes]}, "
+            f"providers={self.providers})"
+        )
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + ")"
+
+
+def _with_progress(batches: Iterator[Batch], progress: bool | None) -> Iterator[Batch]:
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, unit="batch", desc="analyzing", leave=False)

@@ -1,0 +1,734 @@
+"""Tests of the ONNX rewriter: matching, channel axes, outputs, packing, files."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from tensorstate_onnx import graph
+from tensorstate_onnx.errors import ModelFileError, ProbeMatchError
+from tensorstate_onnx.graph import Probe, add_probes, list_nodes, load_model, save_model
+
+RNG = np.random.default_rng(1234)
+LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+ALL_LEVELS = tuple(ort.GraphOptimizationLevel.__members__.values())
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _init(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def _run(model: onnx.ModelProto | str, feeds: dict, level=LEVELS[0]) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` under onnxruntime CPU at optimization ``level``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    source = model if isinstance(model, str) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    names = [out.name for out in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def _cut(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` from its input ``x``, as outputs."""
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    return extractor.extract_model(["x"], outputs)
+
+
+def _cnn(opset: int = 17) -> onnx.ModelProto:
+    """Conv->BN->Relu(unnamed)->[1x1 Conv + skip Add]->MaxPool->Flatten->Gemm, and a
+    Transpose->Sigmoid(unnamed)->MatMul branch off the Relu."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["r", "c2"], ["skip"], name="add"),
+        helper.make_node("MaxPool", ["skip"], ["p"], name="pool", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "Wfc", "Bfc"], ["logits"], name="fc", transB=1),
+        helper.make_node("Transpose", ["r"], ["t"], name="tr", perm=[0, 2, 3, 1]),
+        helper.make_node("Sigmoid", ["t"], ["sg"]),
+        helper.make_node("MatMul", ["sg", "Wmm"], ["branch"], name="mm"),
+    ]
+    var = numpy_helper.from_array(RNG.uniform(0.5, 2.0, 6).astype(np.float32), "v")
+    shapes = {"W": (6, 3, 3, 3), "B": (6,), "s": (6,), "b": (6,), "m": (6,),
+              "W2": (6, 6, 1, 1), "Wfc": (10, 54), "Bfc": (10,), "Wmm": (6, 5)}  # fmt: skip
+    inits = [_init(name, *shape) for name, shape in shapes.items()] + [var]
+    g = helper.make_graph(
+        nodes, "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("branch", TensorProto.FLOAT, ["N", 6, 6, 5])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.fixture(scope="module")
+def cnn() -> onnx.ModelProto:
+    return _cnn()
+
+
+@pytest.fixture(scope="module")
+def x() -> np.ndarray:
+    return RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+
+
+def _by_tensor(probes: list[Probe]) -> dict[str, Probe]:
+    return {p.tensor_name: p for p in probes}
+
+
+def _identity_model(shape: list, elem=TensorProto.FLOAT, opset: int = 17) -> onnx.ModelProto:
+    node = helper.make_node("Identity", ["x"], ["y"], name="id")
+    g = helper.make_graph(
+        [node], "id", [helper.make_tensor_value_info("x", elem, shape)],
+        [helper.make_tensor_value_info("y", elem, shape)],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _special_values(shape: tuple, dtype=np.float32) -> np.ndarray:
+    """Random values with NaN, -0.0, 0.0, +inf, -inf and negatives mixed in."""
+    pool = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, -1.5, 2.5, 1e-30, -1e-30], dtype=dtype)
+    values = RNG.standard_normal(shape).astype(dtype)
+    mask = RNG.random(shape) < 0.5
+    values[mask] = RNG.choice(pool, size=int(mask.sum()))
+    return values
+
+
+def _packbits(x: np.ndarray, axis: int) -> np.ndarray:
+    channels_last = np.moveaxis(x, axis, -1)
+    return np.packbits(channels_last.reshape(-1, x.shape[axis]) > 0, axis=-1, bitorder="little")
+
+
+# ---------------------------------------------------------------- matching
+
+
+def test_match_by_op_type(cnn):
+    _, probes = add_probes(cnn, "Conv")
+    assert [p.tensor_name for p in probes] == ["c", "c2"]
+    assert [p.name for p in probes] == ["conv:after", "conv2:after"]
+    assert all(p.op_type == "Conv" and p.method == "after" for p in probes)
+
+
+def test_match_by_node_name_and_glob(cnn):
+    _, probes = add_probes(cnn, "fc")
+    assert [(p.name, p.tensor_name, p.node_name) for p in probes] == [("fc:after", "logits", "fc")]
+    _, probes = add_probes(cnn, ["conv*", "M*Pool"])
+    assert [p.tensor_name for p in probes] == ["c", "c2", "p"]
+
+
+def test_matching_is_case_sensitive(cnn):
+    with pytest.raises(ProbeMatchError):
+        add_probes(cnn, "conV")
+
+
+def test_unnamed_nodes_get_generated_names(cnn):
+    names = [n["name"] for n in list_nodes(cnn)]
+    assert names[2] == "Relu_2" and names[9] == "Sigmoid_9"
+    rewritten, probes = add_probes(cnn, "Relu_2")
+    assert [(p.name, p.tensor_name) for p in probes] == [("Relu_2:after", "r")]
+    assert rewritten.graph.node[2].name == "Relu_2"
+    assert cnn.graph.node[2].name == ""
+
+
+def test_no_match_lists_op_types(cnn):
+    with pytest.raises(ProbeMatchError) as err:
+        add_probes(cnn, "nothing_like_this")
+    message = str(err.value)
+    for op in ("Conv", "Gemm", "MatMul", "Transpose"):
+        assert op in message
+    assert "nothing_like_this" in message and "conv2" in message
+
+
+def test_empty_attach_to(cnn):
+    with pytest.raises(ProbeMatchError):
+        add_probes(cnn, [])
+
+
+def test_bad_method(cnn):
+    with pytest.raises(ValueError, match="before, after, both"):
+        add_probes(cnn, "Conv", method="around")
+
+
+def test_exclude_wins(cnn):
+    _, probes = add_probes(cnn, "Conv", exclude="conv2")
+    assert [p.tensor_name for p in probes] == ["c"]
+    _, probes = add_probes(cnn, ["Conv", "Relu_2"], exclude="conv*")
+    assert [p.tensor_name for p in probes] == ["r"]
+
+
+def test_everything_excluded_raises(cnn):
+    with pytest.raises(ProbeMatchError, match="exclude"):
+        add_probes(cnn, "conv*", exclude="Conv")
+
+
+def test_unmatched_exclude_warns(cnn):
+    with pytest.warns(UserWarning, match="no_such_layer"):
+        _, probes = add_probes(cnn, "Conv", exclude=["conv2", "no_such_layer"])
+    assert len(probes) == 1
+
+
+def test_both_gives_two_probes_and_shared_tensor_once(cnn):
+    _, probes = add_probes(cnn, "bn", method="both")
+    assert [(p.name, p.tensor_name, p.method) for p in probes] == [
+        ("bn:before", "c", "before"), ("bn:after", "n", "after"),
+    ]  # fmt: skip
+    _, probes = add_probes(cnn, ["conv", "bn", "Conv"], method="both")
+    tensors = [p.tensor_name for p in probes]
+    assert tensors == ["x", "c", "n", "r", "c2"]
+    assert len(set(p.name for p in probes)) == len(probes)
+
+
+def test_before_skips_initializers_and_constants():
+    ones = numpy_helper.from_array(np.ones(4, np.float32))
+    const = helper.make_node("Constant", [], ["k"], value=ones)
+    add = helper.make_node("Add", ["k", "x"], ["y"], name="add")
+    g = helper.make_graph(
+        [const, add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _, probes = add_probes(model, "add", method="before")
+    assert [(p.tensor_name, p.channel_axis) for p in probes] == [("x", 1)]
+    with pytest.raises(ProbeMatchError, match="constants"):
+        add_probes(model, "Constant")
+
+
+# -------------------------------------------------------------- rewriting
+
+
+def test_caller_model_unchanged_and_checker_passes(cnn):
+    before = cnn.SerializeToString(deterministic=True)
+    rewritten, _ = add_probes(cnn, "*", method="both")
+    assert cnn.SerializeToString(deterministic=True) == before
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert rewritten.opset_import == cnn.opset_import and rewritten.ir_version == cnn.ir_version
+    assert [o.name for o in rewritten.graph.output[:2]] == ["logits", "branch"]
+    assert rewritten.graph.output[:2] == cnn.graph.output[:2]
+
+
+def test_existing_output_is_reused(cnn):
+    rewritten, probes = add_probes(cnn, ["fc", "bn"])
+    assert [o.name for o in rewritten.graph.output] == ["logits", "branch", "n"]
+    assert {p.tensor_name: p.output_name for p in probes} == {"logits": "logits", "n": "n"}
+
+
+def test_fusible_producer_is_probed_through_a_duplicate(cnn, x):
+    """Exposing a Conv output read by BatchNormalization/Add would stop onnxruntime
+    fusing them (and change the original outputs' rounding): a duplicate Conv with
+    its own weight copy computes the probe instead."""
+    rewritten, probes = add_probes(cnn, "Conv")
+    assert [(p.tensor_name, p.output_name) for p in probes] == [
+        ("c", "c__probe"), ("c2", "c2__probe"),
+    ]  # fmt: skip
+    duplicates = [n for n in rewritten.graph.node if n.name.endswith("__probe")]
+    assert [(n.op_type, list(n.input)) for n in duplicates] == [
+        ("Conv", ["x", "W__probe", "B__probe"]), ("Conv", ["r", "W2__probe"]),
+    ]  # fmt: skip
+    out = _run(rewritten, {"x": x}, LEVELS[1])
+    cut = _cut(cnn, ["c", "c2"])
+    reference = _run(cut, {"x": x}, LEVELS[1])
+    assert np.array_equal(out["c__probe"], reference["c"])
+    assert np.array_equal(out["c2__probe"], reference["c2"])
+
+
+def test_probe_outputs_are_typed(cnn):
+    rewritten, probes = add_probes(cnn, ["tr", "flat"])
+    outputs = {o.name: o for o in rewritten.graph.output}
+    for probe in probes:
+        tensor_type = outputs[probe.output_name].type.tensor_type
+        assert tensor_type.elem_type == TensorProto.FLOAT
+        dims = tensor_type.shape.dim
+        assert [d.dim_value if d.HasField("dim_value") else None for d in dims] == list(probe.shape)
+        assert dims[0].dim_param == "N"
+    assert _by_tensor(probes)["t"].shape == (None, 6, 6, 6)
+    assert _by_tensor(probes)["f"].shape == (None, 54)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("level", ALL_LEVELS)
+def test_original_outputs_bit_identical(cnn, x, level, pack):
+    rewritten, probes = add_probes(cnn, "*", method="both", pack_in_graph=pack)
+    assert len(probes) == 12
+    reference = _run(cnn, {"x": x}, level)
+    probed = _run(rewritten, {"x": x}, level)
+    for name, value in reference.items():
+        assert np.array_equal(value, probed[name])
+
+
+def test_probed_values_are_the_intermediates(cnn, x):
+    patterns = ["conv", "bn", "Relu", "conv2", "add", "pool", "flat", "tr"]
+    rewritten, probes = add_probes(cnn, patterns, method="both")
+    out = _run(rewritten, {"x": x}, LEVELS[1])  # unfused, so the relations below are exact
+    got = {p.tensor_name: out[p.output_name] for p in probes}
+    assert np.array_equal(got["x"], x)
+    assert np.array_equal(got["r"], np.maximum(got["n"], 0))
+    assert np.array_equal(got["skip"], got["r"] + got["c2"])
+    pooled = got["skip"].reshape(4, 6, 3, 2, 3, 2).max(axis=(3, 5))
+    assert np.array_equal(got["p"], pooled)
+    assert np.array_equal(got["f"], got["p"].reshape(4, -1))
+    assert np.array_equal(got["t"], got["r"].transpose(0, 2, 3, 1))
+    # against the graph cut right at the tensor
+    cut = _cut(cnn, ["n"])
+    assert np.array_equal(got["n"], _run(cut, {"x": x}, LEVELS[1])["n"])
+
+
+# ----------------------------------------------------------- channel axes
+
+
+def test_channel_axes_propagate(cnn):
+    _, probes = add_probes(cnn, "*", method="both")
+    axes = {p.tensor_name: p.channel_axis for p in probes}
+    assert axes == {
+        "x": 1, "c": 1, "n": 1, "r": 1, "c2": 1, "skip": 1, "p": 1,
+        "f": 1, "logits": 1, "t": 3, "sg": 3, "branch": 3,
+    }  # fmt: skip
+    neurons = {p.tensor_name: p.n_neurons for p in probes}
+    assert neurons["c"] == 6 and neurons["f"] == 54 and neurons["logits"] == 10
+    assert neurons["branch"] == 5
+
+
+def test_channel_axes_override(cnn):
+    _, probes = add_probes(cnn, "tr", channel_axes={"tr:after": -1})
+    assert probes[0].channel_axis == 3
+    _, probes = add_probes(cnn, "tr", channel_axes={"t": 2})
+    assert (probes[0].channel_axis, probes[0].n_neurons) == (2, 6)
+    _, probes = add_probes(cnn, "fc", method="both", channel_axes={"fc": 0})
+    assert [p.channel_axis for p in probes] == [0, 0]
+
+
+@pytest.mark.parametrize("axes", [{"tr:after": 4}, {"tr:after": -5}, {"nope": 1}])
+def test_channel_axes_invalid(cnn, axes):
+    with pytest.raises(ValueError):
+        add_probes(cnn, "tr", channel_axes=axes)
+
+
+def test_broadcast_and_reduce_axes():
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("ReduceMean", ["c"], ["gap"], name="gap", axes=[2, 3], keepdims=1),
+        helper.make_node("Mul", ["gap", "scale"], ["scaled"], name="scale"),
+        helper.make_node("ReduceMean", ["scaled"], ["squeezed"], name="squeeze", axes=[3, 4],
+                         keepdims=0),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("squeezed", TensorProto.FLOAT, [1, "N", 3])],
+        [_init("W", 3, 2, 1, 1), _init("scale", 1, 1, 1, 1, 1)],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _, probes = add_probes(model, ["gap", "Mul", "squeeze"])
+    assert [(p.tensor_name, p.shape, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("gap", (None, 3, 1, 1), 1, 3),
+        ("scaled", (1, None, 3, 1, 1), 2, 3),
+        ("squeezed", (1, None, 3), 2, 3),
+    ]
+
+
+def test_old_ir_version(x):
+    """IR 3 models declare every initializer as a graph input, copies included."""
+    model = _cnn(opset=9)
+    model.ir_version = 3
+    for init in model.graph.initializer:
+        declared = helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+        model.graph.input.append(declared)
+    onnx.checker.check_model(model)
+    rewritten, probes = add_probes(model, "Conv")
+    assert [p.output_name for p in probes] == ["c__probe", "c2__probe"]
+    assert {"W__probe", "B__probe", "W2__probe"} <= {i.name for i in rewritten.graph.input}
+    reference, out = _run(model, {"x": x}), _run(rewritten, {"x": x})
+    assert all(np.array_equal(reference[k], out[k]) for k in reference)
+
+
+# ------------------------------------------------------------ in-graph packing
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("channels", [12, 8, 3, 17])
+def test_pack_matches_numpy(channels, level):
+    model = _identity_model(["N", channels, 3, 5])
+    rewritten, probes = add_probes(model, "id", pack_in_graph=True)
+    (probe,) = probes
+    assert probe.packed_in_graph and probe.channel_axis == 1 and probe.n_neurons == channels
+    assert probe.output_name != "y" and probe.tensor_name == "y"
+    x = _special_values((4, channels, 3, 5))
+    out = _run(rewritten, {"x": x}, level)
+    packed = out[probe.output_name]
+    assert packed.dtype == np.uint8 and packed.shape == (4 * 3 * 5, -(-channels // 8))
+    assert np.array_equal(packed, _packbits(x, 1))
+    assert np.array_equal(out["y"], x, equal_nan=True)
+
+
+def test_pack_fire_rule_on_special_values():
+    model = _identity_model(["N", 8])
+    rewritten, probes = add_probes(model, "id", pack_in_graph=True)
+    x = np.array([[np.nan, -0.0, 0.0, np.inf, -np.inf, -1.0, 1e-30, 3.0]], dtype=np.float32)
+    packed = _run(rewritten, {"x": x})[probes[0].output_name]
+    assert packed.tolist() == [[0b11001000]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    channels=st.integers(1, 40),
+    spatial=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    axis_pick=st.integers(0, 3),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16, np.bool_]),
+)
+def test_pack_property(channels, spatial, axis_pick, dtype):
+    shape = [2, *spatial]
+    axis = axis_pick % (len(shape) + 1)
+    shape.insert(axis, channels)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    model = _identity_model(shape, elem)
+    rewritten, probes = add_probes(model, "id", pack_in_graph=True, channel_axes={"id:after": axis})
+    if dtype is np.bool_:
+        x = _special_values(tuple(shape)) > 0
+    else:
+        x = _special_values(tuple(shape), dtype)
+    packed = _run(rewritten, {"x": x})[probes[0].output_name]
+    assert np.array_equal(packed, _packbits(x, axis))
+
+
+def test_pack_cnn_probes_match_numpy(cnn, x):
+    plain, plain_probes = add_probes(cnn, "*", method="both")
+    packed, packed_probes = add_probes(cnn, "*", method="both", pack_in_graph=True)
+    plain_out, packed_out = _run(plain, {"x": x}), _run(packed, {"x": x})
+    for a, b in zip(plain_probes, packed_probes):
+        assert (a.name, a.channel_axis) == (b.name, b.channel_axis)
+        expected = _packbits(plain_out[a.output_name], a.channel_axis)
+        assert np.array_equal(packed_out[b.output_name], expected), a.name
+
+
+def test_pack_needs_opset_13():
+    with pytest.raises(ValueError, match="opset"):
+        add_probes(_identity_model(["N", 8], opset=12), "id", pack_in_graph=True)
+    _, probes = add_probes(_identity_model(["N", 8], opset=12), "id")
+    assert probes[0].output_name == "y"
+
+
+def test_pack_needs_static_channels():
+    with pytest.raises(ValueError, match="neurons"):
+        add_probes(_identity_model(["N", "C"]), "id", pack_in_graph=True)
+
+
+# ------------------------------------------------------------- files and size
+
+
+def test_load_model_returns_proto_as_is(cnn, tmp_path):
+    assert load_model(cnn) is cnn
+    path = tmp_path / "cnn.onnx"
+    onnx.save_model(cnn, str(path))
+    assert load_model(path).SerializeToString() == cnn.SerializeToString()
+    assert load_model(str(path)).graph.name == "cnn"
+
+
+def test_load_model_errors(cnn, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(ModelFileError, match="directory"):
+        load_model(tmp_path)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ModelFileError):
+        load_model(garbage)
+    text = tmp_path / "text.onnx"
+    text.write_text("hello, I am not a model")
+    with pytest.raises(ModelFileError):
+        load_model(text)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(cnn.SerializeToString()[:-37])
+    with pytest.raises(ModelFileError):
+        load_model(truncated)
+    with pytest.raises(TypeError):
+        load_model(42)
+
+
+def test_invalid_model_is_a_model_file_error(cnn, tmp_path):
+    broken = onnx.ModelProto()
+    broken.CopyFrom(cnn)
+    broken.graph.node[0].input[0] = "undefined_tensor"
+    path = tmp_path / "broken.onnx"
+    onnx.save_model(broken, str(path))
+    with pytest.raises(ModelFileError, match="not a valid ONNX model"):
+        load_model(path)
+    with pytest.raises(ModelFileError):
+        add_probes(broken, "Conv")
+
+
+def test_missing_external_data(cnn, tmp_path):
+    path = save_model(cnn, tmp_path / "ext.onnx", external_data=True)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelFileError):
+        load_model(path)
+
+
+def test_save_model_external_data_keeps_model(cnn, tmp_path):
+    before = cnn.SerializeToString(deterministic=True)
+    path = save_model(cnn, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0
+    assert cnn.SerializeToString(deterministic=True) == before
+    assert load_model(path).SerializeToString(deterministic=True) == before
+    save_model(cnn, tmp_path / "m.onnx", external_data=True)  # overwrite, no stale bytes
+    assert load_model(path).SerializeToString(deterministic=True) == before
+    save_model(cnn, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+
+
+def test_large_model_goes_through_external_data(cnn, x, tmp_path, monkeypatch):
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1000)
+
+    def no_in_memory(*args, **kwargs):
+        raise AssertionError("a large model must not be shape-inferred in memory")
+
+    checked = []
+    real_check = onnx.checker.check_model
+
+    def check_by_path(model, *args, **kwargs):
+        checked.append(type(model))
+        assert isinstance(model, str), "a large model must be checked through a file"
+        return real_check(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", no_in_memory)
+    monkeypatch.setattr(onnx.checker, "check_model", check_by_path)
+    source = save_model(cnn, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    rewritten, probes = add_probes(source, ["Relu", "pool"], pack_in_graph=False)
+    assert checked and [p.shape for p in probes] == [(None, 6, 6, 6), (None, 6, 3, 3)]
+    target = save_model(rewritten, tmp_path / "probed.onnx")
+    assert (tmp_path / "probed.onnx.data").exists()
+    reference, probed = _run(cnn, {"x": x}), _run(str(target), {"x": x})
+    for name, value in reference.items():
+        assert np.array_equal(value, probed[name])
+    assert np.array_equal(probed["r"], np.maximum(probed["r"], 0))
+
+
+# ------------------------------------------------------------- list_nodes
+
+
+def test_list_nodes(cnn):
+    nodes = list_nodes(cnn)
+    assert len(nodes) == 11
+    relu = nodes[2]
+    assert relu == {
+        "name": "Relu_2", "op_type": "Relu", "labels": [], "inputs": ["n"], "outputs": ["r"],
+        "output_shapes": [(None, 6, 6, 6)],
+    }  # fmt: skip
+    assert nodes[6]["output_shapes"] == [(None, 54)]
+
+
+# ------------------------------------------------------------ framework names
+
+
+def _named_chain(names: list[tuple[str, str]], inputs, nhwc: bool = True) -> onnx.ModelProto:
+    """A chain of single-input nodes (name, op) after an NHWC->NCHW Transpose."""
+    nodes, current = [], "img"
+    for k, (name, op) in enumerate(names):
+        out = f"{name}:0"
+        args = [current, f"w{k}"] if op in ("Conv", "MatMul") else [current]
+        attrs = {"perm": [0, 3, 1, 2]} if op == "Transpose" else {}
+        nodes.append(helper.make_node(op, args, [out], name=name, **attrs))
+        current = out
+    g = helper.make_graph(
+        nodes, "keras", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 6, 6, 3])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["N", "K"])], inputs,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def keras_like() -> onnx.ModelProto:
+    """Node names as Keras 3 ``model.export(format="onnx")`` writes them."""
+    names = [
+        ("sequential_1/conv1_1/convolution__6", "Transpose"),
+        ("sequential_1/conv1_1/convolution", "Conv"),
+        ("sequential_1/conv1_1/Relu", "Relu"),
+        ("sequential_1/flatten_1/Reshape", "Flatten"),
+        ("sequential_1/dense_1/MatMul", "MatMul"),
+        ("sequential_1/dense_1/Relu", "Relu"),
+        ("sequential_1/dense_1_1/MatMul", "MatMul"),
+    ]
+    inits = [_init("w1", 4, 3, 3, 3), _init("w4", 64, 5), _init("w6", 5, 2)]
+    return _named_chain(names, inits)
+
+
+def test_keras_layer_names(keras_like):
+    _, probes = add_probes(keras_like, "conv1", method="both")
+    assert [(p.name, p.tensor_name, p.channel_axis, p.op_type) for p in probes] == [
+        ("conv1:before", "img", 3, "Transpose"),
+        ("conv1:after", "sequential_1/conv1_1/Relu:0", 1, "Relu"),
+    ]
+    _, probes = add_probes(keras_like, "conv1_1")  # the exported scope name works too
+    assert [p.name for p in probes] == ["conv1:after"]
+    _, probes = add_probes(keras_like, "dense")
+    assert [(p.name, p.tensor_name, p.channel_axis) for p in probes] == [
+        ("dense:after", "sequential_1/dense_1/Relu:0", 1)
+    ]
+    _, probes = add_probes(keras_like, "dense_1")
+    assert [p.tensor_name for p in probes] == ["sequential_1/dense_1_1/MatMul:0"]
+    _, probes = add_probes(keras_like, "MatMul", exclude="dense")
+    assert [p.name for p in probes] == ["dense_1:after"]
+    labels = [n["labels"] for n in list_nodes(keras_like)]
+    assert labels[0] == ["conv1"] and labels[6] == ["dense_1"]
+
+
+def test_repeated_labels_get_distinct_probe_names(keras_like):
+    _, probes = add_probes(keras_like, ["Conv", "Relu"])
+    assert [(p.name, p.op_type) for p in probes] == [
+        ("conv1:after", "Conv"), ("conv1:after#2", "Relu"), ("dense:after", "Relu"),
+    ]  # fmt: skip
+
+
+def test_tf2onnx_names_without_suffix():
+    names = [
+        ("model/conv1/transpose", "Transpose"), ("model/conv1/Conv2D", "Conv"),
+        ("model/conv1/Relu", "Relu"), ("StatefulPartitionedCall/model/flat/Reshape", "Flatten"),
+    ]  # fmt: skip
+    model = _named_chain(names, [_init("w1", 4, 3, 3, 3)])
+    _, probes = add_probes(model, ["conv1", "flat"])
+    assert [(p.name, p.op_type) for p in probes] == [
+        ("conv1:after", "Relu"), ("flat:after", "Flatten"),
+    ]  # fmt: skip
+
+
+def test_torch_style_metadata_and_legacy_names():
+    conv = helper.make_node("Conv", ["x", "features.0.weight"], ["conv"], name="node_conv2d")
+    scopes = "['', 'features', 'features.0', 'conv2d']"
+    classes = str(["__main__.Net", "torch.nn.modules.container.Sequential",
+                   "torch.nn.modules.conv.Conv2d", "aten.conv2d.default"])  # fmt: skip
+    helper.set_metadata_props(
+        conv, {"pkg.torch.onnx.name_scopes": scopes, "pkg.torch.onnx.class_hierarchy": classes}
+    )
+    relu = helper.make_node("Relu", ["conv"], ["relu"], name="/features/features.1/act/Relu")
+    g = helper.make_graph(
+        [conv, relu], "torch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("relu", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [_init("features.0.weight", 4, 3, 1, 1)],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for pattern in ("features.0", "Conv2d", "torch.nn.modules.conv.Conv2d", "features.?"):
+        _, probes = add_probes(model, pattern)
+        assert [p.name for p in probes][:1] == ["features.0:after"], pattern
+    _, probes = add_probes(model, "features.1.act")
+    assert [p.name for p in probes] == ["features.1.act:after"]
+    _, probes = add_probes(model, "features", method="both")
+    assert [p.tensor_name for p in probes] == ["x", "relu"]  # metadata and legacy scopes merge
+    assert list_nodes(model)[1]["labels"] == ["features", "features.1", "features.1.act"]
+
+
+# --------------------------------------------------------------- real exports
+
+
+@pytest.fixture(scope="module")
+def torch_exports(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.conv1 = nn.Conv2d(4, 5, 3)
+            self.fc = nn.Linear(5 * 4 * 4, 7)
+
+        def forward(self, x):
+            x = torch.relu(self.conv1(self.features(x)))
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.features[1].running_mean.uniform_(-1, 1)
+        net.features[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    folder = tmp_path_factory.mktemp("torch")
+    paths = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kind, kwargs in [
+            ("dynamo", {"dynamo": True, "optimize": False}),
+            ("dynamo_opt", {"dynamo": True}),
+            ("legacy", {"dynamo": False}),
+        ]:
+            paths[kind] = str(folder / f"{kind}.onnx")
+            torch.onnx.export(net, (x,), paths[kind], input_names=["x"], verbose=False, **kwargs)
+    with torch.no_grad():
+        hidden = {"features.0": net.features[0](x), "conv1": net.conv1(net.features(x))}
+    return paths, x.numpy(), {k: v.numpy() for k, v in hidden.items()}
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "dynamo_opt", "legacy"])
+def test_torch_export_module_and_class_names(torch_exports, kind):
+    paths, x, hidden = torch_exports
+    model = load_model(paths[kind])
+    _, probes = add_probes(model, "conv1", method="both")
+    assert [(p.name, p.op_type, p.channel_axis, p.shape) for p in probes] == [
+        ("conv1:before", "Conv", 1, (2, 4, 6, 6)), ("conv1:after", "Conv", 1, (2, 5, 4, 4)),
+    ]  # fmt: skip
+    _, probes = add_probes(model, "fc")
+    assert [(p.name, p.op_type, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("fc:after", "Gemm", 1, 7),
+    ]
+    _, probes = add_probes(model, "features", method="both")
+    assert [p.shape for p in probes] == [(2, 3, 8, 8), (2, 4, 6, 6)]
+    if kind != "legacy":  # the legacy exporter keeps no class names
+        _, by_class = add_probes(model, "Conv2d")
+        _, by_full_class = add_probes(model, "torch.nn.modules.conv.Conv2d")
+        assert [p.tensor_name for p in by_class] == [p.tensor_name for p in by_full_class]
+        assert {p.label for p in by_class} >= {"conv1"}
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "dynamo_opt", "legacy"])
+def test_torch_export_values(torch_exports, kind):
+    paths, x, hidden = torch_exports
+    rewritten, probes = add_probes(paths[kind], ["features.0", "conv1"])
+    names = {p.label: p.output_name for p in probes}
+    for level in ALL_LEVELS:
+        out = _run(rewritten, {"x": x}, level)
+        reference = _run(paths[kind], {"x": x}, level)
+        assert all(np.array_equal(reference[k], out[k]) for k in reference)
+        assert np.allclose(out[names["conv1"]], hidden["conv1"], atol=1e-5)
+    if kind == "dynamo":  # unfused: features.0 is the Conv before BatchNorm
+        assert np.allclose(out[names["features.0"]], hidden["features.0"], atol=1e-5)
+
+
+def test_keras_export(tmp_path):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    inp = keras.Input((8, 8, 3), name="img")
+    h = layers.Conv2D(4, 3, activation="relu", name="conv1")(inp)
+    h = layers.Add(name="add")([h, layers.Conv2D(4, 1, name="conv2")(h)])
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(3, name="dense")(h)
+    model = keras.Model(inp, out)
+    x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    model(x)
+    path = tmp_path / "keras.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.export(str(path), format="onnx", verbose=False)
+    rewritten, probes = add_probes(path, ["conv1", "add", "gap", "dense"], method="both")
+    assert [(p.name, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("conv1:before", 3, 3), ("conv1:after", 1, 4), ("add:after", 1, 4),
+        ("gap:after", 1, 4), ("dense:after", 1, 3),
+    ]  # fmt: skip
+    input_name = rewritten.graph.input[0].name
+    reference, out = _run(str(path), {input_name: x}), _run(rewritten, {input_name: x})
+    assert all(np.array_equal(reference[k], out[k]) for k in reference)
+    conv1 = keras.Model(inp, model.get_layer("conv1").output)(x).numpy()
+    assert np.allclose(np.moveaxis(out[probes[1].output_name], 1, -1), conv1, atol=1e-5)
