@@ -10,6 +10,11 @@ row-major order.
 
 Large inputs are packed by several threads at once (the kernels release the
 GIL); small ones on the calling thread.
+
+:class:`StateCounter` counts packed states as they stream in, with memory that
+follows the number of distinct states, and merges and pickles compactly (see
+the notes at "counting" below). ``result()`` is unsorted by default (cheap);
+``result(sort=True)`` gives ``np.unique``'s lexicographic order.
 """
 
 from __future__ import annotations
@@ -46,15 +51,41 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fires(v, lo, hi):
+    """Whether a neuron of value ``v`` fires: ``v > lo``, and ``v <= hi`` unless
+    ``hi`` is None (the check is then compiled away)."""
+    if hi is None:
+        return v > lo
+    return (v > lo) & (v <= hi)
+
+
 @numba.njit(cache=True, nogil=True)
-def _pack_flat_by8(flat, lo, hi, out):
-    """Channels-last contiguous data with C a multiple of 8: byte i from values 8i..8i+7."""
-    for i in range(out.size):
+def _pack_flat_by8(flat, lo, hi, out, head, out16):
+    """Channels-last contiguous data with C a multiple of 8: byte i from values 8i..8i+7.
+
+    ``out16`` is ``out[head:head + 2k]`` as uint16 (``head``: 1 if ``out`` starts
+    at an odd address): two bytes from 16 values at a time, which compiles to
+    one vector compare per 16 values.
+    """
+    n_out = out.size
+    for i in range(n_out):
+        if i >= head:
+            break
         byte = np.uint32(0)
-        base = 8 * i
         for j in range(8):
-            v = flat[base + j]
-            byte |= np.uint32((v > lo) & (v <= hi)) << j
+            byte |= np.uint32(_fires(flat[8 * i + j], lo, hi)) << j
+        out[i] = byte
+    body = flat[8 * head :]  # (an offset inside the index would defeat vectorization)
+    for i in range(out16.size):
+        bits = np.uint32(0)
+        for j in range(16):
+            bits |= np.uint32(_fires(body[16 * i + j], lo, hi)) << j
+        out16[i] = bits
+    for i in range(head + 2 * out16.size, n_out):
+        byte = np.uint32(0)
+        for j in range(8):
+            byte |= np.uint32(_fires(flat[8 * i + j], lo, hi)) << j
         out[i] = byte
 
 
@@ -70,13 +101,13 @@ def _pack_rows(x, lo, hi, out):
                 byte = np.uint32(0)
                 for j in range(8):
                     v = x[a, b, 8 * k + j]
-                    byte |= np.uint32((v > lo) & (v <= hi)) << j
+                    byte |= np.uint32(_fires(v, lo, hi)) << j
                 out[row, k] = byte
             if full * 8 < n_c:
                 byte = np.uint32(0)
                 for c in range(full * 8, n_c):
                     v = x[a, b, c]
-                    byte |= np.uint32((v > lo) & (v <= hi)) << (c - 8 * full)
+                    byte |= np.uint32(_fires(v, lo, hi)) << (c - 8 * full)
                 out[row, full] = byte
 
 
@@ -93,30 +124,56 @@ def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
     s7 = x[a, c + 7, b0 : b0 + width]
     for p in range(width):
         dst[p] = (
-            np.uint32((s0[p] > lo) & (s0[p] <= hi))
-            | np.uint32((s1[p] > lo) & (s1[p] <= hi)) << 1
-            | np.uint32((s2[p] > lo) & (s2[p] <= hi)) << 2
-            | np.uint32((s3[p] > lo) & (s3[p] <= hi)) << 3
-            | np.uint32((s4[p] > lo) & (s4[p] <= hi)) << 4
-            | np.uint32((s5[p] > lo) & (s5[p] <= hi)) << 5
-            | np.uint32((s6[p] > lo) & (s6[p] <= hi)) << 6
-            | np.uint32((s7[p] > lo) & (s7[p] <= hi)) << 7
+            np.uint32(_fires(s0[p], lo, hi))
+            | np.uint32(_fires(s1[p], lo, hi)) << 1
+            | np.uint32(_fires(s2[p], lo, hi)) << 2
+            | np.uint32(_fires(s3[p], lo, hi)) << 3
+            | np.uint32(_fires(s4[p], lo, hi)) << 4
+            | np.uint32(_fires(s5[p], lo, hi)) << 5
+            | np.uint32(_fires(s6[p], lo, hi)) << 6
+            | np.uint32(_fires(s7[p], lo, hi)) << 7
         )
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put8(out, row, col, word):
+    """The 8 bytes of ``word`` (little-endian) into ``out[row, col:col+8]``."""
+    for i in range(8):
+        out[row, col + i] = np.uint8(word >> np.uint64(8 * i))
+
+
 @numba.njit(cache=True, nogil=True)
-def _pack_cols(x, lo, hi, out):
+def _pack_cols(x, lo, hi, out, out64):
     """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
 
     Eight channel rows are read side by side along a block of positions, so
-    every load streams through memory; the bytes of a block are gathered in a
-    small buffer and then written into the output rows.
+    every load streams through memory. With one byte per state the bytes go
+    straight to the output; otherwise a block of bytes (byte k of positions
+    p..) is gathered and transposed into the output rows 8x8 bytes at a time
+    (``out64``: ``out`` as uint64 words, or empty to store bytes).
     """
     n_a, n_c, n_b = x.shape
     n_bytes = out.shape[1]
     full = n_c // 8
-    width_max = min(4096, max(256, 262144 // n_bytes))
+    if n_bytes == 1:
+        for a in range(n_a):
+            for b0 in range(0, n_b, 4096):
+                width = min(4096, n_b - b0)
+                dst = out[a * n_b + b0 : a * n_b + b0 + width, 0]
+                if full:
+                    _byte_of_eight(x, a, 0, b0, width, lo, hi, dst)
+                else:
+                    dst[:] = 0
+                    for c in range(n_c):
+                        src = x[a, c, b0 : b0 + width]
+                        for p in range(width):
+                            dst[p] |= np.uint8(_fires(src[p], lo, hi)) << c
+        return
+    width_max = min(4096, max(256, 262144 // n_bytes)) // 8 * 8
     block = np.zeros((n_bytes, width_max), np.uint8)
+    words = block.view(np.uint64)
+    wide = out64.shape[0] > 0
+    n_kw = n_bytes // 8
     for a in range(n_a):
         for b0 in range(0, n_b, width_max):
             width = min(width_max, n_b - b0)
@@ -128,27 +185,105 @@ def _pack_cols(x, lo, hi, out):
                 for c in range(8 * full, n_c):
                     src = x[a, c, b0 : b0 + width]
                     for p in range(width):
-                        tail[p] |= np.uint8((src[p] > lo) & (src[p] <= hi)) << (c - 8 * full)
+                        tail[p] |= np.uint8(_fires(src[p], lo, hi)) << (c - 8 * full)
             first = a * n_b + b0
-            for p in range(width):
+            n_pw = width // 8
+            for pw in range(n_pw):
+                row = first + 8 * pw
+                for kw in range(n_kw):
+                    # An 8x8 byte transpose: byte c of r_i is block[8kw + i, 8pw + c].
+                    r0 = words[8 * kw, pw]
+                    r1 = words[8 * kw + 1, pw]
+                    r2 = words[8 * kw + 2, pw]
+                    r3 = words[8 * kw + 3, pw]
+                    r4 = words[8 * kw + 4, pw]
+                    r5 = words[8 * kw + 5, pw]
+                    r6 = words[8 * kw + 6, pw]
+                    r7 = words[8 * kw + 7, pw]
+                    m = np.uint64(0x00FF00FF00FF00FF)
+                    s = np.uint64(8)
+                    t = ((r0 >> s) ^ r1) & m
+                    r1 ^= t
+                    r0 ^= t << s
+                    t = ((r2 >> s) ^ r3) & m
+                    r3 ^= t
+                    r2 ^= t << s
+                    t = ((r4 >> s) ^ r5) & m
+                    r5 ^= t
+                    r4 ^= t << s
+                    t = ((r6 >> s) ^ r7) & m
+                    r7 ^= t
+                    r6 ^= t << s
+                    m = np.uint64(0x0000FFFF0000FFFF)
+                    s = np.uint64(16)
+                    t = ((r0 >> s) ^ r2) & m
+                    r2 ^= t
+                    r0 ^= t << s
+                    t = ((r1 >> s) ^ r3) & m
+                    r3 ^= t
+                    r1 ^= t << s
+                    t = ((r4 >> s) ^ r6) & m
+                    r6 ^= t
+                    r4 ^= t << s
+                    t = ((r5 >> s) ^ r7) & m
+                    r7 ^= t
+                    r5 ^= t << s
+                    m = np.uint64(0x00000000FFFFFFFF)
+                    s = np.uint64(32)
+                    t = ((r0 >> s) ^ r4) & m
+                    r4 ^= t
+                    r0 ^= t << s
+                    t = ((r1 >> s) ^ r5) & m
+                    r5 ^= t
+                    r1 ^= t << s
+                    t = ((r2 >> s) ^ r6) & m
+                    r6 ^= t
+                    r2 ^= t << s
+                    t = ((r3 >> s) ^ r7) & m
+                    r7 ^= t
+                    r3 ^= t << s
+                    # Now byte r of r_i is block[8kw + r, 8pw + i]: row 8pw + i, bytes 8kw...
+                    if wide:
+                        out64[row, kw] = r0
+                        out64[row + 1, kw] = r1
+                        out64[row + 2, kw] = r2
+                        out64[row + 3, kw] = r3
+                        out64[row + 4, kw] = r4
+                        out64[row + 5, kw] = r5
+                        out64[row + 6, kw] = r6
+                        out64[row + 7, kw] = r7
+                    else:
+                        _put8(out, row, 8 * kw, r0)
+                        _put8(out, row + 1, 8 * kw, r1)
+                        _put8(out, row + 2, 8 * kw, r2)
+                        _put8(out, row + 3, 8 * kw, r3)
+                        _put8(out, row + 4, 8 * kw, r4)
+                        _put8(out, row + 5, 8 * kw, r5)
+                        _put8(out, row + 6, 8 * kw, r6)
+                        _put8(out, row + 7, 8 * kw, r7)
+                for p in range(8 * pw, 8 * pw + 8):
+                    for k in range(8 * n_kw, n_bytes):
+                        out[first + p, k] = block[k, p]
+            for p in range(8 * n_pw, width):
                 for k in range(n_bytes):
                     out[first + p, k] = block[k, p]
 
 
 def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
-    """A view of ``x`` and bounds ``(lo, hi)`` such that a neuron fires iff ``lo < v <= hi``.
+    """A view of ``x`` and bounds ``(lo, hi)`` such that a neuron fires iff
+    ``lo < v`` and, unless ``hi`` is None, ``v <= hi``.
 
-    float32/64 compare as floats (NaN fails both tests). float16, which numba
-    cannot compare, is viewed as int16: positive finite values and +inf have
-    bit patterns in ``(0, 0x7C00]``, while negatives, -0.0 and every NaN fall
-    outside. bool is viewed as uint8 so that any non-zero byte fires.
+    float32/64 compare as floats (NaN fails the test, +inf passes). float16,
+    which numba cannot compare, is viewed as int16: positive finite values and
+    +inf have bit patterns in ``(0, 0x7C00]``, while negatives, -0.0 and every
+    NaN fall outside. bool is viewed as uint8 so that any non-zero byte fires.
     """
     if x.dtype == np.float32 or x.dtype == np.float64:
-        return x, x.dtype.type(0), x.dtype.type(np.inf)
+        return x, x.dtype.type(0), None
     if x.dtype == np.float16:
         return x.view(np.int16), np.int16(0), np.int16(0x7C00)
     if x.dtype == np.bool_:
-        return x.view(np.uint8), np.uint8(0), np.uint8(255)
+        return x.view(np.uint8), np.uint8(0), None
     raise TypeError(
         f"pack() takes float16, float32, float64 or bool arrays, got dtype {x.dtype}; "
         "cast other data to float first (a neuron fires iff its value is > 0)"
@@ -205,11 +340,19 @@ def _split_work(view: np.ndarray, out: np.ndarray, parts: int) -> list[tuple[np.
     ]
 
 
+_NO_WORDS = np.empty((0, 0), np.uint64)
+
+
 def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
     if 0 < abs(view.strides[1]) < abs(view.strides[2]):
-        _pack_cols(view.transpose(0, 2, 1), lo, hi, out)
+        wide = out.shape[1] % 8 == 0 and out.flags.c_contiguous and out.ctypes.data % 8 == 0
+        out64 = out.view(np.uint64) if wide else _NO_WORDS
+        _pack_cols(view.transpose(0, 2, 1), lo, hi, out, out64)
     elif view.flags.c_contiguous and view.shape[2] % 8 == 0:
-        _pack_flat_by8(view.reshape(-1), lo, hi, out.reshape(-1))
+        flat_out = out.reshape(-1)
+        head = flat_out.ctypes.data % 2
+        pairs = (flat_out.size - head) // 2
+        _pack_flat_by8(view.reshape(-1), lo, hi, flat_out, head, flat_out[head : head + 2 * pairs].view(np.uint16))
     else:
         _pack_rows(view, lo, hi, out)
 
@@ -289,69 +432,39 @@ def _check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------- counting
+#
+# States of at most two bytes are counted directly (a bincount over 2**16
+# values). Longer states are counted in *runs*: distinct states with their
+# counts, sorted by a 64-bit key. A batch (or a buffer of small batches) becomes
+# one run by a sort-based dedup: numpy's vectorized sort of uint64 keys, then a
+# linear pass. Runs are merged pairwise LSM-style (a binary counter: a run is
+# merged into the one before it once it is at least half that run's size), so
+# merging is sequential, each state is merged O(log(distinct / batch)) times,
+# and the runs hold at most about twice the distinct states. A hash table was
+# slower here: with millions of distinct states every probe misses the cache.
+#
+# * States of 3..8 bytes are one big-endian uint64 word: the key is the state
+#   itself, exact, and its order is the lexicographic byte order. A dedup is
+#   np.sort + run lengths; a merge is branch-free.
+# * Longer states are keyed by a 64-bit hash and ordered by (hash, words), so
+#   states whose hashes collide are told apart by their words (never merged
+#   unless every word is equal). A batch is sorted by hash bits with the row
+#   index in the low bits (one np.sort of uint64, no argsort); rows sharing
+#   those hash bits are compared word by word. The words of each distinct state
+#   are kept once in an *arena* (copied in the order they arrive); runs hold
+#   only (hash, arena row, count), so merges move 24 bytes per state whatever C
+#   is. Arena rows of states merged away are dropped once they are a third of it.
 
-@numba.njit(cache=True, nogil=True)
-def _hash_row(words, i):
-    h = np.uint64(0x9E3779B97F4A7C15)
-    for w in range(words.shape[1]):
-        h ^= words[i, w]
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(32)
-    return h
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_into(words, weights, keys, counts, hashes, table, n_keys):
-    """Add rows of ``words`` (each with a weight) to an open-addressing hash table.
-
-    A table slot holds ``key index + 1`` in its low 32 bits and the high half
-    of the key's hash above, so most probes are settled without touching the
-    key store. Stops early when the key store or the table is full; returns
-    ``(rows consumed, keys in use)`` so the caller can grow and resume.
-    """
-    mask = np.uint64(table.size - 1)
-    cap = keys.shape[0]
-    n_words = words.shape[1]
-    for i in range(words.shape[0]):
-        h = _hash_row(words, i)
-        tag = np.int64(h >> np.uint64(32)) << 32
-        slot = h & mask
-        while True:
-            entry = table[slot]
-            if entry == 0:
-                if n_keys >= cap or 2 * (n_keys + 1) > table.size:
-                    return i, n_keys
-                for w in range(n_words):
-                    keys[n_keys, w] = words[i, w]
-                hashes[n_keys] = h
-                counts[n_keys] = weights[i]
-                n_keys += 1
-                table[slot] = tag | n_keys
-                break
-            if (entry & np.int64(0xFFFFFFFF00000000)) == tag:
-                idx = (entry & 0xFFFFFFFF) - 1
-                same = True
-                for w in range(n_words):
-                    if keys[idx, w] != words[i, w]:
-                        same = False
-                        break
-                if same:
-                    counts[idx] += weights[i]
-                    break
-            slot = (slot + np.uint64(1)) & mask
-    return words.shape[0], n_keys
-
-
-@numba.njit(cache=True, nogil=True)
-def _rebuild_table(hashes, n_keys, table):
-    mask = np.uint64(table.size - 1)
-    table[:] = 0
-    for idx in range(n_keys):
-        h = hashes[idx]
-        slot = h & mask
-        while table[slot] != 0:
-            slot = (slot + np.uint64(1)) & mask
-        table[slot] = (np.int64(h >> np.uint64(32)) << 32) | (idx + 1)
+# A batch is split into chunks of at most this many rows (bounds the temporary
+# arrays, and keeps enough hash bits above the row index).
+_CHUNK_ROWS = 1 << 22
+# Small batches are gathered in a buffer and counted together; its size follows
+# the distinct states counted so far, within these bounds.
+_BUFFER_MIN_BYTES = 1 << 21
+_BUFFER_MAX_BYTES = 1 << 25
+# Distinct rows compared one by one inside a group of equal hash prefixes before
+# the group is sorted instead.
+_GROUP_REPS = 8
 
 
 @numba.njit(cache=True, nogil=True)
@@ -367,62 +480,423 @@ def _count_small(packed, counts):
 
 
 @numba.njit(cache=True, nogil=True)
-def _row_less(keys, a, b):
-    for w in range(keys.shape[1]):
-        if keys[a, w] != keys[b, w]:
-            return keys[a, w] < keys[b, w]
-    return False
+def _be_words(packed, out):
+    """Each row of up to 8 bytes as one big-endian uint64 (zero padded at the low end)."""
+    n_bytes = packed.shape[1]
+    shift = np.uint64(8 * (8 - n_bytes))
+    for i in range(packed.shape[0]):
+        v = np.uint64(0)
+        for k in range(n_bytes):
+            v = (v << np.uint64(8)) | np.uint64(packed[i, k])
+        out[i] = v << shift
 
 
 @numba.njit(cache=True, nogil=True)
-def _sorted_order(keys, n_keys):
-    """Indices of the first ``n_keys`` rows in lexicographic order (bottom-up merge sort)."""
-    order = np.arange(n_keys)
-    buf = np.empty(n_keys, np.int64)
+def _be_bytes(keys, out):
+    """Inverse of :func:`_be_words`: the first ``out.shape[1]`` bytes of each word."""
+    n_bytes = out.shape[1]
+    for i in range(keys.size):
+        v = keys[i]
+        for k in range(n_bytes):
+            out[i, k] = np.uint8(v >> np.uint64(56 - 8 * k))
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_lengths(sorted_keys, keys_out, counts_out):
+    """Distinct values of a sorted array and how often each occurs; returns how many."""
+    n = sorted_keys.size
+    k = 0
+    i = 0
+    while i < n:
+        v = sorted_keys[i]
+        j = i + 1
+        while j < n and sorted_keys[j] == v:
+            j += 1
+        keys_out[k] = v
+        counts_out[k] = j - i
+        k += 1
+        i = j
+    return k
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mix(h, w):
+    h ^= w
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    return h ^ (h >> np.uint64(32))
+
+
+@numba.njit(cache=True, nogil=True)
+def _hash_rows_kernel(words, out):
+    """Four independent lanes over the words (for instruction-level
+    parallelism on long rows), then a final avalanche."""
+    n_words = words.shape[1]
+    n_quad = n_words - n_words % 4
+    for i in range(words.shape[0]):
+        h0 = np.uint64(0x9E3779B97F4A7C15)
+        h1 = np.uint64(0xBF58476D1CE4E5B9)
+        h2 = np.uint64(0x94D049BB133111EB)
+        h3 = np.uint64(0x2545F4914F6CDD1D)
+        for w in range(0, n_quad, 4):
+            h0 = _mix(h0, words[i, w])
+            h1 = _mix(h1, words[i, w + 1])
+            h2 = _mix(h2, words[i, w + 2])
+            h3 = _mix(h3, words[i, w + 3])
+        for w in range(n_quad, n_words):
+            h0 = _mix(h0, words[i, w])
+        h = h0 ^ ((h1 << np.uint64(16)) | (h1 >> np.uint64(48)))
+        h ^= (h2 << np.uint64(32)) | (h2 >> np.uint64(32))
+        h ^= (h3 << np.uint64(48)) | (h3 >> np.uint64(16))
+        h ^= np.uint64(n_words)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(32)
+        out[i] = h
+
+
+def _hash_rows(words: np.ndarray) -> np.ndarray:
+    """64-bit hash of each row of ``words`` (uint64 (n, n_words)).
+
+    Any function works (the counts never depend on it being collision-free, only
+    the speed does), but it must be deterministic: runs from other counters and
+    other processes are merged by it.
+    """
+    out = np.empty(words.shape[0], np.uint64)
+    _hash_rows_kernel(words, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _tag(hashes, bits, out):
+    """Sort keys: the high bits of each hash with the row index in the low ``bits``."""
+    high = ~((np.uint64(1) << np.uint64(bits)) - np.uint64(1))
+    for i in range(hashes.size):
+        out[i] = (hashes[i] & high) | np.uint64(i)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cmp(ha, ka, a, hb, kb, b):
+    """Order of row ``a`` of (ha, ka) and row ``b`` of (hb, kb): by hash, then words."""
+    if ha[a] != hb[b]:
+        return -1 if ha[a] < hb[b] else 1
+    for w in range(ka.shape[1]):
+        if ka[a, w] != kb[b, w]:
+            return -1 if ka[a, w] < kb[b, w] else 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _cmp_words(ka, a, kb, b):
+    """Order of row ``a`` of ``ka`` and row ``b`` of ``kb`` by their words."""
+    for w in range(ka.shape[1]):
+        if ka[a, w] != kb[b, w]:
+            return -1 if ka[a, w] < kb[b, w] else 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_group(rows, hashes, words):
+    """Sort row indices by (hash, words): a bottom-up merge sort (stable, n log n)."""
+    n = rows.size
+    src = rows.copy()
+    buf = np.empty(n, np.int64)
     width = 1
-    while width < n_keys:
-        for lo in range(0, n_keys, 2 * width):
-            mid = min(lo + width, n_keys)
-            hi = min(lo + 2 * width, n_keys)
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
             i, j, k = lo, mid, lo
             while i < mid and j < hi:
-                if _row_less(keys, order[j], order[i]):
-                    buf[k] = order[j]
+                if _cmp(hashes, words, src[j], hashes, words, src[i]) < 0:
+                    buf[k] = src[j]
                     j += 1
                 else:
-                    buf[k] = order[i]
+                    buf[k] = src[i]
                     i += 1
                 k += 1
             while i < mid:
-                buf[k] = order[i]
+                buf[k] = src[i]
                 i += 1
                 k += 1
             while j < hi:
-                buf[k] = order[j]
+                buf[k] = src[j]
                 j += 1
                 k += 1
-        order, buf = buf, order
+        src, buf = buf, src
         width *= 2
-    return order
+    return src
+
+
+@numba.njit(cache=True, nogil=True)
+def _dedup_tagged(tagged, bits, hashes, words, weights, rows_out, counts_out, max_reps):
+    """Distinct rows of a batch from its sorted tags; returns how many.
+
+    Rows whose tags share the hash bits form a group (almost always one row, or
+    copies of one state). Within a group the distinct rows are found by
+    comparing hashes and then words, and are emitted in (hash, words) order,
+    so the output is sorted by (hash, words) with every state once.
+    ``rows_out`` gets a row index of each distinct state, ``counts_out`` the
+    summed weights (an empty ``weights`` means 1 for every row).
+    """
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    n = tagged.size
+    unit = weights.size == 0
+    reps = np.empty(max_reps, np.int64)
+    rep_counts = np.empty(max_reps, np.int64)
+    k = 0
+    i = 0
+    while i < n:
+        top = tagged[i] >> np.uint64(bits)
+        j = i + 1
+        while j < n and (tagged[j] >> np.uint64(bits)) == top:
+            j += 1
+        if j == i + 1:
+            r = np.int64(tagged[i] & mask)
+            rows_out[k] = r
+            counts_out[k] = 1 if unit else weights[r]
+            k += 1
+            i = j
+            continue
+        n_reps = 0
+        overflow = False
+        for g in range(i, j):
+            r = np.int64(tagged[g] & mask)
+            found = False
+            for q in range(n_reps):
+                if _cmp(hashes, words, reps[q], hashes, words, r) == 0:
+                    rep_counts[q] += 1 if unit else weights[r]
+                    found = True
+                    break
+            if not found:
+                if n_reps == max_reps:
+                    overflow = True
+                    break
+                reps[n_reps] = r
+                rep_counts[n_reps] = 1 if unit else weights[r]
+                n_reps += 1
+        if overflow:
+            # Many distinct states share these hash bits: sort the group.
+            group = np.empty(j - i, np.int64)
+            for g in range(i, j):
+                group[g - i] = np.int64(tagged[g] & mask)
+            group = _sort_group(group, hashes, words)
+            g = 0
+            while g < group.size:
+                r = group[g]
+                total = 1 if unit else weights[r]
+                g += 1
+                while g < group.size and _cmp(hashes, words, r, hashes, words, group[g]) == 0:
+                    total += 1 if unit else weights[group[g]]
+                    g += 1
+                rows_out[k] = r
+                counts_out[k] = total
+                k += 1
+        else:
+            # Insertion sort of the few distinct rows by (hash, words).
+            for a in range(1, n_reps):
+                r = reps[a]
+                c = rep_counts[a]
+                b = a - 1
+                while b >= 0 and _cmp(hashes, words, r, hashes, words, reps[b]) < 0:
+                    reps[b + 1] = reps[b]
+                    rep_counts[b + 1] = rep_counts[b]
+                    b -= 1
+                reps[b + 1] = r
+                rep_counts[b + 1] = c
+            for q in range(n_reps):
+                rows_out[k] = reps[q]
+                counts_out[k] = rep_counts[q]
+                k += 1
+        i = j
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_rows(src, rows, dst, base, refs_out):
+    """Copy the chosen rows of ``src`` (one per distinct state) to ``dst`` from
+    row ``base`` on, in their order in ``src`` (a streaming copy);
+    ``refs_out[j]``: where ``rows[j]`` went. ``src`` may be ``dst[base:]``."""
+    n = src.shape[0]
+    n_words = src.shape[1]
+    if rows.size == n:
+        # Every row is kept: a straight copy.
+        if src.ctypes.data != dst[base:].ctypes.data:
+            for i in range(n):
+                for w in range(n_words):
+                    dst[base + i, w] = src[i, w]
+        for j in range(rows.size):
+            refs_out[j] = base + rows[j]
+        return
+    new_place = np.full(n, -1, np.int64)
+    for j in range(rows.size):
+        new_place[rows[j]] = 0
+    p = 0
+    for i in range(n):
+        if new_place[i] == 0:
+            new_place[i] = p
+            for w in range(n_words):
+                dst[base + p, w] = src[i, w]
+            p += 1
+    for j in range(rows.size):
+        refs_out[j] = base + new_place[rows[j]]
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_keys(h1, c1, h2, c2, h_out, c_out):
+    """Merge two runs whose keys are the states (sorted, distinct), adding the
+    counts of equal keys. Branch-free: the interleaving of random runs would
+    defeat the branch predictor."""
+    n1 = h1.size
+    n2 = h2.size
+    i = 0
+    j = 0
+    m = 0
+    while i < n1 and j < n2:
+        x = h1[i]
+        y = h2[j]
+        take1 = x <= y
+        take2 = y <= x
+        h_out[m] = x if take1 else y
+        c_out[m] = (c1[i] if take1 else 0) + (c2[j] if take2 else 0)
+        i += np.int64(take1)
+        j += np.int64(take2)
+        m += 1
+    while i < n1:
+        h_out[m] = h1[i]
+        c_out[m] = c1[i]
+        i += 1
+        m += 1
+    while j < n2:
+        h_out[m] = h2[j]
+        c_out[m] = c2[j]
+        j += 1
+        m += 1
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
+    """Merge two runs sorted by (hash, words), adding the counts of equal states.
+
+    A run holds hashes, references to arena rows and counts; only those move.
+    Unequal hashes (the common case) are merged without a data-dependent
+    branch; equal hashes compare the arena rows.
+    """
+    n1 = h1.size
+    n2 = h2.size
+    i = 0
+    j = 0
+    m = 0
+    while i < n1 and j < n2:
+        x = h1[i]
+        y = h2[j]
+        if x != y:
+            take1 = x < y
+            h_out[m] = x if take1 else y
+            r_out[m] = r1[i] if take1 else r2[j]
+            c_out[m] = c1[i] if take1 else c2[j]
+            i += np.int64(take1)
+            j += np.int64(not take1)
+        else:
+            order = _cmp_words(arena, r1[i], arena, r2[j])
+            h_out[m] = x
+            if order <= 0:
+                r_out[m] = r1[i]
+                c_out[m] = c1[i]
+                if order == 0:
+                    c_out[m] += c2[j]
+                    j += 1
+                i += 1
+            else:
+                r_out[m] = r2[j]
+                c_out[m] = c2[j]
+                j += 1
+        m += 1
+    while i < n1:
+        h_out[m] = h1[i]
+        r_out[m] = r1[i]
+        c_out[m] = c1[i]
+        i += 1
+        m += 1
+    while j < n2:
+        h_out[m] = h2[j]
+        r_out[m] = r2[j]
+        c_out[m] = c2[j]
+        j += 1
+        m += 1
+    return m
+
+
+def _trimmed(a: np.ndarray, m: int) -> np.ndarray:
+    """``a[:m]``, copied when that frees a good part of ``a``."""
+    return a[:m].copy() if m < 0.75 * a.shape[0] else a[:m]
+
+
+def _held(a: np.ndarray | None) -> int:
+    """Bytes kept alive by ``a`` (its base when it is a view)."""
+    if a is None:
+        return 0
+    return a.base.nbytes if isinstance(a.base, np.ndarray) else a.nbytes
 
 
 def _as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     """Rows of ``packed`` as native uint64 words, zero padded (no copy when aligned)."""
     n, width = packed.shape
-    if width == 8 * n_words and packed.flags.c_contiguous:
-        padded = packed
-    else:
-        padded = np.zeros((n, 8 * n_words), np.uint8)
-        padded[:, :width] = packed
+    if width == 8 * n_words and packed.flags.c_contiguous and packed.ctypes.data % 8 == 0:
+        return packed.view(np.uint64)
+    padded = np.zeros((n, 8 * n_words), np.uint8)
+    padded[:, :width] = packed
     return padded.view(np.uint64)
+
+
+class _Run:
+    """Distinct states with counts, sorted by key (then by the state's words).
+
+    ``keys`` (uint64 (k,)) is the state itself for states of up to 8 bytes
+    (``refs`` is None), else a hash of the state, whose words are in row
+    ``refs[i]`` (int64) of the counter's arena.
+    """
+
+    __slots__ = ("keys", "refs", "counts")
+
+    def __init__(self, keys: np.ndarray, refs: np.ndarray | None, counts: np.ndarray):
+        self.keys, self.refs, self.counts = keys, refs, counts
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+
+def _merge(a: _Run, b: _Run, arena: np.ndarray | None) -> _Run:
+    cap = len(a) + len(b)
+    keys = np.empty(cap, np.uint64)
+    counts = np.empty(cap, np.int64)
+    if a.refs is None:
+        m = _merge_keys(a.keys, a.counts, b.keys, b.counts, keys, counts)
+        return _Run(_trimmed(keys, m), None, _trimmed(counts, m))
+    refs = np.empty(cap, np.int64)
+    m = _merge_refs(a.keys, a.refs, a.counts, b.keys, b.refs, b.counts, arena, keys, refs, counts)
+    return _Run(_trimmed(keys, m), _trimmed(refs, m), _trimmed(counts, m))
 
 
 class StateCounter:
     """Streaming, mergeable counts of packed states.
 
-    Memory grows with the number of distinct states, not with the number of
-    states added. ``result()`` gives the states in lexicographic byte order,
-    the order of ``np.unique(packed, axis=0)``.
+    ``add()`` batches of packed states (from :func:`pack`), ``merge()`` other
+    counters of the same number of neurons (also after pickling: the pickle
+    holds each distinct state once), and read ``result()``. Memory grows with
+    the number of distinct states, not with the number of states added: a
+    distinct state takes 16 bytes (up to 64 neurons) or its words plus 24
+    bytes, at worst about twice over until runs are merged, plus a buffer of
+    states not yet counted whose size follows the distinct states (2 MiB to
+    32 MiB). ``nbytes`` reports it.
+
+    Order of ``result()``: by default an unspecified but deterministic order
+    (for states of up to 64 neurons it is the lexicographic byte order, beyond
+    that roughly the order in which states were first seen);
+    ``result(sort=True)`` gives lexicographic byte order, the order of
+    ``np.unique(packed, axis=0)``, at the cost of a sort.
     """
 
     def __init__(self, n_neurons: int):
@@ -434,53 +908,197 @@ class StateCounter:
         self._small = self.n_bytes <= 2
         if self._small:
             self._direct = np.zeros(1 << (8 * self.n_bytes), np.int64)
-        else:
-            self._n_words = (self.n_bytes + 7) // 8
-            self._n_keys = 0
-            self._keys = np.empty((1024, self._n_words), np.uint64)
-            self._counts = np.empty(1024, np.int64)
-            self._hashes = np.empty(1024, np.uint64)
-            self._table = np.zeros(2048, np.int64)
+            return
+        self._n_words = (self.n_bytes + 7) // 8
+        self._runs: list[_Run] = []
+        self._n_pending = 0
+        # Up to 8 bytes: states waiting to be counted, as big-endian words.
+        self._pending: np.ndarray | None = None
+        # More than 8 bytes: the arena holds the words of the states the runs
+        # refer to (rows [0, _arena_rows)), then the states waiting to be
+        # counted (the next _n_pending rows).
+        self._arena: np.ndarray | None = None
+        self._arena_rows = 0
 
     @property
     def n_distinct(self) -> int:
         """Number of distinct states seen so far."""
         if self._small:
             return int(np.count_nonzero(self._direct))
-        return self._n_keys
+        run = self._compact()
+        return 0 if run is None else len(run)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of counting state held: states, keys, counts and buffers."""
+        if self._small:
+            return self._direct.nbytes
+        held = sum(_held(r.keys) + _held(r.refs) + _held(r.counts) for r in self._runs)
+        return held + _held(self._pending) + _held(self._arena)
 
     def add(self, packed: np.ndarray) -> None:
         """Count a batch of packed states (``uint8 (n, ceil(C/8))``)."""
         packed = _check_packed(packed, self.n_neurons, "StateCounter.add()")
-        if packed.shape[0] == 0:
+        n = packed.shape[0]
+        if n == 0:
             return
         if self._small:
             _count_small(packed, self._direct)
+        elif self._n_words == 1:
+            self._add_keys(packed)
         else:
-            words = _as_words(packed, self._n_words)
-            self._add_words(words, np.ones(words.shape[0], np.int64))
-        self.total += packed.shape[0]
+            self._add_words(packed)
+        self.total += n
 
-    def _add_words(self, words: np.ndarray, weights: np.ndarray) -> None:
+    def _buffer_rows(self) -> int:
+        """States counted together: as many as the largest run holds (so memory
+        still follows the distinct states), within [_BUFFER_MIN_BYTES,
+        _BUFFER_MAX_BYTES]."""
+        row_bytes = 8 * self._n_words
+        largest = len(self._runs[0]) if self._runs else 0
+        rows = min(max(largest, _BUFFER_MIN_BYTES // row_bytes), _BUFFER_MAX_BYTES // row_bytes)
+        return max(rows, 64)
+
+    # States of 3..8 bytes: one big-endian word each, sorted and run-length
+    # counted; large batches straight from the caller's array, small ones
+    # gathered in a buffer first.
+    def _add_keys(self, packed: np.ndarray) -> None:
+        n = packed.shape[0]
+        pos = 0
+        while pos < n:
+            if self._n_pending == 0:
+                cap = self._buffer_rows()
+                if n - pos >= cap:
+                    take = min(n - pos, _CHUNK_ROWS)
+                    keys = np.empty(take, np.uint64)
+                    _be_words(packed[pos : pos + take], keys)
+                    self._push(_keys_run(keys))
+                    pos += take
+                    continue
+                if self._pending is None or not cap <= self._pending.shape[0] <= 2 * cap:
+                    self._pending = None
+                    self._pending = np.empty(cap, np.uint64)
+            cap = self._pending.shape[0]
+            take = min(cap - self._n_pending, n - pos)
+            _be_words(packed[pos : pos + take], self._pending[self._n_pending : self._n_pending + take])
+            self._n_pending += take
+            if self._n_pending == cap:
+                self._flush()
+            pos += take
+
+    # Longer states: large batches are counted straight from the caller's
+    # array and their distinct states copied to the arena; small ones are
+    # copied to the end of the arena and counted there in place once enough
+    # have arrived.
+    def _add_words(self, packed: np.ndarray) -> None:
+        n = packed.shape[0]
+        pos = 0
+        while pos < n:
+            cap = max(self._buffer_rows(), self._n_pending)
+            if self._n_pending == 0 and n - pos >= cap:
+                take = min(n - pos, _CHUNK_ROWS)
+                words = _as_words(packed[pos : pos + take], self._n_words)
+                hashes, rows, counts = _dedup_words(words, _UNIT)
+                start = self._reserve(rows.size)
+                refs = np.empty(rows.size, np.int64)
+                _keep_rows(words, rows, self._arena, start, refs)
+                self._arena_rows += rows.size
+                self._push(_Run(hashes[rows], refs, counts))
+                pos += take
+                continue
+            take = min(cap - self._n_pending, n - pos)
+            start = self._reserve(self._n_pending + take) + self._n_pending
+            as_bytes = self._arena[start : start + take].view(np.uint8)
+            as_bytes[:, : self.n_bytes] = packed[pos : pos + take]
+            if self.n_bytes % 8:
+                as_bytes[:, self.n_bytes :] = 0
+            self._n_pending += take
+            if self._n_pending >= cap:
+                self._flush()
+            pos += take
+
+    def _reserve(self, rows: int) -> int:
+        """Room for ``rows`` arena rows after the counted ones; returns the first."""
+        need = self._arena_rows + rows
+        if self._arena is None:
+            self._arena = np.empty((max(need, 64), self._n_words), np.uint64)
+        elif need > self._arena.shape[0]:
+            # Doubling: pages of the new array are only backed once written.
+            arena = np.empty((max(need, 2 * self._arena.shape[0]), self._n_words), np.uint64)
+            used = self._arena_rows + self._n_pending
+            arena[:used] = self._arena[:used]
+            self._arena = arena
+        return self._arena_rows
+
+    def _flush(self, weights: np.ndarray = None) -> None:
+        """Count the pending states (``weights``: how often each was seen)."""
+        n = self._n_pending
+        if n == 0:
+            return
+        self._n_pending = 0
+        if self._n_words == 1:
+            self._push(_keys_run(self._pending[:n]))
+            return
+        start = self._arena_rows
+        tail = self._arena[start : start + n]
+        hashes, rows, counts = _dedup_words(tail, _UNIT if weights is None else weights)
+        keys = hashes[rows]
+        refs = np.empty(rows.size, np.int64)
+        # Keep one row of each state, in place, in arena order.
+        _keep_rows(tail, rows, self._arena, start, refs)
+        del tail
+        self._arena_rows = start + rows.size
+        self._push(_Run(keys, refs, counts))
+
+    def _push(self, run: _Run) -> None:
+        runs = self._runs
+        runs.append(run)
+        while len(runs) >= 2 and len(runs[-2]) <= 2 * len(runs[-1]):
+            last = runs.pop()
+            runs[-1] = _merge(runs[-1], last, self._arena)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Drop the arena rows of states merged away once they are a third of
+        the counted rows (there are no pending rows when this runs)."""
+        if self._arena is None:
+            return
+        live = sum(len(r) for r in self._runs)
+        if 3 * (self._arena_rows - live) <= self._arena_rows:
+            return
+        arena = np.empty((max(64, live + live // 4), self._n_words), np.uint64)
         start = 0
-        while start < words.shape[0]:
-            done, self._n_keys = _count_into(
-                words[start:], weights[start:], self._keys, self._counts,
-                self._hashes, self._table, self._n_keys,
-            )
-            start += done
-            if start < words.shape[0]:
-                self._grow()
+        for i, run in enumerate(self._runs):
+            np.take(self._arena, run.refs, axis=0, out=arena[start : start + len(run)])
+            self._runs[i] = _Run(run.keys, np.arange(start, start + len(run), dtype=np.int64), run.counts)
+            start += len(run)
+        self._arena = arena
+        self._arena_rows = live
 
-    def _grow(self) -> None:
-        if self._n_keys >= self._keys.shape[0]:
-            cap = 2 * self._keys.shape[0]
-            self._keys = _resized(self._keys, cap)
-            self._counts = _resized(self._counts, cap)
-            self._hashes = _resized(self._hashes, cap)
-        if 2 * (self._n_keys + 1) > self._table.size:
-            self._table = np.empty(2 * self._table.size, np.int64)
-            _rebuild_table(self._hashes, self._n_keys, self._table)
+    def _compact(self) -> _Run | None:
+        """Count the pending states and merge all runs into one (returned)."""
+        self._flush()
+        self._pending = None
+        runs = self._runs
+        while len(runs) >= 2:
+            last = runs.pop()
+            runs[-1] = _merge(runs[-1], last, self._arena)
+        self._collect()
+        return runs[0] if runs else None
+
+    def _states(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``(words (k, n_words), counts (k,), shared)`` of the distinct states
+        (more than 8 bytes); ``shared``: the words are a view of the arena."""
+        run = self._compact()
+        if run is None:
+            return np.empty((0, self._n_words), np.uint64), np.empty(0, np.int64), False
+        k = len(run)
+        if self._arena_rows == k:
+            # Every arena row is a state (refs is a permutation): read them in order.
+            counts = np.empty(k, np.int64)
+            counts[run.refs] = run.counts
+            return self._arena[:k], counts, True
+        return np.take(self._arena, run.refs, axis=0), run.counts.copy(), False
 
     def merge(self, other: "StateCounter") -> None:
         """Add the counts of ``other`` (same number of neurons) to this counter."""
@@ -490,45 +1108,191 @@ class StateCounter:
             raise ValueError(
                 f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
             )
+        total = other.total
         if self._small:
             self._direct += other._direct
         else:
-            n = other._n_keys
-            self._add_words(other._keys[:n], other._counts[:n])
-        self.total += other.total
+            run = other._compact()
+            if run is not None:
+                if self._n_words == 1:
+                    # Runs are never modified in place, so sharing arrays is safe.
+                    self._push(_Run(run.keys, None, run.counts))
+                else:
+                    words = np.take(other._arena, run.refs, axis=0)
+                    keys, counts = run.keys.copy(), run.counts.copy()
+                    self._flush()
+                    start = self._reserve(len(run))
+                    self._arena[start : start + len(run)] = words
+                    self._arena_rows += len(run)
+                    refs = np.arange(start, start + len(run), dtype=np.int64)
+                    self._push(_Run(keys, refs, counts))
+        self.total += total
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(state_ids uint8 (k, n_bytes), counts int64 (k,))`` in lexicographic byte order."""
+    def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(state_ids uint8 (k, n_bytes), counts int64 (k,))``: row ``i`` of
+        ``state_ids`` was seen ``counts[i]`` times; new arrays, each state once.
+
+        Args:
+            sort: if True, the states come in lexicographic byte order (the
+                order of ``np.unique(packed, axis=0)``). By default the order
+                is whatever is cheapest: deterministic for the same data, but
+                unspecified (it happens to be byte order up to 64 neurons).
+        """
         if self._small:
             values = np.flatnonzero(self._direct)
             ids = values.astype(">u2").view(np.uint8).reshape(-1, 2)[:, 2 - self.n_bytes :]
             return np.ascontiguousarray(ids), self._direct[values]
-        keys = self._keys[: self._n_keys]
-        # Words read big-endian compare like the bytes they hold.
-        order = _sorted_order(keys.byteswap(), self._n_keys)
-        ids = keys[order].view(np.uint8)
-        return np.ascontiguousarray(ids[:, : self.n_bytes]), self._counts[order]
+        if self._n_words == 1:
+            run = self._compact()
+            if run is None:
+                return np.empty((0, self.n_bytes), np.uint8), np.empty(0, np.int64)
+            ids = np.empty((len(run), self.n_bytes), np.uint8)
+            _be_bytes(run.keys, ids)
+            return ids, run.counts.copy()
+        words, counts, shared = self._states()
+        if sort:
+            # Big-endian words compare like the bytes they hold.
+            order = _lex_order(words.byteswap())
+            return words.view(np.uint8)[order, : self.n_bytes], counts[order]
+        ids = words.view(np.uint8)[:, : self.n_bytes]
+        return (ids.copy() if shared or not ids.flags.c_contiguous else ids), counts
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if not self._small:
-            n = self._n_keys
-            state.update(_keys=self._keys[:n].copy(), _counts=self._counts[:n].copy(),
-                         _hashes=self._hashes[:n].copy(), _table=None)
+        if self._small:
+            # Only the states seen, not the whole table.
+            seen = np.flatnonzero(self._direct)
+            state["_direct"] = (self._direct.size, seen, self._direct[seen])
+            return state
+        # Each distinct state once; hashes and order are rebuilt when loaded.
+        state.update(_pending=None, _n_pending=0, _arena=None, _arena_rows=0)
+        if self._n_words == 1:
+            run = self._compact()
+            state["_runs"] = None if run is None else (run.keys, run.counts)
+        else:
+            words, counts, shared = self._states()
+            # A copy: protocol-5 pickling (dask) may keep a view of our buffer.
+            state["_runs"] = (words.copy() if shared else words, counts)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if not self._small:
-            cap = max(1024, 1 << int(np.ceil(np.log2(max(self._n_keys, 1) + 1))))
-            self._keys = _resized(self._keys, cap)
-            self._counts = _resized(self._counts, cap)
-            self._hashes = _resized(self._hashes, cap)
-            self._table = np.empty(2 * cap, np.int64)
-            _rebuild_table(self._hashes, self._n_keys, self._table)
+        if self._small:
+            size, seen, counts = state["_direct"]
+            self._direct = np.zeros(size, np.int64)
+            self._direct[seen] = counts
+            return
+        saved = state["_runs"]
+        self._runs = []
+        if saved is None:
+            return
+        if self._n_words == 1:
+            keys, counts = saved
+            self._runs = [_Run(keys, None, counts)]
+        elif saved[0].shape[0]:
+            words, counts = saved
+            self._reserve(words.shape[0])
+            self._arena[: words.shape[0]] = words
+            self._n_pending = words.shape[0]
+            self._flush(counts)
 
 
-def _resized(a: np.ndarray, rows: int) -> np.ndarray:
-    out = np.empty((rows, *a.shape[1:]), a.dtype)
-    out[: min(rows, a.shape[0])] = a[:rows]
-    return out
+# Groups of rows equal in one column that are sorted by the next column with
+# numpy (larger) or by a merge sort over the remaining columns (smaller).
+_LEX_GROUP = 4096
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_groups(big, order, starts, ends, col):
+    """Sort each ``order[starts[g]:ends[g]]`` by the columns from ``col`` on."""
+    n_cols = big.shape[1]
+    for g in range(starts.size):
+        lo = starts[g]
+        hi = ends[g]
+        n = hi - lo
+        src = order[lo:hi].copy()
+        buf = np.empty(n, np.int64)
+        width = 1
+        while width < n:
+            for a in range(0, n, 2 * width):
+                mid = min(a + width, n)
+                b_hi = min(a + 2 * width, n)
+                i, j, k = a, mid, a
+                while i < mid and j < b_hi:
+                    less = False
+                    for c in range(col, n_cols):
+                        x = big[src[j], c]
+                        y = big[src[i], c]
+                        if x != y:
+                            less = x < y
+                            break
+                    if less:
+                        buf[k] = src[j]
+                        j += 1
+                    else:
+                        buf[k] = src[i]
+                        i += 1
+                    k += 1
+                while i < mid:
+                    buf[k] = src[i]
+                    i += 1
+                    k += 1
+                while j < b_hi:
+                    buf[k] = src[j]
+                    j += 1
+                    k += 1
+            src, buf = buf, src
+            width *= 2
+        order[lo:hi] = src
+
+
+def _lex_order(big: np.ndarray, col: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
+    """Order of the distinct rows of ``big`` (uint64 (k, n_cols)) by column ``col``,
+    then the next columns (most significant digit first, one column at a time)."""
+    keys = big[:, col] if rows is None else big[rows, col]
+    local = np.argsort(keys)
+    order = local if rows is None else rows[local]
+    if col + 1 == big.shape[1] or order.size < 2:
+        return order
+    sorted_keys = keys[local]
+    bounds = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [order.size]))
+    sizes = ends - starts
+    large = sizes > _LEX_GROUP
+    small = (sizes > 1) & ~large
+    if small.any():
+        _sort_groups(big, order, starts[small], ends[small], col + 1)
+    for lo, hi in zip(starts[large], ends[large]):
+        order[lo:hi] = _lex_order(big, col + 1, order[lo:hi])
+    return order
+
+
+_UNIT = np.empty(0, np.int64)  # weights meaning "each row once"
+
+
+def _keys_run(keys: np.ndarray) -> _Run:
+    """One run from states that are their own keys (``keys`` is sorted in place)."""
+    keys.sort()
+    distinct = np.empty(keys.size, np.uint64)
+    counts = np.empty(keys.size, np.int64)
+    k = _run_lengths(keys, distinct, counts)
+    return _Run(_trimmed(distinct, k), None, _trimmed(counts, k))
+
+
+def _dedup_words(words: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of ``words`` (native uint64 (n, n_words)), each row
+    weighted (empty ``weights``: once each): ``(hashes of all rows, row index
+    of each distinct state, its count)``, the states in (hash, words) order."""
+    n = words.shape[0]
+    hashes = _hash_rows(words)
+    bits = max(1, int(n - 1).bit_length())
+    tagged = np.empty(n, np.uint64)
+    _tag(hashes, bits, tagged)
+    tagged.sort()
+    rows = np.empty(n, np.int64)
+    counts = np.empty(n, np.int64)
+    k = _dedup_tagged(tagged, bits, hashes, words, weights, rows, counts, _GROUP_REPS)
+    return hashes, rows[:k], _trimmed(counts, k)
+
+

@@ -1,0 +1,527 @@
+"""Property tests of the state engine: pack, unpack and StateCounter against numpy."""
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tensorstate_onnx.engine as engine
+from tensorstate_onnx.engine import StateCounter, n_bytes_for, pack, unpack
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def reference_pack(x, axis):
+    c = x.shape[axis]
+    return np.packbits(np.moveaxis(x, axis, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
+
+
+def as_dict(ids, counts):
+    assert ids.dtype == np.uint8 and counts.dtype == np.int64
+    assert ids.shape[0] == counts.shape[0]
+    table = {row.tobytes(): int(n) for row, n in zip(ids, counts)}
+    assert len(table) == ids.shape[0], "a state was reported twice"
+    return table
+
+
+def unique_dict(packed):
+    ids, counts = np.unique(packed, axis=0, return_counts=True)
+    return as_dict(ids, counts)
+
+
+# ----------------------------------------------------------------------- values
+
+F16_SUBNORMAL = np.float16(2.0**-24)
+SPECIALS = [
+    np.nan, -np.nan, np.copysign(np.nan, -1.0), 0.0, -0.0, np.inf, -np.inf, 1.0, -1.0,
+    1e-45, -1e-45, 5e-324, -5e-324, float(F16_SUBNORMAL), -float(F16_SUBNORMAL), 65504.0, 1e300,
+]
+
+
+def random_values(rng, shape, dtype):
+    """Normals mixed with special values and, for floats, arbitrary bit patterns
+    (every NaN payload and sign, subnormals)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        # Any non-zero byte is True; include bytes other than 0 and 1.
+        return rng.choice(np.array([0, 1, 2, 128, 255], np.uint8), shape).view(np.bool_)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = rng.standard_normal(shape).astype(dtype)
+        special = np.array(SPECIALS).astype(dtype)
+    pick = rng.random(shape)
+    values = np.where(pick < 0.3, rng.choice(special, shape), values).astype(dtype)
+    bits = rng.integers(0, 2 ** (8 * dtype.itemsize), shape, dtype=np.uint64, endpoint=False)
+    raw = bits.astype(f"u{dtype.itemsize}").view(dtype)
+    return np.where(pick > 0.85, raw, values).astype(dtype)
+
+
+@st.composite
+def strided_arrays(draw, max_channels=20, max_side=5):
+    """An array of rank 1-5 of any supported dtype, as a view with unusual
+    strides (steps, negative steps, transposes, stride-0 broadcasts), and a
+    channel axis."""
+    rank = draw(st.integers(1, 5))
+    shape = [draw(st.integers(1, max_side)) for _ in range(rank)]
+    axis = draw(st.integers(-rank, rank - 1))
+    shape[axis] = draw(st.integers(1, max_channels))
+    dtype = draw(st.sampled_from([np.float16, np.float32, np.float64, np.bool_]))
+    steps = [draw(st.sampled_from([1, 1, 2, -1, -3])) for _ in range(rank)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    base = random_values(rng, [n * abs(s) + 1 for n, s in zip(shape, steps)], dtype)
+    index = tuple(slice(None, None, s) if s > 0 else slice(None, None, s) for s in steps)
+    x = base[index][tuple(slice(0, n) for n in shape)]
+    if draw(st.booleans()):
+        # Broadcast one axis: stride 0.
+        b = draw(st.integers(0, rank - 1))
+        x = np.broadcast_to(x[tuple(slice(0, 1) if i == b else slice(None) for i in range(rank))], x.shape)
+    if draw(st.booleans()):
+        perm = draw(st.permutations(range(rank)))
+        x = x.transpose(perm)
+        axis = perm.index(axis % rank)
+    axis %= rank
+    return x, axis if draw(st.booleans()) else axis - rank
+
+
+# ------------------------------------------------------------------------- pack
+
+
+@FAST
+@given(strided_arrays())
+def test_pack_equals_packbits_of_positive_values(case):
+    x, axis = case
+    got = pack(x, axis)
+    expected = reference_pack(x, axis)
+    assert got.dtype == np.uint8
+    assert got.shape == (x.size // x.shape[axis], n_bytes_for(x.shape[axis]))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_pack_special_values_one_by_one():
+    for dtype in (np.float16, np.float32, np.float64):
+        with np.errstate(over="ignore"):
+            values = np.array(SPECIALS, dtype=dtype)
+        fires = pack(values[:, None], 1)[:, 0]
+        expected = [1 if v > 0 else 0 for v in values.tolist()]
+        assert fires.tolist() == expected, dtype
+    # The smallest subnormals fire; every zero, NaN and negative does not.
+    assert pack(np.array([1e-45], np.float32)).tolist() == [[1]]
+    assert pack(np.array([F16_SUBNORMAL], np.float16)).tolist() == [[1]]
+    assert pack(np.array([-0.0, np.nan, -np.nan, -np.inf, np.inf])).tolist() == [[16]]
+    # float16: every bit pattern.
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    np.testing.assert_array_equal(pack(every[:, None]), reference_pack(every[:, None], 1))
+
+
+@pytest.mark.parametrize("channels", [8, 12])
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout):
+    rng = np.random.default_rng(channels)
+    shape = (40, channels, 33, 31) if layout == "first" else (40, 33, 31, channels)
+    x = random_values(rng, shape, np.float32)
+    assert x.nbytes > engine._PARALLEL_MIN_BYTES
+    axis = 1 if layout == "first" else -1
+    np.testing.assert_array_equal(pack(x, axis), reference_pack(x, axis))
+    # The same through a non-contiguous view.
+    view = x[::-1, :, ::2]
+    np.testing.assert_array_equal(pack(view, axis), reference_pack(view, axis))
+    with np.errstate(over="ignore"):
+        half = x.astype(np.float16)
+    np.testing.assert_array_equal(pack(half, axis), reference_pack(half, axis))
+
+
+@pytest.mark.parametrize("channels", [1, 5, 9, 63, 64, 65, 130, 512, 1000])
+def test_pack_channels_first_block_edges(channels):
+    # Block transposes 8 states x 8 bytes at a time; remainders of either go byte by byte.
+    rng = np.random.default_rng(channels)
+    for positions in (1, 7, 8, 13, 300):
+        x = random_values(rng, (3, channels, positions), np.float32)
+        np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+        strided = random_values(rng, (3, channels, 2 * positions), np.float16)[:, :, ::2]
+        np.testing.assert_array_equal(pack(strided, 1), reference_pack(strided, 1))
+        stacked = random_values(rng, (2, positions, 3, channels), np.float64).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(pack(stacked, 1), reference_pack(stacked, 1))
+
+
+@pytest.mark.parametrize("channels", [65_536, 70_000])
+def test_pack_single_huge_state(channels):
+    rng = np.random.default_rng(channels)
+    x = random_values(rng, (channels,), np.float32)
+    got = pack(x)
+    assert got.shape == (1, n_bytes_for(channels))
+    np.testing.assert_array_equal(got, reference_pack(x, 0))
+    np.testing.assert_array_equal(unpack(got, channels)[0], x > 0)
+    first = x.reshape(1, channels, 1, 1)
+    np.testing.assert_array_equal(pack(first, 1), got)
+
+
+def test_forty_thousand_neurons_do_not_crash():
+    # TensorState 0.4 overflowed the stack at >= 32,768 neurons.
+    rng = np.random.default_rng(40)
+    x = random_values(rng, (3, 40_000, 2), np.float32)
+    packed = pack(x, 1)
+    np.testing.assert_array_equal(packed, reference_pack(x, 1))
+    counter = StateCounter(40_000)
+    counter.add(packed)
+    counter.add(packed[:2])
+    assert as_dict(*counter.result()) == unique_dict(np.concatenate([packed, packed[:2]]))
+    np.testing.assert_array_equal(unpack(packed, 40_000), np.moveaxis(x, 1, -1).reshape(-1, 40_000) > 0)
+
+
+def test_pack_of_empty_batch_and_zero_strides():
+    assert pack(np.zeros((0, 5), np.float32)).shape == (0, 1)
+    x = np.broadcast_to(np.float32(2.0), (3, 4, 9))
+    np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+
+
+# ----------------------------------------------------------------------- unpack
+
+
+@FAST
+@given(st.integers(1, 2**15), st.integers(0, 6), st.integers(0, 2**32 - 1))
+def test_unpack_inverts_pack(channels, n, seed):
+    x = np.random.default_rng(seed).standard_normal((n, channels)).astype(np.float32)
+    packed = pack(x)
+    bits = unpack(packed, channels)
+    assert bits.dtype == np.bool_ and bits.shape == (n, channels)
+    np.testing.assert_array_equal(bits, x > 0)
+    np.testing.assert_array_equal(pack(bits), packed)
+
+
+# --------------------------------------------------------------------- counting
+
+
+@pytest.fixture(params=["default", "tiny"])
+def sizes(request, monkeypatch):
+    """Default buffer and chunk sizes, or tiny ones so that small data goes
+    through many buffers, chunks and merges."""
+    if request.param == "tiny":
+        monkeypatch.setattr(engine, "_CHUNK_ROWS", 37)
+        monkeypatch.setattr(engine, "_BUFFER_MIN_BYTES", 8)
+        monkeypatch.setattr(engine, "_BUFFER_MAX_BYTES", 8 * 200)
+    return request.param
+
+
+@st.composite
+def packed_states(draw, channels=None):
+    """Packed states of C neurons: few distinct, mostly distinct, or a mix."""
+    c = draw(st.sampled_from([1, 5, 8, 9, 16, 17, 24, 40, 64, 65, 100, 128, 200, 512, 1000]) if channels is None else st.just(channels))
+    n = draw(st.integers(0, 600))
+    kind = draw(st.sampled_from(["few", "distinct", "mixed", "sparse"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    width = n_bytes_for(c)
+    states = rng.integers(0, 256, (n, width), dtype=np.uint8)
+    if kind == "few":
+        states = states[rng.integers(0, max(1, min(n, 7)), n)] if n else states
+    elif kind == "mixed":
+        pool = rng.integers(0, 256, (max(1, n // 3), width), dtype=np.uint8)
+        take = rng.random(n) < 0.5
+        states[take] = pool[rng.integers(0, pool.shape[0], int(take.sum()))]
+    elif kind == "sparse":
+        states &= (rng.random((n, width)) < 0.05).astype(np.uint8) * 255
+    if c % 8:
+        states[:, -1] &= (1 << (c % 8)) - 1
+    return c, states
+
+
+def split_points(draw, n):
+    return sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+
+
+@SLOW
+@given(packed_states(), st.data())
+def test_counts_equal_np_unique(sizes, case, data):
+    c, states = case
+    counter = StateCounter(c)
+    for part in np.split(states, split_points(data.draw, len(states))):
+        counter.add(part)
+    assert counter.total == len(states)
+    ids, counts = counter.result()
+    assert as_dict(ids, counts) == unique_dict(states)
+    assert counter.n_distinct == ids.shape[0]
+    # Sorted order is np.unique's order exactly.
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids.reshape(-1, n_bytes_for(c)))
+    np.testing.assert_array_equal(counts, expected_counts)
+    # Asking again gives the same, and more adds keep counting.
+    assert as_dict(*counter.result()) == unique_dict(states)
+    counter.add(states)
+    assert as_dict(*counter.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+
+
+@SLOW
+@given(packed_states(), st.data())
+def test_streamed_batches_equal_one_batch(sizes, case, data):
+    c, states = case
+    whole = StateCounter(c)
+    whole.add(states)
+    streamed = StateCounter(c)
+    for part in np.split(states, split_points(data.draw, len(states))):
+        streamed.add(part)
+    assert as_dict(*streamed.result()) == as_dict(*whole.result())
+    assert streamed.total == whole.total
+    a, b = streamed.result(sort=True), whole.result(sort=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@SLOW
+@given(st.sampled_from([7, 20, 64, 100, 512]), st.data())
+def test_merged_counters_equal_combined_data(sizes, c, data):
+    parts = [data.draw(packed_states(c))[1] for _ in range(3)]
+    counters = []
+    for part in parts:
+        counter = StateCounter(c)
+        counter.add(part)
+        counters.append(counter)
+    merged = StateCounter(c)
+    merged.add(parts[0][:3])
+    merged.merge(counters[1])
+    merged.merge(counters[2])
+    merged.merge(counters[2])  # merging twice counts twice
+    merged.add(parts[0][3:])
+    combined = np.concatenate([parts[0], parts[1], parts[2], parts[2]])
+    assert merged.total == len(combined)
+    assert as_dict(*merged.result()) == unique_dict(combined)
+    # The merged-in counters are unchanged and still usable.
+    assert as_dict(*counters[2].result()) == unique_dict(parts[2])
+    counters[2].add(parts[1])
+    assert as_dict(*counters[2].result()) == unique_dict(np.concatenate([parts[2], parts[1]]))
+    # A counter merged into itself doubles.
+    before = unique_dict(combined)
+    merged.merge(merged)
+    assert as_dict(*merged.result()) == {k: 2 * v for k, v in before.items()}
+    assert merged.total == 2 * len(combined)
+
+
+@pytest.mark.parametrize("c", [5, 16, 40, 200])
+def test_merge_checks_neurons_and_type(c):
+    with pytest.raises(ValueError, match=f"{c + 1} neurons into counts of {c}"):
+        StateCounter(c).merge(StateCounter(c + 1))
+    with pytest.raises(TypeError, match="takes a StateCounter"):
+        StateCounter(c).merge({"counts": 1})
+
+
+@SLOW
+@given(packed_states(), st.data())
+def test_pickle_round_trip_keeps_counting(sizes, case, data):
+    c, states = case
+    cut = data.draw(st.integers(0, len(states)))
+    counter = StateCounter(c)
+    counter.add(states[:cut])
+    clone = pickle.loads(pickle.dumps(counter))
+    assert clone.n_neurons == c and clone.n_bytes == n_bytes_for(c)
+    assert clone.total == cut
+    assert as_dict(*clone.result()) == unique_dict(states[:cut])
+    clone.add(states[cut:])
+    counter.add(states[cut:])
+    assert as_dict(*clone.result()) == unique_dict(states) == as_dict(*counter.result())
+    clone.merge(pickle.loads(pickle.dumps(counter)))
+    assert as_dict(*clone.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+
+
+@pytest.mark.parametrize("c", [12, 64, 512])
+def test_memory_and_pickle_follow_distinct_states(c):
+    rng = np.random.default_rng(c)
+    pool = rng.integers(0, 256, (10, n_bytes_for(c)), dtype=np.uint8)
+    counter = StateCounter(c)
+    for _ in range(300):
+        counter.add(pool[rng.integers(0, 10, 5000)])
+    assert counter.total == 1_500_000
+    assert counter.n_distinct == 10
+    # Bounded by the distinct states plus a buffer of fixed size.
+    assert counter.nbytes <= 2**16 * 8 + engine._BUFFER_MIN_BYTES + 10_000
+    assert len(pickle.dumps(counter)) < 2_000
+    assert counter.result()[1].sum() == 1_500_000
+
+
+def test_memory_of_many_distinct_states_stays_near_their_size():
+    rng = np.random.default_rng(3)
+    states = rng.integers(0, 256, (200_000, 64), dtype=np.uint8)
+    counter = StateCounter(512)
+    for _ in range(3):
+        for part in np.array_split(states, 40):
+            counter.add(part)
+    # States, keys, counts and the buffer (which follows the distinct states).
+    assert counter.nbytes <= 3.2 * states.nbytes
+    assert counter.n_distinct == 200_000
+    assert counter.nbytes <= 1.7 * states.nbytes  # merged into one run
+    assert len(pickle.dumps(counter)) <= 1.15 * states.nbytes  # states and counts
+    assert set(counter.result()[1].tolist()) == {3}
+
+
+def constant_hash(words):
+    return np.zeros(words.shape[0], np.uint64)
+
+
+def weak_hash(words):
+    # Only two bits survive: many different states share every hash.
+    return (words[:, 0] & np.uint64(3)) << np.uint64(62)
+
+
+def low_bits_hash(words):
+    # Equal high bits (the part that is sorted first), different low bits.
+    return (words[:, -1] & np.uint64(5)) | np.uint64(1 << 40)
+
+
+@pytest.mark.parametrize("hash_function", [constant_hash, weak_hash, low_bits_hash])
+@SLOW
+@given(st.sampled_from([65, 100, 512, 1000]), st.data())
+def test_hash_collisions_never_merge_different_states(hash_function, c, data):
+    _, states = data.draw(packed_states(c))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "_hash_rows", hash_function)
+        patch.setattr(engine, "_CHUNK_ROWS", 50)
+        patch.setattr(engine, "_BUFFER_MIN_BYTES", 8)
+        counter = StateCounter(c)
+        for part in np.array_split(states, 4):
+            counter.add(part)
+        other = pickle.loads(pickle.dumps(counter))
+        other.merge(counter)
+        assert as_dict(*counter.result()) == unique_dict(states)
+        ids, counts = counter.result(sort=True)
+        expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+        np.testing.assert_array_equal(ids, expected_ids.reshape(-1, n_bytes_for(c)))
+        np.testing.assert_array_equal(counts, expected_counts)
+        assert as_dict(*other.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+
+
+def test_large_group_of_colliding_states(monkeypatch):
+    # More distinct states in one hash group than the linear scan handles.
+    monkeypatch.setattr(engine, "_hash_rows", constant_hash)
+    rng = np.random.default_rng(9)
+    pool = rng.integers(0, 256, (300, 13), dtype=np.uint8)
+    states = pool[rng.integers(0, 300, 5000)]
+    counter = StateCounter(100)
+    states[:, -1] &= 15
+    counter.add(states)
+    assert as_dict(*counter.result()) == unique_dict(states)
+
+
+def test_sorted_result_of_structured_states():
+    # Long runs of equal leading words go through the column-by-column sort.
+    rng = np.random.default_rng(4)
+    states = np.zeros((20_000, 64), np.uint8)
+    states[:, 40] = rng.integers(0, 256, 20_000)
+    states[:, 41:] = rng.integers(0, 2, (20_000, 23))
+    states[:5000, 8] = 1
+    counter = StateCounter(512)
+    counter.add(states)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
+@pytest.mark.parametrize("c", [3, 16, 30, 64, 300])
+def test_empty_counter_and_small_state_order(c):
+    counter = StateCounter(c)
+    ids, counts = counter.result()
+    assert ids.shape == (0, n_bytes_for(c)) and counts.shape == (0,)
+    assert counter.n_distinct == 0 and counter.total == 0
+    counter.add(np.zeros((0, n_bytes_for(c)), np.uint8))
+    assert counter.total == 0
+    clone = pickle.loads(pickle.dumps(counter))
+    assert clone.result()[0].shape == (0, n_bytes_for(c))
+
+
+def test_result_arrays_are_copies():
+    states = np.random.default_rng(5).integers(0, 256, (50, 64), dtype=np.uint8)
+    counter = StateCounter(512)
+    counter.add(states)
+    ids, counts = counter.result()
+    ids[:] = 0
+    counts[:] = 0
+    assert as_dict(*counter.result()) == unique_dict(states)
+
+
+def test_counter_accepts_non_contiguous_packed_states():
+    states = np.random.default_rng(6).integers(0, 256, (400, 20), dtype=np.uint8)
+    for view in (states[::3, 2:11], states[::-1, 5:14], np.asfortranarray(states[:, :9])):
+        counter = StateCounter(72)
+        counter.add(view)
+        assert as_dict(*counter.result()) == unique_dict(view)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (np.arange(6).reshape(2, 3), TypeError, "float16, float32, float64 or bool"),
+        (np.ones((2, 3), np.complex64), TypeError, "got dtype complex64"),
+        (np.array([[1.0, None]], dtype=object), TypeError, "got dtype object"),
+        (np.ones((2, 3), np.uint8), TypeError, "cast other data to float"),
+        ([[1.0, 2.0]], TypeError, "numpy.ndarray, got list"),
+        (np.float32(1.0), TypeError, "numpy.ndarray"),
+        (np.array(1.0, np.float32), ValueError, "rank >= 1"),
+        (np.ones((3, 0), np.float32), ValueError, "0 neurons"),
+    ],
+)
+def test_pack_rejects_bad_arrays(value, error, message):
+    with pytest.raises(error, match=message):
+        pack(value)
+
+
+@pytest.mark.parametrize(
+    "axis, error, message",
+    [
+        (3, ValueError, r"channel_axis 3 is out of range for an array of rank 3 \(valid: -3\.\.2\)"),
+        (-4, ValueError, "out of range"),
+        (1.0, TypeError, "channel_axis must be an int"),
+        (True, TypeError, "channel_axis must be an int"),
+        ("1", TypeError, "channel_axis must be an int"),
+    ],
+)
+def test_pack_rejects_bad_channel_axis(axis, error, message):
+    with pytest.raises(error, match=message):
+        pack(np.ones((2, 3, 4), np.float32), axis)
+
+
+def test_pack_accepts_numpy_integer_axis():
+    x = np.random.default_rng(0).standard_normal((2, 9, 3)).astype(np.float32)
+    np.testing.assert_array_equal(pack(x, np.int64(1)), reference_pack(x, 1))
+
+
+@pytest.mark.parametrize(
+    "packed, neurons, error, message",
+    [
+        (np.zeros((2, 2), np.float32), 9, TypeError, "uint8 numpy array"),
+        ([[0, 1]], 9, TypeError, "got list"),
+        (np.zeros((2, 3), np.uint8), 9, ValueError, r"shape \(n_states, 2\), got \(2, 3\)"),
+        (np.zeros(4, np.uint8), 9, ValueError, r"got \(4,\)"),
+        (np.zeros((2, 2, 2), np.uint8), 9, ValueError, "got"),
+        (np.zeros((2, 2), np.uint8), 0, ValueError, "n_neurons must be a positive int"),
+        (np.zeros((2, 2), np.uint8), 2.5, ValueError, "n_neurons must be a positive int"),
+    ],
+)
+def test_unpack_rejects_bad_input(packed, neurons, error, message):
+    with pytest.raises(error, match=message):
+        unpack(packed, neurons)
+
+
+@pytest.mark.parametrize("c", [9, 100])
+def test_counter_add_rejects_bad_input(c):
+    counter = StateCounter(c)
+    width = n_bytes_for(c)
+    with pytest.raises(TypeError, match="uint8 numpy array"):
+        counter.add(np.zeros((2, width), np.int8))
+    with pytest.raises(TypeError, match="uint8 numpy array"):
+        counter.add(np.zeros((2, width), np.float32))
+    with pytest.raises(ValueError, match=f"shape \\(n_states, {width}\\), got \\(2, {width + 1}\\)"):
+        counter.add(np.zeros((2, width + 1), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        counter.add(np.zeros(width, np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        counter.add(np.zeros((1, 2, width), np.uint8))
+    assert counter.total == 0 and counter.n_distinct == 0
+
+
+@pytest.mark.parametrize("neurons", [0, -3, 2.0, True, "8", None])
+def test_counter_needs_positive_int_neurons(neurons):
+    with pytest.raises(ValueError, match="positive number of neurons"):
+        StateCounter(neurons)
