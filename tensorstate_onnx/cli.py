@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -65,11 +67,12 @@ def _load_array(path: str, what: str) -> np.ndarray | dict:
         raise FileNotFoundError(f"{what} file {path} does not exist")
     try:
         loaded = np.load(file, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {key: loaded[key] for key in loaded.files}
+        return loaded
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ModelInputError(f"{what} file {path} is not a readable .npy/.npz file ({exc})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        return {key: loaded[key] for key in loaded.files}
-    return loaded
 
 
 def _data_and_labels(args, model) -> tuple:

@@ -93,14 +93,16 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
     """Yield :class:`Batch` objects from ``data`` (see the module docstring).
 
     ``batch_size`` splits arrays (default :data:`DEFAULT_BATCH_SIZE`); batches
-    that come from an iterable are used as they come. ``labels`` may be given
+    that come from an iterable are used as they come. At the top level only a
+    tuple is an ``(x, y)`` pair: a list is always a list of batches (items of an
+    iterable may be ``[x, y]`` lists, as torch DataLoaders yield). ``labels`` may be given
     separately, one per sample. Raises ``ModelInputError`` for empty data and
     for labels whose length differs from the data's.
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     size = int(batch_size or DEFAULT_BATCH_SIZE)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and (_is_array_like(data[0]) or isinstance(data[0], dict)):
+    if isinstance(data, tuple) and len(data) == 2 and (_is_array_like(data[0]) or isinstance(data[0], dict)):
         if labels is not None:
             raise ModelInputError("labels were given twice: inside (x, y) data and as labels=")
         data, labels = _as_pair(data, single_input)

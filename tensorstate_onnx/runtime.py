@@ -146,6 +146,10 @@ class OnnxEfficiencyModel:
             )
         self.providers = resolve_providers(providers)
         self.storage_path = None if storage_path is None else Path(storage_path)
+        if self.storage_path is not None and self.storage_path.exists() and not self.storage_path.is_dir():
+            raise StorageExistsError(
+                f"storage path {self.storage_path} already exists and is not a directory; choose a new directory"
+            )
         if self.storage_path is not None and self.storage_path.exists() and any(self.storage_path.iterdir()) and not overwrite:
             raise StorageExistsError(
                 f"storage path {self.storage_path} already exists and is not empty; choose a new "

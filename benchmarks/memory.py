@@ -1,0 +1,123 @@
+"""Peak memory of a long analysis: does RSS grow with the number of samples?
+
+Each run is a fresh subprocess that builds the MobileNetV2-style ONNX (96x96,
+random weights) with every Conv output probed and no storage, streams random
+samples from a generator in batches, and reports its peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) together with the number of
+distinct states the counters ended up holding. Runs on N and 10N samples are
+compared; the target is a peak-RSS ratio <= 1.10.
+
+Counting memory grows with the number of *distinct* states by design, so two
+kinds of random data are used:
+
+* ``pool``: the generator cycles through a fixed pool of N random samples
+  (regenerated from seeds, so the pool itself takes no memory). Both runs see
+  the same distinct states; the 10N run sees each of them ten times as often.
+  Any growth of RSS is memory held per sample (a leak) -- this is the <= 1.10
+  check.
+* ``iid``: every batch is fresh noise. Through random weights nearly every
+  state is new, so distinct states (and the counters) grow with the samples;
+  the table shows how RSS follows them.
+
+Usage: ``python benchmarks/memory.py [--n 2000] [--iid-n 200] [--batch 100]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+TARGET = 1.10
+SHAPE = (3, 96, 96)
+
+
+def _batches(mode: str, n: int, pool: int, batch: int):
+    """``n`` random samples in batches; ``pool`` mode repeats the first ``pool`` samples."""
+    import numpy as np
+
+    for k, start in enumerate(range(0, n, batch)):
+        seed = k % max(1, pool // batch) if mode == "pool" else k
+        rng = np.random.default_rng([12345, seed])
+        yield rng.standard_normal((min(batch, n - start), *SHAPE), dtype=np.float32)
+
+
+def _child(mode: str, n: int, pool: int, batch: int) -> None:
+    """Analyze ``n`` samples and print one JSON line of measurements."""
+    from tensorstate_onnx import OnnxEfficiencyModel
+    from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+
+    model = OnnxEfficiencyModel(mobilenet_v2_small_onnx(), "Conv", providers="cpu")
+    start = time.perf_counter()
+    model.predict(_batches(mode, n, pool, batch), progress=False)
+    elapsed = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # read before counts() allocates
+    layers = model.efficiency_layers
+    print(json.dumps({
+        "peak_mib": peak_kib / 1024,
+        "seconds": elapsed,
+        "probes": len(layers),
+        "states": sum(layer.state_count for layer in layers),
+        "distinct": sum(len(layer.counts()) for layer in layers),
+    }))  # fmt: skip
+
+
+def _measure(mode: str, n: int, pool: int, batch: int) -> dict:
+    command = [sys.executable, __file__, "--child", mode, str(n), str(pool), "--batch", str(batch)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"child run {mode} n={n} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="samples of the short pool run (the long one has 10x)")
+    parser.add_argument("--iid-n", type=int, default=200, help="samples of the short iid run (0 skips iid)")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "N", "POOL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        mode, n, pool = args.child
+        _child(mode, int(n), int(pool), args.batch)
+        return
+
+    plans = [("pool", args.n)] + ([("iid", args.iid_n)] if args.iid_n else [])
+    rows = []
+    for mode, n in plans:
+        short = _measure(mode, n, n, args.batch)
+        long = _measure(mode, 10 * n, n, args.batch)
+        rows.append((mode, n, short, long))
+
+    print("MobileNetV2-style ONNX (96x96), every Conv probed (22 probes), no storage, "
+          f"batch {args.batch}, one subprocess per run; peak RSS = ru_maxrss")
+    print()
+    print("| data | samples | seconds | states | distinct states | peak RSS (MiB) | ratio 10N/N |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mode, n, short, long in rows:
+        ratio = long["peak_mib"] / short["peak_mib"]
+        for size, run in ((n, short), (10 * n, long)):
+            shown = f"{ratio:.3f}" if run is long else ""
+            print(f"| {mode} | {size:,} | {run['seconds']:.1f} | {run['states']:,} | {run['distinct']:,} | "
+                  f"{run['peak_mib']:,.1f} | {shown} |")
+    print()
+    for mode, n, short, long in rows:
+        ratio = long["peak_mib"] / short["peak_mib"]
+        grown = long["peak_mib"] - short["peak_mib"]
+        new_states = long["distinct"] - short["distinct"]
+        if mode == "pool":
+            verdict = "meets" if ratio <= TARGET else "misses"
+            print(f"- pool: ratio {ratio:.3f} ({verdict} the <= {TARGET} target); same distinct states in both "
+                  f"runs ({short['distinct']:,} vs {long['distinct']:,}), RSS grew {grown:+.1f} MiB")
+        else:
+            per_state = grown * 2**20 / new_states if new_states > 0 else float("nan")
+            print(f"- iid: ratio {ratio:.3f}; distinct states grew {short['distinct']:,} -> {long['distinct']:,}, "
+                  f"RSS {grown:+.1f} MiB, about {per_state:.0f} bytes per added distinct state "
+                  "(memory follows distinct states, as designed)")
+
+
+if __name__ == "__main__":
+    main()

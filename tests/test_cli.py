@@ -1,0 +1,300 @@
+"""Tests of the ``tensorstate-onnx`` command, in-process through ``cli.main`` and once
+as a real console script. Reported numbers are checked against plain onnxruntime
++ numpy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from tensorstate_onnx import cli, demo, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROBES = ["conv1:after", "conv2:after", "conv3:after"]
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    """Per-probe statistics, network efficiency, accuracy and aIQ of the demo, computed
+    without the library: plain onnxruntime with the Conv outputs exposed, then numpy."""
+    x, y = demo.load_test_data()
+    model = onnx.load(str(demo.model_path()))
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    for node in convs:
+        model.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, *tensors = session.run(None, {"input": x})
+    layers = []
+    for node, tensor in zip(convs, tensors):
+        c = tensor.shape[1]
+        rows = np.packbits(np.moveaxis(tensor, 1, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
+        counts = np.unique(rows, axis=0, return_counts=True)[1]
+        p = counts / counts.sum()
+        entropy = float(-(p * np.log2(p)).sum())
+        layers.append({
+            "node": node.name, "neurons": c, "states": len(rows), "distinct_states": len(counts),
+            "entropy": entropy, "efficiency": entropy / c,
+        })  # fmt: skip
+    net = math.prod(layer["efficiency"] for layer in layers) ** (1 / len(layers))
+    accuracy = float(np.mean(logits.argmax(1) == y))
+    return {"layers": layers, "net": net, "accuracy": accuracy, "aiq": (net * accuracy**2) ** (1 / 3)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Data, label and model files, good and bad."""
+    root = tmp_path_factory.mktemp("cli")
+    x, y = demo.load_test_data()
+    paths = {name: root / name for name in (
+        "x.npy", "y.npy", "y_short.npy", "xy.npz", "named.npz", "x_only.npz", "odd.npz",
+        "text.npy", "truncated.npz", "corrupt.onnx", "full",
+    )}  # fmt: skip
+    np.save(paths["x.npy"], x)
+    np.save(paths["y.npy"], y)
+    np.save(paths["y_short.npy"], y[:-1])
+    np.savez(paths["xy.npz"], x=x, y=y)
+    np.savez(paths["named.npz"], input=x, y=y)
+    np.savez(paths["x_only.npz"], x=x)
+    np.savez(paths["odd.npz"], a=x, b=y)
+    paths["text.npy"].write_text("not a numpy file\n")
+    paths["truncated.npz"].write_bytes(paths["xy.npz"].read_bytes()[:5000])
+    paths["corrupt.onnx"].write_bytes(demo.model_path().read_bytes()[:3000])
+    paths["full"].mkdir()
+    (paths["full"] / "keep.txt").write_text("keep")
+    paths["model"] = demo.model_path()
+    return paths
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    """The probe rows of a printed table, keyed by probe name."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["probe", "node"])
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _figure(out: str, label: str) -> str | None:
+    for line in out.splitlines():
+        if line.startswith(label):
+            return line.split()[-1]
+    return None
+
+
+def _assert_table_matches(out: str, expected: dict, with_accuracy: bool = True) -> None:
+    rows = _table_rows(out)
+    assert list(rows) == PROBES
+    for row, layer in zip(rows.values(), expected["layers"]):
+        assert row == [
+            layer["node"], str(layer["neurons"]), str(layer["states"]), str(layer["distinct_states"]),
+            f"{layer['entropy']:.4f}", f"{layer['efficiency']:.4f}",
+        ]  # fmt: skip
+    assert _figure(out, "network efficiency:") == f"{expected['net']:.4f}"
+    if with_accuracy:
+        assert _figure(out, "accuracy:") == f"{expected['accuracy']:.4f}"
+        assert _figure(out, "aIQ (weight 2):") == f"{expected['aiq']:.4f}"
+    else:
+        assert "accuracy" not in out and "aIQ" not in out
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- analyze
+
+
+def test_analyze_without_a_model_runs_the_demo(capsys, expected):
+    code, out, err = _main(capsys, "analyze")
+    assert code == 0, err
+    assert out.startswith("model: bundled demo (lenet5_digits.onnx, LeNet-5 on held-out scikit-learn digits)\n")
+    assert 0.9 < expected["accuracy"] <= 1
+    _assert_table_matches(out, expected)
+
+
+def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = {kind: tmp_path / f"report.{kind}" for kind in ("json", "csv", "png")}
+    code, out, err = _main(capsys, "analyze", "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    assert code == 0, err
+    data = json.loads(paths["json"].read_text())
+    assert [layer["name"] for layer in data["layers"]] == PROBES
+    for got, want in zip(data["layers"], expected["layers"]):
+        assert got["node"] == want["node"]
+        assert [got[k] for k in ("neurons", "states", "distinct_states")] == [want[k] for k in ("neurons", "states", "distinct_states")]
+        assert [got["entropy"], got["efficiency"]] == pytest.approx([want["entropy"], want["efficiency"]], rel=1e-12)
+    assert data["network_efficiency"] == pytest.approx(expected["net"], rel=1e-12)
+    assert data["accuracy"] == expected["accuracy"]
+    assert data["aiq"] == pytest.approx(expected["aiq"], rel=1e-12)
+    assert data["aiq_weight"] == 2
+    with open(paths["csv"], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["name"] for row in rows] == PROBES
+    for row, layer in zip(rows, data["layers"]):
+        assert row["node"] == layer["node"]
+        for key in ("neurons", "states", "distinct_states"):
+            assert int(row[key]) == layer[key]
+        for key in ("entropy", "efficiency"):
+            assert float(row[key]) == layer[key]
+        assert float(row["network_efficiency"]) == data["network_efficiency"]
+        assert float(row["accuracy"]) == data["accuracy"]
+        assert float(row["aiq"]) == data["aiq"]
+    for name, cells in _table_rows(out).items():
+        layer = next(layer for layer in data["layers"] if layer["name"] == name)
+        assert cells[-1] == f"{layer['efficiency']:.4f}"
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "data_args, with_accuracy",
+    [
+        (("--data", "x.npy", "--labels", "y.npy"), True),
+        (("--data", "xy.npz"), True),
+        (("--data", "named.npz"), True),
+        (("--data", "x_only.npz", "--labels", "y.npy"), True),
+        (("--data", "x.npy"), False),
+        (("--data", "x_only.npz"), False),
+    ],
+    ids=["npy+labels", "npz x/y", "npz input-name/y", "npz x+labels", "npy no labels", "npz x only"],
+)
+def test_analyze_data_files(capsys, expected, files, data_args, with_accuracy):
+    args = [files.get(arg, arg) for arg in data_args]
+    code, out, err = _main(capsys, "analyze", files["model"], *args, "--batch-size", "100")
+    assert code == 0, err
+    assert not out.startswith("model: bundled demo")
+    _assert_table_matches(out, expected, with_accuracy)
+
+
+def test_analyze_options(capsys, expected, files, tmp_path):
+    store = tmp_path / "states"
+    code, out, err = _main(
+        capsys, "analyze", "--attach-to", "Conv", "--exclude", "conv2", "--method", "both",
+        "--pack-in-graph", "--storage", store, "--provider", "cpu", "--aiq-weight", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = _table_rows(out)
+    assert list(rows) == ["conv1:before", "conv1:after", "conv3:before", "conv3:after"]
+    assert rows["conv1:after"][-1] == f"{expected['layers'][0]['efficiency']:.4f}"
+    assert rows["conv3:after"][-1] == f"{expected['layers'][2]['efficiency']:.4f}"
+    assert sorted(p.name for p in store.iterdir()) == ["conv1_after", "conv1_before", "conv3_after", "conv3_before"]
+    assert _figure(out, "aIQ (weight 3):") is not None
+
+
+def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
+    code, out, err = _main(capsys, "inspect", files["model"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"model: {files['model']}  (opset ai.onnx 17)"
+    assert lines[1:5] == ["inputs:", "  input  float[N, 1, 28, 28]", "outputs:", "  logits  float[N, 10]"]
+    ops = lines[lines.index("op types:") + 1 : lines.index("op types:") + 7]
+    assert {op.split()[0]: int(op.split()[1]) for op in ops} == {
+        "BatchNormalization": 3, "Conv": 3, "Elu": 3, "MaxPool": 2, "Flatten": 1, "Gemm": 1,
+    }  # fmt: skip
+    assert "  /conv1/Conv  Conv  [conv1]  (None, 20, 24, 24)" in lines
+    assert "  /dense/Gemm  Gemm  [dense]  (None, 10)" in lines
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze", "missing.onnx", "--data", "x.npy"], "ONNX model file missing.onnx does not exist"),
+        (["analyze", "corrupt.onnx", "--data", "x.npy"], "could not be parsed as an ONNX model"),
+        (["inspect", "corrupt.onnx"], "could not be parsed as an ONNX model"),
+        (["analyze", "--attach-to", "LSTM"], r"attach_to \['LSTM'\] matched no op type.*Op types present: "),
+        (["analyze", "model", "--data", "text.npy"], "data file .*text.npy is not a readable .npy/.npz file"),
+        (["analyze", "model", "--data", "truncated.npz"], "data file .*truncated.npz is not a readable .npy/.npz file"),
+        (["analyze", "model", "--data", "missing.npy"], "data file missing.npy does not exist"),
+        (["analyze", "model", "--data", "odd.npz"], r"holds arrays \['a', 'b'\]; name them like the model inputs"),
+        (["analyze", "model", "--data", "x.npy", "--labels", "y_short.npy"], "got 359 labels for 360 samples"),
+        (["analyze", "model", "--data", "x.npy", "--labels", "xy.npz"], "--labels takes a .npy file"),
+        (["analyze", "--batch-size", "0"], "batch_size must be a positive int, got 0"),
+        (["analyze", "--storage", "full"], "storage path .*full already exists and is not empty"),
+        (["analyze", "--provider", "tpu"], "unknown provider 'tpu'"),
+        (["analyze", "model"], "--data is required when a model is given"),
+        (["analyze", "--aiq-weight", "0"], "aIQ weight must be an int >= 1, got 0"),
+    ],
+    ids=[
+        "missing model", "corrupt model", "inspect corrupt model", "attach-to nothing", "text data file",
+        "truncated npz", "missing data file", "npz without known names", "labels mismatch",
+        "npz labels", "batch size 0", "existing storage", "unknown provider", "model without data",
+        "aiq weight 0",
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
+    argv = [str(files[arg]) if arg in files else arg for arg in argv]
+    code, out, err = _main(capsys, *argv)
+    assert code == cli.EXIT_BAD_INPUT == 2
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("tensorstate-onnx: error: ")
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in files["full"].iterdir()) == ["keep.txt"]
+
+
+def test_unparsable_arguments_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["analyze", "--batch-size", "many"])
+    assert exit_info.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_internal_error_exits_1_with_traceback(capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug in the report")
+
+    monkeypatch.setattr(report, "summarize", broken)
+    code, out, err = _main(capsys, "analyze")
+    assert code == cli.EXIT_INTERNAL == 1
+    assert "Traceback (most recent call last)" in err
+    assert "RuntimeError: simulated bug in the report" in err
+    assert err.rstrip().endswith("internal error (please report it with the traceback above)")
+
+
+# ---------------------------------------------------------------- console script
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).with_name("tensorstate-onnx")
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    return script
+
+
+def test_console_script_analyze(expected, tmp_path):
+    result = subprocess.run(
+        [str(_console_script()), "analyze", "--provider", "cpu"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _assert_table_matches(result.stdout, expected)
+
+
+def test_console_script_bad_input(tmp_path):
+    result = subprocess.run(
+        [str(_console_script()), "analyze", "missing.onnx", "--data", "x.npy"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "tensorstate-onnx: error: ONNX model file missing.onnx does not exist; check the path\n"

@@ -1,0 +1,156 @@
+"""Tests of the analysis report (table, JSON, CSV, plot) on a model whose states are
+known by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tensorstate_onnx import OnnxEfficiencyModel, aIQ
+from tensorstate_onnx.report import AnalysisReport, LayerSummary, summarize
+
+# Relu fires where x > 0: 1001 x4, 0100 x2, 0000, 1111 -> H = 1.75 bits of 4.
+# Neg fires where x < 0:  0100 x4, 1000 x2, 0000 x2   -> H = 1.5 bits of 4.
+X = np.array(
+    [[1, -1, 0, 2]] * 4 + [[-1, 1, 0, 0]] * 2 + [[0, 0, 0, 0], [3, 3, 3, 3]],
+    dtype=np.float32,
+)
+# argmax of relu(X) per row is 3, 3, 3, 3, 1, 1, 0, 0: seven of these labels match.
+Y = np.array([3, 3, 3, 3, 1, 1, 0, 1])
+RELU_EFF = 1.75 / 4
+NEG_EFF = 1.5 / 4
+NET = math.sqrt(RELU_EFF * NEG_EFF)
+ACCURACY = 7 / 8
+AIQ = (NET * ACCURACY**2) ** (1 / 3)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Neg", ["x"], ["n"], name="neg")],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4]) for name in ("r", "n")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def report(tiny) -> AnalysisReport:
+    model = OnnxEfficiencyModel(tiny, ["Relu", "Neg"], providers="cpu")
+    accuracy = model.evaluate(X, Y, batch_size=3, progress=False)
+    assert accuracy == ACCURACY
+    return summarize(model, accuracy, aiq_weight=2)
+
+
+def test_summary_values(report):
+    assert report.layers == [
+        LayerSummary("relu:after", "relu", 4, 8, 4, pytest.approx(1.75), pytest.approx(RELU_EFF)),
+        LayerSummary("neg:after", "neg", 4, 8, 3, pytest.approx(1.5), pytest.approx(NEG_EFF)),
+    ]
+    assert report.network_efficiency == pytest.approx(NET)
+    assert report.accuracy == ACCURACY
+    assert report.aiq == pytest.approx(AIQ) == aIQ(NET, ACCURACY, 2)
+    assert report.aiq_weight == 2
+
+
+def test_table(report):
+    lines = report.table().splitlines()
+    assert lines[0].split() == ["probe", "node", "neurons", "states", "distinct", "entropy", "efficiency"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].split() == ["relu:after", "relu", "4", "8", "4", "1.7500", "0.4375"]
+    assert lines[3].split() == ["neg:after", "neg", "4", "8", "3", "1.5000", "0.3750"]
+    assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
+    assert lines[4] == ""
+    assert lines[5] == f"network efficiency: {NET:.4f}"
+    assert lines[6] == f"accuracy:           {ACCURACY:.4f}"
+    assert lines[7] == f"aIQ (weight 2):     {AIQ:.4f}"
+    assert len(lines) == 8
+
+
+def test_json(report, tmp_path):
+    path = tmp_path / "report.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    assert set(data) == {"layers", "network_efficiency", "accuracy", "aiq", "aiq_weight", "extra"}
+    assert [layer["name"] for layer in data["layers"]] == ["relu:after", "neg:after"]
+    assert data["layers"][0] == {
+        "name": "relu:after", "node": "relu", "neurons": 4, "states": 8, "distinct_states": 4,
+        "entropy": pytest.approx(1.75), "efficiency": pytest.approx(RELU_EFF),
+    }  # fmt: skip
+    assert data["layers"][1]["efficiency"] == pytest.approx(NEG_EFF)
+    assert data["network_efficiency"] == pytest.approx(NET)
+    assert data["accuracy"] == ACCURACY
+    assert data["aiq"] == pytest.approx(AIQ)
+    assert data["aiq_weight"] == 2
+    assert path.read_text().endswith("}\n")
+
+
+def test_csv(report, tmp_path):
+    path = tmp_path / "report.csv"
+    report.write_csv(path)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [
+        "name", "node", "neurons", "states", "distinct_states", "entropy", "efficiency",
+        "network_efficiency", "accuracy", "aiq",
+    ]  # fmt: skip
+    assert [(r["name"], r["node"], int(r["neurons"]), int(r["states"]), int(r["distinct_states"])) for r in rows] == [
+        ("relu:after", "relu", 4, 8, 4),
+        ("neg:after", "neg", 4, 8, 3),
+    ]
+    assert [float(r["efficiency"]) for r in rows] == pytest.approx([RELU_EFF, NEG_EFF])
+    assert [float(r["entropy"]) for r in rows] == pytest.approx([1.75, 1.5])
+    for row in rows:
+        assert float(row["network_efficiency"]) == pytest.approx(NET)
+        assert float(row["accuracy"]) == ACCURACY
+        assert float(row["aiq"]) == pytest.approx(AIQ)
+
+
+def test_report_without_accuracy(tiny, tmp_path):
+    model = OnnxEfficiencyModel(tiny, "Relu", providers="cpu")
+    model.predict(X, progress=False)
+    report = summarize(model)
+    assert report.accuracy is None and report.aiq is None and report.aiq_weight is None
+    table = report.table()
+    assert "accuracy" not in table and "aIQ" not in table
+    assert table.splitlines()[-1] == f"network efficiency: {RELU_EFF:.4f}"
+    report.write_json(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["accuracy"] is None and data["aiq"] is None
+    report.write_csv(tmp_path / "r.csv")
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["accuracy"] == "" and row["aiq"] == ""
+    assert float(row["network_efficiency"]) == pytest.approx(RELU_EFF)
+
+
+def test_a_probe_with_a_single_state_zeroes_the_network_efficiency(tiny):
+    model = OnnxEfficiencyModel(tiny, ["Relu", "Neg"], providers="cpu")
+    model.evaluate(np.ones((5, 4), np.float32), np.zeros(5, np.int64), progress=False)
+    report = summarize(model, 1.0, aiq_weight=1)
+    assert [layer.distinct_states for layer in report.layers] == [1, 1]
+    assert [layer.efficiency for layer in report.layers] == [0.0, 0.0]
+    assert report.network_efficiency == 0.0 and report.aiq == 0.0
+    assert "aIQ (weight 1):     0.0000" in report.table()
+
+
+def test_bad_aiq_weight(tiny):
+    model = OnnxEfficiencyModel(tiny, "Relu", providers="cpu")
+    model.predict(X, progress=False)
+    with pytest.raises(ValueError, match="aIQ weight must be an int >= 1, got 0"):
+        summarize(model, 0.5, aiq_weight=0)
+
+
+def test_plot_writes_a_png(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "efficiency.png"
+    report.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 1000

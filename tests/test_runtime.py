@@ -1,0 +1,453 @@
+"""Tests of the onnxruntime runner ``OnnxEfficiencyModel``.
+
+Every count is checked against an independent reference: a plain onnxruntime
+session of a copy of the model whose probed tensors were appended as graph
+outputs by hand (``onnx.helper``, not :mod:`tensorstate_onnx.graph`), quantized
+and packed with numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from tensorstate_onnx import OnnxEfficiencyModel, demo
+from tensorstate_onnx.errors import (
+    ModelFileError,
+    NoStatesError,
+    ProbeMatchError,
+    ProviderError,
+    StorageExistsError,
+)
+from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+from tensorstate_onnx.store import StateStore
+
+LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+MOBILENET_SAMPLES = 12
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _plain_session(model: onnx.ModelProto, optimization: str, extra_outputs=()) -> ort.InferenceSession:
+    """A CPU session of a copy of ``model`` with ``extra_outputs`` appended as graph outputs."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for name in extra_outputs:
+        copy.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[optimization]
+    return ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run_plain(session: ort.InferenceSession, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+    """Every output of ``session`` over ``x``, run in batches of ``batch_size`` and joined."""
+    size = batch_size or len(x)
+    name = session.get_inputs()[0].name
+    runs = [session.run(None, {name: x[i : i + size]}) for i in range(0, len(x), size)]
+    return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
+
+
+def _reference_rows(tensor: np.ndarray) -> np.ndarray:
+    """Packed states of an NCHW (or NC) tensor: channels on axis 1."""
+    c = tensor.shape[1]
+    return np.packbits(np.moveaxis(tensor, 1, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
+
+
+def _reference_counts(tensor: np.ndarray) -> dict[bytes, int]:
+    ids, counts = np.unique(_reference_rows(tensor), axis=0, return_counts=True)
+    return {row.tobytes(): int(n) for row, n in zip(ids, counts)}
+
+
+def _counts(capture, index=None) -> dict[bytes, int]:
+    return dict(zip(capture.state_ids(index), capture.counts(index).tolist()))
+
+
+def _conv_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of the model's Conv nodes, read straight from the graph."""
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    return [node.input[0] for node in convs], [node.output[0] for node in convs]
+
+
+def _reference_tensors(model, x, optimization, names, batch_size=None) -> dict[str, np.ndarray]:
+    """Values of ``names`` (graph inputs are taken from ``x``) under plain onnxruntime."""
+    inputs = {value.name for value in model.graph.input}
+    computed = [name for name in names if name not in inputs]
+    values = _run_plain(_plain_session(model, optimization, computed), x, batch_size)
+    n_out = len(model.graph.output)
+    found = dict(zip(computed, values[n_out:]))
+    return {name: x if name in inputs else found[name] for name in names}
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> onnx.ModelProto:
+    return onnx.load(str(demo.model_path()))
+
+
+@pytest.fixture(scope="module")
+def demo_data() -> tuple[np.ndarray, np.ndarray]:
+    return demo.load_test_data()
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> onnx.ModelProto:
+    return mobilenet_v2_small_onnx()
+
+
+@pytest.fixture(scope="module")
+def mobile_x() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((MOBILENET_SAMPLES, 3, 96, 96)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def networks(demo_model, demo_data, mobilenet, mobile_x):
+    """name -> (model, inputs, batch size)."""
+    return {"demo": (demo_model, demo_data[0], 64), "mobilenet": (mobilenet, mobile_x, 5)}
+
+
+def _build(model, **options) -> OnnxEfficiencyModel:
+    options.setdefault("providers", "cpu")
+    return OnnxEfficiencyModel(model, options.pop("attach_to", "Conv"), **options)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("pack_in_graph", [False, True], ids=["host-pack", "graph-pack"])
+@pytest.mark.parametrize("optimization", ["all", "disable"])
+@pytest.mark.parametrize("network", ["demo", "mobilenet"])
+def test_predict_outputs_are_bit_identical_to_plain_onnxruntime(networks, network, optimization, pack_in_graph):
+    model, x, batch = networks[network]
+    probed = _build(model, optimization=optimization, pack_in_graph=pack_in_graph)
+    got = probed.predict(x, batch_size=batch, progress=False)
+    (expected,) = _run_plain(_plain_session(model, optimization), x, batch)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+    assert len(probed.efficiency_layers) == len(_conv_tensors(model)[1])
+
+
+# ---------------------------------------------------------------- counts
+
+
+def _assert_counts_match_reference(probed, reference):
+    """Counts, N*H*W states and C neurons of every probe, as in the reference tensors."""
+    for probe, capture in zip(probed.probes, probed.efficiency_layers):
+        tensor = reference[probe.tensor_name]
+        assert _counts(capture) == _reference_counts(tensor), probe.name
+        n, c, *spatial = tensor.shape
+        assert capture.state_count == n * math.prod(spatial)
+        assert capture.states_per_instance == math.prod(spatial)
+        assert capture.max_entropy() == c
+
+
+@pytest.mark.parametrize(
+    "network, optimization",
+    [("demo", "all"), ("demo", "disable"), ("mobilenet", "disable")],
+)
+def test_counts_equal_reference_with_host_and_graph_packing(networks, network, optimization):
+    model, x, batch = networks[network]
+    _, outputs = _conv_tensors(model)
+    reference = _reference_tensors(model, x, optimization, outputs, batch)
+    for pack_in_graph in (False, True):
+        probed = _build(model, optimization=optimization, pack_in_graph=pack_in_graph)
+        probed.predict(x, batch_size=batch, progress=False)
+        assert sorted(p.tensor_name for p in probed.probes) == sorted(outputs)
+        assert all(p.packed_in_graph is pack_in_graph for p in probed.probes)
+        _assert_counts_match_reference(probed, reference)
+
+
+def test_mobilenet_counts_at_full_optimization(mobilenet, mobile_x):
+    """At level "all" the probed model still lets onnxruntime fuse Conv+BN+Clip on the
+    main path (the probe reads an unfused duplicate of each Conv), while the hand-made
+    reference blocks those fusions by exposing every Conv output. Upstream values
+    therefore differ in the last float bits, which can flip a handful of near-zero
+    neurons: totals are exact, the distributions agree to within 0.1% of the states.
+    Host and in-graph packing see the same tensors and agree exactly."""
+    _, outputs = _conv_tensors(mobilenet)
+    reference = _reference_tensors(mobilenet, mobile_x, "all", outputs, 4)
+    host = _build(mobilenet, optimization="all")
+    graph = _build(mobilenet, optimization="all", pack_in_graph=True)
+    host.predict(mobile_x, batch_size=4, progress=False)
+    graph.predict(mobile_x, batch_size=4, progress=False)
+    for probe, capture, packed in zip(host.probes, host.efficiency_layers, graph.efficiency_layers):
+        tensor = reference[probe.tensor_name]
+        n, _, h, w = tensor.shape
+        assert capture.state_count == packed.state_count == n * h * w
+        got = collections.Counter(_counts(capture))
+        want = collections.Counter(_reference_counts(tensor))
+        differing = sum(((got - want) + (want - got)).values())
+        assert differing <= 0.001 * capture.state_count, probe.name
+        assert _counts(packed) == dict(got), probe.name
+
+
+def test_method_both_probes_conv_inputs_and_outputs(demo_model, demo_data):
+    x = demo_data[0][:100]
+    inputs, outputs = _conv_tensors(demo_model)
+    probed = _build(demo_model, method="both")
+    probed.predict(x, batch_size=32, progress=False)
+    names = [p.name for p in probed.probes]
+    assert names == ["conv1:before", "conv1:after", "conv2:before", "conv2:after", "conv3:before", "conv3:after"]
+    assert [p.tensor_name for p in probed.probes] == [t for pair in zip(inputs, outputs) for t in pair]
+    assert [p.method for p in probed.probes] == ["before", "after"] * 3
+    reference = _reference_tensors(demo_model, x, "all", inputs + outputs)
+    _assert_counts_match_reference(probed, reference)
+    # the first "before" probe watches the model input itself: one neuron per pixel
+    assert probed.efficiency_layers[0].state_count == x.size
+
+
+@pytest.mark.parametrize("network, sizes", [("demo", (1, 7, 64, None)), ("mobilenet", (1, 7, None))])
+def test_results_do_not_depend_on_batch_size(networks, network, sizes):
+    model, x, _ = networks[network]
+    results = []
+    for size in sizes:
+        probed = _build(model)
+        out = probed.predict(x, batch_size=size, progress=False)
+        results.append((out, [_counts(c) for c in probed.efficiency_layers], [c.state_count for c in probed.efficiency_layers]))
+    first = results[0]
+    for out, counts, totals in results[1:]:
+        assert np.array_equal(out, first[0])
+        assert counts == first[1]
+        assert totals == first[2]
+
+
+def test_overlapped_predict_equals_run_batch_by_batch(demo_model, demo_data, tmp_path):
+    x = demo_data[0]
+    streamed = _build(demo_model, storage_path=tmp_path / "streamed")
+    stepped = _build(demo_model, storage_path=tmp_path / "stepped")
+    out = streamed.predict(iter([x[i : i + 40] for i in range(0, len(x), 40)]), progress=False)
+    stepped_out = np.concatenate([stepped.run(x[i : i + 40])[0] for i in range(0, len(x), 40)])
+    assert np.array_equal(out, stepped_out)
+    for a, b in zip(streamed.efficiency_layers, stepped.efficiency_layers):
+        assert a.state_count == b.state_count
+        assert _counts(a) == _counts(b)
+        assert np.array_equal(a.states[:], b.states[:])
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_storage_keeps_raw_states_in_order_and_reopens(demo_model, demo_data, tmp_path):
+    x = demo_data[0][:50]
+    root = tmp_path / "states"
+    probed = _build(demo_model, storage_path=root)
+    probed.predict(x, batch_size=16, progress=False)
+    reference = _reference_tensors(demo_model, x, "all", _conv_tensors(demo_model)[1])
+    assert sorted(p.name for p in root.iterdir()) == ["conv1_after", "conv2_after", "conv3_after"]
+    for probe, capture in zip(probed.probes, probed.efficiency_layers):
+        tensor = reference[probe.tensor_name]
+        rows = _reference_rows(tensor)
+        assert np.array_equal(capture.states[:], rows)
+        store = StateStore.open(root / probe.name.replace(":", "_"))
+        assert np.array_equal(store.array[:], rows)
+        meta = store.metadata
+        assert meta["name"] == probe.name
+        assert meta["node"] == probe.node_name == f"/{probe.label}/Conv"
+        assert meta["method"] == "after"
+        assert meta["op_type"] == "Conv"
+        assert meta["n_neurons"] == tensor.shape[1]
+        assert meta["channel_axis"] == 1
+        for index in ([0], [3, 17, 49], [-1], np.arange(50)):
+            picked = tensor[np.asarray(index)]
+            assert _counts(capture, index) == _reference_counts(picked)
+
+
+def test_without_storage_instance_counts_and_states_need_storage(demo_model, demo_data):
+    probed = _build(demo_model)
+    capture = probed.efficiency_layers[0]
+    with pytest.raises(NoStatesError, match="recorded no states yet; run data"):
+        capture.counts()
+    probed.predict(demo_data[0][:20], progress=False)
+    with pytest.raises(NoStatesError, match=r"counts\(index=\.\.\.\) needs the raw states.*pass a storage path"):
+        capture.counts(index=[0])
+    with pytest.raises(NoStatesError, match="states needs the raw states.*pass a storage path"):
+        capture.states  # noqa: B018
+
+
+def test_keep_states_without_storage_path(demo_model, demo_data):
+    x = demo_data[0][:30]
+    probed = _build(demo_model, keep_states=True)
+    probed.predict(x, batch_size=8, progress=False)
+    reference = _reference_tensors(demo_model, x, "all", _conv_tensors(demo_model)[1])
+    capture = probed.efficiency_layers[1]
+    tensor = reference[probed.probes[1].tensor_name]
+    assert np.array_equal(capture.states[:], _reference_rows(tensor))
+    assert _counts(capture, [2, 29]) == _reference_counts(tensor[[2, 29]])
+
+
+def test_reset_states_zeroes_counts_and_starts_over(demo_model, demo_data, tmp_path):
+    x = demo_data[0]
+    probed = _build(demo_model, storage_path=tmp_path / "s")
+    probed.predict(x[:100], progress=False)
+    assert all(c.state_count > 0 for c in probed.efficiency_layers)
+    probed.reset_states()
+    assert [c.state_count for c in probed.efficiency_layers] == [0, 0, 0]
+    with pytest.raises(NoStatesError, match="recorded no states"):
+        probed.efficiency_layers[0].counts()
+    probed.predict(x[100:150], progress=False)
+    fresh = _build(demo_model)
+    fresh.predict(x[100:150], progress=False)
+    for a, b in zip(probed.efficiency_layers, fresh.efficiency_layers):
+        assert _counts(a) == _counts(b)
+        assert a.states.shape[0] == b.state_count
+
+
+def test_evaluate_accuracy_equals_plain_argmax(demo_model, demo_data):
+    x, y = demo_data
+    (logits,) = _run_plain(_plain_session(demo_model, "all"), x)
+    expected = float(np.mean(logits.argmax(axis=1) == y))
+    assert 0.9 < expected <= 1.0
+    probed = _build(demo_model)
+    assert probed.evaluate(x, y, batch_size=50, progress=False) == expected
+    probed.reset_states()
+    assert probed.evaluate((x, y), batch_size=50, progress=False) == expected
+    probed.reset_states()
+    one_hot = np.eye(10, dtype=np.float32)[y]
+    assert probed.evaluate(x, one_hot, batch_size=50, progress=False) == expected
+
+
+def test_nan_and_infinite_inputs_follow_the_quantization_rule(demo_model):
+    """NaN, 0, -0.0 and negatives do not fire; +inf and tiny positives do."""
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1.0, 1.0], dtype=np.float32)
+    rng = np.random.default_rng(3)
+    x = rng.choice(specials, size=(6, 1, 28, 28)).astype(np.float32)
+    probed = _build(demo_model, method="both")
+    out = probed.predict(x, progress=False)
+    (expected_out,) = _run_plain(_plain_session(demo_model, "all"), x)
+    np.testing.assert_array_equal(out, expected_out)  # NaN-aware
+    seen = probed.efficiency_layers[0]  # conv1:before, the input itself
+    fired = int(np.count_nonzero(np.isin(x, specials[[1, 5, 7]])))  # +inf, 1e-45, 1.0
+    assert _counts(seen) == {b"\x01": fired, b"\x00": x.size - fired}
+    inputs, outputs = _conv_tensors(demo_model)
+    reference = _reference_tensors(demo_model, x, "all", inputs + outputs)
+    assert any(np.isnan(reference[t]).any() for t in outputs)
+    _assert_counts_match_reference(probed, reference)
+
+
+def test_all_nan_input_gives_only_the_silent_state(demo_model):
+    x = np.full((3, 1, 28, 28), np.nan, dtype=np.float32)
+    probed = _build(demo_model)
+    probed.predict(x, progress=False)
+    conv1 = probed.efficiency_layers[0]
+    assert _counts(conv1) == {bytes(3): 3 * 24 * 24}
+    assert conv1.entropy() == 0.0 and conv1.efficiency() == 0.0
+
+
+def test_model_file_is_not_changed_and_probes_are_described(demo_model):
+    before = demo_model.SerializeToString()
+    probed = _build(demo_model)
+    assert demo_model.SerializeToString() == before
+    assert probed.output_names == ["logits"]
+    assert [i.name for i in probed.inputs] == ["input"]
+    assert probed.providers == ["CPUExecutionProvider"]
+    assert "conv1:after" in repr(probed)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def broken_files(tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not an ONNX model, just some words\n")
+    truncated = tmp_path / "truncated.onnx"
+    data = demo.model_path().read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    return {"missing": tmp_path / "nope.onnx", "directory": tmp_path, "text": text, "truncated": truncated}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist; check the path"),
+        ("directory", "is a directory, not an ONNX file"),
+        ("text", "could not be parsed as an ONNX model"),
+        ("truncated", "could not be parsed as an ONNX model"),
+    ],
+)
+def test_unreadable_model_files_raise_model_file_error(broken_files, case, message):
+    with pytest.raises(ModelFileError, match=message):
+        OnnxEfficiencyModel(broken_files[case], "Conv", providers="cpu")
+    with pytest.raises(ModelFileError, match=message):
+        OnnxEfficiencyModel(str(broken_files[case]), "Conv", providers="cpu")
+
+
+def test_attach_to_matching_nothing_lists_op_types(demo_model):
+    with pytest.raises(ProbeMatchError, match=r"matched no op type.*Op types present: BatchNormalization, Conv, Elu, Flatten, Gemm, MaxPool"):
+        _build(demo_model, attach_to="LSTM")
+
+
+def test_unknown_exclude_name_warns_and_keeps_probes(demo_model):
+    with pytest.warns(UserWarning, match="exclude entry 'no_such_layer' matched nothing"):
+        probed = _build(demo_model, exclude=["no_such_layer"])
+    assert [p.name for p in probed.probes] == ["conv1:after", "conv2:after", "conv3:after"]
+
+
+def test_existing_storage_is_refused_and_left_untouched(demo_model, tmp_path):
+    root = tmp_path / "taken"
+    root.mkdir()
+    (root / "keep.txt").write_text("precious")
+    (root / "conv1_after").mkdir()
+    (root / "conv1_after" / "data").write_bytes(b"\x00\x01")
+    with pytest.raises(StorageExistsError, match="already exists and is not empty.*overwrite=True"):
+        _build(demo_model, storage_path=root)
+    assert sorted(p.name for p in root.rglob("*")) == ["conv1_after", "data", "keep.txt"]
+    assert (root / "keep.txt").read_text() == "precious"
+    assert (root / "conv1_after" / "data").read_bytes() == b"\x00\x01"
+
+
+def test_storage_path_that_is_a_file_is_refused(demo_model, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(StorageExistsError, match="already exists"):
+        _build(demo_model, storage_path=path)
+    assert path.read_text() == "x"
+
+
+def test_empty_existing_storage_directory_is_used(demo_model, demo_data, tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    probed = _build(demo_model, storage_path=root)
+    probed.predict(demo_data[0][:4], progress=False)
+    assert probed.efficiency_layers[0].states.shape == (4 * 24 * 24, 3)
+
+
+def test_unknown_provider(demo_model):
+    with pytest.raises(ProviderError, match=r"unknown provider 'tpu'.*'auto', 'cpu', 'cuda'"):
+        _build(demo_model, providers="tpu")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available")
+def test_cuda_provider_when_unavailable(demo_model):
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider not available.*onnxruntime-gpu"):
+        _build(demo_model, providers="cuda")
+
+
+def test_unknown_optimization_level(demo_model):
+    with pytest.raises(ValueError, match="unknown optimization level 'max'; use one of disable, basic, extended, all"):
+        _build(demo_model, optimization="max")
+
+
+def test_unknown_method(demo_model):
+    with pytest.raises(ValueError, match="method must be one of before, after, both; got 'sideways'"):
+        _build(demo_model, method="sideways")
+
+
+def test_progress_bar_does_not_change_results(demo_model, demo_data, capsys):
+    x = demo_data[0][:64]
+    quiet, shown = _build(demo_model), _build(demo_model)
+    out = quiet.predict(x, batch_size=16, progress=False)
+    assert np.array_equal(shown.predict(x, batch_size=16, progress=True), out)
+    assert [_counts(c) for c in shown.efficiency_layers] == [_counts(c) for c in quiet.efficiency_layers]
+    assert "analyzing" in capsys.readouterr().err
