@@ -1,0 +1,425 @@
+"""Keras 3 front end: the ``StateCapture`` layer and the model rebuild.
+
+:class:`StateCapture` is an identity layer that records the firing states of
+the tensor passing through it. With the TensorFlow backend it records in eager
+calls and inside the compiled ``tf.function`` of ``model.predict`` /
+``model.evaluate`` / ``model.fit`` alike: the recording is a host callback
+(``tf.numpy_function``) whose token the output depends on, so the model keeps
+running as a graph (no ``run_eagerly``); only XLA is switched off for models
+that contain the layer (``supports_jit = False``). With the torch or numpy
+backends the layer sees concrete tensors and records them directly; with JAX
+it uses ``jax.debug.callback``.
+
+:func:`build_keras_efficiency_model` returns a new model with StateCapture
+layers before/after the chosen layers; the layers (and so the weights) are
+those of the given model, which is left as it was.
+
+This module imports keras; ``import tensorstate_onnx`` never imports it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import threading
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .capture import AbstractStateCapture
+from .errors import ProbeMatchError
+
+__all__ = ["StateCapture", "build_keras_efficiency_model"]
+
+_METHODS = ("before", "after", "both")
+_TRACING = threading.local()  # set while a converter traces a model for export
+_NUMPY_DTYPES = (np.float16, np.float32, np.float64, np.bool_)
+
+
+class _RecordLock:
+    """A mutex that is falsy.
+
+    Keras layers keep a boolean ``_lock`` attribute (checked with
+    ``getattr(self, "_lock", True)`` to detect a missing ``super().__init__()``)
+    and :class:`AbstractStateCapture` keeps its recording mutex under the same
+    name; a falsy mutex satisfies both.
+    """
+
+    __slots__ = ("_mutex",)
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __enter__(self):
+        return self._mutex.__enter__()
+
+    def __exit__(self, *exc):
+        return self._mutex.__exit__(*exc)
+
+    def acquire(self, *args, **kwargs) -> bool:
+        return self._mutex.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self._mutex.release()
+
+
+def _as_numpy(value) -> np.ndarray:
+    """A numpy array the engine accepts (float16/32/64 or bool) for any backend value."""
+    array = value if isinstance(value, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(value))
+    if array.dtype.type not in _NUMPY_DTYPES:  # bfloat16, integers: the firing pattern only
+        with np.errstate(invalid="ignore"):
+            array = np.asarray(array > 0)
+    return array
+
+
+@keras.saving.register_keras_serializable(package="tensorstate_onnx")
+class StateCapture(keras.layers.Layer, AbstractStateCapture):
+    """Keras layer that records neuron states and returns its input unchanged.
+
+    Args:
+        name: the layer's (and capture's) name, unique within the model.
+        disk_path: directory of a zarr store for the raw states, or ``None``.
+        keep_states: keep raw states in memory when there is no ``disk_path``.
+        overwrite: replace an existing store at ``disk_path``.
+        metadata: extra facts stored with the states.
+        channel_axis: the neuron axis; Keras is channels-last, so ``-1``.
+        label: the name of the probed layer (defaults to ``name``).
+        method: ``"before"`` or ``"after"`` the probed layer (informative).
+        **kwargs: passed to ``keras.layers.Layer`` (``dtype``, ``trainable``).
+
+    Works in eager calls, ``model.predict``/``evaluate``/``fit`` (graph mode,
+    no XLA) with float16, bfloat16, float32 and float64 tensors.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        disk_path: str | os.PathLike | None = None,
+        keep_states: bool = True,
+        overwrite: bool = False,
+        metadata: dict | None = None,
+        channel_axis: int = -1,
+        label: str | None = None,
+        method: str = "after",
+        **kwargs,
+    ):
+        kwargs.setdefault("autocast", False)  # an identity must not cast its input
+        keras.layers.Layer.__init__(self, name=name, **kwargs)
+        meta = {"method": method, "framework": "keras", "label": label or name, **(metadata or {})}
+        AbstractStateCapture.__init__(self, name, disk_path, keep_states, overwrite, meta)
+        self._lock = _RecordLock()
+        self.channel_axis = int(channel_axis)
+        self.label = label or name
+        self.method = method
+        self.supports_masking = True
+        self.supports_jit = False  # the host callback cannot run under XLA
+
+    # ---------------------------------------------------------------- keras API
+
+    def build(self, input_shape) -> None:
+        """Remember the input shape (the states are kept until ``reset_states``)."""
+        self.input_shape = input_shape
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype, sparse=getattr(inputs, "sparse", False))
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def call(self, inputs):
+        if getattr(_TRACING, "active", False):
+            return inputs  # traced for ONNX export: a plain identity
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            if tf.executing_eagerly():
+                self._record_host(inputs.numpy() if hasattr(inputs, "numpy") else inputs)
+                return inputs
+            token = tf.numpy_function(
+                self._record_host, [inputs], Tout=tf.bool, stateful=True, name="record_states"
+            )
+            with tf.control_dependencies([token]):
+                return tf.identity(inputs)
+        if backend == "jax":
+            import jax
+
+            jax.debug.callback(lambda value: self._record_host(value) and None, inputs, ordered=True)
+            return inputs
+        self._record_host(inputs)  # torch / numpy backends: concrete tensors
+        return inputs
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            keep_states=self.keep_states and self.disk_path is None,
+            channel_axis=self.channel_axis,
+            label=self.label,
+            method=self.method,
+        )
+        return config
+
+    # ---------------------------------------------------------------- recording
+
+    def _record_host(self, value):
+        """Record one batch on the host; returns a token for the graph."""
+        if self.capture_on:
+            array = _as_numpy(value)
+            if array.ndim >= 1 and array.size:
+                self.record(array, self.channel_axis)
+        return np.array(True)
+
+
+class exporting:
+    """Context manager: StateCapture layers traced inside it are plain identities
+    (used by :func:`tensorstate_onnx.converters.from_keras`)."""
+
+    def __enter__(self):
+        self._previous = getattr(_TRACING, "active", False)
+        _TRACING.active = True
+        return self
+
+    def __exit__(self, *exc):
+        _TRACING.active = self._previous
+        return False
+
+
+# --------------------------------------------------------------------------- rebuild
+
+
+def _as_patterns(value, what: str) -> list[str]:
+    patterns = [value] if isinstance(value, str) else list(value or ())
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{what} entries must be strings, got {pattern!r}")
+    return patterns
+
+
+def _matches(patterns, name: str, class_name: str) -> bool:
+    return any(
+        fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(class_name, p) for p in patterns
+    )
+
+
+def _preview(items: list[str], limit: int = 30) -> str:
+    if not items:
+        return "(none)"
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
+
+
+def _is_functional(model) -> bool:
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:  # pragma: no cover - other keras layouts
+        return type(model).__name__ == "Functional" or hasattr(model, "_run_through_graph")
+    return isinstance(model, Functional)
+
+
+class _Builder:
+    """Creates the StateCapture layers (names, stores) and inserts them into tensors."""
+
+    def __init__(self, model, patterns, excluded, method, storage_path, keep_states, overwrite):
+        self.patterns = patterns
+        self.excluded = excluded
+        self.methods = ("before", "after") if method == "both" else (method,)
+        self.root = None if storage_path is None else Path(storage_path)
+        self.keep_states = keep_states
+        self.overwrite = overwrite
+        self.taken = {layer.name for layer in model.layers} | {t.name for t in model.inputs}
+        self.captures: list[StateCapture] = []
+
+    def wanted(self, name: str, class_name: str) -> bool:
+        return _matches(self.patterns, name, class_name) and not _matches(self.excluded, name, class_name)
+
+    def make(self, label: str, class_name: str, method: str) -> StateCapture:
+        """A new StateCapture for ``method`` of layer ``label``, with a unique name."""
+        base = f"{label}_states" if method == "after" else f"{label}_pre_states"
+        name, k = base, 2
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        disk_path = None if self.root is None else self.root / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        layer = StateCapture(
+            name, disk_path, keep_states=self.keep_states, overwrite=self.overwrite,
+            metadata={"layer": label, "layer_class": class_name}, label=label, method=method,
+        )  # fmt: skip
+        self.captures.append(layer)
+        return layer
+
+    def capture(self, tensor, label: str, class_name: str, method: str):
+        """Apply a new StateCapture to ``tensor``; return its output."""
+        return self.make(label, class_name, method)(tensor)
+
+    def wrap_first(self, structure, label: str, class_name: str, method: str):
+        """``structure`` with its first float tensor replaced by a captured one."""
+        flat = keras.tree.flatten(structure)
+        for i, item in enumerate(flat):
+            if isinstance(item, keras.KerasTensor):
+                flat[i] = self.capture(item, label, class_name, method)
+                return keras.tree.pack_sequence_as(structure, flat)
+        return structure
+
+
+def _rebuild_functional(model, builder: _Builder):
+    inputs_struct = model.input
+    new_inputs = keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name), inputs_struct
+    )
+    # Probes on input layers (attach_to=["InputLayer"] or an input's name).
+    replaced: dict[int, object] = {}
+    for tensor in keras.tree.flatten(new_inputs):
+        if builder.wanted(tensor.name, "InputLayer"):
+            replaced[id(tensor)] = builder.capture(tensor, tensor.name, "InputLayer", "after")
+
+    def substitute(structure):
+        if not replaced:
+            return structure
+        return keras.tree.map_structure(
+            lambda t: replaced.get(id(t), t) if isinstance(t, keras.KerasTensor) else t, structure
+        )
+
+    def call_function(layer, *args, **kwargs):
+        args, kwargs = substitute(args), substitute(kwargs)
+        class_name = type(layer).__name__
+        if not builder.wanted(layer.name, class_name):
+            return layer(*args, **kwargs)
+        if "before" in builder.methods:
+            args, kwargs = builder.wrap_first((args, kwargs), layer.name, class_name, "before")
+        outputs = layer(*args, **kwargs)
+        if "after" in builder.methods:
+            outputs = builder.wrap_first(outputs, layer.name, class_name, "after")
+        return outputs
+
+    return keras.models.clone_model(
+        model, input_tensors=new_inputs, clone_function=lambda layer: layer, call_function=call_function
+    )
+
+
+def _rebuild_sequential(model, builder: _Builder):
+    source = model.inputs[0]
+    layers: list = [keras.Input(batch_shape=source.shape, dtype=source.dtype, name=source.name)]
+    if builder.wanted(source.name, "InputLayer"):
+        layers.append(builder.make(source.name, "InputLayer", "after"))
+    for layer in model.layers:
+        class_name = type(layer).__name__
+        wanted = builder.wanted(layer.name, class_name)
+        if wanted and "before" in builder.methods:
+            layers.append(builder.make(layer.name, class_name, "before"))
+        layers.append(layer)
+        if wanted and "after" in builder.methods:
+            layers.append(builder.make(layer.name, class_name, "after"))
+    return keras.Sequential(layers, name=model.name, trainable=model.trainable)
+
+
+def build_keras_efficiency_model(
+    model,
+    attach_to,
+    exclude=(),
+    method: str = "after",
+    storage_path: str | os.PathLike | None = None,
+    *,
+    keep_states: bool = True,
+    overwrite: bool = False,
+):
+    """A new Keras model with :class:`StateCapture` layers around the chosen layers.
+
+    Args:
+        model: a built Keras 3 ``Sequential`` or Functional model. Nested models
+            are treated as single layers.
+        attach_to: layer class names (``"Conv2D"``) or layer names; case-sensitive
+            ``fnmatch`` globs allowed. ``"InputLayer"`` or an input's name probes
+            a model input.
+        exclude: patterns of the same kinds; a layer matching one is never probed
+            (exclude wins over attach_to).
+        method: ``"after"`` (the layer's first output), ``"before"`` (its first
+            input) or ``"both"``.
+        storage_path: directory under which each capture keeps its raw states,
+            at ``<storage_path>/<capture name>``.
+        keep_states: keep raw states in memory when there is no storage path
+            (needed for ``states`` and ``counts(index=...)`` only).
+        overwrite: replace existing stores under ``storage_path``.
+
+    Returns:
+        A new model of the same kind (Sequential for Sequential) that shares the
+        given model's layers and weights, with ``efficiency_layers``: the
+        StateCapture layers in model order, named ``<layer>_states`` (after) and
+        ``<layer>_pre_states`` (before). The given model is not changed. The
+        compile configuration is copied when the model was compiled.
+
+    Raises:
+        TypeError: not a Keras model, or a subclassed model (use the ONNX path:
+            ``build_efficiency_model(model, ..., runtime="onnxruntime")``).
+        ValueError: an invalid ``method``, or the model has not been built.
+        ProbeMatchError: ``attach_to`` matched no layer (the message lists the
+            layer names and classes), or everything matched is excluded.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"build_keras_efficiency_model takes a keras.Model, got {type(model).__name__}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {', '.join(_METHODS)}; got {method!r}")
+    if not model.built:
+        raise ValueError(
+            f"Keras model {model.name!r} is not built, so its layers have no shapes yet; "
+            "build it first (model.build(input_shape), start it with keras.Input, or call it "
+            "on a batch of data)"
+        )
+    sequential = isinstance(model, keras.Sequential)
+    if not sequential and not _is_functional(model):
+        raise TypeError(
+            f"{type(model).__name__} is a subclassed Keras model, whose layer graph cannot be "
+            "rebuilt; use a Functional or Sequential model, or the ONNX path "
+            "(build_efficiency_model(model, ..., runtime='onnxruntime'))"
+        )
+    patterns = _as_patterns(attach_to, "attach_to")
+    excluded = _as_patterns(exclude, "exclude")
+    if not patterns:
+        raise ProbeMatchError("attach_to is empty; name at least one layer class or layer name")
+    try:
+        inputs = list(model.inputs or [])
+    except (AttributeError, ValueError):
+        inputs = []
+    if sequential and not inputs:
+        raise ValueError(
+            f"Sequential model {model.name!r} has no defined input; start it with keras.Input "
+            "or build it with model.build(input_shape)"
+        )
+    candidates = [(t.name, "InputLayer") for t in inputs]
+    candidates += [(layer.name, type(layer).__name__) for layer in model.layers
+                   if type(layer).__name__ != "InputLayer"]  # fmt: skip
+    matched = [c for c in candidates if _matches(patterns, *c)]
+    if not matched:
+        listing = [f"{name} ({cls})" for name, cls in candidates]
+        classes = sorted({cls for _, cls in candidates})
+        raise ProbeMatchError(
+            f"attach_to {patterns} matched no layer of Keras model {model.name!r}. "
+            f"Layer classes present: {', '.join(classes)}. Layers: {_preview(listing)}. "
+            "Patterns are case-sensitive and may use * and ? wildcards."
+        )
+    if not [c for c in matched if not _matches(excluded, *c)]:
+        raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
+
+    builder = _Builder(model, patterns, excluded, method, storage_path, keep_states, overwrite)
+    new_model = _rebuild_sequential(model, builder) if sequential else _rebuild_functional(model, builder)
+    if getattr(model, "compiled", False):
+        try:
+            config = model.get_compile_config()
+            if isinstance(config, dict) and config.get("jit_compile"):
+                config = {**config, "jit_compile": False}  # host callbacks cannot run under XLA
+            new_model.compile_from_config(config)
+        except Exception:  # noqa: BLE001 - a custom loss or metric may not round-trip
+            pass
+    if getattr(new_model, "compiled", False) and getattr(new_model, "jit_compile", False):
+        new_model.jit_compile = False  # the StateCapture host callbacks cannot run under XLA
+    # Plain attribute: tracking the captures again would list them twice in model.layers.
+    object.__setattr__(new_model, "efficiency_layers", list(builder.captures))
+    return new_model

@@ -1,0 +1,254 @@
+"""Tests of the Keras front end: the StateCapture layer and build_keras_efficiency_model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from tensorstate_onnx import (  # noqa: E402
+    ProbeMatchError,
+    StorageExistsError,
+    build_efficiency_model,
+    network_efficiency,
+    reset_efficiency_model,
+)
+from tensorstate_onnx.engine import pack  # noqa: E402
+from tensorstate_onnx.keras_capture import StateCapture, build_keras_efficiency_model  # noqa: E402
+from tensorstate_onnx.models.keras_models import lenet5, lenet5_sequential  # noqa: E402
+from tensorstate_onnx.store import StateStore  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="these tests run Keras on TensorFlow"
+)
+
+
+def _pairs(capture):
+    return sorted(zip(capture.state_ids(), capture.counts().tolist()))
+
+
+def _reference(values, axis=-1):
+    ids, counts = np.unique(pack(np.asarray(values, dtype=np.float32), axis), axis=0, return_counts=True)
+    return sorted(zip((row.tobytes() for row in ids), counts.tolist()))
+
+
+def _layer_values(model, name, x, before=False):
+    layer = model.get_layer(name)
+    tensor = layer.input if before else layer.output
+    return keras.Model(model.inputs, tensor).predict(x, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(48, 28, 28, 1)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def functional():
+    keras.utils.set_random_seed(0)
+    return lenet5()
+
+
+@pytest.fixture(scope="module")
+def sequential():
+    keras.utils.set_random_seed(0)
+    return lenet5_sequential()
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_after_captures_match_reference_in_predict(kind, request, images):
+    model = request.getfixturevalue(kind)
+    before = model.predict(images, verbose=0)
+    n_layers = len(model.layers)
+    probed = build_keras_efficiency_model(model, ["Conv2D"])
+    assert type(probed) is type(model)
+    assert probed is not model and len(model.layers) == n_layers
+    assert [c.name for c in probed.efficiency_layers] == ["conv1_states", "conv2_states", "conv3_states"]
+    assert all(isinstance(c, StateCapture) for c in probed.efficiency_layers)
+    assert [c.label for c in probed.efficiency_layers] == ["conv1", "conv2", "conv3"]
+    names = [layer.name for layer in probed.layers]
+    assert names.index("conv1_states") == names.index("conv1") + 1
+    # The layers, and so the weights, are the given model's own.
+    for layer in model.layers:
+        if type(layer).__name__ != "InputLayer":  # inputs are new, like clone_model's
+            assert probed.get_layer(layer.name) is layer
+    out = probed.predict(images, batch_size=16, verbose=0)
+    np.testing.assert_allclose(out, before, atol=1e-5)
+    assert not probed.run_eagerly
+    for capture, name, per_instance in zip(probed.efficiency_layers, ["conv1", "conv2", "conv3"], [576, 64, 1]):
+        assert capture.state_count == 48 * per_instance
+        assert capture.states_per_instance == per_instance
+        assert _pairs(capture) == _reference(_layer_values(model, name, images))
+    # The given model still computes exactly what it did.
+    np.testing.assert_array_equal(model.predict(images, verbose=0), before)
+
+
+def test_recording_runs_inside_the_graph(functional, images):
+    probed = build_keras_efficiency_model(functional, ["conv1", "conv3"])
+    graph_fn = tf.function(lambda x: probed(x, training=False))
+    concrete = graph_fn.get_concrete_function(tf.TensorSpec((None, 28, 28, 1), tf.float32))
+    callbacks = [op for op in concrete.graph.get_operations() if op.type in ("PyFunc", "EagerPyFunc")]
+    assert len(callbacks) == 2  # one host callback per capture, in a traced graph
+    concrete(tf.constant(images[:10]))
+    assert [c.state_count for c in probed.efficiency_layers] == [10 * 576, 10]
+    probed(images[:5])  # eager call
+    assert [c.state_count for c in probed.efficiency_layers] == [15 * 576, 15]
+    assert all(layer.supports_jit is False for layer in probed.efficiency_layers)
+
+
+def test_before_and_both(functional, images):
+    probed = build_keras_efficiency_model(functional, ["conv2", "dense"], method="both")
+    names = [c.name for c in probed.efficiency_layers]
+    assert names == ["conv2_pre_states", "conv2_states", "dense_pre_states", "dense_states"]
+    probed.predict(images, verbose=0)
+    captures = {c.name: c for c in probed.efficiency_layers}
+    assert _pairs(captures["conv2_pre_states"]) == _reference(_layer_values(functional, "conv2", images, before=True))
+    assert captures["dense_pre_states"].n_neurons == 100
+    assert captures["dense_states"].state_count == 48
+    assert _pairs(captures["dense_states"]) == _reference(_layer_values(functional, "dense", images))
+    assert captures["conv2_pre_states"].method == "before"
+
+
+def test_branches_multiple_inputs_outputs_and_nested_model():
+    keras.utils.set_random_seed(1)
+    a = keras.Input((8, 8, 3), name="a")
+    b = keras.Input((8, 8, 3), name="b")
+    nested = keras.Sequential(
+        [keras.Input((8, 8, 4)), keras.layers.Conv2D(4, 1, name="inner_conv")], name="nested"
+    )
+    x = keras.layers.Conv2D(4, 3, padding="same", name="ca")(a)
+    y = keras.layers.Conv2D(4, 3, padding="same", name="cb")(b)
+    s = keras.layers.Add(name="add")([x, y])
+    n = nested(s)
+    out1 = keras.layers.GlobalAveragePooling2D(name="gap")(n)
+    out2 = keras.layers.Dense(2, name="head")(keras.layers.Flatten(name="flat")(x))
+    model = keras.Model([a, b], [out1, out2], name="branchy")
+    rng = np.random.default_rng(2)
+    data = [rng.normal(size=(6, 8, 8, 3)).astype(np.float32) for _ in range(2)]
+    expected = model.predict(data, verbose=0)
+
+    probed = build_keras_efficiency_model(model, ["Conv2D", "nested", "add", "InputLayer"], exclude=["b"])
+    names = [c.name for c in probed.efficiency_layers]
+    assert names == ["a_states", "ca_states", "cb_states", "add_states", "nested_states"]
+    got = probed.predict(data, verbose=0)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+    captures = {c.name: c for c in probed.efficiency_layers}
+    assert captures["a_states"].state_count == 6 * 64 and captures["a_states"].n_neurons == 3
+    assert _pairs(captures["ca_states"]) == _reference(_layer_values(model, "ca", data))
+    assert _pairs(captures["nested_states"]) == _reference(_layer_values(model, "nested", data))
+    # "before" on a multi-input layer watches its first input.
+    probed = build_keras_efficiency_model(model, ["add"], method="before")
+    probed.predict(data, verbose=0)
+    assert _pairs(probed.efficiency_layers[0]) == _reference(_layer_values(model, "ca", data))
+
+
+def test_errors(functional):
+    with pytest.raises(ProbeMatchError) as info:
+        build_keras_efficiency_model(functional, ["Conv3D", "missing"])
+    message = str(info.value)
+    assert "conv1 (Conv2D)" in message and "BatchNormalization" in message and "Conv3D" in message
+    with pytest.raises(ProbeMatchError, match="excluded"):
+        build_keras_efficiency_model(functional, ["Conv2D"], exclude=["conv*"])
+    with pytest.raises(ValueError, match="method"):
+        build_keras_efficiency_model(functional, ["Conv2D"], method="inside")
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="build"):
+        build_keras_efficiency_model(unbuilt, ["Dense"])
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    sub = Subclassed()
+    sub(np.zeros((1, 3), np.float32))
+    with pytest.raises(TypeError, match="subclassed"):
+        build_keras_efficiency_model(sub, ["Dense"])
+    with pytest.raises(TypeError, match="keras.Model"):
+        build_keras_efficiency_model(object(), ["Dense"])
+
+
+def test_storage_path_and_existing_store(functional, images, tmp_path):
+    root = tmp_path / "states"
+    probed = build_keras_efficiency_model(functional, ["conv1", "conv3"], storage_path=root)
+    probed.predict(images, verbose=0)
+    capture = probed.efficiency_layers[0]
+    capture.flush()
+    assert capture.disk_path == root / "conv1_states"
+    stored = StateStore.open(root / "conv1_states")
+    assert stored.array.shape == (48 * 576, 3)
+    with pytest.raises(StorageExistsError):
+        build_keras_efficiency_model(functional, ["conv1"], storage_path=root)
+    again = build_keras_efficiency_model(functional, ["conv1"], storage_path=root, overwrite=True)
+    again.predict(images[:4], verbose=0)
+    assert again.efficiency_layers[0].state_count == 4 * 576
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy, images):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(3)
+        model = lenet5()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    probed = build_keras_efficiency_model(model, ["conv1", "conv2"])
+    probed.predict(images, verbose=0)
+    # One reference model fetching both layers, so that TensorFlow fuses the same
+    # ops as in the probed model (fusions change float16 rounding).
+    outputs = [model.get_layer(name).output for name in ("conv1", "conv2")]
+    reference = keras.Model(model.inputs, outputs).predict(images, verbose=0)
+    for capture, values in zip(probed.efficiency_layers, reference):
+        assert str(values.dtype) in ("float16", "bfloat16")
+        assert _pairs(capture) == _reference(values.astype(np.float32))
+
+
+def test_evaluate_compile_config_and_api(functional, images):
+    labels = np.zeros(len(images), dtype=np.int64)
+    functional.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    try:
+        probed = build_efficiency_model(functional, ["Conv2D"])
+        assert probed.compiled and not probed.jit_compile  # XLA cannot run host callbacks
+        probed.evaluate(images, labels, batch_size=16, verbose=0)
+        assert [c.state_count for c in probed.efficiency_layers] == [48 * 576, 48 * 64, 48]
+        assert 0 < network_efficiency(probed) <= 1
+        reset_efficiency_model(probed)
+        assert [c.state_count for c in probed.efficiency_layers] == [0, 0, 0]
+    finally:
+        functional.compiled = False
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_state_capture_dtypes(dtype):
+    x = np.random.default_rng(5).normal(size=(4, 3, 3, 10)).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, -0.0, np.nan]
+    layer = StateCapture(f"probe_{dtype}")
+    tensor = tf.cast(tf.constant(x), dtype)
+    layer(tensor)  # eager
+    graph_layer = StateCapture(f"graph_{dtype}")
+    tf.function(lambda t: graph_layer(t))(tensor)  # graph
+    expected = _reference(tf.cast(tensor, tf.float32).numpy())
+    assert _pairs(layer) == expected
+    assert _pairs(graph_layer) == expected
+
+
+def test_state_capture_layer_standalone():
+    layer = StateCapture("probe", keep_states=False)
+    x = np.random.default_rng(4).normal(size=(3, 5, 7)).astype(np.float32)
+    out = layer(x)
+    np.testing.assert_array_equal(np.asarray(out), x)
+    assert layer.state_count == 15 and layer.n_neurons == 7
+    assert _pairs(layer) == _reference(x)
+    clone = StateCapture.from_config(layer.get_config())
+    assert clone.name == "probe" and clone.state_count == 0 and clone.channel_axis == -1

@@ -1,0 +1,249 @@
+"""Cross-framework parity: native capture (torch hooks, Keras layers) vs the ONNX path.
+
+The same weights and inputs go through the framework's own front end and through
+export + onnxruntime; every probed layer must record the same states. The only
+differences allowed are states flipped by float rounding right at zero (the two
+runtimes order floating-point operations differently), fewer than 1e-4 of all
+states; the fraction is computed, printed and asserted.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tensorstate_onnx import build_efficiency_model  # noqa: E402
+
+MAX_FLIPPED = 1e-4
+
+# LeNet-5 on 28x28 inputs: conv outputs are 24x24, 8x8 and 1x1 per image.
+TUTORIAL_IMAGES = 10_000
+TUTORIAL_STATES = [TUTORIAL_IMAGES * 24 * 24, TUTORIAL_IMAGES * 8 * 8, TUTORIAL_IMAGES]
+
+
+def _flipped_states(a, b) -> int:
+    """How many states captures ``a`` and ``b`` (same total) count differently.
+
+    With the raw states kept on both sides they are compared row by row (both
+    front ends order states batch first, then positions row-major); a state may
+    then differ only in a bit or two (a neuron rounding to the other side of
+    zero), never in a way that a wrong layout or channel axis would produce.
+    """
+    assert a.state_count == b.state_count, (a.name, a.state_count, b.state_count)
+    assert a.n_neurons == b.n_neurons, (a.name, a.n_neurons, b.n_neurons)
+    left = dict(zip(a.state_ids(), a.counts().tolist()))
+    right = dict(zip(b.state_ids(), b.counts().tolist()))
+    moved = sum(abs(left.get(key, 0) - right.get(key, 0)) for key in left.keys() | right.keys()) // 2
+    if a.keep_states and b.keep_states:
+        rows_a, rows_b = a.states[:], b.states[:]
+        bits = np.unpackbits(rows_a ^ rows_b, axis=1).sum(axis=1)
+        assert bits.max() <= 2, f"{a.name}: a state differs in {bits.max()} neurons"
+        assert moved <= np.count_nonzero(bits)
+        return int(np.count_nonzero(bits))
+    return moved
+
+
+def _assert_parity(pairs, what: str) -> float:
+    """Compare (native, onnx) capture pairs; print, assert and return the flipped fraction."""
+    total = sum(native.state_count for native, _ in pairs)
+    flipped = {native.name: _flipped_states(native, onnx) for native, onnx in pairs}
+    fraction = sum(flipped.values()) / total
+    worst = max(flipped, key=lambda name: flipped[name])
+    print(f"{what}: {len(pairs)} probes, {total} states, flipped fraction {fraction:.2e} "
+          f"({sum(flipped.values())} states; most in {worst}: {flipped[worst]})")  # fmt: skip
+    assert fraction < MAX_FLIPPED, f"{what}: {fraction:.2e} of the states differ"
+    return fraction
+
+
+# --------------------------------------------------------------------------- torch
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def _torch_model(torch, arch: str):
+    from tensorstate_onnx.models.torch_models import LeNet5, MobileNetV2Small
+
+    torch.manual_seed(0)
+    model = (LeNet5() if arch == "lenet5" else MobileNetV2Small()).eval()
+    for module in model.modules():  # BatchNorm statistics that matter
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_()
+    return model
+
+
+# (input shape, {method: attach_to}, batch). One run per method: the ONNX path
+# probes each tensor once, so "after" of one module and "before" of the next
+# (the same tensor) are checked in separate runs.
+_TORCH_CASES = {
+    "lenet5": ((1, 28, 28), {"after": ["Conv2d", "Linear"], "before": ["Conv2d", "Linear"]}, 256),
+    "mobilenet": (
+        (3, 96, 96),
+        {"after": ["Conv2d", "InvertedResidual", "ReLU6", "Linear"], "before": ["Conv2d", "Linear"]},
+        24,
+    ),
+}
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+@pytest.mark.parametrize("arch", ["lenet5", "mobilenet"])
+def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    shape, cases, n = _TORCH_CASES[arch]
+    model = _torch_model(torch, arch)
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(7))
+    exported = from_torch(model, torch.zeros(1, *shape), dynamo=dynamo)
+    for method, attach_to in cases.items():
+        onnx_model = OnnxEfficiencyModel(exported, attach_to, method=method, providers="cpu", keep_states=True)
+        outputs = onnx_model.predict(x.numpy(), batch_size=n // 2)
+        attach_hooks(model, attach_to, method=method)
+        with torch.no_grad():
+            expected = torch.cat([model(part) for part in x.split(n // 2)])
+        np.testing.assert_allclose(outputs, expected.numpy(), atol=1e-4)
+        hooks = {hook.name: hook for hook in model.efficiency_layers}
+        probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+        # Same layers selected, under the same names ("<module>:<method>").
+        assert set(probes) == set(hooks)
+        what = f"torch {arch} {'dynamo' if dynamo else 'legacy'} {method}"
+        assert _assert_parity([(hooks[name], probes[name]) for name in hooks], what) < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+# --------------------------------------------------------------------------- keras
+
+
+@pytest.fixture(scope="module")
+def keras():
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("from_keras converts through TensorFlow")
+    return keras
+
+
+def _keras_model(keras, arch: str):
+    from tensorstate_onnx.models.keras_models import lenet5, mobilenet_v2_small
+
+    keras.utils.set_random_seed(0)
+    model = lenet5() if arch == "lenet5" else mobilenet_v2_small()
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, gamma.shape), rng.normal(size=beta.shape),
+                rng.normal(size=mean.shape) * 0.1, rng.uniform(0.5, 2.0, var.shape),
+            ])  # fmt: skip
+    return model
+
+
+_KERAS_CASES = {
+    # LeNet's first conv reads the NHWC model input itself; see test_keras_input_probe_*.
+    "lenet5": ((28, 28, 1), {"after": ["Conv2D", "Dense"], "before": ["conv2", "conv3", "Dense"]}, 256),
+    "mobilenet": (
+        (96, 96, 3),
+        {"after": ["Conv2D", "DepthwiseConv2D", "Add", "ReLU", "Dense"],
+         "before": ["Conv2D", "DepthwiseConv2D", "Dense"]},
+        24,
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "mobilenet"])
+def test_keras_layers_match_onnx_path(keras, arch):
+    from tensorstate_onnx.keras_capture import build_keras_efficiency_model
+
+    shape, cases, n = _KERAS_CASES[arch]
+    model = _keras_model(keras, arch)
+    x = np.random.default_rng(7).normal(size=(n, *shape)).astype(np.float32)
+    for method, attach_to in cases.items():
+        native = build_keras_efficiency_model(model, attach_to, method=method)
+        expected = native.predict(x, batch_size=n // 2, verbose=0)
+        # The ONNX model knows layer names, not Keras classes: name the same layers.
+        names = sorted({capture.label for capture in native.efficiency_layers})
+        onnx_model = build_efficiency_model(
+            model, names, method=method, runtime="onnxruntime", providers="cpu", keep_states=True
+        )
+        outputs = onnx_model.predict(x, batch_size=n // 2)
+        np.testing.assert_allclose(outputs, expected, atol=1e-4)
+        probes = {(c.probe.label, c.probe.method): c for c in onnx_model.efficiency_layers}
+        captures = {(c.label, c.method): c for c in native.efficiency_layers}
+        assert set(probes) == set(captures)
+        pairs = [(captures[key], probes[key]) for key in captures]
+        assert _assert_parity(pairs, f"keras {arch} {method}") < MAX_FLIPPED
+
+
+def test_keras_input_probe_needs_the_channels_last_axis(keras):
+    """A probe on the NHWC model input itself ("before" the first layer): tf2onnx feeds
+    it to a Reshape (1 channel), so its channel axis must be given explicitly."""
+    from tensorstate_onnx.converters import from_keras
+    from tensorstate_onnx.keras_capture import build_keras_efficiency_model
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    model = _keras_model(keras, "lenet5")
+    x = np.random.default_rng(8).normal(size=(64, 28, 28, 1)).astype(np.float32)
+    native = build_keras_efficiency_model(model, ["conv1", "conv2"], method="before")
+    native.predict(x, verbose=0)
+    onnx_model = OnnxEfficiencyModel(
+        from_keras(model), ["conv1", "conv2"], method="before", providers="cpu",
+        channel_axes={"conv1:before": -1}, keep_states=True,
+    )  # fmt: skip
+    onnx_model.predict(x, batch_size=32)
+    pairs = list(zip(native.efficiency_layers, onnx_model.efficiency_layers))
+    assert [c.name for c in onnx_model.efficiency_layers] == ["conv1:before", "conv2:before"]
+    assert _assert_parity(pairs, "keras lenet5 before") < MAX_FLIPPED
+
+
+# --------------------------------------------------------------------------- tutorial
+
+
+@pytest.fixture(scope="module")
+def tutorial_images():
+    return np.random.default_rng(2024).random((TUTORIAL_IMAGES, 28, 28), dtype=np.float32)
+
+
+def test_tutorial_lenet5_torch_native_and_onnx(torch, tutorial_images):
+    from tensorstate_onnx.torch_capture import attach_hooks
+
+    model = _torch_model(torch, "lenet5")
+    x = torch.from_numpy(tutorial_images[:, None])
+    attach_hooks(model, ["Conv2d"], method="after", keep_states=False)
+    with torch.no_grad():
+        for batch in x.split(1000):
+            model(batch)
+    assert [h.state_count for h in model.efficiency_layers] == TUTORIAL_STATES
+    onnx_model = build_efficiency_model(
+        model, ["Conv2d"], method="after", runtime="onnxruntime",
+        example_inputs=torch.zeros(1, 1, 28, 28), providers="cpu",
+    )  # fmt: skip
+    onnx_model.predict(x.numpy(), batch_size=1000)
+    assert [c.state_count for c in onnx_model.efficiency_layers] == TUTORIAL_STATES
+    assert [c.name for c in onnx_model.efficiency_layers] == ["conv1:after", "conv2:after", "conv3:after"]
+    _assert_parity(list(zip(model.efficiency_layers, onnx_model.efficiency_layers)), "tutorial torch")
+
+
+def test_tutorial_lenet5_keras_native_and_onnx(keras, tutorial_images):
+    from tensorstate_onnx.keras_capture import build_keras_efficiency_model
+
+    model = _keras_model(keras, "lenet5")
+    x = tutorial_images[..., None]
+    native = build_keras_efficiency_model(model, ["Conv2D"], method="after", keep_states=False)
+    native.predict(x, batch_size=1000, verbose=0)
+    assert [c.state_count for c in native.efficiency_layers] == TUTORIAL_STATES
+    onnx_model = build_efficiency_model(model, ["Conv"], method="after", runtime="onnxruntime", providers="cpu")
+    onnx_model.predict(x, batch_size=1000)
+    assert [c.state_count for c in onnx_model.efficiency_layers] == TUTORIAL_STATES
+    assert [c.probe.label for c in onnx_model.efficiency_layers] == ["conv1", "conv2", "conv3"]
+    _assert_parity(list(zip(native.efficiency_layers, onnx_model.efficiency_layers)), "tutorial keras")
