@@ -243,8 +243,8 @@ def _run(args, tmp: Path) -> None:
           f"as measured). Per-shard time t_shard = {t_s:.2f} s, held constant (default run). Merge "
           f"tree of depth d = ceil(log2 W) over the worker partials (tree run: t_merge = {t_m:.2f} s "
           f"per merge task, t_client = {t_c:.2f} s of client gather + merge per root).")
-    print(f"- partials constant (states repeat across shards, the partials do not grow): "
-          f"T = k*t_shard + d*t_merge + t_client.")
+    print("- partials constant (states repeat across shards, the partials do not grow): "
+          "T = k*t_shard + d*t_merge + t_client.")
     print(f"- all states distinct (this random-weight model): a merge costs u_merge = {u_m:.3f} s "
           f"per shard it covers and the client u_client = {u_c:.3f} s per shard, so "
           f"T = k*t_shard + sum_l=1..d u_merge*k*2^l + u_client*W*k.")

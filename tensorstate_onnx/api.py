@@ -18,6 +18,7 @@ from .runtime import OnnxEfficiencyModel
 __all__ = ["build_efficiency_model", "reset_efficiency_model", "model_kind"]
 
 _RUNTIMES = (None, "native", "onnxruntime")
+_NATIVE_OPTIONS = ("keep_states", "overwrite")
 
 
 def model_kind(model) -> str:
@@ -65,7 +66,8 @@ def build_efficiency_model(
         example_inputs: inputs used to export a torch module to ONNX.
         options: passed to :class:`~tensorstate_onnx.runtime.OnnxEfficiencyModel`
             (providers, optimization, pack_in_graph, channel_axes, ...) or to
-            the exporter (``dynamo``, ``opset``).
+            the exporter (``dynamo``, ``opset``); the native front ends take
+            ``keep_states`` and ``overwrite`` only.
 
     Returns:
         An ``OnnxEfficiencyModel``, a new Keras model with StateCapture layers,
@@ -92,15 +94,19 @@ def build_efficiency_model(
         else:
             proto = converters.from_keras(model, **export_options)
         return OnnxEfficiencyModel(proto, attach_to, exclude, method, storage_path, **options)
+    native = {key: options.pop(key) for key in _NATIVE_OPTIONS if key in options}
     if options:
-        raise TypeError(f"options {sorted(options)} only apply to the ONNX path (runtime='onnxruntime')")
+        raise TypeError(
+            f"options {sorted(options)} only apply to the ONNX path (runtime='onnxruntime'); "
+            f"the native front ends take {', '.join(_NATIVE_OPTIONS)}"
+        )
     if kind == "torch":
         from .torch_capture import attach_hooks
 
-        return attach_hooks(model, attach_to, exclude, method, storage_path)
+        return attach_hooks(model, attach_to, exclude, method, storage_path, **native)
     from .keras_capture import build_keras_efficiency_model
 
-    return build_keras_efficiency_model(model, attach_to, exclude, method, storage_path)
+    return build_keras_efficiency_model(model, attach_to, exclude, method, storage_path, **native)
 
 
 def reset_efficiency_model(model) -> None:

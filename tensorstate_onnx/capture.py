@@ -55,7 +55,7 @@ class AbstractStateCapture(abc.ABC):
         self.capture_on = True
         self.input_shape = None
         self._overwrite = overwrite
-        self._lock = threading.Lock()
+        self._record_lock = threading.Lock()
         if self.disk_path is not None:
             StateStore.check_free(self.disk_path, overwrite)
         self._clear()
@@ -88,7 +88,7 @@ class AbstractStateCapture(abc.ABC):
         """Count and store states already packed (by ``engine.pack`` or in an ONNX graph)."""
         if not self.capture_on:
             return
-        with self._lock:
+        with self._record_lock:
             if self.n_neurons is None:
                 self._start(int(n_neurons))
             elif n_neurons != self.n_neurons:
@@ -125,21 +125,30 @@ class AbstractStateCapture(abc.ABC):
         counter = other._counter if isinstance(other, AbstractStateCapture) else other
         if counter is None:
             return
-        with self._lock:
+        with self._record_lock:
             if self.n_neurons is None:
                 self._start(counter.n_neurons)
             self._counter.merge(counter)
             self._result = None
 
+    def attach_store(self, store: StateStore, instances: int, states_per_instance: int) -> None:
+        """Adopt raw states recorded elsewhere (a sharded run's store) so that
+        ``states`` and ``counts(index=...)`` read them; counts are not changed."""
+        with self._record_lock:
+            self.disk_path = None if store.path is None else Path(store.path)
+            self.keep_states = True
+            self._store = store
+            self._batches = [(int(instances), int(states_per_instance))]
+
     def flush(self) -> None:
         """Write buffered raw states to the store."""
-        with self._lock:
+        with self._record_lock:
             if self._store is not None:
                 self._store.flush()
 
     def reset_states(self, input_shape=None) -> None:
         """Forget every recorded state (``input_shape`` is kept for subclasses)."""
-        with self._lock:
+        with self._record_lock:
             self.input_shape = input_shape
             self._clear()
 

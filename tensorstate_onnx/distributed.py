@@ -67,7 +67,7 @@ from .engine import StateCounter, n_bytes_for
 from .errors import ModelInputError, ProviderError, StorageExistsError
 from .graph import Probe
 from .runtime import OnnxEfficiencyModel, OnnxProbeCapture
-from .store import StateStore
+from .store import STATE_CHUNK_BYTES, StateStore, state_codec, store_dirname
 
 __all__ = [
     "ShardedAnalysis",
@@ -80,7 +80,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'tensorstate-onnx[distributed]'"
-_CHUNK_BYTES = 4 << 20  # target size of one stored chunk, as in store.py
 _CLIENT_ROOTS = 32  # default: the client merges up to this many partials itself
 _MAX_PROTO_BYTES = 1 << 30  # larger ModelProtos must be given as a path on shared storage
 _SHARD_KEY = re.compile(r"tensorstate-shard-(\d+)-")
@@ -750,11 +749,6 @@ def _states_per_instance(probe: Probe) -> int | None:
     return int(np.prod(dims, dtype=np.int64))
 
 
-def _safe_dirname(name: str) -> str:
-    # Same directory names as OnnxEfficiencyModel(storage_path=...).
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "probe"
-
-
 def _largest_divisor_at_most(value: int, cap: int) -> int:
     """The largest divisor of ``value`` that is <= ``cap`` (at least 1)."""
     if value <= cap:
@@ -772,7 +766,6 @@ def _largest_divisor_at_most(value: int, cap: int) -> int:
 def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard], n: int, overwrite: bool) -> dict:
     """Pre-size one zarr array per probe; return the job's storage map."""
     import zarr
-    from zarr.codecs import BloscCodec, BloscShuffle
 
     missing = [s.where for s in shards if s.start is None]
     if missing:
@@ -801,13 +794,13 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
     for shard in shards[1:]:
         boundaries = math.gcd(boundaries, shard.start)
     storage = {}
-    codec = BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=1)
+    codec = state_codec()
     for name, (capture, per, neurons) in plan.items():
         n_bytes = n_bytes_for(neurons)
-        cap = max(1, _CHUNK_BYTES // (per * n_bytes))
+        cap = max(1, STATE_CHUNK_BYTES // (per * n_bytes))
         samples_per_chunk = _largest_divisor_at_most(boundaries, cap) if boundaries else min(n, cap)
         chunk_rows = samples_per_chunk * per
-        directory = root / _safe_dirname(name)
+        directory = root / store_dirname(name)
         attributes = {
             "n_neurons": neurons, "name": name, **capture.metadata, "states_per_instance": per,
             "n_samples": n, "n_shards": len(shards), "complete": False, "shards_written": [],
@@ -839,15 +832,7 @@ def _attach_stores(local: OnnxEfficiencyModel, storage: dict, n: int) -> None:
     for capture in local.efficiency_layers:
         directory, _, per = storage[capture.name]
         store = StateStore.open(directory)
-        attach = getattr(capture, "attach_store", None)
-        if attach is not None:
-            attach(store, instances=n, states_per_instance=per)
-            continue
-        # AbstractStateCapture has no public hook for this yet (see the module notes).
-        capture.disk_path = Path(directory)
-        capture.keep_states = True
-        capture._store = store
-        capture._batches = [(n, per)]
+        capture.attach_store(store, instances=n, states_per_instance=per)
 
 
 def _cpu_count() -> int:

@@ -38,36 +38,6 @@ _TRACING = threading.local()  # set while a converter traces a model for export
 _NUMPY_DTYPES = (np.float16, np.float32, np.float64, np.bool_)
 
 
-class _RecordLock:
-    """A mutex that is falsy.
-
-    Keras layers keep a boolean ``_lock`` attribute (checked with
-    ``getattr(self, "_lock", True)`` to detect a missing ``super().__init__()``)
-    and :class:`AbstractStateCapture` keeps its recording mutex under the same
-    name; a falsy mutex satisfies both.
-    """
-
-    __slots__ = ("_mutex",)
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __enter__(self):
-        return self._mutex.__enter__()
-
-    def __exit__(self, *exc):
-        return self._mutex.__exit__(*exc)
-
-    def acquire(self, *args, **kwargs) -> bool:
-        return self._mutex.acquire(*args, **kwargs)
-
-    def release(self) -> None:
-        self._mutex.release()
-
-
 def _as_numpy(value) -> np.ndarray:
     """A numpy array the engine accepts (float16/32/64 or bool) for any backend value."""
     array = value if isinstance(value, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(value))
@@ -112,7 +82,6 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         keras.layers.Layer.__init__(self, name=name, **kwargs)
         meta = {"method": method, "framework": "keras", "label": label or name, **(metadata or {})}
         AbstractStateCapture.__init__(self, name, disk_path, keep_states, overwrite, meta)
-        self._lock = _RecordLock()
         self.channel_axis = int(channel_axis)
         self.label = label or name
         self.method = method

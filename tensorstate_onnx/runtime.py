@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,7 @@ from .capture import AbstractStateCapture
 from .data import Batch, iter_batches
 from .errors import ModelInputError, ProviderError, StorageExistsError
 from .graph import Probe, add_probes, load_model, save_model
+from .store import store_dirname
 
 __all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
 
@@ -102,10 +102,6 @@ def resolve_providers(providers: str | Iterable[str] = "auto") -> list[str]:
     return providers
 
 
-def _safe_dirname(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "probe"
-
-
 class OnnxEfficiencyModel:
     """An ONNX model with state probes, run by onnxruntime.
 
@@ -164,7 +160,7 @@ class OnnxEfficiencyModel:
         self.efficiency_layers = [
             OnnxProbeCapture(
                 probe,
-                None if self.storage_path is None else self.storage_path / _safe_dirname(probe.name),
+                None if self.storage_path is None else self.storage_path / store_dirname(probe.name),
                 keep_states=keep_states,
                 overwrite=overwrite,
             )

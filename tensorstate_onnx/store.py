@@ -11,6 +11,7 @@ analyzed without the model.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,13 +22,19 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from .engine import n_bytes_for
 from .errors import StorageExistsError
 
-__all__ = ["StateStore"]
+__all__ = ["StateStore", "state_codec", "store_dirname", "STATE_CHUNK_BYTES"]
 
-_CHUNK_BYTES = 4 << 20
+STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
 
 
-def _compressor() -> BloscCodec:
+def state_codec() -> BloscCodec:
+    """The compressor of every state store: packed bits compress best bit-shuffled."""
     return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=1)
+
+
+def store_dirname(probe_name: str) -> str:
+    """The directory name of a probe's store under a storage path (any front end)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", probe_name).strip("._") or "probe"
 
 
 class StateStore:
@@ -49,7 +56,7 @@ class StateStore:
                 shutil.rmtree(self.path)
             elif self.path.exists():
                 self.path.unlink()
-        rows = max(1, _CHUNK_BYTES // self.n_bytes)
+        rows = max(1, STATE_CHUNK_BYTES // self.n_bytes)
         store = zarr.storage.MemoryStore() if self.path is None else zarr.storage.LocalStore(self.path)
         attributes = {"n_neurons": self.n_neurons, **(metadata or {})}
         self._array = zarr.create_array(
@@ -57,7 +64,7 @@ class StateStore:
             shape=(0, self.n_bytes),
             chunks=(rows, self.n_bytes),
             dtype="uint8",
-            compressors=[_compressor()],
+            compressors=[state_codec()],
             attributes=attributes,
             fill_value=0,
         )

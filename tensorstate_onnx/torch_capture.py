@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +24,7 @@ import torch
 
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
+from .store import store_dirname
 
 __all__ = ["StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tensor"]
 
@@ -222,11 +222,6 @@ def _preview(items: list[str], limit: int = 25) -> str:
     return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
 
 
-def _safe_dirname(name: str) -> str:
-    """Directory name of a capture's store (the same rule as the ONNX path)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "probe"
-
-
 def attach_hooks(
     module: torch.nn.Module,
     attach_to,
@@ -303,7 +298,7 @@ def attach_hooks(
                 capture_name = f"{label}:{m}"
                 disk_path = None
                 if root is not None:
-                    dirname = _safe_dirname(capture_name)
+                    dirname = store_dirname(capture_name)
                     base, k = dirname, 2
                     while dirname in used_dirs:
                         dirname, k = f"{base}_{k}", k + 1

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from tensorstate_onnx import (
     NoStatesError,
+    StorageExistsError,
     OnnxEfficiencyModel,
     build_efficiency_model,
     demo,
@@ -168,3 +169,35 @@ def test_onnx_options_on_a_native_keras_model_are_refused():
     assert model_kind(model) == "keras"
     with pytest.raises(TypeError, match=r"options \['providers'\] only apply to the ONNX path \(runtime='onnxruntime'\)"):
         build_efficiency_model(model, "Conv2D", providers="cpu")
+
+
+def test_keep_states_and_overwrite_reach_the_native_torch_hooks(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tensorstate_onnx.models.torch_models import lenet5
+    from tensorstate_onnx.torch_capture import remove_state_layers
+
+    module = lenet5().eval()
+    built = build_efficiency_model(module, "Conv2d", keep_states=False)
+    with torch.no_grad():
+        module(torch.randn(3, 1, 28, 28))
+    assert [c.state_count for c in built.efficiency_layers] == [3 * 24 * 24, 3 * 8 * 8, 3]
+    with pytest.raises(NoStatesError, match="does not keep"):
+        built.efficiency_layers[0].states
+    remove_state_layers(module)
+
+    (tmp_path / "conv1_after").mkdir()
+    with pytest.raises(StorageExistsError):
+        build_efficiency_model(lenet5(), "Conv2d", storage_path=tmp_path)
+    stored = build_efficiency_model(lenet5(), "Conv2d", storage_path=tmp_path, overwrite=True)
+    assert len(stored.efficiency_layers) == 3
+
+
+def test_keep_states_reaches_the_native_keras_layers():
+    pytest.importorskip("keras")
+    from tensorstate_onnx.models.keras_models import lenet5
+
+    built = build_efficiency_model(lenet5(), "Conv2D", keep_states=False)
+    built.predict(np.random.default_rng(0).standard_normal((2, 28, 28, 1)).astype("float32"), verbose=0)
+    assert [c.state_count for c in built.efficiency_layers] == [2 * 24 * 24, 2 * 8 * 8, 2]
+    with pytest.raises(NoStatesError, match="does not keep"):
+        built.efficiency_layers[0].states

@@ -146,3 +146,20 @@ def test_many_threads_feed_one_capture():
         thread.join()
     assert capture.state_count == 40 * 64
     assert _as_dict(capture) == _reference(np.concatenate(data), -1)[1]
+
+
+def test_attach_store_serves_states_recorded_elsewhere(tmp_path, batches):
+    """A sharded run counts in one capture and stores raw states separately."""
+    everything = np.concatenate(batches)
+    packed, expected = _reference(everything, 1)
+    store = StateStore(10, tmp_path / "conv")
+    store.append(packed)
+    store.flush()
+    counted = StateCaptureProbe("conv", keep_states=False)
+    for batch in batches:
+        counted.record(batch, 1)
+    counted.attach_store(StateStore.open(tmp_path / "conv"), instances=14, states_per_instance=12)
+    np.testing.assert_array_equal(counted.states[:], packed)
+    _, second = _reference(everything[3:4], 1)
+    assert _as_dict(counted, [3]) == second
+    assert _as_dict(counted) == expected  # the counts are untouched

@@ -30,6 +30,7 @@ from tensorstate_onnx.engine import StateCounter  # noqa: E402
 from tensorstate_onnx.graph import save_model  # noqa: E402
 from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx  # noqa: E402
 from tensorstate_onnx.runtime import OnnxEfficiencyModel  # noqa: E402
+from tensorstate_onnx.store import store_dirname  # noqa: E402
 
 # Data sources defined here run on the workers, which cannot import this file.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -247,9 +248,8 @@ def test_scheduler_address_string(client, digits, reference):
 
 
 def _stored_rows(root: Path, name: str) -> np.ndarray:
-    from tensorstate_onnx.distributed import _safe_dirname
 
-    return StateStore.open(root / _safe_dirname(name)).read()
+    return StateStore.open(root / store_dirname(name)).read()
 
 
 @pytest.mark.parametrize("shard_size", [37, 100, 360])
@@ -263,7 +263,7 @@ def test_storage_regions_hold_rows_in_dataset_order(client, digits, reference, t
     expected = reference[0]
     starts = list(range(0, len(x), shard_size))
     for capture in expected.efficiency_layers:
-        store = StateStore.open(root / tsd._safe_dirname(capture.name))
+        store = StateStore.open(root / store_dirname(capture.name))
         rows = store.read()
         assert np.array_equal(rows, capture.states[:]), capture.name
         meta = store.metadata
@@ -465,7 +465,7 @@ def test_a_shard_that_always_kills_its_worker_fails_clearly(client, digits, refe
         )  # fmt: skip
     # What was stored stays readable; finished shards hold their rows.
     for capture in reference[0].efficiency_layers:
-        store = StateStore.open(root / tsd._safe_dirname(capture.name))
+        store = StateStore.open(root / store_dirname(capture.name))
         meta = store.metadata
         assert meta["complete"] is False and 2 not in meta["shards_written"]
         per = meta["states_per_instance"]

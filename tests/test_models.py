@@ -186,7 +186,7 @@ def test_keras_lenet5_shapes(builder):
 
 
 def test_keras_mobilenet_v2_small_shapes():
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     from tensorstate_onnx.models.keras_models import mobilenet_v2_small
 
     model = mobilenet_v2_small(num_classes=10)
