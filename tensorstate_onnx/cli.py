@@ -13,6 +13,7 @@ import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -22,7 +23,14 @@ from .errors import ModelInputError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
-_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IndexError, KeyError, ImportError)
+_BAD_INPUT = (
+    ValueError, TypeError, FileNotFoundError, FileExistsError, IndexError, KeyError, ImportError,
+    ConnectionError,  # an unreachable --scheduler
+)  # fmt: skip
+
+
+class _RunFailed(Exception):
+    """The run failed for a reason outside this process (a worker kept dying); no traceback helps."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--csv", help="write the per-probe table as CSV")
     analyze.add_argument("--plot", help="write a PNG bar chart of efficiency per probe")
     analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
+    analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
+    analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
+    analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
 
     export = commands.add_parser("export", help="export a Keras (.keras) or PyTorch (module:factory) model to ONNX")
@@ -105,20 +116,13 @@ def _data_and_labels(args, model) -> tuple:
 
 
 def _analyze(args) -> int:
-    from .api import build_efficiency_model
     from .report import summarize
 
     model_path = args.model if args.model is not None else str(demo.model_path())
-    model = build_efficiency_model(
-        model_path, args.attach_to, args.exclude, args.method, args.storage,
-        providers=args.provider, pack_in_graph=args.pack_in_graph,
-    )  # fmt: skip
-    data, labels = _data_and_labels(args, model)
-    if labels is not None:
-        accuracy = model.evaluate(data, labels, batch_size=args.batch_size, progress=args.progress)
+    if args.workers is not None or args.scheduler is not None:
+        model, accuracy = _analyze_sharded(args, model_path)
     else:
-        model.predict(data, batch_size=args.batch_size, progress=args.progress)
-        accuracy = None
+        model, accuracy = _analyze_here(args, model_path)
     report = summarize(model, accuracy, args.aiq_weight)
     if args.model is None:
         print(f"model: bundled demo ({Path(model_path).name}, LeNet-5 on held-out scikit-learn digits)")
@@ -130,6 +134,48 @@ def _analyze(args) -> int:
     if args.plot:
         report.plot(args.plot)
     return 0
+
+
+def _analyze_here(args, model_path: str) -> tuple:
+    from .api import build_efficiency_model
+
+    model = build_efficiency_model(
+        model_path, args.attach_to, args.exclude, args.method, args.storage,
+        providers=args.provider, pack_in_graph=args.pack_in_graph,
+    )  # fmt: skip
+    data, labels = _data_and_labels(args, model)
+    if labels is not None:
+        accuracy = model.evaluate(data, labels, batch_size=args.batch_size, progress=args.progress)
+    else:
+        model.predict(data, batch_size=args.batch_size, progress=args.progress)
+        accuracy = None
+    return model, accuracy
+
+
+def _analyze_sharded(args, model_path: str) -> tuple:
+    """Shard the data over Dask workers; a .npy is read by the workers themselves."""
+    from .distributed import ShardFailedError, analyze_cli
+    from .graph import load_model
+
+    if args.workers is not None and args.workers <= 0:
+        raise ValueError(f"--workers must be a positive number of processes, got {args.workers}")
+    if args.data is not None and Path(args.data).suffix == ".npy":
+        _load_array(args.data, "data")  # a bad file fails here, in one line
+        data = str(Path(args.data).absolute())
+        labels = None if args.labels is None else np.asarray(_load_array(args.labels, "labels"))
+    else:
+        graph = load_model(model_path).graph
+        initializers = {tensor.name for tensor in graph.initializer}
+        inputs = SimpleNamespace(inputs=[spec for spec in graph.input if spec.name not in initializers])
+        data, labels = _data_and_labels(args, inputs)
+    try:
+        return analyze_cli(
+            model_path, data, labels, args.attach_to, args.exclude, args.method, args.batch_size,
+            args.workers, args.scheduler, args.storage, args.pack_in_graph, providers=args.provider,
+            timeout=args.connect_timeout,
+        )  # fmt: skip
+    except ShardFailedError as exc:
+        raise _RunFailed(str(exc)) from exc
 
 
 def _inspect(args) -> int:
@@ -214,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"tensorstate-onnx: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _RunFailed as exc:
+        print(f"tensorstate-onnx: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
     except Exception:  # an internal error: show everything for a bug report
         traceback.print_exc()
         print("tensorstate-onnx: internal error (please report it with the traceback above)", file=sys.stderr)

@@ -1227,6 +1227,7 @@ def analyze_cli(
     pack_in_graph,
     *,
     providers="cpu",
+    timeout: float = 30.0,
 ) -> tuple[OnnxEfficiencyModel, float | None]:
     """What ``tensorstate-onnx analyze --workers N --scheduler ADDRESS`` runs.
 
@@ -1250,6 +1251,6 @@ def analyze_cli(
     result = analyze_sharded(
         model_path, data, attach_to, exclude or (), method, labels=labels, batch_size=batch_size,
         n_workers=workers, scheduler=scheduler, storage_path=storage,
-        pack_in_graph=pack_in_graph, providers=providers,
+        pack_in_graph=pack_in_graph, providers=providers, timeout=timeout,
     )  # fmt: skip
     return result.model, result.accuracy

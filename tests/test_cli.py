@@ -197,6 +197,39 @@ def test_analyze_options(capsys, expected, files, tmp_path):
     assert _figure(out, "aIQ (weight 3):") is not None
 
 
+@pytest.mark.parametrize(
+    "data_args",
+    [(), ("--data", "x.npy", "--labels", "y.npy"), ("--data", "named.npz")],
+    ids=["demo", "npy read by the workers", "npz loaded here"],
+)
+def test_analyze_sharded_over_local_workers_matches_one_process(capsys, expected, files, data_args):
+    pytest.importorskip("distributed")
+    args = [files.get(arg, arg) for arg in data_args]
+    model = [files["model"]] if data_args else []
+    code, out, err = _main(capsys, "analyze", *model, *args, "--workers", "2", "--batch-size", "64")
+    assert code == 0, err
+    _assert_table_matches(out, expected)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze", "--workers", "0"], "--workers must be a positive number of processes, got 0"),
+        (["analyze", "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "1"],
+         "could not connect to the Dask scheduler at 'tcp://127.0.0.1:9' within 1.0 s"),
+        (["analyze", "model", "--data", "text.npy", "--workers", "2"], "data file .*text.npy is not a readable"),
+    ],
+    ids=["no workers", "unreachable scheduler", "bad data file"],
+)  # fmt: skip
+def test_sharded_bad_input_exits_2_with_one_line(capsys, files, argv, message):
+    pytest.importorskip("distributed")
+    argv = [str(files[arg]) if arg in files else arg for arg in argv]
+    code, out, err = _main(capsys, *argv)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+
+
 def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
     code, out, err = _main(capsys, "inspect", files["model"])
     assert code == 0, err
