@@ -1158,21 +1158,17 @@ class StateCounter:
         return (ids.copy() if shared or not ids.flags.c_contiguous else ids), counts
 
     def __getstate__(self) -> dict:
+        # Sharded runs ship counters between processes: each distinct state
+        # once, as its packed bytes, with counts in the narrowest dtype that
+        # holds them; hashes and order are rebuilt when loaded.
         state = self.__dict__.copy()
         if self._small:
-            # Only the states seen, not the whole table.
             seen = np.flatnonzero(self._direct)
-            state["_direct"] = (self._direct.size, seen, self._direct[seen])
+            state["_direct"] = (self._direct.size, seen, _narrowest(self._direct[seen]))
             return state
-        # Each distinct state once; hashes and order are rebuilt when loaded.
         state.update(_pending=None, _n_pending=0, _arena=None, _arena_rows=0)
-        if self._n_words == 1:
-            run = self._compact()
-            state["_runs"] = None if run is None else (run.keys, run.counts)
-        else:
-            words, counts, shared = self._states()
-            # A copy: protocol-5 pickling (dask) may keep a view of our buffer.
-            state["_runs"] = (words.copy() if shared else words, counts)
+        ids, counts = self.result()
+        state["_runs"] = (np.ascontiguousarray(ids), _narrowest(counts))
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -1182,19 +1178,31 @@ class StateCounter:
             self._direct = np.zeros(size, np.int64)
             self._direct[seen] = counts
             return
-        saved = state["_runs"]
+        ids, counts = state["_runs"]
+        counts = counts.astype(np.int64)
         self._runs = []
-        if saved is None:
+        if ids.shape[0] == 0:
             return
         if self._n_words == 1:
-            keys, counts = saved
+            # result() lists short states in byte order, so the keys are sorted.
+            keys = np.empty(ids.shape[0], np.uint64)
+            _be_words(ids, keys)
             self._runs = [_Run(keys, None, counts)]
-        elif saved[0].shape[0]:
-            words, counts = saved
+        else:
+            words = _as_words(ids, self._n_words)
             self._reserve(words.shape[0])
             self._arena[: words.shape[0]] = words
             self._n_pending = words.shape[0]
             self._flush(counts)
+
+
+def _narrowest(counts: np.ndarray) -> np.ndarray:
+    """``counts`` in the smallest unsigned dtype that holds them (a pickle is mostly counts of 1)."""
+    top = int(counts.max()) if counts.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return counts.astype(dtype)
+    return counts
 
 
 # Groups of rows equal in one column that are sorted by the next column with

@@ -353,6 +353,25 @@ def test_memory_of_many_distinct_states_stays_near_their_size():
     assert set(counter.result()[1].tolist()) == {3}
 
 
+@pytest.mark.parametrize("c", [20, 32, 100])
+def test_pickle_of_distinct_states_is_their_bytes_plus_one_byte_counts(c):
+    rng = np.random.default_rng(c)
+    states = np.unique(rng.integers(0, 256, (50_000, n_bytes_for(c)), dtype=np.uint8), axis=0)
+    states[:, -1] &= (1 << (c - 8 * (n_bytes_for(c) - 1))) - 1  # unused high bits stay 0
+    states = np.unique(states, axis=0)
+    counter = StateCounter(c)
+    counter.add(states)
+    counter.add(states[:10])
+    clone = pickle.loads(pickle.dumps(counter))
+    assert len(pickle.dumps(counter)) <= len(states) * (n_bytes_for(c) + 1) + 1_000
+    ids, counts = clone.result(sort=True)
+    np.testing.assert_array_equal(ids, states)
+    assert counts.dtype == np.int64
+    assert counts.tolist() == [2] * 10 + [1] * (len(states) - 10)
+    clone.add(states[-1:])
+    assert clone.result(sort=True)[1][-1] == 2 and clone.total == len(states) + 11
+
+
 def constant_hash(words):
     return np.zeros(words.shape[0], np.uint64)
 
