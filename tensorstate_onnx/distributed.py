@@ -1152,8 +1152,13 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
     leaves.clear()
     roots.clear()
     try:
-        for future in distributed.as_completed(list(pending.values()), loop=client.loop):
+        completed = distributed.as_completed(list(pending.values()), loop=client.loop)
+        for future in completed:
             key = future.key
+            if future.status == "lost":
+                # Its result died with a worker before we read it; Dask recomputes it.
+                completed.add(future)
+                continue
             pending.pop(key, None)
             if future.status != "finished":
                 if future.status == "error":
