@@ -4,7 +4,7 @@ The rewriter is the bridge between "which layers does the user want to watch" an
 "which tensors must onnxruntime hand back". It
 
 * finds layers by ONNX op type, ONNX node name, or the framework names that
-  survive export (PyTorch module names and classes, Keras layer names),
+  survive export (PyTorch module names and classes, Keras layer names and classes),
 * picks the tensor entering (``"before"``) or leaving (``"after"``) each match,
 * works out the neuron (channel) axis of every probed tensor,
 * appends each probed tensor to the graph outputs (typed by shape inference),
@@ -63,6 +63,12 @@ _MIN_PACK_OPSET = 13
 
 _TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _TORCH_CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
+# Written by converters.from_keras: the Keras layer a node belongs to, its class, class path.
+_KERAS_LAYER_NAME = "pkg.keras.layer_name"
+_KERAS_LAYER_CLASS = "pkg.keras.layer_class"
+_KERAS_LAYER_CLASS_PATH = "pkg.keras.layer_class_path"
+#: Producers whose graph inputs are Keras/TensorFlow tensors, hence channels-last.
+_CHANNELS_LAST_PRODUCERS = frozenset({"tf2onnx", "keras2onnx"})
 
 # A PyTorch parameter or buffer name: "<module qualified name>.<attribute>".
 _PARAM_NAME = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*)\.([A-Za-z_]\w*)$")
@@ -320,6 +326,7 @@ class _Index:
     constants: set[str] = field(default_factory=set)
     graph_inputs: list[str] = field(default_factory=list)
     graph_outputs: set[str] = field(default_factory=set)
+    channels_last: bool = False
 
     def rank(self, tensor: str) -> int | None:
         """Rank of ``tensor`` if shape inference found it."""
@@ -366,7 +373,7 @@ def _fresh_name(base: str, taken: set[str]) -> str:
 def _build_index(model: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> _Index:
     """Index the main graph of ``model`` (tensor producers, consumers, constants)."""
     graph = model.graph
-    index = _Index(graph, _node_names(graph), types)
+    index = _Index(graph, _node_names(graph), types, channels_last=_is_channels_last(model))
     initializers = {init.name for init in graph.initializer}
     index.constants |= initializers
     index.graph_inputs = [vi.name for vi in graph.input if vi.name not in initializers]
@@ -379,6 +386,14 @@ def _build_index(model: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> _I
         if _is_constant_node(node, index.constants):
             index.constants.update(node.output)
     return index
+
+
+def _is_channels_last(model: onnx.ModelProto) -> bool:
+    """Whether the model comes from Keras/TensorFlow (by its producer or from_keras's
+    node metadata), whose inputs are channels-last even where its Convs compute NCHW."""
+    return model.producer_name in _CHANNELS_LAST_PRODUCERS or any(
+        prop.key == _KERAS_LAYER_NAME for node in model.graph.node for prop in node.metadata_props
+    )
 
 
 def _is_constant_node(node: onnx.NodeProto, constants: set[str]) -> bool:
@@ -441,6 +456,8 @@ def _node_scope_entries(node: onnx.NodeProto) -> list[tuple[tuple, _Scope]]:
     meta = {prop.key: prop.value for prop in node.metadata_props}
     if _TORCH_NAME_SCOPES in meta:
         return _torch_metadata_entries(meta)
+    if _KERAS_LAYER_NAME in meta:
+        return _keras_metadata_entries(meta, node.name)
     if node.name.startswith("/"):
         return _torch_legacy_entries(node.name)
     return _keras_entries(node.name)
@@ -477,17 +494,38 @@ def _literal_list(text: str | None) -> list[str]:
 def _torch_legacy_entries(name: str) -> list[tuple[tuple, _Scope]]:
     """Modules of a node named by the legacy TorchScript exporter (``/features/features.0/Conv``).
 
-    Path components are either qualified already (``features.0``) or relative to
-    their parent (``/blocks/blocks.0/conv/Conv`` is module ``blocks.0.conv``).
+    Each path component is a module's qualified name from its last non-numeric
+    atom on. So a component that extends the one before it is a container's child
+    (``features`` -> ``features.0``; ``conv.0`` -> ``conv.0.0`` under
+    ``features.1.conv.0``), any other is an attribute of its parent
+    (``/blocks/blocks.0/conv/Conv`` is module ``blocks.0.conv``).
     """
-    entries, parent = [], ""
+    entries, parent, shown = [], "", ""
     for depth, part in enumerate(name.split("/")[1:-1], start=1):
         if not part:
             continue
-        qualname = part if not parent or part.startswith(parent + ".") else f"{parent}.{part}"
+        if parent and part.startswith(shown + "."):
+            qualname = parent + part[len(shown):]
+        else:
+            qualname = f"{parent}.{part}" if parent else part
         entries.append((("torch", qualname), _Scope(qualname, {qualname}, "torch", depth)))
-        parent = qualname
+        parent, shown = qualname, part
     return entries
+
+
+def _keras_metadata_entries(meta: Mapping[str, str], node_name: str) -> list[tuple[tuple, _Scope]]:
+    """The Keras layer of a node tagged by ``converters.from_keras``.
+
+    The layer name is the label (as on the native Keras path) and a key, with
+    the class name (``"Conv2D"``) and class path, so patterns select the same
+    layers as natively. The tf2onnx scope in the node name (``conv1_1``) stays
+    an alias.
+    """
+    layer = meta[_KERAS_LAYER_NAME]
+    keys = {layer, meta.get(_KERAS_LAYER_CLASS, ""), meta.get(_KERAS_LAYER_CLASS_PATH, "")} - {""}
+    aliases = {scope.label for _, scope in _keras_entries(node_name)} - keys
+    # Not kind "keras": the label is the layer's real name, no export suffix to strip.
+    return [(("keras", layer), _Scope(layer, keys, "keras-metadata", 1, aliases))]
 
 
 def _keras_entries(name: str) -> list[tuple[tuple, _Scope]]:
@@ -675,15 +713,22 @@ def _before_tensor(scope: _Scope, index: _Index) -> tuple[int, str] | None:
 
 
 def _candidates(scopes: list[_Scope], method: str, index: _Index) -> list[_Candidate]:
-    """One candidate per distinct probed tensor, in topological order of the tensors."""
+    """One candidate per distinct (tensor, scope label, method), in topological order
+    of the tensors.
+
+    A tensor leaving one scope and entering the next (Conv -> Conv) is a candidate
+    of each, as the native front ends record ``conv1:after`` and ``conv2:before``;
+    a scope matched by several patterns is one candidate.
+    """
     methods = ("before", "after") if method == "both" else (method,)
     finders = {"before": _before_tensor, "after": _after_tensor}
-    found: dict[str, _Candidate] = {}
+    found: dict[tuple[str, str, str], _Candidate] = {}
     for scope in scopes:
         for m in methods:
             hit = finders[m](scope, index)
-            if hit is not None and hit[1] not in found:
-                found[hit[1]] = _Candidate(hit[1], scope.label, m, hit[0])
+            if hit is not None:
+                node, tensor = hit
+                found.setdefault((tensor, scope.label, m), _Candidate(tensor, scope.label, m, node))
     return sorted(found.values(), key=lambda c: (index.position(c.tensor), c.method))
 
 
@@ -725,12 +770,16 @@ def _normalize(axis: int, rank: int | None) -> int:
 def _graph_input_axis(name: str, index: _Index) -> int:
     """Axis 1 of image-like (rank >= 3) inputs, last otherwise.
 
-    A rank >= 3 input that is only read by Transposes (Keras NHWC inputs converted
-    to NCHW by tf2onnx) has its neurons on the axis the Transpose moves to 1.
+    Inputs of Keras/TensorFlow models are channels-last (tf2onnx feeds a 1-channel
+    NHWC image to a Reshape, a Dense layer reads any rank) unless only Conv-family
+    ops read them (tf2onnx's ``inputs_as_nchw``). Elsewhere a rank >= 3 input that
+    is only read by Transposes has its neurons on the axis the Transpose moves to 1.
     """
     rank = index.rank(name)
     if rank is None or rank < 3:
         return _normalize(-1, rank)
+    if index.channels_last:
+        return _normalize(_reader_axis(name, index), rank)
     readers = [index.graph.node[i] for i in sorted(index.consumers.get(name, ()))]
     perms = {tuple(_transpose_perm(node, rank)) for node in readers if node.op_type == "Transpose"}
     if readers and len(perms) == 1 and all(node.op_type == "Transpose" for node in readers):
@@ -754,7 +803,22 @@ def _output_axis(node: onnx.NodeProto, axes: dict[str, int], index: _Index) -> i
         return _broadcast_axis(axes[source], index.rank(source), index.rank(node.output[0]))
     if op == "Transpose" and axes[source] >= 0 and index.rank(source):
         return list(_transpose_perm(node, index.rank(source))).index(axes[source])
-    return -1
+    return _reader_axis(node.output[0], index)
+
+
+def _reader_axis(tensor: str, index: _Index) -> int:
+    """Axis 1 when every reader takes ``tensor`` as its NCHW data input, else -1 (last).
+
+    For tensors whose layout nothing upstream fixes: outputs of layout-free ops
+    (tf2onnx replaces the NHWC->NCHW Transpose before a Conv by a Reshape when
+    the image has one channel; the Conv reads its axis 1 as channels) and the
+    inputs of Keras/TensorFlow models.
+    """
+    readers = [index.graph.node[i] for i in index.consumers.get(tensor, ())]
+    nchw = bool(readers) and all(
+        node.op_type in _AXIS1_OPS and node.input[0] == tensor for node in readers
+    )
+    return 1 if nchw else -1
 
 
 def _broadcast_axis(axis: int, rank_in: int | None, rank_out: int | None) -> int:
@@ -1061,13 +1125,17 @@ def _make_probes(
     overrides: dict[str, int],
     pack: bool,
 ) -> list[Probe]:
-    """Turn candidates into Probes and add their graph outputs to ``model``."""
+    """Turn candidates into Probes and add their graph outputs to ``model``.
+
+    Each tensor becomes one graph output, shared by every probe that watches it
+    (packed outputs are shared by probes with the same channel axis).
+    """
     axes = _channel_axes(index)
     editor = _Editor(model.graph, _all_names(model.graph, index.names), model.ir_version)
+    outputs: dict[tuple[str, int | None], str] = {}
     probes = []
     for cand, name in zip(candidates, _unique_probe_names(candidates)):
-        tensor_type = index.types[cand.tensor]
-        shape = _shape_of(tensor_type)
+        shape = _shape_of(index.types[cand.tensor])
         axis = _apply_override(cand, name, axes[cand.tensor], len(shape), overrides)
         if pack and shape[axis] is None:
             raise ValueError(
@@ -1075,18 +1143,27 @@ def _make_probes(
                 f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
                 "with a fixed channel size or use pack_in_graph=False"
             )
-        source = editor.isolate(cand.tensor, index)
-        if pack:
-            output = _expose_packed(model, editor, source, tensor_type, axis)
-        else:
-            output = _expose(model, index, source, tensor_type)
+        key = (cand.tensor, axis if pack else None)
+        if key not in outputs:
+            outputs[key] = _probe_output(model, index, editor, cand.tensor, axis, pack)
         node = index.graph.node[cand.node]
         probes.append(
             Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
-                  output, axis, shape, shape[axis], pack)
+                  outputs[key], axis, shape, shape[axis], pack)
         )  # fmt: skip
     _check_override_keys(overrides, probes)
     return probes
+
+
+def _probe_output(
+    model: onnx.ModelProto, index: _Index, editor: _Editor, tensor: str, axis: int, pack: bool
+) -> str:
+    """Add the graph output that carries ``tensor`` (packed on ``axis`` if ``pack``); return it."""
+    tensor_type = index.types[tensor]
+    source = editor.isolate(tensor, index)
+    if pack:
+        return _expose_packed(model, editor, source, tensor_type, axis)
+    return _expose(model, index, source, tensor_type)
 
 
 def _expose(

@@ -168,7 +168,9 @@ class OnnxEfficiencyModel:
         ]
         self.session = self._make_session(optimization, threads)
         self.inputs = self.session.get_inputs()
-        self._run_outputs = self.output_names + [probe.output_name for probe in self.probes]
+        # Probes sharing a tensor share its output: request each output name once.
+        probe_outputs = [probe.output_name for probe in self.probes]
+        self._run_outputs = list(dict.fromkeys(self.output_names + probe_outputs))
         self._recorder = ThreadPoolExecutor(1, thread_name_prefix="tensorstate-record")
 
     def _make_session(self, optimization: str, threads: int | None) -> ort.InferenceSession:
@@ -245,12 +247,14 @@ class OnnxEfficiencyModel:
         batch_size = next(iter(feed.values())).shape[0] if feed else 1
         if previous is not None:
             previous.result()  # at most one batch waits to be counted
-        pending = self._recorder.submit(self._record, values[n_out:], batch_size)
+        by_name = dict(zip(self._run_outputs, values))
+        pending = self._recorder.submit(self._record, by_name, batch_size)
         return values[:n_out], pending
 
-    def _record(self, values: list[np.ndarray], batch_size: int) -> None:
-        for capture, value in zip(self.efficiency_layers, values):
-            capture.record_output(value, batch_size)
+    def _record(self, values: dict[str, np.ndarray], batch_size: int) -> None:
+        """Feed every capture the session output of its probe, by output name."""
+        for capture in self.efficiency_layers:
+            capture.record_output(values[capture.probe.output_name], batch_size)
 
     def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
         pending: Future | None = None

@@ -112,6 +112,37 @@ def _packbits(x: np.ndarray, axis: int) -> np.ndarray:
     return np.packbits(channels_last.reshape(-1, x.shape[axis]) > 0, axis=-1, bitorder="little")
 
 
+def _state_counts(capture) -> dict[bytes, int]:
+    """A capture's states as {state id: count}."""
+    return dict(zip(capture.state_ids(), capture.counts().tolist()))
+
+
+def _assert_same_states(native, probe, exact: bool = False) -> None:
+    """Assert that a native capture and an ONNX probe recorded the same states.
+
+    The totals and neuron counts must be equal; unless ``exact``, states flipped by
+    float rounding right at zero (the runtimes order operations differently) may
+    move between state ids, fewer than 1e-4 of them (as in test_parity.py).
+    """
+    totals = (probe.state_count, probe.n_neurons)
+    assert totals == (native.state_count, native.n_neurons), probe.name
+    left, right = _state_counts(native), _state_counts(probe)
+    if exact:
+        assert left == right, probe.name
+        return
+    moved = sum(abs(left.get(k, 0) - right.get(k, 0)) for k in left.keys() | right.keys()) // 2
+    assert moved < 1e-4 * native.state_count, (probe.name, moved)
+
+
+def _without_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without node metadata (as a plain exporter writes it)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        del node.metadata_props[:]
+    return copy
+
+
 # ---------------------------------------------------------------- matching
 
 
@@ -185,10 +216,75 @@ def test_both_gives_two_probes_and_shared_tensor_once(cnn):
     assert [(p.name, p.tensor_name, p.method) for p in probes] == [
         ("bn:before", "c", "before"), ("bn:after", "n", "after"),
     ]  # fmt: skip
-    _, probes = add_probes(cnn, ["conv", "bn", "Conv"], method="both")
-    tensors = [p.tensor_name for p in probes]
-    assert tensors == ["x", "c", "n", "r", "c2"]
-    assert len(set(p.name for p in probes)) == len(probes)
+    # conv:after and bn:before watch the same tensor: two probes, one new graph output;
+    # "Conv" names conv again, which adds nothing.
+    rewritten, probes = add_probes(cnn, ["conv", "bn", "Conv"], method="both")
+    assert [(p.name, p.tensor_name) for p in probes] == [
+        ("conv:before", "x"), ("conv:after", "c"), ("bn:before", "c"), ("bn:after", "n"),
+        ("conv2:before", "r"), ("conv2:after", "c2"),
+    ]  # fmt: skip
+    shared = {p.name: p.output_name for p in probes}
+    assert shared["conv:after"] == shared["bn:before"]
+    added = [o.name for o in rewritten.graph.output[2:]]
+    assert sorted(added) == sorted(set(shared.values())) and len(added) == 5
+
+
+def _conv_chain() -> onnx.ModelProto:
+    """x -> conv1 -> h -> conv2 -> y: conv1's output is conv2's input, nothing between."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["h"], name="conv1"),
+        helper.make_node("Conv", ["h", "W2"], ["y"], name="conv2"),
+    ]
+    g = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 2, 2])],
+        [_init("W1", 4, 3, 3, 3), _init("W2", 5, 4, 3, 3)],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_both_probes_a_tensor_shared_by_two_layers():
+    """conv1:after and conv2:before are one tensor: two probes (as the native front
+    ends record) on one graph output; naming conv1 twice still gives one probe each."""
+    model = _conv_chain()
+    rewritten, probes = add_probes(model, ["Conv", "conv1"], method="both")
+    assert [(p.name, p.tensor_name, p.output_name) for p in probes] == [
+        ("conv1:before", "x", "x"), ("conv1:after", "h", "h"),
+        ("conv2:before", "h", "h"), ("conv2:after", "y", "y"),
+    ]  # fmt: skip
+    assert [o.name for o in rewritten.graph.output] == ["y", "x", "h"]
+    _, packed = add_probes(model, ["Conv", "conv1"], method="both", pack_in_graph=True)
+    assert len({p.output_name for p in packed}) == 3
+    assert packed[1].output_name == packed[2].output_name != "h"
+
+
+def test_runtime_feeds_a_shared_output_to_each_of_its_probes():
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    class Requests:
+        """Wraps a session and records the output names each run asks for."""
+
+        def __init__(self, session):
+            self.session, self.names = session, []
+
+        def run(self, names, feed):
+            self.names.append(list(names))
+            return self.session.run(names, feed)
+
+    model = _conv_chain()
+    x = RNG.standard_normal((8, 3, 6, 6)).astype(np.float32)
+    efficiency = OnnxEfficiencyModel(model, ["Conv", "conv1"], method="both", providers="cpu")
+    efficiency.session = Requests(efficiency.session)
+    efficiency.predict(x, batch_size=4)
+    assert efficiency.session.names == [["y", "x", "h"]] * 2
+    captures = {c.name: c for c in efficiency.efficiency_layers}
+    assert list(captures) == ["conv1:before", "conv1:after", "conv2:before", "conv2:after"]
+    h = _run(add_probes(model, "conv1")[0], {"x": x})["h"]
+    ids, counts = np.unique(_packbits(h, 1), axis=0, return_counts=True)
+    expected = dict(zip((row.tobytes() for row in ids), counts.tolist()))
+    assert _state_counts(captures["conv1:after"]) == expected
+    assert _state_counts(captures["conv2:before"]) == expected
+    assert captures["conv1:before"].state_count == 8 * 36 and captures["conv2:after"].n_neurons == 5
 
 
 def test_before_skips_initializers_and_constants():
@@ -261,7 +357,7 @@ def test_probe_outputs_are_typed(cnn):
 @pytest.mark.parametrize("level", ALL_LEVELS)
 def test_original_outputs_bit_identical(cnn, x, level, pack):
     rewritten, probes = add_probes(cnn, "*", method="both", pack_in_graph=pack)
-    assert len(probes) == 12
+    assert len(probes) == 22 and len({p.tensor_name for p in probes}) == 12
     reference = _run(cnn, {"x": x}, level)
     probed = _run(rewritten, {"x": x}, level)
     for name, value in reference.items():
@@ -335,6 +431,45 @@ def test_broadcast_and_reduce_axes():
         ("scaled", (1, None, 3, 1, 1), 2, 3),
         ("squeezed", (1, None, 3), 2, 3),
     ]
+
+
+def _tf2onnx_style(producer: str) -> onnx.ModelProto:
+    """A 1-channel NHWC image reshaped to NCHW for a Conv (as tf2onnx converts one), and
+    a rank-3 sequence read by MatMul (a Dense layer)."""
+    shape = numpy_helper.from_array(np.array([-1, 1, 6, 6], np.int64), "shape")
+    nodes = [
+        helper.make_node("Reshape", ["img", "shape"], ["nchw"], name="to_nchw"),
+        helper.make_node("Conv", ["nchw", "W"], ["c"], name="conv"),
+        helper.make_node("MatMul", ["seq", "Wd"], ["d"], name="dense"),
+    ]
+    g = helper.make_graph(
+        nodes, "tf",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 6, 6, 1]),
+         helper.make_tensor_value_info("seq", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 2, 4, 4]),
+         helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N", 4, 5])],
+        [shape, _init("W", 2, 1, 3, 3), _init("Wd", 8, 5)],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name=producer)
+
+
+@pytest.mark.parametrize(
+    "producer, img_axis, seq_axis", [("tf2onnx", 3, 2), ("pytorch", 1, 1)], ids=["tf2onnx", "other"]
+)
+def test_channels_last_producers(producer, img_axis, seq_axis):
+    """Inputs of tf2onnx models are Keras tensors, channels-last whatever reads them;
+    a Reshape read only by a Conv has its neurons on axis 1 in any model."""
+    model = _tf2onnx_style(producer)
+    _, probes = add_probes(model, ["to_nchw", "dense", "conv"], method="both")
+    axes = {p.name: (p.tensor_name, p.channel_axis, p.n_neurons) for p in probes}
+    assert axes["to_nchw:before"] == ("img", img_axis, (None, 6, 6, 1)[img_axis])
+    assert axes["dense:before"] == ("seq", seq_axis, (None, 4, 8)[seq_axis])
+    assert axes["to_nchw:after"] == axes["conv:before"] == ("nchw", 1, 1)
+    assert axes["conv:after"] == ("c", 1, 2) and axes["dense:after"] == ("d", 2, 5)
+    nchw_input = _cnn()  # an input read by a Conv only (tf2onnx's inputs_as_nchw)
+    nchw_input.producer_name = producer
+    _, probes = add_probes(nchw_input, "conv", method="before")
+    assert [(p.tensor_name, p.channel_axis) for p in probes] == [("x", 1)]
 
 
 def test_old_ir_version(x):
@@ -628,6 +763,60 @@ def test_torch_style_metadata_and_legacy_names():
     assert list_nodes(model)[1]["labels"] == ["features", "features.1", "features.1.act"]
 
 
+def test_keras_layer_metadata():
+    """from_keras tags each node with its Keras layer: the layer name is the label (as on
+    the native path), the class name and class path select it too, the tf2onnx scope
+    is an alias, and the model's inputs count as channels-last."""
+    model = _tf2onnx_style("")
+    conv2d = ("Conv2D", "keras.src.layers.convolutional.conv2d.Conv2D")
+    layers = [
+        ("m_1/conv1_1/convolution__6", "conv1", *conv2d),
+        ("m_1/conv1_1/convolution", "conv1", *conv2d),
+        ("m_1/dense_1_1/Tensordot/MatMul", "dense_1", "Dense", "keras.src.layers.core.dense.Dense"),
+    ]
+    for node, (name, layer, cls, path) in zip(model.graph.node, layers):
+        node.name = name
+        helper.set_metadata_props(node, {
+            "pkg.keras.layer_name": layer, "pkg.keras.layer_class": cls,
+            "pkg.keras.layer_class_path": path,
+        })  # fmt: skip
+    for pattern in ("Conv2D", "*.Conv2D", "conv1", "conv1_1"):
+        _, probes = add_probes(model, pattern, method="both")
+        assert [(p.name, p.tensor_name, p.channel_axis) for p in probes] == [
+            ("conv1:before", "img", 3), ("conv1:after", "c", 1),
+        ], pattern  # fmt: skip
+    _, probes = add_probes(model, "Dense", method="before")
+    assert [(p.name, p.channel_axis) for p in probes] == [("dense_1:before", 2)]
+    assert [n["labels"] for n in list_nodes(model)] == [["conv1"], ["conv1"], ["dense_1"]]
+    with pytest.raises(ProbeMatchError):  # node names alone carry no classes
+        add_probes(_without_metadata(model), "Conv2D")
+
+
+def test_torch_legacy_names_of_nested_containers():
+    """A legacy component that extends the one before it is a container's child
+    (``conv.0`` -> ``conv.0.0``); any other is an attribute of its parent."""
+    paths = {
+        "/features/features.1/conv/conv.0/conv.0.0/Conv": ["features", "features.1",
+            "features.1.conv", "features.1.conv.0", "features.1.conv.0.0"],
+        "/features/features.1/conv/conv.1/Relu": ["features", "features.1", "features.1.conv",
+            "features.1.conv.1"],
+        "/blocks/blocks.0/ml.0/Relu": ["blocks", "blocks.0", "blocks.0.ml.0"],
+        "/0/Relu": ["0"],
+    }  # fmt: skip
+    nodes = [helper.make_node("Relu", [f"t{k}"], [f"t{k + 1}"], name=name)
+             for k, name in enumerate(paths)]  # fmt: skip
+    g = helper.make_graph(
+        nodes, "legacy", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info(f"t{len(paths)}", TensorProto.FLOAT, ["N", 3])],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert [n["labels"] for n in list_nodes(model)] == list(paths.values())
+    _, probes = add_probes(model, "features.1.conv.0", method="both")
+    assert [(p.name, p.tensor_name) for p in probes] == [
+        ("features.1.conv.0:before", "t0"), ("features.1.conv.0:after", "t1"),
+    ]  # fmt: skip
+
+
 # --------------------------------------------------------------- real exports
 
 
@@ -724,11 +913,202 @@ def test_keras_export(tmp_path):
         model.export(str(path), format="onnx", verbose=False)
     rewritten, probes = add_probes(path, ["conv1", "add", "gap", "dense"], method="both")
     assert [(p.name, p.channel_axis, p.n_neurons) for p in probes] == [
-        ("conv1:before", 3, 3), ("conv1:after", 1, 4), ("add:after", 1, 4),
-        ("gap:after", 1, 4), ("dense:after", 1, 3),
+        ("conv1:before", 3, 3), ("conv1:after", 1, 4), ("add:before", 1, 4), ("add:after", 1, 4),
+        ("gap:before", 1, 4), ("gap:after", 1, 4), ("dense:before", 1, 4), ("dense:after", 1, 3),
     ]  # fmt: skip
+    outputs = {p.name: p.output_name for p in probes}
+    assert outputs["conv1:after"] == outputs["add:before"]
+    assert outputs["gap:after"] == outputs["dense:before"]
     input_name = rewritten.graph.input[0].name
     reference, out = _run(str(path), {input_name: x}), _run(rewritten, {input_name: x})
     assert all(np.array_equal(reference[k], out[k]) for k in reference)
     conv1 = keras.Model(inp, model.get_layer("conv1").output)(x).numpy()
     assert np.allclose(np.moveaxis(out[probes[1].output_name], 1, -1), conv1, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def keras_lenet():
+    """The Keras LeNet-5, its from_keras export and a batch of (28, 28, 1) images."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("from_keras converts through TensorFlow")
+    from tensorstate_onnx.converters import from_keras
+    from tensorstate_onnx.models.keras_models import lenet5
+
+    keras.utils.set_random_seed(0)
+    model = lenet5()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = from_keras(model)
+    x = np.random.default_rng(3).normal(size=(64, 28, 28, 1)).astype(np.float32)
+    return model, exported, x
+
+
+def test_keras_classes_select_the_native_layers(keras_lenet):
+    """attach_to=["Conv2D"] on the ONNX path probes the layers the native Keras path
+    probes, under the same labels, and records the same states."""
+    from tensorstate_onnx import build_efficiency_model
+
+    model, _, x = keras_lenet
+    native = build_efficiency_model(model, ["Conv2D"])
+    native.predict(x, batch_size=32, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_model = build_efficiency_model(
+            model, ["Conv2D"], runtime="onnxruntime", providers="cpu"
+        )
+    onnx_model.predict(x, batch_size=32)
+    layers = [("conv1", "after"), ("conv2", "after"), ("conv3", "after")]
+    assert [(c.label, c.method) for c in native.efficiency_layers] == layers
+    assert [(p.label, p.method) for p in onnx_model.probes] == layers
+    for native_capture, probe in zip(native.efficiency_layers, onnx_model.efficiency_layers):
+        _assert_same_states(native_capture, probe)
+
+
+@pytest.mark.parametrize("attach_to", [["Conv2D"], ["Conv"]], ids=["layer", "op"])
+def test_keras_before_the_first_conv_is_channels_last(keras_lenet, attach_to):
+    """Before conv1 is the (28, 28, 1) image: by layer, the NHWC model input (last axis);
+    by ONNX op, the Reshape tf2onnx puts in front of the Conv (axis 1). Both give the
+    native states: 784 one-neuron states per image."""
+    from tensorstate_onnx import build_efficiency_model
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    model, exported, x = keras_lenet
+    native = build_efficiency_model(model, ["Conv2D"], method="before")
+    native.predict(x, batch_size=32, verbose=0)
+    onnx_model = OnnxEfficiencyModel(exported, attach_to, method="before", providers="cpu")
+    onnx_model.predict(x, batch_size=32)
+    assert [(p.name, p.n_neurons) for p in onnx_model.probes] == [
+        ("conv1:before", 1), ("conv2:before", 20), ("conv3:before", 50),
+    ]  # fmt: skip
+    first, *rest = zip(native.efficiency_layers, onnx_model.efficiency_layers)
+    assert first[1].state_count == len(x) * 28 * 28
+    _assert_same_states(*first, exact=True)
+    for native_capture, probe in rest:
+        _assert_same_states(native_capture, probe)
+
+
+def test_keras_dense_on_a_sequence_is_channels_last():
+    """A Dense layer on (4, 8) inputs: the neurons of its input are the last axis."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("from_keras converts through TensorFlow")
+    from tensorstate_onnx import build_efficiency_model
+
+    inputs = keras.Input((4, 8), name="seq")
+    hidden = keras.layers.Dense(5, activation="relu", name="dense1")(inputs)
+    flat = keras.layers.Flatten(name="flatten")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="dense2")(flat))
+    x = np.random.default_rng(4).normal(size=(32, 4, 8)).astype(np.float32)
+    native = build_efficiency_model(model, ["dense1"], method="both")
+    native.predict(x, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_model = build_efficiency_model(model, ["dense1"], method="both", runtime="onnxruntime",
+                                            providers="cpu")  # fmt: skip
+    onnx_model.predict(x)
+    assert [(p.name, p.n_neurons) for p in onnx_model.probes] == [
+        ("dense1:before", 8), ("dense1:after", 5),
+    ]  # fmt: skip
+    before, after = zip(native.efficiency_layers, onnx_model.efficiency_layers)
+    assert before[1].state_count == 32 * 4
+    _assert_same_states(*before, exact=True)
+    _assert_same_states(*after)
+
+
+def test_torch_adjacent_convs_both_match_hooks():
+    """conv1 -> conv2 with method="both": the ONNX path records conv1:after and
+    conv2:before (one tensor) as the torch hooks do."""
+    torch = pytest.importorskip("torch")
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3)
+            self.conv2 = torch.nn.Conv2d(4, 5, 3)
+
+        def forward(self, x):
+            return self.conv2(self.conv1(x))
+
+    torch.manual_seed(0)
+    net = Chain().eval()
+    x = torch.randn(16, 3, 10, 10)
+    onnx_model = OnnxEfficiencyModel(
+        from_torch(net, x[:1], dynamo=False), ["Conv2d"], method="both", providers="cpu"
+    )
+    onnx_model.predict(x.numpy(), batch_size=8)
+    attach_hooks(net, ["Conv2d"], method="both")
+    with torch.no_grad():
+        net(x)
+    hooks = {hook.name: hook for hook in net.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    assert list(probes) == ["conv1:before", "conv1:after", "conv2:before", "conv2:after"]
+    assert set(hooks) == set(probes)
+    assert probes["conv1:after"].probe.output_name == probes["conv2:before"].probe.output_name
+    for name, hook in hooks.items():
+        _assert_same_states(hook, probes[name], exact=name == "conv1:before")
+    remove_state_layers(net)
+
+
+@pytest.fixture(scope="module")
+def legacy_mobilenet():
+    """The MobileNetV2-style torch model and its legacy (TorchScript) export."""
+    torch = pytest.importorskip("torch")
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.models.torch_models import MobileNetV2Small
+
+    torch.manual_seed(0)
+    net = MobileNetV2Small().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = from_torch(net, torch.zeros(1, 3, 32, 32), dynamo=False)
+    return net, exported
+
+
+def test_torch_legacy_names_are_real_modules(legacy_mobilenet):
+    """Module names read from legacy node names alone are real modules: the ones
+    from_torch resolved by walking the module tree."""
+    net, exported = legacy_mobilenet
+    derived = [n["labels"] for n in list_nodes(_without_metadata(exported))]
+    compared = 0
+    for node, labels in zip(exported.graph.node, derived):
+        meta = {prop.key: prop.value for prop in node.metadata_props}
+        if "pkg.torch.onnx.name_scopes" in meta:
+            resolved = graph._literal_list(meta["pkg.torch.onnx.name_scopes"])[1:-1]
+            assert labels == resolved, node.name
+            compared += 1
+    assert compared > 80
+    labels = {label for node_labels in derived for label in node_labels}
+    assert labels <= set(dict(net.named_modules()))
+    assert {"features.1.conv.0", "features.1.conv.0.0", "features.2.conv.1.0"} <= labels
+
+
+def test_torch_legacy_nested_modules_match_hooks(legacy_mobilenet):
+    """attach_to nested module names on a plain legacy export (no metadata) probes the
+    modules torch hooks probe, with the same states."""
+    torch = pytest.importorskip("torch")
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    net, exported = legacy_mobilenet
+    attach_to = ["features.1.conv.0", "features.2.conv.1.0"]
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    onnx_model = OnnxEfficiencyModel(_without_metadata(exported), attach_to, method="both",
+                                     providers="cpu")  # fmt: skip
+    onnx_model.predict(x.numpy(), batch_size=4)
+    attach_hooks(net, attach_to, method="both")
+    with torch.no_grad():
+        net(x)
+    hooks = {hook.name: hook for hook in net.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    assert sorted(probes) == sorted(hooks) == sorted(
+        f"{name}:{method}" for name in attach_to for method in ("before", "after")
+    )
+    for name, hook in hooks.items():
+        _assert_same_states(hook, probes[name])
+    remove_state_layers(net)

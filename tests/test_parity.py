@@ -81,9 +81,7 @@ def _torch_model(torch, arch: str):
     return model
 
 
-# (input shape, {method: attach_to}, batch). One run per method: the ONNX path
-# probes each tensor once, so "after" of one module and "before" of the next
-# (the same tensor) are checked in separate runs.
+# (input shape, {method: attach_to}, batch). One run per method.
 _TORCH_CASES = {
     "lenet5": ((1, 28, 28), {"after": ["Conv2d", "Linear"], "before": ["Conv2d", "Linear"]}, 256),
     "mobilenet": (
@@ -150,8 +148,7 @@ def _keras_model(keras, arch: str):
 
 
 _KERAS_CASES = {
-    # LeNet's first conv reads the NHWC model input itself; see test_keras_input_probe_*.
-    "lenet5": ((28, 28, 1), {"after": ["Conv2D", "Dense"], "before": ["conv2", "conv3", "Dense"]}, 256),
+    "lenet5": ((28, 28, 1), {"after": ["Conv2D", "Dense"], "before": ["Conv2D", "Dense"]}, 256),
     "mobilenet": (
         (96, 96, 3),
         {"after": ["Conv2D", "DepthwiseConv2D", "Add", "ReLU", "Dense"],
@@ -171,7 +168,8 @@ def test_keras_layers_match_onnx_path(keras, arch):
     for method, attach_to in cases.items():
         native = build_keras_efficiency_model(model, attach_to, method=method)
         expected = native.predict(x, batch_size=n // 2, verbose=0)
-        # The ONNX model knows layer names, not Keras classes: name the same layers.
+        # Name the same layers: the Keras class "Add" is also an ONNX op type, which
+        # would add the Add nodes of the BatchNormalization layers.
         names = sorted({capture.label for capture in native.efficiency_layers})
         onnx_model = build_efficiency_model(
             model, names, method=method, runtime="onnxruntime", providers="cpu", keep_states=True
@@ -187,7 +185,7 @@ def test_keras_layers_match_onnx_path(keras, arch):
 
 def test_keras_input_probe_needs_the_channels_last_axis(keras):
     """A probe on the NHWC model input itself ("before" the first layer): tf2onnx feeds
-    it to a Reshape (1 channel), so its channel axis must be given explicitly."""
+    it to a Reshape (1 channel), yet its neurons are on the last axis, as in Keras."""
     from tensorstate_onnx.converters import from_keras
     from tensorstate_onnx.keras_capture import build_keras_efficiency_model
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
@@ -197,9 +195,8 @@ def test_keras_input_probe_needs_the_channels_last_axis(keras):
     native = build_keras_efficiency_model(model, ["conv1", "conv2"], method="before")
     native.predict(x, verbose=0)
     onnx_model = OnnxEfficiencyModel(
-        from_keras(model), ["conv1", "conv2"], method="before", providers="cpu",
-        channel_axes={"conv1:before": -1}, keep_states=True,
-    )  # fmt: skip
+        from_keras(model), ["conv1", "conv2"], method="before", providers="cpu", keep_states=True
+    )
     onnx_model.predict(x, batch_size=32)
     pairs = list(zip(native.efficiency_layers, onnx_model.efficiency_layers))
     assert [c.name for c in onnx_model.efficiency_layers] == ["conv1:before", "conv2:before"]

@@ -8,8 +8,9 @@ Mul/Add into the Conv, so the convolution layer's own output no longer exists.
 Here the model is traced with every layer's output as an extra fetch, which
 grappler must preserve, and converted with a transpose optimizer that never
 folds Mul/Add into a Conv; only the model's real outputs become ONNX outputs.
-Node names keep the layer names (``<model>_1/<layer>_1/<op>``), which is how
-``attach_to`` finds Keras layers in the ONNX model. Sequential, Functional and
+Node names keep the layer names (``<model>_1/<layer>_1/<op>``) and node metadata
+holds each layer's name and class, which is how ``attach_to`` finds Keras layers
+and classes (``"Conv2D"``) in the ONNX model. Sequential, Functional and
 subclassed models (with defined inputs) are accepted.
 """
 
