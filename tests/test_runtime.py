@@ -235,6 +235,32 @@ def test_overlapped_predict_equals_run_batch_by_batch(demo_model, demo_data, tmp
         assert np.array_equal(a.states[:], b.states[:])
 
 
+@pytest.mark.parametrize("pack_in_graph", [False, True], ids=["host-pack", "graph-pack"])
+def test_io_binding_reuses_buffers_and_changes_nothing(demo_model, demo_data, tmp_path, pack_in_graph):
+    """With reused probe buffers, batch k must be counted before batch k + 2 overwrites it."""
+    x = demo_data[0]
+    batches = [x[i : i + size] for i, size in zip(range(0, 360, 40), (40, 40, 40, 17, 40, 40, 40, 40, 40))]
+    results = []
+    for io_binding in (False, True):
+        probed = _build(
+            demo_model, io_binding=io_binding, pack_in_graph=pack_in_graph,
+            storage_path=tmp_path / f"binding-{io_binding}", method="both",
+        )  # fmt: skip
+        assert (probed._runner is not None) is io_binding
+        out = probed.predict(iter(batches), progress=False)
+        results.append((out, probed))
+    (plain_out, plain), (bound_out, bound) = results
+    assert np.array_equal(plain_out, bound_out)
+    assert np.array_equal(bound_out, _run_plain(_plain_session(demo_model, "all"), np.concatenate(batches))[0])
+    for a, b in zip(plain.efficiency_layers, bound.efficiency_layers):
+        assert _counts(a) == _counts(b)
+        assert np.array_equal(a.states[:], b.states[:])
+
+
+def test_io_binding_is_off_on_cpu_by_default(demo_model):
+    assert _build(demo_model)._runner is None
+
+
 # ---------------------------------------------------------------- storage
 
 
