@@ -19,7 +19,6 @@ protobuf cannot serialize them in one piece.
 from __future__ import annotations
 
 import ast
-import fnmatch
 import os
 import re
 import tempfile
@@ -34,6 +33,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelFileError, ProbeMatchError
+from .patterns import as_patterns, matches_any, preview
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -587,20 +587,6 @@ def _scopes_per_node(n_nodes: int, scopes: list[_Scope]) -> list[list[_Scope]]:
 # --------------------------------------------------------------------- matching
 
 
-def _as_patterns(value: str | Iterable[str], what: str) -> list[str]:
-    """Normalize ``attach_to``/``exclude`` to a list of pattern strings."""
-    patterns = [value] if isinstance(value, str) else list(value)
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"{what} entries must be strings, got {pattern!r}")
-    return patterns
-
-
-def _matches(pattern: str, names: Iterable[str]) -> bool:
-    """Case-sensitive fnmatch of ``pattern`` against any of ``names``."""
-    return any(fnmatch.fnmatchcase(name, pattern) for name in names)
-
-
 @dataclass
 class _Matcher:
     """Resolves patterns to scopes: framework scopes or single nodes."""
@@ -615,13 +601,13 @@ class _Matcher:
 
     def match(self, pattern: str) -> list[_Scope]:
         """Scopes that ``pattern`` names; aliases only when nothing else matches."""
-        found = [s for s in self.scopes if _matches(pattern, s.keys)]
+        found = [s for s in self.scopes if matches_any([pattern], s.keys)]
         found += [
             _Scope(self.node_label(i), set(), "node", nodes=[i])
             for i, node in enumerate(self.index.graph.node)
-            if _matches(pattern, (node.op_type, self.index.names[i]))
+            if matches_any([pattern], (node.op_type, self.index.names[i]))
         ]
-        return found or [s for s in self.scopes if _matches(pattern, s.aliases)]
+        return found or [s for s in self.scopes if matches_any([pattern], s.aliases)]
 
     def no_match_message(self, patterns: Sequence[str]) -> str:
         """Explain that ``patterns`` matched nothing and list what the model offers."""
@@ -631,18 +617,10 @@ class _Matcher:
         return (
             f"attach_to {list(patterns)} matched no op type, node or layer of the model. "
             f"Op types present: {', '.join(op_types) or '(none)'}. "
-            f"Node names: {_preview(self.index.names)}. "
-            f"Framework names: {_preview(framework)}. "
+            f"Node names: {preview(self.index.names)}. "
+            f"Framework names: {preview(framework)}. "
             "Patterns are case-sensitive and may use * and ? wildcards."
         )
-
-
-def _preview(names: Sequence[str], limit: int = 10) -> str:
-    """Up to ``limit`` names, comma separated, with a count of the rest."""
-    if not names:
-        return "(none)"
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
 
 
 def _select_scopes(
@@ -867,7 +845,7 @@ def _check_override_keys(overrides: Mapping[str, int], probes: list[Probe]) -> N
     if unknown:
         raise ValueError(
             f"channel_axes keys {unknown} name no probe; use a probe name, label or "
-            f"tensor name among: {_preview(sorted(p.name for p in probes))}"
+            f"tensor name among: {preview(sorted(p.name for p in probes))}"
         )
 
 
@@ -1073,8 +1051,8 @@ def add_probes(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    patterns = _as_patterns(attach_to, "attach_to")
-    excluded = _as_patterns(exclude, "exclude")
+    patterns = as_patterns(attach_to, "attach_to")
+    excluded = as_patterns(exclude, "exclude")
     work = _copy_model(model)
     if pack_in_graph and _default_opset(work) < _MIN_PACK_OPSET:
         raise ValueError(

@@ -19,7 +19,6 @@ This module imports keras; ``import tensorstate_onnx`` never imports it.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import threading
@@ -30,6 +29,7 @@ import numpy as np
 
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
+from .patterns import as_patterns, matches_any, preview
 
 __all__ = ["StateCapture", "build_keras_efficiency_model"]
 
@@ -165,27 +165,6 @@ class exporting:
 # --------------------------------------------------------------------------- rebuild
 
 
-def _as_patterns(value, what: str) -> list[str]:
-    patterns = [value] if isinstance(value, str) else list(value or ())
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"{what} entries must be strings, got {pattern!r}")
-    return patterns
-
-
-def _matches(patterns, name: str, class_name: str) -> bool:
-    return any(
-        fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(class_name, p) for p in patterns
-    )
-
-
-def _preview(items: list[str], limit: int = 30) -> str:
-    if not items:
-        return "(none)"
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
-
-
 def _is_functional(model) -> bool:
     try:
         from keras.src.models.functional import Functional
@@ -208,7 +187,7 @@ class _Builder:
         self.captures: list[StateCapture] = []
 
     def wanted(self, name: str, class_name: str) -> bool:
-        return _matches(self.patterns, name, class_name) and not _matches(self.excluded, name, class_name)
+        return matches_any(self.patterns, (name, class_name)) and not matches_any(self.excluded, (name, class_name))
 
     def make(self, label: str, class_name: str, method: str) -> StateCapture:
         """A new StateCapture for ``method`` of layer ``label``, with a unique name."""
@@ -349,8 +328,8 @@ def build_keras_efficiency_model(
             "rebuilt; use a Functional or Sequential model, or the ONNX path "
             "(build_efficiency_model(model, ..., runtime='onnxruntime'))"
         )
-    patterns = _as_patterns(attach_to, "attach_to")
-    excluded = _as_patterns(exclude, "exclude")
+    patterns = as_patterns(attach_to, "attach_to")
+    excluded = as_patterns(exclude, "exclude")
     if not patterns:
         raise ProbeMatchError("attach_to is empty; name at least one layer class or layer name")
     try:
@@ -365,16 +344,16 @@ def build_keras_efficiency_model(
     candidates = [(t.name, "InputLayer") for t in inputs]
     candidates += [(layer.name, type(layer).__name__) for layer in model.layers
                    if type(layer).__name__ != "InputLayer"]  # fmt: skip
-    matched = [c for c in candidates if _matches(patterns, *c)]
+    matched = [c for c in candidates if matches_any(patterns, c)]
     if not matched:
         listing = [f"{name} ({cls})" for name, cls in candidates]
         classes = sorted({cls for _, cls in candidates})
         raise ProbeMatchError(
             f"attach_to {patterns} matched no layer of Keras model {model.name!r}. "
-            f"Layer classes present: {', '.join(classes)}. Layers: {_preview(listing)}. "
+            f"Layer classes present: {', '.join(classes)}. Layers: {preview(listing, 30)}. "
             "Patterns are case-sensitive and may use * and ? wildcards."
         )
-    if not [c for c in matched if not _matches(excluded, *c)]:
+    if not [c for c in matched if not matches_any(excluded, c)]:
         raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
 
     builder = _Builder(model, patterns, excluded, method, storage_path, keep_states, overwrite)

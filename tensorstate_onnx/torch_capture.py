@@ -14,16 +14,15 @@ This module imports torch; ``import tensorstate_onnx`` never imports it.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
+from .patterns import as_patterns, matches_any, preview
 from .store import store_dirname
 
 __all__ = ["StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tensor"]
@@ -195,31 +194,12 @@ class StateCaptureHook(AbstractStateCapture):
 # --------------------------------------------------------------------------- attaching
 
 
-def _as_patterns(value, what: str) -> list[str]:
-    patterns = [value] if isinstance(value, str) else list(value or ())
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"{what} entries must be strings, got {pattern!r}")
-    return patterns
-
-
 def _module_keys(qualname: str, module: torch.nn.Module) -> set[str]:
     cls = type(module)
     keys = {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
     if qualname:
         keys.add(qualname)
     return keys
-
-
-def _matches(patterns: Iterable[str], keys: set[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns for key in keys)
-
-
-def _preview(items: list[str], limit: int = 25) -> str:
-    if not items:
-        return "(none)"
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
 
 
 def attach_hooks(
@@ -267,21 +247,21 @@ def attach_hooks(
         raise TypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {', '.join(_METHODS)}; got {method!r}")
-    patterns = _as_patterns(attach_to, "attach_to")
-    excluded = _as_patterns(exclude, "exclude")
+    patterns = as_patterns(attach_to, "attach_to")
+    excluded = as_patterns(exclude, "exclude")
     if not patterns:
         raise ProbeMatchError("attach_to is empty; name at least one module class or module name")
     named = list(module.named_modules())
-    matched = [(name, sub) for name, sub in named if _matches(patterns, _module_keys(name, sub))]
+    matched = [(name, sub) for name, sub in named if matches_any(patterns, _module_keys(name, sub))]
     if not matched:
         listing = [f"{name or '(root)'} ({type(sub).__name__})" for name, sub in named]
         classes = sorted({type(sub).__name__ for _, sub in named})
         raise ProbeMatchError(
             f"attach_to {patterns} matched no module of {type(module).__name__}. "
-            f"Module classes present: {', '.join(classes)}. Modules: {_preview(listing)}. "
+            f"Module classes present: {', '.join(classes)}. Modules: {preview(listing, 25)}. "
             "Patterns are case-sensitive and may use * and ? wildcards."
         )
-    chosen = [(name, sub) for name, sub in matched if not _matches(excluded, _module_keys(name, sub))]
+    chosen = [(name, sub) for name, sub in matched if not matches_any(excluded, _module_keys(name, sub))]
     if not chosen:
         raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
 
