@@ -331,3 +331,73 @@ def test_console_script_bad_input(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "tensorstate-onnx: error: ONNX model file missing.onnx does not exist; check the path\n"
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_torch_factory_with_weights_matches_the_module(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    from tensorstate_onnx.models.torch_models import lenet5
+
+    torch.manual_seed(3)
+    module = lenet5().eval()
+    weights = tmp_path / "lenet.pt"
+    torch.save(module.state_dict(), weights)
+    out = tmp_path / "lenet.onnx"
+    code, stdout, err = _main(
+        capsys, "export", "tensorstate_onnx.models.torch_models:lenet5", out,
+        "--weights", weights, "--input-shape", "1,1,28,28",
+    )  # fmt: skip
+    assert code == 0, err
+    assert stdout == f"wrote {out}\n"
+    x = np.random.default_rng(0).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})  # batch 5: the batch axis is dynamic
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, module(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    code, stdout, err = _main(capsys, "analyze", out, "--data", _save(tmp_path / "x.npy", x), "--attach-to", "Conv2d")
+    assert code == 0, err
+    assert list(_table_rows(stdout)) == ["conv1:after", "conv2:after", "conv3:after"]
+
+
+def test_export_keras_file_matches_the_model(capsys, tmp_path):
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    from tensorstate_onnx.models.keras_models import lenet5
+
+    model = lenet5()
+    saved = tmp_path / "lenet.keras"
+    model.save(saved)
+    out = tmp_path / "lenet.onnx"
+    code, stdout, err = _main(capsys, "export", saved, out)
+    assert code == 0, err
+    x = np.random.default_rng(1).standard_normal((4, 28, 28, 1)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(model(x)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "tensorstate_onnx.models.torch_models:lenet5", "out.onnx"], "needs --input-shape"),
+        (["export", "not_a_factory", "out.onnx"], "neither a .keras file nor 'package.module:factory'"),
+        (["export", "tensorstate_onnx.models.torch_models:missing", "out.onnx", "--input-shape", "1,1,28,28"],
+         "module tensorstate_onnx.models.torch_models has no missing"),
+        (["export", "no_such_package.models:make", "out.onnx", "--input-shape", "1,3"], "No module named 'no_such_package'"),
+    ],
+    ids=["no input shape", "not a factory", "missing factory", "missing package"],
+)  # fmt: skip
+def test_export_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, message):
+    pytest.importorskip("torch")
+    code, out, err = _main(capsys, *[str(tmp_path / a) if a == "out.onnx" else a for a in argv])
+    assert code == cli.EXIT_BAD_INPUT
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array)
+    return path
