@@ -37,6 +37,7 @@ from .patterns import as_patterns, matches_any, preview
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "needs_external_data",
     "METHODS",
     "Probe",
     "add_probes",
@@ -209,7 +210,7 @@ def save_model(
     """
     path = Path(path)
     if external_data is None:
-        external_data = _is_large(model)
+        external_data = needs_external_data(model)
     if external_data:
         _save_with_external_data(model, path)
     else:
@@ -217,8 +218,8 @@ def save_model(
     return path
 
 
-def _is_large(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` must go through files with external data."""
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` must go through files with external data (over :data:`EXTERNAL_DATA_THRESHOLD`)."""
     return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
 
 
@@ -240,7 +241,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 def _check_model(model: onnx.ModelProto) -> None:
     """Run ``onnx.checker`` on ``model``, through a temporary file when it is large."""
-    if not _is_large(model):
+    if not needs_external_data(model):
         onnx.checker.check_model(model)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,7 +288,7 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 def _run_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape-infer ``model`` in memory, or through temporary files when it is large."""
-    if not _is_large(model):
+    if not needs_external_data(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "model.onnx"), Path(tmp, "inferred.onnx")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+import tempfile
 
 import numpy as np
 import onnx
@@ -255,6 +256,30 @@ def test_io_binding_reuses_buffers_and_changes_nothing(demo_model, demo_data, tm
     for a, b in zip(plain.efficiency_layers, bound.efficiency_layers):
         assert _counts(a) == _counts(b)
         assert np.array_equal(a.states[:], b.states[:])
+
+
+def test_a_large_model_runs_through_external_data(demo_model, demo_data, monkeypatch, tmp_path):
+    """Over the protobuf limit the session is built from a file with external data."""
+    from tensorstate_onnx import graph
+
+    small = _build(demo_model)
+    expected = small.predict(demo_data[0], progress=False)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    built_from = []
+    real_session = ort.InferenceSession
+
+    def session_from(source, *args, **kwargs):
+        built_from.append(source)
+        return real_session(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session_from)
+    large = _build(demo_model)
+    assert len(built_from) == 1 and isinstance(built_from[0], str) and built_from[0].endswith("probed.onnx")
+    assert np.array_equal(large.predict(demo_data[0], progress=False), expected)
+    for a, b in zip(small.efficiency_layers, large.efficiency_layers):
+        assert _counts(a) == _counts(b)
+    assert not any(tmp_path.iterdir())  # the temporary model files are gone
 
 
 def test_io_binding_is_off_on_cpu_by_default(demo_model):
