@@ -85,9 +85,9 @@ def bench_pack(mib: float, repeats: int) -> list[str]:
         for layout, axis in (("channels-last", -1), ("channels-first", 1)):
             x = x_last if axis == -1 else np.ascontiguousarray(np.moveaxis(x_last, -1, 1))
             gb = x.nbytes / 1e9
-            t_pack = median_time(lambda: pack(x, axis), repeats)
-            t_bits = median_time(lambda: np.packbits(x > 0, axis=axis, bitorder="little"), repeats)
-            t_sum = median_time(lambda: x.sum(), repeats)
+            t_pack = median_time(lambda x=x: pack(x, axis), repeats)
+            t_bits = median_time(lambda x=x: np.packbits(x > 0, axis=axis, bitorder="little"), repeats)
+            t_sum = median_time(x.sum, repeats)
             ratio = t_sum / t_pack
             rows.append(
                 f"| {channels} | {layout} | {x.shape} | {gb / t_pack:.2f} | {gb / t_bits:.2f} | "

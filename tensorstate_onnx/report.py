@@ -41,8 +41,11 @@ class AnalysisReport:
         """A fixed-width text table followed by the network figures."""
         header = ("probe", "node", "neurons", "states", "distinct", "entropy", "efficiency")
         rows = [
-            (l.name, l.node, str(l.neurons), str(l.states), str(l.distinct_states), f"{l.entropy:.4f}", f"{l.efficiency:.4f}")
-            for l in self.layers
+            (
+                layer.name, layer.node, str(layer.neurons), str(layer.states), str(layer.distinct_states),
+                f"{layer.entropy:.4f}", f"{layer.efficiency:.4f}",
+            )
+            for layer in self.layers
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
@@ -81,7 +84,7 @@ class AnalysisReport:
         except ImportError:
             raise ImportError("plotting needs matplotlib: pip install 'tensorstate-onnx[plot]'") from None
         fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(self.layers) + 2), 4.0))
-        ax.bar([l.name for l in self.layers], [l.efficiency for l in self.layers], color="#4477aa")
+        ax.bar([layer.name for layer in self.layers], [layer.efficiency for layer in self.layers], color="#4477aa")
         ax.axhline(self.network_efficiency, color="#cc3311", linestyle="--", label=f"network {self.network_efficiency:.3f}")
         ax.set_ylabel("efficiency (H / neurons)")
         ax.set_ylim(0, 1)

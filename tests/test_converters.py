@@ -193,15 +193,6 @@ def test_from_torch_bad_input(torch):
 # --------------------------------------------------------------------------- keras
 
 
-@pytest.fixture(scope="module")
-def keras():
-    keras = pytest.importorskip("keras")
-    pytest.importorskip("tf2onnx")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("from_keras converts through TensorFlow")
-    return keras
-
-
 def _randomize_batchnorm(keras, model, seed=0):
     rng = np.random.default_rng(seed)
     for layer in model.layers:

@@ -927,12 +927,8 @@ def test_keras_export(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def keras_lenet():
+def keras_lenet(keras):
     """The Keras LeNet-5, its from_keras export and a batch of (28, 28, 1) images."""
-    keras = pytest.importorskip("keras")
-    pytest.importorskip("tf2onnx")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("from_keras converts through TensorFlow")
     from tensorstate_onnx.converters import from_keras
     from tensorstate_onnx.models.keras_models import lenet5
 

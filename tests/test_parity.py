@@ -122,15 +122,6 @@ def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
 # --------------------------------------------------------------------------- keras
 
 
-@pytest.fixture(scope="module")
-def keras():
-    keras = pytest.importorskip("keras")
-    pytest.importorskip("tf2onnx")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("from_keras converts through TensorFlow")
-    return keras
-
-
 def _keras_model(keras, arch: str):
     from tensorstate_onnx.models.keras_models import lenet5, mobilenet_v2_small
 
