@@ -597,6 +597,17 @@ def _cmp_words(ka, a, kb, b):
 
 
 @numba.njit(cache=True, nogil=True)
+def _in_run_order(hashes, words):
+    """Whether rows ``0..hashes.size`` of ``words`` are distinct and in (hash, words) order."""
+    for i in range(1, hashes.size):
+        if hashes[i - 1] > hashes[i]:
+            return False
+        if hashes[i - 1] == hashes[i] and _cmp_words(words, i - 1, words, i) >= 0:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
 def _sort_group(rows, hashes, words):
     """Sort row indices by (hash, words): a bottom-up merge sort (stable, n log n)."""
     n = rows.size
@@ -1167,7 +1178,17 @@ class StateCounter:
             state["_direct"] = (self._direct.size, seen, _narrowest(self._direct[seen]))
             return state
         state.update(_pending=None, _n_pending=0, _arena=None, _arena_rows=0)
-        ids, counts = self.result()
+        if self._n_words == 1:
+            ids, counts = self.result()  # in key order already
+        else:
+            # In the run's (hash, words) order, so loading rebuilds the run
+            # without sorting (it checks the order and sorts only if it is off).
+            run = self._compact()
+            if run is None:
+                ids, counts = np.empty((0, self.n_bytes), np.uint8), np.empty(0, np.int64)
+            else:
+                ids = np.take(self._arena, run.refs, axis=0).view(np.uint8)[:, : self.n_bytes]
+                counts = run.counts
         state["_runs"] = (np.ascontiguousarray(ids), _narrowest(counts))
         return state
 
@@ -1192,8 +1213,13 @@ class StateCounter:
             words = _as_words(ids, self._n_words)
             self._reserve(words.shape[0])
             self._arena[: words.shape[0]] = words
-            self._n_pending = words.shape[0]
-            self._flush(counts)
+            hashes = _hash_rows(self._arena[: words.shape[0]])
+            if _in_run_order(hashes, self._arena):
+                self._arena_rows = words.shape[0]
+                self._runs = [_Run(hashes, np.arange(words.shape[0], dtype=np.int64), counts)]
+            else:  # not written by __getstate__ above: count the states afresh
+                self._n_pending = words.shape[0]
+                self._flush(counts)
 
 
 def _narrowest(counts: np.ndarray) -> np.ndarray:

@@ -323,6 +323,33 @@ def test_pickle_round_trip_keeps_counting(sizes, case, data):
     assert as_dict(*clone.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
 
 
+@pytest.mark.parametrize("c", [72, 200, 1000])
+def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
+    """A pickle lists long states in the order that lets loading skip the sort; a
+    state whose rows are shuffled or repeated (not written by this class) must
+    still load to the right counts."""
+    rng = np.random.default_rng(c)
+    pool = rng.integers(0, 256, (300, n_bytes_for(c)), dtype=np.uint8)
+    pool[:, -1] &= (1 << (c - 8 * (n_bytes_for(c) - 1))) - 1
+    states = pool[rng.integers(0, len(pool), 5000)]
+    counter = StateCounter(c)
+    counter.add(states)
+    expected = unique_dict(states)
+    assert as_dict(*pickle.loads(pickle.dumps(counter)).result()) == expected
+    state = counter.__getstate__()
+    ids, counts = state["_runs"]
+    order = rng.permutation(len(ids))
+    for rows, weights in (
+        (ids[order], counts[order]),  # shuffled
+        (np.concatenate([ids, ids[:7]]), np.concatenate([counts, np.zeros(7, counts.dtype)])),  # repeated
+    ):
+        clone = StateCounter.__new__(StateCounter)
+        clone.__setstate__({**state, "_runs": (rows, weights)})
+        assert as_dict(*clone.result()) == expected
+        clone.add(states[:100])
+        assert as_dict(*clone.result()) == {k: v + unique_dict(states[:100]).get(k, 0) for k, v in expected.items()}
+
+
 @pytest.mark.parametrize("c", [12, 64, 512])
 def test_memory_and_pickle_follow_distinct_states(c):
     rng = np.random.default_rng(c)
