@@ -5,7 +5,8 @@ random weights) with every Conv output probed and no storage, streams random
 samples from a generator in batches, and reports its peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) together with the number of
 distinct states the counters ended up holding. Runs on N and 10N samples are
-compared; the target is a peak-RSS ratio <= 1.10.
+compared; the target is a peak-RSS ratio <= 1.10. The long runs also report
+the peak RSS reached after every N samples fed, which shows where it stops rising.
 
 Counting memory grows with the number of *distinct* states by design, so two
 kinds of random data are used:
@@ -59,13 +60,24 @@ def _child(mode: str, n: int, pool: int, batch: int, tuned: bool) -> None:
     from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
 
     model = OnnxEfficiencyModel(mobilenet_v2_small_onnx(), "Conv", providers="cpu", io_binding=tuned)
+    peaks = {}  # samples fed so far -> peak RSS (MiB) by then, at each multiple of the pool
+
+    def watched():
+        fed = 0
+        for samples in _batches(mode, n, pool, batch):
+            if fed and fed % pool == 0:
+                peaks[fed] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            fed += len(samples)
+            yield samples
+
     start = time.perf_counter()
-    model.predict(_batches(mode, n, pool, batch), progress=False)
+    model.predict(watched(), progress=False)
     elapsed = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # read before counts() allocates
     layers = model.efficiency_layers
     print(json.dumps({
         "peak_mib": peak_kib / 1024,
+        "peaks": peaks,
         "seconds": elapsed,
         "probes": len(layers),
         "states": sum(layer.state_count for layer in layers),
@@ -118,6 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             shown = f"{ratio:.3f}" if run is long else ""
             print(f"| {mode} | {size:,} | {run['seconds']:.1f} | {run['states']:,} | {run['distinct']:,} | "
                   f"{run['peak_mib']:,.1f} | {shown} |")
+    print()
+    print()
+    print("Peak RSS (MiB) during the long runs, by samples fed so far (it stops rising once the counters "
+          "and the allocator reach their steady state):")
+    print()
+    for mode, n, short, long in rows:
+        if long["peaks"]:
+            marks = ", ".join(f"{int(fed):,}: {peak:,.0f}" for fed, peak in long["peaks"].items())
+            print(f"- {mode}: {marks}, end ({10 * n:,}): {long['peak_mib']:,.0f}")
     print()
     for mode, n, short, long in rows:
         ratio = long["peak_mib"] / short["peak_mib"]
