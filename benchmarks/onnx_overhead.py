@@ -13,9 +13,12 @@ all on the CPU provider with the same session options (graph optimization
 "all", the same intra-op thread count), after a warm-up run, as the median of
 ``--repeats`` runs (modes interleaved, so drift hits all of them alike). It
 prints a markdown table of samples/s and the ratio to plain; the target is a
-ratio >= 0.67 in the better probed mode. A last row runs the probed session
+ratio >= 0.67 in the better probed mode. Another row runs the probed session
 with nothing recorded: the share of the cost that is onnxruntime computing and
 copying out the probed tensors (fusions it can no longer apply), not the engine.
+A last row, for models whose Convs feed BatchNorms, is a bound on any probing:
+the unmodified model with each BatchNorm output (a tensor of the probe's size)
+as an extra output, no Conv computed twice and nothing recorded.
 
 Usage: ``python benchmarks/onnx_overhead.py [--threads N] [--repeats 5]``
 """
@@ -79,6 +82,29 @@ def _session_only_runner(probed: OnnxEfficiencyModel, x: np.ndarray, batch: int)
     return run
 
 
+def _exposed_runner(model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int) -> Callable[[], None] | None:
+    """A bound on any probing of this model: the plain session with the output of
+    each Conv's BatchNormalization (a tensor of the probe's size) as an extra
+    output -- no Conv computed twice, nothing recorded, only the fusions exposing
+    a tensor blocks and the copying out. ``None`` when no Conv feeds a BatchNorm."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    graph = exposed.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    names = [
+        reader.output[0]
+        for node in graph.node if node.op_type == "Conv"
+        for reader in readers.get(node.output[0], []) if reader.op_type == "BatchNormalization"
+    ]  # fmt: skip
+    if not names:
+        return None
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return _plain_runner(exposed, x, batch, threads)
+
+
 def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int, repeats: int) -> list[dict]:
     plain = _plain_runner(model, x, batch, threads)
     host, host_model = _probed_runner(model, x, batch, threads, pack_in_graph=False)
@@ -89,6 +115,9 @@ def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads
         "graph pack": (graph, graph_model),
         "probed session, nothing recorded": (_session_only_runner(host_model, x, batch), None),
     }
+    exposed = _exposed_runner(model, x, batch, threads)
+    if exposed is not None:
+        modes["bound: Conv->BatchNorm outputs exposed, nothing recorded"] = (exposed, None)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         for mode, (run, probed) in modes.items():
