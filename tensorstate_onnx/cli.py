@@ -53,10 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--batch-size", type=int, default=256)
     analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda (default: auto)")
     analyze.add_argument("--pack-in-graph", action="store_true", help="quantize and pack inside the ONNX graph")
-    analyze.add_argument("--storage", help="directory to keep the raw states (zarr); must not exist")
+    analyze.add_argument("--storage", help="directory to keep the raw states (zarr); must not exist or be empty")
+    analyze.add_argument("--overwrite", action="store_true", help="replace the state stores in an existing --storage directory")
     analyze.add_argument("--json", help="write the report as JSON")
     analyze.add_argument("--csv", help="write the per-probe table as CSV")
-    analyze.add_argument("--plot", help="write a PNG bar chart of efficiency per probe")
+    analyze.add_argument("--plot", help="write a bar chart of efficiency per probe (.png, .svg, .pdf, ...)")
     analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
     analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
@@ -118,6 +119,7 @@ def _data_and_labels(args, model) -> tuple:
 def _analyze(args) -> int:
     from .report import summarize
 
+    _check_report_paths(args)
     model_path = args.model if args.model is not None else str(demo.model_path())
     if args.workers is not None or args.scheduler is not None:
         model, accuracy = _analyze_sharded(args, model_path)
@@ -136,12 +138,30 @@ def _analyze(args) -> int:
     return 0
 
 
+def _check_report_paths(args) -> None:
+    """Refuse report paths that cannot be written before the run, not after it."""
+    from .report import check_plot_format
+
+    for option in ("json", "csv", "plot"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        target = Path(path)
+        if target.is_dir():
+            raise ModelInputError(f"--{option} {path} is a directory; give a file name")
+        parent = target.absolute().parent
+        if not parent.is_dir():
+            raise ModelInputError(f"--{option} {path}: directory {parent} does not exist; create it first")
+    if args.plot is not None:
+        check_plot_format(args.plot)
+
+
 def _analyze_here(args, model_path: str) -> tuple:
     from .api import build_efficiency_model
 
     model = build_efficiency_model(
         model_path, args.attach_to, args.exclude, args.method, args.storage,
-        providers=args.provider, pack_in_graph=args.pack_in_graph,
+        providers=args.provider, pack_in_graph=args.pack_in_graph, overwrite=args.overwrite,
     )  # fmt: skip
     data, labels = _data_and_labels(args, model)
     if labels is not None:
@@ -172,7 +192,7 @@ def _analyze_sharded(args, model_path: str) -> tuple:
         return analyze_cli(
             model_path, data, labels, args.attach_to, args.exclude, args.method, args.batch_size,
             args.workers, args.scheduler, args.storage, args.pack_in_graph, providers=args.provider,
-            timeout=args.connect_timeout,
+            timeout=args.connect_timeout, overwrite=args.overwrite,
         )  # fmt: skip
     except ShardFailedError as exc:
         raise _RunFailed(str(exc)) from exc

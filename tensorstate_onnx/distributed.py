@@ -788,7 +788,7 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
     if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
         raise StorageExistsError(
             f"storage path {root} already exists and is not empty; choose a new directory, "
-            "empty it, or pass overwrite=True"
+            "empty it, or pass overwrite=True (--overwrite on the command line)"
         )
     boundaries = 0
     for shard in shards[1:]:
@@ -1076,7 +1076,7 @@ def analyze_sharded(
     if root is not None and root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
         raise StorageExistsError(
             f"storage path {root} already exists and is not empty; choose a new directory, "
-            "empty it, or pass overwrite=True"
+            "empty it, or pass overwrite=True (--overwrite on the command line)"
         )
 
     with _connect(client, scheduler, n_workers, threads_per_worker, timeout) as connected:
@@ -1233,6 +1233,7 @@ def analyze_cli(
     *,
     providers="cpu",
     timeout: float = 30.0,
+    overwrite: bool = False,
 ) -> tuple[OnnxEfficiencyModel, float | None]:
     """What ``tensorstate-onnx analyze --workers N --scheduler ADDRESS`` runs.
 
@@ -1256,6 +1257,6 @@ def analyze_cli(
     result = analyze_sharded(
         model_path, data, attach_to, exclude or (), method, labels=labels, batch_size=batch_size,
         n_workers=workers, scheduler=scheduler, storage_path=storage,
-        pack_in_graph=pack_in_graph, providers=providers, timeout=timeout,
+        pack_in_graph=pack_in_graph, providers=providers, timeout=timeout, overwrite=overwrite,
     )  # fmt: skip
     return result.model, result.accuracy

@@ -76,13 +76,9 @@ class AnalysisReport:
 
     def plot(self, path: str | os.PathLike) -> None:
         """Bar chart of efficiency per probe (needs matplotlib: the ``plot`` extra)."""
-        try:
-            import matplotlib
+        check_plot_format(path)
+        import matplotlib.pyplot as plt
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ImportError("plotting needs matplotlib: pip install 'tensorstate-onnx[plot]'") from None
         fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(self.layers) + 2), 4.0))
         ax.bar([layer.name for layer in self.layers], [layer.efficiency for layer in self.layers], color="#4477aa")
         ax.axhline(self.network_efficiency, color="#cc3311", linestyle="--", label=f"network {self.network_efficiency:.3f}")
@@ -97,6 +93,24 @@ class AnalysisReport:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def check_plot_format(path: str | os.PathLike) -> None:
+    """Raise unless matplotlib is installed and can write an image of ``path``'s type."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'tensorstate-onnx[plot]'") from None
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    supported = Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise ValueError(
+            f"cannot plot to {os.fspath(path)!r}: {suffix or 'no'} extension; "
+            f"use one of {', '.join(sorted(supported))} (.png for a bitmap)"
+        )
 
 
 def summarize(model, accuracy: float | None = None, aiq_weight: int = 2) -> AnalysisReport:

@@ -156,7 +156,7 @@ class OnnxEfficiencyModel:
         if self.storage_path is not None and self.storage_path.exists() and any(self.storage_path.iterdir()) and not overwrite:
             raise StorageExistsError(
                 f"storage path {self.storage_path} already exists and is not empty; choose a new "
-                "directory, empty it, or pass overwrite=True"
+                "directory, empty it, or pass overwrite=True (--overwrite on the command line)"
             )
         source = load_model(model)
         self.output_names = [output.name for output in source.graph.output]

@@ -285,6 +285,41 @@ def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
     assert sorted(p.name for p in files["full"].iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.parametrize(
+    "option, name, message",
+    [
+        ("--json", "missing/report.json", r"--json .*report.json: directory .*missing does not exist; create it first"),
+        ("--csv", "full", r"--csv .*full is a directory; give a file name"),
+        ("--plot", "chart.txt", r"cannot plot to .*chart.txt': txt extension; use one of .*png"),
+        ("--plot", "chart", r"cannot plot to .*chart': no extension"),
+    ],
+    ids=["json in a missing directory", "csv onto a directory", "plot format", "plot without extension"],
+)  # fmt: skip
+def test_report_paths_are_checked_before_the_run(capsys, files, option, name, message):
+    target = files["full"] if name == "full" else files["full"].parent / name
+    code, out, err = _main(capsys, "analyze", option, target)
+    assert code == cli.EXIT_BAD_INPUT
+    assert out == ""  # refused before any sample ran
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert sorted(p.name for p in files["full"].iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_replaces_the_stores_in_an_existing_storage(capsys, expected, tmp_path):
+    from tensorstate_onnx.store import StateStore
+
+    store = tmp_path / "states"
+    assert _main(capsys, "analyze", "--storage", store)[0] == 0
+    first = StateStore.open(store / "conv1_after")
+    rows = len(first)
+    code, out, err = _main(capsys, "analyze", "--storage", store)
+    assert code == cli.EXIT_BAD_INPUT and "--overwrite on the command line" in err
+    code, out, err = _main(capsys, "analyze", "--storage", store, "--overwrite")
+    assert code == 0, err
+    again = StateStore.open(store / "conv1_after")
+    assert len(again) == rows > 0  # replaced, not appended to
+    assert _table_rows(out)["conv1:after"][-1] == f"{expected['layers'][0]['efficiency']:.4f}"
+
+
 def test_unparsable_arguments_are_argparse_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["analyze", "--batch-size", "many"])
