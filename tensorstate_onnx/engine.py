@@ -568,6 +568,55 @@ def _hash_rows(words: np.ndarray) -> np.ndarray:
     return out
 
 
+_RADIX_BITS = 11  # digit width of the radix sort: 2,048 counters stay in L1
+_RADIX_MIN = 4096  # below this many keys numpy's sort is as fast
+
+
+@numba.njit(cache=True, nogil=True)
+def _radix_sort_kernel(keys, low_bit):
+    """Stable LSD radix sort of ``keys`` by bits ``[low_bit, 64)``; digits in
+    which no two keys differ are skipped (short states leave their low bytes
+    zero, tags their index bits)."""
+    n = keys.size
+    buckets = 1 << _RADIX_BITS
+    mask = np.uint64(buckets - 1)
+    varying = np.uint64(0)
+    for i in range(n):
+        varying |= keys[i] ^ keys[0]
+    src = keys
+    dst = np.empty(n, np.uint64)
+    count = np.empty(buckets, np.int64)
+    for shift in range(low_bit, 64, _RADIX_BITS):
+        s = np.uint64(shift)
+        if not (varying >> s) & mask:
+            continue
+        count[:] = 0
+        for i in range(n):
+            count[(src[i] >> s) & mask] += 1
+        total = 0
+        for d in range(buckets):
+            c = count[d]
+            count[d] = total
+            total += c
+        for i in range(n):
+            v = src[i]
+            d = (v >> s) & mask
+            dst[count[d]] = v
+            count[d] += 1
+        src, dst = dst, src
+    if src is not keys:
+        keys[:] = src
+
+
+def _sort_keys(keys: np.ndarray, low_bit: int = 0) -> None:
+    """Sort uint64 ``keys`` in place; keys equal in bits ``[low_bit, 64)`` must
+    already be in order among themselves (their order is kept)."""
+    if keys.size < _RADIX_MIN:
+        keys.sort()
+    else:
+        _radix_sort_kernel(keys, low_bit)
+
+
 @numba.njit(cache=True, nogil=True)
 def _tag(hashes, bits, out):
     """Sort keys: the high bits of each hash with the row index in the low ``bits``."""
@@ -1307,7 +1356,7 @@ _UNIT = np.empty(0, np.int64)  # weights meaning "each row once"
 
 def _keys_run(keys: np.ndarray) -> _Run:
     """One run from states that are their own keys (``keys`` is sorted in place)."""
-    keys.sort()
+    _sort_keys(keys)
     distinct = np.empty(keys.size, np.uint64)
     counts = np.empty(keys.size, np.int64)
     k = _run_lengths(keys, distinct, counts)
@@ -1323,7 +1372,7 @@ def _dedup_words(words: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np
     bits = max(1, int(n - 1).bit_length())
     tagged = np.empty(n, np.uint64)
     _tag(hashes, bits, tagged)
-    tagged.sort()
+    _sort_keys(tagged, bits)  # the index bits are in order already
     rows = np.empty(n, np.int64)
     counts = np.empty(n, np.int64)
     k = _dedup_tagged(tagged, bits, hashes, words, weights, rows, counts, _GROUP_REPS)

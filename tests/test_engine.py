@@ -253,6 +253,41 @@ def test_counts_equal_np_unique(sizes, case, data):
 
 
 @SLOW
+@given(
+    n=st.integers(engine._RADIX_MIN - 3, 3 * engine._RADIX_MIN),
+    zero_low_bytes=st.integers(0, 7),
+    few_values=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_radix_sort_of_keys_equals_np_sort(n, zero_low_bytes, few_values, seed):
+    """Keys like those of 3..8-byte states (low bytes zero), with many or few
+    distinct values; the kernel runs above _RADIX_MIN keys."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    if few_values:
+        keys = rng.choice(keys[:5], n)
+    keys = (keys >> np.uint64(8 * zero_low_bytes)) << np.uint64(8 * zero_low_bytes)
+    expected = np.sort(keys)
+    engine._sort_keys(keys)
+    np.testing.assert_array_equal(keys, expected)
+
+
+@pytest.mark.parametrize("n", [engine._RADIX_MIN, 100_000, 1 << 20])
+def test_radix_sort_of_tags_skips_their_ordered_index_bits(n):
+    """Tags (hash high bits | row index) sort like np.sort though only the hash
+    bits are sorted: the index bits are in order within equal hash bits."""
+    rng = np.random.default_rng(n)
+    hashes = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    hashes[rng.integers(0, n, n // 4)] = hashes[0]  # many equal hashes
+    bits = int(n - 1).bit_length()
+    tags = np.empty(n, np.uint64)
+    engine._tag(hashes, bits, tags)
+    expected = np.sort(tags)
+    engine._sort_keys(tags, bits)
+    np.testing.assert_array_equal(tags, expected)
+
+
+@SLOW
 @given(packed_states(), st.data())
 def test_streamed_batches_equal_one_batch(sizes, case, data):
     c, states = case
