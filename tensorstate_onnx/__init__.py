@@ -2,12 +2,16 @@
 
 The public API of TensorState 0.4, plus an ONNX path that analyzes any model
 through onnxruntime. Importing this package imports neither TensorFlow nor
-PyTorch; their front ends load them when used.
+PyTorch; their front ends load them when used. The names below are loaded on
+first use too (numba, zarr, onnx and onnxruntime take most of a second to
+import), so a process that only packs states does not pay for the ONNX path.
 """
 
-from .api import build_efficiency_model, reset_efficiency_model
-from .capture import AbstractStateCapture, StateCaptureProbe
-from .engine import StateCounter, pack, unpack
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     ModelFileError,
     ModelInputError,
@@ -17,10 +21,27 @@ from .errors import (
     StorageExistsError,
 )
 from .metrics import aIQ, entropy, network_efficiency
-from .runtime import OnnxEfficiencyModel
-from .store import StateStore
+
+if TYPE_CHECKING:
+    from .api import build_efficiency_model, reset_efficiency_model
+    from .capture import AbstractStateCapture, StateCaptureProbe
+    from .engine import StateCounter, pack, unpack
+    from .runtime import OnnxEfficiencyModel
+    from .store import StateStore
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "build_efficiency_model": "api",
+    "reset_efficiency_model": "api",
+    "AbstractStateCapture": "capture",
+    "StateCaptureProbe": "capture",
+    "StateCounter": "engine",
+    "pack": "engine",
+    "unpack": "engine",
+    "OnnxEfficiencyModel": "runtime",
+    "StateStore": "store",
+}
 
 __all__ = [
     "AbstractStateCapture",
@@ -42,3 +63,16 @@ __all__ = [
     "reset_efficiency_model",
     "unpack",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
