@@ -115,6 +115,22 @@ def test_pack_special_values_one_by_one():
     np.testing.assert_array_equal(pack(every[:, None]), reference_pack(every[:, None], 1))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.bool_])
+@pytest.mark.parametrize("offset", range(9))
+def test_channels_last_kernel_at_every_output_alignment(offset, dtype):
+    """Contiguous channels-last blocks are packed 64 values to an aligned word,
+    with single bytes before and after; output rows start at any address when
+    a large input is split between threads."""
+    rng = np.random.default_rng(offset)
+    x = random_values(rng, (3, 37, 24), dtype)
+    values, lo, hi = engine._comparable(x)
+    buffer = np.zeros(3 * 37 * 3 + 16, np.uint8)
+    out = buffer[offset : offset + 3 * 37 * 3].reshape(-1, 3)
+    engine._run_block(values, lo, hi, out)
+    np.testing.assert_array_equal(out, reference_pack(x, -1))
+    assert not buffer[:offset].any() and not buffer[offset + out.size :].any()
+
+
 @pytest.mark.parametrize("channels", [8, 12])
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout):
