@@ -37,7 +37,7 @@ def n_bytes_for(n_neurons: int) -> int:
 
 # Inputs smaller than this are packed on the calling thread; thread start-up
 # would cost more than it saves.
-_PARALLEL_MIN_BYTES = 1 << 20
+_PARALLEL_MIN_BYTES = 1 << 22
 _N_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -135,6 +135,36 @@ def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
         )
 
 
+@numba.njit(cache=True, nogil=True)
+def _bytes_of_rows(flat, start, n_b, groups, width, lo, hi, block):
+    """``_byte_of_eight`` for ``groups`` groups of eight channels at once, read
+    from ``flat``, a contiguous ``(C, n_b)`` sample block from ``start``: 1-D
+    slices and no call per group, which doubles the speed on small feature
+    maps (a few hundred positions per channel)."""
+    for k in range(groups):
+        b = start + 8 * k * n_b
+        s0 = flat[b : b + width]
+        s1 = flat[b + n_b : b + n_b + width]
+        s2 = flat[b + 2 * n_b : b + 2 * n_b + width]
+        s3 = flat[b + 3 * n_b : b + 3 * n_b + width]
+        s4 = flat[b + 4 * n_b : b + 4 * n_b + width]
+        s5 = flat[b + 5 * n_b : b + 5 * n_b + width]
+        s6 = flat[b + 6 * n_b : b + 6 * n_b + width]
+        s7 = flat[b + 7 * n_b : b + 7 * n_b + width]
+        dst = block[k]
+        for p in range(width):
+            dst[p] = (
+                np.uint32(_fires(s0[p], lo, hi))
+                | np.uint32(_fires(s1[p], lo, hi)) << 1
+                | np.uint32(_fires(s2[p], lo, hi)) << 2
+                | np.uint32(_fires(s3[p], lo, hi)) << 3
+                | np.uint32(_fires(s4[p], lo, hi)) << 4
+                | np.uint32(_fires(s5[p], lo, hi)) << 5
+                | np.uint32(_fires(s6[p], lo, hi)) << 6
+                | np.uint32(_fires(s7[p], lo, hi)) << 7
+            )
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _put8(out, row, col, word):
     """The 8 bytes of ``word`` (little-endian) into ``out[row, col:col+8]``."""
@@ -143,24 +173,30 @@ def _put8(out, row, col, word):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pack_cols(x, lo, hi, out, out64):
+def _pack_cols(x, lo, hi, out, out64, flat):
     """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
 
     Eight channel rows are read side by side along a block of positions, so
     every load streams through memory. With one byte per state the bytes go
     straight to the output; otherwise a block of bytes (byte k of positions
     p..) is gathered and transposed into the output rows 8x8 bytes at a time
-    (``out64``: ``out`` as uint64 words, or empty to store bytes).
+    (``out64``: ``out`` as uint64 words, or empty to store bytes). ``flat`` is
+    ``x`` as one contiguous 1-D array when it is one (else empty): the rows
+    are then read as 1-D slices of it.
     """
     n_a, n_c, n_b = x.shape
     n_bytes = out.shape[1]
     full = n_c // 8
     if n_bytes == 1:
+        row = np.empty((1, 4096), np.uint8)
         for a in range(n_a):
             for b0 in range(0, n_b, 4096):
                 width = min(4096, n_b - b0)
                 dst = out[a * n_b + b0 : a * n_b + b0 + width, 0]
-                if full:
+                if full and flat.size:
+                    _bytes_of_rows(flat, a * n_c * n_b + b0, n_b, 1, width, lo, hi, row)
+                    dst[:] = row[0, :width]
+                elif full:
                     _byte_of_eight(x, a, 0, b0, width, lo, hi, dst)
                 else:
                     dst[:] = 0
@@ -177,8 +213,11 @@ def _pack_cols(x, lo, hi, out, out64):
     for a in range(n_a):
         for b0 in range(0, n_b, width_max):
             width = min(width_max, n_b - b0)
-            for k in range(full):
-                _byte_of_eight(x, a, 8 * k, b0, width, lo, hi, block[k])
+            if flat.size:
+                _bytes_of_rows(flat, a * n_c * n_b + b0, n_b, full, width, lo, hi, block)
+            else:
+                for k in range(full):
+                    _byte_of_eight(x, a, 8 * k, b0, width, lo, hi, block[k])
             if full < n_bytes:
                 tail = block[full]
                 tail[:width] = 0
@@ -341,13 +380,17 @@ def _split_work(view: np.ndarray, out: np.ndarray, parts: int) -> list[tuple[np.
 
 
 _NO_WORDS = np.empty((0, 0), np.uint64)
+# Empty stand-ins for ``flat`` in _pack_cols, one per dtype that reaches it.
+_NO_VALUES = {np.dtype(t): np.empty(0, t) for t in (np.float32, np.float64, np.int16, np.uint8)}
 
 
 def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
     if 0 < abs(view.strides[1]) < abs(view.strides[2]):
         wide = out.shape[1] % 8 == 0 and out.flags.c_contiguous and out.ctypes.data % 8 == 0
         out64 = out.view(np.uint64) if wide else _NO_WORDS
-        _pack_cols(view.transpose(0, 2, 1), lo, hi, out, out64)
+        rows = view.transpose(0, 2, 1)
+        flat = rows.reshape(-1) if rows.flags.c_contiguous else _NO_VALUES[rows.dtype]
+        _pack_cols(rows, lo, hi, out, out64, flat)
     elif view.flags.c_contiguous and view.shape[2] % 8 == 0:
         flat_out = out.reshape(-1)
         head = min(-flat_out.ctypes.data % 8, flat_out.size)

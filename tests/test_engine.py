@@ -135,7 +135,7 @@ def test_channels_last_kernel_at_every_output_alignment(offset, dtype):
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout):
     rng = np.random.default_rng(channels)
-    shape = (40, channels, 33, 31) if layout == "first" else (40, 33, 31, channels)
+    shape = (130, channels, 33, 31) if layout == "first" else (130, 33, 31, channels)
     x = random_values(rng, shape, np.float32)
     assert x.nbytes > engine._PARALLEL_MIN_BYTES
     axis = 1 if layout == "first" else -1
