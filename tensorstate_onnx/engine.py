@@ -141,10 +141,10 @@ def _bytes_of_rows(flat, start, n_b, groups, width, lo, hi, block):
     from ``flat``, a contiguous ``(C, n_b)`` sample block from ``start``.
 
     Each channel row is read in one contiguous pass and OR-ed into its bit of
-    ``block[k]`` (a few hundred bytes, in L1), so the whole sample streams
-    through memory in order: up to 1.6x faster than reading the eight rows
-    side by side when rows are short (small feature maps), where eight short
-    streams at once defeat the hardware prefetcher.
+    ``block[k]`` (at most 4 KiB, in L1), so the whole sample streams through
+    memory in order: up to 1.6x faster than reading the eight rows side by
+    side when rows are short (small feature maps), where eight short streams
+    at once defeat the hardware prefetcher.
     """
     for k in range(groups):
         b = start + 8 * k * n_b
@@ -169,13 +169,13 @@ def _put8(out, row, col, word):
 def _pack_cols(x, lo, hi, out, out64, flat):
     """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
 
-    Eight channel rows are read side by side along a block of positions, so
-    every load streams through memory. With one byte per state the bytes go
-    straight to the output; otherwise a block of bytes (byte k of positions
-    p..) is gathered and transposed into the output rows 8x8 bytes at a time
-    (``out64``: ``out`` as uint64 words, or empty to store bytes). ``flat`` is
-    ``x`` as one contiguous 1-D array when it is one (else empty): the rows
-    are then read as 1-D slices of it.
+    Byte k of a block of positions comes from channels 8k..8k+7, read along
+    the positions so that every load streams through memory: one channel row
+    after the other when ``x`` is contiguous (``flat``: ``x`` as a 1-D array,
+    else empty), eight rows side by side otherwise. With one byte per state
+    the bytes go straight to the output; otherwise the block of bytes (byte k
+    of positions p..) is transposed into the output rows 8x8 bytes at a time
+    (``out64``: ``out`` as uint64 words, or empty to store bytes).
     """
     n_a, n_c, n_b = x.shape
     n_bytes = out.shape[1]
