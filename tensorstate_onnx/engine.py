@@ -477,11 +477,14 @@ def _check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
 #
 # * States of 3..8 bytes are one big-endian uint64 word: the key is the state
 #   itself, exact, and its order is the lexicographic byte order. A dedup is
-#   np.sort + run lengths; a merge is branch-free.
+#   a sort + run lengths; a merge is branch-free. Sorts of 4,096 keys or more
+#   are LSD radix sorts that skip digits in which no key differs (the zero low
+#   bytes of short states), 1.3-4x faster than np.sort.
 # * Longer states are keyed by a 64-bit hash and ordered by (hash, words), so
 #   states whose hashes collide are told apart by their words (never merged
 #   unless every word is equal). A batch is sorted by hash bits with the row
-#   index in the low bits (one np.sort of uint64, no argsort); rows sharing
+#   index in the low bits (one sort of uint64 tags, no argsort; the radix sort
+#   skips the index bits, which are in order already); rows sharing
 #   those hash bits are compared word by word. The words of each distinct state
 #   are kept once in an *arena* (copied in the order they arrive); runs hold
 #   only (hash, arena row, count), so merges move 24 bytes per state whatever C
