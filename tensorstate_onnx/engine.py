@@ -136,24 +136,23 @@ def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
 
 
 @numba.njit(cache=True, nogil=True)
-def _bytes_of_rows(flat, start, n_b, groups, width, lo, hi, block):
-    """``_byte_of_eight`` for ``groups`` groups of eight channels at once, read
-    from ``flat``, a contiguous ``(C, n_b)`` sample block from ``start``.
+def _bytes_of_rows(x, a, b0, groups, width, lo, hi, block):
+    """Byte ``k`` (channels ``8k..8k+7``) of positions ``b0..b0+width`` of
+    ``x[a]`` into ``block[k]``, for ``k < groups``.
 
-    Each channel row is read in one contiguous pass and OR-ed into its bit of
-    ``block[k]`` (at most 4 KiB, in L1), so the whole sample streams through
-    memory in order: up to 1.6x faster than reading the eight rows side by
-    side when rows are short (small feature maps), where eight short streams
-    at once defeat the hardware prefetcher.
+    Each channel row is read in one pass and OR-ed into its bit of
+    ``block[k]`` (at most 4 KiB, in L1), so a contiguous sample streams
+    through memory in order: up to 1.6x faster than reading the eight rows
+    side by side when rows are short (small feature maps), where eight short
+    streams at once defeat the hardware prefetcher.
     """
     for k in range(groups):
-        b = start + 8 * k * n_b
         dst = block[k]
-        src = flat[b : b + width]
+        src = x[a, 8 * k, b0 : b0 + width]
         for p in range(width):
             dst[p] = np.uint8(_fires(src[p], lo, hi))
         for j in range(1, 8):
-            src = flat[b + j * n_b : b + j * n_b + width]
+            src = x[a, 8 * k + j, b0 : b0 + width]
             for p in range(width):
                 dst[p] |= np.uint8(_fires(src[p], lo, hi)) << j
 
@@ -166,16 +165,15 @@ def _put8(out, row, col, word):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pack_cols(x, lo, hi, out, out64, flat):
+def _pack_cols(x, lo, hi, out, out64):
     """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
 
     Byte k of a block of positions comes from channels 8k..8k+7, read along
-    the positions so that every load streams through memory: one channel row
-    after the other when ``x`` is contiguous (``flat``: ``x`` as a 1-D array,
-    else empty), eight rows side by side otherwise. With one byte per state
-    the bytes go straight to the output; otherwise the block of bytes (byte k
-    of positions p..) is transposed into the output rows 8x8 bytes at a time
-    (``out64``: ``out`` as uint64 words, or empty to store bytes).
+    the positions so that every load streams through memory. With one byte
+    per state the bytes go straight to the output (eight rows read side by
+    side); otherwise a block of bytes (byte k of positions p.., one channel
+    row after the other) is transposed into the output rows 8x8 bytes at a
+    time (``out64``: ``out`` as uint64 words, or empty to store bytes).
     """
     n_a, n_c, n_b = x.shape
     n_bytes = out.shape[1]
@@ -202,11 +200,7 @@ def _pack_cols(x, lo, hi, out, out64, flat):
     for a in range(n_a):
         for b0 in range(0, n_b, width_max):
             width = min(width_max, n_b - b0)
-            if flat.size:
-                _bytes_of_rows(flat, a * n_c * n_b + b0, n_b, full, width, lo, hi, block)
-            else:
-                for k in range(full):
-                    _byte_of_eight(x, a, 8 * k, b0, width, lo, hi, block[k])
+            _bytes_of_rows(x, a, b0, full, width, lo, hi, block)
             if full < n_bytes:
                 tail = block[full]
                 tail[:width] = 0
@@ -369,17 +363,13 @@ def _split_work(view: np.ndarray, out: np.ndarray, parts: int) -> list[tuple[np.
 
 
 _NO_WORDS = np.empty((0, 0), np.uint64)
-# Empty stand-ins for ``flat`` in _pack_cols, one per dtype that reaches it.
-_NO_VALUES = {np.dtype(t): np.empty(0, t) for t in (np.float32, np.float64, np.int16, np.uint8)}
 
 
 def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
     if 0 < abs(view.strides[1]) < abs(view.strides[2]):
         wide = out.shape[1] % 8 == 0 and out.flags.c_contiguous and out.ctypes.data % 8 == 0
         out64 = out.view(np.uint64) if wide else _NO_WORDS
-        rows = view.transpose(0, 2, 1)
-        flat = rows.reshape(-1) if rows.flags.c_contiguous else _NO_VALUES[rows.dtype]
-        _pack_cols(rows, lo, hi, out, out64, flat)
+        _pack_cols(view.transpose(0, 2, 1), lo, hi, out, out64)
     elif view.flags.c_contiguous and view.shape[2] % 8 == 0:
         flat_out = out.reshape(-1)
         head = min(-flat_out.ctypes.data % 8, flat_out.size)
