@@ -77,9 +77,11 @@ class AnalysisReport:
     def plot(self, path: str | os.PathLike) -> None:
         """Bar chart of efficiency per probe (needs matplotlib: the ``plot`` extra)."""
         check_plot_format(path)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(self.layers) + 2), 4.0))
+        # A Figure of its own: no pyplot state, no change to the caller's backend.
+        fig = Figure(figsize=(max(6.0, 0.7 * len(self.layers) + 2), 4.0))
+        ax = fig.subplots()
         ax.bar([layer.name for layer in self.layers], [layer.efficiency for layer in self.layers], color="#4477aa")
         ax.axhline(self.network_efficiency, color="#cc3311", linestyle="--", label=f"network {self.network_efficiency:.3f}")
         ax.set_ylabel("efficiency (H / neurons)")
@@ -92,15 +94,11 @@ class AnalysisReport:
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def check_plot_format(path: str | os.PathLike) -> None:
     """Raise unless matplotlib is installed and can write an image of ``path``'s type."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install 'tensorstate-onnx[plot]'") from None
