@@ -64,10 +64,10 @@ import onnx
 
 from .data import DEFAULT_BATCH_SIZE
 from .engine import StateCounter, n_bytes_for
-from .errors import ModelInputError, ProviderError, StorageExistsError
+from .errors import ModelInputError, ProviderError
 from .graph import Probe
 from .runtime import OnnxEfficiencyModel, OnnxProbeCapture
-from .store import STATE_CHUNK_BYTES, StateStore, state_codec, store_dirname
+from .store import STATE_CHUNK_BYTES, StateStore, check_storage_root, state_codec, store_dirname
 
 __all__ = [
     "ShardedAnalysis",
@@ -785,11 +785,6 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
                 "Give the model static spatial dimensions or run without storage_path"
             )
         plan[probe.name] = (capture, per, int(neurons))
-    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
-        raise StorageExistsError(
-            f"storage path {root} already exists and is not empty; choose a new directory, "
-            "empty it, or pass overwrite=True (--overwrite on the command line)"
-        )
     boundaries = 0
     for shard in shards[1:]:
         boundaries = math.gcd(boundaries, shard.start)
@@ -1073,11 +1068,8 @@ def analyze_sharded(
         guess = len(client.nthreads()) if client is not None else (n_workers or _cpu_count())
         planned = plan(max(1, guess))
     root = None if storage_path is None else Path(storage_path).absolute()
-    if root is not None and root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
-        raise StorageExistsError(
-            f"storage path {root} already exists and is not empty; choose a new directory, "
-            "empty it, or pass overwrite=True (--overwrite on the command line)"
-        )
+    if root is not None:
+        check_storage_root(root, overwrite)
 
     with _connect(client, scheduler, n_workers, threads_per_worker, timeout) as connected:
         workers = _n_workers(connected, timeout)

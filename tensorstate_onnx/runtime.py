@@ -25,10 +25,10 @@ import onnxruntime as ort
 from .binding import BoundRunner, uses_cuda
 from .capture import AbstractStateCapture
 from .data import Batch, iter_batches
-from .errors import ModelInputError, ProviderError, StorageExistsError
+from .errors import ModelInputError, ProviderError
 from . import graph
 from .graph import Probe, add_probes, load_model, save_model
-from .store import store_dirname
+from .store import check_storage_root, store_dirname
 
 __all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
 
@@ -149,15 +149,8 @@ class OnnxEfficiencyModel:
             )
         self.providers = resolve_providers(providers)
         self.storage_path = None if storage_path is None else Path(storage_path)
-        if self.storage_path is not None and self.storage_path.exists() and not self.storage_path.is_dir():
-            raise StorageExistsError(
-                f"storage path {self.storage_path} already exists and is not a directory; choose a new directory"
-            )
-        if self.storage_path is not None and self.storage_path.exists() and any(self.storage_path.iterdir()) and not overwrite:
-            raise StorageExistsError(
-                f"storage path {self.storage_path} already exists and is not empty; choose a new "
-                "directory, empty it, or pass overwrite=True (--overwrite on the command line)"
-            )
+        if self.storage_path is not None:
+            check_storage_root(self.storage_path, overwrite)
         source = load_model(model)
         self.output_names = [output.name for output in source.graph.output]
         self.model, self.probes = add_probes(

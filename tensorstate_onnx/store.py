@@ -32,6 +32,19 @@ def state_codec() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=1)
 
 
+def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ``StorageExistsError`` unless ``root`` can hold a run's state stores:
+    it must not be a file, and an existing non-empty directory needs ``overwrite``."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise StorageExistsError(f"storage path {root} already exists and is not a directory; choose a new directory")
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise StorageExistsError(
+            f"storage path {root} already exists and is not empty; choose a new directory, "
+            "empty it, or pass overwrite=True (--overwrite on the command line)"
+        )
+
+
 def store_dirname(probe_name: str) -> str:
     """The directory name of a probe's store under a storage path (any front end)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", probe_name).strip("._") or "probe"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import StorageExistsError
-from tensorstate_onnx.store import StateStore
+from tensorstate_onnx.store import StateStore, check_storage_root
 
 
 def _rows(n, n_bytes, seed=0):
@@ -81,3 +81,19 @@ def test_bad_rows_and_indices():
     store.append(np.zeros((4, 2), np.uint8))
     with pytest.raises(IndexError, match="rows must lie"):
         store.read(np.array([4]))
+
+
+def test_storage_root_must_be_a_free_directory(tmp_path):
+    check_storage_root(tmp_path / "new")  # missing: fine
+    (tmp_path / "empty").mkdir()
+    check_storage_root(tmp_path / "empty")  # empty: fine
+    (tmp_path / "file").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(StorageExistsError, match="is not a directory; choose a new directory"):
+            check_storage_root(tmp_path / "file", overwrite)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("y")
+    with pytest.raises(StorageExistsError, match=r"is not empty; .*overwrite=True \(--overwrite on the command line\)"):
+        check_storage_root(tmp_path / "full")
+    check_storage_root(tmp_path / "full", overwrite=True)
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "keep").read_text() == "y"
