@@ -53,7 +53,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'tensorstate-onnx[distributed]'"
 _CLIENT_ROOTS = 32  # default: the client merges up to this many partials itself
+_MERGES_QUEUED = 2  # root results fetched but not yet merged, at most
 _MAX_PROTO_BYTES = 1 << 30  # larger ModelProtos must be given as a path on shared storage
 _SHARD_KEY = re.compile(r"tensorstate-shard-(\d+)-")
 
@@ -1126,6 +1128,43 @@ def analyze_sharded(
     return ShardedAnalysis(local, accuracy, n, len(where), root, stats)
 
 
+class _ClientMerger:
+    """Merges root results into the client's captures on a thread of its own,
+    so that fetching the next result from a worker overlaps merging this one
+    (the fetch mostly waits on the worker; the merge kernels release the GIL).
+    At most ``_MERGES_QUEUED`` results wait, which bounds the client's memory."""
+
+    def __init__(self, captures):
+        self._captures = captures
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstate-merge")
+        self._queued: deque = deque()
+        self.seconds = 0.0
+
+    def _merge(self, part: _Partial) -> None:
+        started = time.perf_counter()
+        for capture, counter in zip(self._captures, part.counters):
+            if counter is not None:
+                capture.merge(counter)
+        self.seconds += time.perf_counter() - started
+
+    def submit(self, part: _Partial) -> None:
+        """Queue ``part``; raises the error of an earlier merge, if any."""
+        while len(self._queued) >= _MERGES_QUEUED or (self._queued and self._queued[0].done()):
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(self._merge, part))
+
+    def finish(self) -> None:
+        """Wait for the queued merges; raises the first merge error."""
+        while self._queued:
+            self._queued.popleft().result()
+        self._pool.shutdown()
+
+    def abandon(self) -> None:
+        """Drop the queued merges (the run failed; their errors do not matter)."""
+        self._queued.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _collect(client, leaves, roots, local, where, n_shards, root, storage):
     """Wait for the run; merge each root into ``local`` once, as it completes."""
     _, distributed = _dask()
@@ -1137,10 +1176,11 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
     shard_seconds: list[float] = []
     merge_seconds: list[float] = []
     merge_units: list[int] = []
-    client_merge = gather = 0.0
+    gather = 0.0
     last_end = 0.0
     shape_owner: _Partial | None = None
     probe_names = tuple(p.name for p in local.probes)
+    merger = _ClientMerger(local.efficiency_layers)
     leaves.clear()
     roots.clear()
     try:
@@ -1162,7 +1202,7 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
                 continue
             t0 = time.perf_counter()
             part: _Partial = future.result()
-            t1 = time.perf_counter()
+            gather += time.perf_counter() - t0
             del future
             if part.probe_names != probe_names:
                 raise RuntimeError(
@@ -1173,11 +1213,7 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
                 shape_owner = part
             else:
                 _check_same_shape(shape_owner, part)
-            for capture, counter in zip(local.efficiency_layers, part.counters):
-                if counter is not None:
-                    capture.merge(counter)
-            gather += t1 - t0
-            client_merge += time.perf_counter() - t1
+            merger.submit(part)
             n += part.n_samples
             correct += part.correct
             labelled += part.labelled
@@ -1185,7 +1221,10 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
             merge_seconds += part.merge_seconds
             merge_units += part.merge_units
             last_end = max(last_end, part.last_end)
+            del part
+        merger.finish()
     except BaseException as exc:
+        merger.abandon()
         # Cancel only what the client asked for (the roots): cancelling a shard would
         # also cancel its merge tasks, which no client holds (an assertion in Dask).
         # Dropping the other futures releases everything the roots needed.
@@ -1202,7 +1241,7 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
     stats = dict(
         shard_seconds=shard_seconds, merge_task_seconds=merge_seconds, merge_task_shards=merge_units,
         gather_seconds=gather,
-        client_merge_seconds=client_merge, _last_end=last_end,
+        client_merge_seconds=merger.seconds, _last_end=last_end,
     )  # fmt: skip
     return n, accuracy, stats
 

@@ -408,6 +408,32 @@ def test_merge_tasks_never_modify_their_inputs():
     assert merged.shards == [0, 1]
 
 
+def test_client_merger_merges_every_part_and_raises_a_merge_error():
+    from tensorstate_onnx.capture import AbstractStateCapture
+
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 4, (200, 5), dtype=np.uint8) for _ in range(5)]
+    capture = AbstractStateCapture("p")
+    merger = tsd._ClientMerger([capture])
+    for index, rows in enumerate(batches):
+        counter = StateCounter(40)
+        counter.add(rows)
+        merger.submit(tsd._Partial([index], ("p",), [counter], len(rows), 0, 0, (1,), index, [0.0], [], 0.0))
+    merger.finish()
+    reference = StateCounter(40)
+    for rows in batches:
+        reference.add(rows)
+    assert capture.state_count == 1000
+    for got, want in zip(sorted_counts(capture.counter), sorted_counts(reference)):
+        assert np.array_equal(got, want)
+
+    merger = tsd._ClientMerger([AbstractStateCapture("p")])
+    merger.submit(tsd._Partial([0], ("p",), [StateCounter(40)], 0, 0, 0, (1,), 0, [0.0], [], 0.0))
+    merger.submit(tsd._Partial([1], ("p",), [StateCounter(16)], 0, 0, 0, (1,), 1, [0.0], [], 0.0))
+    with pytest.raises(ValueError, match="cannot merge counts of 16 neurons into counts of 40"):
+        merger.finish()
+
+
 def test_chunk_size_divides_shard_boundaries():
     assert tsd._largest_divisor_at_most(37, 1000) == 37
     assert tsd._largest_divisor_at_most(360, 100) == 90
