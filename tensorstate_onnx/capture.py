@@ -217,6 +217,9 @@ class AbstractStateCapture(abc.ABC):
 
     def counts(self, index=None) -> np.ndarray:
         """Occurrences of each observed state; ``index`` selects input instances."""
+        if index is None and self._result is None:
+            self._require_states()
+            return self._counter.counts()  # aligned with state_ids(), without building the states
         return self._counts_for(index)[1]
 
     def state_ids(self, index=None) -> list[bytes]:

@@ -21,6 +21,30 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+# Integer counts up to this value are entropy'd through a histogram of the
+# count values (bincount): a layer's counts are mostly small and repeat.
+_HISTOGRAM_MAX = 1 << 22
+
+
+def _distribution(counts) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(values, weights)``: the positive counts as float64, each standing
+    for ``weights`` states (``None``: one each)."""
+    array = np.asarray(counts)
+    if array.dtype.kind in "ui" and array.size:
+        array = array.ravel()
+        if array.min() < 0:
+            raise ValueError("entropy() needs finite, non-negative counts")
+        top = array.max()
+        if top <= _HISTOGRAM_MAX:
+            histogram = np.bincount(array.astype(np.intp, copy=False))
+            values = np.flatnonzero(histogram[1:]) + 1
+            return values.astype(np.float64), histogram[values].astype(np.float64)
+    array = np.asarray(array, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError("entropy() needs finite, non-negative counts")
+    return array[array > 0], None
+
+
 def entropy(counts, alpha: float = 1) -> float:
     """Rényi entropy, in bits, of the distribution given by ``counts``.
 
@@ -28,23 +52,24 @@ def entropy(counts, alpha: float = 1) -> float:
     entropy ``log2(#observed states)``, ``alpha=inf`` the min-entropy.
     """
     alpha = _check_alpha(alpha)
-    counts = np.asarray(counts, dtype=np.float64).ravel()
-    if counts.size == 0:
+    if np.size(counts) == 0:
         raise ValueError("entropy() needs at least one count; no states were recorded")
-    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
-        raise ValueError("entropy() needs finite, non-negative counts")
-    counts = counts[counts > 0]
-    if counts.size == 0:
+    values, weights = _distribution(counts)
+    if values.size == 0:
         raise ValueError("entropy() needs at least one positive count; no states were recorded")
-    p = counts / counts.sum()
+
+    def total(terms: np.ndarray) -> float:
+        return float(np.sum(terms if weights is None else weights * terms))
+
+    p = values / total(values)
     if alpha == 0:
-        value = math.log2(p.size)
+        value = math.log2(p.size if weights is None else float(weights.sum()))
     elif alpha == 1:
-        value = -float(np.sum(p * np.log2(p)))
+        value = -total(p * np.log2(p))
     elif math.isinf(alpha):
         value = -math.log2(float(p.max()))
     else:
-        value = math.log2(float(np.sum(p**alpha))) / (1.0 - alpha)
+        value = math.log2(total(p**alpha)) / (1.0 - alpha)
     return max(value, 0.0)
 
 

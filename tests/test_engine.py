@@ -525,6 +525,30 @@ def test_empty_counter_and_small_state_order(c):
     assert clone.result()[0].shape == (0, n_bytes_for(c))
 
 
+@pytest.mark.parametrize("c", [3, 16, 30, 64, 300])
+def test_counts_alone_follow_the_order_of_result(c):
+    rng = np.random.default_rng(c)
+    width = n_bytes_for(c)
+    pool = rng.integers(0, 256, (400, width), dtype=np.uint8)
+    counter = StateCounter(c)
+    assert counter.counts().shape == (0,)
+    # Runs that share a few states (merged-away rows stay in a long-state
+    # arena: counts follow run order) ...
+    for rows in (np.arange(300), np.arange(250, 300), np.arange(280, 300)):
+        counter.add(pool[rows])
+        assert np.array_equal(counter.counts(), counter.result()[1])
+    # ... then many repeats, and a pickled counter merged in (arena order).
+    counter.add(pool[rng.integers(0, 400, 3000)])
+    other = StateCounter(c)
+    other.add(rng.integers(0, 256, (500, width), dtype=np.uint8))
+    counter.merge(pickle.loads(pickle.dumps(other)))
+    counts = counter.counts()
+    ids, expected = counter.result()
+    assert np.array_equal(counts, expected)
+    assert counts.sum() == counter.total == 3870
+    assert as_dict(ids, counts) == as_dict(*counter.result(sort=True))
+
+
 def test_result_arrays_are_copies():
     states = np.random.default_rng(5).integers(0, 256, (50, 64), dtype=np.uint8)
     counter = StateCounter(512)

@@ -32,13 +32,40 @@ def test_zero_counts_are_ignored():
     assert entropy(np.array([3, 0, 0, 1]), 0) == pytest.approx(1.0)
 
 
+def _direct_entropy(counts, alpha):
+    p = counts[counts > 0] / counts.sum()
+    if alpha == 0:
+        return math.log2(p.size)
+    if alpha == 1:
+        return -float((p * np.log2(p)).sum())
+    if math.isinf(alpha):
+        return -math.log2(p.max())
+    return math.log2((p**alpha).sum()) / (1 - alpha)
+
+
+@pytest.mark.parametrize("alpha", [0, 0.5, 1, 2, float("inf")])
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32, np.uint8])
+def test_integer_counts_match_the_direct_formula(alpha, dtype):
+    rng = np.random.default_rng(3)
+    counts = np.concatenate([rng.geometric(0.4, 50_000), rng.integers(0, 200, 1000)]).astype(dtype)
+    expected = _direct_entropy(counts.astype(np.float64), alpha)
+    assert entropy(counts, alpha) == pytest.approx(expected, rel=1e-12)
+    assert entropy(counts.astype(np.float64), alpha) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0, 1, 2, float("inf")])
+def test_counts_too_large_for_a_histogram(alpha):
+    counts = np.array([3, 1 << 40, 5, 1 << 23, 1], np.int64)
+    assert entropy(counts, alpha) == pytest.approx(_direct_entropy(counts.astype(np.float64), alpha), rel=1e-12)
+
+
 @pytest.mark.parametrize("alpha", [-1, float("nan"), "1", None, True])
 def test_invalid_alpha(alpha):
     with pytest.raises(ValueError, match="alpha"):
         entropy([1, 2], alpha)
 
 
-@pytest.mark.parametrize("counts", [[], [0, 0], [-1, 2], [np.inf, 1]])
+@pytest.mark.parametrize("counts", [[], [0, 0], [-1, 2], [np.inf, 1], np.array([2, -3], np.int64), np.zeros(4, np.uint8)])
 def test_invalid_counts(counts):
     with pytest.raises(ValueError, match="count"):
         entropy(counts)
