@@ -490,6 +490,14 @@ _BUFFER_MAX_BYTES = 1 << 25
 # Distinct rows compared one by one inside a group of equal hash prefixes before
 # the group is sorted instead.
 _GROUP_REPS = 8
+# A new run holding at least 1/_ABSORB_RATIO as many states as the largest run
+# first adds the counts of the states the largest run already holds to it, in
+# place; only its new states stay a run. When states repeat (a long analysis
+# of data seen before) this spares the merge that would copy the largest run.
+# After a try that found most states new, the next 2**k - 1 tries are skipped
+# (k counts such tries in a row, up to _ABSORB_BACKOFF).
+_ABSORB_RATIO = 8
+_ABSORB_BACKOFF = 3
 
 
 @numba.njit(cache=True, nogil=True)
@@ -914,9 +922,63 @@ def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     return m
 
 
+@numba.njit(cache=True, nogil=True)
+def _absorb_keys(h1, c1, h2, c2, h_out, c_out):
+    """Add to ``c1`` the counts of the states of run 2 that run 1 holds (keys
+    are the states); write the other states of run 2 to the outputs and
+    return how many."""
+    n1 = h1.size
+    i = 0
+    m = 0
+    for j in range(h2.size):
+        y = h2[j]
+        while i < n1 and h1[i] < y:
+            i += 1
+        if i < n1 and h1[i] == y:
+            c1[i] += c2[j]
+        else:
+            h_out[m] = y
+            c_out[m] = c2[j]
+            m += 1
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def _absorb_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
+    """:func:`_absorb_keys` for runs sorted by (hash, words) that refer to arena rows."""
+    n1 = h1.size
+    i = 0
+    m = 0
+    for j in range(h2.size):
+        y = h2[j]
+        while i < n1 and h1[i] < y:
+            i += 1
+        k = i
+        found = False
+        while k < n1 and h1[k] == y:
+            order = _cmp_words(arena, r1[k], arena, r2[j])
+            if order == 0:
+                c1[k] += c2[j]
+                found = True
+                break
+            if order > 0:
+                break
+            k += 1
+        if not found:
+            h_out[m] = y
+            r_out[m] = r2[j]
+            c_out[m] = c2[j]
+            m += 1
+    return m
+
+
 def _trimmed(a: np.ndarray, m: int) -> np.ndarray:
-    """``a[:m]``, copied when that frees a good part of ``a``."""
-    return a[:m].copy() if m < 0.75 * a.shape[0] else a[:m]
+    """The first ``m`` items of ``a``, an array just allocated here and seen
+    by nobody else: shrunk in place, so the allocator takes the tail back
+    without a copy (a copy briefly doubled the memory of large runs)."""
+    if m < a.shape[0]:
+        a.resize(m, refcheck=False)
+    return a
 
 
 def _held(a: np.ndarray | None) -> int:
@@ -995,7 +1057,10 @@ class StateCounter:
             self._direct = np.zeros(1 << (8 * self.n_bytes), np.int64)
             return
         self._n_words = (self.n_bytes + 7) // 8
+        # Runs own their count arrays: _absorb adds to the largest one in place.
         self._runs: list[_Run] = []
+        self._absorb_misses = 0
+        self._absorb_skips = 0
         self._n_pending = 0
         # Up to 8 bytes: states waiting to be counted, as big-endian words.
         self._pending: np.ndarray | None = None
@@ -1088,7 +1153,8 @@ class StateCounter:
                 refs = np.empty(rows.size, np.int64)
                 _keep_rows(words, rows, self._arena, start, refs)
                 self._arena_rows += rows.size
-                self._push(_Run(hashes[rows], refs, counts))
+                if not self._push(_Run(hashes[rows], refs, counts)):
+                    self._arena_rows = start
                 pos += take
                 continue
             take = min(cap - self._n_pending, n - pos)
@@ -1133,15 +1199,49 @@ class StateCounter:
         _keep_rows(tail, rows, self._arena, start, refs)
         del tail
         self._arena_rows = start + rows.size
-        self._push(_Run(keys, refs, counts))
+        if not self._push(_Run(keys, refs, counts)):
+            self._arena_rows = start
 
-    def _push(self, run: _Run) -> None:
+    def _push(self, run: _Run) -> bool:
+        """Add a run of new counts; False when every state in it was already
+        counted (its arena rows, if any, are then unused)."""
         runs = self._runs
+        if runs and _ABSORB_RATIO * len(run) >= len(runs[0]):
+            if self._absorb_skips:
+                self._absorb_skips -= 1
+            else:
+                run = self._absorb(run)
+                if len(run) == 0:
+                    return False
         runs.append(run)
         while len(runs) >= 2 and len(runs[-2]) <= 2 * len(runs[-1]):
             last = runs.pop()
             runs[-1] = _merge(runs[-1], last, self._arena)
         self._collect()
+        return True
+
+    def _absorb(self, run: _Run) -> _Run:
+        """Add the counts of the states of ``run`` that the largest run holds
+        to it, in place; returns the rest of ``run``."""
+        largest = self._runs[0]
+        keys = np.empty(len(run), np.uint64)
+        counts = np.empty(len(run), np.int64)
+        if run.refs is None:
+            m = _absorb_keys(largest.keys, largest.counts, run.keys, run.counts, keys, counts)
+            refs = None
+        else:
+            refs = np.empty(len(run), np.int64)
+            m = _absorb_refs(
+                largest.keys, largest.refs, largest.counts, run.keys, run.refs, run.counts,
+                self._arena, keys, refs, counts,
+            )  # fmt: skip
+            refs = _trimmed(refs, m)
+        if 2 * m > len(run):
+            self._absorb_misses = min(self._absorb_misses + 1, _ABSORB_BACKOFF)
+            self._absorb_skips = 2**self._absorb_misses - 1
+        else:
+            self._absorb_misses = 0
+        return _Run(_trimmed(keys, m), refs, _trimmed(counts, m))
 
     def _collect(self) -> None:
         """Drop the arena rows of states merged away once they are a third of
@@ -1200,8 +1300,8 @@ class StateCounter:
             run = other._compact()
             if run is not None:
                 if self._n_words == 1:
-                    # Runs are never modified in place, so sharing arrays is safe.
-                    self._push(_Run(run.keys, None, run.counts))
+                    # Keys are never modified in place, so sharing them is safe; counts are.
+                    self._push(_Run(run.keys, None, run.counts.copy()))
                 else:
                     words = np.take(other._arena, run.refs, axis=0)
                     keys, counts = run.keys.copy(), run.counts.copy()
@@ -1210,7 +1310,8 @@ class StateCounter:
                     self._arena[start : start + len(run)] = words
                     self._arena_rows += len(run)
                     refs = np.arange(start, start + len(run), dtype=np.int64)
-                    self._push(_Run(keys, refs, counts))
+                    if not self._push(_Run(keys, refs, counts)):
+                        self._arena_rows = start
         self.total += total
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:

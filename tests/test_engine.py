@@ -549,6 +549,66 @@ def test_counts_alone_follow_the_order_of_result(c):
     assert as_dict(ids, counts) == as_dict(*counter.result(sort=True))
 
 
+@pytest.mark.parametrize("c", [32, 48, 100, 300])
+def test_repeated_states_add_to_the_largest_run_in_place(c):
+    rng = np.random.default_rng(c)
+    width = n_bytes_for(c)
+    pool = rng.integers(0, 256, (20_000, width), dtype=np.uint8)
+    counter = StateCounter(c)
+    seen = []
+    for rows in [np.arange(20_000)] + [rng.permutation(20_000) for _ in range(3)]:
+        for start in range(0, 20_000, 3_000):  # batches, some buffered, of states all counted before
+            batch = pool[rows[start : start + 3_000]]
+            counter.add(batch)
+            seen.append(batch)
+    assert as_dict(*counter.result()) == unique_dict(np.concatenate(seen))
+    assert set(counter.counts().tolist()) == {4}
+    assert len(counter._runs) == 1  # every later state was absorbed: no run beside the largest
+    if counter._n_words > 1:
+        assert counter._arena_rows == counter.n_distinct  # and its arena rows were given back
+
+
+def test_absorbing_leaves_a_merged_counter_alone():
+    rng = np.random.default_rng(7)
+    for c in (32, 200):
+        states = rng.integers(0, 256, (5_000, n_bytes_for(c)), dtype=np.uint8)
+        source = StateCounter(c)
+        source.add(states)
+        before = source.result()
+        target = StateCounter(c)
+        target.merge(source)
+        for _ in range(3):
+            target.add(states)
+        assert as_dict(*target.result()) == {k: 4 * v for k, v in unique_dict(states).items()}
+        after = source.result()
+        assert np.array_equal(after[0], before[0]) and np.array_equal(after[1], before[1])
+
+
+def test_absorb_compares_the_words_of_states_with_equal_hashes():
+    from tensorstate_onnx.engine import _absorb_refs
+
+    arena = np.array([[1, 0], [2, 0], [3, 0], [9, 9], [2, 0], [4, 0], [3, 0]], np.uint64)
+    h1, r1, c1 = np.array([5, 5, 5, 8], np.uint64), np.array([0, 1, 2, 3]), np.array([1, 1, 1, 1])
+    # Run 2 shares hash 5 with run 1: (2, 0) and (3, 0) are held, (4, 0) is not.
+    h2, r2, c2 = np.array([5, 5, 5, 6], np.uint64), np.array([4, 6, 5, 5]), np.array([10, 20, 30, 40])
+    order = np.lexsort((arena[r2, 0], h2))
+    h2, r2, c2 = h2[order], r2[order], c2[order]
+    out_h, out_r, out_c = np.empty(4, np.uint64), np.empty(4, np.int64), np.empty(4, np.int64)
+    m = _absorb_refs(h1, r1, c1, h2, r2, c2, arena, out_h, out_r, out_c)
+    assert c1.tolist() == [1, 11, 21, 1]
+    assert m == 2
+    assert out_h[:m].tolist() == [5, 6] and out_r[:m].tolist() == [5, 5] and out_c[:m].tolist() == [30, 40]
+
+
+def test_absorbing_backs_off_while_states_are_new():
+    rng = np.random.default_rng(8)
+    counter = StateCounter(64)
+    counter.add(rng.integers(0, 256, (300_000, 8), dtype=np.uint8))
+    counter.add(rng.integers(0, 256, (300_000, 8), dtype=np.uint8))  # all new: a miss
+    assert counter._absorb_misses == 1 and counter._absorb_skips == 1
+    assert counter.n_distinct == 600_000
+
+
 def test_result_arrays_are_copies():
     states = np.random.default_rng(5).integers(0, 256, (50, 64), dtype=np.uint8)
     counter = StateCounter(512)
