@@ -1241,6 +1241,8 @@ class StateCounter:
             self._absorb_skips = 2**self._absorb_misses - 1
         else:
             self._absorb_misses = 0
+        if m == len(run):
+            return run  # nothing absorbed: keep the run, drop the copy
         return _Run(_trimmed(keys, m), refs, _trimmed(counts, m))
 
     def _collect(self) -> None:
