@@ -923,29 +923,14 @@ def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _absorb_keys(h1, c1, h2, c2, h_out, c_out):
-    """Add to ``c1`` the counts of the states of run 2 that run 1 holds (keys
-    are the states); write the other states of run 2 to the outputs and
-    return how many."""
-    n1 = h1.size
-    i = 0
-    m = 0
-    for j in range(h2.size):
-        y = h2[j]
-        while i < n1 and h1[i] < y:
-            i += 1
-        if i < n1 and h1[i] == y:
-            c1[i] += c2[j]
-        else:
-            h_out[m] = y
-            c_out[m] = c2[j]
-            m += 1
-    return m
+def _absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
+    """Add to ``c1`` the counts of the states of run 2 that run 1 holds; write
+    the other states of run 2 to the outputs and return how many.
 
-
-@numba.njit(cache=True, nogil=True)
-def _absorb_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
-    """:func:`_absorb_keys` for runs sorted by (hash, words) that refer to arena rows."""
+    Runs are sorted by key; with refs, states of equal keys (hashes) are told
+    apart by their arena rows; without (empty ``r2``), keys are the states.
+    """
+    by_words = r2.size > 0
     n1 = h1.size
     i = 0
     m = 0
@@ -956,7 +941,7 @@ def _absorb_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
         k = i
         found = False
         while k < n1 and h1[k] == y:
-            order = _cmp_words(arena, r1[k], arena, r2[j])
+            order = _cmp_words(arena, r1[k], arena, r2[j]) if by_words else 0
             if order == 0:
                 c1[k] += c2[j]
                 found = True
@@ -966,7 +951,8 @@ def _absorb_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
             k += 1
         if not found:
             h_out[m] = y
-            r_out[m] = r2[j]
+            if by_words:
+                r_out[m] = r2[j]
             c_out[m] = c2[j]
             m += 1
     return m
@@ -1226,16 +1212,14 @@ class StateCounter:
         largest = self._runs[0]
         keys = np.empty(len(run), np.uint64)
         counts = np.empty(len(run), np.int64)
-        if run.refs is None:
-            m = _absorb_keys(largest.keys, largest.counts, run.keys, run.counts, keys, counts)
-            refs = None
-        else:
-            refs = np.empty(len(run), np.int64)
-            m = _absorb_refs(
-                largest.keys, largest.refs, largest.counts, run.keys, run.refs, run.counts,
-                self._arena, keys, refs, counts,
-            )  # fmt: skip
-            refs = _trimmed(refs, m)
+        by_words = run.refs is not None
+        refs = np.empty(len(run) if by_words else 0, np.int64)
+        m = _absorb_kernel(
+            largest.keys, largest.refs if by_words else _NO_REFS, largest.counts, run.keys,
+            run.refs if by_words else _NO_REFS, run.counts, self._arena if by_words else _NO_WORDS,
+            keys, refs, counts,
+        )  # fmt: skip
+        refs = _trimmed(refs, m) if by_words else None
         if 2 * m > len(run):
             self._absorb_misses = min(self._absorb_misses + 1, _ABSORB_BACKOFF)
             self._absorb_skips = 2**self._absorb_misses - 1
@@ -1494,6 +1478,7 @@ def _lex_order(big: np.ndarray, col: int = 0, rows: np.ndarray | None = None) ->
 
 
 _UNIT = np.empty(0, np.int64)  # weights meaning "each row once"
+_NO_REFS = np.empty(0, np.int64)  # runs whose keys are the states
 
 
 def _keys_run(keys: np.ndarray) -> _Run:

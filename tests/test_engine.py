@@ -585,7 +585,7 @@ def test_absorbing_leaves_a_merged_counter_alone():
 
 
 def test_absorb_compares_the_words_of_states_with_equal_hashes():
-    from tensorstate_onnx.engine import _absorb_refs
+    from tensorstate_onnx.engine import _absorb_kernel
 
     arena = np.array([[1, 0], [2, 0], [3, 0], [9, 9], [2, 0], [4, 0], [3, 0]], np.uint64)
     h1, r1, c1 = np.array([5, 5, 5, 8], np.uint64), np.array([0, 1, 2, 3]), np.array([1, 1, 1, 1])
@@ -594,7 +594,7 @@ def test_absorb_compares_the_words_of_states_with_equal_hashes():
     order = np.lexsort((arena[r2, 0], h2))
     h2, r2, c2 = h2[order], r2[order], c2[order]
     out_h, out_r, out_c = np.empty(4, np.uint64), np.empty(4, np.int64), np.empty(4, np.int64)
-    m = _absorb_refs(h1, r1, c1, h2, r2, c2, arena, out_h, out_r, out_c)
+    m = _absorb_kernel(h1, r1, c1, h2, r2, c2, arena, out_h, out_r, out_c)
     assert c1.tolist() == [1, 11, 21, 1]
     assert m == 2
     assert out_h[:m].tolist() == [5, 6] and out_r[:m].tolist() == [5, 5] and out_c[:m].tolist() == [30, 40]
