@@ -56,7 +56,7 @@ import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -1210,7 +1210,7 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
                     f"{list(probe_names)}; the model file differs between client and workers"
                 )
             if shape_owner is None or shape_owner.sample_shape is None:
-                shape_owner = part
+                shape_owner = replace(part, counters=[])  # the shape, without holding the counts
             else:
                 _check_same_shape(shape_owner, part)
             merger.submit(part)
