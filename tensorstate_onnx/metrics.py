@@ -26,12 +26,11 @@ def _check_alpha(alpha: float) -> float:
 _HISTOGRAM_MAX = 1 << 22
 
 
-def _distribution(counts) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(values, weights)``: the positive counts as float64, each standing
-    for ``weights`` states (``None``: one each)."""
-    array = np.asarray(counts)
-    if array.dtype.kind in "ui" and array.size:
-        array = array.ravel()
+def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(values, weights)``: the positive counts of ``array`` (not empty) as
+    float64, each standing for ``weights`` states (``None``: one each)."""
+    array = array.ravel()
+    if array.dtype.kind in "ui":
         if array.min() < 0:
             raise ValueError("entropy() needs finite, non-negative counts")
         top = array.max()
@@ -39,7 +38,7 @@ def _distribution(counts) -> tuple[np.ndarray, np.ndarray | None]:
             histogram = np.bincount(array.astype(np.intp, copy=False))
             values = np.flatnonzero(histogram[1:]) + 1
             return values.astype(np.float64), histogram[values].astype(np.float64)
-    array = np.asarray(array, dtype=np.float64).ravel()
+    array = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(array)) or np.any(array < 0):
         raise ValueError("entropy() needs finite, non-negative counts")
     return array[array > 0], None
@@ -52,9 +51,10 @@ def entropy(counts, alpha: float = 1) -> float:
     entropy ``log2(#observed states)``, ``alpha=inf`` the min-entropy.
     """
     alpha = _check_alpha(alpha)
-    if np.size(counts) == 0:
+    array = np.asarray(counts)
+    if array.size == 0:
         raise ValueError("entropy() needs at least one count; no states were recorded")
-    values, weights = _distribution(counts)
+    values, weights = _distribution(array)
     if values.size == 0:
         raise ValueError("entropy() needs at least one positive count; no states were recorded")
 
