@@ -491,13 +491,12 @@ _BUFFER_MAX_BYTES = 1 << 25
 # the group is sorted instead.
 _GROUP_REPS = 8
 # A new run holding at least 1/_ABSORB_RATIO as many states as the largest run
-# first adds the counts of the states the largest run already holds to it, in
-# place; only its new states stay a run. When states repeat (a long analysis
-# of data seen before) this spares the merge that would copy the largest run.
-# After a try that found most states new, the next 2**k - 1 tries are skipped
-# (k counts such tries in a row, up to _ABSORB_BACKOFF).
+# first adds the counts of the states the runs already hold to them, in place;
+# only its new states stay a run. When states repeat (a long analysis of data
+# seen before) this spares the merges that would copy the largest run, and the
+# buffer shrinks to 1/_ABSORB_RATIO of that run. Runs are searched by
+# galloping, so a try that finds every state new costs about one compare each.
 _ABSORB_RATIO = 8
-_ABSORB_BACKOFF = 3
 
 
 @numba.njit(cache=True, nogil=True)
@@ -534,22 +533,66 @@ def _be_bytes(keys, out):
             out[i, k] = np.uint8(v >> np.uint64(56 - 8 * k))
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gallop(h, i, v):
+    """The first index ``>= i`` of sorted ``h`` whose key is ``>= v`` (``h.size``
+    if none): steps of 1, 2, 4, ... then a binary search, so the cost grows
+    with the log of the distance, and a key next in line costs one compare."""
+    n = h.size
+    if i >= n or h[i] >= v:
+        return i
+    lo = i  # h[lo] < v <= h[hi] (h[n] counts as infinite)
+    hi = lo + 1
+    step = 1
+    while hi < n and h[hi] < v:
+        lo = hi
+        step *= 2
+        hi = lo + step
+    if hi > n:
+        hi = n
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if h[mid] < v:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 @numba.njit(cache=True, nogil=True)
-def _run_lengths(sorted_keys, keys_out, counts_out):
-    """Distinct values of a sorted array and how often each occurs; returns how many."""
-    n = sorted_keys.size
-    k = 0
+def _count_sorted_keys(keys, weights, h1, c1, keys_out, counts_out):
+    """Count sorted ``keys`` (states as their own keys), each seen ``weights``
+    times (empty: once), into the run ``(h1, c1)``: the count of a state the
+    run holds is added to ``c1`` in place; the other distinct states go to
+    ``keys_out`` (which may be ``keys`` itself) with their counts in
+    ``counts_out``. Returns ``(how many were written, distinct keys)``.
+
+    The run is searched by galloping from the last match (:func:`_gallop`).
+    """
+    weighted = weights.size > 0
+    n = keys.size
+    n1 = h1.size
     i = 0
-    while i < n:
-        v = sorted_keys[i]
-        j = i + 1
-        while j < n and sorted_keys[j] == v:
-            j += 1
-        keys_out[k] = v
-        counts_out[k] = j - i
-        k += 1
-        i = j
-    return k
+    m = 0
+    distinct = 0
+    j = 0
+    while j < n:
+        v = keys[j]
+        distinct += 1
+        count = 0
+        e = j
+        while e < n and keys[e] == v:
+            count += weights[e] if weighted else 1
+            e += 1
+        i = _gallop(h1, i, v)
+        if i < n1 and h1[i] == v:
+            c1[i] += count
+        else:
+            keys_out[m] = v
+            counts_out[m] = count
+            m += 1
+        j = e
+    return m, distinct
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -606,10 +649,10 @@ _RADIX_MIN = 4096  # below this many keys numpy's sort is as fast
 
 
 @numba.njit(cache=True, nogil=True)
-def _radix_sort_kernel(keys, low_bit):
+def _radix_sort_kernel(keys, low_bit, scratch):
     """Stable LSD radix sort of ``keys`` by bits ``[low_bit, 64)``; digits in
     which no two keys differ are skipped (short states leave their low bytes
-    zero, tags their index bits)."""
+    zero, tags their index bits). ``scratch`` holds at least as many uint64."""
     n = keys.size
     buckets = 1 << _RADIX_BITS
     mask = np.uint64(buckets - 1)
@@ -617,7 +660,7 @@ def _radix_sort_kernel(keys, low_bit):
     for i in range(n):
         varying |= keys[i] ^ keys[0]
     src = keys
-    dst = np.empty(n, np.uint64)
+    dst = scratch[:n]
     count = np.empty(buckets, np.int64)
     for shift in range(low_bit, 64, _RADIX_BITS):
         s = np.uint64(shift)
@@ -641,13 +684,14 @@ def _radix_sort_kernel(keys, low_bit):
         keys[:] = src
 
 
-def _sort_keys(keys: np.ndarray, low_bit: int = 0) -> None:
+def _sort_keys(keys: np.ndarray, low_bit: int = 0, scratch: np.ndarray | None = None) -> None:
     """Sort uint64 ``keys`` in place; keys equal in bits ``[low_bit, 64)`` must
-    already be in order among themselves (their order is kept)."""
+    already be in order among themselves (their order is kept). ``scratch``:
+    room for ``keys.size`` uint64 to sort through (allocated when None)."""
     if keys.size < _RADIX_MIN:
         keys.sort()
     else:
-        _radix_sort_kernel(keys, low_bit)
+        _radix_sort_kernel(keys, low_bit, np.empty(keys.size, np.uint64) if scratch is None else scratch)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -927,21 +971,20 @@ def _absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     """Add to ``c1`` the counts of the states of run 2 that run 1 holds; write
     the other states of run 2 to the outputs and return how many.
 
-    Runs are sorted by key; with refs, states of equal keys (hashes) are told
-    apart by their arena rows; without (empty ``r2``), keys are the states.
+    Runs are sorted by (hash, words); states of equal hashes are told apart by
+    their arena rows. The outputs may be run 2 itself. Run 1 is searched by galloping (:func:`_gallop`), so a
+    run of new states costs a step or two per state.
     """
-    by_words = r2.size > 0
     n1 = h1.size
     i = 0
     m = 0
     for j in range(h2.size):
         y = h2[j]
-        while i < n1 and h1[i] < y:
-            i += 1
+        i = _gallop(h1, i, y)
         k = i
         found = False
         while k < n1 and h1[k] == y:
-            order = _cmp_words(arena, r1[k], arena, r2[j]) if by_words else 0
+            order = _cmp_words(arena, r1[k], arena, r2[j])
             if order == 0:
                 c1[k] += c2[j]
                 found = True
@@ -951,11 +994,30 @@ def _absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
             k += 1
         if not found:
             h_out[m] = y
-            if by_words:
-                r_out[m] = r2[j]
+            r_out[m] = r2[j]
             c_out[m] = c2[j]
             m += 1
     return m
+
+
+@numba.njit(cache=True, nogil=True)
+def _close_gaps(arena, start, k, refs):
+    """Move the rows of ``arena[start : start + k]`` that ``refs`` refer to
+    down to the front of that range, in order, and point ``refs`` at their new
+    places; returns how many rows stay."""
+    place = np.full(k, -1, np.int64)
+    for r in refs:
+        place[r - start] = 0
+    p = 0
+    for i in range(k):
+        if place[i] == 0:
+            place[i] = p
+            if p != i:
+                arena[start + p, :] = arena[start + i, :]
+            p += 1
+    for j in range(refs.size):
+        refs[j] = start + place[refs[j] - start]
+    return p
 
 
 def _trimmed(a: np.ndarray, m: int) -> np.ndarray:
@@ -982,6 +1044,11 @@ def _as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     padded = np.zeros((n, 8 * n_words), np.uint8)
     padded[:, :width] = packed
     return padded.view(np.uint64)
+
+
+_UNIT = np.empty(0, np.int64)  # weights meaning "each row once"
+_NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
+_NO_COUNTS = np.empty(0, np.int64)
 
 
 class _Run:
@@ -1043,10 +1110,10 @@ class StateCounter:
             self._direct = np.zeros(1 << (8 * self.n_bytes), np.int64)
             return
         self._n_words = (self.n_bytes + 7) // 8
-        # Runs own their count arrays: _absorb adds to the largest one in place.
+        # Runs own their count arrays: absorbing adds to the largest one in place.
         self._runs: list[_Run] = []
-        self._absorb_misses = 0
-        self._absorb_skips = 0
+        # Whether the last absorbing try found most states counted already.
+        self._repeating = False
         self._n_pending = 0
         # Up to 8 bytes: states waiting to be counted, as big-endian words.
         self._pending: np.ndarray | None = None
@@ -1089,9 +1156,12 @@ class StateCounter:
     def _buffer_rows(self) -> int:
         """States counted together: as many as the largest run holds (so memory
         still follows the distinct states), within [_BUFFER_MIN_BYTES,
-        _BUFFER_MAX_BYTES]."""
+        _BUFFER_MAX_BYTES]. While states repeat, 1/_ABSORB_RATIO of that: the
+        buffer is absorbed into the largest run without merges to amortize."""
         row_bytes = 8 * self._n_words
         largest = len(self._runs[0]) if self._runs else 0
+        if self._repeating:
+            largest = -(-largest // _ABSORB_RATIO)
         rows = min(max(largest, _BUFFER_MIN_BYTES // row_bytes), _BUFFER_MAX_BYTES // row_bytes)
         return max(rows, 64)
 
@@ -1108,7 +1178,7 @@ class StateCounter:
                     take = min(n - pos, _CHUNK_ROWS)
                     keys = np.empty(take, np.uint64)
                     _be_words(packed[pos : pos + take], keys)
-                    self._push(_keys_run(keys))
+                    self._count_keys(keys, owned=True)
                     pos += take
                     continue
                 if self._pending is None or not cap <= self._pending.shape[0] <= 2 * cap:
@@ -1139,10 +1209,12 @@ class StateCounter:
                 refs = np.empty(rows.size, np.int64)
                 _keep_rows(words, rows, self._arena, start, refs)
                 self._arena_rows += rows.size
-                if not self._push(_Run(hashes[rows], refs, counts)):
-                    self._arena_rows = start
+                self._push_rows(_Run(hashes[rows], refs, counts), start)
                 pos += take
                 continue
+            if self._n_pending == 0:  # room for the whole buffer at once: one copy, not one per batch
+                self._fit_arena(self._arena_rows + cap, slack=1.5)
+                self._reserve(cap)
             take = min(cap - self._n_pending, n - pos)
             start = self._reserve(self._n_pending + take) + self._n_pending
             as_bytes = self._arena[start : start + take].view(np.uint8)
@@ -1160,12 +1232,24 @@ class StateCounter:
         if self._arena is None:
             self._arena = np.empty((max(need, 64), self._n_words), np.uint64)
         elif need > self._arena.shape[0]:
-            # Doubling: pages of the new array are only backed once written.
-            arena = np.empty((max(need, 2 * self._arena.shape[0]), self._n_words), np.uint64)
+            # A quarter of room to spare keeps copies amortized; pages of the
+            # new array are only backed once written.
+            arena = np.empty((need + need // 4, self._n_words), np.uint64)
             used = self._arena_rows + self._n_pending
             arena[:used] = self._arena[:used]
             self._arena = arena
         return self._arena_rows
+
+    def _fit_arena(self, need: int, slack: float) -> None:
+        """Give back the arena's room beyond ``need`` rows and a quarter when
+        it holds more than ``slack`` times that: after the buffer shrank (1.5,
+        so a buffer that shrinks and grows back copies rarely), or once
+        everything is counted (1). No rows are pending when this runs."""
+        arena = self._arena
+        rows = max(64, need + need // 4)
+        if arena is not None and arena.shape[0] > slack * rows:
+            self._arena = np.empty((rows, self._n_words), np.uint64)
+            self._arena[: self._arena_rows] = arena[: self._arena_rows]
 
     def _flush(self, weights: np.ndarray = None) -> None:
         """Count the pending states (``weights``: how often each was seen)."""
@@ -1174,7 +1258,7 @@ class StateCounter:
             return
         self._n_pending = 0
         if self._n_words == 1:
-            self._push(_keys_run(self._pending[:n]))
+            self._count_keys(self._pending[:n], owned=False)
             return
         start = self._arena_rows
         tail = self._arena[start : start + n]
@@ -1185,49 +1269,84 @@ class StateCounter:
         _keep_rows(tail, rows, self._arena, start, refs)
         del tail
         self._arena_rows = start + rows.size
-        if not self._push(_Run(keys, refs, counts)):
-            self._arena_rows = start
+        self._push_rows(_Run(keys, refs, counts), start)
 
-    def _push(self, run: _Run) -> bool:
-        """Add a run of new counts; False when every state in it was already
-        counted (its arena rows, if any, are then unused)."""
+    def _count_keys(self, keys: np.ndarray, weights: np.ndarray = _UNIT, owned: bool = False) -> None:
+        """Count states that are their own keys: counts of states a run holds
+        are added to it in place (see _ABSORB_RATIO), the others become a run.
+
+        Unweighted ``keys`` are sorted in place and overwritten (``owned``: a
+        fresh array the run may keep); weighted ones are another counter's run
+        (sorted, distinct) and are only read. Sorting, run-length counting and
+        absorbing share one scratch array (it ends up holding the counts), so
+        a flush of a full buffer needs one buffer's worth of memory beside it
+        rather than five."""
+        counts = np.empty(keys.size, np.int64)
+        if weights.size:
+            out, owned = np.empty(keys.size, np.uint64), True
+        else:
+            _sort_keys(keys, 0, counts.view(np.uint64))
+            out = keys
+        absorbing = self._worth_absorbing(keys.size)
+        runs = self._runs if absorbing else [_Run(_NO_KEYS, None, _NO_COUNTS)]
+        m, distinct = _count_sorted_keys(keys, weights, runs[0].keys, runs[0].counts, out, counts)
+        for run in runs[1:]:
+            if m in (0, distinct):  # all absorbed, or new to the largest run and so likely to the others
+                break
+            m, _ = _count_sorted_keys(out[:m], counts[:m], run.keys, run.counts, out, counts)
+        if absorbing:
+            self._repeating = 2 * m <= distinct
+        if m:
+            out = _trimmed(out, m) if owned else out[:m].copy()
+            self._append(_Run(out, None, _trimmed(counts, m)))
+
+    def _worth_absorbing(self, size: int) -> bool:
+        """Whether a new run of about ``size`` states first gives the runs the
+        counts of the states they already hold (see _ABSORB_RATIO)."""
+        return bool(self._runs) and _ABSORB_RATIO * size >= len(self._runs[0])
+
+    def _push_rows(self, run: _Run, start: int) -> None:
+        """Add a run of new counts whose states are the last arena rows, from
+        ``start`` on. Rows of states the runs absorb are given back: the rest
+        move down over them."""
+        if self._worth_absorbing(len(run)):
+            kept = self._absorb(run)
+            if len(kept) < len(run):
+                self._arena_rows = start + _close_gaps(self._arena, start, len(run), kept.refs)
+            run = kept
+        if len(run):
+            self._append(run)
+
+    def _append(self, run: _Run) -> None:
+        """Add a run of states no other run holds, merging runs of similar size."""
         runs = self._runs
-        if runs and _ABSORB_RATIO * len(run) >= len(runs[0]):
-            if self._absorb_skips:
-                self._absorb_skips -= 1
-            else:
-                run = self._absorb(run)
-                if len(run) == 0:
-                    return False
         runs.append(run)
         while len(runs) >= 2 and len(runs[-2]) <= 2 * len(runs[-1]):
             last = runs.pop()
             runs[-1] = _merge(runs[-1], last, self._arena)
         self._collect()
-        return True
 
     def _absorb(self, run: _Run) -> _Run:
-        """Add the counts of the states of ``run`` that the largest run holds
-        to it, in place; returns the rest of ``run``."""
-        largest = self._runs[0]
+        """Add the counts of the states of ``run`` (of arena rows) that the
+        runs hold to them, in place; returns the rest of ``run``."""
         keys = np.empty(len(run), np.uint64)
+        refs = np.empty(len(run), np.int64)
         counts = np.empty(len(run), np.int64)
-        by_words = run.refs is not None
-        refs = np.empty(len(run) if by_words else 0, np.int64)
-        m = _absorb_kernel(
-            largest.keys, largest.refs if by_words else _NO_REFS, largest.counts, run.keys,
-            run.refs if by_words else _NO_REFS, run.counts, self._arena if by_words else _NO_WORDS,
-            keys, refs, counts,
-        )  # fmt: skip
-        refs = _trimmed(refs, m) if by_words else None
-        if 2 * m > len(run):
-            self._absorb_misses = min(self._absorb_misses + 1, _ABSORB_BACKOFF)
-            self._absorb_skips = 2**self._absorb_misses - 1
-        else:
-            self._absorb_misses = 0
-        if m == len(run):
+        rest = run
+        for held in self._runs:
+            m = _absorb_kernel(
+                held.keys, held.refs, held.counts, rest.keys, rest.refs, rest.counts, self._arena,
+                keys, refs, counts,
+            )  # fmt: skip
+            if m in (0, len(rest)):  # all absorbed, or new to this run and so likely to the smaller ones
+                rest = _Run(keys[:m], refs[:m], counts[:m])
+                break
+            rest = _Run(keys[:m], refs[:m], counts[:m])
+        self._repeating = 2 * len(rest) <= len(run)
+        if len(rest) == len(run):
             return run  # nothing absorbed: keep the run, drop the copy
-        return _Run(_trimmed(keys, m), refs, _trimmed(counts, m))
+        m = len(rest)
+        return _Run(_trimmed(keys, m), _trimmed(refs, m), _trimmed(counts, m))
 
     def _collect(self) -> None:
         """Drop the arena rows of states merged away once they are a third of
@@ -1255,6 +1374,7 @@ class StateCounter:
             last = runs.pop()
             runs[-1] = _merge(runs[-1], last, self._arena)
         self._collect()
+        self._fit_arena(self._arena_rows, slack=1)
         return runs[0] if runs else None
 
     def _states(self) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -1286,8 +1406,7 @@ class StateCounter:
             run = other._compact()
             if run is not None:
                 if self._n_words == 1:
-                    # Keys are never modified in place, so sharing them is safe; counts are.
-                    self._push(_Run(run.keys, None, run.counts.copy()))
+                    self._count_keys(run.keys, run.counts)
                 else:
                     words = np.take(other._arena, run.refs, axis=0)
                     keys, counts = run.keys.copy(), run.counts.copy()
@@ -1296,8 +1415,7 @@ class StateCounter:
                     self._arena[start : start + len(run)] = words
                     self._arena_rows += len(run)
                     refs = np.arange(start, start + len(run), dtype=np.int64)
-                    if not self._push(_Run(keys, refs, counts)):
-                        self._arena_rows = start
+                    self._push_rows(_Run(keys, refs, counts), start)
         self.total += total
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -1477,17 +1595,6 @@ def _lex_order(big: np.ndarray, col: int = 0, rows: np.ndarray | None = None) ->
     return order
 
 
-_UNIT = np.empty(0, np.int64)  # weights meaning "each row once"
-_NO_REFS = np.empty(0, np.int64)  # runs whose keys are the states
-
-
-def _keys_run(keys: np.ndarray) -> _Run:
-    """One run from states that are their own keys (``keys`` is sorted in place)."""
-    _sort_keys(keys)
-    distinct = np.empty(keys.size, np.uint64)
-    counts = np.empty(keys.size, np.int64)
-    k = _run_lengths(keys, distinct, counts)
-    return _Run(_trimmed(distinct, k), None, _trimmed(counts, k))
 
 
 def _dedup_words(words: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -600,13 +600,45 @@ def test_absorb_compares_the_words_of_states_with_equal_hashes():
     assert out_h[:m].tolist() == [5, 6] and out_r[:m].tolist() == [5, 5] and out_c[:m].tolist() == [30, 40]
 
 
-def test_absorbing_backs_off_while_states_are_new():
+@pytest.mark.parametrize("n", [0, 1, 5, 1000])
+def test_gallop_finds_what_searchsorted_finds(n):
+    from tensorstate_onnx.engine import _gallop
+
+    rng = np.random.default_rng(n)
+    h = np.sort(rng.integers(0, 50, n).astype(np.uint64))
+    for start in {0, n // 3, n}:
+        for v in range(-1, 52, 3):
+            v = np.uint64(max(v, 0))
+            expected = start + int(np.searchsorted(h[start:], v, side="left"))
+            assert _gallop(h, start, v) == expected
+
+
+def test_counting_sorted_keys_into_a_run_adds_known_states_in_place():
+    from tensorstate_onnx.engine import _count_sorted_keys
+
+    h1, c1 = np.array([3, 7, 9, 20], np.uint64), np.array([1, 1, 1, 1])
+    keys = np.array([1, 3, 3, 8, 9, 9, 9, 25], np.uint64)
+    out = np.empty(keys.size, np.int64)
+    m, distinct = _count_sorted_keys(keys, np.empty(0, np.int64), h1, c1, keys, out)
+    assert c1.tolist() == [3, 1, 4, 1]
+    assert distinct == 5
+    assert m == 3 and keys[:m].tolist() == [1, 8, 25] and out[:m].tolist() == [1, 1, 1]
+    keys = np.array([2, 2, 5], np.uint64)
+    m, distinct = _count_sorted_keys(keys, np.array([1, 2, 3]), np.empty(0, np.uint64), np.empty(0, np.int64), keys, out)
+    assert m == distinct == 2 and keys[:m].tolist() == [2, 5] and out[:m].tolist() == [3, 3]
+
+
+def test_states_new_to_a_large_counter_are_counted_beside_it():
     rng = np.random.default_rng(8)
-    counter = StateCounter(64)
-    counter.add(rng.integers(0, 256, (300_000, 8), dtype=np.uint8))
-    counter.add(rng.integers(0, 256, (300_000, 8), dtype=np.uint8))  # all new: a miss
-    assert counter._absorb_misses == 1 and counter._absorb_skips == 1
-    assert counter.n_distinct == 600_000
+    for c in (64, 100):
+        first = rng.integers(0, 256, (300_000, n_bytes_for(c)), dtype=np.uint8)
+        second = rng.integers(0, 256, (300_000, n_bytes_for(c)), dtype=np.uint8)  # all new
+        counter = StateCounter(c)
+        counter.add(first)
+        counter.add(second)
+        counter.add(first[:1000])
+        assert counter.n_distinct == 600_000
+        assert as_dict(*counter.result()) == unique_dict(np.concatenate([first, second, first[:1000]]))
 
 
 def test_result_arrays_are_copies():
@@ -706,3 +738,24 @@ def test_counter_add_rejects_bad_input(c):
 def test_counter_needs_positive_int_neurons(neurons):
     with pytest.raises(ValueError, match="positive number of neurons"):
         StateCounter(neurons)
+
+
+@pytest.mark.parametrize("c, n", [(32, 3_200_000), (100, 1_600_000)])
+def test_buffer_shrinks_while_states_repeat(c, n):
+    """Once flushes find their states counted already, the buffer shrinks to
+    1/_ABSORB_RATIO of the largest run: memory stays near the distinct states."""
+    rng = np.random.default_rng(c)
+    pool = rng.integers(0, 256, (n, n_bytes_for(c)), dtype=np.uint8)
+    counter = StateCounter(c)
+    for _ in range(4):
+        for start in range(0, n, 100_000):
+            counter.add(pool[start : start + 100_000])
+    assert counter._repeating
+    largest = len(counter._runs[0])
+    assert counter._buffer_rows() == -(-largest // engine._ABSORB_RATIO)
+    state_bytes = 8 * counter._n_words + (8 if counter._n_words == 1 else 24)  # key or words, refs, count
+    assert counter.nbytes <= 1.3 * n * state_bytes  # 1.5x while the buffer followed the largest run
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(pool, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, 4 * expected_counts)
