@@ -497,6 +497,11 @@ _GROUP_REPS = 8
 # buffer shrinks to 1/_ABSORB_RATIO of that run. Runs are searched by
 # galloping, so a try that finds every state new costs about one compare each.
 _ABSORB_RATIO = 8
+# A buffer filling while states are new is checked each time it grew by
+# 1/_ABSORB_RATIO of the largest run, by looking up its latest states (at most
+# this many) in the runs: if most are known it is counted at once and the next
+# buffers are small.
+_SAMPLE_ROWS = 4096
 
 
 @numba.njit(cache=True, nogil=True)
@@ -557,6 +562,18 @@ def _gallop(h, i, v):
         else:
             hi = mid
     return hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_known(sorted_keys, h):
+    """How many of ``sorted_keys`` occur in the sorted keys ``h`` of a run."""
+    i = 0
+    found = 0
+    for v in sorted_keys:
+        i = _gallop(h, i, v)
+        if i < h.size and h[i] == v:
+            found += 1
+    return found
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1112,8 +1129,10 @@ class StateCounter:
         self._n_words = (self.n_bytes + 7) // 8
         # Runs own their count arrays: absorbing adds to the largest one in place.
         self._runs: list[_Run] = []
-        # Whether the last absorbing try found most states counted already.
+        # Whether the last absorbing try found most states counted already,
+        # and the pending rows at which to check the buffer for repeats next.
         self._repeating = False
+        self._next_check = 0
         self._n_pending = 0
         # Up to 8 bytes: states waiting to be counted, as big-endian words.
         self._pending: np.ndarray | None = None
@@ -1188,7 +1207,7 @@ class StateCounter:
             take = min(cap - self._n_pending, n - pos)
             _be_words(packed[pos : pos + take], self._pending[self._n_pending : self._n_pending + take])
             self._n_pending += take
-            if self._n_pending == cap:
+            if self._n_pending == cap or self._repeats_now():
                 self._flush()
             pos += take
 
@@ -1222,7 +1241,7 @@ class StateCounter:
             if self.n_bytes % 8:
                 as_bytes[:, self.n_bytes :] = 0
             self._n_pending += take
-            if self._n_pending >= cap:
+            if self._n_pending >= cap or self._repeats_now():
                 self._flush()
             pos += take
 
@@ -1251,14 +1270,33 @@ class StateCounter:
             self._arena = np.empty((rows, self._n_words), np.uint64)
             self._arena[: self._arena_rows] = arena[: self._arena_rows]
 
-    def _flush(self, weights: np.ndarray = None) -> None:
-        """Count the pending states (``weights``: how often each was seen)."""
+    def _repeats_now(self) -> bool:
+        """Whether the buffer, filling while states were new, now holds mostly
+        states the runs know (see _SAMPLE_ROWS)."""
         n = self._n_pending
+        if self._repeating or n < self._next_check or not self._worth_absorbing(n):
+            return False
+        self._next_check = n - (-len(self._runs[0]) // _ABSORB_RATIO)
+        size = min(n, _SAMPLE_ROWS)
+        if self._n_words == 1:
+            recent = np.sort(self._pending[n - size : n])
+        else:
+            end = self._arena_rows + n
+            recent = np.sort(_hash_rows(self._arena[end - size : end]))
+        known = sum(_count_known(recent, run.keys) for run in self._runs)
+        self._repeating = 2 * known >= size
+        return self._repeating
+
+    def _flush(self, weights: np.ndarray = None, final: bool = False) -> None:
+        """Count the pending states (``weights``: how often each was seen;
+        ``final``: all runs are about to be merged into one)."""
+        n = self._n_pending
+        self._next_check = 0
         if n == 0:
             return
         self._n_pending = 0
         if self._n_words == 1:
-            self._count_keys(self._pending[:n], owned=False)
+            self._count_keys(self._pending[:n], owned=False, final=final)
             return
         start = self._arena_rows
         tail = self._arena[start : start + n]
@@ -1269,9 +1307,11 @@ class StateCounter:
         _keep_rows(tail, rows, self._arena, start, refs)
         del tail
         self._arena_rows = start + rows.size
-        self._push_rows(_Run(keys, refs, counts), start)
+        self._push_rows(_Run(keys, refs, counts), start, final)
 
-    def _count_keys(self, keys: np.ndarray, weights: np.ndarray = _UNIT, owned: bool = False) -> None:
+    def _count_keys(
+        self, keys: np.ndarray, weights: np.ndarray = _UNIT, owned: bool = False, final: bool = False
+    ) -> None:
         """Count states that are their own keys: counts of states a run holds
         are added to it in place (see _ABSORB_RATIO), the others become a run.
 
@@ -1287,7 +1327,7 @@ class StateCounter:
         else:
             _sort_keys(keys, 0, counts.view(np.uint64))
             out = keys
-        absorbing = self._worth_absorbing(keys.size)
+        absorbing = self._worth_absorbing(keys.size, final)
         runs = self._runs if absorbing else [_Run(_NO_KEYS, None, _NO_COUNTS)]
         m, distinct = _count_sorted_keys(keys, weights, runs[0].keys, runs[0].counts, out, counts)
         for run in runs[1:]:
@@ -1300,16 +1340,18 @@ class StateCounter:
             out = _trimmed(out, m) if owned else out[:m].copy()
             self._append(_Run(out, None, _trimmed(counts, m)))
 
-    def _worth_absorbing(self, size: int) -> bool:
+    def _worth_absorbing(self, size: int, final: bool = False) -> bool:
         """Whether a new run of about ``size`` states first gives the runs the
-        counts of the states they already hold (see _ABSORB_RATIO)."""
-        return bool(self._runs) and _ABSORB_RATIO * size >= len(self._runs[0])
+        counts of the states they already hold (see _ABSORB_RATIO); always
+        when all runs are about to be merged into one (``final``), which
+        copies more than any absorbing."""
+        return bool(self._runs) and (final or _ABSORB_RATIO * size >= len(self._runs[0]))
 
-    def _push_rows(self, run: _Run, start: int) -> None:
+    def _push_rows(self, run: _Run, start: int, final: bool = False) -> None:
         """Add a run of new counts whose states are the last arena rows, from
         ``start`` on. Rows of states the runs absorb are given back: the rest
         move down over them."""
-        if self._worth_absorbing(len(run)):
+        if self._worth_absorbing(len(run), final):
             kept = self._absorb(run)
             if len(kept) < len(run):
                 self._arena_rows = start + _close_gaps(self._arena, start, len(run), kept.refs)
@@ -1367,7 +1409,7 @@ class StateCounter:
 
     def _compact(self) -> _Run | None:
         """Count the pending states and merge all runs into one (returned)."""
-        self._flush()
+        self._flush(final=True)
         self._pending = None
         runs = self._runs
         while len(runs) >= 2:

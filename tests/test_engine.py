@@ -747,9 +747,17 @@ def test_buffer_shrinks_while_states_repeat(c, n):
     rng = np.random.default_rng(c)
     pool = rng.integers(0, 256, (n, n_bytes_for(c)), dtype=np.uint8)
     counter = StateCounter(c)
-    for _ in range(4):
+    for start in range(0, n, 100_000):
+        counter.add(pool[start : start + 100_000])
+    largest = len(counter._runs[0])
+    filled = []
+    for _ in range(3):
         for start in range(0, n, 100_000):
             counter.add(pool[start : start + 100_000])
+            filled.append(counter._n_pending)
+    # The repeats were seen within a batch (the first one also flushed the new states of
+    # the first pass), not once the buffer held as many states as the largest run.
+    assert max(filled[1:]) < -(-largest // engine._ABSORB_RATIO) + 100_000
     assert counter._repeating
     largest = len(counter._runs[0])
     assert counter._buffer_rows() == -(-largest // engine._ABSORB_RATIO)
