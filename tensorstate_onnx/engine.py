@@ -1274,7 +1274,7 @@ class StateCounter:
         """Whether the buffer, filling while states were new, now holds mostly
         states the runs know (see _SAMPLE_ROWS)."""
         n = self._n_pending
-        if self._repeating or n < self._next_check or not self._worth_absorbing(n):
+        if self._repeating or n < self._next_check or not self._runs or _ABSORB_RATIO * n < len(self._runs[0]):
             return False
         self._next_check = n - (-len(self._runs[0]) // _ABSORB_RATIO)
         size = min(n, _SAMPLE_ROWS)
@@ -1283,8 +1283,28 @@ class StateCounter:
         else:
             end = self._arena_rows + n
             recent = np.sort(_hash_rows(self._arena[end - size : end]))
-        known = sum(_count_known(recent, run.keys) for run in self._runs)
-        self._repeating = 2 * known >= size
+        self._repeating = self._mostly_known(recent)
+        return self._repeating
+
+    def _mostly_known(self, sorted_keys: np.ndarray) -> bool:
+        """Whether the runs hold at least half of ``sorted_keys``."""
+        known = sum(_count_known(sorted_keys, run.keys) for run in self._runs)
+        return 2 * known >= sorted_keys.size
+
+    def _absorbing(self, keys: np.ndarray, final: bool) -> bool:
+        """Whether the new run of sorted ``keys`` first gives the runs the
+        counts of the states they hold (see _ABSORB_RATIO): always when all
+        runs are about to be merged into one (``final``), which copies more
+        than any absorbing; else when it holds at least 1/_ABSORB_RATIO as
+        many states as the largest run and most of a sample of its keys are
+        known (then states repeat: see _buffer_rows)."""
+        if not self._runs:
+            return False
+        if final:
+            return True
+        if _ABSORB_RATIO * keys.size < len(self._runs[0]):
+            return False
+        self._repeating = self._mostly_known(keys[:: -(-keys.size // _SAMPLE_ROWS)])
         return self._repeating
 
     def _flush(self, weights: np.ndarray = None, final: bool = False) -> None:
@@ -1321,13 +1341,19 @@ class StateCounter:
         absorbing share one scratch array (it ends up holding the counts), so
         a flush of a full buffer needs one buffer's worth of memory beside it
         rather than five."""
-        counts = np.empty(keys.size, np.int64)
         if weights.size:
+            absorbing = self._absorbing(keys, final)
+            if not absorbing:
+                # Keys are never written once in a run, so sharing them is safe; counts are.
+                self._append(_Run(keys, None, weights.copy()))
+                return
             out, owned = np.empty(keys.size, np.uint64), True
+            counts = np.empty(keys.size, np.int64)
         else:
+            counts = np.empty(keys.size, np.int64)
             _sort_keys(keys, 0, counts.view(np.uint64))
             out = keys
-        absorbing = self._worth_absorbing(keys.size, final)
+            absorbing = self._absorbing(keys, final)
         runs = self._runs if absorbing else [_Run(_NO_KEYS, None, _NO_COUNTS)]
         m, distinct = _count_sorted_keys(keys, weights, runs[0].keys, runs[0].counts, out, counts)
         for run in runs[1:]:
@@ -1340,18 +1366,11 @@ class StateCounter:
             out = _trimmed(out, m) if owned else out[:m].copy()
             self._append(_Run(out, None, _trimmed(counts, m)))
 
-    def _worth_absorbing(self, size: int, final: bool = False) -> bool:
-        """Whether a new run of about ``size`` states first gives the runs the
-        counts of the states they already hold (see _ABSORB_RATIO); always
-        when all runs are about to be merged into one (``final``), which
-        copies more than any absorbing."""
-        return bool(self._runs) and (final or _ABSORB_RATIO * size >= len(self._runs[0]))
-
     def _push_rows(self, run: _Run, start: int, final: bool = False) -> None:
         """Add a run of new counts whose states are the last arena rows, from
         ``start`` on. Rows of states the runs absorb are given back: the rest
         move down over them."""
-        if self._worth_absorbing(len(run), final):
+        if self._absorbing(run.keys, final):
             kept = self._absorb(run)
             if len(kept) < len(run):
                 self._arena_rows = start + _close_gaps(self._arena, start, len(run), kept.refs)

@@ -767,3 +767,24 @@ def test_buffer_shrinks_while_states_repeat(c, n):
     expected_ids, expected_counts = np.unique(pool, axis=0, return_counts=True)
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_array_equal(counts, 4 * expected_counts)
+
+
+@pytest.mark.parametrize("c", [40, 100])
+def test_merging_absorbs_known_states_and_appends_new_ones(c):
+    rng = np.random.default_rng(c)
+    known = np.unique(rng.integers(0, 256, (100_000, n_bytes_for(c)), dtype=np.uint8), axis=0)
+    new = rng.integers(0, 256, (20_000, n_bytes_for(c)), dtype=np.uint8)
+    target, same, other = StateCounter(c), StateCounter(c), StateCounter(c)
+    target.add(known)
+    assert target.n_distinct == len(known)  # counted into a run
+    same.add(known[::2])
+    other.add(new)
+    target.merge(same)  # a sample of it is known: absorbed into the run, no run added
+    assert len(target._runs) == 1 and target._repeating
+    target.merge(other)  # mostly new: appended without absorbing
+    assert not target._repeating and len(target._runs) == 2
+    if target._n_words == 1:  # the run shares the other counter's keys, unread and uncopied
+        assert np.shares_memory(target._runs[1].keys, other._runs[0].keys)
+    expected = unique_dict(np.concatenate([known, known[::2], new]))
+    assert as_dict(*target.result()) == expected
+    assert as_dict(*same.result()) == unique_dict(known[::2])  # merged-from counters are untouched
