@@ -1469,14 +1469,19 @@ class StateCounter:
                 if self._n_words == 1:
                     self._count_keys(run.keys, run.counts)
                 else:
-                    words = np.take(other._arena, run.refs, axis=0)
-                    keys, counts = run.keys.copy(), run.counts.copy()
+                    k = len(run)
+                    # Keys are never written once in a run, so they are shared; counts are copied.
+                    # When every arena row of ``other`` is a state (always after unpickling), its
+                    # rows are copied as they lie, else gathered in run order first.
+                    in_place = other._arena_rows == k
+                    words = other._arena[:k] if in_place else np.take(other._arena, run.refs, axis=0)
+                    counts = run.counts.copy()
                     self._flush()
-                    start = self._reserve(len(run))
-                    self._arena[start : start + len(run)] = words
-                    self._arena_rows += len(run)
-                    refs = np.arange(start, start + len(run), dtype=np.int64)
-                    self._push_rows(_Run(keys, refs, counts), start)
+                    start = self._reserve(k)
+                    self._arena[start : start + k] = words
+                    self._arena_rows += k
+                    refs = start + run.refs if in_place else np.arange(start, start + k, dtype=np.int64)
+                    self._push_rows(_Run(run.keys, refs, counts), start)
         self.total += total
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
