@@ -467,7 +467,8 @@ def _check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
 #
 # * States of 3..8 bytes are one big-endian uint64 word: the key is the state
 #   itself, exact, and its order is the lexicographic byte order. A dedup is
-#   a sort + run lengths; a merge is branch-free. Sorts of 4,096 keys or more
+#   a sort + run lengths, fused with absorbing (below) in one pass over one
+#   scratch array; a merge is branch-free. Sorts of 4,096 keys or more
 #   are LSD radix sorts that skip digits in which no key differs (the zero low
 #   bytes of short states), 1.3-4x faster than np.sort.
 # * Longer states are keyed by a 64-bit hash and ordered by (hash, words), so
@@ -478,7 +479,8 @@ def _check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
 #   those hash bits are compared word by word. The words of each distinct state
 #   are kept once in an *arena* (copied in the order they arrive); runs hold
 #   only (hash, arena row, count), so merges move 24 bytes per state whatever C
-#   is. Arena rows of states merged away are dropped once they are a third of it.
+#   is. Arena rows of states absorbed are given back at once; those of states
+#   merged away are dropped once they are a third of it.
 
 # A batch is split into chunks of at most this many rows (bounds the temporary
 # arrays, and keeps enough hash bits above the row index).
@@ -1107,7 +1109,7 @@ class StateCounter:
     distinct state takes 16 bytes (up to 64 neurons) or its words plus 24
     bytes, at worst about twice over until runs are merged, plus a buffer of
     states not yet counted whose size follows the distinct states (2 MiB to
-    32 MiB). ``nbytes`` reports it.
+    32 MiB; an eighth of that while states repeat). ``nbytes`` reports it.
 
     Order of ``result()``: by default an unspecified but deterministic order
     (for states of up to 64 neurons it is the lexicographic byte order, beyond
