@@ -1253,9 +1253,11 @@ class StateCounter:
         if self._arena is None:
             self._arena = np.empty((max(need, 64), self._n_words), np.uint64)
         elif need > self._arena.shape[0]:
-            # A quarter of room to spare keeps copies amortized; pages of the
-            # new array are only backed once written.
-            arena = np.empty((need + need // 4, self._n_words), np.uint64)
+            # Growing by half at least keeps copies amortized (and below the
+            # 1.5x at which _fit_arena gives room back); pages of the new
+            # array are only backed once written.
+            size = max(need + need // 4, self._arena.shape[0] * 3 // 2)
+            arena = np.empty((size, self._n_words), np.uint64)
             used = self._arena_rows + self._n_pending
             arena[:used] = self._arena[:used]
             self._arena = arena
