@@ -23,7 +23,11 @@ kinds of random data are used:
   ``MALLOC_MMAP_THRESHOLD_`` pinned (see ``TUNED_MMAP_THRESHOLD``): separates
   allocator behaviour from memory the analysis holds.
 
-Usage: ``python benchmarks/memory.py [--n 2000] [--iid-n 200] [--batch 100]``
+Peak RSS of identical runs differs by up to ~200 MiB on a shared machine
+(onnxruntime's arena and the allocator), so each run is repeated
+``--repeats`` times and the medians are compared.
+
+Usage: ``python benchmarks/memory.py [--n 2000] [--iid-n 200] [--batch 100] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -85,7 +89,15 @@ def _child(mode: str, n: int, pool: int, batch: int, tuned: bool) -> None:
     }))  # fmt: skip
 
 
-def _measure(mode: str, n: int, pool: int, batch: int, tuned: bool = False) -> dict:
+def _measure(mode: str, n: int, pool: int, batch: int, tuned: bool, repeats: int) -> dict:
+    """The run of median peak RSS among ``repeats`` runs, with every peak in ``"all_peaks"``."""
+    runs = sorted((_measure_once(mode, n, pool, batch, tuned) for _ in range(repeats)), key=lambda r: r["peak_mib"])
+    median = dict(runs[(len(runs) - 1) // 2])
+    median["all_peaks"] = [r["peak_mib"] for r in runs]
+    return median
+
+
+def _measure_once(mode: str, n: int, pool: int, batch: int, tuned: bool) -> dict:
     command = [sys.executable, __file__, "--child", mode, str(n), str(pool), "--batch", str(batch)]
     env = dict(os.environ)
     if tuned:
@@ -102,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=2000, help="samples of the short pool run (the long one has 10x)")
     parser.add_argument("--iid-n", type=int, default=200, help="samples of the short iid run (0 skips iid)")
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each size; the medians are compared")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "N", "POOL"), help=argparse.SUPPRESS)
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -115,25 +128,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for mode, n, tuned in plans:
         data = mode.split(",")[0]
-        short = _measure(data, n, n, args.batch, tuned)
-        long = _measure(data, 10 * n, n, args.batch, tuned)
+        short = _measure(data, n, n, args.batch, tuned, args.repeats)
+        long = _measure(data, 10 * n, n, args.batch, tuned, args.repeats)
         rows.append((mode, n, short, long))
 
     print("MobileNetV2-style ONNX (96x96), every Conv probed (22 probes), no storage, "
-          f"batch {args.batch}, one subprocess per run; peak RSS = ru_maxrss")
+          f"batch {args.batch}, one subprocess per run; peak RSS = ru_maxrss, median of {args.repeats} runs")
     print()
-    print("| data | samples | seconds | states | distinct states | peak RSS (MiB) | ratio 10N/N |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| data | samples | seconds | states | distinct states | peak RSS (MiB), median | all runs | ratio 10N/N |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for mode, n, short, long in rows:
         ratio = long["peak_mib"] / short["peak_mib"]
         for size, run in ((n, short), (10 * n, long)):
             shown = f"{ratio:.3f}" if run is long else ""
+            peaks = ", ".join(f"{p:,.0f}" for p in run["all_peaks"])
             print(f"| {mode} | {size:,} | {run['seconds']:.1f} | {run['states']:,} | {run['distinct']:,} | "
-                  f"{run['peak_mib']:,.1f} | {shown} |")
+                  f"{run['peak_mib']:,.1f} | {peaks} | {shown} |")
     print()
     print()
-    print("Peak RSS (MiB) during the long runs, by samples fed so far (it stops rising once the counters "
-          "and the allocator reach their steady state):")
+    print("Peak RSS (MiB) during the median long runs, by samples fed so far (it stops rising once the "
+          "counters and the allocator reach their steady state):")
     print()
     for mode, n, short, long in rows:
         if long["peaks"]:
