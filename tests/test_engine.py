@@ -788,3 +788,44 @@ def test_merging_absorbs_known_states_and_appends_new_ones(c):
     expected = unique_dict(np.concatenate([known, known[::2], new]))
     assert as_dict(*target.result()) == expected
     assert as_dict(*same.result()) == unique_dict(known[::2])  # merged-from counters are untouched
+
+
+@pytest.mark.parametrize("c", [24, 40, 72, 200])
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed, monkeypatch):
+    """Small buffers and samples make every path run many times: buffers that
+    fill with new states then repeats, absorbing into several runs, merges of
+    known and new states, compaction in the middle of a stream."""
+    monkeypatch.setattr(engine, "_BUFFER_MIN_BYTES", 1 << 12)
+    monkeypatch.setattr(engine, "_BUFFER_MAX_BYTES", 1 << 15)
+    monkeypatch.setattr(engine, "_SAMPLE_ROWS", 64)
+    rng = np.random.default_rng(seed)
+    width = n_bytes_for(c)
+    pool = rng.integers(0, 256, (3_000, width), dtype=np.uint8)
+    counter, seen = StateCounter(c), []
+    for _ in range(60):
+        kind = rng.integers(0, 5)
+        size = int(rng.integers(1, 2_500))
+        if kind <= 1:  # repeats from the pool
+            batch = pool[rng.integers(0, len(pool), size)]
+        elif kind == 2:  # new states
+            batch = rng.integers(0, 256, (size, width), dtype=np.uint8)
+        elif kind == 3:  # a counter of part pool, part new states, merged
+            batch = np.concatenate([pool[rng.integers(0, len(pool), size)],
+                                    rng.integers(0, 256, (size // 2, width), dtype=np.uint8)])  # fmt: skip
+            other = StateCounter(c)
+            other.add(batch)
+            counter.merge(other)
+            seen.append(batch)
+            continue
+        else:  # read the counts in the middle of the stream
+            assert counter.n_distinct == len(unique_dict(np.concatenate(seen))) if seen else True
+            continue
+        counter.add(batch)
+        seen.append(batch)
+    everything = np.concatenate(seen)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(everything, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert counter.total == len(everything)
