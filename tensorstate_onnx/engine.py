@@ -991,8 +991,9 @@ def _absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     the other states of run 2 to the outputs and return how many.
 
     Runs are sorted by (hash, words); states of equal hashes are told apart by
-    their arena rows. The outputs may be run 2 itself. Run 1 is searched by galloping (:func:`_gallop`), so a
-    run of new states costs a step or two per state.
+    their arena rows. The outputs may be run 2 itself. Run 1 is searched by
+    galloping (:func:`_gallop`), so a run of new states costs a step or two
+    per state.
     """
     n1 = h1.size
     i = 0
@@ -1360,8 +1361,8 @@ class StateCounter:
             absorbing = self._absorbing(keys, final)
         runs = self._runs if absorbing else [_Run(_NO_KEYS, None, _NO_COUNTS)]
         m, distinct = _count_sorted_keys(keys, weights, runs[0].keys, runs[0].counts, out, counts)
-        for run in runs[1:]:
-            if m in (0, distinct):  # all absorbed, or new to the largest run and so likely to the others
+        for run in runs[1:]:  # a sample was mostly known: the rest may be in the smaller runs
+            if m == 0:
                 break
             m, _ = _count_sorted_keys(out[:m], counts[:m], run.keys, run.counts, out, counts)
         if absorbing:
@@ -1398,15 +1399,14 @@ class StateCounter:
         refs = np.empty(len(run), np.int64)
         counts = np.empty(len(run), np.int64)
         rest = run
-        for held in self._runs:
+        for held in self._runs:  # a sample was mostly known: what the largest lacks may be in the others
             m = _absorb_kernel(
                 held.keys, held.refs, held.counts, rest.keys, rest.refs, rest.counts, self._arena,
                 keys, refs, counts,
             )  # fmt: skip
-            if m in (0, len(rest)):  # all absorbed, or new to this run and so likely to the smaller ones
-                rest = _Run(keys[:m], refs[:m], counts[:m])
-                break
             rest = _Run(keys[:m], refs[:m], counts[:m])
+            if m == 0:
+                break
         self._repeating = 2 * len(rest) <= len(run)
         if len(rest) == len(run):
             return run  # nothing absorbed: keep the run, drop the copy
