@@ -139,8 +139,12 @@ def _analyze(args) -> int:
 
 
 def _check_report_paths(args) -> None:
-    """Refuse report paths that cannot be written before the run, not after it."""
+    """Refuse report paths that cannot be written, and options that would do
+    nothing, before the run, not after it."""
     from .report import check_plot_format
+
+    if args.overwrite and args.storage is None:
+        raise ModelInputError("--overwrite replaces the state stores in --storage DIR; give --storage too")
 
     for option in ("json", "csv", "plot"):
         path = getattr(args, option)

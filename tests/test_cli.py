@@ -320,6 +320,12 @@ def test_overwrite_replaces_the_stores_in_an_existing_storage(capsys, expected, 
     assert _table_rows(out)["conv1:after"][-1] == f"{expected['layers'][0]['efficiency']:.4f}"
 
 
+def test_overwrite_without_storage_is_refused_before_the_run(capsys):
+    code, out, err = _main(capsys, "analyze", "--overwrite")
+    assert code == cli.EXIT_BAD_INPUT and out == ""
+    assert err.count("\n") == 1 and "give --storage too" in err, err
+
+
 def test_unparsable_arguments_are_argparse_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["analyze", "--batch-size", "many"])
