@@ -1562,6 +1562,9 @@ class StateCounter:
             self._direct = np.zeros(size, np.int64)
             self._direct[seen] = counts
             return
+        # How the buffer flows is not part of the counts (and pickles of older
+        # versions lack it): start afresh.
+        self._repeating, self._next_check = False, 0
         ids, counts = state["_runs"]
         counts = counts.astype(np.int64)
         self._runs = []
