@@ -119,7 +119,7 @@ def _data_and_labels(args, model) -> tuple:
 def _analyze(args) -> int:
     from .report import summarize
 
-    _check_report_paths(args)
+    _check_options_before_run(args)
     model_path = args.model if args.model is not None else str(demo.model_path())
     if args.workers is not None or args.scheduler is not None:
         model, accuracy = _analyze_sharded(args, model_path)
@@ -138,7 +138,7 @@ def _analyze(args) -> int:
     return 0
 
 
-def _check_report_paths(args) -> None:
+def _check_options_before_run(args) -> None:
     """Refuse report paths that cannot be written, and options that would do
     nothing, before the run, not after it."""
     from .report import check_plot_format
