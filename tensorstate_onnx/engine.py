@@ -1130,7 +1130,7 @@ class StateCounter:
             self._direct = np.zeros(1 << (8 * self.n_bytes), np.int64)
             return
         self._n_words = (self.n_bytes + 7) // 8
-        # Runs own their count arrays: absorbing adds to the largest one in place.
+        # Runs own their count arrays: absorbing adds to them in place.
         self._runs: list[_Run] = []
         # Whether the last absorbing try found most states counted already,
         # and the pending rows at which to check the buffer for repeats next.
@@ -1179,7 +1179,7 @@ class StateCounter:
         """States counted together: as many as the largest run holds (so memory
         still follows the distinct states), within [_BUFFER_MIN_BYTES,
         _BUFFER_MAX_BYTES]. While states repeat, 1/_ABSORB_RATIO of that: the
-        buffer is absorbed into the largest run without merges to amortize."""
+        buffer is absorbed into the runs, with no merges to amortize."""
         row_bytes = 8 * self._n_words
         largest = len(self._runs[0]) if self._runs else 0
         if self._repeating:
@@ -1666,8 +1666,6 @@ def _lex_order(big: np.ndarray, col: int = 0, rows: np.ndarray | None = None) ->
     for lo, hi in zip(starts[large], ends[large]):
         order[lo:hi] = _lex_order(big, col + 1, order[lo:hi])
     return order
-
-
 
 
 def _dedup_words(words: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
