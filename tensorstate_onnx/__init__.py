@@ -13,12 +13,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (
+    MissingExtraError,
     ModelFileError,
     ModelInputError,
     NoStatesError,
+    OptionError,
     ProbeMatchError,
     ProviderError,
     StorageExistsError,
+    TensorStateError,
 )
 from .metrics import aIQ, entropy, network_efficiency
 
@@ -45,16 +48,19 @@ _LAZY = {
 
 __all__ = [
     "AbstractStateCapture",
+    "MissingExtraError",
     "ModelFileError",
     "ModelInputError",
     "NoStatesError",
     "OnnxEfficiencyModel",
+    "OptionError",
     "ProbeMatchError",
     "ProviderError",
     "StateCaptureProbe",
     "StateCounter",
     "StateStore",
     "StorageExistsError",
+    "TensorStateError",
     "aIQ",
     "build_efficiency_model",
     "entropy",

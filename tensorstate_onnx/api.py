@@ -13,6 +13,7 @@ import os
 
 import onnx
 
+from .patterns import probe_methods
 from .runtime import OnnxEfficiencyModel
 
 __all__ = ["build_efficiency_model", "reset_efficiency_model", "model_kind"]
@@ -75,8 +76,7 @@ def build_efficiency_model(
     """
     if runtime not in _RUNTIMES:
         raise ValueError(f"runtime must be None, 'native' or 'onnxruntime', got {runtime!r}")
-    if method not in ("before", "after", "both"):
-        raise ValueError(f"method must be 'before', 'after' or 'both', got {method!r}")
+    probe_methods(method)
     kind = model_kind(model)
     if kind == "onnx":
         return OnnxEfficiencyModel(model, attach_to, exclude, method, storage_path, **options)

@@ -20,6 +20,7 @@ import onnx
 
 from . import demo
 from .errors import ModelInputError
+from .patterns import METHODS
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--labels", help=".npy file of class labels, one per sample")
     analyze.add_argument("--attach-to", nargs="+", default=["Conv"], metavar="NAME", help="op types, node or layer names, globs (default: Conv)")
     analyze.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="names never probed (wins over --attach-to)")
-    analyze.add_argument("--method", choices=["before", "after", "both"], default="after")
+    analyze.add_argument("--method", choices=METHODS, default="after")
     analyze.add_argument("--batch-size", type=int, default=256)
     analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda (default: auto)")
     analyze.add_argument("--pack-in-graph", action="store_true", help="quantize and pack inside the ONNX graph")

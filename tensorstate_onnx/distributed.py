@@ -65,7 +65,8 @@ import onnx
 
 from .data import DEFAULT_BATCH_SIZE
 from .engine import StateCounter, n_bytes_for
-from .errors import ModelInputError, ProviderError
+from ._optional import import_optional
+from .errors import ModelInputError, ProviderError, SchedulerConnectionError, ShardFailedError
 from .graph import Probe
 from .runtime import OnnxEfficiencyModel, OnnxProbeCapture
 from .store import STATE_CHUNK_BYTES, StateStore, check_storage_root, state_codec, store_dirname
@@ -80,32 +81,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'tensorstate-onnx[distributed]'"
 _CLIENT_ROOTS = 32  # default: the client merges up to this many partials itself
 _MERGES_QUEUED = 2  # root results fetched but not yet merged, at most
 _MAX_PROTO_BYTES = 1 << 30  # larger ModelProtos must be given as a path on shared storage
 _SHARD_KEY = re.compile(r"tensorstate-shard-(\d+)-")
 
 
-class ShardFailedError(RuntimeError):
-    """A shard could not be analyzed: its task kept killing the worker running it."""
-
-
-class SchedulerConnectionError(ConnectionError):
-    """The Dask scheduler could not be reached, or it has no workers."""
-
-
 def _dask():
-    """Import dask.distributed or explain how to install it."""
-    try:
-        import dask
-        import distributed
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "distributed analysis needs dask.distributed, which is not installed; "
-            f"install it with: {INSTALL_HINT}"
-        ) from exc
-    return dask, distributed
+    """Import dask and dask.distributed, or explain how to install them."""
+    return tuple(import_optional(name, "distributed", "distributed analysis") for name in ("dask", "distributed"))
 
 
 # =========================================================================== results

@@ -1,32 +1,69 @@
-"""Exception types raised for bad input.
+"""Exception types for mistakes a user can make.
 
-Every error a user can cause derives from ``ValueError`` or ``TypeError`` so that
-plain ``except ValueError`` keeps working, and the CLI maps all of them to exit
-code 2. The subclasses let callers tell the cases apart.
+Every one derives from :class:`TensorStateError`, so ``except TensorStateError``
+catches exactly the user-facing errors, and the CLI turns them into a one-line
+message with exit code 2. Each also derives from the builtin that fits
+(``ValueError``, ``FileExistsError``, ``ImportError``, ...), so code written
+against plain exception types keeps working. Anything else escaping the library
+is a bug.
 """
 
 from __future__ import annotations
 
+__all__ = [
+    "MissingExtraError",
+    "ModelFileError",
+    "ModelInputError",
+    "NoStatesError",
+    "OptionError",
+    "ProbeMatchError",
+    "ProviderError",
+    "SchedulerConnectionError",
+    "ShardFailedError",
+    "StorageExistsError",
+    "TensorStateError",
+]
 
-class ModelFileError(ValueError):
+
+class TensorStateError(Exception):
+    """Base of every error the user can cause and fix; its message says how."""
+
+
+class ModelFileError(TensorStateError, ValueError):
     """An ONNX model file is missing, unreadable, corrupt or invalid."""
 
 
-class ProbeMatchError(ValueError):
+class ProbeMatchError(TensorStateError, ValueError):
     """``attach_to`` matched no layer, module or node of the model."""
 
 
-class ModelInputError(ValueError):
+class ModelInputError(TensorStateError, ValueError):
     """Data given to a model has the wrong name, shape or dtype, or is empty."""
 
 
-class StorageExistsError(FileExistsError):
+class OptionError(TensorStateError, ValueError):
+    """An option or argument has a value outside what it accepts."""
+
+
+class StorageExistsError(TensorStateError, FileExistsError):
     """A state store already exists where a new one was asked for."""
 
 
-class ProviderError(ValueError):
+class ProviderError(TensorStateError, ValueError):
     """An onnxruntime execution provider was unknown or unavailable."""
 
 
-class NoStatesError(ValueError):
+class NoStatesError(TensorStateError, ValueError):
     """A statistic was asked of a probe that has not recorded any state."""
+
+
+class MissingExtraError(TensorStateError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class ShardFailedError(TensorStateError, RuntimeError):
+    """A shard could not be analyzed: its task kept killing the worker running it."""
+
+
+class SchedulerConnectionError(TensorStateError, ConnectionError):
+    """The Dask scheduler could not be reached, or it has no workers."""

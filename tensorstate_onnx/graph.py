@@ -33,12 +33,11 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelFileError, ProbeMatchError
-from .patterns import as_patterns, matches_any, preview
+from .patterns import as_patterns, matches_any, preview, probe_methods
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "needs_external_data",
-    "METHODS",
     "Probe",
     "add_probes",
     "list_nodes",
@@ -52,7 +51,6 @@ __all__ = [
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 
 #: Valid values of ``method``.
-METHODS = ("before", "after", "both")
 
 #: Element types a probe can watch (what the packing engine accepts).
 _PROBE_DTYPES = frozenset(
@@ -699,7 +697,7 @@ def _candidates(scopes: list[_Scope], method: str, index: _Index) -> list[_Candi
     of each, as the native front ends record ``conv1:after`` and ``conv2:before``;
     a scope matched by several patterns is one candidate.
     """
-    methods = ("before", "after") if method == "both" else (method,)
+    methods = probe_methods(method)
     finders = {"before": _before_tensor, "after": _after_tensor}
     found: dict[tuple[str, str, str], _Candidate] = {}
     for scope in scopes:
@@ -1050,8 +1048,7 @@ def add_probes(
     modified. Raises ProbeMatchError when nothing matches, ValueError for a bad
     method, axis or packing request.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    probe_methods(method)
     patterns = as_patterns(attach_to, "attach_to")
     excluded = as_patterns(exclude, "exclude")
     work = _copy_model(model)

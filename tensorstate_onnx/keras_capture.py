@@ -29,11 +29,10 @@ import numpy as np
 
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
-from .patterns import as_patterns, matches_any, preview
+from .patterns import as_patterns, matches_any, preview, probe_methods
 
 __all__ = ["StateCapture", "build_keras_efficiency_model"]
 
-_METHODS = ("before", "after", "both")
 _TRACING = threading.local()  # set while a converter traces a model for export
 _NUMPY_DTYPES = (np.float16, np.float32, np.float64, np.bool_)
 
@@ -179,7 +178,7 @@ class _Builder:
     def __init__(self, model, patterns, excluded, method, storage_path, keep_states, overwrite):
         self.patterns = patterns
         self.excluded = excluded
-        self.methods = ("before", "after") if method == "both" else (method,)
+        self.methods = probe_methods(method)
         self.root = None if storage_path is None else Path(storage_path)
         self.keep_states = keep_states
         self.overwrite = overwrite
@@ -313,8 +312,7 @@ def build_keras_efficiency_model(
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"build_keras_efficiency_model takes a keras.Model, got {type(model).__name__}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {', '.join(_METHODS)}; got {method!r}")
+    probe_methods(method)
     if not model.built:
         raise ValueError(
             f"Keras model {model.name!r} is not built, so its layers have no shapes yet; "

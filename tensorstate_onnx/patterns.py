@@ -1,8 +1,9 @@
-"""How ``attach_to``/``exclude`` entries name layers, for every front end.
+"""How ``attach_to``/``exclude``/``method`` choose probes, for every front end.
 
 The ONNX rewriter, the PyTorch hooks and the Keras layers accept the same
-kind of pattern (a name or a case-sensitive ``fnmatch`` glob) and explain a
-miss the same way, by listing some of the names that do exist.
+kind of pattern (a name or a case-sensitive ``fnmatch`` glob), the same
+``method`` values, and explain a miss the same way, by listing some of the
+names that do exist.
 """
 
 from __future__ import annotations
@@ -10,7 +11,22 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 
-__all__ = ["as_patterns", "matches_any", "preview"]
+from .errors import OptionError
+
+__all__ = ["METHODS", "as_patterns", "matches_any", "preview", "probe_methods"]
+
+METHODS = ("before", "after", "both")
+"""Where a probe watches a layer: its input, its output, or both."""
+
+
+def probe_methods(method: str) -> tuple[str, ...]:
+    """The sides a ``method`` probes: ``("before",)``, ``("after",)`` or both.
+
+    Raises OptionError for any other value.
+    """
+    if method not in METHODS:
+        raise OptionError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return ("before", "after") if method == "both" else (method,)
 
 
 def as_patterns(value: str | Iterable[str] | None, what: str) -> list[str]:

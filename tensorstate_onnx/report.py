@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from ._optional import import_optional
 from .metrics import aIQ, network_efficiency
 
 __all__ = ["LayerSummary", "AnalysisReport", "summarize"]
@@ -98,10 +99,7 @@ class AnalysisReport:
 
 def check_plot_format(path: str | os.PathLike) -> None:
     """Raise unless matplotlib is installed and can write an image of ``path``'s type."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'tensorstate-onnx[plot]'") from None
+    Figure = import_optional("matplotlib.figure", "plot", "plotting").Figure
     suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     supported = Figure().canvas.get_supported_filetypes()
     if suffix not in supported:

@@ -22,12 +22,11 @@ import torch
 
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
-from .patterns import as_patterns, matches_any, preview
+from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import store_dirname
 
 __all__ = ["StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tensor"]
 
-_METHODS = ("before", "after", "both")
 _HANDLES_ATTR = "_tensorstate_hook_handles"
 # Bit weights 1, 2, ..., 128 per device (built once per device).
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -245,8 +244,7 @@ def attach_hooks(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {', '.join(_METHODS)}; got {method!r}")
+    methods = probe_methods(method)
     patterns = as_patterns(attach_to, "attach_to")
     excluded = as_patterns(exclude, "exclude")
     if not patterns:
@@ -267,7 +265,6 @@ def attach_hooks(
 
     remove_state_layers(module)
     root = None if storage_path is None else Path(storage_path)
-    methods = ("before", "after") if method == "both" else (method,)
     hooks: list[StateCaptureHook] = []
     handles = []
     used_dirs: set[str] = set()

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from tensorstate_onnx import (
     NoStatesError,
+    OptionError,
     StorageExistsError,
     OnnxEfficiencyModel,
     build_efficiency_model,
@@ -107,7 +108,7 @@ def test_unknown_option_is_a_type_error(demo_model):
 def test_bad_runtime_and_method(demo_model):
     with pytest.raises(ValueError, match="runtime must be None, 'native' or 'onnxruntime', got 'tensorrt'"):
         build_efficiency_model(demo_model, "Conv", runtime="tensorrt")
-    with pytest.raises(ValueError, match="method must be 'before', 'after' or 'both', got 'sideways'"):
+    with pytest.raises(OptionError, match="method must be one of before, after, both; got 'sideways'"):
         build_efficiency_model(demo_model, "Conv", method="sideways")
 
 

@@ -22,19 +22,13 @@ from pathlib import Path
 
 import onnx
 
+from .._optional import import_optional
+
 __all__ = ["from_keras"]
 
 
 def _imports():
-    try:
-        import keras
-        import tensorflow as tf
-        import tf2onnx
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "from_keras needs TensorFlow, Keras 3 and tf2onnx: pip install 'tensorstate-onnx[keras]'"
-        ) from exc
-    return keras, tf, tf2onnx
+    return tuple(import_optional(name, "keras", "from_keras") for name in ("keras", "tensorflow", "tf2onnx"))
 
 
 def _traced_model(keras, model, inputs: list):

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import onnx
 
+from .._optional import import_optional
+
 __all__ = ["from_torch"]
 
 # onnxscript rewrite rules that only simplify within one computation. Rules that
@@ -49,13 +51,7 @@ _SAFE_RULES = (
 
 
 def _import_torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "from_torch needs PyTorch and onnxscript: pip install 'tensorstate-onnx[torch]'"
-        ) from exc
-    return torch
+    return import_optional("torch", "torch", "from_torch")
 
 
 def _normalize_inputs(torch, example_inputs) -> tuple[tuple, dict]:
