@@ -1,6 +1,6 @@
 """One process vs a 2-worker Dask LocalCluster on the MobileNetV2-style ONNX model.
 
-Every Conv of :func:`~tensorstate_onnx.models.onnx_models.mobilenet_v2_small_onnx`
+Every Conv of :func:`~models.onnx_models.mobilenet_v2_small_onnx`
 is probed (22 probes) and a few thousand random 3x96x96 samples are analyzed:
 
 * **one process**: ``OnnxEfficiencyModel.predict`` with onnxruntime free to use
@@ -38,6 +38,7 @@ import numpy as np
 # This file is named like the ``distributed`` package: keep its folder off the path.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
 
 def _sorted_counts(counter):
@@ -157,7 +158,7 @@ def _run(args, tmp: Path) -> None:
     import distributed
 
     from tensorstate_onnx.graph import save_model
-    from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+    from models.onnx_models import mobilenet_v2_small_onnx
 
     path = save_model(mobilenet_v2_small_onnx(), tmp / "mobilenet_v2_small.onnx")
     x = np.random.default_rng(0).normal(size=(args.samples, 3, 96, 96)).astype(np.float32)

@@ -39,6 +39,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
 TARGET = 1.10
 # "pool, tuned": io_binding=True (probe buffers reused, no per-batch allocation
@@ -61,7 +64,7 @@ def _batches(mode: str, n: int, pool: int, batch: int):
 def _child(mode: str, n: int, pool: int, batch: int, tuned: bool) -> None:
     """Analyze ``n`` samples and print one JSON line of measurements."""
     from tensorstate_onnx import OnnxEfficiencyModel
-    from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+    from models.onnx_models import mobilenet_v2_small_onnx
 
     model = OnnxEfficiencyModel(mobilenet_v2_small_onnx(), "Conv", providers="cpu", io_binding=tuned)
     peaks = {}  # samples fed so far -> peak RSS (MiB) by then, at each multiple of the pool

@@ -29,15 +29,19 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
+
 from tensorstate_onnx import OnnxEfficiencyModel, demo
-from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+from models.onnx_models import mobilenet_v2_small_onnx
 
 TARGET = 0.67
 

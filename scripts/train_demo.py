@@ -27,7 +27,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from tensorstate_onnx.models.torch_models import LeNet5, lenet5
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
+
+from models.torch_models import LeNet5, lenet5
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "tensorstate_onnx" / "demo"
 MODEL_FILE = "lenet5_digits.onnx"

@@ -151,7 +151,7 @@ def test_network_efficiency_is_the_geometric_mean_of_layer_efficiencies(demo_mod
 
 def test_onnx_options_on_a_native_torch_module_are_refused():
     pytest.importorskip("torch")
-    from tensorstate_onnx.models.torch_models import lenet5
+    from models.torch_models import lenet5
 
     module = lenet5()
     assert model_kind(module) == "torch"
@@ -164,7 +164,7 @@ def test_onnx_options_on_a_native_torch_module_are_refused():
 
 def test_onnx_options_on_a_native_keras_model_are_refused():
     pytest.importorskip("keras")
-    from tensorstate_onnx.models.keras_models import lenet5
+    from models.keras_models import lenet5
 
     model = lenet5()
     assert model_kind(model) == "keras"
@@ -174,7 +174,7 @@ def test_onnx_options_on_a_native_keras_model_are_refused():
 
 def test_keep_states_and_overwrite_reach_the_native_torch_hooks(tmp_path):
     torch = pytest.importorskip("torch")
-    from tensorstate_onnx.models.torch_models import lenet5
+    from models.torch_models import lenet5
     from tensorstate_onnx.torch_capture import remove_state_layers
 
     module = lenet5().eval()
@@ -195,7 +195,7 @@ def test_keep_states_and_overwrite_reach_the_native_torch_hooks(tmp_path):
 
 def test_keep_states_reaches_the_native_keras_layers():
     pytest.importorskip("keras")
-    from tensorstate_onnx.models.keras_models import lenet5
+    from models.keras_models import lenet5
 
     built = build_efficiency_model(lenet5(), "Conv2D", keep_states=False)
     built.predict(np.random.default_rng(0).standard_normal((2, 28, 28, 1)).astype("float32"), verbose=0)

@@ -379,7 +379,7 @@ def test_console_script_bad_input(tmp_path):
 
 def test_export_torch_factory_with_weights_matches_the_module(capsys, tmp_path):
     torch = pytest.importorskip("torch")
-    from tensorstate_onnx.models.torch_models import lenet5
+    from models.torch_models import lenet5
 
     torch.manual_seed(3)
     module = lenet5().eval()
@@ -387,7 +387,7 @@ def test_export_torch_factory_with_weights_matches_the_module(capsys, tmp_path):
     torch.save(module.state_dict(), weights)
     out = tmp_path / "lenet.onnx"
     code, stdout, err = _main(
-        capsys, "export", "tensorstate_onnx.models.torch_models:lenet5", out,
+        capsys, "export", "models.torch_models:lenet5", out,
         "--weights", weights, "--input-shape", "1,1,28,28",
     )  # fmt: skip
     assert code == 0, err
@@ -405,7 +405,7 @@ def test_export_torch_factory_with_weights_matches_the_module(capsys, tmp_path):
 def test_export_keras_file_matches_the_model(capsys, tmp_path):
     keras = pytest.importorskip("keras")
     pytest.importorskip("tf2onnx")
-    from tensorstate_onnx.models.keras_models import lenet5
+    from models.keras_models import lenet5
 
     model = lenet5()
     saved = tmp_path / "lenet.keras"
@@ -422,10 +422,10 @@ def test_export_keras_file_matches_the_model(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["export", "tensorstate_onnx.models.torch_models:lenet5", "out.onnx"], "needs --input-shape"),
+        (["export", "models.torch_models:lenet5", "out.onnx"], "needs --input-shape"),
         (["export", "not_a_factory", "out.onnx"], "neither a .keras file nor 'package.module:factory'"),
-        (["export", "tensorstate_onnx.models.torch_models:missing", "out.onnx", "--input-shape", "1,1,28,28"],
-         "module tensorstate_onnx.models.torch_models has no missing"),
+        (["export", "models.torch_models:missing", "out.onnx", "--input-shape", "1,1,28,28"],
+         "module models.torch_models has no missing"),
         (["export", "no_such_package.models:make", "out.onnx", "--input-shape", "1,3"], "No module named 'no_such_package'"),
     ],
     ids=["no input shape", "not a factory", "missing factory", "missing package"],

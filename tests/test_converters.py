@@ -49,7 +49,7 @@ def torch():
 
 @pytest.fixture(scope="module")
 def torch_mobilenet(torch):
-    from tensorstate_onnx.models.torch_models import MobileNetV2Small
+    from models.torch_models import MobileNetV2Small
 
     torch.manual_seed(0)
     model = MobileNetV2Small().eval()
@@ -105,7 +105,7 @@ def test_from_torch_records_module_names_and_classes(torch_exports, dynamo):
 
 def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatch):
     from tensorstate_onnx.converters import from_torch
-    from tensorstate_onnx.models.torch_models import LeNet5
+    from models.torch_models import LeNet5
 
     work, scratch = tmp_path / "cwd", tmp_path / "tmp"
     work.mkdir()
@@ -129,7 +129,7 @@ def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatc
 
 def test_from_torch_hooks_record_nothing_during_export(torch):
     from tensorstate_onnx.converters import from_torch
-    from tensorstate_onnx.models.torch_models import LeNet5
+    from models.torch_models import LeNet5
     from tensorstate_onnx.torch_capture import attach_hooks
 
     module = attach_hooks(LeNet5().eval(), ["Conv2d"])
@@ -166,7 +166,7 @@ def test_from_torch_several_inputs_keywords_and_outputs(torch, dynamo):
 
 def test_from_torch_bad_input(torch):
     from tensorstate_onnx.converters import from_torch
-    from tensorstate_onnx.models.torch_models import LeNet5
+    from models.torch_models import LeNet5
 
     with pytest.raises(ValueError, match="example_inputs"):
         from_torch(LeNet5())
@@ -206,7 +206,7 @@ def _randomize_batchnorm(keras, model, seed=0):
 
 @pytest.fixture(scope="module")
 def keras_models(keras):
-    from tensorstate_onnx.models.keras_models import lenet5, lenet5_sequential, mobilenet_v2_small
+    from models.keras_models import lenet5, lenet5_sequential, mobilenet_v2_small
 
     keras.utils.set_random_seed(0)
     models = {"lenet5": lenet5(), "lenet5_sequential": lenet5_sequential(), "mobilenet": mobilenet_v2_small()}

@@ -21,7 +21,7 @@ from tensorstate_onnx import (  # noqa: E402
 )
 from tensorstate_onnx.engine import pack  # noqa: E402
 from tensorstate_onnx.keras_capture import StateCapture, build_keras_efficiency_model  # noqa: E402
-from tensorstate_onnx.models.keras_models import lenet5, lenet5_sequential  # noqa: E402
+from models.keras_models import lenet5, lenet5_sequential  # noqa: E402
 from tensorstate_onnx.store import StateStore  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

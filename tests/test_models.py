@@ -11,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tensorstate_onnx.models import (
+from models import (
     MOBILENET_V2_SMALL_BLOCKS,
     MOBILENET_V2_SMALL_LAST,
     MOBILENET_V2_SMALL_STEM,
 )
-from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+from models.onnx_models import mobilenet_v2_small_onnx
 
 # Blocks whose input and output shapes agree, hence with a residual Add.
 _BLOCK_INPUTS = [MOBILENET_V2_SMALL_STEM] + [c for _, c, _ in MOBILENET_V2_SMALL_BLOCKS[:-1]]
@@ -110,7 +110,7 @@ def test_onnx_mobilenet_rejects_bad_arguments():
 
 def test_models_package_imports_no_framework():
     code = (
-        "import sys, tensorstate_onnx.models, tensorstate_onnx.models.onnx_models, "
+        "import sys, models, models.onnx_models, "
         "tensorstate_onnx.demo; "
         "print(sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))"
     )
@@ -125,7 +125,7 @@ def test_models_package_imports_no_framework():
 
 def test_torch_lenet5_shapes_and_state_counts():
     torch = pytest.importorskip("torch")
-    from tensorstate_onnx.models.torch_models import lenet5
+    from models.torch_models import lenet5
 
     model = lenet5().eval()
     shapes: dict[str, tuple[int, ...]] = {}
@@ -151,7 +151,7 @@ def test_torch_lenet5_shapes_and_state_counts():
 
 def test_torch_mobilenet_v2_small_shapes():
     torch = pytest.importorskip("torch")
-    from tensorstate_onnx.models.torch_models import InvertedResidual, mobilenet_v2_small
+    from models.torch_models import InvertedResidual, mobilenet_v2_small
 
     model = mobilenet_v2_small(num_classes=10).eval()
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_torch_mobilenet_v2_small_shapes():
 @pytest.mark.parametrize("builder", ["lenet5", "lenet5_sequential"])
 def test_keras_lenet5_shapes(builder):
     keras = pytest.importorskip("keras")
-    from tensorstate_onnx.models import keras_models
+    from models import keras_models
 
     model = getattr(keras_models, builder)()
     logits = model(np.zeros((2, 28, 28, 1), np.float32), training=False)
@@ -187,7 +187,7 @@ def test_keras_lenet5_shapes(builder):
 
 def test_keras_mobilenet_v2_small_shapes():
     pytest.importorskip("keras")
-    from tensorstate_onnx.models.keras_models import mobilenet_v2_small
+    from models.keras_models import mobilenet_v2_small
 
     model = mobilenet_v2_small(num_classes=10)
     logits = model(np.random.default_rng(0).normal(size=(2, 96, 96, 3)).astype(np.float32),
@@ -204,7 +204,7 @@ def test_keras_mobilenet_v2_small_shapes():
 def test_torch_and_keras_models_have_equal_parameter_counts():
     torch = pytest.importorskip("torch")
     pytest.importorskip("keras")
-    from tensorstate_onnx.models import keras_models, torch_models
+    from models import keras_models, torch_models
 
     def torch_count(model: torch.nn.Module) -> int:
         # Keras counts BatchNorm moving statistics as (non-trainable) weights.

@@ -68,7 +68,7 @@ def torch():
 
 
 def _torch_model(torch, arch: str):
-    from tensorstate_onnx.models.torch_models import LeNet5, MobileNetV2Small
+    from models.torch_models import LeNet5, MobileNetV2Small
 
     torch.manual_seed(0)
     model = (LeNet5() if arch == "lenet5" else MobileNetV2Small()).eval()
@@ -123,7 +123,7 @@ def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
 
 
 def _keras_model(keras, arch: str):
-    from tensorstate_onnx.models.keras_models import lenet5, mobilenet_v2_small
+    from models.keras_models import lenet5, mobilenet_v2_small
 
     keras.utils.set_random_seed(0)
     model = lenet5() if arch == "lenet5" else mobilenet_v2_small()

@@ -26,7 +26,7 @@ from tensorstate_onnx.errors import (
     ProviderError,
     StorageExistsError,
 )
-from tensorstate_onnx.models.onnx_models import mobilenet_v2_small_onnx
+from models.onnx_models import mobilenet_v2_small_onnx
 from tensorstate_onnx.store import StateStore
 
 LEVELS = {

@@ -18,7 +18,7 @@ from tensorstate_onnx import (  # noqa: E402
     reset_efficiency_model,
 )
 from tensorstate_onnx.engine import pack  # noqa: E402
-from tensorstate_onnx.models.torch_models import LeNet5, MobileNetV2Small  # noqa: E402
+from models.torch_models import LeNet5, MobileNetV2Small  # noqa: E402
 from tensorstate_onnx.store import StateStore  # noqa: E402
 from tensorstate_onnx.torch_capture import (  # noqa: E402
     StateCaptureHook,

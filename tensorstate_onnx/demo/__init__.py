@@ -1,7 +1,7 @@
 """A small trained model and its held-out data, shipped for demos and tests.
 
 ``lenet5_digits.onnx`` is the torch LeNet-5 of
-:mod:`tensorstate_onnx.models.torch_models` trained on scikit-learn's 8x8 digits
+``models/torch_models.py`` in the repository, trained on scikit-learn's 8x8 digits
 (upscaled to 28x28) by ``scripts/train_demo.py``; ``digits_test.npz`` holds the
 test split it never saw. The files are package data, located through
 :mod:`importlib.resources` so that they are found in a regular (non-editable)

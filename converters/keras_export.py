@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx
 
-from .._optional import import_optional
+from tensorstate_onnx._optional import import_optional
 
 __all__ = ["from_keras"]
 
@@ -212,7 +212,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
             f"Keras model {model.name!r} has no defined inputs; build it with keras.Input "
             "(Functional/Sequential) so that the input shapes are known"
         )
-    from ..keras_capture import exporting
+    from tensorstate_onnx.keras_capture import exporting
 
     try:
         traced, structure, n_out = _traced_model(keras, model, inputs)
@@ -278,7 +278,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
             f"tf2onnx produced an invalid ONNX model for {model.name!r}: {_first_reason(exc)}"
         ) from exc
     if path is not None:
-        from ..graph import save_model
+        from tensorstate_onnx.graph import save_model
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

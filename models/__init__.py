@@ -3,11 +3,11 @@
 The same two architectures are defined for every front end so that results can be
 compared across frameworks:
 
-- :mod:`tensorstate_onnx.models.torch_models` — PyTorch ``LeNet5`` and
+- :mod:`models.torch_models` — PyTorch ``LeNet5`` and
   ``MobileNetV2Small`` (channels-first; needs ``torch``).
-- :mod:`tensorstate_onnx.models.keras_models` — Keras 3 LeNet-5 (Functional and
+- :mod:`models.keras_models` — Keras 3 LeNet-5 (Functional and
   Sequential) and a MobileNetV2-style network (channels-last; needs ``keras``).
-- :mod:`tensorstate_onnx.models.onnx_models` — a MobileNetV2-style ``ModelProto``
+- :mod:`models.onnx_models` — a MobileNetV2-style ``ModelProto``
   built with ``onnx.helper`` and random weights, so ONNX-only code paths can be
   exercised without any training framework installed.
 

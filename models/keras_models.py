@@ -1,6 +1,6 @@
 """Keras 3 reference models: LeNet-5 (TensorState tutorial) and a small MobileNetV2.
 
-Channels-last versions of :mod:`tensorstate_onnx.models.torch_models` with the same
+Channels-last versions of :mod:`models.torch_models` with the same
 layer structure. Every layer is named, so probes can be attached by layer name and
 the names survive conversion to ONNX.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from tensorstate_onnx.models import (
+from models import (
     MOBILENET_V2_SMALL_BLOCKS,
     MOBILENET_V2_SMALL_LAST,
     MOBILENET_V2_SMALL_STEM,

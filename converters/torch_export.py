@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from .._optional import import_optional
+from tensorstate_onnx._optional import import_optional
 
 __all__ = ["from_torch"]
 
@@ -324,7 +324,7 @@ def from_torch(
         module.train(was_training)
     _set_batch_dims(proto)
     if path is not None:
-        from ..graph import save_model
+        from tensorstate_onnx.graph import save_model
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tensorstate_onnx.models import (
+from models import (
     MOBILENET_V2_SMALL_BLOCKS,
     MOBILENET_V2_SMALL_LAST,
     MOBILENET_V2_SMALL_STEM,
@@ -32,7 +32,7 @@ class _GraphBuilder:
 
     Node ``features.1.conv.0.0/Conv`` writes ``features.1.conv.0.0/Conv_output_0``
     and reads weights named ``features.1.conv.0.0.weight``, like a legacy torch
-    export of :class:`tensorstate_onnx.models.torch_models.MobileNetV2Small`.
+    export of :class:`models.torch_models.MobileNetV2Small`.
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -136,7 +136,7 @@ def mobilenet_v2_small_onnx(
     Input ``"input"`` is float32 ``[N, 3, 96, 96]`` and output ``"logits"`` is
     ``[N, 10]``, where ``N`` is the symbolic dimension ``"N"`` when ``batch`` is
     ``None`` and the given size otherwise. The layout follows
-    :data:`tensorstate_onnx.models.MOBILENET_V2_SMALL_BLOCKS`; node names follow
+    :data:`models.MOBILENET_V2_SMALL_BLOCKS`; node names follow
     the torch module paths (``features.0.0/Conv``, ``features.3/Add``,
     ``classifier/Gemm``). The same ``seed`` always gives the same weights.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorstate_onnx.models import (
+from models import (
     MOBILENET_V2_SMALL_BLOCKS,
     MOBILENET_V2_SMALL_LAST,
     MOBILENET_V2_SMALL_STEM,
@@ -109,7 +109,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2Small(nn.Module):
     """A MobileNetV2-style network (width ~0.5, 7 inverted residual blocks).
 
-    The layout comes from :data:`tensorstate_onnx.models.MOBILENET_V2_SMALL_BLOCKS`.
+    The layout comes from :data:`models.MOBILENET_V2_SMALL_BLOCKS`.
 
     ``features[0]`` is the stride-2 stem, ``features[1..7]`` the blocks (three of
     which have skip connections) and ``features[8]`` the final 1x1 ConvBNReLU6;
