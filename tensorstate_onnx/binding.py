@@ -20,17 +20,24 @@ from collections import OrderedDict
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["BoundRunner", "uses_cuda"]
+__all__ = ["ORT_DTYPES", "BoundRunner", "uses_cuda"]
 
 _MAX_SHAPES = 4  # input shapes whose buffers are kept (a ragged last batch adds one)
 
-_ORT_TYPES = {
+ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
-    "tensor(bool)": np.bool_,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
+"""numpy dtypes of onnxruntime's tensor type names, for inputs checked and outputs bound."""
+
+# Probe outputs: float activations, or the bool/uint8 tensors of in-graph packing.
+_BOUND_TYPES = frozenset({"tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bool)", "tensor(uint8)"})
 
 
 def uses_cuda(session: ort.InferenceSession) -> bool:
@@ -61,14 +68,14 @@ class BoundRunner:
         if n_buffers < 1:
             raise ValueError(f"n_buffers must be >= 1, got {n_buffers}")
         types = {spec.name: spec.type for spec in session.get_outputs()}
-        unknown = [name for name in reused if types.get(name) not in _ORT_TYPES]
+        unknown = [name for name in reused if types.get(name) not in _BOUND_TYPES]
         if unknown:
             raise ValueError(f"outputs {unknown} are not tensors of a type that can be bound to host buffers")
         self.session = session
         self.output_names = list(output_names)
         inputs = {spec.name for spec in session.get_inputs()}
         self.reused = [name for name in self.output_names if name in reused and name not in inputs]
-        self._dtypes = {name: _ORT_TYPES[types[name]] for name in self.reused}
+        self._dtypes = {name: ORT_DTYPES[types[name]] for name in self.reused}
         self.n_buffers = n_buffers
         # input shapes -> (buffer sets, next set to use); least recently used first
         self._buffers: OrderedDict[tuple, list] = OrderedDict()

@@ -20,7 +20,6 @@ This module imports keras; ``import tensorstate_onnx`` never imports it.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
+from .store import unique_store_dirname
 
 __all__ = ["StateCapture", "build_keras_efficiency_model"]
 
@@ -184,6 +184,7 @@ class _Builder:
         self.overwrite = overwrite
         self.taken = {layer.name for layer in model.layers} | {t.name for t in model.inputs}
         self.captures: list[StateCapture] = []
+        self.store_dirs: set[str] = set()
 
     def wanted(self, name: str, class_name: str) -> bool:
         return matches_any(self.patterns, (name, class_name)) and not matches_any(self.excluded, (name, class_name))
@@ -195,7 +196,7 @@ class _Builder:
         while name in self.taken:
             name, k = f"{base}_{k}", k + 1
         self.taken.add(name)
-        disk_path = None if self.root is None else self.root / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        disk_path = None if self.root is None else self.root / unique_store_dirname(name, self.store_dirs)
         layer = StateCapture(
             name, disk_path, keep_states=self.keep_states, overwrite=self.overwrite,
             metadata={"layer": label, "layer_class": class_name}, label=label, method=method,

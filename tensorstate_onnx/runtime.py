@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .binding import BoundRunner, uses_cuda
+from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture
 from .data import Batch, iter_batches
 from .errors import ModelInputError, ProviderError
 from . import graph
 from .graph import Probe, add_probes, load_model, save_model
-from .store import check_storage_root, store_dirname
+from .store import check_storage_root, unique_store_dirname
 
 __all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
 
@@ -41,16 +41,6 @@ _OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 class OnnxProbeCapture(AbstractStateCapture):
@@ -157,10 +147,11 @@ class OnnxEfficiencyModel:
             source, attach_to, exclude=exclude, method=method,
             channel_axes=channel_axes, pack_in_graph=pack_in_graph,
         )
+        store_dirs: set[str] = set()
         self.efficiency_layers = [
             OnnxProbeCapture(
                 probe,
-                None if self.storage_path is None else self.storage_path / store_dirname(probe.name),
+                None if self.storage_path is None else self.storage_path / unique_store_dirname(probe.name, store_dirs),
                 keep_states=keep_states,
                 overwrite=overwrite,
             )
@@ -222,7 +213,7 @@ class OnnxEfficiencyModel:
     @staticmethod
     def _check_input(spec, value) -> np.ndarray:
         value = np.asarray(value)
-        want = _ORT_TYPES.get(spec.type)
+        want = ORT_DTYPES.get(spec.type)
         if want is not None and value.dtype != want:
             if value.dtype.kind == "f" and np.dtype(want).kind == "f":
                 value = value.astype(want)

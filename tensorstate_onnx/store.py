@@ -22,7 +22,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from .engine import n_bytes_for
 from .errors import StorageExistsError
 
-__all__ = ["StateStore", "state_codec", "store_dirname", "STATE_CHUNK_BYTES"]
+__all__ = ["StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
 
 STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
 
@@ -48,6 +48,18 @@ def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None
 def store_dirname(probe_name: str) -> str:
     """The directory name of a probe's store under a storage path (any front end)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", probe_name).strip("._") or "probe"
+
+
+def unique_store_dirname(probe_name: str, taken: set[str]) -> str:
+    """:func:`store_dirname` of ``probe_name``, suffixed ``_2``, ``_3``, ... past the
+    names in ``taken``, which it joins: two probes whose names differ only in
+    characters a folder name cannot hold still get stores of their own."""
+    base = dirname = store_dirname(probe_name)
+    k = 2
+    while dirname in taken:
+        dirname, k = f"{base}_{k}", k + 1
+    taken.add(dirname)
+    return dirname
 
 
 class StateStore:

@@ -23,7 +23,7 @@ import torch
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
-from .store import store_dirname
+from .store import unique_store_dirname
 
 __all__ = ["StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tensor"]
 
@@ -273,14 +273,7 @@ def attach_hooks(
             label = name or type(sub).__name__
             for m in methods:
                 capture_name = f"{label}:{m}"
-                disk_path = None
-                if root is not None:
-                    dirname = store_dirname(capture_name)
-                    base, k = dirname, 2
-                    while dirname in used_dirs:
-                        dirname, k = f"{base}_{k}", k + 1
-                    used_dirs.add(dirname)
-                    disk_path = root / dirname
+                disk_path = None if root is None else root / unique_store_dirname(capture_name, used_dirs)
                 metadata = {"module": name, "module_class": type(sub).__name__}
                 hook = StateCaptureHook(
                     capture_name, disk_path, m, keep_states=keep_states, overwrite=overwrite,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import StorageExistsError
-from tensorstate_onnx.store import StateStore, check_storage_root
+from tensorstate_onnx.store import StateStore, check_storage_root, store_dirname, unique_store_dirname
 
 
 def _rows(n, n_bytes, seed=0):
@@ -97,3 +97,12 @@ def test_storage_root_must_be_a_free_directory(tmp_path):
         check_storage_root(tmp_path / "full")
     check_storage_root(tmp_path / "full", overwrite=True)
     assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "keep").read_text() == "y"
+
+
+def test_store_dirnames_are_safe_and_unique_per_storage_path():
+    assert store_dirname("features.0:after") == "features.0_after"
+    assert store_dirname("../..") == "probe"
+    taken: set[str] = set()
+    names = [unique_store_dirname(name, taken) for name in ("a:b", "a b", "a_b", "a:b/")]
+    assert names == ["a_b", "a_b_2", "a_b_3", "a_b_4"]
+    assert taken == set(names)
