@@ -26,12 +26,7 @@ from tensorstate_onnx.api import model_kind
 
 
 def _counts(capture) -> dict[bytes, int]:
-    return dict(zip(capture.state_ids(), capture.counts().tolist()))
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> onnx.ModelProto:
-    return onnx.load(str(demo.model_path()))
+    return dict(zip(capture.state_ids(), capture.counts().tolist(), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def reference(demo_model, x) -> list[dict[bytes, int]]:
         c = tensor.shape[1]
         rows = np.packbits(np.moveaxis(tensor, 1, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
         ids, counts = np.unique(rows, axis=0, return_counts=True)
-        result.append({r.tobytes(): int(n) for r, n in zip(ids, counts)})
+        result.append({r.tobytes(): int(n) for r, n in zip(ids, counts, strict=True)})
     return result
 
 
@@ -140,7 +135,7 @@ def test_network_efficiency_is_the_geometric_mean_of_layer_efficiencies(demo_mod
     built = build_efficiency_model(demo_model, "Conv", providers="cpu")
     built.predict(x, progress=False)
     expected = []
-    for counts, neurons in zip(reference, (20, 50, 100)):
+    for counts, neurons in zip(reference, (20, 50, 100), strict=True):
         p = np.array(list(counts.values()), dtype=np.float64) / sum(counts.values())
         expected.append(float(-(p * np.log2(p)).sum()) / neurons)
     layers = [c.efficiency() for c in built.efficiency_layers]

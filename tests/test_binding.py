@@ -30,7 +30,7 @@ def test_outputs_equal_session_run_and_probe_buffers_rotate(probed):
     for run, batch in enumerate(batches):
         got = runner.run({"input": batch})
         want = session.run(outputs, {"input": batch})
-        for name, g, w in zip(outputs, got, want):
+        for name, g, w in zip(outputs, got, want, strict=True):
             np.testing.assert_array_equal(g, w, err_msg=name)
         results.append([g.copy() for g in got])
         if run >= 1:  # run 0 learns the shapes; then the two buffer sets take turns
@@ -50,7 +50,7 @@ def test_reused_arrays_are_overwritten_n_buffers_runs_later_and_outputs_never(pr
     runner.run({"input": x[80:120]})  # reuses the buffers of `first`
     logits = outputs.index(session.get_outputs()[0].name)
     np.testing.assert_array_equal(first[logits], snapshot[logits])  # the model output is the caller's
-    changed = [name for name, a, b in zip(outputs, first, snapshot) if name in reused and not np.array_equal(a, b)]
+    changed = [name for name, a, b in zip(outputs, first, snapshot, strict=True) if name in reused and not np.array_equal(a, b)]
     assert changed == [name for name in outputs if name in reused]
 
 
@@ -61,7 +61,7 @@ def test_ragged_batches_get_their_own_buffers(probed):
     for size in (64, 64, 17, 64, 5, 1, 3, 2):
         got = runner.run({"input": x[:size]})
         want = session.run(outputs, {"input": x[:size]})
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
     assert len(runner._buffers) == 4  # least recently used shapes are dropped
 

@@ -11,11 +11,11 @@ def _reference(x, axis):
     c = x.shape[axis]
     packed = np.packbits(np.moveaxis(x, axis, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
     ids, counts = np.unique(packed, axis=0, return_counts=True)
-    return packed, {row.tobytes(): int(n) for row, n in zip(ids, counts)}
+    return packed, {row.tobytes(): int(n) for row, n in zip(ids, counts, strict=True)}
 
 
 def _as_dict(capture, index=None):
-    return dict(zip(capture.state_ids(index), capture.counts(index).tolist()))
+    return dict(zip(capture.state_ids(index), capture.counts(index).tolist(), strict=True))
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def expected() -> dict:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     logits, *tensors = session.run(None, {"input": x})
     layers = []
-    for node, tensor in zip(convs, tensors):
+    for node, tensor in zip(convs, tensors, strict=True):
         c = tensor.shape[1]
         rows = np.packbits(np.moveaxis(tensor, 1, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
         counts = np.unique(rows, axis=0, return_counts=True)[1]
@@ -99,7 +99,7 @@ def _figure(out: str, label: str) -> str | None:
 def _assert_table_matches(out: str, expected: dict, with_accuracy: bool = True) -> None:
     rows = _table_rows(out)
     assert list(rows) == PROBES
-    for row, layer in zip(rows.values(), expected["layers"]):
+    for row, layer in zip(rows.values(), expected["layers"], strict=True):
         assert row == [
             layer["node"], str(layer["neurons"]), str(layer["states"]), str(layer["distinct_states"]),
             f"{layer['entropy']:.4f}", f"{layer['efficiency']:.4f}",
@@ -136,7 +136,7 @@ def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path)
     assert code == 0, err
     data = json.loads(paths["json"].read_text())
     assert [layer["name"] for layer in data["layers"]] == PROBES
-    for got, want in zip(data["layers"], expected["layers"]):
+    for got, want in zip(data["layers"], expected["layers"], strict=True):
         assert got["node"] == want["node"]
         assert [got[k] for k in ("neurons", "states", "distinct_states")] == [want[k] for k in ("neurons", "states", "distinct_states")]
         assert [got["entropy"], got["efficiency"]] == pytest.approx([want["entropy"], want["efficiency"]], rel=1e-12)
@@ -147,7 +147,7 @@ def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path)
     with open(paths["csv"], newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["name"] for row in rows] == PROBES
-    for row, layer in zip(rows, data["layers"]):
+    for row, layer in zip(rows, data["layers"], strict=True):
         assert row["node"] == layer["node"]
         for key in ("neurons", "states", "distinct_states"):
             assert int(row[key]) == layer[key]

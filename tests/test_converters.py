@@ -43,11 +43,6 @@ def test_importing_the_package_imports_no_framework():
 
 
 @pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
 def torch_mobilenet(torch):
     from models.torch_models import MobileNetV2Small
 
@@ -98,7 +93,7 @@ def test_from_torch_records_module_names_and_classes(torch_exports, dynamo):
     assert scopes[0][:4] == ["", "features", "features.0", "features.0.0"]
     assert scopes[1][:6] == ["", "features", "features.1", "features.1.conv", "features.1.conv.0", "features.1.conv.0.0"]
     assert scopes[2][:5] == ["", "features", "features.1", "features.1.conv", "features.1.conv.1"]
-    assert all(c[len(s) - 2].endswith("Conv2d") for s, c in zip(scopes, classes))
+    assert all(c[len(s) - 2].endswith("Conv2d") for s, c in zip(scopes, classes, strict=True))
     if not dynamo:
         assert convs[1].name == "/features/features.1/conv/conv.0/conv.0.0/Conv"
 
@@ -160,7 +155,7 @@ def test_from_torch_several_inputs_keywords_and_outputs(torch, dynamo):
         assert [i.name for i in model.graph.input] == ["x", "y"]
         assert all(_dims(o)[0] == "batch" for o in model.graph.output)
         got = _session(model).run(None, {"x": x.numpy(), "y": y.numpy()})
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, atol=1e-5)
 
 
@@ -272,7 +267,7 @@ def test_from_keras_multiple_inputs_outputs_and_path(keras, tmp_path):
     rng = np.random.default_rng(0)
     xa, xb = rng.normal(size=(3, 8, 8, 3)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
     got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"a": xa, "b": xb})
-    for g, e in zip(got, model.predict([xa, xb], verbose=0)):
+    for g, e in zip(got, model.predict([xa, xb], verbose=0), strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 

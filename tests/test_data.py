@@ -19,19 +19,14 @@ N_SAMPLES = 120
 
 
 def _counts(capture) -> dict[bytes, int]:
-    return dict(zip(capture.state_ids(), capture.counts().tolist()))
+    return dict(zip(capture.state_ids(), capture.counts().tolist(), strict=True))
 
 
 def _reference_counts(tensor: np.ndarray) -> dict[bytes, int]:
     c = tensor.shape[1]
     rows = np.packbits(np.moveaxis(tensor, 1, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
     ids, counts = np.unique(rows, axis=0, return_counts=True)
-    return {row.tobytes(): int(n) for row, n in zip(ids, counts)}
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> onnx.ModelProto:
-    return onnx.load(str(demo.model_path()))
+    return {row.tobytes(): int(n) for row, n in zip(ids, counts, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +267,7 @@ def test_two_input_model_takes_dicts(two_inputs):
     assert np.array_equal(relu, np.maximum(a + b, 0)) and np.array_equal(diff, a - b)
     rows = np.packbits(a + b > 0, axis=-1, bitorder="little")
     ids, counts = np.unique(rows, axis=0, return_counts=True)
-    assert _counts(model.efficiency_layers[0]) == {r.tobytes(): int(n) for r, n in zip(ids, counts)}
+    assert _counts(model.efficiency_layers[0]) == {r.tobytes(): int(n) for r, n in zip(ids, counts, strict=True)}
     model.reset_states()
     accuracy = model.evaluate(((({"a": a[i : i + 7], "b": b[i : i + 7]}, y[i : i + 7]) for i in range(0, 30, 7))), progress=False)
     assert accuracy == float(np.mean(relu.argmax(1) == y))

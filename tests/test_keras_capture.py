@@ -30,12 +30,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _pairs(capture):
-    return sorted(zip(capture.state_ids(), capture.counts().tolist()))
+    return sorted(zip(capture.state_ids(), capture.counts().tolist(), strict=True))
 
 
 def _reference(values, axis=-1):
     ids, counts = np.unique(pack(np.asarray(values, dtype=np.float32), axis), axis=0, return_counts=True)
-    return sorted(zip((row.tobytes() for row in ids), counts.tolist()))
+    return sorted(zip((row.tobytes() for row in ids), counts.tolist(), strict=True))
 
 
 def _layer_values(model, name, x, before=False):
@@ -81,7 +81,7 @@ def test_after_captures_match_reference_in_predict(kind, request, images):
     out = probed.predict(images, batch_size=16, verbose=0)
     np.testing.assert_allclose(out, before, atol=1e-5)
     assert not probed.run_eagerly
-    for capture, name, per_instance in zip(probed.efficiency_layers, ["conv1", "conv2", "conv3"], [576, 64, 1]):
+    for capture, name, per_instance in zip(probed.efficiency_layers, ["conv1", "conv2", "conv3"], [576, 64, 1], strict=True):
         assert capture.state_count == 48 * per_instance
         assert capture.states_per_instance == per_instance
         assert _pairs(capture) == _reference(_layer_values(model, name, images))
@@ -137,7 +137,7 @@ def test_branches_multiple_inputs_outputs_and_nested_model():
     names = [c.name for c in probed.efficiency_layers]
     assert names == ["a_states", "ca_states", "cb_states", "add_states", "nested_states"]
     got = probed.predict(data, verbose=0)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5)
     captures = {c.name: c for c in probed.efficiency_layers}
     assert captures["a_states"].state_count == 6 * 64 and captures["a_states"].n_neurons == 3
@@ -209,7 +209,7 @@ def test_mixed_precision(policy, images):
     # ops as in the probed model (fusions change float16 rounding).
     outputs = [model.get_layer(name).output for name in ("conv1", "conv2")]
     reference = keras.Model(model.inputs, outputs).predict(images, verbose=0)
-    for capture, values in zip(probed.efficiency_layers, reference):
+    for capture, values in zip(probed.efficiency_layers, reference, strict=True):
         assert str(values.dtype) in ("float16", "bfloat16")
         assert _pairs(capture) == _reference(values.astype(np.float32))
 

@@ -35,8 +35,8 @@ def _flipped_states(a, b) -> int:
     """
     assert a.state_count == b.state_count, (a.name, a.state_count, b.state_count)
     assert a.n_neurons == b.n_neurons, (a.name, a.n_neurons, b.n_neurons)
-    left = dict(zip(a.state_ids(), a.counts().tolist()))
-    right = dict(zip(b.state_ids(), b.counts().tolist()))
+    left = dict(zip(a.state_ids(), a.counts().tolist(), strict=True))
+    right = dict(zip(b.state_ids(), b.counts().tolist(), strict=True))
     moved = sum(abs(left.get(key, 0) - right.get(key, 0)) for key in left.keys() | right.keys()) // 2
     if a.keep_states and b.keep_states:
         rows_a, rows_b = a.states[:], b.states[:]
@@ -60,11 +60,6 @@ def _assert_parity(pairs, what: str) -> float:
 
 
 # --------------------------------------------------------------------------- torch
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
 
 
 def _torch_model(torch, arch: str):
@@ -189,7 +184,7 @@ def test_keras_input_probe_needs_the_channels_last_axis(keras):
         from_keras(model), ["conv1", "conv2"], method="before", providers="cpu", keep_states=True
     )
     onnx_model.predict(x, batch_size=32)
-    pairs = list(zip(native.efficiency_layers, onnx_model.efficiency_layers))
+    pairs = list(zip(native.efficiency_layers, onnx_model.efficiency_layers, strict=True))
     assert [c.name for c in onnx_model.efficiency_layers] == ["conv1:before", "conv2:before"]
     assert _assert_parity(pairs, "keras lenet5 before") < MAX_FLIPPED
 
@@ -219,7 +214,7 @@ def test_tutorial_lenet5_torch_native_and_onnx(torch, tutorial_images):
     onnx_model.predict(x.numpy(), batch_size=1000)
     assert [c.state_count for c in onnx_model.efficiency_layers] == TUTORIAL_STATES
     assert [c.name for c in onnx_model.efficiency_layers] == ["conv1:after", "conv2:after", "conv3:after"]
-    _assert_parity(list(zip(model.efficiency_layers, onnx_model.efficiency_layers)), "tutorial torch")
+    _assert_parity(list(zip(model.efficiency_layers, onnx_model.efficiency_layers, strict=True)), "tutorial torch")
 
 
 def test_tutorial_lenet5_keras_native_and_onnx(keras, tutorial_images):
@@ -234,4 +229,4 @@ def test_tutorial_lenet5_keras_native_and_onnx(keras, tutorial_images):
     onnx_model.predict(x, batch_size=1000)
     assert [c.state_count for c in onnx_model.efficiency_layers] == TUTORIAL_STATES
     assert [c.probe.label for c in onnx_model.efficiency_layers] == ["conv1", "conv2", "conv3"]
-    _assert_parity(list(zip(native.efficiency_layers, onnx_model.efficiency_layers)), "tutorial keras")
+    _assert_parity(list(zip(native.efficiency_layers, onnx_model.efficiency_layers, strict=True)), "tutorial keras")

@@ -66,11 +66,11 @@ def _reference_rows(tensor: np.ndarray) -> np.ndarray:
 
 def _reference_counts(tensor: np.ndarray) -> dict[bytes, int]:
     ids, counts = np.unique(_reference_rows(tensor), axis=0, return_counts=True)
-    return {row.tobytes(): int(n) for row, n in zip(ids, counts)}
+    return {row.tobytes(): int(n) for row, n in zip(ids, counts, strict=True)}
 
 
 def _counts(capture, index=None) -> dict[bytes, int]:
-    return dict(zip(capture.state_ids(index), capture.counts(index).tolist()))
+    return dict(zip(capture.state_ids(index), capture.counts(index).tolist(), strict=True))
 
 
 def _conv_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -85,21 +85,11 @@ def _reference_tensors(model, x, optimization, names, batch_size=None) -> dict[s
     computed = [name for name in names if name not in inputs]
     values = _run_plain(_plain_session(model, optimization, computed), x, batch_size)
     n_out = len(model.graph.output)
-    found = dict(zip(computed, values[n_out:]))
+    found = dict(zip(computed, values[n_out:], strict=True))
     return {name: x if name in inputs else found[name] for name in names}
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> onnx.ModelProto:
-    return onnx.load(str(demo.model_path()))
-
-
-@pytest.fixture(scope="module")
-def demo_data() -> tuple[np.ndarray, np.ndarray]:
-    return demo.load_test_data()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +134,7 @@ def test_predict_outputs_are_bit_identical_to_plain_onnxruntime(networks, networ
 
 def _assert_counts_match_reference(probed, reference):
     """Counts, N*H*W states and C neurons of every probe, as in the reference tensors."""
-    for probe, capture in zip(probed.probes, probed.efficiency_layers):
+    for probe, capture in zip(probed.probes, probed.efficiency_layers, strict=True):
         tensor = reference[probe.tensor_name]
         assert _counts(capture) == _reference_counts(tensor), probe.name
         n, c, *spatial = tensor.shape
@@ -182,7 +172,7 @@ def test_mobilenet_counts_at_full_optimization(mobilenet, mobile_x):
     graph = _build(mobilenet, optimization="all", pack_in_graph=True)
     host.predict(mobile_x, batch_size=4, progress=False)
     graph.predict(mobile_x, batch_size=4, progress=False)
-    for probe, capture, packed in zip(host.probes, host.efficiency_layers, graph.efficiency_layers):
+    for probe, capture, packed in zip(host.probes, host.efficiency_layers, graph.efficiency_layers, strict=True):
         tensor = reference[probe.tensor_name]
         n, _, h, w = tensor.shape
         assert capture.state_count == packed.state_count == n * h * w
@@ -200,7 +190,7 @@ def test_method_both_probes_conv_inputs_and_outputs(demo_model, demo_data):
     probed.predict(x, batch_size=32, progress=False)
     names = [p.name for p in probed.probes]
     assert names == ["conv1:before", "conv1:after", "conv2:before", "conv2:after", "conv3:before", "conv3:after"]
-    assert [p.tensor_name for p in probed.probes] == [t for pair in zip(inputs, outputs) for t in pair]
+    assert [p.tensor_name for p in probed.probes] == [t for pair in zip(inputs, outputs, strict=True) for t in pair]
     assert [p.method for p in probed.probes] == ["before", "after"] * 3
     reference = _reference_tensors(demo_model, x, "all", inputs + outputs)
     _assert_counts_match_reference(probed, reference)
@@ -230,7 +220,7 @@ def test_overlapped_predict_equals_run_batch_by_batch(demo_model, demo_data, tmp
     out = streamed.predict(iter([x[i : i + 40] for i in range(0, len(x), 40)]), progress=False)
     stepped_out = np.concatenate([stepped.run(x[i : i + 40])[0] for i in range(0, len(x), 40)])
     assert np.array_equal(out, stepped_out)
-    for a, b in zip(streamed.efficiency_layers, stepped.efficiency_layers):
+    for a, b in zip(streamed.efficiency_layers, stepped.efficiency_layers, strict=True):
         assert a.state_count == b.state_count
         assert _counts(a) == _counts(b)
         assert np.array_equal(a.states[:], b.states[:])
@@ -240,7 +230,7 @@ def test_overlapped_predict_equals_run_batch_by_batch(demo_model, demo_data, tmp
 def test_io_binding_reuses_buffers_and_changes_nothing(demo_model, demo_data, tmp_path, pack_in_graph):
     """With reused probe buffers, batch k must be counted before batch k + 2 overwrites it."""
     x = demo_data[0]
-    batches = [x[i : i + size] for i, size in zip(range(0, 360, 40), (40, 40, 40, 17, 40, 40, 40, 40, 40))]
+    batches = [x[i : i + size] for i, size in zip(range(0, 360, 40), (40, 40, 40, 17, 40, 40, 40, 40, 40), strict=True)]
     results = []
     for io_binding in (False, True):
         probed = _build(
@@ -253,7 +243,7 @@ def test_io_binding_reuses_buffers_and_changes_nothing(demo_model, demo_data, tm
     (plain_out, plain), (bound_out, bound) = results
     assert np.array_equal(plain_out, bound_out)
     assert np.array_equal(bound_out, _run_plain(_plain_session(demo_model, "all"), np.concatenate(batches))[0])
-    for a, b in zip(plain.efficiency_layers, bound.efficiency_layers):
+    for a, b in zip(plain.efficiency_layers, bound.efficiency_layers, strict=True):
         assert _counts(a) == _counts(b)
         assert np.array_equal(a.states[:], b.states[:])
 
@@ -277,7 +267,7 @@ def test_a_large_model_runs_through_external_data(demo_model, demo_data, monkeyp
     large = _build(demo_model)
     assert len(built_from) == 1 and isinstance(built_from[0], str) and built_from[0].endswith("probed.onnx")
     assert np.array_equal(large.predict(demo_data[0], progress=False), expected)
-    for a, b in zip(small.efficiency_layers, large.efficiency_layers):
+    for a, b in zip(small.efficiency_layers, large.efficiency_layers, strict=True):
         assert _counts(a) == _counts(b)
     assert not any(tmp_path.iterdir())  # the temporary model files are gone
 
@@ -296,7 +286,7 @@ def test_storage_keeps_raw_states_in_order_and_reopens(demo_model, demo_data, tm
     probed.predict(x, batch_size=16, progress=False)
     reference = _reference_tensors(demo_model, x, "all", _conv_tensors(demo_model)[1])
     assert sorted(p.name for p in root.iterdir()) == ["conv1_after", "conv2_after", "conv3_after"]
-    for probe, capture in zip(probed.probes, probed.efficiency_layers):
+    for probe, capture in zip(probed.probes, probed.efficiency_layers, strict=True):
         tensor = reference[probe.tensor_name]
         rows = _reference_rows(tensor)
         assert np.array_equal(capture.states[:], rows)
@@ -349,7 +339,7 @@ def test_reset_states_zeroes_counts_and_starts_over(demo_model, demo_data, tmp_p
     probed.predict(x[100:150], progress=False)
     fresh = _build(demo_model)
     fresh.predict(x[100:150], progress=False)
-    for a, b in zip(probed.efficiency_layers, fresh.efficiency_layers):
+    for a, b in zip(probed.efficiency_layers, fresh.efficiency_layers, strict=True):
         assert _counts(a) == _counts(b)
         assert a.states.shape[0] == b.state_count
 

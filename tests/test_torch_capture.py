@@ -29,12 +29,12 @@ from tensorstate_onnx.torch_capture import (  # noqa: E402
 
 
 def _pairs(capture):
-    return sorted(zip(capture.state_ids(), capture.counts().tolist()))
+    return sorted(zip(capture.state_ids(), capture.counts().tolist(), strict=True))
 
 
 def _reference(tensor: np.ndarray, axis: int):
     ids, counts = np.unique(pack(tensor, axis), axis=0, return_counts=True)
-    return sorted(zip((row.tobytes() for row in ids), counts.tolist()))
+    return sorted(zip((row.tobytes() for row in ids), counts.tolist(), strict=True))
 
 
 def _outputs_of(module, names, x, before=False):
@@ -84,7 +84,7 @@ def test_after_hooks_count_like_numpy_reference(fresh_lenet, images):
         fresh_lenet(images[:25])
         fresh_lenet(images[25:])
     expected = _outputs_of(fresh_lenet, ["conv1", "conv2", "conv3"], images)
-    for hook, module_name, per_instance in zip(fresh_lenet.efficiency_layers, ["conv1", "conv2", "conv3"], [576, 64, 1]):
+    for hook, module_name, per_instance in zip(fresh_lenet.efficiency_layers, ["conv1", "conv2", "conv3"], [576, 64, 1], strict=True):
         assert hook.state_count == 40 * per_instance
         assert hook.states_per_instance == per_instance
         assert hook.n_neurons == expected[module_name].shape[1]
@@ -162,7 +162,7 @@ def test_cuda_tensors_are_packed_on_the_device(images):  # pragma: no cover - GP
     with torch.no_grad():
         cpu_model(images)
         gpu_model(images.cuda())
-    for a, b in zip(cpu_model.efficiency_layers, gpu_model.efficiency_layers):
+    for a, b in zip(cpu_model.efficiency_layers, gpu_model.efficiency_layers, strict=True):
         assert a.state_count == b.state_count
         # States at exactly-zero rounding may flip between CPU and GPU kernels.
         diff = sum(abs(x - y) for (_, x), (_, y) in zip(_pairs(a), _pairs(b))) if _pairs(a) != _pairs(b) else 0

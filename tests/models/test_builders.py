@@ -22,7 +22,7 @@ from models.onnx_models import mobilenet_v2_small_onnx
 _BLOCK_INPUTS = [MOBILENET_V2_SMALL_STEM] + [c for _, c, _ in MOBILENET_V2_SMALL_BLOCKS[:-1]]
 N_SKIPS = sum(
     s == 1 and c_in == c_out
-    for c_in, (_, c_out, s) in zip(_BLOCK_INPUTS, MOBILENET_V2_SMALL_BLOCKS)
+    for c_in, (_, c_out, s) in zip(_BLOCK_INPUTS, MOBILENET_V2_SMALL_BLOCKS, strict=True)
 )
 # conv1, conv2, conv3 of LeNet-5: (channels, height, width) of their outputs.
 LENET_CONV_SHAPES = {"conv1": (20, 24, 24), "conv2": (50, 8, 8), "conv3": (100, 1, 1)}
@@ -88,7 +88,7 @@ def test_onnx_mobilenet_activations_fire_about_half_the_time(mobilenet_onnx):
     probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in clips)
     x = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
     outputs = _session(probed).run(clips, {"input": x})
-    for name, value in zip(clips, outputs):
+    for name, value in zip(clips, outputs, strict=True):
         assert 0.2 < (value > 0).mean() < 0.8, name
         assert (value >= 0).all() and (value <= 6).all(), name
 
