@@ -177,8 +177,7 @@ class OnnxEfficiencyModel:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         # Idle onnxruntime threads would spin on the cores the recording thread
-        # counts batch k on while batch k + 1 runs (measured: +25% samples/s on
-        # 2 cores with every MobileNetV2 Conv probed).
+        # counts batch k on while batch k + 1 runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not graph.needs_external_data(self.model):
             return ort.InferenceSession(self.model.SerializeToString(), options, providers=self.providers)
