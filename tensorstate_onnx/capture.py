@@ -17,7 +17,7 @@ import numpy as np
 
 from . import metrics
 from .engine import StateCounter, n_bytes_for, pack
-from .errors import NoStatesError
+from .errors import NoStatesError, OptionError
 from .store import StateStore
 
 __all__ = ["AbstractStateCapture", "StateCaptureProbe"]
@@ -194,9 +194,12 @@ class AbstractStateCapture(abc.ABC):
             offset += instances * per
         starts = np.concatenate(starts)
         pers = np.concatenate([np.full(n, per, np.int64) for n, per in self._batches])
-        index = np.asarray(index, dtype=np.int64).ravel()
-        if index.size == 0:
-            raise ValueError("index selects no input instance")
+        given = np.asarray(index).ravel()
+        if given.size == 0:
+            raise OptionError("index selects no input instance")
+        if given.dtype.kind not in "ui":
+            raise OptionError(f"index selects input instances by integer position, got {index!r}")
+        index = given.astype(np.int64)
         n = starts.size
         if index.min() < -n or index.max() >= n:
             raise IndexError(f"instance index out of range: {n} instances were recorded")
@@ -242,8 +245,10 @@ class AbstractStateCapture(abc.ABC):
         """``entropy(alpha1) / (max_entropy() if alpha2 is None else entropy(alpha2))``.
 
         A probe that saw a single state has every Rényi entropy 0; its
-        efficiency is 0.
+        efficiency is 0. ``alpha2`` must be smaller than ``alpha1``, as in
+        TensorState 0.4, so that the ratio lies in [0, 1].
         """
+        metrics.check_efficiency_orders(alpha1, alpha2)
         numerator = self.entropy(alpha1)
         denominator = self.entropy(alpha2)
         return 0.0 if denominator == 0 else numerator / denominator

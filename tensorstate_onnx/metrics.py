@@ -7,18 +7,36 @@ Pure numpy: these functions take numbers, not models, except that
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 
 import numpy as np
+
+from .errors import NoStatesError, OptionError
 
 __all__ = ["entropy", "network_efficiency", "aIQ"]
 
 
 def _check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or math.isnan(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a number >= 0 (0, 1, 2, ..., or float('inf')), got {alpha!r}")
+        raise OptionError(f"alpha must be a number >= 0 (0, 1, 2, ..., or float('inf')), got {alpha!r}")
     return float(alpha)
+
+
+def check_efficiency_orders(alpha1: float, alpha2: float | None) -> None:
+    """Refuse an efficiency ``H(alpha1) / H(alpha2)`` that is not one.
+
+    Rényi entropy does not grow with its order, so the ratio lies in [0, 1]
+    only when ``alpha2 < alpha1``; like TensorState 0.4, any other pair is
+    refused rather than reported as an efficiency above 1.
+    """
+    alpha1 = _check_alpha(alpha1)
+    if alpha2 is not None and not _check_alpha(alpha2) < alpha1:
+        raise OptionError(
+            f"efficiency(alpha1={alpha1!r}, alpha2={alpha2!r}) needs alpha2 < alpha1 (Rényi entropy falls "
+            "as its order grows, so only then is the ratio an efficiency in [0, 1]); "
+            "alpha2=None divides by the number of neurons"
+        )
 
 
 # Integer counts up to this value are entropy'd through a histogram of the
@@ -30,9 +48,11 @@ def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(values, weights)``: the positive counts of ``array`` (not empty) as
     float64, each standing for ``weights`` states (``None``: one each)."""
     array = array.ravel()
+    if array.dtype.kind not in "uif":
+        raise OptionError(f"entropy() needs real, non-negative counts, got an array of {array.dtype}")
     if array.dtype.kind in "ui":
         if array.min() < 0:
-            raise ValueError("entropy() needs finite, non-negative counts")
+            raise OptionError("entropy() needs finite, non-negative counts")
         top = array.max()
         if top <= _HISTOGRAM_MAX:
             histogram = np.bincount(array.astype(np.intp, copy=False))
@@ -40,7 +60,7 @@ def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             return values.astype(np.float64), histogram[values].astype(np.float64)
     array = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError("entropy() needs finite, non-negative counts")
+        raise OptionError("entropy() needs finite, non-negative counts")
     return array[array > 0], None
 
 
@@ -53,24 +73,29 @@ def entropy(counts, alpha: float = 1) -> float:
     alpha = _check_alpha(alpha)
     array = np.asarray(counts)
     if array.size == 0:
-        raise ValueError("entropy() needs at least one count; no states were recorded")
+        raise NoStatesError("entropy() needs at least one count; no states were recorded")
     values, weights = _distribution(array)
     if values.size == 0:
-        raise ValueError("entropy() needs at least one positive count; no states were recorded")
+        raise NoStatesError("entropy() needs at least one positive count; no states were recorded")
 
     def total(terms: np.ndarray) -> float:
         return float(np.sum(terms if weights is None else weights * terms))
 
-    p = values / total(values)
+    # Probabilities in logs, from counts scaled by their largest: no sum of
+    # counts overflows and no power of a probability underflows to log2(0).
+    scaled = values / values.max()
+    log_p = np.log2(scaled) - math.log2(total(scaled))
     if alpha == 0:
-        value = math.log2(p.size if weights is None else float(weights.sum()))
+        value = math.log2(values.size if weights is None else float(weights.sum()))
     elif alpha == 1:
-        value = -total(p * np.log2(p))
+        value = -total(np.exp2(log_p) * log_p)
     elif math.isinf(alpha):
-        value = -math.log2(float(p.max()))
+        value = -float(log_p.max())
     else:
-        value = math.log2(total(p**alpha)) / (1.0 - alpha)
-    return max(value, 0.0)
+        exponent = alpha * log_p
+        top = float(exponent.max())
+        value = (top + math.log2(total(np.exp2(exponent - top)))) / (1.0 - alpha)
+    return max(value, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def network_efficiency(efficiencies) -> float:
@@ -84,21 +109,24 @@ def network_efficiency(efficiencies) -> float:
     layers = getattr(efficiencies, "efficiency_layers", None)
     if layers is not None:
         values = [layer.efficiency() for layer in layers]
-    elif isinstance(efficiencies, Iterable) and not isinstance(efficiencies, (str, bytes)):
+    elif isinstance(efficiencies, Iterable) and not isinstance(efficiencies, (str, bytes, Mapping)):
         values = list(efficiencies)
     else:
         raise TypeError(
             "network_efficiency() takes a list of floats or a model with efficiency_layers "
             f"(from build_efficiency_model), got {type(efficiencies).__name__}"
+            + (" (pass list(d.values()) for a dict of efficiencies)" if isinstance(efficiencies, Mapping) else "")
         )
     if not values:
-        raise ValueError(
+        raise OptionError(
             "network_efficiency() got no efficiencies; attach probes with build_efficiency_model "
             "and run data through the model first"
         )
+    if any(isinstance(v, bool) or not isinstance(v, Real) for v in values):
+        raise OptionError(f"efficiencies must be real numbers, got {values}")
     array = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError(f"efficiencies must be finite and >= 0, got {values}")
+        raise OptionError(f"efficiencies must be finite and >= 0, got {values}")
     if np.any(array == 0):
         return 0.0
     return float(np.exp(np.mean(np.log(array))))
@@ -107,11 +135,15 @@ def network_efficiency(efficiencies) -> float:
 def aIQ(net_efficiency: float, accuracy: float, weight: int) -> float:  # noqa: N802 (reference name)
     """Artificial intelligence quotient: ``(net_efficiency * accuracy**weight) ** (1/(weight+1))``.
 
-    ``weight`` is an int >= 1; larger values weigh accuracy more.
+    ``weight`` is an int >= 1; larger values weigh accuracy more. Computed in
+    logs, so a large weight does not underflow to 0.
     """
     if isinstance(weight, bool) or not isinstance(weight, Integral) or weight < 1:
-        raise ValueError(f"aIQ weight must be an int >= 1, got {weight!r}")
+        raise OptionError(f"aIQ weight must be an int >= 1, got {weight!r}")
     for name, value in (("net_efficiency", net_efficiency), ("accuracy", accuracy)):
         if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
-            raise ValueError(f"aIQ {name} must be a number in [0, 1], got {value!r}")
-    return float((net_efficiency * accuracy**weight) ** (1.0 / (weight + 1)))
+            raise OptionError(f"aIQ {name} must be a number in [0, 1], got {value!r}")
+    if net_efficiency == 0 or accuracy == 0:
+        return 0.0
+    weight = int(weight)
+    return math.exp((math.log(net_efficiency) + weight * math.log(accuracy)) / (weight + 1))

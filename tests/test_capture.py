@@ -3,7 +3,7 @@ import threading
 import numpy as np
 import pytest
 
-from tensorstate_onnx import NoStatesError, StateCaptureProbe, StorageExistsError, entropy
+from tensorstate_onnx import NoStatesError, OptionError, StateCaptureProbe, StorageExistsError, entropy
 from tensorstate_onnx.store import StateStore
 
 
@@ -52,6 +52,22 @@ def test_counts_by_instance_index(batches):
         assert _as_dict(capture, index) == expected
     with pytest.raises(IndexError, match="14 instances"):
         capture.counts([14])
+    for bad in (1.5, [0.0, 1.0], True):
+        with pytest.raises(OptionError, match="by integer position"):
+            capture.counts(bad)
+    with pytest.raises(OptionError, match="selects no input instance"):
+        capture.counts([])
+
+
+def test_efficiency_orders_must_fall(batches):
+    capture = StateCaptureProbe("conv")
+    for batch in batches:
+        capture.record(batch, 1)
+    assert capture.efficiency(2, 1) == pytest.approx(capture.entropy(2) / capture.entropy(1))
+    assert 0 < capture.efficiency(2, 1) <= 1
+    for alpha1, alpha2 in ((1, 2), (1, 1), (0, float("inf"))):
+        with pytest.raises(OptionError, match="needs alpha2 < alpha1"):
+            capture.efficiency(alpha1, alpha2)
 
 
 def test_varying_positions_per_instance_still_index_correctly():

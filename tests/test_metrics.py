@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tensorstate_onnx import aIQ, entropy, network_efficiency
+from tensorstate_onnx import OptionError, aIQ, entropy, network_efficiency
 
 
 def test_shannon_entropy_of_uniform_and_skewed_counts():
@@ -116,3 +116,33 @@ def test_aiq_weight_must_be_int_at_least_one(weight):
 def test_aiq_inputs_in_unit_interval(args):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         aIQ(*args, 1)
+
+
+def test_extreme_orders_and_counts_stay_exact():
+    # order 2000 is within 1e-3 of the min-entropy; p**2000 underflows without logs
+    assert entropy([1, 2, 3], 2000) == pytest.approx(2000 / 1999, rel=1e-12)
+    assert entropy([1e308, 1e308]) == pytest.approx(1.0)
+    assert entropy([1e308, 1e308], 2) == pytest.approx(1.0)
+    assert entropy(np.array([1e-300, 1e-300, 2e-300]), 0.5) == pytest.approx(entropy([1, 1, 2], 0.5))
+    for alpha in (0, 0.5, 1, 2, float("inf")):
+        assert math.copysign(1, entropy([5], alpha)) == 1.0  # 0.0, never -0.0
+
+
+def test_counts_that_are_not_real_numbers_are_refused():
+    with pytest.raises(OptionError, match="real, non-negative counts, got an array of complex128"):
+        entropy([1 + 1j, 2])
+    with pytest.raises(OptionError, match="got an array of <U1"):
+        entropy(["a", "b"])
+
+
+def test_aiq_of_a_large_weight_does_not_underflow():
+    assert aIQ(0.5, 0.5, 1100) == pytest.approx(0.5, rel=1e-12)
+    assert aIQ(0.9, 0.99, 10**6) == pytest.approx(0.99, rel=1e-5)
+    assert aIQ(0.0, 0.9, 3) == 0.0 and aIQ(0.5, 0.0, 3) == 0.0
+
+
+def test_network_efficiency_refuses_a_dict_and_non_numbers():
+    with pytest.raises(TypeError, match=r"pass list\(d.values\(\)\)"):
+        network_efficiency({"a": 0.5})
+    with pytest.raises(OptionError, match="must be real numbers"):
+        network_efficiency([0.5, "0.5"])
