@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .accuracy import count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture
 from .data import Batch, iter_batches
@@ -289,19 +290,18 @@ class OnnxEfficiencyModel:
     def evaluate(self, data, labels=None, batch_size: int | None = None, progress: bool | None = None) -> float:
         """Record every probe and return the accuracy of the first output.
 
-        The predicted class is the argmax of the last axis; labels are class
-        indices or one-hot rows, given here or inside ``data`` as ``(x, y)``.
+        Integer outputs are class ids; float outputs are class scores on their
+        last axis, and their argmax is the prediction (see
+        :mod:`~tensorstate_onnx.accuracy`). Labels are class ids or one-hot
+        rows, given here or inside ``data`` as ``(x, y)``.
         """
         correct = total = 0
         for outputs, batch_labels in self._stream(data, labels, batch_size, progress):
             if batch_labels is None:
                 raise ModelInputError("evaluate() needs labels: pass labels=... or (x, y) batches")
-            batch_labels = np.asarray(batch_labels)
-            if batch_labels.ndim == 2 and batch_labels.shape[1] > 1:
-                batch_labels = batch_labels.argmax(axis=1)
-            predicted = np.asarray(outputs[0]).reshape(len(batch_labels), -1).argmax(axis=1)
-            correct += int(np.count_nonzero(predicted == batch_labels.ravel()))
-            total += len(batch_labels)
+            batch_correct, batch_total = count_correct(outputs[0], batch_labels)
+            correct += batch_correct
+            total += batch_total
         return correct / total
 
     def flush(self) -> None:

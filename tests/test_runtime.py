@@ -21,6 +21,7 @@ from onnx import helper
 from tensorstate_onnx import OnnxEfficiencyModel, demo
 from tensorstate_onnx.errors import (
     ModelFileError,
+    ModelInputError,
     NoStatesError,
     ProbeMatchError,
     ProviderError,
@@ -492,3 +493,25 @@ def test_progress_bar_does_not_change_results(demo_model, demo_data, capsys):
     assert np.array_equal(shown.predict(x, batch_size=16, progress=True), out)
     assert [_counts(c) for c in shown.efficiency_layers] == [_counts(c) for c in quiet.efficiency_layers]
     assert "analyzing" in capsys.readouterr().err
+
+
+def _classifier_with_class_ids(demo_model: onnx.ModelProto) -> onnx.ModelProto:
+    """The demo model with an ArgMax after its scores: its only output is class ids ``[N]``."""
+    model = onnx.ModelProto()
+    model.CopyFrom(demo_model)
+    scores = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("ArgMax", [scores], ["class_id"], axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("class_id", onnx.TensorProto.INT64, ["batch"]))
+    return model
+
+
+def test_evaluate_takes_integer_outputs_as_class_ids(demo_model, demo_data):
+    x, y = demo_data
+    scores = OnnxEfficiencyModel(demo_model, "Conv", providers="cpu")
+    ids = OnnxEfficiencyModel(_classifier_with_class_ids(demo_model), "Conv", providers="cpu")
+    expected = scores.evaluate(x, y)
+    assert expected > 0.95
+    assert ids.evaluate(x, y) == expected
+    with pytest.raises(ModelInputError, match="labels must be integer class ids"):
+        scores.evaluate(x[:8], np.array(list("abcdefgh")))

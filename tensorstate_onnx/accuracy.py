@@ -1,0 +1,73 @@
+"""Which predictions are correct: the accuracy that aIQ weighs against efficiency.
+
+One rule for every path: integer outputs are class ids; float outputs hold one
+score per class on their last axis and the argmax is the prediction. Labels are
+integer class ids shaped like the predictions, or one-hot rows shaped like the
+scores. Anything else (one float score per sample, labels that are not class
+ids of the outputs) is refused: an accuracy that silently compares the wrong
+things would still look like a number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ModelInputError
+
+__all__ = ["count_correct"]
+
+
+def _shape(array: np.ndarray) -> str:
+    return "(" + ", ".join(str(d) for d in array.shape) + ")"
+
+
+def _predictions(output: np.ndarray) -> np.ndarray:
+    """Class ids predicted by one batch of the first output."""
+    if output.dtype.kind in "ui":
+        return output
+    if output.dtype.kind != "f":
+        raise ModelInputError(
+            f"accuracy needs class scores or integer class ids from the model's first output, got {output.dtype}"
+        )
+    if output.ndim > 2:  # scores [N, K, 1, 1] of a convolutional head
+        output = output.reshape(output.shape[0], *[d for d in output.shape[1:] if d != 1])
+    if output.ndim < 2 or output.shape[-1] < 2:
+        raise ModelInputError(
+            f"the model's first output {_shape(output)} holds one score per sample, not one per class, so "
+            "no class is predicted; evaluate a model that outputs class scores [N, K] (or integer class ids), "
+            "or call predict() and score the outputs yourself"
+        )
+    return output.argmax(axis=-1)
+
+
+def _class_ids(labels: np.ndarray, output: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """The labels as integer class ids shaped like ``predicted``."""
+    if labels.shape == output.shape and output.ndim >= 2 and output.shape[-1] > 1 and labels.shape != predicted.shape:
+        return labels.argmax(axis=-1)  # one-hot rows
+    if labels.shape != predicted.shape and labels.size == predicted.size and labels.shape[:1] == predicted.shape[:1]:
+        labels = labels.reshape(predicted.shape)  # [N, 1] labels for [N] predictions
+    if labels.shape != predicted.shape:
+        raise ModelInputError(
+            f"labels of shape {_shape(labels)} fit neither the predictions {_shape(predicted)} (class ids) "
+            f"nor the scores {_shape(output)} (one-hot rows) of the model's first output"
+        )
+    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "ui":
+        raise ModelInputError(f"labels must be integer class ids (or one-hot rows), got {labels.dtype}")
+    if output.dtype.kind == "f" and labels.size and (labels.min() < 0 or labels.max() >= output.shape[-1]):
+        raise ModelInputError(
+            f"labels run from {labels.min()} to {labels.max()}, but the model's first output scores "
+            f"{output.shape[-1]} classes (0..{output.shape[-1] - 1}); pass class ids of the outputs"
+        )
+    return labels
+
+
+def count_correct(output, labels) -> tuple[int, int]:
+    """``(correct, total)`` predictions of one batch of the model's first output against ``labels``."""
+    output, labels = np.asarray(output), np.asarray(labels)
+    predicted = _predictions(output)
+    if output.dtype.kind == "f" and output.ndim > 2:
+        output = output.reshape(*predicted.shape, -1)
+    ids = _class_ids(labels, output, predicted)
+    return int(np.count_nonzero(predicted == ids)), int(ids.size)

@@ -1,0 +1,52 @@
+"""Accuracy: class ids, class scores, one-hot rows, and what is refused."""
+
+import numpy as np
+import pytest
+
+from tensorstate_onnx import ModelInputError
+from tensorstate_onnx.accuracy import count_correct
+
+SCORES = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], np.float32)
+LABELS = np.array([1, 0, 1, 0])  # the third prediction (2) is wrong
+
+
+def test_scores_are_argmaxed_against_class_ids_or_one_hot_rows():
+    assert count_correct(SCORES, LABELS) == (3, 4)
+    assert count_correct(SCORES, LABELS.reshape(4, 1)) == (3, 4)
+    assert count_correct(SCORES, np.eye(3, dtype=np.float32)[LABELS]) == (3, 4)
+    assert count_correct(SCORES, LABELS.astype(np.float64)) == (3, 4)
+    assert count_correct(SCORES.reshape(4, 3, 1, 1), LABELS) == (3, 4)  # a convolutional head
+
+
+def test_integer_outputs_are_class_ids():
+    ids = np.array([3, 1, 4, 1, 5], np.int64)
+    assert count_correct(ids, ids) == (5, 5)
+    assert count_correct(ids, [3, 1, 4, 1, 0]) == (4, 5)
+    assert count_correct(ids.reshape(5, 1), ids) == (5, 5)
+
+
+def test_per_token_labels_against_per_token_logits():
+    logits = np.random.default_rng(0).normal(size=(2, 6, 11)).astype(np.float32)
+    labels = logits.argmax(-1)
+    labels[1, 2] = (labels[1, 2] + 1) % 11
+    assert count_correct(logits, labels) == (11, 12)
+
+
+@pytest.mark.parametrize(
+    "output, labels, match",
+    [
+        (np.array([0.2, 0.9, 0.4], np.float32), [0, 1, 0], "one score per sample"),
+        (np.array([[0.2], [0.9]], np.float32), [0, 1], "one score per sample"),
+        (SCORES, np.array(["a", "b", "c", "d"]), "integer class ids"),
+        (SCORES, np.array([0.5, 1, 0, 2]), "integer class ids"),
+        (SCORES, np.array([1, 0, 3, 0]), r"labels run from 0 to 3.*3 classes"),
+        (SCORES, np.array([1, 0, -1, 0]), "labels run from -1"),
+        (SCORES, np.array([1, 0, 1]), r"labels of shape \(3\) fit neither"),
+        (np.array(["x", "y"]), [0, 1], "class scores or integer class ids"),
+    ],
+    ids=["1-d scores", "[N, 1] scores", "string labels", "fractional labels", "label past the classes",
+         "negative label", "too few labels", "string outputs"],
+)  # fmt: skip
+def test_ambiguous_or_mismatched_inputs_are_refused(output, labels, match):
+    with pytest.raises(ModelInputError, match=match):
+        count_correct(output, labels)
