@@ -22,6 +22,8 @@ from pathlib import Path
 
 import onnx
 
+from tensorstate_onnx.graph.metadata import KERAS_LAYER_CLASS, KERAS_LAYER_CLASS_PATH, KERAS_LAYER_NAME
+
 from .._optional import import_optional
 
 __all__ = ["from_keras"]
@@ -135,9 +137,10 @@ def _set_batch_dims(model: onnx.ModelProto) -> None:
 
 #: Node metadata written by :func:`from_keras`: the top-level Keras layer a node
 #: was converted from, and that layer's class (``"Conv2D"``) and full class path.
-LAYER_NAME_KEY = "pkg.keras.layer_name"
-LAYER_CLASS_KEY = "pkg.keras.layer_class"
-LAYER_CLASS_PATH_KEY = "pkg.keras.layer_class_path"
+#: The keys are defined in :mod:`tensorstate_onnx.graph.metadata`, beside their reader.
+LAYER_NAME_KEY = KERAS_LAYER_NAME
+LAYER_CLASS_KEY = KERAS_LAYER_CLASS
+LAYER_CLASS_PATH_KEY = KERAS_LAYER_CLASS_PATH
 _SCOPE_SUFFIX = re.compile(r"_\d+$")
 
 
