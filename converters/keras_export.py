@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx
 
 from tensorstate_onnx._optional import import_optional
+from tensorstate_onnx.graph.metadata import KERAS_LAYER_CLASS, KERAS_LAYER_CLASS_PATH, KERAS_LAYER_NAME
 
 __all__ = ["from_keras"]
 
@@ -133,16 +134,12 @@ def _set_batch_dims(model: onnx.ModelProto) -> None:
             dims[0].dim_param = "batch"
 
 
-#: Node metadata written by :func:`from_keras`: the top-level Keras layer a node
-#: was converted from, and that layer's class (``"Conv2D"``) and full class path.
-LAYER_NAME_KEY = "pkg.keras.layer_name"
-LAYER_CLASS_KEY = "pkg.keras.layer_class"
-LAYER_CLASS_PATH_KEY = "pkg.keras.layer_class_path"
 _SCOPE_SUFFIX = re.compile(r"_\d+$")
 
 
 def _annotate_layers(proto: onnx.ModelProto, model) -> None:
-    """Tag each node with the Keras layer (name and class) its name scope belongs to.
+    """Tag each node with the Keras layer (name, class and class path) its name scope belongs to,
+    under the keys of :mod:`tensorstate_onnx.graph.metadata`, where the rewriter reads them.
 
     tf2onnx names nodes ``<model scope>/<layer scope>/<op...>``; TensorFlow may
     append ``_<n>`` to a scope to keep it unique. Nodes outside any layer scope
@@ -160,9 +157,9 @@ def _annotate_layers(proto: onnx.ModelProto, model) -> None:
         cls = type(layer)
         existing = {prop.key for prop in node.metadata_props}
         for key, value in (
-            (LAYER_NAME_KEY, layer.name),
-            (LAYER_CLASS_KEY, cls.__name__),
-            (LAYER_CLASS_PATH_KEY, f"{cls.__module__}.{cls.__qualname__}"),
+            (KERAS_LAYER_NAME, layer.name),
+            (KERAS_LAYER_CLASS, cls.__name__),
+            (KERAS_LAYER_CLASS_PATH, f"{cls.__module__}.{cls.__qualname__}"),
         ):
             if key not in existing:
                 entry = node.metadata_props.add()
@@ -182,7 +179,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
         The ``onnx.ModelProto``: inputs named like the Keras inputs, outputs like
         the Keras outputs, a dynamic batch axis ``batch``, node names
         ``<model>_1/<layer>_1/<op>`` and the layer's name and class in the node
-        metadata (:data:`LAYER_NAME_KEY`, :data:`LAYER_CLASS_KEY`), no BatchNorm
+        metadata (:data:`~tensorstate_onnx.graph.metadata.KERAS_LAYER_NAME`, :data:`~tensorstate_onnx.graph.metadata.KERAS_LAYER_CLASS`), no BatchNorm
         folded into a convolution.
 
     Raises:

@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx
 
 from tensorstate_onnx._optional import import_optional
+from tensorstate_onnx.graph.metadata import TORCH_CLASS_HIERARCHY, TORCH_NAME_SCOPES
 
 __all__ = ["from_torch"]
 
@@ -257,8 +258,8 @@ def _annotate_legacy_scopes(proto: onnx.ModelProto, module) -> None:
         op = node.name.rsplit("/", 1)[-1]
         existing = {prop.key for prop in node.metadata_props}
         for key, values in (
-            ("pkg.torch.onnx.name_scopes", names + [op]),
-            ("pkg.torch.onnx.class_hierarchy", classes + [node.op_type]),
+            (TORCH_NAME_SCOPES, names + [op]),
+            (TORCH_CLASS_HIERARCHY, classes + [node.op_type]),
         ):
             if key not in existing:
                 entry = node.metadata_props.add()

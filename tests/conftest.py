@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from tensorstate_onnx import demo
@@ -33,3 +34,33 @@ def demo_model() -> onnx.ModelProto:
 def demo_data() -> tuple[np.ndarray, np.ndarray]:
     """The bundled held-out digits: images ``(N, 1, 28, 28)`` and labels."""
     return demo.load_test_data()
+
+
+@pytest.fixture(scope="session")
+def ort_session():
+    """Returns ``make(model) -> onnxruntime.InferenceSession`` on the CPU provider."""
+
+    def make(model: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def onnx_dims():
+    """Returns ``dims(value_info) -> [int or str]``: its shape, symbolic dimensions by name."""
+
+    def dims(value: onnx.ValueInfoProto) -> list:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return dims
+
+
+@pytest.fixture(scope="session")
+def node_metadata():
+    """Returns ``metadata(node) -> dict``: an ONNX node's ``metadata_props``."""
+
+    def metadata(node: onnx.NodeProto) -> dict:
+        return {prop.key: prop.value for prop in node.metadata_props}
+
+    return metadata

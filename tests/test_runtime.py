@@ -251,11 +251,11 @@ def test_io_binding_reuses_buffers_and_changes_nothing(demo_model, demo_data, tm
 
 def test_a_large_model_runs_through_external_data(demo_model, demo_data, monkeypatch, tmp_path):
     """Over the protobuf limit the session is built from a file with external data."""
-    from tensorstate_onnx import graph
+    from tensorstate_onnx.graph import io as graph_io
 
     small = _build(demo_model)
     expected = small.predict(demo_data[0], progress=False)
-    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD", 1000)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     built_from = []
     real_session = ort.InferenceSession

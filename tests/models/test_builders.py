@@ -28,10 +28,6 @@ N_SKIPS = sum(
 LENET_CONV_SHAPES = {"conv1": (20, 24, 24), "conv2": (50, 8, 8), "conv3": (100, 1, 1)}
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 # --------------------------------------------------------------------------- ONNX builder
 
 
@@ -71,9 +67,9 @@ def test_onnx_mobilenet_io_signature(mobilenet_onnx):
 
 
 @pytest.mark.parametrize("n", [1, 4])
-def test_onnx_mobilenet_runs_in_onnxruntime(mobilenet_onnx, n):
+def test_onnx_mobilenet_runs_in_onnxruntime(mobilenet_onnx, n, ort_session):
     x = np.random.default_rng(n).normal(size=(n, 3, 96, 96)).astype(np.float32)
-    (logits,) = _session(mobilenet_onnx).run(None, {"input": x})
+    (logits,) = ort_session(mobilenet_onnx).run(None, {"input": x})
     assert logits.shape == (n, 10)
     assert logits.dtype == np.float32
     assert np.isfinite(logits).all()
@@ -81,13 +77,13 @@ def test_onnx_mobilenet_runs_in_onnxruntime(mobilenet_onnx, n):
     assert 0.05 < logits.std() < 100
 
 
-def test_onnx_mobilenet_activations_fire_about_half_the_time(mobilenet_onnx):
+def test_onnx_mobilenet_activations_fire_about_half_the_time(mobilenet_onnx, ort_session):
     probed = onnx.ModelProto()
     probed.CopyFrom(mobilenet_onnx)
     clips = [n.output[0] for n in probed.graph.node if n.op_type == "Clip"]
     probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in clips)
     x = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
-    outputs = _session(probed).run(clips, {"input": x})
+    outputs = ort_session(probed).run(clips, {"input": x})
     for name, value in zip(clips, outputs, strict=True):
         assert 0.2 < (value > 0).mean() < 0.8, name
         assert (value >= 0).all() and (value <= 6).all(), name

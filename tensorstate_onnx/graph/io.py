@@ -1,0 +1,209 @@
+"""ONNX files and whole-model passes: loading, saving, the checker, shape inference.
+
+Models over :data:`EXTERNAL_DATA_THRESHOLD` go through files with external data,
+because protobuf cannot serialize more than 2 GiB in one piece: saving, checking
+and shape inference all take that route for them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper
+
+from ..errors import ModelFileError
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "check_model",
+    "elem_type_of",
+    "first_line",
+    "infer_types",
+    "load_model",
+    "needs_external_data",
+    "save_model",
+    "shape_of",
+]
+
+#: Models whose serialized size exceeds this many bytes are shape-inferred, checked
+#: and saved through files with external data. Protobuf's hard limit is 2 GiB; the
+#: margin leaves room for the outputs and nodes the rewriter adds. Read here only:
+#: to change it (tests do), patch ``tensorstate_onnx.graph.io.EXTERNAL_DATA_THRESHOLD``.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+
+
+def load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """Return ``model`` as a ModelProto, reading and validating it if it is a path.
+
+    A ModelProto is returned as is. A path is read together with the external data
+    stored beside it and checked with ``onnx.checker``; every way a file can be
+    wrong (missing, a directory, not ONNX, truncated, invalid) raises
+    :class:`ModelFileError` with a hint on what to do.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be an onnx.ModelProto or a path to an .onnx file, "
+            f"not {type(model).__name__}"
+        )
+    path = Path(model)
+    _require_file(path)
+    proto = _read_model(path)
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"{path} is not a valid ONNX model ({first_line(exc)}); re-export it "
+            "or repair it so that onnx.checker.check_model accepts it"
+        ) from exc
+    return proto
+
+
+def _require_file(path: Path) -> None:
+    """Raise ModelFileError unless ``path`` names an existing regular file."""
+    if not path.exists():
+        raise ModelFileError(f"ONNX model file {path} does not exist; check the path")
+    if path.is_dir():
+        raise ModelFileError(
+            f"{path} is a directory, not an ONNX file; pass the path of the .onnx "
+            "file inside it"
+        )
+
+
+def _read_model(path: Path) -> onnx.ModelProto:
+    """Parse ``path`` (and its external data) into a ModelProto or raise ModelFileError."""
+    try:
+        proto = onnx.load(str(path))
+    except DecodeError as exc:
+        raise ModelFileError(
+            f"{path} could not be parsed as an ONNX model (corrupt, truncated or not "
+            "ONNX at all); re-export or re-download it"
+        ) from exc
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelFileError(
+            f"{path} could not be read ({first_line(exc)}); if the model keeps its "
+            "weights in external data files, keep them beside the .onnx file"
+        ) from exc
+    if not proto.HasField("graph"):
+        raise ModelFileError(
+            f"{path} holds no ONNX graph; it is not an ONNX model file"
+        )
+    return proto
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None
+) -> Path:
+    """Write ``model`` to ``path`` and return the path, so onnxruntime can open it.
+
+    ``external_data=None`` stores the weights in ``<file name>.data`` beside the
+    model only when the model is over :data:`EXTERNAL_DATA_THRESHOLD` (protobuf
+    cannot serialize more than 2 GiB); ``True``/``False`` force either way. The
+    ModelProto keeps its weights in memory afterwards.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = needs_external_data(model)
+    if external_data:
+        _save_with_external_data(model, path)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` must go through files with external data (over :data:`EXTERNAL_DATA_THRESHOLD`)."""
+    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Save with weights in ``<name>.data`` beside ``path``, then reload them into ``model``.
+
+    ``onnx.save_model`` strips the weights out of the proto it saves; reading them
+    back keeps the caller's ModelProto usable.
+    """
+    location = path.name + ".data"
+    # onnx appends to an existing data file, which would leave stale bytes behind.
+    (path.parent / location).unlink(missing_ok=True)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=location,
+    )  # fmt: skip
+    onnx.load_external_data_for_model(model, str(path.parent))
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """Run ``onnx.checker`` on ``model``, through a temporary file when it is large."""
+    if not needs_external_data(model):
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "model.onnx")
+        _save_with_external_data(model, path)
+        onnx.checker.check_model(str(path))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception message, for embedding in our own messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Map every tensor name with a known tensor type to that type.
+
+    Shape inference runs with data propagation so that Reshape targets computed
+    from shapes still give static dimensions. A model the inference cannot handle
+    keeps whatever types it already declares (with a warning).
+    """
+    try:
+        inferred = _run_shape_inference(model)
+    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:
+        warnings.warn(
+            f"ONNX shape inference failed ({first_line(exc)}); only the types the "
+            "model declares are used",
+            stacklevel=3,
+        )
+        inferred = model
+    graph = inferred.graph
+    types = {
+        vi.name: vi.type
+        for vi in (*graph.input, *graph.value_info, *graph.output)
+        if vi.type.HasField("tensor_type")
+    }
+    for init in graph.initializer:
+        types[init.name] = helper.make_tensor_type_proto(init.data_type, init.dims)
+    return types
+
+
+def _run_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-infer ``model`` in memory, or through temporary files when it is large."""
+    if not needs_external_data(model):
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "model.onnx"), Path(tmp, "inferred.onnx")
+        _save_with_external_data(model, src)
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+        return onnx.load(str(dst), load_external_data=False)
+
+
+def shape_of(tensor_type: onnx.TypeProto | None) -> tuple | None:
+    """Dimensions of a tensor type (None for unknown ones), or None if the rank is unknown."""
+    if tensor_type is None or not tensor_type.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else None
+        for d in tensor_type.tensor_type.shape.dim
+    )
+
+
+def elem_type_of(tensor_type: onnx.TypeProto | None) -> int:
+    """Element type of a tensor type, 0 (UNDEFINED) when unknown."""
+    return tensor_type.tensor_type.elem_type if tensor_type is not None else 0
+

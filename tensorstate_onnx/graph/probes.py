@@ -1,0 +1,244 @@
+"""Probes: choose the tensors to watch and expose them as outputs of a model copy.
+
+:func:`add_probes` ties the rewriter together: it reads the model
+(:mod:`~tensorstate_onnx.graph.io`), indexes it, resolves the patterns to
+framework scopes (:mod:`~tensorstate_onnx.graph.scopes`), picks the tensor
+entering or leaving each match, works out its neuron axis
+(:mod:`~tensorstate_onnx.graph.layout`) and adds its graph output
+(:mod:`~tensorstate_onnx.graph.editor`). :func:`list_nodes` describes a model's
+nodes with the same names and scopes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from ..errors import ModelFileError, ProbeMatchError
+from ..patterns import as_patterns, preview, probe_methods
+from .editor import MIN_PACK_OPSET, Editor, all_names, default_opset
+from .index import GraphIndex, build_index, node_names
+from .io import check_model, first_line, infer_types, load_model, shape_of
+from .layout import infer_channel_axes, is_channels_last, override_axis
+from .scopes import (
+    Matcher,
+    Scope,
+    after_tensor,
+    before_tensor,
+    framework_scopes,
+    scopes_per_node,
+    select_scopes,
+)
+
+__all__ = ["Probe", "add_probes", "list_nodes"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One watched tensor of a rewritten model and how to read its neurons.
+
+    ``output_name`` is the graph output that carries the tensor (or, when
+    ``packed_in_graph``, its quantized and bit-packed bytes of shape
+    ``(n_states, ceil(n_neurons / 8))``). ``shape`` is the probed tensor's own
+    inferred shape, ``None`` for unknown or dynamic dimensions.
+    """
+
+    name: str
+    label: str
+    node_name: str
+    op_type: str
+    method: str
+    tensor_name: str
+    output_name: str
+    channel_axis: int
+    shape: tuple
+    n_neurons: int | None
+    packed_in_graph: bool
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A tensor chosen for probing, before naming and typing."""
+
+    tensor: str
+    label: str
+    method: str
+    node: int
+
+
+def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
+    """Describe every node of the main graph, for inspection (``tensorstate-onnx inspect``).
+
+    Each entry has ``name`` (generated ``<op_type>_<index>`` for unnamed nodes),
+    ``op_type``, ``labels`` (framework module/layer names containing the node,
+    outermost first), ``inputs``, ``outputs`` and ``output_shapes`` (tuples with
+    None for unknown dims, or None where even the rank is unknown).
+    """
+    model = load_model(model)
+    types = infer_types(model)
+    names = node_names(model.graph)
+    per_node = scopes_per_node(len(names), framework_scopes(model.graph))
+    return [
+        {
+            "name": names[i],
+            "op_type": node.op_type,
+            "labels": [scope.label for scope in per_node[i]],
+            "inputs": list(node.input),
+            "outputs": list(node.output),
+            "output_shapes": [shape_of(types.get(out)) for out in node.output],
+        }
+        for i, node in enumerate(model.graph.node)
+    ]
+
+
+def add_probes(
+    model: onnx.ModelProto | str | os.PathLike,
+    attach_to: str | Iterable[str],
+    exclude: str | Iterable[str] = (),
+    method: str = "after",
+    channel_axes: Mapping[str, int] | None = None,
+    pack_in_graph: bool = False,
+) -> tuple[onnx.ModelProto, list[Probe]]:
+    """Return a copy of ``model`` whose extra graph outputs expose the probed tensors.
+
+    ``attach_to`` and ``exclude`` are patterns (case-sensitive, ``fnmatch``
+    wildcards) for ONNX op types, node names, PyTorch module names or classes and
+    Keras layer names; a framework name stands for all nodes of that module or
+    layer. ``exclude`` wins. ``method`` picks the tensor entering (``"before"``),
+    leaving (``"after"``) each match, or both. ``channel_axes`` overrides the
+    inferred neuron axis, keyed by probe name, label or tensor name. With
+    ``pack_in_graph`` the graph itself quantizes (``> 0``) and bit-packs each probe
+    so only ``uint8[n_states, ceil(C/8)]`` leaves the session.
+
+    The original outputs come first and are unchanged; the caller's model is not
+    modified. Raises ProbeMatchError when nothing matches, ValueError for a bad
+    method, axis or packing request.
+    """
+    probe_methods(method)
+    patterns = as_patterns(attach_to, "attach_to")
+    excluded = as_patterns(exclude, "exclude")
+    work = _copy_model(model)
+    if pack_in_graph and default_opset(work) < MIN_PACK_OPSET:
+        raise ValueError(
+            f"pack_in_graph needs default-domain opset >= {MIN_PACK_OPSET}, the model "
+            f"has {default_opset(work)}; convert it with onnx.version_converter or "
+            "use pack_in_graph=False"
+        )
+    index = build_index(work.graph, infer_types(work))
+    for node, name in zip(work.graph.node, index.names):
+        node.name = name
+    scopes = framework_scopes(work.graph)
+    matcher = Matcher(index, scopes, scopes_per_node(len(index.names), scopes))
+    candidates = _candidates(select_scopes(matcher, patterns, excluded), method, index)
+    if not candidates:
+        raise ProbeMatchError(
+            f"attach_to {patterns} matched only constants or tensors that are not "
+            "float/bool or have no inferred shape; nothing to probe"
+        )
+    probes = _make_probes(work, index, candidates, dict(channel_axes or {}), pack_in_graph)
+    check_model(work)
+    return work, probes
+
+
+def _copy_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """A private, checked copy of the model to rewrite (a file is read fresh, a proto copied).
+
+    Checking the input first means a checker failure of the result is a rewriter
+    bug, not a problem the caller brought in.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        return load_model(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    try:
+        check_model(work)
+    except onnx.checker.ValidationError as exc:
+        raise ModelFileError(
+            f"the model is not valid ONNX ({first_line(exc)}); fix it so that "
+            "onnx.checker.check_model accepts it"
+        ) from exc
+    return work
+
+
+def _candidates(scopes: list[Scope], method: str, index: GraphIndex) -> list[_Candidate]:
+    """One candidate per distinct (tensor, scope label, method), in topological order
+    of the tensors.
+
+    A tensor leaving one scope and entering the next (Conv -> Conv) is a candidate
+    of each, as the native front ends record ``conv1:after`` and ``conv2:before``;
+    a scope matched by several patterns is one candidate.
+    """
+    methods = probe_methods(method)
+    finders = {"before": before_tensor, "after": after_tensor}
+    found: dict[tuple[str, str, str], _Candidate] = {}
+    for scope in scopes:
+        for m in methods:
+            hit = finders[m](scope, index)
+            if hit is not None:
+                node, tensor = hit
+                found.setdefault((tensor, scope.label, m), _Candidate(tensor, scope.label, m, node))
+    return sorted(found.values(), key=lambda c: (index.position(c.tensor), c.method))
+
+
+def _unique_probe_names(candidates: list[_Candidate]) -> list[str]:
+    """``<label>:<method>``, with ``#2``, ``#3``, ... on repeats."""
+    names: list[str] = []
+    for cand in candidates:
+        base = f"{cand.label}:{cand.method}"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}#{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _make_probes(
+    model: onnx.ModelProto,
+    index: GraphIndex,
+    candidates: list[_Candidate],
+    overrides: dict[str, int],
+    pack: bool,
+) -> list[Probe]:
+    """Turn candidates into Probes and add their graph outputs to ``model``.
+
+    Each tensor becomes one graph output, shared by every probe that watches it
+    (packed outputs are shared by probes with the same channel axis).
+    """
+    axes = infer_channel_axes(index, is_channels_last(model))
+    editor = Editor(model.graph, all_names(model.graph, index.names), model.ir_version)
+    outputs: dict[tuple[str, int | None], str] = {}
+    probes = []
+    for cand, name in zip(candidates, _unique_probe_names(candidates)):
+        shape = shape_of(index.types[cand.tensor])
+        axis = override_axis(axes[cand.tensor], len(shape), overrides,
+                             probe_name=name, tensor=cand.tensor, label=cand.label)  # fmt: skip
+        if pack and shape[axis] is None:
+            raise ValueError(
+                f"pack_in_graph needs the number of neurons of probe {name!r} (tensor "
+                f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
+                "with a fixed channel size or use pack_in_graph=False"
+            )
+        key = (cand.tensor, axis if pack else None)
+        if key not in outputs:
+            outputs[key] = editor.output(cand.tensor, index, axis, pack)
+        node = index.graph.node[cand.node]
+        probes.append(
+            Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
+                  outputs[key], axis, shape, shape[axis], pack)
+        )  # fmt: skip
+    _check_override_keys(overrides, probes)
+    return probes
+
+
+def _check_override_keys(overrides: Mapping[str, int], probes: list[Probe]) -> None:
+    """Reject channel_axes keys that name no probe (a silently ignored axis would miscount)."""
+    known = {key for p in probes for key in (p.name, p.label, p.tensor_name)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"channel_axes keys {unknown} name no probe; use a probe name, label or "
+            f"tensor name among: {preview(sorted(p.name for p in probes))}"
+        )

@@ -1,0 +1,308 @@
+"""Framework scopes: which nodes a PyTorch module, a Keras layer or a pattern stands for.
+
+Exported graphs keep the framework's names in three ways, all read here:
+
+* node metadata (:mod:`~tensorstate_onnx.graph.metadata`): the PyTorch dynamo
+  exporter's module names and classes, ``from_keras``'s Keras layers;
+* node names: the legacy PyTorch exporter's ``/features/features.0/Conv`` and
+  tf2onnx's ``<model>/<layer>/<op>``;
+* parameter names (``features.0.weight``) of modules the exporter's
+  optimizations erased from the metadata.
+
+A :class:`Matcher` resolves ``attach_to``/``exclude`` patterns to these scopes
+or to single nodes (by op type or node name), and :func:`after_tensor` /
+:func:`before_tensor` give the tensor leaving or entering a scope.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+
+from ..errors import ProbeMatchError
+from ..patterns import matches_any, preview
+from .index import GraphIndex
+from .metadata import (
+    KERAS_LAYER_CLASS,
+    KERAS_LAYER_CLASS_PATH,
+    KERAS_LAYER_NAME,
+    TORCH_CLASS_HIERARCHY,
+    TORCH_NAME_SCOPES,
+    parse_list,
+)
+
+__all__ = [
+    "Matcher",
+    "Scope",
+    "after_tensor",
+    "before_tensor",
+    "framework_scopes",
+    "scopes_per_node",
+    "select_scopes",
+]
+
+# A PyTorch parameter or buffer name: "<module qualified name>.<attribute>".
+_PARAM_NAME = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*)\.([A-Za-z_]\w*)$")
+# The "_1" (or "_2", ...) that Keras 3 export appends to model and layer scopes.
+_KERAS_SUFFIX = re.compile(r"_\d+$")
+
+
+# ----------------------------------------------------------------------- scopes
+
+
+@dataclass
+class Scope:
+    """A group of nodes that one name stands for: a module, a layer or a single node.
+
+    ``keys`` are the names a pattern is matched against; ``aliases`` are looser
+    names (a Keras layer with or without the export's ``_1`` suffix) tried only
+    when a pattern matches nothing else.
+    """
+
+    label: str
+    keys: set[str]
+    kind: str
+    depth: int = 0
+    aliases: set[str] = field(default_factory=set)
+    nodes: list[int] = field(default_factory=list)
+
+    def add(self, node: int) -> None:
+        """Add a node index (nodes arrive in graph order, possibly repeated)."""
+        if not self.nodes or self.nodes[-1] != node:
+            self.nodes.append(node)
+
+
+def framework_scopes(graph: onnx.GraphProto) -> list[Scope]:
+    """Scopes of every module or layer name found in the node metadata and names."""
+    scopes: dict[tuple, Scope] = {}
+    for i, node in enumerate(graph.node):
+        for key, scope in _node_scope_entries(node):
+            scopes.setdefault(key, scope).add(i)
+    _add_parameter_scopes(graph, scopes)
+    _alias_keras_suffixes([s for s in scopes.values() if s.kind == "keras"])
+    return list(scopes.values())
+
+
+def _node_scope_entries(node: onnx.NodeProto) -> list[tuple[tuple, Scope]]:
+    """(identity, fresh scope) of each framework scope ``node`` belongs to."""
+    meta = {prop.key: prop.value for prop in node.metadata_props}
+    if TORCH_NAME_SCOPES in meta:
+        return _torch_metadata_entries(meta)
+    if KERAS_LAYER_NAME in meta:
+        return _keras_metadata_entries(meta, node.name)
+    if node.name.startswith("/"):
+        return _torch_legacy_entries(node.name)
+    return _keras_entries(node.name)
+
+
+def _torch_metadata_entries(meta: Mapping[str, str]) -> list[tuple[tuple, Scope]]:
+    """Modules of a node exported by the PyTorch dynamo exporter.
+
+    ``pkg.torch.onnx.name_scopes`` is a Python list literal of qualified module
+    names from the root (``''``) down, ending with the FX node name;
+    ``pkg.torch.onnx.class_hierarchy`` lists the matching classes, ending with
+    the aten op.
+    """
+    names = parse_list(meta.get(TORCH_NAME_SCOPES))
+    classes = parse_list(meta.get(TORCH_CLASS_HIERARCHY))
+    classes += [""] * (len(names) - len(classes))
+    entries = []
+    for depth in range(1, len(names) - 1):
+        qualname, cls = names[depth], classes[depth]
+        keys = {qualname, cls, cls.rsplit(".", 1)[-1]} - {""}
+        entries.append((("torch", qualname), Scope(qualname, keys, "torch", depth)))
+    return entries
+
+
+def _torch_legacy_entries(name: str) -> list[tuple[tuple, Scope]]:
+    """Modules of a node named by the legacy TorchScript exporter (``/features/features.0/Conv``).
+
+    Each path component is a module's qualified name from its last non-numeric
+    atom on. So a component that extends the one before it is a container's child
+    (``features`` -> ``features.0``; ``conv.0`` -> ``conv.0.0`` under
+    ``features.1.conv.0``), any other is an attribute of its parent
+    (``/blocks/blocks.0/conv/Conv`` is module ``blocks.0.conv``).
+    """
+    entries, parent, shown = [], "", ""
+    for depth, part in enumerate(name.split("/")[1:-1], start=1):
+        if not part:
+            continue
+        if parent and part.startswith(shown + "."):
+            qualname = parent + part[len(shown):]
+        else:
+            qualname = f"{parent}.{part}" if parent else part
+        entries.append((("torch", qualname), Scope(qualname, {qualname}, "torch", depth)))
+        parent, shown = qualname, part
+    return entries
+
+
+def _keras_metadata_entries(meta: Mapping[str, str], node_name: str) -> list[tuple[tuple, Scope]]:
+    """The Keras layer of a node tagged by ``converters.from_keras``.
+
+    The layer name is the label (as on the native Keras path) and a key, with
+    the class name (``"Conv2D"``) and class path, so patterns select the same
+    layers as natively. The tf2onnx scope in the node name (``conv1_1``) stays
+    an alias.
+    """
+    layer = meta[KERAS_LAYER_NAME]
+    keys = {layer, meta.get(KERAS_LAYER_CLASS, ""), meta.get(KERAS_LAYER_CLASS_PATH, "")} - {""}
+    aliases = {scope.label for _, scope in _keras_entries(node_name)} - keys
+    # Not kind "keras": the label is the layer's real name, no export suffix to strip.
+    return [(("keras", layer), Scope(layer, keys, "keras-metadata", 1, aliases))]
+
+
+def _keras_entries(name: str) -> list[tuple[tuple, Scope]]:
+    """The Keras layer of a tf2onnx node name ``<model>/<layer>/<op...>``."""
+    parts = [part for part in name.split("/") if part != "StatefulPartitionedCall"]
+    if len(parts) < 3 or not parts[0] or not parts[1]:
+        return []
+    model_name, layer = parts[0], parts[1]
+    return [(("keras", model_name, layer), Scope(layer, {layer}, "keras", 1))]
+
+
+def _add_parameter_scopes(graph: onnx.GraphProto, scopes: dict[tuple, Scope]) -> None:
+    """Recover modules that export optimizations erased from the metadata.
+
+    The dynamo exporter folds BatchNorm into the preceding Conv and labels the
+    fused node with the BatchNorm module only; the Conv module survives in the
+    names of its parameters (``features.0.weight``). Only modules absent from
+    every other scope are added, so tied weights do not merge layers.
+    """
+    known = {key[1] for key in scopes if key[0] == "torch"}
+    initializers = {init.name for init in graph.initializer}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            match = _PARAM_NAME.match(name) if name in initializers else None
+            if match and match.group(1) not in known:
+                module = match.group(1)
+                scopes.setdefault(("param", module), Scope(module, {module}, "param")).add(i)
+
+
+def _alias_keras_suffixes(scopes: list[Scope]) -> None:
+    """Let Keras layers match with and without the ``_<n>`` suffix export adds.
+
+    Keras 3 ``model.export`` names every layer scope ``<layer>_1``. When all layer
+    scopes carry such a suffix, the bare name is the layer's name (label and key)
+    and the suffixed one an alias; otherwise the other way round.
+    """
+    all_suffixed = bool(scopes) and all(_KERAS_SUFFIX.search(s.label) for s in scopes)
+    for scope in scopes:
+        bare = _KERAS_SUFFIX.sub("", scope.label)
+        if bare == scope.label:
+            continue
+        if all_suffixed:
+            scope.aliases, scope.keys, scope.label = {scope.label}, {bare}, bare
+        else:
+            scope.aliases = {bare}
+
+
+def scopes_per_node(n_nodes: int, scopes: list[Scope]) -> list[list[Scope]]:
+    """For each node, the scopes containing it, outermost first."""
+    per_node: list[list[Scope]] = [[] for _ in range(n_nodes)]
+    for scope in scopes:
+        for i in scope.nodes:
+            per_node[i].append(scope)
+    for entry in per_node:
+        entry.sort(key=lambda s: (-len(s.nodes), s.depth))
+    return per_node
+
+
+# --------------------------------------------------------------------- matching
+
+
+@dataclass
+class Matcher:
+    """Resolves patterns to scopes: framework scopes or single nodes."""
+
+    index: GraphIndex
+    scopes: list[Scope]
+    per_node: list[list[Scope]]
+
+    def node_label(self, i: int) -> str:
+        """The most specific framework name of node ``i``, else its ONNX node name."""
+        return self.per_node[i][-1].label if self.per_node[i] else self.index.names[i]
+
+    def match(self, pattern: str) -> list[Scope]:
+        """Scopes that ``pattern`` names; aliases only when nothing else matches."""
+        found = [s for s in self.scopes if matches_any([pattern], s.keys)]
+        found += [
+            Scope(self.node_label(i), set(), "node", nodes=[i])
+            for i, node in enumerate(self.index.graph.node)
+            if matches_any([pattern], (node.op_type, self.index.names[i]))
+        ]
+        return found or [s for s in self.scopes if matches_any([pattern], s.aliases)]
+
+    def no_match_message(self, patterns: Sequence[str]) -> str:
+        """Explain that ``patterns`` matched nothing and list what the model offers."""
+        graph = self.index.graph
+        op_types = sorted({node.op_type for node in graph.node})
+        framework = sorted({s.label for s in self.scopes})
+        return (
+            f"attach_to {list(patterns)} matched no op type, node or layer of the model. "
+            f"Op types present: {', '.join(op_types) or '(none)'}. "
+            f"Node names: {preview(self.index.names)}. "
+            f"Framework names: {preview(framework)}. "
+            "Patterns are case-sensitive and may use * and ? wildcards."
+        )
+
+
+def select_scopes(
+    matcher: Matcher, attach_to: list[str], exclude: list[str]
+) -> list[Scope]:
+    """Scopes matched by ``attach_to`` minus those lying inside an excluded scope."""
+    if not attach_to:
+        raise ProbeMatchError(
+            "attach_to is empty; name at least one op type, node, module or layer"
+        )
+    chosen = [scope for pattern in attach_to for scope in matcher.match(pattern)]
+    if not chosen:
+        raise ProbeMatchError(matcher.no_match_message(attach_to))
+    excluded: set[int] = set()
+    for pattern in exclude:
+        hits = matcher.match(pattern)
+        if not hits:
+            warnings.warn(f"exclude entry {pattern!r} matched nothing", UserWarning, stacklevel=3)
+        excluded.update(i for scope in hits for i in scope.nodes)
+    kept = [scope for scope in chosen if not set(scope.nodes) <= excluded]
+    if not kept:
+        raise ProbeMatchError(
+            f"everything attach_to {attach_to} matched is excluded by exclude {exclude}"
+        )
+    return kept
+
+
+# ------------------------------------------------------------------- boundaries
+
+
+def after_tensor(scope: Scope, index: GraphIndex) -> tuple[int, str] | None:
+    """(node, tensor) leaving ``scope``: a single node's first output, or the last
+    scope output that is read outside the scope or is a graph output."""
+    if len(scope.nodes) == 1:
+        node = scope.nodes[0]
+        first = index.graph.node[node].output[0]
+        return (node, first) if index.probeable(first) else None
+    members = set(scope.nodes)
+    leaving = [
+        (i, name)
+        for i in scope.nodes
+        for name in index.graph.node[i].output
+        if index.probeable(name)
+        and (index.consumers.get(name, set()) - members or name in index.graph_outputs)
+    ]
+    return leaving[-1] if leaving else None
+
+
+def before_tensor(scope: Scope, index: GraphIndex) -> tuple[int, str] | None:
+    """(node, tensor) entering ``scope``: its first data input produced outside it."""
+    members = set(scope.nodes)
+    for i in scope.nodes:
+        for name in index.graph.node[i].input:
+            producer = index.producer.get(name, (-1, 0))[0]
+            if producer not in members and index.probeable(name):
+                return i, name
+    return None
+

@@ -1,0 +1,156 @@
+"""Tests of from_torch: PyTorch module -> ONNX, names kept, BatchNorm not folded."""
+
+from __future__ import annotations
+
+import ast
+import tempfile
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def torch_mobilenet(torch):
+    from models.torch_models import MobileNetV2Small
+
+    torch.manual_seed(0)
+    model = MobileNetV2Small().eval()
+    for module in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def torch_exports(torch, torch_mobilenet):
+    from tensorstate_onnx.converters import from_torch
+
+    example = torch.zeros(1, 3, 96, 96)
+    return {dynamo: from_torch(torch_mobilenet, example, dynamo=dynamo) for dynamo in (True, False)}
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_from_torch_keeps_batchnorm_and_a_dynamic_batch(
+    torch, torch_mobilenet, torch_exports, dynamo, ort_session, onnx_dims
+):
+    model = torch_exports[dynamo]
+    onnx.checker.check_model(model, full_check=True)
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops["Conv"] == 22 and ops["BatchNormalization"] == 22  # nothing folded
+    assert ops["Add"] == 3
+    assert model.opset_import[0].version == 18 or any(o.version == 18 for o in model.opset_import if o.domain == "")
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "x"
+    assert onnx_dims(inp) == ["batch", 3, 96, 96] and onnx_dims(out) == ["batch", 10]
+    session = ort_session(model)
+    for n in (1, 5):
+        x = torch.randn(n, 3, 96, 96, generator=torch.Generator().manual_seed(n))
+        (got,) = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(got, torch_mobilenet(x).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_from_torch_records_module_names_and_classes(torch_exports, dynamo, node_metadata):
+    model = torch_exports[dynamo]
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    scopes = [ast.literal_eval(node_metadata(node)["pkg.torch.onnx.name_scopes"]) for node in convs]
+    classes = [ast.literal_eval(node_metadata(node)["pkg.torch.onnx.class_hierarchy"]) for node in convs]
+    assert scopes[0][:4] == ["", "features", "features.0", "features.0.0"]
+    assert scopes[1][:6] == ["", "features", "features.1", "features.1.conv", "features.1.conv.0", "features.1.conv.0.0"]
+    assert scopes[2][:5] == ["", "features", "features.1", "features.1.conv", "features.1.conv.1"]
+    assert all(c[len(s) - 2].endswith("Conv2d") for s, c in zip(scopes, classes, strict=True))
+    if not dynamo:
+        assert convs[1].name == "/features/features.1/conv/conv.0/conv.0.0/Conv"
+
+
+def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatch):
+    from tensorstate_onnx.converters import from_torch
+    from models.torch_models import LeNet5
+
+    work, scratch = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    module = LeNet5().train()
+    for dynamo in (True, False):
+        model = from_torch(module, torch.zeros(2, 1, 28, 28), dynamo=dynamo)
+        assert isinstance(model, onnx.ModelProto)
+        assert module.training  # the mode is restored
+        assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []
+    target = tmp_path / "out" / "lenet.onnx"
+    model = from_torch(module, (torch.zeros(1, 1, 28, 28),), path=target, input_names=["image"])
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lenet.onnx"]
+    saved = onnx.load(str(target))
+    assert [i.name for i in saved.graph.input] == ["image"]
+    assert [n.op_type for n in saved.graph.node] == [n.op_type for n in model.graph.node]
+    assert Counter(n.op_type for n in model.graph.node)["BatchNormalization"] == 3
+
+
+def test_from_torch_hooks_record_nothing_during_export(torch):
+    from tensorstate_onnx.converters import from_torch
+    from models.torch_models import LeNet5
+    from tensorstate_onnx.torch_capture import attach_hooks
+
+    module = attach_hooks(LeNet5().eval(), ["Conv2d"])
+    for dynamo in (True, False):
+        from_torch(module, torch.zeros(2, 1, 28, 28), dynamo=dynamo)
+    assert [h.state_count for h in module.efficiency_layers] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_from_torch_several_inputs_keywords_and_outputs(torch, dynamo, ort_session, onnx_dims):
+    from tensorstate_onnx.converters import from_torch
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 3)
+            self.b = torch.nn.Linear(5, 3)
+
+        def forward(self, x, y=None):
+            return self.a(x) + self.b(y), self.a(x)
+
+    module = TwoHeads().eval()
+    x, y = torch.randn(6, 4), torch.randn(6, 5)
+    with torch.no_grad():
+        expected = [t.numpy() for t in module(x, y)]
+    for example in ((torch.zeros(1, 4), torch.zeros(1, 5)), {"y": torch.zeros(2, 5), "x": torch.zeros(2, 4)}):
+        model = from_torch(module, example, dynamo=dynamo)
+        assert [i.name for i in model.graph.input] == ["x", "y"]
+        assert all(onnx_dims(o)[0] == "batch" for o in model.graph.output)
+        got = ort_session(model).run(None, {"x": x.numpy(), "y": y.numpy()})
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_from_torch_bad_input(torch):
+    from tensorstate_onnx.converters import from_torch
+    from models.torch_models import LeNet5
+
+    with pytest.raises(ValueError, match="example_inputs"):
+        from_torch(LeNet5())
+    with pytest.raises(ValueError, match="example_inputs"):
+        from_torch(LeNet5(), ())
+    with pytest.raises(TypeError, match="example_inputs"):
+        from_torch(LeNet5(), "image")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        from_torch(object(), torch.zeros(1, 1, 28, 28))
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # Python control flow on data: torch.export cannot follow it
+                return x * 2
+            return x
+
+    with pytest.raises(ValueError, match="could not export DataDependent") as info:
+        from_torch(DataDependent(), torch.randn(2, 3))
+    message = str(info.value)
+    assert "data-dependent" in message and "dynamo=False" in message
+    assert info.value.__cause__ is not None

@@ -1,0 +1,104 @@
+"""Tests of tensorstate_onnx.graph.io: reading and writing models, external data, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from tensorstate_onnx.errors import ModelFileError
+from tensorstate_onnx.graph import add_probes, load_model, save_model
+from tensorstate_onnx.graph import io as graph_io
+
+RNG = np.random.default_rng(1234)
+
+
+# -------------------------------------------------------------- files and size
+
+
+def test_load_model_returns_proto_as_is(cnn, tmp_path):
+    assert load_model(cnn) is cnn
+    path = tmp_path / "cnn.onnx"
+    onnx.save_model(cnn, str(path))
+    assert load_model(path).SerializeToString() == cnn.SerializeToString()
+    assert load_model(str(path)).graph.name == "cnn"
+
+
+def test_load_model_errors(cnn, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(ModelFileError, match="directory"):
+        load_model(tmp_path)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ModelFileError):
+        load_model(garbage)
+    text = tmp_path / "text.onnx"
+    text.write_text("hello, I am not a model")
+    with pytest.raises(ModelFileError):
+        load_model(text)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(cnn.SerializeToString()[:-37])
+    with pytest.raises(ModelFileError):
+        load_model(truncated)
+    with pytest.raises(TypeError):
+        load_model(42)
+
+
+def test_invalid_model_is_a_model_file_error(cnn, tmp_path):
+    broken = onnx.ModelProto()
+    broken.CopyFrom(cnn)
+    broken.graph.node[0].input[0] = "undefined_tensor"
+    path = tmp_path / "broken.onnx"
+    onnx.save_model(broken, str(path))
+    with pytest.raises(ModelFileError, match="not a valid ONNX model"):
+        load_model(path)
+    with pytest.raises(ModelFileError):
+        add_probes(broken, "Conv")
+
+
+def test_missing_external_data(cnn, tmp_path):
+    path = save_model(cnn, tmp_path / "ext.onnx", external_data=True)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelFileError):
+        load_model(path)
+
+
+def test_save_model_external_data_keeps_model(cnn, tmp_path):
+    before = cnn.SerializeToString(deterministic=True)
+    path = save_model(cnn, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0
+    assert cnn.SerializeToString(deterministic=True) == before
+    assert load_model(path).SerializeToString(deterministic=True) == before
+    save_model(cnn, tmp_path / "m.onnx", external_data=True)  # overwrite, no stale bytes
+    assert load_model(path).SerializeToString(deterministic=True) == before
+    save_model(cnn, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+
+
+def test_large_model_goes_through_external_data(cnn, x, tmp_path, monkeypatch, run):
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+
+    def no_in_memory(*args, **kwargs):
+        raise AssertionError("a large model must not be shape-inferred in memory")
+
+    checked = []
+    real_check = onnx.checker.check_model
+
+    def check_by_path(model, *args, **kwargs):
+        checked.append(type(model))
+        assert isinstance(model, str), "a large model must be checked through a file"
+        return real_check(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", no_in_memory)
+    monkeypatch.setattr(onnx.checker, "check_model", check_by_path)
+    source = save_model(cnn, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    rewritten, probes = add_probes(source, ["Relu", "pool"], pack_in_graph=False)
+    assert checked and [p.shape for p in probes] == [(None, 6, 6, 6), (None, 6, 3, 3)]
+    target = save_model(rewritten, tmp_path / "probed.onnx")
+    assert (tmp_path / "probed.onnx.data").exists()
+    reference, probed = run(cnn, {"x": x}), run(str(target), {"x": x})
+    for name, value in reference.items():
+        assert np.array_equal(value, probed[name])
+    assert np.array_equal(probed["r"], np.maximum(probed["r"], 0))
