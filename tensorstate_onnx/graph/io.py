@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -76,24 +77,73 @@ def _require_file(path: Path) -> None:
         )
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in (attribute.g, *attribute.graphs) if attribute.HasField("g") else attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    """Refuse external data that would be read from outside the model's folder.
+
+    A location must be a relative path to a regular file inside ``folder``
+    (not a symbolic link, which onnx refuses too): an absolute path, ``..``, a
+    link out of the folder or a device file could make loading a model read
+    any file.
+    """
+    root = folder.resolve()
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise ModelFileError(
+                f"tensor {tensor.name!r} of the model keeps its data at {location!r}, outside the model's "
+                f"folder {root}; only files beside the model (or below it) are read: move the data there "
+                "and re-save the model with a relative location"
+            )
+        if (root / location).is_symlink():
+            raise ModelFileError(
+                f"tensor {tensor.name!r} of the model keeps its data in {location!r}, a symbolic link; "
+                "onnx reads external data only from regular files: put a copy of the file there"
+            )
+        if not target.is_file():
+            raise ModelFileError(
+                f"tensor {tensor.name!r} of the model keeps its data in {target}, which is not a regular "
+                "file; keep the model's external data files beside the .onnx file"
+            )
+
+
 def _read_model(path: Path) -> onnx.ModelProto:
     """Parse ``path`` (and its external data) into a ModelProto or raise ModelFileError."""
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
         raise ModelFileError(
             f"{path} could not be parsed as an ONNX model (corrupt, truncated or not "
             "ONNX at all); re-export or re-download it"
         ) from exc
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise ModelFileError(
-            f"{path} could not be read ({first_line(exc)}); if the model keeps its "
-            "weights in external data files, keep them beside the .onnx file"
-        ) from exc
+    except OSError as exc:
+        raise ModelFileError(f"{path} could not be read ({first_line(exc)})") from exc
     if not proto.HasField("graph"):
         raise ModelFileError(
             f"{path} holds no ONNX graph; it is not an ONNX model file"
         )
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelFileError(
+            f"the external data of {path} could not be read ({first_line(exc)}); "
+            "keep the model's external data files beside the .onnx file"
+        ) from exc
     return proto
 
 

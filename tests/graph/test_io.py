@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -102,3 +105,66 @@ def test_large_model_goes_through_external_data(cnn, x, tmp_path, monkeypatch, r
     for name, value in reference.items():
         assert np.array_equal(value, probed[name])
     assert np.array_equal(probed["r"], np.maximum(probed["r"], 0))
+
+
+def _with_data_at(cnn: onnx.ModelProto, folder: Path, location: str) -> Path:
+    """``cnn`` saved in ``folder`` with its weights in ``weights.bin``, then said to be at ``location``."""
+    path = folder / "model.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(cnn)  # saving with external data changes the proto it saves
+    onnx.save_model(copy, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _assert_same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name])
+
+
+def test_external_data_beside_the_model_or_below_it_loads(cnn, tmp_path):
+    path = _with_data_at(cnn, tmp_path, "weights.bin")
+    _assert_same_weights(load_model(path), cnn)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "weights.bin").rename(tmp_path / "data" / "weights.bin")
+    path = _with_data_at(cnn, tmp_path, "data/weights.bin")
+    (tmp_path / "weights.bin").unlink()
+    _assert_same_weights(load_model(path), cnn)
+    (tmp_path / "link.bin").symlink_to(tmp_path / "data" / "weights.bin")  # inside, but onnx refuses links
+    with pytest.raises(ModelFileError, match="a symbolic link; onnx reads external data only from regular files"):
+        load_model(_with_data_at(cnn, tmp_path, "link.bin"))
+
+
+@pytest.mark.parametrize("escape", ["relative", "absolute", "symlink", "device"])
+def test_external_data_outside_the_model_folder_is_refused(cnn, tmp_path, escape):
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"\0" * 4096)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    location = {"relative": "../secret.bin", "absolute": str(outside), "symlink": "link.bin", "device": "dev.bin"}
+    if escape == "symlink":
+        (folder / "link.bin").symlink_to(outside)
+    if escape == "device":
+        (folder / "dev.bin").symlink_to("/dev/zero")
+    path = _with_data_at(cnn, folder, location[escape])
+    with pytest.raises(ModelFileError, match="outside the model's folder"):
+        load_model(path)
+
+
+def test_external_data_that_is_not_a_file_is_refused(cnn, tmp_path):
+    os.mkfifo(tmp_path / "pipe.bin")
+    (tmp_path / "folder.bin").mkdir()
+    for location in ("pipe.bin", "folder.bin"):
+        with pytest.raises(ModelFileError, match="not a regular file"):
+            load_model(_with_data_at(cnn, tmp_path, location))
