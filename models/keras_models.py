@@ -8,6 +8,7 @@ the names survive conversion to ONNX.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 from models import (
@@ -117,3 +118,19 @@ def mobilenet_v2_small(
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(num_classes, name="classifier")(x)
     return keras.Model(inputs, outputs, name="mobilenet_v2_small")
+
+
+def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Give every BatchNormalization statistics and an affine map far from the identity, in place.
+
+    The Keras twin of :func:`models.torch_models.randomize_batchnorm`.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, gamma.shape), rng.normal(size=beta.shape),
+                rng.normal(size=mean.shape) * 0.1, rng.uniform(0.5, 2.0, var.shape),
+            ])  # fmt: skip
+    return model

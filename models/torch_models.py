@@ -143,3 +143,19 @@ def lenet5(num_classes: int = 10) -> LeNet5:
 def mobilenet_v2_small(num_classes: int = 10) -> MobileNetV2Small:
     """Return a freshly initialised :class:`MobileNetV2Small`."""
     return MobileNetV2Small(num_classes)
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm2d statistics and an affine map far from the identity, in place.
+
+    Freshly built BatchNorms compute (almost) the identity, which hides whether
+    an export folded them into the convolution before them; tests use this so
+    that it shows. Draws from torch's global generator (seed it first).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_()
+    return model

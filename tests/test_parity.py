@@ -63,17 +63,10 @@ def _assert_parity(pairs, what: str) -> float:
 
 
 def _torch_model(torch, arch: str):
-    from models.torch_models import LeNet5, MobileNetV2Small
+    from models.torch_models import LeNet5, MobileNetV2Small, randomize_batchnorm
 
     torch.manual_seed(0)
-    model = (LeNet5() if arch == "lenet5" else MobileNetV2Small()).eval()
-    for module in model.modules():  # BatchNorm statistics that matter
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_()
-    return model
+    return randomize_batchnorm((LeNet5() if arch == "lenet5" else MobileNetV2Small()).eval())
 
 
 # (input shape, {method: attach_to}, batch). One run per method.
@@ -118,19 +111,10 @@ def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
 
 
 def _keras_model(keras, arch: str):
-    from models.keras_models import lenet5, mobilenet_v2_small
+    from models.keras_models import lenet5, mobilenet_v2_small, randomize_batchnorm
 
     keras.utils.set_random_seed(0)
-    model = lenet5() if arch == "lenet5" else mobilenet_v2_small()
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, gamma.shape), rng.normal(size=beta.shape),
-                rng.normal(size=mean.shape) * 0.1, rng.uniform(0.5, 2.0, var.shape),
-            ])  # fmt: skip
-    return model
+    return randomize_batchnorm(lenet5() if arch == "lenet5" else mobilenet_v2_small())
 
 
 _KERAS_CASES = {

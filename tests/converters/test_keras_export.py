@@ -12,25 +12,14 @@ import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 
 
-def _randomize_batchnorm(keras, model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, gamma.shape), rng.normal(size=beta.shape),
-                rng.normal(size=mean.shape) * 0.1, rng.uniform(0.5, 2.0, var.shape),
-            ])  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def keras_models(keras):
-    from models.keras_models import lenet5, lenet5_sequential, mobilenet_v2_small
+    from models.keras_models import lenet5, lenet5_sequential, mobilenet_v2_small, randomize_batchnorm
 
     keras.utils.set_random_seed(0)
     models = {"lenet5": lenet5(), "lenet5_sequential": lenet5_sequential(), "mobilenet": mobilenet_v2_small()}
     for model in models.values():
-        _randomize_batchnorm(keras, model)
+        randomize_batchnorm(model)
     return models
 
 

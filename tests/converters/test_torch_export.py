@@ -13,17 +13,10 @@ import pytest
 
 @pytest.fixture(scope="module")
 def torch_mobilenet(torch):
-    from models.torch_models import MobileNetV2Small
+    from models.torch_models import MobileNetV2Small, randomize_batchnorm
 
     torch.manual_seed(0)
-    model = MobileNetV2Small().eval()
-    for module in model.modules():  # non-trivial BatchNorm statistics
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_()
-    return model
+    return randomize_batchnorm(MobileNetV2Small().eval())
 
 
 @pytest.fixture(scope="module")
