@@ -82,7 +82,7 @@ def _single(path, x, batch_size, attach_to):
 
 def _discard_counts():
     """On a worker: shard tasks return no counters (a baseline without any merge)."""
-    import tensorstate_onnx.distributed as tsd
+    import tensorstate_onnx.distributed.worker as tsd
 
     if not hasattr(tsd, "_bench_original"):
         tsd._bench_original = tsd._analyze_shard
@@ -99,7 +99,7 @@ def _discard_counts():
 
 
 def _keep_counts():
-    import tensorstate_onnx.distributed as tsd
+    import tensorstate_onnx.distributed.worker as tsd
 
     if hasattr(tsd, "_bench_original"):
         tsd._analyze_shard = tsd._bench_original

@@ -7,13 +7,13 @@ internal error (with its traceback, for a bug report).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_array(path: str, what: str) -> np.ndarray | dict:
+def _load_array(path: str | os.PathLike, what: str) -> np.ndarray | dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
@@ -88,18 +88,25 @@ def _load_array(path: str, what: str) -> np.ndarray | dict:
         raise ModelInputError(f"{what} file {path} is not a readable .npy/.npz file ({exc})") from None
 
 
-def _data_and_labels(args, model) -> tuple:
-    if args.data is None:
-        if args.model is not None:
-            raise ModelInputError("--data is required when a model is given (a .npy or .npz file of inputs)")
-        return demo.load_test_data()
-    data = _load_array(args.data, "data")
+def _load_labels(path: str | os.PathLike) -> np.ndarray:
+    labels = _load_array(path, "labels")
+    if isinstance(labels, dict):
+        raise ModelInputError("--labels takes a .npy file of one label per sample")
+    return labels
+
+
+def _read_data(data_path: str | os.PathLike, labels_path, input_names: set[str]) -> tuple:
+    """Inputs and labels from a ``--data`` file and an optional ``--labels`` file.
+
+    A ``.npz`` holds arrays named like the model inputs (and ``y``), or ``x``
+    [and ``y``], or a single array; ``--labels`` wins over its ``y``.
+    """
+    data = _load_array(data_path, "data")
     labels = None
     if isinstance(data, dict):
-        names = {spec.name for spec in model.inputs}
-        if set(data) >= names:
-            labels = data.get("y") if "y" not in names else None
-            data = {name: data[name] for name in names}
+        if set(data) >= input_names:
+            labels = data.get("y") if "y" not in input_names else None
+            data = {name: data[name] for name in input_names}
         elif "x" in data:
             labels = data.get("y")
             data = data["x"]
@@ -107,14 +114,25 @@ def _data_and_labels(args, model) -> tuple:
             data = next(iter(data.values()))
         else:
             raise ModelInputError(
-                f"{args.data} holds arrays {sorted(data)}; name them like the model inputs "
-                f"{sorted(names)} or store the inputs as 'x' (and labels as 'y')"
+                f"{data_path} holds arrays {sorted(data)}; name them like the model inputs "
+                f"{sorted(input_names)} or store the inputs as 'x' (and labels as 'y')"
             )
-    if args.labels is not None:
-        labels = _load_array(args.labels, "labels")
-        if isinstance(labels, dict):
-            raise ModelInputError("--labels takes a .npy file of one label per sample")
+    if labels_path is not None:
+        labels = _load_labels(labels_path)
     return data, labels
+
+
+def _demo_data(args) -> tuple:
+    """The demo's held-out digits, the data of a run without ``--data`` (and without a model)."""
+    if args.model is not None:
+        raise ModelInputError("--data is required when a model is given (a .npy or .npz file of inputs)")
+    return demo.load_test_data()
+
+
+def _data_and_labels(args, model) -> tuple:
+    if args.data is None:
+        return _demo_data(args)
+    return _read_data(args.data, args.labels, {spec.name for spec in model.inputs})
 
 
 def _analyze(args) -> int:
@@ -178,21 +196,12 @@ def _analyze_here(args, model_path: str) -> tuple:
 
 
 def _analyze_sharded(args, model_path: str) -> tuple:
-    """Shard the data over Dask workers; a .npy is read by the workers themselves."""
-    from .distributed import ShardFailedError, analyze_cli
-    from .graph import load_model
+    """Shard the data over Dask workers (``--workers`` or ``--scheduler``)."""
+    from .errors import ShardFailedError
 
     if args.workers is not None and args.workers <= 0:
         raise ValueError(f"--workers must be a positive number of processes, got {args.workers}")
-    if args.data is not None and Path(args.data).suffix == ".npy":
-        _load_array(args.data, "data")  # a bad file fails here, in one line
-        data = str(Path(args.data).absolute())
-        labels = None if args.labels is None else np.asarray(_load_array(args.labels, "labels"))
-    else:
-        graph = load_model(model_path).graph
-        initializers = {tensor.name for tensor in graph.initializer}
-        inputs = SimpleNamespace(inputs=[spec for spec in graph.input if spec.name not in initializers])
-        data, labels = _data_and_labels(args, inputs)
+    data, labels = _demo_data(args) if args.data is None else (args.data, args.labels)
     try:
         return analyze_cli(
             model_path, data, labels, args.attach_to, args.exclude, args.method, args.batch_size,
@@ -201,6 +210,61 @@ def _analyze_sharded(args, model_path: str) -> tuple:
         )  # fmt: skip
     except ShardFailedError as exc:
         raise _RunFailed(str(exc)) from exc
+
+
+def analyze_cli(
+    model_path,
+    data,
+    labels,
+    attach_to,
+    exclude,
+    method,
+    batch_size,
+    workers,
+    scheduler,
+    storage,
+    pack_in_graph,
+    *,
+    providers="cpu",
+    timeout: float = 30.0,
+    overwrite: bool = False,
+) -> tuple:
+    """What ``tensorstate-onnx analyze --workers N --scheduler ADDRESS`` runs.
+
+    ``data`` is a path (``.npy`` file or zarr directory: read by the workers
+    themselves; else a ``.npz`` loaded here, as ``--data`` reads it) or an
+    array / dict of arrays; ``labels`` a ``.npy`` path, an array or ``None``.
+    ``workers`` starts a LocalCluster of that many processes unless
+    ``scheduler`` names a running one. Returns ``(model, accuracy or None)``.
+    """
+    from .distributed import analyze_sharded
+
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.suffix == ".npy":
+            _load_array(data, "data")  # a bad file fails here, in one line
+        if path.suffix == ".npy" or path.is_dir():
+            data = str(path.absolute())
+        else:
+            data, stored_labels = _read_data(data, None, _input_names(model_path))
+            labels = stored_labels if labels is None else labels
+    if isinstance(labels, (str, os.PathLike)):
+        labels = np.asarray(_load_labels(labels))
+    result = analyze_sharded(
+        model_path, data, attach_to, exclude or (), method, labels=labels, batch_size=batch_size,
+        n_workers=workers, scheduler=scheduler, storage_path=storage,
+        pack_in_graph=pack_in_graph, providers=providers, timeout=timeout, overwrite=overwrite,
+    )  # fmt: skip
+    return result.model, result.accuracy
+
+
+def _input_names(model_path) -> set[str]:
+    """The names of the model's inputs (graph inputs that are not initializers)."""
+    from .graph import load_model
+
+    graph = load_model(model_path).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    return {spec.name for spec in graph.input if spec.name not in initializers}
 
 
 def _inspect(args) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ModelInputError
 
-__all__ = ["Batch", "iter_batches", "to_numpy", "DEFAULT_BATCH_SIZE"]
+__all__ = ["Batch", "check_labels", "iter_batches", "n_samples", "split_pair", "to_numpy", "DEFAULT_BATCH_SIZE"]
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -44,7 +44,11 @@ def _is_array_like(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "__getitem__") and not isinstance(value, (dict, tuple, list))
 
 
-def _length(inputs) -> int:
+def n_samples(inputs) -> int:
+    """The number of samples in an array (its first axis) or a dict of arrays (one per input).
+
+    Raises ``ModelInputError`` for a scalar, an empty dict, or inputs of different lengths.
+    """
     if isinstance(inputs, dict):
         lengths = {name: len(value) for name, value in inputs.items()}
         if not lengths:
@@ -63,7 +67,7 @@ def _slice(inputs, start: int, stop: int):
     return to_numpy(inputs[start:stop])
 
 
-def _as_pair(item, single_input: bool):
+def split_pair(item, single_input: bool):
     """Split ``item`` into (inputs, labels) when it is an ``(x, y)`` pair."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and (single_input or isinstance(item[0], dict)):
         return item[0], item[1]
@@ -81,7 +85,8 @@ def _convert(inputs):
     return to_numpy(inputs)
 
 
-def _check_labels(labels, n: int) -> np.ndarray:
+def check_labels(labels, n: int) -> np.ndarray:
+    """``labels`` as a numpy array, one per sample of ``n``, or ``ModelInputError``."""
     labels = to_numpy(labels)
     if labels.ndim == 0 or labels.shape[0] != n:
         got = "a scalar" if labels.ndim == 0 else f"{labels.shape[0]} labels"
@@ -105,13 +110,13 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
     if isinstance(data, tuple) and len(data) == 2 and (_is_array_like(data[0]) or isinstance(data[0], dict)):
         if labels is not None:
             raise ModelInputError("labels were given twice: inside (x, y) data and as labels=")
-        data, labels = _as_pair(data, single_input)
+        data, labels = split_pair(data, single_input)
     if _is_array_like(data) or isinstance(data, dict):
-        n = _length(data)
+        n = n_samples(data)
         if n == 0:
             raise ModelInputError("the data holds no samples")
         if labels is not None:
-            labels = _check_labels(labels, n)
+            labels = check_labels(labels, n)
         for start in range(0, n, size):
             stop = min(n, start + size)
             yield Batch(_slice(data, start, stop), None if labels is None else labels[start:stop])
@@ -128,9 +133,9 @@ def _iter_stream(data, labels, single_input: bool) -> Iterator[Batch]:
     labels = None if labels is None else to_numpy(labels)
     used = 0
     for item in data:
-        inputs, batch_labels = _as_pair(item, single_input)
+        inputs, batch_labels = split_pair(item, single_input)
         inputs = _convert(inputs)
-        n = _length(inputs)
+        n = n_samples(inputs)
         if labels is not None:
             if batch_labels is not None:
                 raise ModelInputError("labels were given twice: inside the batches and as labels=")
@@ -138,7 +143,7 @@ def _iter_stream(data, labels, single_input: bool) -> Iterator[Batch]:
             if len(batch_labels) != n:
                 raise ModelInputError(f"labels ran out after {used} samples; give one label per sample")
         elif batch_labels is not None:
-            batch_labels = _check_labels(batch_labels, n)
+            batch_labels = check_labels(batch_labels, n)
         used += n
         yield Batch(inputs, batch_labels)
     if used == 0:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zarr
@@ -22,7 +23,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from .engine import n_bytes_for
 from .errors import StorageExistsError
 
-__all__ = ["StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
+__all__ = ["ChunkedRows", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
 
 STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
 
@@ -62,6 +63,51 @@ def unique_store_dirname(probe_name: str, taken: set[str]) -> str:
     return dirname
 
 
+class ChunkedRows:
+    """Buffers appended rows and hands them to ``write`` in whole chunks.
+
+    A compressed chunk is rewritten whole, so writing each small batch as it
+    comes would recompress the same chunk again and again. Rows wait here until
+    at least a chunk's worth is held; then every row up to the last chunk
+    boundary goes out in one ``write(first_row, rows)``, and ``flush`` writes
+    the rest. Rows are numbered from the writer's first row: ``written`` rows
+    are there already (a reopened store, or one flushed mid-chunk), so the
+    first write completes the chunk they end in.
+    """
+
+    def __init__(self, chunk_rows: int, write: Callable[[int, np.ndarray], None], written: int = 0):
+        self.chunk_rows = int(chunk_rows)
+        self.written = int(written)
+        self.pending_rows = 0
+        self._write = write
+        self._pending: list[np.ndarray] = []
+
+    def append(self, rows: np.ndarray) -> None:
+        """Keep a copy of ``rows`` (the caller may reuse its buffer); write the whole chunks held."""
+        if rows.shape[0] == 0:
+            return
+        self._pending.append(np.array(rows, copy=True))
+        self.pending_rows += rows.shape[0]
+        if self.pending_rows >= self.chunk_rows:
+            data = np.concatenate(self._pending)
+            aligned = (self.written + data.shape[0]) // self.chunk_rows * self.chunk_rows - self.written
+            self._emit(data[:aligned])
+            rest = data[aligned:]
+            self._pending = [rest] if rest.shape[0] else []
+            self.pending_rows = rest.shape[0]
+
+    def flush(self) -> None:
+        """Write every buffered row."""
+        if self.pending_rows:
+            self._emit(np.concatenate(self._pending))
+            self._pending = []
+            self.pending_rows = 0
+
+    def _emit(self, data: np.ndarray) -> None:
+        self._write(self.written, data)
+        self.written += data.shape[0]
+
+
 class StateStore:
     """Append-only store of packed states, one row per state."""
 
@@ -93,8 +139,7 @@ class StateStore:
             attributes=attributes,
             fill_value=0,
         )
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
+        self._rows = ChunkedRows(rows, self._write)
 
     @staticmethod
     def check_free(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -122,8 +167,7 @@ class StateStore:
         self.n_bytes = n_bytes_for(self.n_neurons)
         self.path = path
         self._array = array
-        self._pending = []
-        self._pending_rows = 0
+        self._rows = ChunkedRows(array.chunks[0], self._write, written=array.shape[0])
         return self
 
     @property
@@ -138,7 +182,7 @@ class StateStore:
         return self._array
 
     def __len__(self) -> int:
-        return self._array.shape[0] + self._pending_rows
+        return self._array.shape[0] + self._rows.pending_rows
 
     def append(self, packed: np.ndarray) -> None:
         """Add rows; whole chunks are written at once, the rest waits for more or ``flush``."""
@@ -146,32 +190,16 @@ class StateStore:
             raise ValueError(
                 f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
             )
-        if packed.shape[0] == 0:
-            return
-        self._pending.append(np.array(packed, copy=True))
-        self._pending_rows += packed.shape[0]
-        chunk_rows = self._array.chunks[0]
-        if self._pending_rows >= chunk_rows:
-            data = np.concatenate(self._pending)
-            stored = self._array.shape[0]
-            aligned = (stored + data.shape[0]) // chunk_rows * chunk_rows - stored
-            self._write(data[:aligned])
-            rest = data[aligned:]
-            self._pending = [rest] if rest.shape[0] else []
-            self._pending_rows = rest.shape[0]
+        self._rows.append(packed)
 
-    def _write(self, data: np.ndarray) -> None:
-        start = self._array.shape[0]
+    def _write(self, start: int, data: np.ndarray) -> None:
         # zarr silently drops writes past the end: grow the array first.
         self._array.resize((start + data.shape[0], self.n_bytes))
         self._array[start:] = data
 
     def flush(self) -> None:
         """Write every buffered row."""
-        if self._pending_rows:
-            self._write(np.concatenate(self._pending))
-            self._pending = []
-            self._pending_rows = 0
+        self._rows.flush()
 
     def read(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Stored rows: all, a slice, or an integer index array (in the order given)."""

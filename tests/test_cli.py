@@ -197,6 +197,7 @@ def test_analyze_options(capsys, expected, files, tmp_path):
     assert _figure(out, "aIQ (weight 3):") is not None
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "data_args",
     [(), ("--data", "x.npy", "--labels", "y.npy"), ("--data", "named.npz")],
@@ -209,6 +210,35 @@ def test_analyze_sharded_over_local_workers_matches_one_process(capsys, expected
     code, out, err = _main(capsys, "analyze", *model, *args, "--workers", "2", "--batch-size", "64")
     assert code == 0, err
     _assert_table_matches(out, expected)
+
+
+@pytest.mark.distributed
+def test_analyze_cli_on_its_own_local_cluster_gives_single_process_counts(files):
+    pytest.importorskip("distributed")
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    x, y = demo.load_test_data()
+    reference = OnnxEfficiencyModel(demo.model_path(), ["Conv", "Gemm"], method="both", providers="cpu")
+    reference_accuracy = reference.evaluate(x, y, batch_size=64)
+    model, accuracy = cli.analyze_cli(
+        str(demo.model_path()), str(files["x.npy"]), str(files["y.npy"]), ["Conv", "Gemm"],
+        [], "both", 64, 2, None, None, False,
+    )  # fmt: skip
+    assert accuracy == reference_accuracy
+    assert [c.name for c in model.efficiency_layers] == [c.name for c in reference.efficiency_layers]
+    for want, have in zip(reference.efficiency_layers, model.efficiency_layers):
+        for got, expected_part in zip(_sorted_counts(have.counter), _sorted_counts(want.counter)):
+            assert np.array_equal(got, expected_part), want.name
+        assert have.state_count == want.state_count
+        assert have.n_neurons == want.n_neurons
+        assert have.efficiency() == pytest.approx(want.efficiency(), rel=1e-12, abs=1e-12)
+
+
+def _sorted_counts(counter) -> tuple[np.ndarray, np.ndarray]:
+    """``counter.result()`` in byte order (the engine may return another order)."""
+    ids, counts = counter.result()
+    order = np.lexsort(ids.T[::-1]) if ids.shape[1] else np.arange(len(ids))
+    return ids[order], counts[order]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import StorageExistsError
-from tensorstate_onnx.store import StateStore, check_storage_root, store_dirname, unique_store_dirname
+from tensorstate_onnx.store import ChunkedRows, StateStore, check_storage_root, store_dirname, unique_store_dirname
 
 
 def _rows(n, n_bytes, seed=0):
@@ -106,3 +106,19 @@ def test_store_dirnames_are_safe_and_unique_per_storage_path():
     names = [unique_store_dirname(name, taken) for name in ("a:b", "a b", "a_b", "a:b/")]
     assert names == ["a_b", "a_b_2", "a_b_3", "a_b_4"]
     assert taken == set(names)
+
+
+def test_chunked_rows_write_up_to_chunk_boundaries_and_keep_copies():
+    writes = []
+    rows = ChunkedRows(4, lambda first, data: writes.append((first, data.copy())), written=3)
+    batch = np.arange(6, dtype=np.uint8).reshape(3, 2)
+    rows.append(batch)  # 3 rows held: less than a chunk
+    batch[:] = 99  # the caller reuses its buffer
+    assert writes == [] and rows.pending_rows == 3
+    rows.append(np.full((3, 2), 7, np.uint8))  # 6 held: rows 3..7 end on a chunk boundary, 1 row waits
+    assert [(first, len(data)) for first, data in writes] == [(3, 5)]
+    assert np.array_equal(writes[0][1][:3], np.arange(6).reshape(3, 2))
+    rows.append(np.empty((0, 2), np.uint8))
+    rows.flush()
+    assert [(first, len(data)) for first, data in writes] == [(3, 5), (8, 1)]
+    assert rows.written == 9 and rows.pending_rows == 0
