@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx
 
 from tensorstate_onnx._optional import import_optional
+from tensorstate_onnx.errors import OptionError, OptionTypeError
 from tensorstate_onnx.graph.metadata import KERAS_LAYER_CLASS, KERAS_LAYER_CLASS_PATH, KERAS_LAYER_NAME
 
 __all__ = ["from_keras"]
@@ -189,14 +190,14 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
     """
     keras, tf, tf2onnx = _imports()
     if not isinstance(model, keras.Model):
-        raise TypeError(f"from_keras takes a keras.Model, got {type(model).__name__}")
+        raise OptionTypeError(f"from_keras takes a keras.Model, got {type(model).__name__}")
     if keras.backend.backend() != "tensorflow":
-        raise ValueError(
+        raise OptionError(
             f"from_keras converts through TensorFlow, but Keras runs on the "
             f"{keras.backend.backend()!r} backend; set KERAS_BACKEND=tensorflow"
         )
     if not model.built:
-        raise ValueError(
+        raise OptionError(
             f"Keras model {model.name!r} is not built; build it first (model.build(input_shape), "
             "start it with keras.Input, or call it on a batch of data)"
         )
@@ -205,7 +206,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
     except (AttributeError, ValueError):
         inputs = []
     if not inputs:
-        raise ValueError(
+        raise OptionError(
             f"Keras model {model.name!r} has no defined inputs; build it with keras.Input "
             "(Functional/Sequential) so that the input shapes are known"
         )
@@ -214,7 +215,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
     try:
         traced, structure, n_out = _traced_model(keras, model, inputs)
     except Exception as exc:
-        raise ValueError(
+        raise OptionError(
             f"could not rebuild Keras model {model.name!r} for tracing: "
             f"{type(exc).__name__}: {_first_reason(exc)}"
         ) from exc
@@ -251,7 +252,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
             optimizers=_optimizers(tf2onnx),
         )  # fmt: skip
     except Exception as exc:
-        raise ValueError(
+        raise OptionError(
             f"could not convert Keras model {model.name!r} to ONNX with tf2onnx: "
             f"{type(exc).__name__}: {_first_reason(exc)}"
         ) from exc
@@ -260,7 +261,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
          if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)}
     )  # fmt: skip
     if unsupported:
-        raise ValueError(
+        raise OptionError(
             f"could not convert Keras model {model.name!r} to ONNX: tf2onnx has no conversion for "
             f"the TensorFlow op(s) {', '.join(unsupported)} (e.g. tf.numpy_function/py_function "
             "or custom ops); replace them with TensorFlow/Keras ops"
@@ -271,7 +272,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
         if proto.ByteSize() < 2**31 - 2**27:  # larger models cannot be checked in memory
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise ValueError(
+        raise OptionError(
             f"tf2onnx produced an invalid ONNX model for {model.name!r}: {_first_reason(exc)}"
         ) from exc
     if path is not None:

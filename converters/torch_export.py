@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx
 
 from tensorstate_onnx._optional import import_optional
+from tensorstate_onnx.errors import OptionError, OptionTypeError
 from tensorstate_onnx.graph.metadata import TORCH_CLASS_HIERARCHY, TORCH_NAME_SCOPES
 
 __all__ = ["from_torch"]
@@ -58,7 +59,7 @@ def _import_torch():
 def _normalize_inputs(torch, example_inputs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` from a tensor, a tuple/list of inputs, or a dict of keyword inputs."""
     if example_inputs is None:
-        raise ValueError(
+        raise OptionError(
             "exporting a torch module to ONNX needs example_inputs: a tensor or a tuple of "
             "tensors shaped like one batch (e.g. torch.zeros(1, 3, 224, 224))"
         )
@@ -68,9 +69,9 @@ def _normalize_inputs(torch, example_inputs) -> tuple[tuple, dict]:
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         if not example_inputs:
-            raise ValueError("example_inputs is empty; give at least one tensor shaped like one batch")
+            raise OptionError("example_inputs is empty; give at least one tensor shaped like one batch")
         return tuple(example_inputs), {}
-    raise TypeError(
+    raise OptionTypeError(
         f"example_inputs must be a torch.Tensor, a tuple/list of inputs or a dict of keyword "
         f"inputs, got {type(example_inputs).__name__}"
     )
@@ -304,7 +305,7 @@ def from_torch(
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"from_torch takes a torch.nn.Module, got {type(module).__name__}")
+        raise OptionTypeError(f"from_torch takes a torch.nn.Module, got {type(module).__name__}")
     args, kwargs = _normalize_inputs(torch, example_inputs)
     if kwargs:  # keyword inputs become graph inputs in the forward's parameter order
         params = list(inspect.signature(module.forward).parameters)

@@ -13,6 +13,7 @@ import os
 
 import onnx
 
+from .errors import OptionError, OptionTypeError
 from .patterns import probe_methods
 from .runtime import OnnxEfficiencyModel
 
@@ -32,7 +33,7 @@ def model_kind(model) -> str:
             return "torch"
         if cls.__qualname__ in ("Model", "Layer") and cls.__module__.split(".")[0] in ("keras", "tf_keras"):
             return "keras"
-    raise TypeError(
+    raise OptionTypeError(
         f"unsupported model type {type(model).__module__}.{type(model).__qualname__}; "
         "build_efficiency_model takes an onnx.ModelProto, a path to an .onnx file, "
         "a keras.Model or a torch.nn.Module"
@@ -75,7 +76,7 @@ def build_efficiency_model(
         or the same torch module with hooks; each has ``efficiency_layers``.
     """
     if runtime not in _RUNTIMES:
-        raise ValueError(f"runtime must be None, 'native' or 'onnxruntime', got {runtime!r}")
+        raise OptionError(f"runtime must be None, 'native' or 'onnxruntime', got {runtime!r}")
     probe_methods(method)
     kind = model_kind(model)
     if kind == "onnx":
@@ -86,7 +87,7 @@ def build_efficiency_model(
         export_options = {key: options.pop(key) for key in ("dynamo", "opset") if key in options}
         if kind == "torch":
             if example_inputs is None:
-                raise ValueError(
+                raise OptionError(
                     "exporting a torch module to ONNX needs example_inputs (a tensor or a tuple "
                     "of tensors shaped like one batch)"
                 )
@@ -96,7 +97,7 @@ def build_efficiency_model(
         return OnnxEfficiencyModel(proto, attach_to, exclude, method, storage_path, **options)
     native = {key: options.pop(key) for key in _NATIVE_OPTIONS if key in options}
     if options:
-        raise TypeError(
+        raise OptionTypeError(
             f"options {sorted(options)} only apply to the ONNX path (runtime='onnxruntime'); "
             f"the native front ends take {', '.join(_NATIVE_OPTIONS)}"
         )
@@ -113,7 +114,7 @@ def reset_efficiency_model(model) -> None:
     """Forget the states of every probe of ``model`` (``state_count`` becomes 0)."""
     layers = getattr(model, "efficiency_layers", None)
     if layers is None:
-        raise ValueError(
+        raise OptionError(
             f"{type(model).__name__} has no efficiency_layers; build it with build_efficiency_model first"
         )
     for layer in layers:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import metrics
 from .engine import StateCounter, n_bytes_for, pack
-from .errors import NoStatesError, OptionError
+from .errors import IndexOutOfRangeError, NoStatesError, OptionError
 from .store import StateStore
 
 __all__ = ["AbstractStateCapture", "StateCaptureProbe"]
@@ -92,13 +92,13 @@ class AbstractStateCapture(abc.ABC):
             if self.n_neurons is None:
                 self._start(int(n_neurons))
             elif n_neurons != self.n_neurons:
-                raise ValueError(
+                raise OptionError(
                     f"probe {self.name!r} recorded {self.n_neurons} neurons before and now got "
                     f"{n_neurons}; call reset_states() before feeding a different layout"
                 )
             per_instance = packed.shape[0] // instances if instances else 0
             if instances and per_instance * instances != packed.shape[0]:
-                raise ValueError(
+                raise OptionError(
                     f"{packed.shape[0]} states cannot be split evenly into {instances} instances"
                 )
             self._counter.add(packed)
@@ -202,7 +202,7 @@ class AbstractStateCapture(abc.ABC):
         index = given.astype(np.int64)
         n = starts.size
         if index.min() < -n or index.max() >= n:
-            raise IndexError(f"instance index out of range: {n} instances were recorded")
+            raise IndexOutOfRangeError(f"instance index out of range: {n} instances were recorded")
         index %= n
         return np.concatenate([np.arange(starts[i], starts[i] + pers[i]) for i in index])
 

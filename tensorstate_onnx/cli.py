@@ -19,15 +19,23 @@ import numpy as np
 import onnx
 
 from . import demo
-from .errors import ModelInputError
+from ._optional import import_optional
+from .errors import (
+    MissingFileError,
+    ModelFileError,
+    ModelInputError,
+    OptionError,
+    TensorStateError,
+    first_line,
+)
+from .metrics import check_aiq_weight
 from .patterns import METHODS
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
-_BAD_INPUT = (
-    ValueError, TypeError, FileNotFoundError, FileExistsError, IndexError, KeyError, ImportError,
-    ConnectionError,  # an unreachable --scheduler
-)  # fmt: skip
+# A user's mistake or the machine's (a full disk, no permission): one line, exit 2.
+# Anything else is a bug in this program: a traceback, exit 1.
+_BAD_INPUT = (TensorStateError, OSError)
 
 
 class _RunFailed(Exception):
@@ -77,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load_array(path: str | os.PathLike, what: str) -> np.ndarray | dict:
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
+        raise MissingFileError(f"{what} file {path} does not exist")
     try:
         loaded = np.load(file, mmap_mode="r", allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -162,6 +170,7 @@ def _check_options_before_run(args) -> None:
     nothing, before the run, not after it."""
     from .report import check_plot_format
 
+    check_aiq_weight(args.aiq_weight)
     if args.overwrite and args.storage is None:
         raise ModelInputError("--overwrite replaces the state stores in --storage DIR; give --storage too")
 
@@ -200,7 +209,7 @@ def _analyze_sharded(args, model_path: str) -> tuple:
     from .errors import ShardFailedError
 
     if args.workers is not None and args.workers <= 0:
-        raise ValueError(f"--workers must be a positive number of processes, got {args.workers}")
+        raise OptionError(f"--workers must be a positive number of processes, got {args.workers}")
     data, labels = _demo_data(args) if args.data is None else (args.data, args.labels)
     try:
         return analyze_cli(
@@ -305,36 +314,61 @@ def _export(args) -> int:
     from . import converters
 
     if args.source.endswith(".keras"):
-        import keras
-
-        model = keras.models.load_model(args.source)
+        keras = import_optional("keras", "keras", "exporting a Keras model")
+        if not Path(args.source).is_file():
+            raise MissingFileError(f"Keras model file {args.source} does not exist")
+        try:
+            model = keras.models.load_model(args.source)
+        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, ... for a bad file
+            raise ModelFileError(f"{args.source} could not be loaded as a Keras model ({first_line(exc)})") from exc
         converters.from_keras(model, path=args.output)
     else:
         module = _torch_module(args)
-        import torch
-
-        if not args.input_shape:
-            raise ValueError("exporting a PyTorch model needs --input-shape, e.g. --input-shape 1,3,224,224")
-        shape = tuple(int(part) for part in args.input_shape.split(","))
+        shape = _input_shape(args.input_shape)
+        torch = import_optional("torch", "torch", "exporting a PyTorch model")
         converters.from_torch(module, (torch.zeros(shape),), path=args.output, dynamo=not args.legacy)
     print(f"wrote {args.output}")
     return 0
 
 
+def _input_shape(text: str | None) -> tuple[int, ...]:
+    """``--input-shape 1,3,224,224`` as a tuple of positive ints."""
+    if not text:
+        raise OptionError("exporting a PyTorch model needs --input-shape, e.g. --input-shape 1,3,224,224")
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise OptionError(f"--input-shape takes positive ints separated by commas (e.g. 1,3,224,224), got {text!r}")
+    return shape
+
+
 def _torch_module(args):
     import importlib
 
+    torch = import_optional("torch", "torch", "exporting a PyTorch model")
     if ":" not in args.source:
-        raise ValueError(f"{args.source!r} is neither a .keras file nor 'package.module:factory'")
+        raise OptionError(f"{args.source!r} is neither a .keras file nor 'package.module:factory'")
     module_name, factory_name = args.source.split(":", 1)
-    factory = getattr(importlib.import_module(module_name), factory_name, None)
-    if factory is None:
-        raise ValueError(f"module {module_name} has no {factory_name}")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name, None)
+    except ImportError as exc:
+        raise OptionError(f"cannot import module {module_name!r} of {args.source!r} ({first_line(exc)})") from exc
+    if not callable(factory):
+        raise OptionError(f"module {module_name} has no factory {factory_name!r} (a function or class that builds a torch module)")
     module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise OptionError(f"{args.source} built a {type(module).__name__}, not a torch.nn.Module")
     if args.weights:
-        import torch
-
-        module.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        try:
+            module.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"weights file {args.weights} does not exist") from exc
+        except Exception as exc:  # torch raises RuntimeError, UnpicklingError, ... for weights that do not fit
+            raise ModelFileError(
+                f"the weights in {args.weights} do not load into {args.source} ({first_line(exc)})"
+            ) from exc
     module.eval()
     return module
 

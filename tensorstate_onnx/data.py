@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ModelInputError
+from .errors import ModelInputError, OptionError, OptionTypeError
 
 __all__ = ["Batch", "check_labels", "iter_batches", "n_samples", "split_pair", "to_numpy", "DEFAULT_BATCH_SIZE"]
 
@@ -105,7 +105,7 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
     for labels whose length differs from the data's.
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise OptionError(f"batch_size must be a positive int, got {batch_size!r}")
     size = int(batch_size or DEFAULT_BATCH_SIZE)
     if isinstance(data, tuple) and len(data) == 2 and (_is_array_like(data[0]) or isinstance(data[0], dict)):
         if labels is not None:
@@ -122,7 +122,7 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
             yield Batch(_slice(data, start, stop), None if labels is None else labels[start:stop])
         return
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
-        raise TypeError(
+        raise OptionTypeError(
             f"cannot read batches from {type(data).__name__}; pass a numpy array, a dict of arrays, "
             "an (x, y) pair or an iterable of batches"
         )

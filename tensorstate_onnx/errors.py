@@ -11,17 +11,22 @@ is a bug.
 from __future__ import annotations
 
 __all__ = [
+    "IndexOutOfRangeError",
     "MissingExtraError",
+    "MissingFileError",
     "ModelFileError",
     "ModelInputError",
     "NoStatesError",
     "OptionError",
+    "OptionTypeError",
     "ProbeMatchError",
     "ProviderError",
     "SchedulerConnectionError",
     "ShardFailedError",
     "StorageExistsError",
+    "StoreError",
     "TensorStateError",
+    "first_line",
 ]
 
 
@@ -43,6 +48,22 @@ class ModelInputError(TensorStateError, ValueError):
 
 class OptionError(TensorStateError, ValueError):
     """An option or argument has a value outside what it accepts."""
+
+
+class OptionTypeError(TensorStateError, TypeError):
+    """An option or argument is of a type the function does not take."""
+
+
+class IndexOutOfRangeError(TensorStateError, IndexError):
+    """An index names an input instance or stored row that was never recorded."""
+
+
+class MissingFileError(TensorStateError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class StoreError(TensorStateError, ValueError):
+    """A folder is not a state store, or the store is corrupt or inconsistent."""
 
 
 class StorageExistsError(TensorStateError, FileExistsError):
@@ -67,3 +88,9 @@ class ShardFailedError(TensorStateError, RuntimeError):
 
 class SchedulerConnectionError(TensorStateError, ConnectionError):
     """The Dask scheduler could not be reached, or it has no workers."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, to quote inside one of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,9 +12,9 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .errors import NoStatesError, OptionError
+from .errors import NoStatesError, OptionError, OptionTypeError
 
-__all__ = ["entropy", "network_efficiency", "aIQ"]
+__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "network_efficiency"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -112,7 +112,7 @@ def network_efficiency(efficiencies) -> float:
     elif isinstance(efficiencies, Iterable) and not isinstance(efficiencies, (str, bytes, Mapping)):
         values = list(efficiencies)
     else:
-        raise TypeError(
+        raise OptionTypeError(
             "network_efficiency() takes a list of floats or a model with efficiency_layers "
             f"(from build_efficiency_model), got {type(efficiencies).__name__}"
             + (" (pass list(d.values()) for a dict of efficiencies)" if isinstance(efficiencies, Mapping) else "")
@@ -132,14 +132,23 @@ def network_efficiency(efficiencies) -> float:
     return float(np.exp(np.mean(np.log(array))))
 
 
+MAX_AIQ_WEIGHT = 10**6
+"""Past this weight aIQ equals the accuracy to six digits (and a float cannot hold every int)."""
+
+
+def check_aiq_weight(weight: int) -> None:
+    """Raise OptionError unless ``weight`` is an int in [1, MAX_AIQ_WEIGHT]."""
+    if isinstance(weight, bool) or not isinstance(weight, Integral) or not 1 <= weight <= MAX_AIQ_WEIGHT:
+        raise OptionError(f"aIQ weight must be an int from 1 to {MAX_AIQ_WEIGHT:,}, got {weight!r}")
+
+
 def aIQ(net_efficiency: float, accuracy: float, weight: int) -> float:  # noqa: N802 (reference name)
     """Artificial intelligence quotient: ``(net_efficiency * accuracy**weight) ** (1/(weight+1))``.
 
     ``weight`` is an int >= 1; larger values weigh accuracy more. Computed in
     logs, so a large weight does not underflow to 0.
     """
-    if isinstance(weight, bool) or not isinstance(weight, Integral) or weight < 1:
-        raise OptionError(f"aIQ weight must be an int >= 1, got {weight!r}")
+    check_aiq_weight(weight)
     for name, value in (("net_efficiency", net_efficiency), ("accuracy", accuracy)):
         if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
             raise OptionError(f"aIQ {name} must be a number in [0, 1], got {value!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 
-from .errors import OptionError
+from .errors import OptionError, OptionTypeError
 
 __all__ = ["METHODS", "as_patterns", "matches_any", "preview", "probe_methods"]
 
@@ -37,7 +37,7 @@ def as_patterns(value: str | Iterable[str] | None, what: str) -> list[str]:
     patterns = [value] if isinstance(value, str) else list(value or ())
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise TypeError(f"{what} entries must be strings, got {pattern!r}")
+            raise OptionTypeError(f"{what} entries must be strings, got {pattern!r}")
     return patterns
 
 

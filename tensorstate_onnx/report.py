@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ._optional import import_optional
+from .errors import OptionError
 from .metrics import aIQ, network_efficiency
 
 __all__ = ["LayerSummary", "AnalysisReport", "summarize"]
@@ -103,7 +104,7 @@ def check_plot_format(path: str | os.PathLike) -> None:
     suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     supported = Figure().canvas.get_supported_filetypes()
     if suffix not in supported:
-        raise ValueError(
+        raise OptionError(
             f"cannot plot to {os.fspath(path)!r}: {suffix or 'no'} extension; "
             f"use one of {', '.join(sorted(supported))} (.png for a bitmap)"
         )

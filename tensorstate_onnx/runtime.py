@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import graph
 from .accuracy import count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture
 from .data import Batch, iter_batches
-from .errors import ModelInputError, ProviderError
-from . import graph
+from .errors import ModelFileError, ModelInputError, OptionError, ProviderError, first_line
 from .graph import Probe, add_probes, load_model, save_model
 from .store import check_storage_root, unique_store_dirname
 
@@ -42,6 +42,14 @@ _OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# onnxruntime's own exceptions derive from Exception alone: catch them by name.
+_ORT_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NotImplemented",
+                 "RuntimeException", "NoSuchFile", "NoModel", "EngineError", "EPFail")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)  # fmt: skip
+
 
 
 class OnnxProbeCapture(AbstractStateCapture):
@@ -135,7 +143,7 @@ class OnnxEfficiencyModel:
         io_binding: bool | None = None,
     ):
         if optimization not in _OPTIMIZATION_LEVELS:
-            raise ValueError(
+            raise OptionError(
                 f"unknown optimization level {optimization!r}; use one of {', '.join(_OPTIMIZATION_LEVELS)}"
             )
         self.providers = resolve_providers(providers)
@@ -143,6 +151,9 @@ class OnnxEfficiencyModel:
         if self.storage_path is not None:
             check_storage_root(self.storage_path, overwrite)
         source = load_model(model)
+        self._described = f"model {os.fspath(model)!r}" if isinstance(model, (str, os.PathLike)) else (
+            f"model graph {source.graph.name!r}"
+        )
         self.output_names = [output.name for output in source.graph.output]
         self.model, self.probes = add_probes(
             source, attach_to, exclude=exclude, method=method,
@@ -180,11 +191,18 @@ class OnnxEfficiencyModel:
         # Idle onnxruntime threads would spin on the cores the recording thread
         # counts batch k on while batch k + 1 runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if not graph.needs_external_data(self.model):
-            return ort.InferenceSession(self.model.SerializeToString(), options, providers=self.providers)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_model(self.model, Path(tmp, "probed.onnx"), external_data=True)
-            return ort.InferenceSession(str(path), options, providers=self.providers)
+        try:
+            if not graph.needs_external_data(self.model):
+                return ort.InferenceSession(self.model.SerializeToString(), options, providers=self.providers)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_model(self.model, Path(tmp, "probed.onnx"), external_data=True)
+                return ort.InferenceSession(str(path), options, providers=self.providers)
+        except _ORT_ERRORS as exc:
+            raise ModelFileError(
+                f"onnxruntime cannot load the {self._described}: {first_line(exc)} "
+                "(an operator or opset it does not implement, or an invalid graph); "
+                "re-export the model with a supported opset"
+            ) from exc
 
     # ------------------------------------------------------------------ inputs
 
@@ -244,10 +262,17 @@ class OnnxEfficiencyModel:
     __call__ = run
 
     def _run_batch(self, feed: dict[str, np.ndarray], previous: Future | None = None):
-        if self._runner is None:
-            values = self.session.run(self._run_outputs, feed)
-        else:  # probe buffers are reused two runs later; batch k is counted before k + 2 runs
-            values = self._runner.run(feed)
+        try:
+            if self._runner is None:
+                values = self.session.run(self._run_outputs, feed)
+            else:  # probe buffers are reused two runs later; batch k is counted before k + 2 runs
+                values = self._runner.run(feed)
+        except _ORT_ERRORS as exc:
+            raise ModelInputError(
+                f"onnxruntime failed to run the {self._described} on a batch of shape "
+                f"{ {name: value.shape for name, value in feed.items()} }: {first_line(exc)}; "
+                "check that the data is what the model expects (value ranges of index inputs too)"
+            ) from exc
         n_out = len(self.output_names)
         batch_size = next(iter(feed.values())).shape[0] if feed else 1
         if previous is not None:

@@ -21,7 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .engine import n_bytes_for
-from .errors import StorageExistsError
+from .errors import IndexOutOfRangeError, MissingFileError, StorageExistsError, StoreError
 
 __all__ = ["ChunkedRows", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
 
@@ -155,13 +155,13 @@ class StateStore:
         """Reopen a directory store written earlier, for reading and appending."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"no state store at {path}: it is not a directory")
+            raise MissingFileError(f"no state store at {path}: it is not a directory")
         try:
             array = zarr.open_array(zarr.storage.LocalStore(path), mode="r+")
         except Exception as exc:  # zarr raises several types for a directory that is not an array
-            raise ValueError(f"{path} is not a tensorstate-onnx state store: {exc}") from None
+            raise StoreError(f"{path} is not a tensorstate-onnx state store: {exc}") from None
         if "n_neurons" not in array.attrs or array.dtype != np.uint8 or array.ndim != 2:
-            raise ValueError(f"{path} is a zarr array but not a tensorstate-onnx state store")
+            raise StoreError(f"{path} is a zarr array but not a tensorstate-onnx state store")
         self = cls.__new__(cls)
         self.n_neurons = int(array.attrs["n_neurons"])
         self.n_bytes = n_bytes_for(self.n_neurons)
@@ -187,7 +187,7 @@ class StateStore:
     def append(self, packed: np.ndarray) -> None:
         """Add rows; whole chunks are written at once, the rest waits for more or ``flush``."""
         if packed.ndim != 2 or packed.shape[1] != self.n_bytes or packed.dtype != np.uint8:
-            raise ValueError(
+            raise StoreError(
                 f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
             )
         self._rows.append(packed)
@@ -210,5 +210,5 @@ class StateStore:
             return self._array[rows]
         index = np.asarray(rows, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
+            raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
         return self._array.get_orthogonal_selection((index, slice(None)))

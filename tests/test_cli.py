@@ -5,6 +5,7 @@ as a real console script. Reported numbers are checked against plain onnxruntime
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import re
@@ -294,7 +295,7 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
         (["analyze", "--storage", "full"], "storage path .*full already exists and is not empty"),
         (["analyze", "--provider", "tpu"], "unknown provider 'tpu'"),
         (["analyze", "model"], "--data is required when a model is given"),
-        (["analyze", "--aiq-weight", "0"], "aIQ weight must be an int >= 1, got 0"),
+        (["analyze", "--aiq-weight", "0"], "aIQ weight must be an int from 1 to 1,000,000, got 0"),
     ],
     ids=[
         "missing model", "corrupt model", "inspect corrupt model", "attach-to nothing", "text data file",
@@ -455,7 +456,7 @@ def test_export_keras_file_matches_the_model(capsys, tmp_path):
         (["export", "models.torch_models:lenet5", "out.onnx"], "needs --input-shape"),
         (["export", "not_a_factory", "out.onnx"], "neither a .keras file nor 'package.module:factory'"),
         (["export", "models.torch_models:missing", "out.onnx", "--input-shape", "1,1,28,28"],
-         "module models.torch_models has no missing"),
+         "module models.torch_models has no factory 'missing'"),
         (["export", "no_such_package.models:make", "out.onnx", "--input-shape", "1,3"], "No module named 'no_such_package'"),
     ],
     ids=["no input shape", "not a factory", "missing factory", "missing package"],
@@ -472,3 +473,66 @@ def test_export_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, message)
 def _save(path: Path, array: np.ndarray) -> Path:
     np.save(path, array)
     return path
+
+
+def _one_line_error(capsys, *argv) -> str:
+    code, out, err = _main(capsys, *argv)
+    assert (code, out) == (cli.EXIT_BAD_INPUT, ""), (code, err)
+    assert err.startswith("tensorstate-onnx: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _model_with_a_gather(path: Path, opset: int = 17) -> Path:
+    """x [N, 4] float -> Gather of rows of a 3-row table by the int64 ids in ``ids`` [N]."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [3, 4], np.arange(12, dtype=np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("Add", ["rows", "x"], ["y"])],
+        "gather", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]),
+                   helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=[table],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def test_onnxruntime_failures_are_bad_input_with_the_model_named(capsys, tmp_path):
+    model = _model_with_a_gather(tmp_path / "gather.onnx")
+    np.savez(tmp_path / "bad_ids.npz", ids=np.array([0, 7]), x=np.ones((2, 4), np.float32))
+    err = _one_line_error(capsys, "analyze", model, "--data", tmp_path / "bad_ids.npz", "--attach-to", "Add")
+    assert "onnxruntime failed to run the model" in err and "gather.onnx" in err
+    model = onnx.load(str(model))
+    model.graph.node[1].op_type = "NoSuchOp"
+    onnx.save_model(model, str(tmp_path / "unknown_op.onnx"))
+    err = _one_line_error(capsys, "analyze", tmp_path / "unknown_op.onnx", "--data", tmp_path / "bad_ids.npz",
+                          "--attach-to", "Gather")  # fmt: skip
+    assert re.search(r"(onnxruntime cannot load the model|not a valid ONNX model)", err), err
+
+
+def test_options_refused_before_the_run(capsys, tmp_path):
+    err = _one_line_error(capsys, "analyze", "--aiq-weight", "1" + "0" * 400)
+    assert "aIQ weight must be an int from 1 to 1,000,000" in err
+
+
+def test_export_user_errors_exit_2(capsys, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "out.onnx"
+    factory = "models.torch_models:lenet5"
+    cases = [
+        (("export", "no_such_module_here:build", out, "--input-shape", "1,1,28,28"), "cannot import module"),
+        (("export", "models.torch_models:nothing", out, "--input-shape", "1,1,28,28"), "has no factory 'nothing'"),
+        (("export", "models.torch_models:MOBILENET_V2_SMALL_STEM", out, "--input-shape", "1"), "has no factory"),
+        (("export", factory, out, "--input-shape", "1,-1,28,28"), "--input-shape takes positive ints"),
+        (("export", factory, out, "--input-shape", "a,b"), "--input-shape takes positive ints"),
+        (("export", factory, out, "--input-shape", "1,1,28,28", "--weights", tmp_path / "none.pt"),
+         "weights file .*none.pt does not exist"),
+    ]  # fmt: skip
+    (tmp_path / "junk.pt").write_bytes(b"not torch weights")
+    cases.append((("export", factory, out, "--input-shape", "1,1,28,28", "--weights", tmp_path / "junk.pt"),
+                  "the weights in .*junk.pt do not load"))  # fmt: skip
+    if importlib.util.find_spec("keras") is not None:
+        (tmp_path / "corrupt.keras").write_bytes(b"PK\x03\x04 not really a zip")
+        cases += [(("export", tmp_path / "corrupt.keras", out), "corrupt.keras could not be loaded as a Keras model"),
+                  (("export", tmp_path / "missing.keras", out), "Keras model file .*missing.keras does not exist")]
+    for argv, message in cases:
+        assert re.search(message, _one_line_error(capsys, *argv)), argv
+    assert not out.exists()

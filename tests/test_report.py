@@ -144,7 +144,7 @@ def test_a_probe_with_a_single_state_zeroes_the_network_efficiency(tiny):
 def test_bad_aiq_weight(tiny):
     model = OnnxEfficiencyModel(tiny, "Relu", providers="cpu")
     model.predict(X, progress=False)
-    with pytest.raises(ValueError, match="aIQ weight must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="aIQ weight must be an int from 1 to 1,000,000, got 0"):
         summarize(model, 0.5, aiq_weight=0)
 
 

@@ -15,6 +15,8 @@ from importlib import resources
 
 import numpy as np
 
+from ..errors import MissingFileError
+
 __all__ = ["MODEL_FILE", "TEST_DATA_FILE", "load_test_data", "model_path"]
 
 MODEL_FILE = "lenet5_digits.onnx"
@@ -29,7 +31,7 @@ def _resource(name: str) -> pathlib.Path:
     """
     path = pathlib.Path(str(resources.files(__name__).joinpath(name)))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"demo file {name!r} is missing from {path.parent}; "
             "regenerate it with `python scripts/train_demo.py`"
         )

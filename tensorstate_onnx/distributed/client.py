@@ -28,7 +28,14 @@ import onnx
 
 from .._optional import import_optional
 from ..data import DEFAULT_BATCH_SIZE
-from ..errors import ModelInputError, ProviderError, SchedulerConnectionError, ShardFailedError
+from ..errors import (
+    ModelInputError,
+    OptionError,
+    OptionTypeError,
+    ProviderError,
+    SchedulerConnectionError,
+    ShardFailedError,
+)
 from ..runtime import OnnxEfficiencyModel
 from ..store import check_storage_root
 from .plan import _plan_shards
@@ -83,7 +90,7 @@ def _check_count(value, what: str, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
+        raise OptionError(f"{what} must be a positive int, got {value!r}")
     return int(value)
 
 
@@ -266,11 +273,11 @@ def analyze_sharded(
     shard_size = _check_count(shard_size, "shard_size")
     fan_in = _check_count(merge_fan_in, "merge_fan_in", allow_none=False)
     if fan_in < 2:
-        raise ValueError(f"merge_fan_in must be at least 2, got {merge_fan_in}")
+        raise OptionError(f"merge_fan_in must be at least 2, got {merge_fan_in}")
     _check_count(threads_per_worker, "threads_per_worker", allow_none=False)
     _check_count(n_workers, "n_workers")
     if client is not None and scheduler is not None:
-        raise ValueError("give either client= or scheduler=, not both")
+        raise OptionError("give either client= or scheduler=, not both")
 
     # The model: the client builds its own copy (probes, validation) and tells
     # the workers where to find theirs.
@@ -279,7 +286,7 @@ def analyze_sharded(
             model_path, model_bytes = str(Path(worker_model_path).absolute()), None
         else:
             if model.ByteSize() > _MAX_PROTO_BYTES:
-                raise ValueError(
+                raise OptionError(
                     "the ModelProto is too large to send to the workers; save it to shared storage "
                     "(tensorstate_onnx.graph.save_model) and pass its path"
                 )
@@ -288,7 +295,7 @@ def analyze_sharded(
         model_path, model_bytes = str(Path(worker_model_path or model).absolute()), None
         model = Path(model).absolute()
     else:
-        raise TypeError(f"model must be an onnx.ModelProto or a path to an .onnx file, not {type(model).__name__}")
+        raise OptionTypeError(f"model must be an onnx.ModelProto or a path to an .onnx file, not {type(model).__name__}")
     local = _build_local_model(model, attach_to, exclude, method, providers, optimization, pack_in_graph, channel_axes)
     digest = hashlib.sha256(model_bytes).hexdigest() if model_bytes is not None else ""
     started = time.perf_counter()

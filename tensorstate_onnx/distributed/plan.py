@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..data import check_labels, n_samples
-from ..errors import ModelInputError
+from ..errors import ModelInputError, OptionError, OptionTypeError
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ def _plan_shards(data, labels, shard_size, n_shards, shard_sizes, n_workers, bat
     if callable(data) and not hasattr(data, "shape"):
         return _plan_callable(data, labels, n_shards, shard_sizes)
     if n_shards is not None or shard_sizes is not None:
-        raise ValueError("n_shards and shard_sizes are for callable data sources; give shard_size for arrays")
+        raise OptionError("n_shards and shard_sizes are for callable data sources; give shard_size for arrays")
     if _is_dask_array(data):
         return _plan_dask(data, labels, shard_size)
     if not isinstance(data, dict) and not (hasattr(data, "shape") and hasattr(data, "__getitem__")):
-        raise TypeError(
+        raise OptionTypeError(
             f"cannot shard {type(data).__name__}; pass a numpy, dask or zarr array, a path of a "
             ".npy file or zarr array, or a callable shard_index -> iterable of batches with n_shards"
         )
@@ -170,18 +170,18 @@ def _plan_callable(function, labels, n_shards, shard_sizes):
     if shard_sizes is not None:
         sizes = [int(s) for s in shard_sizes]
         if any(s < 0 for s in sizes):
-            raise ValueError(f"shard_sizes must not be negative, got {list(shard_sizes)}")
+            raise OptionError(f"shard_sizes must not be negative, got {list(shard_sizes)}")
         if n_shards is not None and n_shards != len(sizes):
-            raise ValueError(f"n_shards={n_shards} but shard_sizes has {len(sizes)} entries")
+            raise OptionError(f"n_shards={n_shards} but shard_sizes has {len(sizes)} entries")
         if sum(sizes) == 0:
             raise ModelInputError("the data holds no samples (every shard size is 0)")
         starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         shards = [_Shard(i, starts[i], starts[i + 1], "callable", function) for i in range(len(sizes))]
         return shards, None, int(starts[-1]), None
     if n_shards is None:
-        raise ValueError("a callable data source needs n_shards (or shard_sizes): how many shards to ask it for")
+        raise OptionError("a callable data source needs n_shards (or shard_sizes): how many shards to ask it for")
     if isinstance(n_shards, bool) or not isinstance(n_shards, (int, np.integer)) or n_shards < 0:
-        raise ValueError(f"n_shards must be a non-negative int, got {n_shards!r}")
+        raise OptionError(f"n_shards must be a non-negative int, got {n_shards!r}")
     if n_shards == 0:
         raise ModelInputError("the data holds no samples (n_shards=0)")
     return [_Shard(i, None, None, "callable", function) for i in range(int(n_shards))], None, None, None

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from ..engine import n_bytes_for
+from ..errors import OptionError
 from ..graph import Probe
 from ..runtime import OnnxEfficiencyModel
 from ..store import STATE_CHUNK_BYTES, ChunkedRows, StateStore, state_codec, store_dirname
@@ -43,7 +44,7 @@ class _RegionWriter:
     def append(self, packed: np.ndarray) -> None:
         """Add the shard's next rows; whole chunks are written at once, the rest at ``close``."""
         if self._rows.written + self._rows.pending_rows + packed.shape[0] > self.n_rows:
-            raise ValueError(
+            raise OptionError(
                 f"{self.where} produced more than the {self.n_rows} states expected for "
                 f"{self.array.store}; its samples do not have the shape the storage was sized for"
             )
@@ -57,7 +58,7 @@ class _RegionWriter:
         """Write the rest; raise unless the shard produced exactly its region's rows."""
         self._rows.flush()
         if self._rows.written != self.n_rows:
-            raise ValueError(
+            raise OptionError(
                 f"{self.where} produced {self._rows.written} states for {self.array.store}, "
                 f"{self.n_rows} were expected"
             )
@@ -93,7 +94,7 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
     """Pre-size one zarr array per probe; return the job's storage map."""
     missing = [s.where for s in shards if s.start is None]
     if missing:
-        raise ValueError(
+        raise OptionError(
             "storage needs the size of every shard before the run; give shard_sizes= with a "
             "callable data source"
         )
@@ -103,7 +104,7 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
         per = _states_per_instance(probe)
         neurons = probe.n_neurons
         if per is None or not neurons:
-            raise ValueError(
+            raise OptionError(
                 f"storage needs a static number of states per sample and of neurons; probe "
                 f"{probe.name!r} has shape {probe.shape} (channel axis {probe.channel_axis}). "
                 "Give the model static spatial dimensions or run without storage_path"

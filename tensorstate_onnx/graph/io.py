@@ -17,13 +17,12 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, OptionTypeError, first_line
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "check_model",
     "elem_type_of",
-    "first_line",
     "infer_types",
     "load_model",
     "needs_external_data",
@@ -49,7 +48,7 @@ def load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(
+        raise OptionTypeError(
             f"model must be an onnx.ModelProto or a path to an .onnx file, "
             f"not {type(model).__name__}"
         )
@@ -197,12 +196,6 @@ def check_model(model: onnx.ModelProto) -> None:
         path = Path(tmp, "model.onnx")
         _save_with_external_data(model, path)
         onnx.checker.check_model(str(path))
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception message, for embedding in our own messages."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:

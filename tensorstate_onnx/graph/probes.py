@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import onnx
 
-from ..errors import ModelFileError, ProbeMatchError
+from ..errors import ModelFileError, OptionError, ProbeMatchError, first_line
 from ..patterns import as_patterns, preview, probe_methods
 from .editor import MIN_PACK_OPSET, Editor, all_names, default_opset
 from .index import GraphIndex, build_index, node_names
-from .io import check_model, first_line, infer_types, load_model, shape_of
+from .io import check_model, infer_types, load_model, shape_of
 from .layout import infer_channel_axes, is_channels_last, override_axis
 from .scopes import (
     Matcher,
@@ -122,7 +122,7 @@ def add_probes(
     excluded = as_patterns(exclude, "exclude")
     work = _copy_model(model)
     if pack_in_graph and default_opset(work) < MIN_PACK_OPSET:
-        raise ValueError(
+        raise OptionError(
             f"pack_in_graph needs default-domain opset >= {MIN_PACK_OPSET}, the model "
             f"has {default_opset(work)}; convert it with onnx.version_converter or "
             "use pack_in_graph=False"
@@ -216,7 +216,7 @@ def _make_probes(
         axis = override_axis(axes[cand.tensor], len(shape), overrides,
                              probe_name=name, tensor=cand.tensor, label=cand.label)  # fmt: skip
         if pack and shape[axis] is None:
-            raise ValueError(
+            raise OptionError(
                 f"pack_in_graph needs the number of neurons of probe {name!r} (tensor "
                 f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
                 "with a fixed channel size or use pack_in_graph=False"
@@ -238,7 +238,7 @@ def _check_override_keys(overrides: Mapping[str, int], probes: list[Probe]) -> N
     known = {key for p in probes for key in (p.name, p.label, p.tensor_name)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"channel_axes keys {unknown} name no probe; use a probe name, label or "
             f"tensor name among: {preview(sorted(p.name for p in probes))}"
         )
