@@ -13,14 +13,20 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (
+    IndexOutOfRangeError,
     MissingExtraError,
+    MissingFileError,
     ModelFileError,
     ModelInputError,
     NoStatesError,
     OptionError,
+    OptionTypeError,
     ProbeMatchError,
     ProviderError,
+    SchedulerConnectionError,
+    ShardFailedError,
     StorageExistsError,
+    StoreError,
     TensorStateError,
 )
 from .metrics import aIQ, entropy, network_efficiency
@@ -48,18 +54,24 @@ _LAZY = {
 
 __all__ = [
     "AbstractStateCapture",
+    "IndexOutOfRangeError",
     "MissingExtraError",
+    "MissingFileError",
     "ModelFileError",
     "ModelInputError",
     "NoStatesError",
     "OnnxEfficiencyModel",
     "OptionError",
+    "OptionTypeError",
     "ProbeMatchError",
     "ProviderError",
+    "SchedulerConnectionError",
+    "ShardFailedError",
     "StateCaptureProbe",
     "StateCounter",
     "StateStore",
     "StorageExistsError",
+    "StoreError",
     "TensorStateError",
     "aIQ",
     "build_efficiency_model",

@@ -140,11 +140,15 @@ class AbstractStateCapture(abc.ABC):
             self._store = store
             self._batches = [(int(instances), int(states_per_instance))]
 
-    def flush(self) -> None:
-        """Write buffered raw states to the store."""
+    def flush(self, complete: bool = True) -> None:
+        """Write buffered raw states to the store; ``complete`` marks it as
+        holding everything recorded (a run that failed passes False)."""
         with self._record_lock:
             if self._store is not None:
-                self._store.flush()
+                if complete:
+                    self._store.mark_complete()
+                else:
+                    self._store.flush()
 
     def reset_states(self, input_shape=None) -> None:
         """Forget every recorded state (``input_shape`` is kept for subclasses)."""

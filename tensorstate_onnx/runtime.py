@@ -288,16 +288,18 @@ class OnnxEfficiencyModel:
 
     def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
         pending: Future | None = None
+        finished = False
         try:
             for batch in _with_progress(iter_batches(data, labels, batch_size, len(self.inputs) == 1), progress):
                 outputs, pending = self._run_batch(self._feed(batch.inputs), pending)
                 yield outputs, batch.labels
             if pending is not None:
                 pending.result()
+            finished = True
         finally:
             if pending is not None and not pending.done():
                 pending.result()
-            self.flush()
+            self.flush(complete=finished)
 
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None):
         """Run all of ``data`` through the model, recording every probe.
@@ -329,10 +331,11 @@ class OnnxEfficiencyModel:
             total += batch_total
         return correct / total
 
-    def flush(self) -> None:
-        """Write buffered raw states of every probe to their stores."""
+    def flush(self, complete: bool = True) -> None:
+        """Write buffered raw states of every probe to their stores; ``complete``
+        marks them as holding the whole run (a run that failed passes False)."""
         for capture in self.efficiency_layers:
-            capture.flush()
+            capture.flush(complete)
 
     def reset_states(self) -> None:
         """Forget every probe's states (for a new evaluation in the same session)."""

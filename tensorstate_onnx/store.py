@@ -6,10 +6,18 @@ whole chunks, so a run of small batches does not recompress the same chunk
 again and again; ``flush()`` writes the rest. The directory form keeps the
 probe's metadata in the array's attributes, so a store can be reopened and
 analyzed without the model.
+
+Integrity: the attribute ``rows_written`` counts the rows completely written,
+and is raised only after their chunks are on disk; ``complete`` is set only by
+``mark_complete`` at the end of a run and cleared by the next append. A store
+left by a run that stopped early (exception, kill -9, full disk) reopens with
+exactly its first ``rows_written`` rows and ``complete`` false: rows past the
+count, whose chunks may be missing (zeros) or half-replaced, are dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,9 +31,13 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from .engine import n_bytes_for
 from .errors import IndexOutOfRangeError, MissingFileError, StorageExistsError, StoreError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ChunkedRows", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
 
 STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
+ROWS_WRITTEN = "rows_written"  # attribute: rows completely written
+COMPLETE = "complete"  # attribute: the run that wrote the store finished
 
 
 def state_codec() -> BloscCodec:
@@ -129,7 +141,7 @@ class StateStore:
                 self.path.unlink()
         rows = max(1, STATE_CHUNK_BYTES // self.n_bytes)
         store = zarr.storage.MemoryStore() if self.path is None else zarr.storage.LocalStore(self.path)
-        attributes = {"n_neurons": self.n_neurons, **(metadata or {})}
+        attributes = {"n_neurons": self.n_neurons, **(metadata or {}), ROWS_WRITTEN: 0, COMPLETE: False}
         self._array = zarr.create_array(
             store,
             shape=(0, self.n_bytes),
@@ -140,6 +152,8 @@ class StateStore:
             fill_value=0,
         )
         self._rows = ChunkedRows(rows, self._write)
+        self._complete = False
+        self._regions: list[tuple[int, int]] = []  # written regions past the first gap (sharded runs)
 
     @staticmethod
     def check_free(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -152,7 +166,12 @@ class StateStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "StateStore":
-        """Reopen a directory store written earlier, for reading and appending."""
+        """Reopen a directory store written earlier, for reading and appending.
+
+        Only the rows the store says were completely written are kept: the
+        tail a stopped run may have left is cut off. Metadata that contradicts
+        the array (row width, row count) is refused.
+        """
         path = Path(path)
         if not path.is_dir():
             raise MissingFileError(f"no state store at {path}: it is not a directory")
@@ -162,12 +181,25 @@ class StateStore:
             raise StoreError(f"{path} is not a tensorstate-onnx state store: {exc}") from None
         if "n_neurons" not in array.attrs or array.dtype != np.uint8 or array.ndim != 2:
             raise StoreError(f"{path} is a zarr array but not a tensorstate-onnx state store")
+        n_neurons = _positive_int(array.attrs["n_neurons"])
+        if n_neurons is None or n_bytes_for(n_neurons) != array.shape[1]:
+            raise StoreError(
+                f"state store {path} is inconsistent: its n_neurons attribute is "
+                f"{array.attrs['n_neurons']!r}, but its rows are {array.shape[1]} bytes wide "
+                f"({array.shape[1] * 8 - 7} to {array.shape[1] * 8} neurons); it was altered or damaged"
+            )
+        rows = _rows_written(array, path)
+        if rows < array.shape[0] and "n_shards" not in array.attrs:  # sharded stores are sized up front
+            log.warning("state store %s: dropping %d rows past the %d completely written", path, array.shape[0] - rows, rows)
+            array.resize((rows, array.shape[1]))
         self = cls.__new__(cls)
-        self.n_neurons = int(array.attrs["n_neurons"])
-        self.n_bytes = n_bytes_for(self.n_neurons)
+        self.n_neurons = n_neurons
+        self.n_bytes = array.shape[1]
         self.path = path
         self._array = array
-        self._rows = ChunkedRows(array.chunks[0], self._write, written=array.shape[0])
+        self._rows = ChunkedRows(array.chunks[0], self._write, written=rows)
+        self._complete = bool(array.attrs.get(COMPLETE, False))
+        self._regions = _shard_regions(array) if rows < array.shape[0] else []
         return self
 
     @property
@@ -179,10 +211,25 @@ class StateStore:
     def array(self) -> zarr.Array:
         """The zarr array, with every buffered row written."""
         self.flush()
+        if self._array.shape[0] != self._rows.written:
+            raise StoreError(
+                f"state store {self.path} holds only its first {self._rows.written} of "
+                f"{self._array.shape[0]} rows (its run stopped early); read them with read()"
+            )
         return self._array
 
+    @property
+    def complete(self) -> bool:
+        """Whether the run that wrote the store marked it finished (and nothing was appended since)."""
+        return self._complete
+
+    @property
+    def rows_written(self) -> int:
+        """Rows on disk (or in memory) for good: buffered rows are not counted."""
+        return self._rows.written
+
     def __len__(self) -> int:
-        return self._array.shape[0] + self._rows.pending_rows
+        return self._rows.written + self._rows.pending_rows
 
     def append(self, packed: np.ndarray) -> None:
         """Add rows; whole chunks are written at once, the rest waits for more or ``flush``."""
@@ -190,25 +237,128 @@ class StateStore:
             raise StoreError(
                 f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
             )
+        if self._complete and packed.shape[0]:
+            self._array.update_attributes({COMPLETE: False})
+            self._complete = False
         self._rows.append(packed)
 
     def _write(self, start: int, data: np.ndarray) -> None:
-        # zarr silently drops writes past the end: grow the array first.
-        self._array.resize((start + data.shape[0], self.n_bytes))
-        self._array[start:] = data
+        # zarr silently drops writes past the end: grow the array first. The
+        # row count goes up only once the rows are stored, so a run stopped in
+        # between leaves a store that ignores them.
+        end = start + data.shape[0]
+        self._array.resize((end, self.n_bytes))
+        self._array[start:end] = data
+        self._array.update_attributes({ROWS_WRITTEN: end})
+
+    def mark_complete(self) -> None:
+        """Write every buffered row and record that the run finished."""
+        self.flush()
+        if not self._complete:
+            self._array.update_attributes({COMPLETE: True})
+            self._complete = True
 
     def flush(self) -> None:
         """Write every buffered row."""
         self._rows.flush()
 
+    @property
+    def written_ranges(self) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` row ranges completely written: the first
+        ``rows_written`` rows, and in a stopped sharded run also the regions of
+        the shards it finished past the first gap."""
+        ranges = [(0, len(self))] if len(self) else []
+        for start, stop in self._regions:
+            if ranges and start <= ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], max(stop, ranges[-1][1]))
+            else:
+                ranges.append((start, stop))
+        return ranges
+
     def read(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Stored rows: all, a slice, or an integer index array (in the order given)."""
+        """Stored rows: all, a slice, or an integer index array (in the order given).
+
+        Only written rows can be read (see ``written_ranges``).
+        """
         self.flush()
         if rows is None:
-            return self._array[:]
+            rows = slice(0, len(self))
         if isinstance(rows, slice):
-            return self._array[rows]
+            rows = slice(*rows.indices(self._array.shape[0]))
+            picked = range(self._array.shape[0])[rows]
+            if len(picked):
+                self._check_written(np.array([min(picked), max(picked)]), contiguous=True)
+            return self._decoded(lambda: self._array[rows], rows)
         index = np.asarray(rows, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
+        if index.size and (index.min() < 0 or index.max() >= len(self)) and not self._regions:
             raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
-        return self._array.get_orthogonal_selection((index, slice(None)))
+        self._check_written(index)
+        return self._decoded(lambda: self._array.get_orthogonal_selection((index, slice(None))), index)
+
+    def _check_written(self, rows: np.ndarray, contiguous: bool = False) -> None:
+        """Raise unless every row lies in a written range (all in one range if ``contiguous``)."""
+        if not rows.size:
+            return
+        ranges = self.written_ranges
+        starts = np.array([start for start, _ in ranges] or [0], dtype=np.int64)
+        stops = np.array([stop for _, stop in ranges] or [0], dtype=np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        inside = (which >= 0) & (rows < stops[np.maximum(which, 0)])
+        if not inside.all() or (contiguous and which.min() != which.max()):
+            bad = int(rows[~inside][0]) if not inside.all() else int(rows.max())
+            raise IndexOutOfRangeError(
+                f"row {bad} of state store {self.path or '(memory)'} was never completely written "
+                f"(its run stopped early); the written rows are {ranges}"
+            )
+
+    def _decoded(self, read: Callable[[], np.ndarray], rows: slice | np.ndarray) -> np.ndarray:
+        """``read()``, with a chunk that does not decode named instead of a codec's bare error."""
+        try:
+            return read()
+        except Exception as exc:  # Blosc and zarr raise RuntimeError, ValueError, ... for damaged chunks
+            chunk_rows = self._array.chunks[0]
+            wanted = range(len(self))[rows] if isinstance(rows, slice) else np.unique(rows)
+            for chunk in sorted({int(r) // chunk_rows for r in wanted}):
+                begin = chunk * chunk_rows
+                try:
+                    self._array[begin : begin + chunk_rows]
+                except Exception as chunk_exc:
+                    raise StoreError(
+                        f"state store {self.path or '(memory)'} is damaged: chunk {chunk} (rows {begin} to "
+                        f"{min(begin + chunk_rows, len(self)) - 1}) cannot be read ({chunk_exc}); "
+                        "rerun the analysis to rebuild it"
+                    ) from None
+            raise exc
+
+
+def _positive_int(value) -> int | None:
+    """``value`` if it is a positive integer (not a bool), else None."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    return None
+
+
+def _shard_regions(array: zarr.Array) -> list[tuple[int, int]]:
+    """Row ranges of the shards a sharded run wrote (none for other stores)."""
+    bounds = array.attrs.get("shard_rows")
+    if not isinstance(bounds, list):
+        return []
+    written = array.attrs.get("shards_written", [])
+    return [(bounds[k], bounds[k + 1]) for k in sorted(written) if 0 <= k < len(bounds) - 1]
+
+
+def _rows_written(array: zarr.Array, path: Path) -> int:
+    """The rows of ``array`` completely written, from its attributes.
+
+    A store without the count (one written before it existed) is taken as
+    written to its end.
+    """
+    if ROWS_WRITTEN not in array.attrs:
+        return array.shape[0]
+    rows = array.attrs[ROWS_WRITTEN]
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= array.shape[0]:
+        raise StoreError(
+            f"state store {path} is inconsistent: it says {rows!r} rows were written but holds "
+            f"{array.shape[0]}; it was altered or damaged"
+        )
+    return rows

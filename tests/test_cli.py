@@ -8,9 +8,12 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +354,42 @@ def test_overwrite_replaces_the_stores_in_an_existing_storage(capsys, expected, 
     assert _table_rows(out)["conv1:after"][-1] == f"{expected['layers'][0]['efficiency']:.4f}"
 
 
+def test_a_full_disk_exits_2_with_one_line_and_keeps_what_was_stored(capsys, monkeypatch, tmp_path):
+    import errno
+
+    from tensorstate_onnx import store as store_module
+
+    monkeypatch.setattr(store_module, "STATE_CHUNK_BYTES", 4096)  # many chunk writes per probe
+    real_write = store_module.StateStore._write
+    writes = []
+
+    def write_until_full(self, start, data):
+        if len(writes) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append((self.path.name, start + data.shape[0]))
+        real_write(self, start, data)
+
+    monkeypatch.setattr(store_module.StateStore, "_write", write_until_full)
+    code, out, err = _main(capsys, "analyze", "--storage", tmp_path / "states")
+    assert code == cli.EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert "No space left on device" in err
+    monkeypatch.undo()
+    assert cli.main(["analyze", "--storage", str(tmp_path / "full")]) == 0
+    expected_rows = _full_rows(tmp_path / "full")
+    stored = {name: end for name, end in writes}
+    for directory in (tmp_path / "states").iterdir():
+        kept = store_module.StateStore.open(directory)
+        assert not kept.complete and len(kept) == stored.get(directory.name, 0)
+        assert np.array_equal(kept.read(), expected_rows[directory.name][: len(kept)])
+    capsys.readouterr()
+
+
+def _full_rows(root: Path) -> dict[str, np.ndarray]:
+    from tensorstate_onnx.store import StateStore
+
+    return {d.name: StateStore.open(d).read() for d in root.iterdir()}
+
+
 def test_overwrite_without_storage_is_refused_before_the_run(capsys):
     code, out, err = _main(capsys, "analyze", "--overwrite")
     assert code == cli.EXIT_BAD_INPUT and out == ""
@@ -374,6 +413,63 @@ def test_internal_error_exits_1_with_traceback(capsys, monkeypatch):
     assert "Traceback (most recent call last)" in err
     assert "RuntimeError: simulated bug in the report" in err
     assert err.rstrip().endswith("internal error (please report it with the traceback above)")
+
+
+# ---------------------------------------------------------------- killed runs
+
+_KILLABLE_RUN = (
+    "import sys; from tensorstate_onnx import cli, store; "
+    "store.STATE_CHUNK_BYTES = 1 << 12; "  # small chunks: many writes to be killed between
+    "sys.exit(cli.main(sys.argv[1:]))"
+)
+
+
+def _killable(storage: Path, data: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-c", _KILLABLE_RUN, "analyze", "--data", str(data), "--batch-size", "7",
+            "--provider", "cpu", "--storage", str(storage), "--no-progress"]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"NUMBA_THREADING_LAYER": "workqueue"})
+
+
+@pytest.mark.slow
+def test_runs_killed_at_random_moments_leave_stores_with_a_prefix_of_the_rows(tmp_path):
+    from tensorstate_onnx.store import StateStore
+
+    x, _ = demo.load_test_data()
+    data = tmp_path / "x.npy"
+    np.save(data, np.concatenate([x, x]))
+    started = time.perf_counter()
+    whole = _killable(tmp_path / "whole", data)
+    while not (tmp_path / "whole").exists() and whole.poll() is None:
+        time.sleep(0.01)
+    first_store = time.perf_counter() - started
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()
+    duration = time.perf_counter() - started
+    expected_rows = _full_rows(tmp_path / "whole")
+    assert all(StateStore.open(tmp_path / "whole" / name).complete for name in expected_rows)
+    rng = np.random.default_rng(20)
+    killed = partial = 0
+    for k in range(40):
+        if killed == 20:
+            break
+        storage = tmp_path / f"killed{k}"
+        run = _killable(storage, data)
+        time.sleep(first_store + rng.uniform(0.0, 0.9 * (duration - first_store)))
+        run.send_signal(signal.SIGKILL)
+        code = run.wait(timeout=60)
+        if code == 0:
+            continue  # it finished first
+        killed += 1
+        for directory in storage.iterdir() if storage.exists() else ():
+            if not (directory / "zarr.json").exists():
+                continue  # killed before the array's metadata was written
+            store = StateStore.open(directory)
+            rows, want = store.read(), expected_rows[directory.name]
+            if store.complete:  # killed after the stream ended, while reporting
+                assert np.array_equal(rows, want), directory
+            else:
+                assert np.array_equal(rows, want[: len(rows)]), directory
+                partial += 0 < len(rows) < len(want)
+    assert killed == 20 and partial >= 10, (killed, partial)
 
 
 # ---------------------------------------------------------------- console script

@@ -305,6 +305,29 @@ def test_storage_keeps_raw_states_in_order_and_reopens(demo_model, demo_data, tm
             assert _counts(capture, index) == _reference_counts(picked)
 
 
+def test_stores_are_complete_only_after_a_whole_run(demo_model, demo_data, tmp_path):
+    x = demo_data[0][:64]
+    whole = _build(demo_model, storage_path=tmp_path / "whole")
+    whole.predict(x[:32], batch_size=16, progress=False)
+    stopped = _build(demo_model, storage_path=tmp_path / "stopped")
+
+    def batches():
+        yield x[:16]
+        yield x[16:32]
+        raise OSError("the data source went away")
+
+    with pytest.raises(OSError, match="went away"):
+        stopped.predict(batches(), progress=False)
+    for probe in whole.probes:
+        name = probe.name.replace(":", "_")
+        want = StateStore.open(tmp_path / "whole" / name)
+        have = StateStore.open(tmp_path / "stopped" / name)
+        assert want.complete and not have.complete
+        assert len(have) > 0 and np.array_equal(have.read(), want.read())
+    stopped.predict(x[32:48], progress=False)  # a later whole run completes the stores again
+    assert all(StateStore.open(tmp_path / "stopped" / p.name.replace(":", "_")).complete for p in whole.probes)
+
+
 def test_without_storage_instance_counts_and_states_need_storage(demo_model, demo_data):
     probed = _build(demo_model)
     capture = probed.efficiency_layers[0]

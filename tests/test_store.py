@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from tensorstate_onnx import StorageExistsError
+import zarr
+
+from tensorstate_onnx import StorageExistsError, StoreError
 from tensorstate_onnx.store import ChunkedRows, StateStore, check_storage_root, store_dirname, unique_store_dirname
 
 
@@ -43,7 +45,10 @@ def test_directory_store_reopens_with_metadata(tmp_path):
     store.flush()
     reopened = StateStore.open(path)
     assert reopened.n_neurons == 20
-    assert reopened.metadata == {"n_neurons": 20, "name": "conv1:after", "node": "/conv1/Conv", "states_per_instance": 576}
+    assert reopened.metadata == {
+        "n_neurons": 20, "name": "conv1:after", "node": "/conv1/Conv", "states_per_instance": 576,
+        "rows_written": 5000, "complete": False,
+    }  # fmt: skip
     assert np.array_equal(reopened.read(), data)
     reopened.append(data[:3])
     assert len(StateStore.open(path)) == 5000  # buffered rows reach the disk on flush
@@ -122,3 +127,93 @@ def test_chunked_rows_write_up_to_chunk_boundaries_and_keep_copies():
     rows.flush()
     assert [(first, len(data)) for first, data in writes] == [(3, 5), (8, 1)]
     assert rows.written == 9 and rows.pending_rows == 0
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _disk_store(path, rows, n_neurons=16):
+    store = StateStore(n_neurons, path)
+    store.append(rows)
+    store.flush()
+    return store
+
+
+def _raw(path):
+    return zarr.open_array(zarr.storage.LocalStore(path), mode="r+")
+
+
+def test_rows_written_counts_only_rows_on_disk_and_complete_is_set_at_the_end(tmp_path):
+    path = tmp_path / "probe"
+    store = StateStore(4096, path)  # 8192 rows a chunk
+    data = _rows(20_000, 512)
+    store.append(data[:10_000])
+    assert store.rows_written == 8192 and len(store) == 10_000  # the rest waits for a whole chunk
+    assert _raw(path).attrs["rows_written"] == 8192 and store.complete is False
+    store.mark_complete()
+    assert store.complete and _raw(path).attrs["rows_written"] == 10_000 and _raw(path).attrs["complete"] is True
+    store.append(data[10_000:10_001])
+    assert _raw(path).attrs["complete"] is False, "an append reopens the run"
+    assert StateStore.open(path).complete is False
+
+
+def test_a_store_grown_but_not_written_reopens_with_its_written_rows(tmp_path):
+    # A kill between growing the array and writing its chunk left zeros that looked like states.
+    path = tmp_path / "probe"
+    data = _rows(100, 2)
+    _disk_store(path, data)
+    _raw(path).resize((1_000_000, 2))
+    reopened = StateStore.open(path)
+    assert len(reopened) == 100 and reopened.complete is False
+    assert np.array_equal(reopened.read(), data)
+    assert np.array_equal(reopened.array[:], data)
+    assert _raw(path).shape == (100, 2), "the unwritten tail is cut off"
+    reopened.append(data[:5])
+    reopened.flush()
+    assert np.array_equal(StateStore.open(path).read(), np.concatenate([data, data[:5]]))
+
+
+def test_rows_written_but_not_counted_are_dropped(tmp_path):
+    # A kill after a chunk was written but before the count was raised.
+    path = tmp_path / "probe"
+    data = _rows(100, 2)
+    _disk_store(path, data)
+    raw = _raw(path)
+    raw.resize((150, 2))
+    raw[100:] = _rows(50, 2, seed=1)
+    assert np.array_equal(StateStore.open(path).read(), data)
+
+
+@pytest.mark.parametrize(
+    "attributes, message",
+    [
+        ({"n_neurons": 40}, "n_neurons attribute is 40, but its rows are 2 bytes wide"),
+        ({"n_neurons": "16"}, "n_neurons attribute is '16'"),
+        ({"n_neurons": 0}, "n_neurons attribute is 0"),
+        ({"rows_written": 101}, "says 101 rows were written but holds 100"),
+        ({"rows_written": -1}, "says -1 rows"),
+        ({"rows_written": 2.5}, "says 2.5 rows"),
+    ],
+)
+def test_metadata_that_contradicts_the_array_is_refused(tmp_path, attributes, message):
+    path = tmp_path / "probe"
+    _disk_store(path, _rows(100, 2))
+    _raw(path).update_attributes(attributes)
+    with pytest.raises(StoreError, match=message):
+        StateStore.open(path)
+
+
+def test_a_damaged_chunk_is_named(tmp_path):
+    path = tmp_path / "probe"
+    store = StateStore(4096, path)  # 8192 rows a chunk
+    store.append(_rows(20_000, 512))
+    store.mark_complete()
+    chunk = path / "c" / "1" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a blosc frame" * 10)
+    reopened = StateStore.open(path)
+    assert reopened.read(slice(0, 8192)).shape == (8192, 512), "the sound chunk still reads"
+    with pytest.raises(StoreError, match=r"damaged: chunk 1 \(rows 8192 to 16383\)"):
+        reopened.read()
+    with pytest.raises(StoreError, match="chunk 1"):
+        reopened.read(np.array([0, 9000]))

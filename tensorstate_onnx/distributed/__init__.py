@@ -34,9 +34,10 @@ Raw states
     that no other task touches. A retried shard rewrites the same region with
     the same bytes. The arrays reopen with :meth:`StateStore.open
     <tensorstate_onnx.store.StateStore.open>` and hold rows in dataset order;
-    after a failed run they stay readable, rows of unfinished shards read as
-    zeros, and the attributes ``complete`` and ``shards_written`` say which
-    shards are there.
+    after a failed run they stay readable: ``complete`` is false,
+    ``shards_written`` lists the finished shards, reading stops at the first
+    unfinished one (``rows_written``) and rows of finished shards past it read
+    by range (``StateStore.written_ranges``); unwritten rows are never read.
 
 Modules: :mod:`.plan` splits the data into shards, :mod:`.worker` is what a
 shard task runs, :mod:`.reduce` merges partial results, :mod:`.storage` writes

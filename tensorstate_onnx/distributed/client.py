@@ -439,6 +439,7 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
                 raise RuntimeError(f"task {key} was {future.status}")
             if key in leaf_index:
                 done.add(leaf_index[key])
+                _mark_stores(storage, done, False)
             if key not in root_keys:
                 continue
             t0 = time.perf_counter()

@@ -4,7 +4,9 @@ The client creates every array before the run, sized for the whole data, with
 chunks that hold whole samples and divide every shard boundary; each shard task
 then writes its own rows in whole chunks that no other task touches (a retried
 shard rewrites the same region with the same bytes). The attributes
-``complete`` and ``shards_written`` say which shards are there.
+``complete`` and ``shards_written`` say which shards are there, and
+``rows_written`` how many rows from the start are there without a gap: a
+reopened store of a stopped run reads only those.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..engine import n_bytes_for
 from ..errors import OptionError
 from ..graph import Probe
 from ..runtime import OnnxEfficiencyModel
-from ..store import STATE_CHUNK_BYTES, ChunkedRows, StateStore, state_codec, store_dirname
+from ..store import COMPLETE, ROWS_WRITTEN, STATE_CHUNK_BYTES, ChunkedRows, StateStore, state_codec, store_dirname
 from .plan import _Shard
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,8 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
         directory = root / store_dirname(name)
         attributes = {
             "n_neurons": neurons, "name": name, **capture.metadata, "states_per_instance": per,
-            "n_samples": n, "n_shards": len(shards), "complete": False, "shards_written": [],
+            "n_samples": n, "n_shards": len(shards), COMPLETE: False, "shards_written": [],
+            "shard_rows": [s.start * per for s in shards] + [n * per], ROWS_WRITTEN: 0,
         }  # fmt: skip
         zarr.create_array(
             zarr.storage.LocalStore(directory), shape=(n * per, n_bytes), chunks=(chunk_rows, n_bytes),
@@ -138,10 +141,16 @@ def _mark_stores(storage: dict | None, written: Iterable[int], complete: bool) -
     """Record in every array's attributes which shards are there and whether the run completed."""
     if not storage:
         return
+    written = sorted(written)
     for directory, _, _ in storage.values():
         try:
             array = zarr.open_array(zarr.storage.LocalStore(directory), mode="r+")
-            array.update_attributes({"complete": complete, "shards_written": sorted(written)})
+            bounds = array.attrs["shard_rows"]
+            prefix = 0
+            while prefix < len(written) and written[prefix] == prefix:
+                prefix += 1
+            attributes = {COMPLETE: complete, "shards_written": written, ROWS_WRITTEN: bounds[prefix]}
+            array.update_attributes(attributes)
         except Exception as exc:  # never hide the run's own error behind this one
             log.warning("could not update the attributes of %s: %s", directory, exc)
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from tensorstate_onnx import ModelFileError, StateStore, demo  # noqa: E402
+from tensorstate_onnx import ModelFileError, StateStore, StoreError, demo  # noqa: E402
 from tensorstate_onnx import distributed as tsd  # noqa: E402
 from tensorstate_onnx.capture import AbstractStateCapture  # noqa: E402
 from tensorstate_onnx.distributed.client import _ClientMerger  # noqa: E402
@@ -155,8 +155,15 @@ def test_a_shard_that_always_kills_its_worker_fails_clearly(own_client, digits, 
         meta = store.metadata
         assert meta["complete"] is False and 2 not in meta["shards_written"]
         per = meta["states_per_instance"]
-        rows = store.read()
         want = capture.states[:]
+        # Rows count up to the first missing shard; finished shards past it read by region.
+        first_gap = next(k for k in range(5) if k not in meta["shards_written"])
+        assert len(store) == meta["rows_written"] == first_gap * 60 * per
+        assert np.array_equal(store.read(), want[: first_gap * 60 * per])
         for shard in meta["shards_written"]:
             region = slice(shard * 60 * per, (shard + 1) * 60 * per)
-            assert np.array_equal(rows[region], want[region])
+            assert np.array_equal(store.read(region), want[region])
+        with pytest.raises(IndexError, match="never completely written"):
+            store.read(slice(120 * per, 180 * per))
+        with pytest.raises(StoreError, match="holds only its first"):
+            store.array  # noqa: B018
