@@ -7,6 +7,7 @@ internal error (with its traceback, for a bug report).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -173,6 +174,8 @@ def _check_options_before_run(args) -> None:
     check_aiq_weight(args.aiq_weight)
     if args.overwrite and args.storage is None:
         raise ModelInputError("--overwrite replaces the state stores in --storage DIR; give --storage too")
+    if not 0 < args.connect_timeout < math.inf:
+        raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
     for option in ("json", "csv", "plot"):
         path = getattr(args, option)
@@ -184,6 +187,8 @@ def _check_options_before_run(args) -> None:
         parent = target.absolute().parent
         if not parent.is_dir():
             raise ModelInputError(f"--{option} {path}: directory {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise ModelInputError(f"--{option} {path} cannot be written (permission denied); choose another path")
     if args.plot is not None:
         check_plot_format(args.plot)
 

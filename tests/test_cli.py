@@ -249,11 +249,17 @@ def _sorted_counts(counter) -> tuple[np.ndarray, np.ndarray]:
     "argv, message",
     [
         (["analyze", "--workers", "0"], "--workers must be a positive number of processes, got 0"),
-        (["analyze", "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "1"],
-         "could not connect to the Dask scheduler at 'tcp://127.0.0.1:9' within 1.0 s"),
+        # A refused port is refused at once, not after the (long) timeout.
+        (["analyze", "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "120"],
+         r"nothing listens at tcp://127\.0\.0\.1:9 \(connection refused\)"),
+        (["analyze", "--scheduler", "foo://bar"], "unknown scheme 'foo' in the scheduler address 'foo://bar'"),
+        (["analyze", "--scheduler", "tcp://localhost"], "not a Dask scheduler address .*missing port"),
+        (["analyze", "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "-1"],
+         "--connect-timeout must be a positive number of seconds, got -1.0"),
+        (["analyze", "--workers", "2", "--connect-timeout", "0"], "--connect-timeout must be a positive number"),
         (["analyze", "model", "--data", "text.npy", "--workers", "2"], "data file .*text.npy is not a readable"),
     ],
-    ids=["no workers", "unreachable scheduler", "bad data file"],
+    ids=["no workers", "refused port", "unknown scheme", "no port", "negative timeout", "zero timeout", "bad data file"],
 )  # fmt: skip
 def test_sharded_bad_input_exits_2_with_one_line(capsys, files, argv, message):
     pytest.importorskip("distributed")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
+import socket
 import time
 import uuid
 import warnings
@@ -98,6 +100,39 @@ def _cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def _check_scheduler_address(address: str, timeout: float) -> None:
+    """Refuse an address Dask cannot parse, and one where nothing listens, at
+    once: Dask itself retries a refused port until ``timeout`` and leaves a
+    half-built client that complains when collected."""
+    _, distributed = _dask()
+    if not isinstance(address, str):
+        raise OptionTypeError(f"scheduler must be an address string like 'tcp://host:8786', not {type(address).__name__}")
+    try:
+        scheme, _ = distributed.comm.parse_address(address)
+    except Exception as exc:
+        raise SchedulerConnectionError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. tcp://host:8786") from None
+    known = sorted(distributed.comm.registry.backends)
+    if scheme not in known:
+        raise SchedulerConnectionError(
+            f"unknown scheme {scheme!r} in the scheduler address {address!r}; use one of {known}, e.g. tcp://host:8786"
+        )
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = distributed.comm.get_address_host_port(address)
+    except Exception as exc:
+        raise SchedulerConnectionError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. tcp://host:8786") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        raise SchedulerConnectionError(
+            f"nothing listens at {address} (connection refused); start the scheduler (`dask scheduler`) "
+            "or check the address"
+        ) from None
+    except OSError:
+        pass  # unreachable or slow: Dask's own connect reports it within the timeout
 
 
 @contextmanager
@@ -278,6 +313,10 @@ def analyze_sharded(
     _check_count(n_workers, "n_workers")
     if client is not None and scheduler is not None:
         raise OptionError("give either client= or scheduler=, not both")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise OptionError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if scheduler is not None:
+        _check_scheduler_address(scheduler, timeout)
 
     # The model: the client builds its own copy (probes, validation) and tells
     # the workers where to find theirs.
