@@ -71,6 +71,11 @@ def split_pair(item, single_input: bool):
     """Split ``item`` into (inputs, labels) when it is an ``(x, y)`` pair."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and (single_input or isinstance(item[0], dict)):
         return item[0], item[1]
+    if isinstance(item, (tuple, list)) and len(item) == 3:
+        raise ModelInputError(
+            "(x, y, sample_weight) batches are not supported: states are counted once per sample, so "
+            "weights would apply to the accuracy alone; pass (x, y) pairs"
+        )
     if isinstance(item, (tuple, list)):
         raise ModelInputError(
             f"a batch given as a {type(item).__name__} of {len(item)} items is ambiguous; pass an "
@@ -111,6 +116,8 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
         if labels is not None:
             raise ModelInputError("labels were given twice: inside (x, y) data and as labels=")
         data, labels = split_pair(data, single_input)
+    elif isinstance(data, tuple) and data and (_is_array_like(data[0]) or isinstance(data[0], dict)):
+        split_pair(data, single_input)  # a triple or other tuple of arrays: refused there
     if _is_array_like(data) or isinstance(data, dict):
         n = n_samples(data)
         if n == 0:

@@ -306,12 +306,14 @@ class OnnxEfficiencyModel:
 
         ``data``: a numpy array, a dict of arrays, an ``(x, y)`` pair, or an
         iterable of batches of those (generators, torch DataLoaders, tf.data
-        datasets). Returns the model's output (a list when it has several).
+        datasets). Returns the model's output (a list when it has several),
+        joined along the batch axis; an output with no batch axis (a scalar
+        such as a loss) comes back as one value per batch.
         """
         collected: list[list[np.ndarray]] = []
         for outputs, _ in self._stream(data, None, batch_size, progress):
             collected.append(outputs)
-        joined = [np.concatenate([batch[i] for batch in collected]) for i in range(len(self.output_names))]
+        joined = [_join([batch[i] for batch in collected]) for i in range(len(self.output_names))]
         return joined[0] if len(joined) == 1 else joined
 
     def evaluate(self, data, labels=None, batch_size: int | None = None, progress: bool | None = None) -> float:
@@ -361,3 +363,10 @@ def _with_progress(batches: Iterator[Batch], progress: bool | None) -> Iterator[
     from tqdm.auto import tqdm
 
     return tqdm(batches, unit="batch", desc="analyzing", leave=False)
+
+
+def _join(batches: list[np.ndarray]) -> np.ndarray:
+    """One output's batches joined on the batch axis; scalars stacked, one per batch."""
+    if any(batch.ndim == 0 for batch in batches):
+        return np.stack(batches)
+    return np.concatenate(batches)

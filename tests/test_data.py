@@ -153,6 +153,16 @@ def test_iter_batches_rejects_labels_given_twice(data):
         list(iter_batches(iter([(x, y)]), y))
 
 
+def test_sample_weight_triples_are_refused_not_read_as_three_batches(data):
+    x, y = data
+    w = np.ones(len(y), np.float32)
+    for source in ((x, y, w), iter([(x[:7], y[:7], w[:7])]), [(x[:7], y[:7], w[:7])]):
+        with pytest.raises(ModelInputError, match=r"\(x, y, sample_weight\) batches are not supported.*pass \(x, y\) pairs"):
+            list(iter_batches(source))
+    with pytest.raises(ModelInputError, match="a batch given as a tuple of 1 items is ambiguous"):
+        list(iter_batches((x,)))
+
+
 # ---------------------------------------------------------------- bad data
 
 

@@ -117,6 +117,25 @@ def _build(model, **options) -> OnnxEfficiencyModel:
 # ---------------------------------------------------------------- outputs
 
 
+def test_a_scalar_output_comes_back_one_value_per_batch():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu"),
+         helper.make_node("ReduceSum", ["y"], ["total"], name="sum", keepdims=0)],
+        "scalar_output",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, [])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    probed = _build(model, attach_to="Relu")
+    y, total = probed.predict(x, batch_size=4, progress=False)
+    assert np.array_equal(y, np.maximum(x, 0))
+    relu = np.maximum(x, 0)
+    assert np.allclose(total, [relu[0:4].sum(), relu[4:8].sum(), relu[8:].sum()], rtol=1e-6)
+    assert probed.efficiency_layers[0].state_count == 10
+
+
 @pytest.mark.parametrize("pack_in_graph", [False, True], ids=["host-pack", "graph-pack"])
 @pytest.mark.parametrize("optimization", ["all", "disable"])
 @pytest.mark.parametrize("network", ["demo", "mobilenet"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -241,13 +241,41 @@ class Matcher:
         graph = self.index.graph
         op_types = sorted({node.op_type for node in graph.node})
         framework = sorted({s.label for s in self.scopes})
+        inner = [
+            f"{node.op_type} {node.name or '(unnamed)'} in the body of {owner.op_type} {owner.name or '(unnamed)'}"
+            for owner, node in subgraph_nodes(graph)
+            if matches_any(list(patterns), (node.op_type, node.name))
+        ]
+        control_flow = (
+            f" Matches inside control-flow subgraphs cannot be probed (a body runs many times per "
+            f"sample and its tensors are not graph outputs): {preview(inner)}; probe the outputs of "
+            "the control-flow node instead."
+            if inner
+            else ""
+        )
         return (
-            f"attach_to {list(patterns)} matched no op type, node or layer of the model. "
+            f"attach_to {list(patterns)} matched no op type, node or layer of the model.{control_flow} "
             f"Op types present: {', '.join(op_types) or '(none)'}. "
             f"Node names: {preview(self.index.names)}. "
             f"Framework names: {preview(framework)}. "
             "Patterns are case-sensitive and may use * and ? wildcards."
         )
+
+
+def subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """``(control-flow node, node)`` for every node inside the subgraphs (Loop,
+    If and Scan bodies) of ``graph``, at any depth; the owner is the top-level node."""
+    for owner in graph.node:
+        stack = _bodies(owner)
+        while stack:
+            for node in stack.pop().node:
+                yield owner, node
+                stack += _bodies(node)
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs held in the attributes of ``node``."""
+    return [body for a in node.attribute for body in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
 
 
 def select_scopes(

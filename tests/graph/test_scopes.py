@@ -60,6 +60,33 @@ def test_no_match_lists_op_types(cnn):
     assert "nothing_like_this" in message and "conv2" in message
 
 
+def test_no_match_names_matches_inside_control_flow_bodies():
+    def branch(name, op):
+        inner = helper.make_node(op, ["x"], [f"{name}_out"], name=f"{name}_{op.lower()}")
+        return helper.make_graph([inner], name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [2])])
+
+    nested = helper.make_node("If", ["flag"], ["deep"], name="inner_if",
+                              then_branch=branch("deep_then", "Relu"), else_branch=branch("deep_else", "Neg"))  # fmt: skip
+    outer_then = helper.make_graph([nested], "outer_then", [], [helper.make_tensor_value_info("deep", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="outer_if", then_branch=outer_then, else_branch=branch("else", "Relu"))],
+        "control_flow",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ProbeMatchError) as err:
+        add_probes(model, "Relu")
+    message = str(err.value)
+    assert "cannot be probed" in message and "Op types present: If." in message
+    assert "Relu deep_then_relu in the body of If outer_if" in message
+    assert "Relu else_relu in the body of If outer_if" in message
+    assert "Neg" not in message.split("Op types present")[0]
+    with pytest.raises(ProbeMatchError) as err:
+        add_probes(model, "Conv")
+    assert "control-flow" not in str(err.value)
+
+
 def test_empty_attach_to(cnn):
     with pytest.raises(ProbeMatchError):
         add_probes(cnn, [])
