@@ -14,7 +14,9 @@ import traceback
 import zipfile
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -49,11 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure neuron-state efficiency and aIQ of ONNX, Keras and PyTorch models.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="let TensorFlow, PyTorch and onnxruntime print their logs")
 
-    inspect = commands.add_parser("inspect", help="list inputs, outputs, op types and probe-able tensors")
+    inspect = commands.add_parser("inspect", parents=[common], help="list inputs, outputs, op types and probe-able tensors")
     inspect.add_argument("model", help="path of an .onnx file")
 
-    analyze = commands.add_parser("analyze", help="run data through a model and report efficiencies")
+    analyze = commands.add_parser("analyze", parents=[common], help="run data through a model and report efficiencies")
     analyze.add_argument("model", nargs="?", help="path of an .onnx file (default: the bundled LeNet-5 digits demo)")
     analyze.add_argument("--data", help=".npy or .npz file of inputs (.npz: arrays named like the inputs, or x [and y])")
     analyze.add_argument("--labels", help=".npy file of class labels, one per sample")
@@ -74,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
 
-    export = commands.add_parser("export", help="export a Keras (.keras) or PyTorch (module:factory) model to ONNX")
+    export = commands.add_parser("export", parents=[common], help="export a Keras (.keras) or PyTorch (module:factory) model to ONNX")
     export.add_argument("source", help="a .keras file, or 'package.module:factory' returning a torch.nn.Module")
     export.add_argument("output", help="path of the .onnx file to write")
     export.add_argument("--weights", help="PyTorch state_dict file (.pt) to load into the module")
@@ -85,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_array(path: str | os.PathLike, what: str) -> np.ndarray | dict:
     file = Path(path)
+    if file.is_dir():
+        raise ModelInputError(f"{what} file {path} is a directory; pass a .npy or .npz file")
     if not file.is_file():
         raise MissingFileError(f"{what} file {path} does not exist")
     try:
@@ -174,6 +180,8 @@ def _check_options_before_run(args) -> None:
     check_aiq_weight(args.aiq_weight)
     if args.overwrite and args.storage is None:
         raise ModelInputError("--overwrite replaces the state stores in --storage DIR; give --storage too")
+    if args.labels is not None and args.data is None:
+        raise OptionError("--labels goes with --data (the demo data has its own labels); give --data too")
     if not 0 < args.connect_timeout < math.inf:
         raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
@@ -319,14 +327,17 @@ def _export(args) -> int:
     from . import converters
 
     if args.source.endswith(".keras"):
-        keras = import_optional("keras", "keras", "exporting a Keras model")
         if not Path(args.source).is_file():
             raise MissingFileError(f"Keras model file {args.source} does not exist")
-        try:
-            model = keras.models.load_model(args.source)
-        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, ... for a bad file
-            raise ModelFileError(f"{args.source} could not be loaded as a Keras model ({first_line(exc)})") from exc
-        converters.from_keras(model, path=args.output)
+        if not zipfile.is_zipfile(args.source):
+            raise ModelFileError(f"{args.source} is not a Keras model file (a .keras file is a zip archive); it may be damaged")
+        with _native_stderr_hidden(args.verbose):
+            keras = import_optional("keras", "keras", "exporting a Keras model")
+            try:
+                model = keras.models.load_model(args.source)
+            except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, ... for a bad file
+                raise ModelFileError(f"{args.source} could not be loaded as a Keras model ({first_line(exc)})") from exc
+            converters.from_keras(model, path=args.output)
     else:
         module = _torch_module(args)
         shape = _input_shape(args.input_shape)
@@ -378,12 +389,50 @@ def _torch_module(args):
     return module
 
 
+@contextmanager
+def _framework_logs(verbose: bool) -> Iterator[None]:
+    """Keep the frameworks' log lines out of the command's output unless ``verbose``.
+
+    onnxruntime and torch.onnx log through settings; TensorFlow's C++ code
+    writes to the stderr file descriptor before any setting applies, so while
+    a Keras model is loaded and converted that descriptor points at a sink.
+    """
+    if verbose:
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # read when torch is imported: errors only
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    yield
+
+
+@contextmanager
+def _native_stderr_hidden(verbose: bool) -> Iterator[None]:
+    """Point the stderr file descriptor at a sink (Python's own ``sys.stderr`` writes too)."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"analyze": _analyze, "inspect": _inspect, "export": _export}
     try:
-        return handlers[args.command](args)
+        with _framework_logs(args.verbose):
+            return handlers[args.command](args)
     except _BAD_INPUT as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"tensorstate-onnx: error: {message}", file=sys.stderr)

@@ -305,12 +305,15 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
         (["analyze", "--provider", "tpu"], "unknown provider 'tpu'"),
         (["analyze", "model"], "--data is required when a model is given"),
         (["analyze", "--aiq-weight", "0"], "aIQ weight must be an int from 1 to 1,000,000, got 0"),
+        (["analyze", "model", "--data", "full"], "data file .*full is a directory; pass a .npy or .npz file"),
+        (["analyze", "model", "--data", "x.npy", "--labels", "full"], "labels file .*full is a directory"),
+        (["analyze", "--labels", "y_short.npy"], "--labels goes with --data"),
     ],
     ids=[
         "missing model", "corrupt model", "inspect corrupt model", "attach-to nothing", "text data file",
         "truncated npz", "missing data file", "npz without known names", "labels mismatch",
         "npz labels", "batch size 0", "existing storage", "unknown provider", "model without data",
-        "aiq weight 0",
+        "aiq weight 0", "data folder", "labels folder", "labels without data",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
@@ -615,6 +618,26 @@ def test_options_refused_before_the_run(capsys, tmp_path):
     assert "aIQ weight must be an int from 1 to 1,000,000" in err
 
 
+def test_framework_logs_stay_out_of_stderr_unless_verbose(tmp_path):
+    pytest.importorskip("keras")
+    keras_file = tmp_path / "dense.keras"
+    build = (
+        "import keras; m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation='relu')]); "
+        f"m.save({str(keras_file)!r})"
+    )
+    subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, timeout=300)
+    quiet = subprocess.run(
+        [sys.executable, "-m", "tensorstate_onnx.cli", "export", str(keras_file), str(tmp_path / "a.onnx")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stdout.strip().startswith("wrote ") and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run(
+        [sys.executable, "-m", "tensorstate_onnx.cli", "export", str(keras_file), str(tmp_path / "b.onnx"), "--verbose"],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    )  # fmt: skip
+    assert loud.returncode == 0 and loud.stderr.strip(), "--verbose lets the framework log"
+
+
 def test_export_user_errors_exit_2(capsys, tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "out.onnx"
@@ -633,7 +656,9 @@ def test_export_user_errors_exit_2(capsys, tmp_path):
                   "the weights in .*junk.pt do not load"))  # fmt: skip
     if importlib.util.find_spec("keras") is not None:
         (tmp_path / "corrupt.keras").write_bytes(b"PK\x03\x04 not really a zip")
-        cases += [(("export", tmp_path / "corrupt.keras", out), "corrupt.keras could not be loaded as a Keras model"),
+        (tmp_path / "text.keras").write_text("a text file named .keras")
+        cases += [(("export", tmp_path / "corrupt.keras", out), "corrupt.keras is not a Keras model file .*may be damaged"),
+                  (("export", tmp_path / "text.keras", out), "text.keras is not a Keras model file"),
                   (("export", tmp_path / "missing.keras", out), "Keras model file .*missing.keras does not exist")]
     for argv, message in cases:
         assert re.search(message, _one_line_error(capsys, *argv)), argv
