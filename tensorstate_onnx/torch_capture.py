@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .capture import AbstractStateCapture
-from .errors import ProbeMatchError
+from .errors import OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
 
@@ -296,6 +296,8 @@ def attach_hooks(
 def remove_state_layers(module: torch.nn.Module) -> torch.nn.Module:
     """Remove every hook :func:`attach_hooks` registered on ``module`` and its
     ``efficiency_layers`` attribute; return ``module``. Safe to call twice."""
+    if not isinstance(module, torch.nn.Module):
+        raise OptionTypeError(f"remove_state_layers takes a torch.nn.Module, not {type(module).__name__}")
     for handle in getattr(module, _HANDLES_ATTR, ()):
         handle.remove()
     for attr in (_HANDLES_ATTR, "efficiency_layers"):

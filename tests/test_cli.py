@@ -618,6 +618,7 @@ def test_options_refused_before_the_run(capsys, tmp_path):
     assert "aIQ weight must be an int from 1 to 1,000,000" in err
 
 
+@pytest.mark.slow
 def test_framework_logs_stay_out_of_stderr_unless_verbose(tmp_path):
     pytest.importorskip("keras")
     keras_file = tmp_path / "dense.keras"

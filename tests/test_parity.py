@@ -81,7 +81,7 @@ _TORCH_CASES = {
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
-@pytest.mark.parametrize("arch", ["lenet5", "mobilenet"])
+@pytest.mark.parametrize("arch", ["lenet5", pytest.param("mobilenet", marks=pytest.mark.slow)])
 def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
     from tensorstate_onnx.converters import from_torch
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
@@ -128,7 +128,7 @@ _KERAS_CASES = {
 }
 
 
-@pytest.mark.parametrize("arch", ["lenet5", "mobilenet"])
+@pytest.mark.parametrize("arch", ["lenet5", pytest.param("mobilenet", marks=pytest.mark.slow)])
 def test_keras_layers_match_onnx_path(keras, arch):
     from tensorstate_onnx.keras_capture import build_keras_efficiency_model
 
@@ -181,6 +181,7 @@ def tutorial_images():
     return np.random.default_rng(2024).random((TUTORIAL_IMAGES, 28, 28), dtype=np.float32)
 
 
+@pytest.mark.slow
 def test_tutorial_lenet5_torch_native_and_onnx(torch, tutorial_images):
     from tensorstate_onnx.torch_capture import attach_hooks
 
@@ -201,6 +202,7 @@ def test_tutorial_lenet5_torch_native_and_onnx(torch, tutorial_images):
     _assert_parity(list(zip(model.efficiency_layers, onnx_model.efficiency_layers, strict=True)), "tutorial torch")
 
 
+@pytest.mark.slow
 def test_tutorial_lenet5_keras_native_and_onnx(keras, tutorial_images):
     from tensorstate_onnx.keras_capture import build_keras_efficiency_model
 

@@ -280,3 +280,9 @@ def test_standalone_hook_and_capture_switch():
     assert hook.state_count == 50
     with pytest.raises(ValueError, match="method"):
         StateCaptureHook("x", method="both")
+
+
+@pytest.mark.parametrize("not_a_module", [5, None, "lenet"])
+def test_remove_state_layers_refuses_what_is_not_a_module(not_a_module):
+    with pytest.raises(TypeError, match=f"remove_state_layers takes a torch.nn.Module, not {type(not_a_module).__name__}"):
+        remove_state_layers(not_a_module)

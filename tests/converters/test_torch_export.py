@@ -27,6 +27,7 @@ def torch_exports(torch, torch_mobilenet):
     return {dynamo: from_torch(torch_mobilenet, example, dynamo=dynamo) for dynamo in (True, False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [True, False])
 def test_from_torch_keeps_batchnorm_and_a_dynamic_batch(
     torch, torch_mobilenet, torch_exports, dynamo, ort_session, onnx_dims

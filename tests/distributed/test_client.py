@@ -105,6 +105,7 @@ def test_client_merger_merges_every_part_and_raises_a_merge_error(sorted_counts)
 # --------------------------------------------------------------------------- faults (each kills workers of its own cluster)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_worker_killed_mid_run_is_retried_and_counted_once(
     own_client, digits, reference, probes, batches, assert_same_counts, stored_rows, tmp_path
@@ -144,6 +145,7 @@ def test_worker_killed_mid_run_is_retried_and_counted_once(
         assert np.array_equal(stored_rows(tmp_path / "states", capture.name), capture.states[:])
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_shard_that_always_kills_its_worker_fails_clearly(own_client, digits, reference, probes, batches, tmp_path):
     x, y = digits

@@ -67,4 +67,6 @@ def test_batch_watch_counts_samples_and_refuses_mixed_shapes():
     with pytest.raises(ModelInputError, match=r"shard 7 mixes samples of shape \(3,\) and \(4,\)"):
         list(mixed)
     with pytest.raises(ModelInputError, match="ambiguous"):
+        list(_BatchWatch(iter([(x, x, x, x)]), "shard 7"))
+    with pytest.raises(ModelInputError, match=r"\(x, y, sample_weight\) batches are not supported"):
         list(_BatchWatch(iter([(x, x, x)]), "shard 7"))
