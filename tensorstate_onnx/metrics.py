@@ -125,8 +125,8 @@ def network_efficiency(efficiencies) -> float:
     if any(isinstance(v, bool) or not isinstance(v, Real) for v in values):
         raise OptionError(f"efficiencies must be real numbers, got {values}")
     array = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise OptionError(f"efficiencies must be finite and >= 0, got {values}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0) or np.any(array > 1):
+        raise OptionError(f"efficiencies must be numbers in [0, 1], got {values}")
     if np.any(array == 0):
         return 0.0
     return float(np.exp(np.mean(np.log(array))))

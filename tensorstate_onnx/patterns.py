@@ -34,6 +34,8 @@ def as_patterns(value: str | Iterable[str] | None, what: str) -> list[str]:
 
     Raises TypeError naming ``what`` for an entry that is not a string.
     """
+    if not isinstance(value, (str, Iterable)) and value is not None:
+        raise OptionTypeError(f"{what} takes a name or a list of names, got {type(value).__name__} {value!r}")
     patterns = [value] if isinstance(value, str) else list(value or ())
     for pattern in patterns:
         if not isinstance(pattern, str):

@@ -94,8 +94,9 @@ def test_network_efficiency_of_model_like():
 def test_network_efficiency_errors():
     with pytest.raises(ValueError, match="no efficiencies"):
         network_efficiency([])
-    with pytest.raises(ValueError, match="finite"):
-        network_efficiency([0.5, -0.1])
+    for bad in ([0.5, -0.1], [0.5, 1.5], [0.5, float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match=r"efficiencies must be numbers in \[0, 1\]"):
+            network_efficiency(bad)
     with pytest.raises(TypeError, match="list of floats"):
         network_efficiency(0.5)
 

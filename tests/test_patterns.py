@@ -11,6 +11,8 @@ def test_as_patterns_takes_one_string_a_sequence_or_none():
     assert as_patterns(None, "exclude") == []
     with pytest.raises(TypeError, match=r"exclude entries must be strings, got 3"):
         as_patterns(["Conv", 3], "exclude")
+    with pytest.raises(TypeError, match=r"attach_to takes a name or a list of names, got int 5"):
+        as_patterns(5, "attach_to")
 
 
 def test_matches_any_is_a_case_sensitive_glob_over_every_name():
