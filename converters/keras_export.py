@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 
 from tensorstate_onnx._optional import import_optional
 from tensorstate_onnx.errors import OptionError, OptionTypeError
@@ -126,6 +127,18 @@ def _unique(names: list[str]) -> list[str]:
         seen.add(name)
         result.append(name)
     return result
+
+
+def _constants_as_initializers(model: onnx.ModelProto, constants: dict) -> None:
+    """Turn the graph inputs that hold captured constants into initializers, so
+    that the model takes only the Keras model's inputs."""
+    kept = [value for value in model.graph.input if value.name not in constants]
+    used = {name for node in model.graph.node for name in node.input}
+    found = {value.name for value in model.graph.input} & set(constants) & used
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for name in sorted(found):  # constants folded away by the converter are dropped
+        model.graph.initializer.append(onnx.numpy_helper.from_array(constants[name], name))
 
 
 def _set_batch_dims(model: onnx.ModelProto) -> None:
@@ -239,7 +252,12 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
 
         with exporting():
             concrete = forward.get_concrete_function()
-        tf_inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+        # After the model's own inputs come the tensors the trace captured:
+        # variables (frozen into weights) and constants such as a Normalization
+        # layer's mean, which become initializers below instead of inputs.
+        captures = list(zip(concrete.inputs[len(specs):], concrete.captured_inputs))
+        constants = {t.name: value.numpy() for t, value in captures if t.dtype != tf.resource}
+        tf_inputs = [t.name for t in concrete.inputs[: len(specs)]] + list(constants)
         tf_outputs = [t.name for t in concrete.outputs]
         real = tf_outputs[:n_out]
         # Every layer output is a fetch for grappler, so no layer is folded into another.
@@ -266,6 +284,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
             f"the TensorFlow op(s) {', '.join(unsupported)} (e.g. tf.numpy_function/py_function "
             "or custom ops); replace them with TensorFlow/Keras ops"
         )
+    _constants_as_initializers(proto, constants)
     _set_batch_dims(proto)
     _annotate_layers(proto, model)
     try:

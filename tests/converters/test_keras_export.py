@@ -86,6 +86,26 @@ def test_from_keras_multiple_inputs_outputs_and_path(keras, tmp_path):
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 
+def test_from_keras_makes_captured_constants_initializers(keras, ort_session):
+    # Normalization (the stem of every keras.applications EfficientNet) holds its
+    # mean and variance as constants the trace captures; they are weights, not inputs.
+    from tensorstate_onnx.converters import from_keras
+
+    keras.utils.set_random_seed(3)
+    image = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Normalization(mean=[0.1, 0.2, 0.3], variance=[1.0, 2.0, 3.0], name="norm")(image)
+    x = keras.layers.Rescaling(1 / 255.0, offset=-0.5, name="rescale")(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x))
+    model = keras.Model(image, keras.layers.Dense(2, name="head")(x))
+    proto = from_keras(model)
+    assert [i.name for i in proto.graph.input] == ["image"]
+    used = {name for node in proto.graph.node for name in node.input}
+    assert all(init.name in used for init in proto.graph.initializer), "no unused initializer is left"
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    (got,) = ort_session(proto).run(None, {"image": x})
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
+
+
 def test_from_keras_of_an_efficiency_model_exports_identities(keras, keras_models, ort_session):
     from tensorstate_onnx.converters import from_keras
     from tensorstate_onnx.keras_capture import build_keras_efficiency_model
