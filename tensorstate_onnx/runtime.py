@@ -26,7 +26,7 @@ from . import graph
 from .accuracy import count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture
-from .data import Batch, iter_batches
+from .data import Batch, iter_batches, n_samples
 from .errors import ModelFileError, ModelInputError, OptionError, ProviderError, first_line
 from .graph import Probe, add_probes, load_model, save_model
 from .store import check_storage_root, unique_store_dirname
@@ -251,6 +251,34 @@ class OnnxEfficiencyModel:
             raise ModelInputError(f"input {spec.name!r} got an empty batch (shape {tuple(value.shape)})")
         return value
 
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """The batch size the model's inputs are fixed to (exported detectors often
+        take exactly 1), or None when their batch axis is free."""
+        firsts = {spec.shape[0] for spec in self.inputs if spec.shape}
+        if len(firsts) == 1 and isinstance(first := next(iter(firsts)), int) and first > 0:
+            return first
+        return None
+
+    def _batch_size_for(self, data, batch_size: int | None) -> int | None:
+        """``batch_size``, checked against a fixed batch size of the model (the default
+        then); arrays whose samples do not fill whole batches are refused before the run."""
+        fixed = self.fixed_batch_size
+        if fixed is None:
+            return batch_size
+        if batch_size is not None and batch_size != fixed:
+            raise OptionError(
+                f"the {self._described} takes batches of exactly {fixed} (its inputs' first axis is "
+                f"fixed), so batch_size={batch_size!r} cannot be used; leave batch_size out"
+            )
+        head = data[0] if isinstance(data, tuple) and data else data
+        if (hasattr(head, "shape") or isinstance(head, dict)) and n_samples(head) % fixed:
+            raise ModelInputError(
+                f"the {self._described} takes batches of exactly {fixed} samples, but the data holds "
+                f"{n_samples(head)}; give a multiple of {fixed}"
+            )
+        return fixed
+
     # ------------------------------------------------------------------ running
 
     def run(self, inputs) -> list[np.ndarray]:
@@ -289,8 +317,11 @@ class OnnxEfficiencyModel:
     def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
         pending: Future | None = None
         finished = False
+        batches = iter_batches(data, labels, self._batch_size_for(data, batch_size), len(self.inputs) == 1)
+        if self.fixed_batch_size is not None:
+            batches = _exact_batches(batches, self.fixed_batch_size)
         try:
-            for batch in _with_progress(iter_batches(data, labels, batch_size, len(self.inputs) == 1), progress):
+            for batch in _with_progress(batches, progress):
                 outputs, pending = self._run_batch(self._feed(batch.inputs), pending)
                 yield outputs, batch.labels
             if pending is not None:
@@ -370,3 +401,24 @@ def _join(batches: list[np.ndarray]) -> np.ndarray:
     if any(batch.ndim == 0 for batch in batches):
         return np.stack(batches)
     return np.concatenate(batches)
+
+
+def _exact_batches(batches: Iterator[Batch], size: int) -> Iterator[Batch]:
+    """Batches of exactly ``size`` samples, for a model whose batch axis is fixed:
+    larger batches are split, and a batch that does not split evenly is refused
+    (padding it would record states of samples that are not in the data)."""
+    for batch in batches:
+        n = n_samples(batch.inputs)
+        if n % size:
+            raise ModelInputError(
+                f"the model takes batches of exactly {size} samples, but the data gave a batch of {n}; "
+                f"give a number of samples that is a multiple of {size} (batches from an iterable "
+                f"must hold a multiple of {size} each)"
+            )
+        for start in range(0, n, size):
+            inputs = (
+                {name: value[start : start + size] for name, value in batch.inputs.items()}
+                if isinstance(batch.inputs, dict)
+                else batch.inputs[start : start + size]
+            )
+            yield Batch(inputs, None if batch.labels is None else batch.labels[start : start + size])
