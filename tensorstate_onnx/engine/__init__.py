@@ -8,12 +8,13 @@ compactly. ``result()`` is unsorted by default (cheap); ``result(sort=True)``
 gives ``np.unique``'s lexicographic order.
 
 Modules: ``packing`` (quantize, pack, unpack, check packed rows), ``counter``
-(StateCounter), and the kernels it counts with: ``sort`` (radix and
+(StateCounter), ``tuning`` (CounterTuning: the sizes that steer it), and the kernels it counts with: ``sort`` (radix and
 lexicographic sorts), ``hashing`` (hashes and dedup of long states), ``runs``
 (sorted runs of distinct states: search, merge, absorb).
 """
 
 from .counter import StateCounter
 from .packing import n_bytes_for, pack, unpack
+from .tuning import CounterTuning
 
-__all__ = ["pack", "unpack", "StateCounter", "n_bytes_for"]
+__all__ = ["pack", "unpack", "StateCounter", "CounterTuning", "n_bytes_for"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..errors import OptionTypeError
 from .arrays import as_words, held_bytes, trimmed
 from .hashing import dedup_words, hash_rows, in_run_order
 from .packing import check_packed, n_bytes_for
@@ -19,6 +20,7 @@ from .runs import (
     merge_runs,
 )
 from .sort import lex_order, sort_keys
+from .tuning import DEFAULT_TUNING, CounterTuning
 
 __all__ = ["StateCounter"]
 
@@ -50,29 +52,6 @@ __all__ = ["StateCounter"]
 #   only (hash, arena row, count), so merges move 24 bytes per state whatever C
 #   is. Arena rows of states absorbed are given back at once; those of states
 #   merged away are dropped once they are a third of it.
-
-# A batch is split into chunks of at most this many rows (bounds the temporary
-# arrays, and keeps enough hash bits above the row index).
-_CHUNK_ROWS = 1 << 22
-# Small batches are gathered in a buffer and counted together; its size follows
-# the distinct states counted so far, within these bounds.
-_BUFFER_MIN_BYTES = 1 << 21
-_BUFFER_MAX_BYTES = 1 << 25
-# Distinct rows compared one by one inside a group of equal hash prefixes before
-# the group is sorted instead.
-_GROUP_REPS = 8
-# A new run holding at least 1/_ABSORB_RATIO as many states as the largest run
-# first adds the counts of the states the runs already hold to them, in place;
-# only its new states stay a run. When states repeat (a long analysis of data
-# seen before) this spares the merges that would copy the largest run, and the
-# buffer shrinks to 1/_ABSORB_RATIO of that run. Runs are searched by
-# galloping, so a try that finds every state new costs about one compare each.
-_ABSORB_RATIO = 8
-# A buffer filling while states are new is checked each time it grew by
-# 1/_ABSORB_RATIO of the largest run, by looking up its latest states (at most
-# this many) in the runs: if most are known it is counted at once and the next
-# buffers are small.
-_SAMPLE_ROWS = 4096
 
 _NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
 _NO_COUNTS = np.empty(0, np.int64)
@@ -122,7 +101,13 @@ class StateCounter:
     distinct state takes 16 bytes (up to 64 neurons) or its words plus 24
     bytes, at worst about twice over until runs are merged, plus a buffer of
     states not yet counted whose size follows the distinct states (2 MiB to
-    32 MiB; an eighth of that while states repeat). ``nbytes`` reports it.
+    32 MiB by default; an eighth of that while states repeat). ``nbytes``
+    reports it.
+
+    ``tuning`` (a :class:`CounterTuning`; None: the defaults) sets those
+    sizes and the other choices that trade speed for memory; it never changes
+    the counts. A pickle holds the counts only: a loaded counter has the
+    default tuning.
 
     Order of ``result()``: by default an unspecified but deterministic order
     (for states of up to 64 neurons it is the lexicographic byte order, beyond
@@ -136,9 +121,12 @@ class StateCounter:
     # versions too (sharded runs ship counters between processes).
     __module__ = "tensorstate_onnx.engine"
 
-    def __init__(self, n_neurons: int):
+    def __init__(self, n_neurons: int, tuning: CounterTuning | None = None):
         if isinstance(n_neurons, bool) or not isinstance(n_neurons, (int, np.integer)) or n_neurons < 1:
             raise ValueError(f"StateCounter needs a positive number of neurons, got {n_neurons!r}")
+        if tuning is not None and not isinstance(tuning, CounterTuning):
+            raise OptionTypeError(f"StateCounter's tuning must be a CounterTuning or None, got {type(tuning).__name__}")
+        self._tuning = DEFAULT_TUNING if tuning is None else tuning
         self.n_neurons = int(n_neurons)
         self.n_bytes = n_bytes_for(self.n_neurons)
         self.total = 0
@@ -161,6 +149,11 @@ class StateCounter:
         # counted (the next _n_pending rows).
         self._arena: np.ndarray | None = None
         self._arena_rows = 0
+
+    @property
+    def tuning(self) -> CounterTuning:
+        """How this counter buffers, chunks, absorbs and merges (never what it counts)."""
+        return self._tuning
 
     @property
     def n_distinct(self) -> int:
@@ -192,16 +185,23 @@ class StateCounter:
             self._add_words(packed)
         self.total += n
 
+    def _hash(self, words: np.ndarray) -> np.ndarray:
+        """The hash of each row of ``words`` that orders long states (see CounterTuning.hash_mask)."""
+        hashes = hash_rows(words)
+        if self._tuning.hash_mask != DEFAULT_TUNING.hash_mask:
+            hashes &= np.uint64(self._tuning.hash_mask)
+        return hashes
+
     def _buffer_rows(self) -> int:
         """States counted together: as many as the largest run holds (so memory
-        still follows the distinct states), within [_BUFFER_MIN_BYTES,
-        _BUFFER_MAX_BYTES]. While states repeat, 1/_ABSORB_RATIO of that: the
+        still follows the distinct states), within the tuning's
+        buffer bounds. While states repeat, 1/absorb_ratio of that: the
         buffer is absorbed into the runs, with no merges to amortize."""
         row_bytes = 8 * self._n_words
         largest = len(self._runs[0]) if self._runs else 0
         if self._repeating:
-            largest = -(-largest // _ABSORB_RATIO)
-        rows = min(max(largest, _BUFFER_MIN_BYTES // row_bytes), _BUFFER_MAX_BYTES // row_bytes)
+            largest = -(-largest // self._tuning.absorb_ratio)
+        rows = min(max(largest, self._tuning.buffer_min_bytes // row_bytes), self._tuning.buffer_max_bytes // row_bytes)
         return max(rows, 64)
 
     # States of 3..8 bytes: one big-endian word each, sorted and run-length
@@ -214,7 +214,7 @@ class StateCounter:
             if self._n_pending == 0:
                 cap = self._buffer_rows()
                 if n - pos >= cap:
-                    take = min(n - pos, _CHUNK_ROWS)
+                    take = min(n - pos, self._tuning.chunk_rows)
                     keys = np.empty(take, np.uint64)
                     _be_words(packed[pos : pos + take], keys)
                     self._count_keys(keys, owned=True)
@@ -241,10 +241,10 @@ class StateCounter:
         while pos < n:
             cap = max(self._buffer_rows(), self._n_pending)
             if self._n_pending == 0 and n - pos >= cap:
-                take = min(n - pos, _CHUNK_ROWS)
+                take = min(n - pos, self._tuning.chunk_rows)
                 words = as_words(packed[pos : pos + take], self._n_words)
-                hashes = hash_rows(words)
-                rows, counts = dedup_words(words, hashes, UNIT, _GROUP_REPS)
+                hashes = self._hash(words)
+                rows, counts = dedup_words(words, hashes, UNIT, self._tuning.group_reps)
                 start = self._reserve(rows.size)
                 refs = np.empty(rows.size, np.int64)
                 keep_rows(words, rows, self._arena, start, refs)
@@ -295,17 +295,17 @@ class StateCounter:
 
     def _repeats_now(self) -> bool:
         """Whether the buffer, filling while states were new, now holds mostly
-        states the runs know (see _SAMPLE_ROWS)."""
+        states the runs know (see CounterTuning.sample_rows)."""
         n = self._n_pending
-        if self._repeating or n < self._next_check or not self._runs or _ABSORB_RATIO * n < len(self._runs[0]):
+        if self._repeating or n < self._next_check or not self._runs or self._tuning.absorb_ratio * n < len(self._runs[0]):
             return False
-        self._next_check = n - (-len(self._runs[0]) // _ABSORB_RATIO)
-        size = min(n, _SAMPLE_ROWS)
+        self._next_check = n - (-len(self._runs[0]) // self._tuning.absorb_ratio)
+        size = min(n, self._tuning.sample_rows)
         if self._n_words == 1:
             recent = np.sort(self._pending[n - size : n])
         else:
             end = self._arena_rows + n
-            recent = np.sort(hash_rows(self._arena[end - size : end]))
+            recent = np.sort(self._hash(self._arena[end - size : end]))
         self._repeating = self._mostly_known(recent)
         return self._repeating
 
@@ -316,18 +316,18 @@ class StateCounter:
 
     def _absorbing(self, keys: np.ndarray, final: bool) -> bool:
         """Whether the new run of sorted ``keys`` first gives the runs the
-        counts of the states they hold (see _ABSORB_RATIO): always when all
+        counts of the states they hold (see CounterTuning.absorb_ratio): always when all
         runs are about to be merged into one (``final``), which copies more
-        than any absorbing; else when it holds at least 1/_ABSORB_RATIO as
+        than any absorbing; else when it holds at least 1/absorb_ratio as
         many states as the largest run and most of a sample of its keys are
         known (then states repeat: see _buffer_rows)."""
         if not self._runs:
             return False
         if final:
             return True
-        if _ABSORB_RATIO * keys.size < len(self._runs[0]):
+        if self._tuning.absorb_ratio * keys.size < len(self._runs[0]):
             return False
-        self._repeating = self._mostly_known(keys[:: -(-keys.size // _SAMPLE_ROWS)])
+        self._repeating = self._mostly_known(keys[:: -(-keys.size // self._tuning.sample_rows)])
         return self._repeating
 
     def _flush(self, weights: np.ndarray = None, final: bool = False) -> None:
@@ -343,8 +343,8 @@ class StateCounter:
             return
         start = self._arena_rows
         tail = self._arena[start : start + n]
-        hashes = hash_rows(tail)
-        rows, counts = dedup_words(tail, hashes, UNIT if weights is None else weights, _GROUP_REPS)
+        hashes = self._hash(tail)
+        rows, counts = dedup_words(tail, hashes, UNIT if weights is None else weights, self._tuning.group_reps)
         keys = hashes[rows]
         refs = np.empty(rows.size, np.int64)
         # Keep one row of each state, in place, in arena order.
@@ -357,7 +357,7 @@ class StateCounter:
         self, keys: np.ndarray, weights: np.ndarray = UNIT, owned: bool = False, final: bool = False
     ) -> None:
         """Count states that are their own keys: counts of states a run holds
-        are added to it in place (see _ABSORB_RATIO), the others become a run.
+        are added to it in place (see CounterTuning.absorb_ratio), the others become a run.
 
         Unweighted ``keys`` are sorted in place and overwritten (``owned``: a
         fresh array the run may keep); weighted ones are another counter's run
@@ -491,6 +491,15 @@ class StateCounter:
             if run is not None:
                 if self._n_words == 1:
                     self._count_keys(run.keys, run.counts)
+                elif other._tuning.hash_mask != self._tuning.hash_mask:
+                    # Ordered by another hash: its states are counted afresh, weighted by their counts.
+                    k = len(run)
+                    words = np.take(other._arena, run.refs, axis=0)
+                    self._flush()
+                    start = self._reserve(k)
+                    self._arena[start : start + k] = words
+                    self._n_pending = k
+                    self._flush(run.counts)
                 else:
                     k = len(run)
                     # Keys are never written once in a run, so they are shared; counts are copied.
@@ -555,6 +564,7 @@ class StateCounter:
         # once, as its packed bytes, with counts in the narrowest dtype that
         # holds them; hashes and order are rebuilt when loaded.
         state = self.__dict__.copy()
+        del state["_tuning"]  # how to count, not what was counted
         if self._small:
             seen = np.flatnonzero(self._direct)
             state["_direct"] = (self._direct.size, seen, _narrowest(self._direct[seen]))
@@ -575,6 +585,7 @@ class StateCounter:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        self._tuning = DEFAULT_TUNING
         self.__dict__.update(state)
         if self._small:
             size, seen, counts = state["_direct"]
@@ -598,7 +609,7 @@ class StateCounter:
             words = as_words(ids, self._n_words)
             self._reserve(words.shape[0])
             self._arena[: words.shape[0]] = words
-            hashes = hash_rows(self._arena[: words.shape[0]])
+            hashes = self._hash(self._arena[: words.shape[0]])
             if in_run_order(hashes, self._arena):
                 self._arena_rows = words.shape[0]
                 self._runs = [Run(hashes, np.arange(words.shape[0], dtype=np.int64), counts)]

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tensorstate_onnx.engine.counter as counter_module
-from tensorstate_onnx.engine import StateCounter, n_bytes_for
+from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -27,14 +26,13 @@ def unique_dict(packed):
     return as_dict(ids, counts)
 
 
-@pytest.fixture(params=["default", "tiny"])
-def sizes(request, monkeypatch):
-    """Default buffer and chunk sizes, or tiny ones so that small data goes
+TINY = CounterTuning(chunk_rows=37, buffer_min_bytes=8, buffer_max_bytes=8 * 200)
+
+
+@pytest.fixture(params=[None, TINY], ids=["default", "tiny"])
+def tuning(request):
+    """The default tuning, or tiny buffers and chunks so that small data goes
     through many buffers, chunks and merges."""
-    if request.param == "tiny":
-        monkeypatch.setattr(counter_module, "_CHUNK_ROWS", 37)
-        monkeypatch.setattr(counter_module, "_BUFFER_MIN_BYTES", 8)
-        monkeypatch.setattr(counter_module, "_BUFFER_MAX_BYTES", 8 * 200)
     return request.param
 
 
@@ -66,9 +64,9 @@ def split_points(draw, n):
 
 @SLOW
 @given(packed_states(), st.data())
-def test_counts_equal_np_unique(sizes, case, data):
+def test_counts_equal_np_unique(tuning, case, data):
     c, states = case
-    counter = StateCounter(c)
+    counter = StateCounter(c, tuning)
     for part in np.split(states, split_points(data.draw, len(states))):
         counter.add(part)
     assert counter.total == len(states)
@@ -88,11 +86,11 @@ def test_counts_equal_np_unique(sizes, case, data):
 
 @SLOW
 @given(packed_states(), st.data())
-def test_streamed_batches_equal_one_batch(sizes, case, data):
+def test_streamed_batches_equal_one_batch(tuning, case, data):
     c, states = case
-    whole = StateCounter(c)
+    whole = StateCounter(c, tuning)
     whole.add(states)
-    streamed = StateCounter(c)
+    streamed = StateCounter(c, tuning)
     for part in np.split(states, split_points(data.draw, len(states))):
         streamed.add(part)
     assert as_dict(*streamed.result()) == as_dict(*whole.result())
@@ -104,14 +102,14 @@ def test_streamed_batches_equal_one_batch(sizes, case, data):
 
 @SLOW
 @given(st.sampled_from([7, 20, 64, 100, 512]), st.data())
-def test_merged_counters_equal_combined_data(sizes, c, data):
+def test_merged_counters_equal_combined_data(tuning, c, data):
     parts = [data.draw(packed_states(c))[1] for _ in range(3)]
     counters = []
     for part in parts:
-        counter = StateCounter(c)
+        counter = StateCounter(c, tuning)
         counter.add(part)
         counters.append(counter)
-    merged = StateCounter(c)
+    merged = StateCounter(c, tuning)
     merged.add(parts[0][:3])
     merged.merge(counters[1])
     merged.merge(counters[2])
@@ -141,10 +139,10 @@ def test_merge_checks_neurons_and_type(c):
 
 @SLOW
 @given(packed_states(), st.data())
-def test_pickle_round_trip_keeps_counting(sizes, case, data):
+def test_pickle_round_trip_keeps_counting(tuning, case, data):
     c, states = case
     cut = data.draw(st.integers(0, len(states)))
-    counter = StateCounter(c)
+    counter = StateCounter(c, tuning)
     counter.add(states[:cut])
     clone = pickle.loads(pickle.dumps(counter))
     assert clone.n_neurons == c and clone.n_bytes == n_bytes_for(c)
@@ -195,7 +193,7 @@ def test_memory_and_pickle_follow_distinct_states(c):
     assert counter.total == 1_500_000
     assert counter.n_distinct == 10
     # Bounded by the distinct states plus a buffer of fixed size.
-    assert counter.nbytes <= 2**16 * 8 + counter_module._BUFFER_MIN_BYTES + 10_000
+    assert counter.nbytes <= 2**16 * 8 + CounterTuning().buffer_min_bytes + 10_000
     assert len(pickle.dumps(counter)) < 2_000
     assert counter.result()[1].sum() == 1_500_000
 
@@ -234,40 +232,34 @@ def test_pickle_of_distinct_states_is_their_bytes_plus_one_byte_counts(c):
     assert clone.result(sort=True)[1][-1] == 2 and clone.total == len(states) + 11
 
 
-def constant_hash(words):
-    return np.zeros(words.shape[0], np.uint64)
-
-
-def weak_hash(words):
-    # Only two bits survive: many different states share every hash.
-    return (words[:, 0] & np.uint64(3)) << np.uint64(62)
-
-
-def low_bits_hash(words):
-    # Equal high bits (the part that is sorted first), different low bits.
-    return (words[:, -1] & np.uint64(5)) | np.uint64(1 << 40)
-
-
-@pytest.mark.parametrize("hash_function", [constant_hash, weak_hash, low_bits_hash])
+@pytest.mark.parametrize(
+    "hash_mask",
+    [
+        0,  # every state has the same hash
+        0b11 << 62,  # four hashes: many different states share each
+        0b101,  # equal high bits (the part that is sorted first), different low bits
+    ],
+)
 @SLOW
 @given(st.sampled_from([65, 100, 512, 1000]), st.data())
-def test_hash_collisions_never_merge_different_states(hash_function, c, data):
+def test_hash_collisions_never_merge_different_states(hash_mask, c, data):
     _, states = data.draw(packed_states(c))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(counter_module, "hash_rows", hash_function)
-        patch.setattr(counter_module, "_CHUNK_ROWS", 50)
-        patch.setattr(counter_module, "_BUFFER_MIN_BYTES", 8)
-        counter = StateCounter(c)
-        for part in np.array_split(states, 4):
-            counter.add(part)
-        other = pickle.loads(pickle.dumps(counter))
-        other.merge(counter)
-        assert as_dict(*counter.result()) == unique_dict(states)
-        ids, counts = counter.result(sort=True)
-        expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
-        np.testing.assert_array_equal(ids, expected_ids.reshape(-1, n_bytes_for(c)))
-        np.testing.assert_array_equal(counts, expected_counts)
-        assert as_dict(*other.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+    tuning = CounterTuning(hash_mask=hash_mask, chunk_rows=50, buffer_min_bytes=8)
+    counter = StateCounter(c, tuning)
+    for part in np.array_split(states, 4):
+        counter.add(part)
+    twin = StateCounter(c, tuning)  # merges runs of the same hash
+    twin.add(states[: len(states) // 2])
+    twin.merge(counter)
+    other = pickle.loads(pickle.dumps(counter))  # loads with the default hash: merges count afresh
+    other.merge(counter)
+    assert as_dict(*counter.result()) == unique_dict(states)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids.reshape(-1, n_bytes_for(c)))
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert as_dict(*other.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+    assert as_dict(*twin.result()) == unique_dict(np.concatenate([states, states[: len(states) // 2]]))
 
 
 def test_sorted_result_of_structured_states():
@@ -442,10 +434,11 @@ def test_buffer_shrinks_while_states_repeat(c, n):
             filled.append(counter._n_pending)
     # The repeats were seen within a batch (the first one also flushed the new states of
     # the first pass), not once the buffer held as many states as the largest run.
-    assert max(filled[1:]) < -(-largest // counter_module._ABSORB_RATIO) + 100_000
+    ratio = CounterTuning().absorb_ratio
+    assert max(filled[1:]) < -(-largest // ratio) + 100_000
     assert counter._repeating
     largest = len(counter._runs[0])
-    assert counter._buffer_rows() == -(-largest // counter_module._ABSORB_RATIO)
+    assert counter._buffer_rows() == -(-largest // ratio)
     state_bytes = 8 * counter._n_words + (8 if counter._n_words == 1 else 24)  # key or words, refs, count
     assert counter.nbytes <= 1.3 * n * state_bytes  # 1.5x while the buffer followed the largest run
     ids, counts = counter.result(sort=True)
@@ -477,17 +470,15 @@ def test_merging_absorbs_known_states_and_appends_new_ones(c):
 
 @pytest.mark.parametrize("c", [24, 40, 72, 200])
 @pytest.mark.parametrize("seed", range(3))
-def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed, monkeypatch):
+def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed):
     """Small buffers and samples make every path run many times: buffers that
     fill with new states then repeats, absorbing into several runs, merges of
     known and new states, compaction in the middle of a stream."""
-    monkeypatch.setattr(counter_module, "_BUFFER_MIN_BYTES", 1 << 12)
-    monkeypatch.setattr(counter_module, "_BUFFER_MAX_BYTES", 1 << 15)
-    monkeypatch.setattr(counter_module, "_SAMPLE_ROWS", 64)
+    tuning = CounterTuning(buffer_min_bytes=1 << 12, buffer_max_bytes=1 << 15, sample_rows=64)
     rng = np.random.default_rng(seed)
     width = n_bytes_for(c)
     pool = rng.integers(0, 256, (3_000, width), dtype=np.uint8)
-    counter, seen = StateCounter(c), []
+    counter, seen = StateCounter(c, tuning), []
     for _ in range(60):
         kind = rng.integers(0, 5)
         size = int(rng.integers(1, 2_500))
@@ -498,7 +489,7 @@ def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed, mon
         elif kind == 3:  # a counter of part pool, part new states, merged
             batch = np.concatenate([pool[rng.integers(0, len(pool), size)],
                                     rng.integers(0, 256, (size // 2, width), dtype=np.uint8)])  # fmt: skip
-            other = StateCounter(c)
+            other = StateCounter(c, tuning)
             other.add(batch)
             counter.merge(other)
             seen.append(batch)
@@ -514,3 +505,4 @@ def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed, mon
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_array_equal(counts, expected_counts)
     assert counter.total == len(everything)
+
