@@ -7,10 +7,20 @@ with memory that follows the number of distinct states, and merges and pickles
 compactly. ``result()`` is unsorted by default (cheap); ``result(sort=True)``
 gives ``np.unique``'s lexicographic order.
 
-Modules: ``packing`` (quantize, pack, unpack, check packed rows), ``counter``
-(StateCounter), ``tuning`` (CounterTuning: the sizes that steer it), and the kernels it counts with: ``sort`` (radix and
-lexicographic sorts), ``hashing`` (hashes and dedup of long states), ``runs``
-(sorted runs of distinct states: search, merge, absorb).
+Modules, one job each:
+
+* ``packing``: quantize and bit-pack tensors, unpack, check packed rows;
+* ``counter``: StateCounter, a front over the structure that suits the state
+  size: ``direct`` (at most 16 neurons: a slot per state), ``keys`` (up to 64:
+  sorted runs of states as uint64 keys) or ``words`` (more: sorted runs of
+  hashes referring to an arena of state words), the last two sharing
+  ``runset`` (runs, buffer, merging, absorbing);
+* ``policy``: the decisions of those structures (when to flush, absorb,
+  merge, resize), as pure functions; ``tuning``: CounterTuning, the sizes
+  they decide with;
+* kernels: ``sort`` (radix and lexicographic sorts), ``hashing`` (hashes and
+  dedup of long states), ``runs`` (search, merge and absorb sorted runs),
+  ``arrays`` (small numpy helpers).
 """
 
 from .counter import StateCounter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_words", "held_bytes", "trimmed"]
+__all__ = ["as_words", "held_bytes", "narrowest", "trimmed"]
 
 
 def trimmed(a: np.ndarray, m: int) -> np.ndarray:
@@ -31,3 +31,12 @@ def as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     padded = np.zeros((n, 8 * n_words), np.uint8)
     padded[:, :width] = packed
     return padded.view(np.uint64)
+
+
+def narrowest(counts: np.ndarray) -> np.ndarray:
+    """``counts`` in the smallest unsigned dtype that holds them (a pickle is mostly counts of 1)."""
+    top = int(counts.max()) if counts.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return counts.astype(dtype)
+    return counts

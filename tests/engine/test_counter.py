@@ -327,9 +327,9 @@ def test_repeated_states_add_to_the_largest_run_in_place(c):
             seen.append(batch)
     assert as_dict(*counter.result()) == unique_dict(np.concatenate(seen))
     assert set(counter.counts().tolist()) == {4}
-    assert len(counter._runs) == 1  # every later state was absorbed: no run beside the largest
-    if counter._n_words > 1:
-        assert counter._arena_rows == counter.n_distinct  # and its arena rows were given back
+    assert counter.n_runs == 1  # every later state was absorbed: no run beside the largest
+    if counter.n_bytes > 8:
+        assert counter.n_held == counter.n_distinct  # and its arena rows were given back
 
 
 def test_absorbing_leaves_a_merged_counter_alone():
@@ -426,20 +426,20 @@ def test_buffer_shrinks_while_states_repeat(c, n):
     counter = StateCounter(c)
     for start in range(0, n, 100_000):
         counter.add(pool[start : start + 100_000])
-    largest = len(counter._runs[0])
+    largest = counter._store.largest
     filled = []
     for _ in range(3):
         for start in range(0, n, 100_000):
             counter.add(pool[start : start + 100_000])
-            filled.append(counter._n_pending)
+            filled.append(counter.n_pending)
     # The repeats were seen within a batch (the first one also flushed the new states of
     # the first pass), not once the buffer held as many states as the largest run.
     ratio = CounterTuning().absorb_ratio
     assert max(filled[1:]) < -(-largest // ratio) + 100_000
-    assert counter._repeating
-    largest = len(counter._runs[0])
-    assert counter._buffer_rows() == -(-largest // ratio)
-    state_bytes = 8 * counter._n_words + (8 if counter._n_words == 1 else 24)  # key or words, refs, count
+    assert counter.repeating
+    assert counter.buffer_rows == -(-counter._store.largest // ratio)
+    n_words = (n_bytes_for(c) + 7) // 8
+    state_bytes = 8 * n_words + (8 if n_words == 1 else 24)  # key or words, refs, count
     assert counter.nbytes <= 1.3 * n * state_bytes  # 1.5x while the buffer followed the largest run
     ids, counts = counter.result(sort=True)
     expected_ids, expected_counts = np.unique(pool, axis=0, return_counts=True)
@@ -458,11 +458,11 @@ def test_merging_absorbs_known_states_and_appends_new_ones(c):
     same.add(known[::2])
     other.add(new)
     target.merge(same)  # a sample of it is known: absorbed into the run, no run added
-    assert len(target._runs) == 1 and target._repeating
+    assert target.n_runs == 1 and target.repeating
     target.merge(other)  # mostly new: appended without absorbing
-    assert not target._repeating and len(target._runs) == 2
-    if target._n_words == 1:  # the run shares the other counter's keys, unread and uncopied
-        assert np.shares_memory(target._runs[1].keys, other._runs[0].keys)
+    assert not target.repeating and target.n_runs == 2
+    if target.n_bytes <= 8:  # the run shares the other counter's keys, unread and uncopied
+        assert np.shares_memory(target._store.runs[1].keys, other._store.runs[0].keys)
     expected = unique_dict(np.concatenate([known, known[::2], new]))
     assert as_dict(*target.result()) == expected
     assert as_dict(*same.result()) == unique_dict(known[::2])  # merged-from counters are untouched
