@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OptionTypeError
+from ..errors import OptionError, OptionTypeError
 from .arrays import narrowest
 from .direct import DirectCounts
 from .keys import KeyRuns
@@ -56,7 +56,7 @@ class StateCounter:
 
     def __init__(self, n_neurons: int, tuning: CounterTuning | None = None):
         if isinstance(n_neurons, bool) or not isinstance(n_neurons, (int, np.integer)) or n_neurons < 1:
-            raise ValueError(f"StateCounter needs a positive number of neurons, got {n_neurons!r}")
+            raise OptionError(f"StateCounter needs a positive number of neurons, got {n_neurons!r}")
         if tuning is not None and not isinstance(tuning, CounterTuning):
             raise OptionTypeError(f"StateCounter's tuning must be a CounterTuning or None, got {type(tuning).__name__}")
         self.n_neurons = int(n_neurons)
@@ -131,9 +131,9 @@ class StateCounter:
     def merge(self, other: StateCounter) -> None:
         """Add the counts of ``other`` (same number of neurons) to this counter."""
         if not isinstance(other, StateCounter):
-            raise TypeError(f"merge() takes a StateCounter, got {type(other).__name__}")
+            raise OptionTypeError(f"merge() takes a StateCounter, got {type(other).__name__}")
         if other.n_neurons != self.n_neurons:
-            raise ValueError(
+            raise OptionError(
                 f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
             )
         total = other.total

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from ..errors import OptionError, OptionTypeError, PackedStateError
+
 __all__ = ["check_packed", "n_bytes_for", "pack", "unpack"]
 
 
@@ -300,7 +302,7 @@ def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
         return x.view(np.int16), np.int16(0), np.int16(0x7C00)
     if x.dtype == np.bool_:
         return x.view(np.uint8), np.uint8(0), None
-    raise TypeError(
+    raise OptionTypeError(
         f"pack() takes float16, float32, float64 or bool arrays, got dtype {x.dtype}; "
         "cast other data to float first (a neuron fires iff its value is > 0)"
     )
@@ -386,22 +388,22 @@ def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
         first then positions in row-major order.
     """
     if not isinstance(x, np.ndarray):
-        raise TypeError(
+        raise OptionTypeError(
             f"pack() takes a numpy.ndarray, got {type(x).__name__}; convert it with "
             "np.asarray (torch: tensor.numpy(), tensorflow: tensor.numpy())"
         )
     if x.ndim == 0:
-        raise ValueError("pack() needs an array of rank >= 1 (the channel axis); got a scalar")
+        raise OptionError("pack() needs an array of rank >= 1 (the channel axis); got a scalar")
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
-        raise TypeError(f"channel_axis must be an int, got {channel_axis!r}")
+        raise OptionTypeError(f"channel_axis must be an int, got {channel_axis!r}")
     if not -x.ndim <= channel_axis < x.ndim:
-        raise ValueError(
+        raise OptionError(
             f"channel_axis {channel_axis} is out of range for an array of rank {x.ndim} "
             f"(valid: {-x.ndim}..{x.ndim - 1})"
         )
     n_neurons = x.shape[channel_axis]
     if n_neurons == 0:
-        raise ValueError(f"the channel axis {channel_axis} of an array of shape {x.shape} has 0 neurons")
+        raise OptionError(f"the channel axis {channel_axis} of an array of shape {x.shape} has 0 neurons")
     values, lo, hi = _comparable(x)
     values = np.moveaxis(values, channel_axis, -1)
     out = np.empty((values.size // n_neurons, n_bytes_for(n_neurons)), np.uint8)
@@ -430,15 +432,31 @@ def unpack(packed: np.ndarray, n_neurons: int) -> np.ndarray:
 
 
 def check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
+    """``packed`` if it holds states of ``n_neurons`` as :func:`pack` makes
+    them, else a typed error that ``where`` (the caller, named in it) raises.
+
+    The unused high bits of the last byte must be 0: a row with one set
+    would count as a state of its own that unpacks to another one's bits.
+    Only the last byte of each row is read, so the check is cheap."""
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
         kind = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
-        raise TypeError(f"{where} takes packed states as a uint8 numpy array (from pack()), got {kind}")
+        raise OptionTypeError(f"{where} takes packed states as a uint8 numpy array (from pack()), got {kind}")
     if isinstance(n_neurons, bool) or not isinstance(n_neurons, (int, np.integer)) or n_neurons < 1:
-        raise ValueError(f"{where}: n_neurons must be a positive int, got {n_neurons!r}")
+        raise OptionError(f"{where}: n_neurons must be a positive int, got {n_neurons!r}")
     width = n_bytes_for(int(n_neurons))
     if packed.ndim != 2 or packed.shape[1] != width:
-        raise ValueError(
+        raise PackedStateError(
             f"{where}: packed states of {n_neurons} neurons have shape (n_states, {width}), "
             f"got {packed.shape}"
         )
+    used = int(n_neurons) % 8
+    if used and packed.shape[0]:
+        unused = packed[:, -1] >> np.uint8(used)
+        if unused.any():
+            row = int(np.argmax(unused != 0))
+            raise PackedStateError(
+                f"{where}: row {row} of the packed states has bits set above neuron {n_neurons - 1} "
+                f"(last byte {packed[row, -1]:#04x}); states of {n_neurons} neurons use the low {used} bits "
+                f"of their last byte and the unused high bits must be 0, as pack() leaves them"
+            )
     return packed

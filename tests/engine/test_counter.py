@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
+from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -24,6 +25,14 @@ def as_dict(ids, counts):
 def unique_dict(packed):
     ids, counts = np.unique(packed, axis=0, return_counts=True)
     return as_dict(ids, counts)
+
+
+def random_states(rng, n, c):
+    """``n`` random packed states of ``c`` neurons (the unused high bits of the last byte 0)."""
+    states = rng.integers(0, 256, (n, n_bytes_for(c)), dtype=np.uint8)
+    if c % 8:
+        states[:, -1] &= (1 << (c % 8)) - 1
+    return states
 
 
 TINY = CounterTuning(chunk_rows=37, buffer_min_bytes=8, buffer_max_bytes=8 * 200)
@@ -131,9 +140,9 @@ def test_merged_counters_equal_combined_data(tuning, c, data):
 
 @pytest.mark.parametrize("c", [5, 16, 40, 200])
 def test_merge_checks_neurons_and_type(c):
-    with pytest.raises(ValueError, match=f"{c + 1} neurons into counts of {c}"):
+    with pytest.raises(OptionError, match=f"{c + 1} neurons into counts of {c}"):
         StateCounter(c).merge(StateCounter(c + 1))
-    with pytest.raises(TypeError, match="takes a StateCounter"):
+    with pytest.raises(OptionTypeError, match="takes a StateCounter"):
         StateCounter(c).merge({"counts": 1})
 
 
@@ -161,8 +170,7 @@ def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
     state whose rows are shuffled or repeated (not written by this class) must
     still load to the right counts."""
     rng = np.random.default_rng(c)
-    pool = rng.integers(0, 256, (300, n_bytes_for(c)), dtype=np.uint8)
-    pool[:, -1] &= (1 << (c - 8 * (n_bytes_for(c) - 1))) - 1
+    pool = random_states(rng, 300, c)
     states = pool[rng.integers(0, len(pool), 5000)]
     counter = StateCounter(c)
     counter.add(states)
@@ -186,7 +194,7 @@ def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
 @pytest.mark.parametrize("c", [12, 64, 512])
 def test_memory_and_pickle_follow_distinct_states(c):
     rng = np.random.default_rng(c)
-    pool = rng.integers(0, 256, (10, n_bytes_for(c)), dtype=np.uint8)
+    pool = random_states(rng, 10, c)
     counter = StateCounter(c)
     for _ in range(300):
         counter.add(pool[rng.integers(0, 10, 5000)])
@@ -216,9 +224,7 @@ def test_memory_of_many_distinct_states_stays_near_their_size():
 @pytest.mark.parametrize("c", [20, 32, 100])
 def test_pickle_of_distinct_states_is_their_bytes_plus_one_byte_counts(c):
     rng = np.random.default_rng(c)
-    states = np.unique(rng.integers(0, 256, (50_000, n_bytes_for(c)), dtype=np.uint8), axis=0)
-    states[:, -1] &= (1 << (c - 8 * (n_bytes_for(c) - 1))) - 1  # unused high bits stay 0
-    states = np.unique(states, axis=0)
+    states = np.unique(random_states(rng, 50_000, c), axis=0)
     counter = StateCounter(c)
     counter.add(states)
     counter.add(states[:10])
@@ -292,8 +298,7 @@ def test_empty_counter_and_small_state_order(c):
 @pytest.mark.parametrize("c", [3, 16, 30, 64, 300])
 def test_counts_alone_follow_the_order_of_result(c):
     rng = np.random.default_rng(c)
-    width = n_bytes_for(c)
-    pool = rng.integers(0, 256, (400, width), dtype=np.uint8)
+    pool = random_states(rng, 400, c)
     counter = StateCounter(c)
     assert counter.counts().shape == (0,)
     # Runs that share a few states (merged-away rows stay in a long-state
@@ -304,7 +309,7 @@ def test_counts_alone_follow_the_order_of_result(c):
     # ... then many repeats, and a pickled counter merged in (arena order).
     counter.add(pool[rng.integers(0, 400, 3000)])
     other = StateCounter(c)
-    other.add(rng.integers(0, 256, (500, width), dtype=np.uint8))
+    other.add(random_states(rng, 500, c))
     counter.merge(pickle.loads(pickle.dumps(other)))
     counts = counter.counts()
     ids, expected = counter.result()
@@ -316,8 +321,7 @@ def test_counts_alone_follow_the_order_of_result(c):
 @pytest.mark.parametrize("c", [32, 48, 100, 300])
 def test_repeated_states_add_to_the_largest_run_in_place(c):
     rng = np.random.default_rng(c)
-    width = n_bytes_for(c)
-    pool = rng.integers(0, 256, (20_000, width), dtype=np.uint8)
+    pool = random_states(rng, 20_000, c)
     counter = StateCounter(c)
     seen = []
     for rows in [np.arange(20_000)] + [rng.permutation(20_000) for _ in range(3)]:
@@ -335,7 +339,7 @@ def test_repeated_states_add_to_the_largest_run_in_place(c):
 def test_absorbing_leaves_a_merged_counter_alone():
     rng = np.random.default_rng(7)
     for c in (32, 200):
-        states = rng.integers(0, 256, (5_000, n_bytes_for(c)), dtype=np.uint8)
+        states = random_states(rng, 5_000, c)
         source = StateCounter(c)
         source.add(states)
         before = source.result()
@@ -351,8 +355,8 @@ def test_absorbing_leaves_a_merged_counter_alone():
 def test_states_new_to_a_large_counter_are_counted_beside_it():
     rng = np.random.default_rng(8)
     for c in (64, 100):
-        first = rng.integers(0, 256, (300_000, n_bytes_for(c)), dtype=np.uint8)
-        second = rng.integers(0, 256, (300_000, n_bytes_for(c)), dtype=np.uint8)  # all new
+        first = random_states(rng, 300_000, c)
+        second = random_states(rng, 300_000, c)  # all new
         counter = StateCounter(c)
         counter.add(first)
         counter.add(second)
@@ -395,22 +399,26 @@ def test_counter_accepts_non_contiguous_packed_states():
 def test_counter_add_rejects_bad_input(c):
     counter = StateCounter(c)
     width = n_bytes_for(c)
-    with pytest.raises(TypeError, match="uint8 numpy array"):
+    with pytest.raises(OptionTypeError, match="uint8 numpy array"):
         counter.add(np.zeros((2, width), np.int8))
-    with pytest.raises(TypeError, match="uint8 numpy array"):
+    with pytest.raises(OptionTypeError, match="uint8 numpy array"):
         counter.add(np.zeros((2, width), np.float32))
-    with pytest.raises(ValueError, match=f"shape \\(n_states, {width}\\), got \\(2, {width + 1}\\)"):
+    with pytest.raises(PackedStateError, match=f"shape \\(n_states, {width}\\), got \\(2, {width + 1}\\)"):
         counter.add(np.zeros((2, width + 1), np.uint8))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(PackedStateError, match="shape"):
         counter.add(np.zeros(width, np.uint8))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(PackedStateError, match="shape"):
         counter.add(np.zeros((1, 2, width), np.uint8))
+    unused = np.zeros((3, width), np.uint8)
+    unused[2, -1] = 0x80
+    with pytest.raises(PackedStateError, match="row 2 .* the unused high bits must be 0"):
+        counter.add(unused)
     assert counter.total == 0 and counter.n_distinct == 0
 
 
 @pytest.mark.parametrize("neurons", [0, -3, 2.0, True, "8", None])
 def test_counter_needs_positive_int_neurons(neurons):
-    with pytest.raises(ValueError, match="positive number of neurons"):
+    with pytest.raises(OptionError, match="positive number of neurons"):
         StateCounter(neurons)
 
 
@@ -422,7 +430,7 @@ def test_buffer_shrinks_while_states_repeat(c, n):
     """Once flushes find their states counted already, the buffer shrinks to
     1/_ABSORB_RATIO of the largest run: memory stays near the distinct states."""
     rng = np.random.default_rng(c)
-    pool = rng.integers(0, 256, (n, n_bytes_for(c)), dtype=np.uint8)
+    pool = random_states(rng, n, c)
     counter = StateCounter(c)
     for start in range(0, n, 100_000):
         counter.add(pool[start : start + 100_000])
@@ -450,8 +458,8 @@ def test_buffer_shrinks_while_states_repeat(c, n):
 @pytest.mark.parametrize("c", [40, 100])
 def test_merging_absorbs_known_states_and_appends_new_ones(c):
     rng = np.random.default_rng(c)
-    known = np.unique(rng.integers(0, 256, (100_000, n_bytes_for(c)), dtype=np.uint8), axis=0)
-    new = rng.integers(0, 256, (20_000, n_bytes_for(c)), dtype=np.uint8)
+    known = np.unique(random_states(rng, 100_000, c), axis=0)
+    new = random_states(rng, 20_000, c)
     target, same, other = StateCounter(c), StateCounter(c), StateCounter(c)
     target.add(known)
     assert target.n_distinct == len(known)  # counted into a run
@@ -476,8 +484,7 @@ def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed):
     known and new states, compaction in the middle of a stream."""
     tuning = CounterTuning(buffer_min_bytes=1 << 12, buffer_max_bytes=1 << 15, sample_rows=64)
     rng = np.random.default_rng(seed)
-    width = n_bytes_for(c)
-    pool = rng.integers(0, 256, (3_000, width), dtype=np.uint8)
+    pool = random_states(rng, 3_000, c)
     counter, seen = StateCounter(c, tuning), []
     for _ in range(60):
         kind = rng.integers(0, 5)
@@ -485,10 +492,10 @@ def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed):
         if kind <= 1:  # repeats from the pool
             batch = pool[rng.integers(0, len(pool), size)]
         elif kind == 2:  # new states
-            batch = rng.integers(0, 256, (size, width), dtype=np.uint8)
+            batch = random_states(rng, size, c)
         elif kind == 3:  # a counter of part pool, part new states, merged
             batch = np.concatenate([pool[rng.integers(0, len(pool), size)],
-                                    rng.integers(0, 256, (size // 2, width), dtype=np.uint8)])  # fmt: skip
+                                    random_states(rng, size // 2, c)])  # fmt: skip
             other = StateCounter(c, tuning)
             other.add(batch)
             counter.merge(other)

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstate_onnx.engine import n_bytes_for, pack, packing, unpack
+from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError, TensorStateError
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -191,29 +192,30 @@ def test_unpack_inverts_pack(channels, n, seed):
 @pytest.mark.parametrize(
     "value, error, message",
     [
-        (np.arange(6).reshape(2, 3), TypeError, "float16, float32, float64 or bool"),
-        (np.ones((2, 3), np.complex64), TypeError, "got dtype complex64"),
-        (np.array([[1.0, None]], dtype=object), TypeError, "got dtype object"),
-        (np.ones((2, 3), np.uint8), TypeError, "cast other data to float"),
-        ([[1.0, 2.0]], TypeError, "numpy.ndarray, got list"),
-        (np.float32(1.0), TypeError, "numpy.ndarray"),
-        (np.array(1.0, np.float32), ValueError, "rank >= 1"),
-        (np.ones((3, 0), np.float32), ValueError, "0 neurons"),
+        (np.arange(6).reshape(2, 3), OptionTypeError, "float16, float32, float64 or bool"),
+        (np.ones((2, 3), np.complex64), OptionTypeError, "got dtype complex64"),
+        (np.array([[1.0, None]], dtype=object), OptionTypeError, "got dtype object"),
+        (np.ones((2, 3), np.uint8), OptionTypeError, "cast other data to float"),
+        ([[1.0, 2.0]], OptionTypeError, "numpy.ndarray, got list"),
+        (np.float32(1.0), OptionTypeError, "numpy.ndarray"),
+        (np.array(1.0, np.float32), OptionError, "rank >= 1"),
+        (np.ones((3, 0), np.float32), OptionError, "0 neurons"),
     ],
 )
 def test_pack_rejects_bad_arrays(value, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as info:
         pack(value)
+    assert isinstance(info.value, TensorStateError)
 
 
 @pytest.mark.parametrize(
     "axis, error, message",
     [
-        (3, ValueError, r"channel_axis 3 is out of range for an array of rank 3 \(valid: -3\.\.2\)"),
-        (-4, ValueError, "out of range"),
-        (1.0, TypeError, "channel_axis must be an int"),
-        (True, TypeError, "channel_axis must be an int"),
-        ("1", TypeError, "channel_axis must be an int"),
+        (3, OptionError, r"channel_axis 3 is out of range for an array of rank 3 \(valid: -3\.\.2\)"),
+        (-4, OptionError, "out of range"),
+        (1.0, OptionTypeError, "channel_axis must be an int"),
+        (True, OptionTypeError, "channel_axis must be an int"),
+        ("1", OptionTypeError, "channel_axis must be an int"),
     ],
 )
 def test_pack_rejects_bad_channel_axis(axis, error, message):
@@ -229,15 +231,45 @@ def test_pack_accepts_numpy_integer_axis():
 @pytest.mark.parametrize(
     "packed, neurons, error, message",
     [
-        (np.zeros((2, 2), np.float32), 9, TypeError, "uint8 numpy array"),
-        ([[0, 1]], 9, TypeError, "got list"),
-        (np.zeros((2, 3), np.uint8), 9, ValueError, r"shape \(n_states, 2\), got \(2, 3\)"),
-        (np.zeros(4, np.uint8), 9, ValueError, r"got \(4,\)"),
-        (np.zeros((2, 2, 2), np.uint8), 9, ValueError, "got"),
-        (np.zeros((2, 2), np.uint8), 0, ValueError, "n_neurons must be a positive int"),
-        (np.zeros((2, 2), np.uint8), 2.5, ValueError, "n_neurons must be a positive int"),
+        (np.zeros((2, 2), np.float32), 9, OptionTypeError, "uint8 numpy array"),
+        ([[0, 1]], 9, OptionTypeError, "got list"),
+        (np.zeros((2, 3), np.uint8), 9, PackedStateError, r"shape \(n_states, 2\), got \(2, 3\)"),
+        (np.zeros(4, np.uint8), 9, PackedStateError, r"got \(4,\)"),
+        (np.zeros((2, 2, 2), np.uint8), 9, PackedStateError, "got"),
+        (np.zeros((2, 2), np.uint8), 0, OptionError, "n_neurons must be a positive int"),
+        (np.zeros((2, 2), np.uint8), 2.5, OptionError, "n_neurons must be a positive int"),
     ],
 )
 def test_unpack_rejects_bad_input(packed, neurons, error, message):
     with pytest.raises(error, match=message):
         unpack(packed, neurons)
+
+
+@pytest.mark.parametrize(
+    "n_neurons, rows, bad_row",
+    [
+        (3, [[0x01], [0x81]], 1),  # would count as two states that unpack to one
+        (3, [[0x08], [0x01]], 0),
+        (13, [[0xFF, 0x1F], [0xFF, 0x20], [0x00, 0xE0]], 1),  # the first bad row is named
+        (100, [[0] * 12 + [0x0F], [0] * 12 + [0x10]], 1),
+    ],
+)
+def test_packed_states_with_unused_bits_set_are_refused(n_neurons, rows, bad_row):
+    packed = np.array(rows, np.uint8)
+    message = f"row {bad_row} of the packed states has bits set above neuron {n_neurons - 1}.*unused high bits must be 0"
+    with pytest.raises(PackedStateError, match=message) as info:
+        unpack(packed, n_neurons)
+    assert isinstance(info.value, ValueError)
+    # Fine once they are cleared, and in a non-contiguous view.
+    packed[:, -1] &= (1 << (n_neurons % 8)) - 1
+    np.testing.assert_array_equal(pack(unpack(packed, n_neurons)), packed)
+    wide = np.zeros((len(rows), packed.shape[1] + 3), np.uint8)
+    wide[:, 1 : 1 + packed.shape[1]] = packed
+    wide[bad_row, 1 + packed.shape[1] - 1] |= 0x80
+    with pytest.raises(PackedStateError, match=f"row {bad_row} "):
+        unpack(wide[:, 1 : 1 + packed.shape[1]], n_neurons)
+
+
+def test_every_bit_of_the_last_byte_is_used_by_a_multiple_of_8_neurons():
+    packed = np.full((3, 2), 0xFF, np.uint8)
+    assert unpack(packed, 16).all()
