@@ -3,15 +3,15 @@ possible state (a bincount over at most 2**16 values)."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from .arrays import narrowest
+from .jit import kernel
 
 __all__ = ["DirectCounts"]
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _count_small(packed, counts):
     """Direct counting for states of at most two bytes (index = big-endian value,
     so index order is byte order)."""

@@ -10,23 +10,23 @@ every word is equal).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from .arrays import trimmed
+from .jit import kernel
 from .sort import sort_keys
 
 __all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "tag"]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _mix(h, w):
     h ^= w
     h *= np.uint64(0xFF51AFD7ED558CCD)
     return h ^ (h >> np.uint64(32))
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _hash_rows_kernel(words, out):
     """Four independent lanes over the words (for instruction-level
     parallelism on long rows), then a final avalanche."""
@@ -68,7 +68,7 @@ def hash_rows(words: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def tag(hashes, bits, out):
     """Sort keys: the high bits of each hash with the row index in the low ``bits``."""
     high = ~((np.uint64(1) << np.uint64(bits)) - np.uint64(1))
@@ -76,7 +76,7 @@ def tag(hashes, bits, out):
         out[i] = (hashes[i] & high) | np.uint64(i)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _cmp(ha, ka, a, hb, kb, b):
     """Order of row ``a`` of (ha, ka) and row ``b`` of (hb, kb): by hash, then words."""
     if ha[a] != hb[b]:
@@ -87,7 +87,7 @@ def _cmp(ha, ka, a, hb, kb, b):
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def cmp_words(ka, a, kb, b):
     """Order of row ``a`` of ``ka`` and row ``b`` of ``kb`` by their words."""
     for w in range(ka.shape[1]):
@@ -96,7 +96,7 @@ def cmp_words(ka, a, kb, b):
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def in_run_order(hashes, words):
     """Whether rows ``0..hashes.size`` of ``words`` are distinct and in (hash, words) order."""
     for i in range(1, hashes.size):
@@ -107,7 +107,7 @@ def in_run_order(hashes, words):
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _sort_group(rows, hashes, words):
     """Sort row indices by (hash, words): a bottom-up merge sort (stable, n log n)."""
     n = rows.size
@@ -140,7 +140,7 @@ def _sort_group(rows, hashes, words):
     return src
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _dedup_tagged(tagged, bits, hashes, words, weights, rows_out, counts_out, max_reps):
     """Distinct rows of a batch from its sorted tags; returns how many.
 

@@ -10,11 +10,11 @@ straight from the caller's array, small ones gathered in a buffer first.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from . import policy
 from .arrays import held_bytes, trimmed
+from .jit import kernel
 from .runs import UNIT, Run, count_sorted_keys
 from .runset import RunSet
 from .sort import sort_keys
@@ -25,7 +25,7 @@ _NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
 _NO_COUNTS = np.empty(0, np.int64)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _be_words(packed, out):
     """Each row of up to 8 bytes as one big-endian uint64 (zero padded at the low end)."""
     n_bytes = packed.shape[1]
@@ -37,7 +37,7 @@ def _be_words(packed, out):
         out[i] = v << shift
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _be_bytes(keys, out):
     """Inverse of :func:`_be_words`: the first ``out.shape[1]`` bytes of each word."""
     n_bytes = out.shape[1]

@@ -18,10 +18,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
 from ..errors import OptionError, OptionTypeError, PackedStateError
+from .jit import kernel
 
 __all__ = ["check_packed", "n_bytes_for", "pack", "unpack"]
 
@@ -47,7 +47,7 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _fires(v, lo, hi):
     """Whether a neuron of value ``v`` fires: ``v > lo``, and ``v <= hi`` unless
     ``hi`` is None (the check is then compiled away)."""
@@ -56,7 +56,7 @@ def _fires(v, lo, hi):
     return (v > lo) & (v <= hi)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _pack_flat_by8(flat, lo, hi, out, head, out64):
     """Channels-last contiguous data with C a multiple of 8: byte i from values 8i..8i+7.
 
@@ -85,7 +85,7 @@ def _pack_flat_by8(flat, lo, hi, out, head, out64):
         out[i] = byte
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _pack_rows(x, lo, hi, out):
     """``x`` is ``(a, b, C)``: the channels are the fastest axis (channels-last)."""
     n_a, n_b, n_c = x.shape
@@ -107,7 +107,7 @@ def _pack_rows(x, lo, hi, out):
                 out[row, full] = byte
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
     """Bits of channels ``c..c+7`` at positions ``b0..b0+width`` of ``x[a]`` into ``dst``."""
     s0 = x[a, c, b0 : b0 + width]
@@ -131,7 +131,7 @@ def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
         )
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _bytes_of_rows(x, a, b0, groups, width, lo, hi, block):
     """Byte ``k`` (channels ``8k..8k+7``) of positions ``b0..b0+width`` of
     ``x[a]`` into ``block[k]``, for ``k < groups``.
@@ -153,14 +153,14 @@ def _bytes_of_rows(x, a, b0, groups, width, lo, hi, block):
                 dst[p] |= np.uint8(_fires(src[p], lo, hi)) << j
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _put8(out, row, col, word):
     """The 8 bytes of ``word`` (little-endian) into ``out[row, col:col+8]``."""
     for i in range(8):
         out[row, col + i] = np.uint8(word >> np.uint64(8 * i))
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _pack_cols(x, lo, hi, out, out64):
     """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
 

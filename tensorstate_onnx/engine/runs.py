@@ -4,11 +4,11 @@ the words of states longer than 8 bytes)."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from .arrays import trimmed
 from .hashing import cmp_words
+from .jit import kernel
 
 __all__ = [
     "UNIT", "Run", "absorb_kernel", "close_gaps", "count_known", "count_sorted_keys", "gallop", "keep_rows",
@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def gallop(h, i, v):
     """The first index ``>= i`` of sorted ``h`` whose key is ``>= v`` (``h.size``
     if none): steps of 1, 2, 4, ... then a binary search, so the cost grows
@@ -42,7 +42,7 @@ def gallop(h, i, v):
     return hi
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def count_known(sorted_keys, h):
     """How many of ``sorted_keys`` occur in the sorted keys ``h`` of a run."""
     i = 0
@@ -54,7 +54,7 @@ def count_known(sorted_keys, h):
     return found
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def count_sorted_keys(keys, weights, h1, c1, keys_out, counts_out):
     """Count sorted ``keys`` (states as their own keys), each seen ``weights``
     times (empty: once), into the run ``(h1, c1)``: the count of a state the
@@ -90,7 +90,7 @@ def count_sorted_keys(keys, weights, h1, c1, keys_out, counts_out):
     return m, distinct
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def keep_rows(src, rows, dst, base, refs_out):
     """Copy the chosen rows of ``src`` (one per distinct state) to ``dst`` from
     row ``base`` on, in their order in ``src`` (a streaming copy);
@@ -120,7 +120,7 @@ def keep_rows(src, rows, dst, base, refs_out):
         refs_out[j] = base + new_place[rows[j]]
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _merge_keys(h1, c1, h2, c2, h_out, c_out):
     """Merge two runs whose keys are the states (sorted, distinct), adding the
     counts of equal keys. Branch-free: the interleaving of random runs would
@@ -153,7 +153,7 @@ def _merge_keys(h1, c1, h2, c2, h_out, c_out):
     return m
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     """Merge two runs sorted by (hash, words), adding the counts of equal states.
 
@@ -206,7 +206,7 @@ def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     return m
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     """Add to ``c1`` the counts of the states of run 2 that run 1 holds; write
     the other states of run 2 to the outputs and return how many.
@@ -241,7 +241,7 @@ def absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
     return m
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def close_gaps(arena, start, k, refs):
     """Move the rows of ``arena[start : start + k]`` that ``refs`` refer to
     down to the front of that range, in order, and point ``refs`` at their new

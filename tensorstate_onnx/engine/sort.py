@@ -3,8 +3,9 @@ thousand keys) and the lexicographic order of rows of words."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from .jit import kernel
 
 __all__ = ["RADIX_MIN", "lex_order", "sort_keys"]
 
@@ -12,7 +13,7 @@ _RADIX_BITS = 11  # digit width of the radix sort: 2,048 counters stay in L1
 RADIX_MIN = 4096  # below this many keys numpy's sort is as fast
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _radix_sort_kernel(keys, low_bit, scratch):
     """Stable LSD radix sort of ``keys`` by bits ``[low_bit, 64)``; digits in
     which no two keys differ are skipped (short states leave their low bytes
@@ -63,7 +64,7 @@ def sort_keys(keys: np.ndarray, low_bit: int = 0, scratch: np.ndarray | None = N
 _LEX_GROUP = 4096
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _sort_groups(big, order, starts, ends, col):
     """Sort each ``order[starts[g]:ends[g]]`` by the columns from ``col`` on."""
     n_cols = big.shape[1]
