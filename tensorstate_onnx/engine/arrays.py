@@ -10,7 +10,7 @@ __all__ = ["as_words", "held_bytes", "narrowest", "trimmed"]
 def trimmed(a: np.ndarray, m: int) -> np.ndarray:
     """The first ``m`` items of ``a``, an array just allocated here and seen
     by nobody else: shrunk in place, so the allocator takes the tail back
-    without a copy (a copy briefly doubled the memory of large runs)."""
+    without a copy (which would briefly hold a large run twice)."""
     if m < a.shape[0]:
         a.resize(m, refcheck=False)
     return a

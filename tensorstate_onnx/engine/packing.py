@@ -64,7 +64,7 @@ def _pack_flat_by8(flat, lo, hi, out, head, out64):
     the first 8-byte aligned one): eight bytes from 64 values at a time. The
     64-value inner loop vectorizes with wide loads and shuffles; narrower
     groups (16 values to a uint16) were compiled to gathers on some CPUs,
-    5-6x slower.
+    several times slower.
     """
     n_out = out.size
     for i in range(min(head, n_out)):
@@ -138,8 +138,8 @@ def _bytes_of_rows(x, a, b0, groups, width, lo, hi, block):
 
     Each channel row is read in one pass and OR-ed into its bit of
     ``block[k]`` (at most 4 KiB, in L1), so a contiguous sample streams
-    through memory in order: up to 1.6x faster than reading the eight rows
-    side by side when rows are short (small feature maps), where eight short
+    through memory in order: faster than reading the eight rows side by
+    side when rows are short (small feature maps), where eight short
     streams at once defeat the hardware prefetcher.
     """
     for k in range(groups):
