@@ -93,7 +93,7 @@ class StateCounter:
 
     @property
     def n_runs(self) -> int:
-        """Sorted runs the distinct states are kept in (one after ``result()``)."""
+        """Sorted runs the distinct states are kept in (one right after ``result()``, if any)."""
         return len(self._store.runs) if isinstance(self._store, RunSet) else 0
 
     @property

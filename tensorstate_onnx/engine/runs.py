@@ -282,6 +282,9 @@ class Run:
 
 
 def merge_runs(a: Run, b: Run, arena: np.ndarray | None) -> Run:
+    """One run of the states of runs ``a`` and ``b``, the counts of equal
+    states added (``arena``: the rows their refs point to; None for runs of
+    keys)."""
     cap = len(a) + len(b)
     keys = np.empty(cap, np.uint64)
     counts = np.empty(cap, np.int64)
