@@ -1,0 +1,42 @@
+"""Small numpy helpers shared by the counting modules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["as_words", "held_bytes", "narrowest", "trimmed"]
+
+
+def trimmed(a: np.ndarray, m: int) -> np.ndarray:
+    """The first ``m`` items of ``a``, an array just allocated here and seen
+    by nobody else: shrunk in place, so the allocator takes the tail back
+    without a copy (which would briefly hold a large run twice)."""
+    if m < a.shape[0]:
+        a.resize(m, refcheck=False)
+    return a
+
+
+def held_bytes(a: np.ndarray | None) -> int:
+    """Bytes kept alive by ``a`` (its base when it is a view)."""
+    if a is None:
+        return 0
+    return a.base.nbytes if isinstance(a.base, np.ndarray) else a.nbytes
+
+
+def as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
+    """Rows of ``packed`` as native uint64 words, zero padded (no copy when aligned)."""
+    n, width = packed.shape
+    if width == 8 * n_words and packed.flags.c_contiguous and packed.ctypes.data % 8 == 0:
+        return packed.view(np.uint64)
+    padded = np.zeros((n, 8 * n_words), np.uint8)
+    padded[:, :width] = packed
+    return padded.view(np.uint64)
+
+
+def narrowest(counts: np.ndarray) -> np.ndarray:
+    """``counts`` in the smallest unsigned dtype that holds them (a pickle is mostly counts of 1)."""
+    top = int(counts.max()) if counts.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return counts.astype(dtype)
+    return counts

@@ -1,0 +1,200 @@
+"""StateCounter: streaming, mergeable counts of packed states.
+
+A front over one of three structures, chosen by the bytes of a state:
+:class:`.direct.DirectCounts` (at most 2 bytes: a slot per possible state),
+:class:`.keys.KeyRuns` (3..8 bytes: sorted runs of states as uint64 keys) and
+:class:`.words.WordRuns` (longer: sorted runs of hashes referring to an arena
+of state words). This module checks what comes in, keeps the totals, and
+reads and writes the pickle format.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OptionError, OptionTypeError
+from .arrays import narrowest
+from .direct import DirectCounts
+from .keys import KeyRuns
+from .packing import check_packed, n_bytes_for
+from .runset import RunSet
+from .tuning import DEFAULT_TUNING, CounterTuning
+from .words import WordRuns
+
+__all__ = ["StateCounter"]
+
+
+class StateCounter:
+    """Streaming, mergeable counts of packed states.
+
+    ``add()`` batches of packed states (from :func:`pack`), ``merge()`` other
+    counters of the same number of neurons (also after pickling: the pickle
+    holds each distinct state once), and read ``result()``. Memory grows with
+    the number of distinct states, not with the number of states added: a
+    distinct state takes 16 bytes (up to 64 neurons) or its words plus 24
+    bytes, at worst about twice over until runs are merged, plus a buffer of
+    states not yet counted whose size follows the distinct states (2 MiB to
+    32 MiB by default; an eighth of that while states repeat). ``nbytes``
+    reports it.
+
+    ``tuning`` (a :class:`CounterTuning`; None: the defaults) sets those
+    sizes and the other choices that trade speed for memory; it never changes
+    the counts. A pickle holds the counts only: a loaded counter has the
+    default tuning.
+
+    Order of ``result()``: by default an unspecified but deterministic order
+    (for states of up to 64 neurons it is the lexicographic byte order, beyond
+    that roughly the order in which states were first seen);
+    ``result(sort=True)`` gives lexicographic byte order, the order of
+    ``np.unique(packed, axis=0)``, at the cost of a sort.
+    """
+
+    # Pickles name the class by its public home, not by the module that
+    # defines it: they load whatever the layout of the package, in older
+    # versions too (sharded runs ship counters between processes).
+    __module__ = "tensorstate_onnx.engine"
+
+    def __init__(self, n_neurons: int, tuning: CounterTuning | None = None):
+        if isinstance(n_neurons, bool) or not isinstance(n_neurons, (int, np.integer)) or n_neurons < 1:
+            raise OptionError(f"StateCounter needs a positive number of neurons, got {n_neurons!r}")
+        if tuning is not None and not isinstance(tuning, CounterTuning):
+            raise OptionTypeError(f"StateCounter's tuning must be a CounterTuning or None, got {type(tuning).__name__}")
+        self.n_neurons = int(n_neurons)
+        self.n_bytes = n_bytes_for(self.n_neurons)
+        self.total = 0
+        self._tuning = DEFAULT_TUNING if tuning is None else tuning
+        self._store = self._new_store()
+
+    def _new_store(self) -> DirectCounts | KeyRuns | WordRuns:
+        if self.n_bytes <= 2:
+            return DirectCounts(self.n_bytes)
+        if self.n_bytes <= 8:
+            return KeyRuns(self.n_bytes, self._tuning)
+        return WordRuns(self.n_bytes, self._tuning)
+
+    @property
+    def tuning(self) -> CounterTuning:
+        """How this counter buffers, chunks, absorbs and merges (never what it counts)."""
+        return self._tuning
+
+    @property
+    def n_distinct(self) -> int:
+        """Number of distinct states seen so far."""
+        return self._store.n_distinct()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of counting state held: states, keys, counts and buffers."""
+        return self._store.nbytes()
+
+    # What follows only observes how the counts are kept, for tests and
+    # tuning: up to 16 neurons (counted directly) there are no runs and no
+    # buffer.
+
+    @property
+    def n_runs(self) -> int:
+        """Sorted runs the distinct states are kept in (one right after ``result()``, if any)."""
+        return len(self._store.runs) if isinstance(self._store, RunSet) else 0
+
+    @property
+    def n_pending(self) -> int:
+        """States added but not counted yet: they wait in the buffer."""
+        return self._store.n_pending if isinstance(self._store, RunSet) else 0
+
+    @property
+    def buffer_rows(self) -> int:
+        """States the buffer gathers, as things stand, before they are counted together."""
+        return self._store.buffer_rows() if isinstance(self._store, RunSet) else 0
+
+    @property
+    def repeating(self) -> bool:
+        """Whether the latest states were mostly ones counted before (the buffer is then small)."""
+        return isinstance(self._store, RunSet) and self._store.repeating
+
+    @property
+    def n_held(self) -> int:
+        """Rows of state words held beyond 64 neurons: the distinct states,
+        and states merged away whose rows are not dropped yet (0 up to 64)."""
+        return self._store.arena_rows if isinstance(self._store, WordRuns) else 0
+
+    # --------------------------------------------------------------- counting
+
+    def add(self, packed: np.ndarray) -> None:
+        """Count a batch of packed states (``uint8 (n, ceil(C/8))``)."""
+        packed = check_packed(packed, self.n_neurons, "StateCounter.add()")
+        n = packed.shape[0]
+        if n == 0:
+            return
+        self._store.add(packed)
+        self.total += n
+
+    def merge(self, other: StateCounter) -> None:
+        """Add the counts of ``other`` (same number of neurons) to this counter."""
+        if not isinstance(other, StateCounter):
+            raise OptionTypeError(f"merge() takes a StateCounter, got {type(other).__name__}")
+        if other.n_neurons != self.n_neurons:
+            raise OptionError(
+                f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
+            )
+        total = other.total
+        self._store.merge(other._store)
+        self.total += total
+
+    def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(state_ids uint8 (k, n_bytes), counts int64 (k,))``: row ``i`` of
+        ``state_ids`` was seen ``counts[i]`` times; new arrays, each state once.
+
+        Args:
+            sort: if True, the states come in lexicographic byte order (the
+                order of ``np.unique(packed, axis=0)``). By default the order
+                is whatever is cheapest: deterministic for the same data, but
+                unspecified (it happens to be byte order up to 64 neurons).
+        """
+        return self._store.result(sort)
+
+    def counts(self) -> np.ndarray:
+        """The counts of :meth:`result` (same order) without building the
+        states: all that entropy and efficiency need."""
+        return self._store.counts()
+
+    # ------------------------------------------------------------- pickling
+    #
+    # Sharded runs ship counters between processes: each distinct state
+    # once, as its packed bytes, with counts in the narrowest dtype that
+    # holds them; hashes and order are rebuilt when loaded. The state keeps
+    # the keys and values that earlier versions wrote and read (the counter
+    # was then one flat object), so pickles load across versions.
+
+    def __getstate__(self) -> dict:
+        state = {"n_neurons": self.n_neurons, "n_bytes": self.n_bytes, "total": self.total}
+        store = self._store
+        if isinstance(store, DirectCounts):
+            return {**state, "_small": True, "_direct": store.pickled()}
+        # How the buffer flowed when pickled, read before counting what it holds.
+        flow = {"_repeating": store.repeating, "_next_check": store.next_check}
+        ids, counts = store.pickled()
+        return {
+            **state,
+            "_small": False,
+            "_n_words": store.n_words,
+            "_runs": (np.ascontiguousarray(ids), narrowest(counts)),
+            **flow,
+            "_n_pending": 0,
+            "_pending": None,
+            "_arena": None,
+            "_arena_rows": 0,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.n_neurons = state["n_neurons"]
+        self.n_bytes = state["n_bytes"]
+        self.total = state["total"]
+        self._tuning = DEFAULT_TUNING
+        if state["_small"]:
+            self._store = DirectCounts.load(self.n_bytes, state["_direct"])
+            return
+        # How the buffer flows is not part of the counts (and pickles of older
+        # versions lack it): it starts afresh.
+        self._store = self._new_store()
+        ids, counts = state["_runs"]
+        self._store.load(ids, counts.astype(np.int64))

@@ -1,0 +1,163 @@
+"""KeyRuns: counts of states of 3..8 bytes, each state one big-endian uint64
+word that is its own key.
+
+The key is exact and its order is the lexicographic byte order, so a run
+needs no other data. A batch is sorted (the radix sort skips the zero low
+bytes of short states) and run-length counted, fused with absorbing in one
+pass over one scratch array; a merge is branch-free. Large batches are counted
+straight from the caller's array, small ones gathered in a buffer first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import policy
+from .arrays import held_bytes, trimmed
+from .jit import kernel
+from .runs import UNIT, Run, count_sorted_keys
+from .runset import RunSet
+from .sort import sort_keys
+
+__all__ = ["KeyRuns"]
+
+_NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
+_NO_COUNTS = np.empty(0, np.int64)
+
+
+@kernel
+def _be_words(packed, out):
+    """Each row of up to 8 bytes as one big-endian uint64 (zero padded at the low end)."""
+    n_bytes = packed.shape[1]
+    shift = np.uint64(8 * (8 - n_bytes))
+    for i in range(packed.shape[0]):
+        v = np.uint64(0)
+        for k in range(n_bytes):
+            v = (v << np.uint64(8)) | np.uint64(packed[i, k])
+        out[i] = v << shift
+
+
+@kernel
+def _be_bytes(keys, out):
+    """Inverse of :func:`_be_words`: the first ``out.shape[1]`` bytes of each word."""
+    n_bytes = out.shape[1]
+    for i in range(keys.size):
+        v = keys[i]
+        for k in range(n_bytes):
+            out[i, k] = np.uint8(v >> np.uint64(56 - 8 * k))
+
+
+class KeyRuns(RunSet):
+    """Runs of states that are their own keys, and a buffer of such keys."""
+
+    def __init__(self, n_bytes, tuning):
+        super().__init__(n_bytes, tuning)
+        self.pending: np.ndarray | None = None  # states waiting to be counted, as keys
+
+    def nbytes(self) -> int:
+        return super().nbytes() + held_bytes(self.pending)
+
+    def add(self, packed: np.ndarray) -> None:
+        n = packed.shape[0]
+        pos = 0
+        while pos < n:
+            if self.n_pending == 0:
+                cap = self.buffer_rows()
+                if n - pos >= cap:
+                    take = min(n - pos, self.tuning.chunk_rows)
+                    keys = np.empty(take, np.uint64)
+                    _be_words(packed[pos : pos + take], keys)
+                    self.count_keys(keys, owned=True)
+                    pos += take
+                    continue
+                if self.pending is None or not policy.buffer_fits(self.pending.shape[0], cap):
+                    self.pending = None
+                    self.pending = np.empty(cap, np.uint64)
+            cap = self.pending.shape[0]
+            take = min(cap - self.n_pending, n - pos)
+            _be_words(packed[pos : pos + take], self.pending[self.n_pending : self.n_pending + take])
+            self.n_pending += take
+            if self.n_pending == cap or self.repeats_now():
+                self.flush()
+            pos += take
+
+    def _recent_keys(self, size: int) -> np.ndarray:
+        return self.pending[self.n_pending - size : self.n_pending]
+
+    def _count_pending(self, n: int, weights: np.ndarray | None, final: bool) -> None:
+        self.count_keys(self.pending[:n], owned=False, final=final)
+
+    def count_keys(
+        self, keys: np.ndarray, weights: np.ndarray = UNIT, owned: bool = False, final: bool = False
+    ) -> None:
+        """Count states that are their own keys: counts of states a run holds
+        are added to it in place (see :func:`.policy.absorb_choice`), the
+        others become a run.
+
+        Unweighted ``keys`` are sorted in place and overwritten (``owned``: a
+        fresh array the run may keep); weighted ones are another counter's run
+        (sorted, distinct) and are only read. Sorting, run-length counting and
+        absorbing share one scratch array (it ends up holding the counts), so
+        a flush of a full buffer needs one buffer's worth of memory beside it
+        rather than five."""
+        if weights.size:
+            absorbing = self.absorbing(keys, final)
+            if not absorbing:
+                # Keys are never written once in a run, so sharing them is safe; counts are.
+                self.append(Run(keys, None, weights.copy()))
+                return
+            out, owned = np.empty(keys.size, np.uint64), True
+            counts = np.empty(keys.size, np.int64)
+        else:
+            counts = np.empty(keys.size, np.int64)
+            sort_keys(keys, 0, counts.view(np.uint64))
+            out = keys
+            absorbing = self.absorbing(keys, final)
+        runs = self.runs if absorbing else [Run(_NO_KEYS, None, _NO_COUNTS)]
+        m, distinct = count_sorted_keys(keys, weights, runs[0].keys, runs[0].counts, out, counts)
+        for run in runs[1:]:  # a sample was mostly known: the rest may be in the smaller runs
+            if m == 0:
+                break
+            m, _ = count_sorted_keys(out[:m], counts[:m], run.keys, run.counts, out, counts)
+        if absorbing:
+            self.repeating = policy.still_repeating(m, distinct)
+        if m:
+            out = trimmed(out, m) if owned else out[:m].copy()
+            self.append(Run(out, None, trimmed(counts, m)))
+
+    def compact(self) -> Run | None:
+        self.flush(final=True)
+        self.pending = None
+        return self.merge_all()
+
+    def merge(self, other: KeyRuns) -> None:
+        """Add the counts of ``other``, whose run is left as it was."""
+        run = other.compact()
+        if run is not None:
+            self.count_keys(run.keys, run.counts)
+
+    def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct states as packed rows and their counts: in byte order (the keys' order), sorted or not."""
+        run = self.compact()
+        if run is None:
+            return np.empty((0, self.n_bytes), np.uint8), np.empty(0, np.int64)
+        ids = np.empty((len(run), self.n_bytes), np.uint8)
+        _be_bytes(run.keys, ids)
+        return ids, run.counts.copy()
+
+    def counts(self) -> np.ndarray:
+        run = self.compact()
+        return np.empty(0, np.int64) if run is None else run.counts.copy()
+
+    def pickled(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a pickle holds: :meth:`result`, whose byte order is the order of the keys."""
+        return self.result()
+
+    def load(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Start from distinct states ``ids`` in byte order (as :meth:`pickled`
+        writes them) seen ``counts`` (int64) times."""
+        if ids.shape[0] == 0:
+            return
+        keys = np.empty(ids.shape[0], np.uint64)
+        _be_words(ids, keys)
+        self.runs = [Run(keys, None, counts)]

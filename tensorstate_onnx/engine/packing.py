@@ -1,0 +1,462 @@
+"""Quantize tensors and bit-pack their states; unpack; check packed states.
+
+A neuron fires iff its value is ``> 0``; ``0.0``, ``-0.0``, NaN and negatives do
+not fire, ``+inf`` does. One state is the firing pattern of the ``C`` neurons on
+the channel axis at one position; it is stored as ``ceil(C/8)`` bytes, LSB first
+(byte ``k`` bit ``j`` is neuron ``8k+j``), byte-for-byte what
+``np.packbits(np.moveaxis(x, axis, -1).reshape(-1, C) > 0, axis=-1,
+bitorder="little")`` gives. States come batch first, then the other positions in
+row-major order.
+
+Large inputs are packed by several threads at once (the kernels release the
+GIL); small ones on the calling thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import OptionError, OptionTypeError, PackedStateError
+from .jit import kernel
+
+__all__ = ["check_packed", "n_bytes_for", "pack", "unpack"]
+
+
+def n_bytes_for(n_neurons: int) -> int:
+    """Bytes of one packed state of ``n_neurons`` neurons."""
+    return (n_neurons + 7) // 8
+
+
+# Inputs smaller than this are packed on the calling thread; thread start-up
+# would cost more than it saves.
+_PARALLEL_MIN_BYTES = 1 << 22
+_N_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_N_THREADS, thread_name_prefix="tensorstate-pack")
+        return _pool
+
+
+@kernel(inline="always")
+def _fires(v, lo, hi):
+    """Whether a neuron of value ``v`` fires: ``v > lo``, and ``v <= hi`` unless
+    ``hi`` is None (the check is then compiled away)."""
+    if hi is None:
+        return v > lo
+    return (v > lo) & (v <= hi)
+
+
+@kernel
+def _pack_flat_by8(flat, lo, hi, out, head, out64):
+    """Channels-last contiguous data with C a multiple of 8: byte i from values 8i..8i+7.
+
+    ``out64`` is ``out[head:head + 8k]`` as uint64 (``head``: the bytes before
+    the first 8-byte aligned one): eight bytes from 64 values at a time. The
+    64-value inner loop vectorizes with wide loads and shuffles; narrower
+    groups (16 values to a uint16) were compiled to gathers on some CPUs,
+    several times slower.
+    """
+    n_out = out.size
+    for i in range(min(head, n_out)):
+        byte = np.uint32(0)
+        for j in range(8):
+            byte |= np.uint32(_fires(flat[8 * i + j], lo, hi)) << j
+        out[i] = byte
+    body = flat[8 * head :]  # (an offset inside the index would defeat vectorization)
+    for i in range(out64.size):
+        word = np.uint64(0)
+        for j in range(64):
+            word |= np.uint64(_fires(body[64 * i + j], lo, hi)) << np.uint64(j)
+        out64[i] = word
+    for i in range(head + 8 * out64.size, n_out):
+        byte = np.uint32(0)
+        for j in range(8):
+            byte |= np.uint32(_fires(flat[8 * i + j], lo, hi)) << j
+        out[i] = byte
+
+
+@kernel
+def _pack_rows(x, lo, hi, out):
+    """``x`` is ``(a, b, C)``: the channels are the fastest axis (channels-last)."""
+    n_a, n_b, n_c = x.shape
+    full = n_c // 8
+    for a in range(n_a):
+        for b in range(n_b):
+            row = a * n_b + b
+            for k in range(full):
+                byte = np.uint32(0)
+                for j in range(8):
+                    v = x[a, b, 8 * k + j]
+                    byte |= np.uint32(_fires(v, lo, hi)) << j
+                out[row, k] = byte
+            if full * 8 < n_c:
+                byte = np.uint32(0)
+                for c in range(full * 8, n_c):
+                    v = x[a, b, c]
+                    byte |= np.uint32(_fires(v, lo, hi)) << (c - 8 * full)
+                out[row, full] = byte
+
+
+@kernel
+def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
+    """Bits of channels ``c..c+7`` at positions ``b0..b0+width`` of ``x[a]`` into ``dst``."""
+    s0 = x[a, c, b0 : b0 + width]
+    s1 = x[a, c + 1, b0 : b0 + width]
+    s2 = x[a, c + 2, b0 : b0 + width]
+    s3 = x[a, c + 3, b0 : b0 + width]
+    s4 = x[a, c + 4, b0 : b0 + width]
+    s5 = x[a, c + 5, b0 : b0 + width]
+    s6 = x[a, c + 6, b0 : b0 + width]
+    s7 = x[a, c + 7, b0 : b0 + width]
+    for p in range(width):
+        dst[p] = (
+            np.uint32(_fires(s0[p], lo, hi))
+            | np.uint32(_fires(s1[p], lo, hi)) << 1
+            | np.uint32(_fires(s2[p], lo, hi)) << 2
+            | np.uint32(_fires(s3[p], lo, hi)) << 3
+            | np.uint32(_fires(s4[p], lo, hi)) << 4
+            | np.uint32(_fires(s5[p], lo, hi)) << 5
+            | np.uint32(_fires(s6[p], lo, hi)) << 6
+            | np.uint32(_fires(s7[p], lo, hi)) << 7
+        )
+
+
+@kernel
+def _bytes_of_rows(x, a, b0, groups, width, lo, hi, block):
+    """Byte ``k`` (channels ``8k..8k+7``) of positions ``b0..b0+width`` of
+    ``x[a]`` into ``block[k]``, for ``k < groups``.
+
+    Each channel row is read in one pass and OR-ed into its bit of
+    ``block[k]`` (at most 4 KiB, in L1), so a contiguous sample streams
+    through memory in order: faster than reading the eight rows side by
+    side when rows are short (small feature maps), where eight short
+    streams at once defeat the hardware prefetcher.
+    """
+    for k in range(groups):
+        dst = block[k]
+        src = x[a, 8 * k, b0 : b0 + width]
+        for p in range(width):
+            dst[p] = np.uint8(_fires(src[p], lo, hi))
+        for j in range(1, 8):
+            src = x[a, 8 * k + j, b0 : b0 + width]
+            for p in range(width):
+                dst[p] |= np.uint8(_fires(src[p], lo, hi)) << j
+
+
+@kernel(inline="always")
+def _put8(out, row, col, word):
+    """The 8 bytes of ``word`` (little-endian) into ``out[row, col:col+8]``."""
+    for i in range(8):
+        out[row, col + i] = np.uint8(word >> np.uint64(8 * i))
+
+
+@kernel
+def _pack_cols(x, lo, hi, out, out64):
+    """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
+
+    Byte k of a block of positions comes from channels 8k..8k+7, read along
+    the positions so that every load streams through memory. With one byte
+    per state the bytes go straight to the output (eight rows read side by
+    side); otherwise a block of bytes (byte k of positions p.., one channel
+    row after the other) is transposed into the output rows 8x8 bytes at a
+    time (``out64``: ``out`` as uint64 words, or empty to store bytes).
+    """
+    n_a, n_c, n_b = x.shape
+    n_bytes = out.shape[1]
+    full = n_c // 8
+    if n_bytes == 1:
+        for a in range(n_a):
+            for b0 in range(0, n_b, 4096):
+                width = min(4096, n_b - b0)
+                dst = out[a * n_b + b0 : a * n_b + b0 + width, 0]
+                if full:
+                    _byte_of_eight(x, a, 0, b0, width, lo, hi, dst)
+                else:
+                    dst[:] = 0
+                    for c in range(n_c):
+                        src = x[a, c, b0 : b0 + width]
+                        for p in range(width):
+                            dst[p] |= np.uint8(_fires(src[p], lo, hi)) << c
+        return
+    width_max = min(4096, max(256, 262144 // n_bytes)) // 8 * 8
+    block = np.zeros((n_bytes, width_max), np.uint8)
+    words = block.view(np.uint64)
+    wide = out64.shape[0] > 0
+    n_kw = n_bytes // 8
+    for a in range(n_a):
+        for b0 in range(0, n_b, width_max):
+            width = min(width_max, n_b - b0)
+            _bytes_of_rows(x, a, b0, full, width, lo, hi, block)
+            if full < n_bytes:
+                tail = block[full]
+                tail[:width] = 0
+                for c in range(8 * full, n_c):
+                    src = x[a, c, b0 : b0 + width]
+                    for p in range(width):
+                        tail[p] |= np.uint8(_fires(src[p], lo, hi)) << (c - 8 * full)
+            first = a * n_b + b0
+            n_pw = width // 8
+            for pw in range(n_pw):
+                row = first + 8 * pw
+                for kw in range(n_kw):
+                    # An 8x8 byte transpose: byte c of r_i is block[8kw + i, 8pw + c].
+                    r0 = words[8 * kw, pw]
+                    r1 = words[8 * kw + 1, pw]
+                    r2 = words[8 * kw + 2, pw]
+                    r3 = words[8 * kw + 3, pw]
+                    r4 = words[8 * kw + 4, pw]
+                    r5 = words[8 * kw + 5, pw]
+                    r6 = words[8 * kw + 6, pw]
+                    r7 = words[8 * kw + 7, pw]
+                    m = np.uint64(0x00FF00FF00FF00FF)
+                    s = np.uint64(8)
+                    t = ((r0 >> s) ^ r1) & m
+                    r1 ^= t
+                    r0 ^= t << s
+                    t = ((r2 >> s) ^ r3) & m
+                    r3 ^= t
+                    r2 ^= t << s
+                    t = ((r4 >> s) ^ r5) & m
+                    r5 ^= t
+                    r4 ^= t << s
+                    t = ((r6 >> s) ^ r7) & m
+                    r7 ^= t
+                    r6 ^= t << s
+                    m = np.uint64(0x0000FFFF0000FFFF)
+                    s = np.uint64(16)
+                    t = ((r0 >> s) ^ r2) & m
+                    r2 ^= t
+                    r0 ^= t << s
+                    t = ((r1 >> s) ^ r3) & m
+                    r3 ^= t
+                    r1 ^= t << s
+                    t = ((r4 >> s) ^ r6) & m
+                    r6 ^= t
+                    r4 ^= t << s
+                    t = ((r5 >> s) ^ r7) & m
+                    r7 ^= t
+                    r5 ^= t << s
+                    m = np.uint64(0x00000000FFFFFFFF)
+                    s = np.uint64(32)
+                    t = ((r0 >> s) ^ r4) & m
+                    r4 ^= t
+                    r0 ^= t << s
+                    t = ((r1 >> s) ^ r5) & m
+                    r5 ^= t
+                    r1 ^= t << s
+                    t = ((r2 >> s) ^ r6) & m
+                    r6 ^= t
+                    r2 ^= t << s
+                    t = ((r3 >> s) ^ r7) & m
+                    r7 ^= t
+                    r3 ^= t << s
+                    # Now byte r of r_i is block[8kw + r, 8pw + i]: row 8pw + i, bytes 8kw...
+                    if wide:
+                        out64[row, kw] = r0
+                        out64[row + 1, kw] = r1
+                        out64[row + 2, kw] = r2
+                        out64[row + 3, kw] = r3
+                        out64[row + 4, kw] = r4
+                        out64[row + 5, kw] = r5
+                        out64[row + 6, kw] = r6
+                        out64[row + 7, kw] = r7
+                    else:
+                        _put8(out, row, 8 * kw, r0)
+                        _put8(out, row + 1, 8 * kw, r1)
+                        _put8(out, row + 2, 8 * kw, r2)
+                        _put8(out, row + 3, 8 * kw, r3)
+                        _put8(out, row + 4, 8 * kw, r4)
+                        _put8(out, row + 5, 8 * kw, r5)
+                        _put8(out, row + 6, 8 * kw, r6)
+                        _put8(out, row + 7, 8 * kw, r7)
+                for p in range(8 * pw, 8 * pw + 8):
+                    for k in range(8 * n_kw, n_bytes):
+                        out[first + p, k] = block[k, p]
+            for p in range(8 * n_pw, width):
+                for k in range(n_bytes):
+                    out[first + p, k] = block[k, p]
+
+
+def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
+    """A view of ``x`` and bounds ``(lo, hi)`` such that a neuron fires iff
+    ``lo < v`` and, unless ``hi`` is None, ``v <= hi``.
+
+    float32/64 compare as floats (NaN fails the test, +inf passes). float16,
+    which numba cannot compare, is viewed as int16: positive finite values and
+    +inf have bit patterns in ``(0, 0x7C00]``, while negatives, -0.0 and every
+    NaN fall outside. bool is viewed as uint8 so that any non-zero byte fires.
+    """
+    if x.dtype == np.float32 or x.dtype == np.float64:
+        return x, x.dtype.type(0), None
+    if x.dtype == np.float16:
+        return x.view(np.int16), np.int16(0), np.int16(0x7C00)
+    if x.dtype == np.bool_:
+        return x.view(np.uint8), np.uint8(0), None
+    raise OptionTypeError(
+        f"pack() takes float16, float32, float64 or bool arrays, got dtype {x.dtype}; "
+        "cast other data to float first (a neuron fires iff its value is > 0)"
+    )
+
+
+def _merge_axes(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Merge adjacent axes whose strides allow it (no copy) and drop axes of size 1."""
+    merged_shape: list[int] = []
+    merged_strides: list[int] = []
+    for size, stride in zip(shape, strides):
+        if size == 1:
+            continue
+        if merged_shape and merged_strides[-1] == stride * size:
+            merged_shape[-1] *= size
+            merged_strides[-1] = stride
+        else:
+            merged_shape.append(size)
+            merged_strides.append(stride)
+    return merged_shape, merged_strides
+
+
+def _state_blocks(x: np.ndarray) -> list[np.ndarray]:
+    """Split ``x`` (channels on the last axis) into 3-d views ``(a, b, C)`` that
+    cover its states in order, without copying data.
+
+    Leading axes are merged where the strides allow; axes that cannot be merged
+    are iterated over.
+    """
+    shape, strides = _merge_axes(x.shape[:-1], x.strides[:-1])
+    while len(shape) < 2:
+        shape.insert(0, 1)
+        strides.insert(0, 0)
+    view = np.lib.stride_tricks.as_strided(
+        x, shape=(*shape, x.shape[-1]), strides=(*strides, x.strides[-1]), writeable=False
+    )
+    return [view[idx] for idx in np.ndindex(*shape[:-2])] if len(shape) > 2 else [view]
+
+
+def _split_work(view: np.ndarray, out: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut one ``(a, b, C)`` block and its output rows into about ``parts`` pieces."""
+    n_a, n_b = view.shape[:2]
+    if parts == 1:
+        return [(view, out)]
+    if n_a >= parts:
+        bounds = np.linspace(0, n_a, parts + 1).astype(int)
+        return [(view[lo:hi], out[lo * n_b : hi * n_b]) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    bounds = np.linspace(0, n_b, max(1, parts // n_a) + 1).astype(int)
+    return [
+        (view[a : a + 1, lo:hi], out[a * n_b + lo : a * n_b + hi])
+        for a in range(n_a)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+        if hi > lo
+    ]
+
+
+_NO_WORDS = np.empty((0, 0), np.uint64)
+
+
+def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
+    if 0 < abs(view.strides[1]) < abs(view.strides[2]):
+        wide = out.shape[1] % 8 == 0 and out.flags.c_contiguous and out.ctypes.data % 8 == 0
+        out64 = out.view(np.uint64) if wide else _NO_WORDS
+        _pack_cols(view.transpose(0, 2, 1), lo, hi, out, out64)
+    elif view.flags.c_contiguous and view.shape[2] % 8 == 0:
+        flat_out = out.reshape(-1)
+        head = min(-flat_out.ctypes.data % 8, flat_out.size)
+        words = (flat_out.size - head) // 8
+        _pack_flat_by8(view.reshape(-1), lo, hi, flat_out, head, flat_out[head : head + 8 * words].view(np.uint64))
+    else:
+        _pack_rows(view, lo, hi, out)
+
+
+def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
+    """Quantize ``x`` (a neuron fires iff its value is > 0) and bit-pack each state.
+
+    Args:
+        x: float16/32/64 or bool array of rank >= 1, any strides and layout.
+        channel_axis: the axis holding the neurons; every other position is one
+            state. Negative values count from the end.
+
+    Returns:
+        ``uint8`` array of shape ``(n_states, ceil(C / 8))``, states batch
+        first then positions in row-major order.
+    """
+    if not isinstance(x, np.ndarray):
+        raise OptionTypeError(
+            f"pack() takes a numpy.ndarray, got {type(x).__name__}; convert it with "
+            "np.asarray (torch: tensor.numpy(), tensorflow: tensor.numpy())"
+        )
+    if x.ndim == 0:
+        raise OptionError("pack() needs an array of rank >= 1 (the channel axis); got a scalar")
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+        raise OptionTypeError(f"channel_axis must be an int, got {channel_axis!r}")
+    if not -x.ndim <= channel_axis < x.ndim:
+        raise OptionError(
+            f"channel_axis {channel_axis} is out of range for an array of rank {x.ndim} "
+            f"(valid: {-x.ndim}..{x.ndim - 1})"
+        )
+    n_neurons = x.shape[channel_axis]
+    if n_neurons == 0:
+        raise OptionError(f"the channel axis {channel_axis} of an array of shape {x.shape} has 0 neurons")
+    values, lo, hi = _comparable(x)
+    values = np.moveaxis(values, channel_axis, -1)
+    out = np.empty((values.size // n_neurons, n_bytes_for(n_neurons)), np.uint8)
+    if out.shape[0] == 0:
+        return out
+    parts = _N_THREADS if x.nbytes >= _PARALLEL_MIN_BYTES else 1
+    tasks = []
+    start = 0
+    for view in _state_blocks(values):
+        count = view.shape[0] * view.shape[1]
+        tasks += _split_work(view, out[start : start + count], parts)
+        start += count
+    if len(tasks) == 1 or parts == 1:
+        for view, target in tasks:
+            _run_block(view, lo, hi, target)
+    else:
+        for future in [_executor().submit(_run_block, view, lo, hi, target) for view, target in tasks]:
+            future.result()
+    return out
+
+
+def unpack(packed: np.ndarray, n_neurons: int) -> np.ndarray:
+    """Invert :func:`pack`: ``bool`` array of shape ``(n_states, n_neurons)``."""
+    packed = check_packed(packed, n_neurons, "unpack()")
+    return np.unpackbits(packed, axis=1, count=n_neurons, bitorder="little").view(np.bool_)
+
+
+def check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
+    """``packed`` if it holds states of ``n_neurons`` as :func:`pack` makes
+    them, else a typed error that ``where`` (the caller, named in it) raises.
+
+    The unused high bits of the last byte must be 0: a row with one set
+    would count as a state of its own that unpacks to another one's bits.
+    Only the last byte of each row is read, so the check is cheap."""
+    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
+        kind = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
+        raise OptionTypeError(f"{where} takes packed states as a uint8 numpy array (from pack()), got {kind}")
+    if isinstance(n_neurons, bool) or not isinstance(n_neurons, (int, np.integer)) or n_neurons < 1:
+        raise OptionError(f"{where}: n_neurons must be a positive int, got {n_neurons!r}")
+    width = n_bytes_for(int(n_neurons))
+    if packed.ndim != 2 or packed.shape[1] != width:
+        raise PackedStateError(
+            f"{where}: packed states of {n_neurons} neurons have shape (n_states, {width}), "
+            f"got {packed.shape}"
+        )
+    used = int(n_neurons) % 8
+    if used and packed.shape[0]:
+        unused = packed[:, -1] >> np.uint8(used)
+        if unused.any():
+            row = int(np.argmax(unused != 0))
+            raise PackedStateError(
+                f"{where}: row {row} of the packed states has bits set above neuron {n_neurons - 1} "
+                f"(last byte {packed[row, -1]:#04x}); states of {n_neurons} neurons use the low {used} bits "
+                f"of their last byte and the unused high bits must be 0, as pack() leaves them"
+            )
+    return packed

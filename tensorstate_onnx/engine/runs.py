@@ -1,0 +1,296 @@
+"""Runs: distinct states with their counts, sorted by key, and the kernels
+that search, count into, merge and compact them (with the arena that holds
+the words of states longer than 8 bytes)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arrays import trimmed
+from .hashing import cmp_words
+from .jit import kernel
+
+__all__ = [
+    "UNIT", "Run", "absorb_kernel", "close_gaps", "count_known", "count_sorted_keys", "gallop", "keep_rows",
+    "merge_runs",
+]
+
+
+@kernel(inline="always")
+def gallop(h, i, v):
+    """The first index ``>= i`` of sorted ``h`` whose key is ``>= v`` (``h.size``
+    if none): steps of 1, 2, 4, ... then a binary search, so the cost grows
+    with the log of the distance, and a key next in line costs one compare."""
+    n = h.size
+    if i >= n or h[i] >= v:
+        return i
+    lo = i  # h[lo] < v <= h[hi] (h[n] counts as infinite)
+    hi = lo + 1
+    step = 1
+    while hi < n and h[hi] < v:
+        lo = hi
+        step *= 2
+        hi = lo + step
+    if hi > n:
+        hi = n
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if h[mid] < v:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@kernel
+def count_known(sorted_keys, h):
+    """How many of ``sorted_keys`` occur in the sorted keys ``h`` of a run."""
+    i = 0
+    found = 0
+    for v in sorted_keys:
+        i = gallop(h, i, v)
+        if i < h.size and h[i] == v:
+            found += 1
+    return found
+
+
+@kernel
+def count_sorted_keys(keys, weights, h1, c1, keys_out, counts_out):
+    """Count sorted ``keys`` (states as their own keys), each seen ``weights``
+    times (empty: once), into the run ``(h1, c1)``: the count of a state the
+    run holds is added to ``c1`` in place; the other distinct states go to
+    ``keys_out`` (which may be ``keys`` itself) with their counts in
+    ``counts_out``. Returns ``(how many were written, distinct keys)``.
+
+    The run is searched by galloping from the last match (:func:`gallop`).
+    """
+    weighted = weights.size > 0
+    n = keys.size
+    n1 = h1.size
+    i = 0
+    m = 0
+    distinct = 0
+    j = 0
+    while j < n:
+        v = keys[j]
+        distinct += 1
+        count = 0
+        e = j
+        while e < n and keys[e] == v:
+            count += weights[e] if weighted else 1
+            e += 1
+        i = gallop(h1, i, v)
+        if i < n1 and h1[i] == v:
+            c1[i] += count
+        else:
+            keys_out[m] = v
+            counts_out[m] = count
+            m += 1
+        j = e
+    return m, distinct
+
+
+@kernel
+def keep_rows(src, rows, dst, base, refs_out):
+    """Copy the chosen rows of ``src`` (one per distinct state) to ``dst`` from
+    row ``base`` on, in their order in ``src`` (a streaming copy);
+    ``refs_out[j]``: where ``rows[j]`` went. ``src`` may be ``dst[base:]``."""
+    n = src.shape[0]
+    n_words = src.shape[1]
+    if rows.size == n:
+        # Every row is kept: a straight copy.
+        if src.ctypes.data != dst[base:].ctypes.data:
+            for i in range(n):
+                for w in range(n_words):
+                    dst[base + i, w] = src[i, w]
+        for j in range(rows.size):
+            refs_out[j] = base + rows[j]
+        return
+    new_place = np.full(n, -1, np.int64)
+    for j in range(rows.size):
+        new_place[rows[j]] = 0
+    p = 0
+    for i in range(n):
+        if new_place[i] == 0:
+            new_place[i] = p
+            for w in range(n_words):
+                dst[base + p, w] = src[i, w]
+            p += 1
+    for j in range(rows.size):
+        refs_out[j] = base + new_place[rows[j]]
+
+
+@kernel
+def _merge_keys(h1, c1, h2, c2, h_out, c_out):
+    """Merge two runs whose keys are the states (sorted, distinct), adding the
+    counts of equal keys. Branch-free: the interleaving of random runs would
+    defeat the branch predictor."""
+    n1 = h1.size
+    n2 = h2.size
+    i = 0
+    j = 0
+    m = 0
+    while i < n1 and j < n2:
+        x = h1[i]
+        y = h2[j]
+        take1 = x <= y
+        take2 = y <= x
+        h_out[m] = x if take1 else y
+        c_out[m] = (c1[i] if take1 else 0) + (c2[j] if take2 else 0)
+        i += np.int64(take1)
+        j += np.int64(take2)
+        m += 1
+    while i < n1:
+        h_out[m] = h1[i]
+        c_out[m] = c1[i]
+        i += 1
+        m += 1
+    while j < n2:
+        h_out[m] = h2[j]
+        c_out[m] = c2[j]
+        j += 1
+        m += 1
+    return m
+
+
+@kernel
+def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
+    """Merge two runs sorted by (hash, words), adding the counts of equal states.
+
+    A run holds hashes, references to arena rows and counts; only those move.
+    Unequal hashes (the common case) are merged without a data-dependent
+    branch; equal hashes compare the arena rows.
+    """
+    n1 = h1.size
+    n2 = h2.size
+    i = 0
+    j = 0
+    m = 0
+    while i < n1 and j < n2:
+        x = h1[i]
+        y = h2[j]
+        if x != y:
+            take1 = x < y
+            h_out[m] = x if take1 else y
+            r_out[m] = r1[i] if take1 else r2[j]
+            c_out[m] = c1[i] if take1 else c2[j]
+            i += np.int64(take1)
+            j += np.int64(not take1)
+        else:
+            order = cmp_words(arena, r1[i], arena, r2[j])
+            h_out[m] = x
+            if order <= 0:
+                r_out[m] = r1[i]
+                c_out[m] = c1[i]
+                if order == 0:
+                    c_out[m] += c2[j]
+                    j += 1
+                i += 1
+            else:
+                r_out[m] = r2[j]
+                c_out[m] = c2[j]
+                j += 1
+        m += 1
+    while i < n1:
+        h_out[m] = h1[i]
+        r_out[m] = r1[i]
+        c_out[m] = c1[i]
+        i += 1
+        m += 1
+    while j < n2:
+        h_out[m] = h2[j]
+        r_out[m] = r2[j]
+        c_out[m] = c2[j]
+        j += 1
+        m += 1
+    return m
+
+
+@kernel
+def absorb_kernel(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
+    """Add to ``c1`` the counts of the states of run 2 that run 1 holds; write
+    the other states of run 2 to the outputs and return how many.
+
+    Runs are sorted by (hash, words); states of equal hashes are told apart by
+    their arena rows. The outputs may be run 2 itself. Run 1 is searched by
+    galloping (:func:`gallop`), so a run of new states costs a step or two
+    per state.
+    """
+    n1 = h1.size
+    i = 0
+    m = 0
+    for j in range(h2.size):
+        y = h2[j]
+        i = gallop(h1, i, y)
+        k = i
+        found = False
+        while k < n1 and h1[k] == y:
+            order = cmp_words(arena, r1[k], arena, r2[j])
+            if order == 0:
+                c1[k] += c2[j]
+                found = True
+                break
+            if order > 0:
+                break
+            k += 1
+        if not found:
+            h_out[m] = y
+            r_out[m] = r2[j]
+            c_out[m] = c2[j]
+            m += 1
+    return m
+
+
+@kernel
+def close_gaps(arena, start, k, refs):
+    """Move the rows of ``arena[start : start + k]`` that ``refs`` refer to
+    down to the front of that range, in order, and point ``refs`` at their new
+    places; returns how many rows stay."""
+    place = np.full(k, -1, np.int64)
+    for r in refs:
+        place[r - start] = 0
+    p = 0
+    for i in range(k):
+        if place[i] == 0:
+            place[i] = p
+            if p != i:
+                arena[start + p, :] = arena[start + i, :]
+            p += 1
+    for j in range(refs.size):
+        refs[j] = start + place[refs[j] - start]
+    return p
+
+
+UNIT = np.empty(0, np.int64)  # weights meaning "each row once"
+
+
+class Run:
+    """Distinct states with counts, sorted by key (then by the state's words).
+
+    ``keys`` (uint64 (k,)) is the state itself for states of up to 8 bytes
+    (``refs`` is None), else a hash of the state, whose words are in row
+    ``refs[i]`` (int64) of the counter's arena.
+    """
+
+    __slots__ = ("keys", "refs", "counts")
+
+    def __init__(self, keys: np.ndarray, refs: np.ndarray | None, counts: np.ndarray):
+        self.keys, self.refs, self.counts = keys, refs, counts
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+
+def merge_runs(a: Run, b: Run, arena: np.ndarray | None) -> Run:
+    """One run of the states of runs ``a`` and ``b``, the counts of equal
+    states added (``arena``: the rows their refs point to; None for runs of
+    keys)."""
+    cap = len(a) + len(b)
+    keys = np.empty(cap, np.uint64)
+    counts = np.empty(cap, np.int64)
+    if a.refs is None:
+        m = _merge_keys(a.keys, a.counts, b.keys, b.counts, keys, counts)
+        return Run(trimmed(keys, m), None, trimmed(counts, m))
+    refs = np.empty(cap, np.int64)
+    m = _merge_refs(a.keys, a.refs, a.counts, b.keys, b.refs, b.counts, arena, keys, refs, counts)
+    return Run(trimmed(keys, m), trimmed(refs, m), trimmed(counts, m))

@@ -1,0 +1,145 @@
+"""RunSet: distinct states kept as sorted runs, plus states waiting in a
+buffer; what the counts of short states (:mod:`.keys`) and of long ones
+(:mod:`.words`) share.
+
+A batch (or a buffer of small batches) becomes one run. Runs are merged
+pairwise LSM-style, the largest first (see :func:`.policy.merge_due`); a new
+run large enough may first be *absorbed*: the counts of the states the runs
+already hold are added to them in place, and only its new states stay a run
+(see :func:`.policy.absorb_choice`). A hash table was slower here: with
+millions of distinct states every probe misses the cache.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from . import policy
+from .arrays import held_bytes
+from .runs import Run, count_known, merge_runs
+from .tuning import CounterTuning
+
+__all__ = ["RunSet"]
+
+
+class RunSet(abc.ABC):
+    """Runs of distinct states with their counts, and the flow of the buffer.
+
+    Subclasses say how states are buffered, keyed and counted (``add``,
+    ``_recent_keys``, ``_count_pending``) and, when runs refer to rows of an
+    ``arena``, when those rows are dropped (``_collect``).
+    """
+
+    arena: np.ndarray | None = None
+
+    def __init__(self, n_bytes: int, tuning: CounterTuning):
+        self.n_bytes = n_bytes
+        self.n_words = (n_bytes + 7) // 8
+        self.tuning = tuning
+        # Runs own their count arrays: absorbing adds to them in place.
+        self.runs: list[Run] = []
+        # Whether the last absorbing try found most states counted already,
+        # and the pending rows at which to check the buffer for repeats next.
+        self.repeating = False
+        self.next_check = 0
+        self.n_pending = 0
+
+    @property
+    def largest(self) -> int:
+        """States of the largest run (the first); 0 when there is none."""
+        return len(self.runs[0]) if self.runs else 0
+
+    def buffer_rows(self) -> int:
+        """States to gather before counting them (see :func:`.policy.buffer_rows`)."""
+        return policy.buffer_rows(self.largest, self.repeating, 8 * self.n_words, self.tuning)
+
+    def n_distinct(self) -> int:
+        run = self.compact()
+        return 0 if run is None else len(run)
+
+    def nbytes(self) -> int:
+        """Bytes of the runs and of the arrays that subclasses hold."""
+        return sum(held_bytes(r.keys) + held_bytes(r.refs) + held_bytes(r.counts) for r in self.runs)
+
+    # ------------------------------------------------------------ decisions
+
+    def repeats_now(self) -> bool:
+        """Whether the buffer, filling while states were new, now holds mostly
+        states the runs know: then it is counted at once and the next
+        buffers are small (see :func:`.policy.sample_due`)."""
+        n = self.n_pending
+        if not policy.sample_due(n, self.next_check, self.repeating, self.largest, self.tuning):
+            return False
+        self.next_check = policy.next_sample_at(n, self.largest, self.tuning)
+        recent = np.sort(self._recent_keys(policy.sample_size(n, self.tuning)))
+        self.repeating = self.mostly_known(recent)
+        return self.repeating
+
+    def mostly_known(self, sorted_keys: np.ndarray) -> bool:
+        """Whether the runs hold at least half of ``sorted_keys``."""
+        known = sum(count_known(sorted_keys, run.keys) for run in self.runs)
+        return policy.mostly_known(known, sorted_keys.size)
+
+    def absorbing(self, keys: np.ndarray, final: bool) -> bool:
+        """Whether the new run of sorted ``keys`` first gives the runs the
+        counts of the states they hold (``final``: every run is about to be
+        merged into one; see :func:`.policy.absorb_choice`)."""
+        choice = policy.absorb_choice(keys.size, self.largest, final, self.tuning)
+        if choice is not policy.Absorb.IF_KNOWN:
+            return choice is policy.Absorb.YES
+        self.repeating = self.mostly_known(keys[:: policy.sample_stride(keys.size, self.tuning)])
+        return self.repeating
+
+    # --------------------------------------------------------------- runs
+
+    def append(self, run: Run) -> None:
+        """Add a run of states no other run holds, merging runs of similar size."""
+        runs = self.runs
+        runs.append(run)
+        while len(runs) >= 2 and policy.merge_due(len(runs[-2]), len(runs[-1])):
+            last = runs.pop()
+            runs[-1] = merge_runs(runs[-1], last, self.arena)
+        self._collect()
+
+    def flush(self, weights: np.ndarray | None = None, final: bool = False) -> None:
+        """Count the pending states (``weights``: how often each was seen;
+        ``final``: all runs are about to be merged into one)."""
+        n = self.n_pending
+        self.next_check = 0
+        if n == 0:
+            return
+        self.n_pending = 0
+        self._count_pending(n, weights, final)
+
+    def merge_all(self) -> Run | None:
+        """Merge every run into one (returned; None when nothing was counted)."""
+        runs = self.runs
+        while len(runs) >= 2:
+            last = runs.pop()
+            runs[-1] = merge_runs(runs[-1], last, self.arena)
+        self._collect()
+        return runs[0] if runs else None
+
+    def compact(self) -> Run | None:
+        """Count the pending states and merge all runs into one (returned)."""
+        self.flush(final=True)
+        return self.merge_all()
+
+    # ------------------------------------------------------ for subclasses
+
+    @abc.abstractmethod
+    def add(self, packed: np.ndarray) -> None:
+        """Count a batch of packed states (checked, not empty)."""
+
+    @abc.abstractmethod
+    def _recent_keys(self, size: int) -> np.ndarray:
+        """The keys of the latest ``size`` pending states, unsorted."""
+
+    @abc.abstractmethod
+    def _count_pending(self, n: int, weights: np.ndarray | None, final: bool) -> None:
+        """Count the ``n`` states that were pending."""
+
+    def _collect(self) -> None:
+        """Drop rows no run refers to any more, when that is worth it."""

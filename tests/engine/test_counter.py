@@ -1,0 +1,515 @@
+"""StateCounter against numpy: counts, order, merges, pickles, memory, and how it
+buffers, absorbs and merges runs."""
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
+from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError
+
+SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def as_dict(ids, counts):
+    assert ids.dtype == np.uint8 and counts.dtype == np.int64
+    assert ids.shape[0] == counts.shape[0]
+    table = {row.tobytes(): int(n) for row, n in zip(ids, counts)}
+    assert len(table) == ids.shape[0], "a state was reported twice"
+    return table
+
+
+def unique_dict(packed):
+    ids, counts = np.unique(packed, axis=0, return_counts=True)
+    return as_dict(ids, counts)
+
+
+def random_states(rng, n, c):
+    """``n`` random packed states of ``c`` neurons (the unused high bits of the last byte 0)."""
+    states = rng.integers(0, 256, (n, n_bytes_for(c)), dtype=np.uint8)
+    if c % 8:
+        states[:, -1] &= (1 << (c % 8)) - 1
+    return states
+
+
+TINY = CounterTuning(chunk_rows=37, buffer_min_bytes=8, buffer_max_bytes=8 * 200)
+
+
+@pytest.fixture(params=[None, TINY], ids=["default", "tiny"])
+def tuning(request):
+    """The default tuning, or tiny buffers and chunks so that small data goes
+    through many buffers, chunks and merges."""
+    return request.param
+
+
+@st.composite
+def packed_states(draw, channels=None):
+    """Packed states of C neurons: few distinct, mostly distinct, or a mix."""
+    c = draw(st.sampled_from([1, 5, 8, 9, 16, 17, 24, 40, 64, 65, 100, 128, 200, 512, 1000]) if channels is None else st.just(channels))
+    n = draw(st.integers(0, 600))
+    kind = draw(st.sampled_from(["few", "distinct", "mixed", "sparse"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    width = n_bytes_for(c)
+    states = rng.integers(0, 256, (n, width), dtype=np.uint8)
+    if kind == "few":
+        states = states[rng.integers(0, max(1, min(n, 7)), n)] if n else states
+    elif kind == "mixed":
+        pool = rng.integers(0, 256, (max(1, n // 3), width), dtype=np.uint8)
+        take = rng.random(n) < 0.5
+        states[take] = pool[rng.integers(0, pool.shape[0], int(take.sum()))]
+    elif kind == "sparse":
+        states &= (rng.random((n, width)) < 0.05).astype(np.uint8) * 255
+    if c % 8:
+        states[:, -1] &= (1 << (c % 8)) - 1
+    return c, states
+
+
+def split_points(draw, n):
+    return sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+
+
+@SLOW
+@given(packed_states(), st.data())
+def test_counts_equal_np_unique(tuning, case, data):
+    c, states = case
+    counter = StateCounter(c, tuning)
+    for part in np.split(states, split_points(data.draw, len(states))):
+        counter.add(part)
+    assert counter.total == len(states)
+    ids, counts = counter.result()
+    assert as_dict(ids, counts) == unique_dict(states)
+    assert counter.n_distinct == ids.shape[0]
+    # Sorted order is np.unique's order exactly.
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids.reshape(-1, n_bytes_for(c)))
+    np.testing.assert_array_equal(counts, expected_counts)
+    # Asking again gives the same, and more adds keep counting.
+    assert as_dict(*counter.result()) == unique_dict(states)
+    counter.add(states)
+    assert as_dict(*counter.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+
+
+@SLOW
+@given(packed_states(), st.data())
+def test_streamed_batches_equal_one_batch(tuning, case, data):
+    c, states = case
+    whole = StateCounter(c, tuning)
+    whole.add(states)
+    streamed = StateCounter(c, tuning)
+    for part in np.split(states, split_points(data.draw, len(states))):
+        streamed.add(part)
+    assert as_dict(*streamed.result()) == as_dict(*whole.result())
+    assert streamed.total == whole.total
+    a, b = streamed.result(sort=True), whole.result(sort=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@SLOW
+@given(st.sampled_from([7, 20, 64, 100, 512]), st.data())
+def test_merged_counters_equal_combined_data(tuning, c, data):
+    parts = [data.draw(packed_states(c))[1] for _ in range(3)]
+    counters = []
+    for part in parts:
+        counter = StateCounter(c, tuning)
+        counter.add(part)
+        counters.append(counter)
+    merged = StateCounter(c, tuning)
+    merged.add(parts[0][:3])
+    merged.merge(counters[1])
+    merged.merge(counters[2])
+    merged.merge(counters[2])  # merging twice counts twice
+    merged.add(parts[0][3:])
+    combined = np.concatenate([parts[0], parts[1], parts[2], parts[2]])
+    assert merged.total == len(combined)
+    assert as_dict(*merged.result()) == unique_dict(combined)
+    # The merged-in counters are unchanged and still usable.
+    assert as_dict(*counters[2].result()) == unique_dict(parts[2])
+    counters[2].add(parts[1])
+    assert as_dict(*counters[2].result()) == unique_dict(np.concatenate([parts[2], parts[1]]))
+    # A counter merged into itself doubles.
+    before = unique_dict(combined)
+    merged.merge(merged)
+    assert as_dict(*merged.result()) == {k: 2 * v for k, v in before.items()}
+    assert merged.total == 2 * len(combined)
+
+
+@pytest.mark.parametrize("c", [5, 16, 40, 200])
+def test_merge_checks_neurons_and_type(c):
+    with pytest.raises(OptionError, match=f"{c + 1} neurons into counts of {c}"):
+        StateCounter(c).merge(StateCounter(c + 1))
+    with pytest.raises(OptionTypeError, match="takes a StateCounter"):
+        StateCounter(c).merge({"counts": 1})
+
+
+@SLOW
+@given(packed_states(), st.data())
+def test_pickle_round_trip_keeps_counting(tuning, case, data):
+    c, states = case
+    cut = data.draw(st.integers(0, len(states)))
+    counter = StateCounter(c, tuning)
+    counter.add(states[:cut])
+    clone = pickle.loads(pickle.dumps(counter))
+    assert clone.n_neurons == c and clone.n_bytes == n_bytes_for(c)
+    assert clone.total == cut
+    assert as_dict(*clone.result()) == unique_dict(states[:cut])
+    clone.add(states[cut:])
+    counter.add(states[cut:])
+    assert as_dict(*clone.result()) == unique_dict(states) == as_dict(*counter.result())
+    clone.merge(pickle.loads(pickle.dumps(counter)))
+    assert as_dict(*clone.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+
+
+@pytest.mark.parametrize("c", [72, 200, 1000])
+def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
+    """A pickle lists long states in the order that lets loading skip the sort; a
+    state whose rows are shuffled or repeated (not written by this class) must
+    still load to the right counts."""
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 300, c)
+    states = pool[rng.integers(0, len(pool), 5000)]
+    counter = StateCounter(c)
+    counter.add(states)
+    expected = unique_dict(states)
+    assert as_dict(*pickle.loads(pickle.dumps(counter)).result()) == expected
+    state = counter.__getstate__()
+    ids, counts = state["_runs"]
+    order = rng.permutation(len(ids))
+    for rows, weights in (
+        (ids[order], counts[order]),  # shuffled
+        (np.concatenate([ids, ids[:7]]), np.concatenate([counts, np.zeros(7, counts.dtype)])),  # repeated
+    ):
+        clone = StateCounter.__new__(StateCounter)
+        older = {k: v for k, v in state.items() if k not in ("_repeating", "_next_check")}  # an older pickle
+        clone.__setstate__({**older, "_runs": (rows, weights)})
+        assert as_dict(*clone.result()) == expected
+        clone.add(states[:100])
+        assert as_dict(*clone.result()) == {k: v + unique_dict(states[:100]).get(k, 0) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("c", [12, 64, 512])
+def test_memory_and_pickle_follow_distinct_states(c):
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 10, c)
+    counter = StateCounter(c)
+    for _ in range(300):
+        counter.add(pool[rng.integers(0, 10, 5000)])
+    assert counter.total == 1_500_000
+    assert counter.n_distinct == 10
+    # Bounded by the distinct states plus a buffer of fixed size.
+    assert counter.nbytes <= 2**16 * 8 + CounterTuning().buffer_min_bytes + 10_000
+    assert len(pickle.dumps(counter)) < 2_000
+    assert counter.result()[1].sum() == 1_500_000
+
+
+def test_memory_of_many_distinct_states_stays_near_their_size():
+    rng = np.random.default_rng(3)
+    states = rng.integers(0, 256, (200_000, 64), dtype=np.uint8)
+    counter = StateCounter(512)
+    for _ in range(3):
+        for part in np.array_split(states, 40):
+            counter.add(part)
+    # States, keys, counts and the buffer (which follows the distinct states).
+    assert counter.nbytes <= 3.2 * states.nbytes
+    assert counter.n_distinct == 200_000
+    assert counter.nbytes <= 1.7 * states.nbytes  # merged into one run
+    assert len(pickle.dumps(counter)) <= 1.15 * states.nbytes  # states and counts
+    assert set(counter.result()[1].tolist()) == {3}
+
+
+@pytest.mark.parametrize("c", [20, 32, 100])
+def test_pickle_of_distinct_states_is_their_bytes_plus_one_byte_counts(c):
+    rng = np.random.default_rng(c)
+    states = np.unique(random_states(rng, 50_000, c), axis=0)
+    counter = StateCounter(c)
+    counter.add(states)
+    counter.add(states[:10])
+    clone = pickle.loads(pickle.dumps(counter))
+    assert len(pickle.dumps(counter)) <= len(states) * (n_bytes_for(c) + 1) + 1_000
+    ids, counts = clone.result(sort=True)
+    np.testing.assert_array_equal(ids, states)
+    assert counts.dtype == np.int64
+    assert counts.tolist() == [2] * 10 + [1] * (len(states) - 10)
+    clone.add(states[-1:])
+    assert clone.result(sort=True)[1][-1] == 2 and clone.total == len(states) + 11
+
+
+@pytest.mark.parametrize(
+    "hash_mask",
+    [
+        0,  # every state has the same hash
+        0b11 << 62,  # four hashes: many different states share each
+        0b101,  # equal high bits (the part that is sorted first), different low bits
+    ],
+)
+@SLOW
+@given(st.sampled_from([65, 100, 512, 1000]), st.data())
+def test_hash_collisions_never_merge_different_states(hash_mask, c, data):
+    _, states = data.draw(packed_states(c))
+    tuning = CounterTuning(hash_mask=hash_mask, chunk_rows=50, buffer_min_bytes=8)
+    counter = StateCounter(c, tuning)
+    for part in np.array_split(states, 4):
+        counter.add(part)
+    twin = StateCounter(c, tuning)  # merges runs of the same hash
+    twin.add(states[: len(states) // 2])
+    twin.merge(counter)
+    other = pickle.loads(pickle.dumps(counter))  # loads with the default hash: merges count afresh
+    other.merge(counter)
+    assert as_dict(*counter.result()) == unique_dict(states)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids.reshape(-1, n_bytes_for(c)))
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert as_dict(*other.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
+    assert as_dict(*twin.result()) == unique_dict(np.concatenate([states, states[: len(states) // 2]]))
+
+
+def test_sorted_result_of_structured_states():
+    # Long runs of equal leading words go through the column-by-column sort.
+    rng = np.random.default_rng(4)
+    states = np.zeros((20_000, 64), np.uint8)
+    states[:, 40] = rng.integers(0, 256, 20_000)
+    states[:, 41:] = rng.integers(0, 2, (20_000, 23))
+    states[:5000, 8] = 1
+    counter = StateCounter(512)
+    counter.add(states)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
+@pytest.mark.parametrize("c", [3, 16, 30, 64, 300])
+def test_empty_counter_and_small_state_order(c):
+    counter = StateCounter(c)
+    ids, counts = counter.result()
+    assert ids.shape == (0, n_bytes_for(c)) and counts.shape == (0,)
+    assert counter.n_distinct == 0 and counter.total == 0
+    counter.add(np.zeros((0, n_bytes_for(c)), np.uint8))
+    assert counter.total == 0
+    clone = pickle.loads(pickle.dumps(counter))
+    assert clone.result()[0].shape == (0, n_bytes_for(c))
+
+
+@pytest.mark.parametrize("c", [3, 16, 30, 64, 300])
+def test_counts_alone_follow_the_order_of_result(c):
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 400, c)
+    counter = StateCounter(c)
+    assert counter.counts().shape == (0,)
+    # Runs that share a few states (merged-away rows stay in a long-state
+    # arena: counts follow run order) ...
+    for rows in (np.arange(300), np.arange(250, 300), np.arange(280, 300)):
+        counter.add(pool[rows])
+        assert np.array_equal(counter.counts(), counter.result()[1])
+    # ... then many repeats, and a pickled counter merged in (arena order).
+    counter.add(pool[rng.integers(0, 400, 3000)])
+    other = StateCounter(c)
+    other.add(random_states(rng, 500, c))
+    counter.merge(pickle.loads(pickle.dumps(other)))
+    counts = counter.counts()
+    ids, expected = counter.result()
+    assert np.array_equal(counts, expected)
+    assert counts.sum() == counter.total == 3870
+    assert as_dict(ids, counts) == as_dict(*counter.result(sort=True))
+
+
+@pytest.mark.parametrize("c", [32, 48, 100, 300])
+def test_repeated_states_add_to_the_largest_run_in_place(c):
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 20_000, c)
+    counter = StateCounter(c)
+    seen = []
+    for rows in [np.arange(20_000)] + [rng.permutation(20_000) for _ in range(3)]:
+        for start in range(0, 20_000, 3_000):  # batches, some buffered, of states all counted before
+            batch = pool[rows[start : start + 3_000]]
+            counter.add(batch)
+            seen.append(batch)
+    assert as_dict(*counter.result()) == unique_dict(np.concatenate(seen))
+    assert set(counter.counts().tolist()) == {4}
+    assert counter.n_runs == 1  # every later state was absorbed: no run beside the largest
+    if counter.n_bytes > 8:
+        assert counter.n_held == counter.n_distinct  # and its arena rows were given back
+
+
+def test_absorbing_leaves_a_merged_counter_alone():
+    rng = np.random.default_rng(7)
+    for c in (32, 200):
+        states = random_states(rng, 5_000, c)
+        source = StateCounter(c)
+        source.add(states)
+        before = source.result()
+        target = StateCounter(c)
+        target.merge(source)
+        for _ in range(3):
+            target.add(states)
+        assert as_dict(*target.result()) == {k: 4 * v for k, v in unique_dict(states).items()}
+        after = source.result()
+        assert np.array_equal(after[0], before[0]) and np.array_equal(after[1], before[1])
+
+
+def test_states_new_to_a_large_counter_are_counted_beside_it():
+    rng = np.random.default_rng(8)
+    for c in (64, 100):
+        first = random_states(rng, 300_000, c)
+        second = random_states(rng, 300_000, c)  # all new
+        counter = StateCounter(c)
+        counter.add(first)
+        counter.add(second)
+        counter.add(first[:1000])
+        assert counter.n_distinct == 600_000
+        assert as_dict(*counter.result()) == unique_dict(np.concatenate([first, second, first[:1000]]))
+
+
+def test_forty_thousand_neurons_are_counted():
+    rng = np.random.default_rng(40)
+    packed = np.packbits(rng.random((6, 40_000)) > 0.5, axis=-1, bitorder="little")
+    counter = StateCounter(40_000)
+    counter.add(packed)
+    counter.add(packed[:2])
+    assert as_dict(*counter.result()) == unique_dict(np.concatenate([packed, packed[:2]]))
+
+
+def test_result_arrays_are_copies():
+    states = np.random.default_rng(5).integers(0, 256, (50, 64), dtype=np.uint8)
+    counter = StateCounter(512)
+    counter.add(states)
+    ids, counts = counter.result()
+    ids[:] = 0
+    counts[:] = 0
+    assert as_dict(*counter.result()) == unique_dict(states)
+
+
+def test_counter_accepts_non_contiguous_packed_states():
+    states = np.random.default_rng(6).integers(0, 256, (400, 20), dtype=np.uint8)
+    for view in (states[::3, 2:11], states[::-1, 5:14], np.asfortranarray(states[:, :9])):
+        counter = StateCounter(72)
+        counter.add(view)
+        assert as_dict(*counter.result()) == unique_dict(view)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("c", [9, 100])
+def test_counter_add_rejects_bad_input(c):
+    counter = StateCounter(c)
+    width = n_bytes_for(c)
+    with pytest.raises(OptionTypeError, match="uint8 numpy array"):
+        counter.add(np.zeros((2, width), np.int8))
+    with pytest.raises(OptionTypeError, match="uint8 numpy array"):
+        counter.add(np.zeros((2, width), np.float32))
+    with pytest.raises(PackedStateError, match=f"shape \\(n_states, {width}\\), got \\(2, {width + 1}\\)"):
+        counter.add(np.zeros((2, width + 1), np.uint8))
+    with pytest.raises(PackedStateError, match="shape"):
+        counter.add(np.zeros(width, np.uint8))
+    with pytest.raises(PackedStateError, match="shape"):
+        counter.add(np.zeros((1, 2, width), np.uint8))
+    unused = np.zeros((3, width), np.uint8)
+    unused[2, -1] = 0x80
+    with pytest.raises(PackedStateError, match="row 2 .* the unused high bits must be 0"):
+        counter.add(unused)
+    assert counter.total == 0 and counter.n_distinct == 0
+
+
+@pytest.mark.parametrize("neurons", [0, -3, 2.0, True, "8", None])
+def test_counter_needs_positive_int_neurons(neurons):
+    with pytest.raises(OptionError, match="positive number of neurons"):
+        StateCounter(neurons)
+
+
+# ---------------------------------------------------------- buffers and absorbing
+
+
+@pytest.mark.parametrize("c, n", [(32, 3_200_000), (100, 1_600_000)])
+def test_buffer_shrinks_while_states_repeat(c, n):
+    """Once flushes find their states counted already, the buffer shrinks to
+    1/_ABSORB_RATIO of the largest run: memory stays near the distinct states."""
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, n, c)
+    counter = StateCounter(c)
+    for start in range(0, n, 100_000):
+        counter.add(pool[start : start + 100_000])
+    largest = counter._store.largest
+    filled = []
+    for _ in range(3):
+        for start in range(0, n, 100_000):
+            counter.add(pool[start : start + 100_000])
+            filled.append(counter.n_pending)
+    # The repeats were seen within a batch (the first one also flushed the new states of
+    # the first pass), not once the buffer held as many states as the largest run.
+    ratio = CounterTuning().absorb_ratio
+    assert max(filled[1:]) < -(-largest // ratio) + 100_000
+    assert counter.repeating
+    assert counter.buffer_rows == -(-counter._store.largest // ratio)
+    n_words = (n_bytes_for(c) + 7) // 8
+    state_bytes = 8 * n_words + (8 if n_words == 1 else 24)  # key or words, refs, count
+    assert counter.nbytes <= 1.3 * n * state_bytes  # 1.5x while the buffer followed the largest run
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(pool, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, 4 * expected_counts)
+
+
+@pytest.mark.parametrize("c", [40, 100])
+def test_merging_absorbs_known_states_and_appends_new_ones(c):
+    rng = np.random.default_rng(c)
+    known = np.unique(random_states(rng, 100_000, c), axis=0)
+    new = random_states(rng, 20_000, c)
+    target, same, other = StateCounter(c), StateCounter(c), StateCounter(c)
+    target.add(known)
+    assert target.n_distinct == len(known)  # counted into a run
+    same.add(known[::2])
+    other.add(new)
+    target.merge(same)  # a sample of it is known: absorbed into the run, no run added
+    assert target.n_runs == 1 and target.repeating
+    target.merge(other)  # mostly new: appended without absorbing
+    assert not target.repeating and target.n_runs == 2
+    if target.n_bytes <= 8:  # the run shares the other counter's keys, unread and uncopied
+        assert np.shares_memory(target._store.runs[1].keys, other._store.runs[0].keys)
+    expected = unique_dict(np.concatenate([known, known[::2], new]))
+    assert as_dict(*target.result()) == expected
+    assert as_dict(*same.result()) == unique_dict(known[::2])  # merged-from counters are untouched
+
+
+@pytest.mark.parametrize("c", [24, 40, 72, 200])
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed):
+    """Small buffers and samples make every path run many times: buffers that
+    fill with new states then repeats, absorbing into several runs, merges of
+    known and new states, compaction in the middle of a stream."""
+    tuning = CounterTuning(buffer_min_bytes=1 << 12, buffer_max_bytes=1 << 15, sample_rows=64)
+    rng = np.random.default_rng(seed)
+    pool = random_states(rng, 3_000, c)
+    counter, seen = StateCounter(c, tuning), []
+    for _ in range(60):
+        kind = rng.integers(0, 5)
+        size = int(rng.integers(1, 2_500))
+        if kind <= 1:  # repeats from the pool
+            batch = pool[rng.integers(0, len(pool), size)]
+        elif kind == 2:  # new states
+            batch = random_states(rng, size, c)
+        elif kind == 3:  # a counter of part pool, part new states, merged
+            batch = np.concatenate([pool[rng.integers(0, len(pool), size)],
+                                    random_states(rng, size // 2, c)])  # fmt: skip
+            other = StateCounter(c, tuning)
+            other.add(batch)
+            counter.merge(other)
+            seen.append(batch)
+            continue
+        else:  # read the counts in the middle of the stream
+            assert counter.n_distinct == len(unique_dict(np.concatenate(seen))) if seen else True
+            continue
+        counter.add(batch)
+        seen.append(batch)
+    everything = np.concatenate(seen)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(everything, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert counter.total == len(everything)
+

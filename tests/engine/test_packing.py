@@ -1,0 +1,275 @@
+"""pack, unpack and the checks of packed states, against numpy's packbits."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tensorstate_onnx.engine import n_bytes_for, pack, packing, unpack
+from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError, TensorStateError
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def reference_pack(x, axis):
+    c = x.shape[axis]
+    return np.packbits(np.moveaxis(x, axis, -1).reshape(-1, c) > 0, axis=-1, bitorder="little")
+
+
+# ----------------------------------------------------------------------- values
+
+F16_SUBNORMAL = np.float16(2.0**-24)
+SPECIALS = [
+    np.nan, -np.nan, np.copysign(np.nan, -1.0), 0.0, -0.0, np.inf, -np.inf, 1.0, -1.0,
+    1e-45, -1e-45, 5e-324, -5e-324, float(F16_SUBNORMAL), -float(F16_SUBNORMAL), 65504.0, 1e300,
+]
+
+
+def random_values(rng, shape, dtype):
+    """Normals mixed with special values and, for floats, arbitrary bit patterns
+    (every NaN payload and sign, subnormals)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        # Any non-zero byte is True; include bytes other than 0 and 1.
+        return rng.choice(np.array([0, 1, 2, 128, 255], np.uint8), shape).view(np.bool_)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = rng.standard_normal(shape).astype(dtype)
+        special = np.array(SPECIALS).astype(dtype)
+    pick = rng.random(shape)
+    values = np.where(pick < 0.3, rng.choice(special, shape), values).astype(dtype)
+    bits = rng.integers(0, 2 ** (8 * dtype.itemsize), shape, dtype=np.uint64, endpoint=False)
+    raw = bits.astype(f"u{dtype.itemsize}").view(dtype)
+    return np.where(pick > 0.85, raw, values).astype(dtype)
+
+
+@st.composite
+def strided_arrays(draw, max_channels=20, max_side=5):
+    """An array of rank 1-5 of any supported dtype, as a view with unusual
+    strides (steps, negative steps, transposes, stride-0 broadcasts), and a
+    channel axis."""
+    rank = draw(st.integers(1, 5))
+    shape = [draw(st.integers(1, max_side)) for _ in range(rank)]
+    axis = draw(st.integers(-rank, rank - 1))
+    shape[axis] = draw(st.integers(1, max_channels))
+    dtype = draw(st.sampled_from([np.float16, np.float32, np.float64, np.bool_]))
+    steps = [draw(st.sampled_from([1, 1, 2, -1, -3])) for _ in range(rank)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    base = random_values(rng, [n * abs(s) + 1 for n, s in zip(shape, steps)], dtype)
+    index = tuple(slice(None, None, s) if s > 0 else slice(None, None, s) for s in steps)
+    x = base[index][tuple(slice(0, n) for n in shape)]
+    if draw(st.booleans()):
+        # Broadcast one axis: stride 0.
+        b = draw(st.integers(0, rank - 1))
+        x = np.broadcast_to(x[tuple(slice(0, 1) if i == b else slice(None) for i in range(rank))], x.shape)
+    if draw(st.booleans()):
+        perm = draw(st.permutations(range(rank)))
+        x = x.transpose(perm)
+        axis = perm.index(axis % rank)
+    axis %= rank
+    return x, axis if draw(st.booleans()) else axis - rank
+
+
+# ------------------------------------------------------------------------- pack
+
+
+@FAST
+@given(strided_arrays())
+def test_pack_equals_packbits_of_positive_values(case):
+    x, axis = case
+    got = pack(x, axis)
+    expected = reference_pack(x, axis)
+    assert got.dtype == np.uint8
+    assert got.shape == (x.size // x.shape[axis], n_bytes_for(x.shape[axis]))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_pack_special_values_one_by_one():
+    for dtype in (np.float16, np.float32, np.float64):
+        with np.errstate(over="ignore"):
+            values = np.array(SPECIALS, dtype=dtype)
+        fires = pack(values[:, None], 1)[:, 0]
+        expected = [1 if v > 0 else 0 for v in values.tolist()]
+        assert fires.tolist() == expected, dtype
+    # The smallest subnormals fire; every zero, NaN and negative does not.
+    assert pack(np.array([1e-45], np.float32)).tolist() == [[1]]
+    assert pack(np.array([F16_SUBNORMAL], np.float16)).tolist() == [[1]]
+    assert pack(np.array([-0.0, np.nan, -np.nan, -np.inf, np.inf])).tolist() == [[16]]
+    # float16: every bit pattern.
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    np.testing.assert_array_equal(pack(every[:, None]), reference_pack(every[:, None], 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.bool_])
+@pytest.mark.parametrize("offset", range(9))
+def test_channels_last_kernel_at_every_output_alignment(offset, dtype):
+    """Contiguous channels-last blocks are packed 64 values to an aligned word,
+    with single bytes before and after; output rows start at any address when
+    a large input is split between threads."""
+    rng = np.random.default_rng(offset)
+    x = random_values(rng, (3, 37, 24), dtype)
+    values, lo, hi = packing._comparable(x)
+    buffer = np.zeros(3 * 37 * 3 + 16, np.uint8)
+    out = buffer[offset : offset + 3 * 37 * 3].reshape(-1, 3)
+    packing._run_block(values, lo, hi, out)
+    np.testing.assert_array_equal(out, reference_pack(x, -1))
+    assert not buffer[:offset].any() and not buffer[offset + out.size :].any()
+
+
+@pytest.mark.parametrize("channels", [8, 12])
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout):
+    rng = np.random.default_rng(channels)
+    shape = (130, channels, 33, 31) if layout == "first" else (130, 33, 31, channels)
+    x = random_values(rng, shape, np.float32)
+    assert x.nbytes > packing._PARALLEL_MIN_BYTES
+    axis = 1 if layout == "first" else -1
+    np.testing.assert_array_equal(pack(x, axis), reference_pack(x, axis))
+    # The same through a non-contiguous view.
+    view = x[::-1, :, ::2]
+    np.testing.assert_array_equal(pack(view, axis), reference_pack(view, axis))
+    with np.errstate(over="ignore"):
+        half = x.astype(np.float16)
+    np.testing.assert_array_equal(pack(half, axis), reference_pack(half, axis))
+
+
+@pytest.mark.parametrize("channels", [1, 5, 9, 63, 64, 65, 130, 512, 1000])
+def test_pack_channels_first_block_edges(channels):
+    # Block transposes 8 states x 8 bytes at a time; remainders of either go byte by byte.
+    rng = np.random.default_rng(channels)
+    for positions in (1, 7, 8, 13, 300):
+        x = random_values(rng, (3, channels, positions), np.float32)
+        np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+        strided = random_values(rng, (3, channels, 2 * positions), np.float16)[:, :, ::2]
+        np.testing.assert_array_equal(pack(strided, 1), reference_pack(strided, 1))
+        stacked = random_values(rng, (2, positions, 3, channels), np.float64).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(pack(stacked, 1), reference_pack(stacked, 1))
+
+
+@pytest.mark.parametrize("channels", [65_536, 70_000])
+def test_pack_single_huge_state(channels):
+    rng = np.random.default_rng(channels)
+    x = random_values(rng, (channels,), np.float32)
+    got = pack(x)
+    assert got.shape == (1, n_bytes_for(channels))
+    np.testing.assert_array_equal(got, reference_pack(x, 0))
+    np.testing.assert_array_equal(unpack(got, channels)[0], x > 0)
+    first = x.reshape(1, channels, 1, 1)
+    np.testing.assert_array_equal(pack(first, 1), got)
+
+
+def test_forty_thousand_neurons_do_not_crash():
+    # TensorState 0.4 overflowed the stack at >= 32,768 neurons.
+    rng = np.random.default_rng(40)
+    x = random_values(rng, (3, 40_000, 2), np.float32)
+    packed = pack(x, 1)
+    np.testing.assert_array_equal(packed, reference_pack(x, 1))
+    np.testing.assert_array_equal(unpack(packed, 40_000), np.moveaxis(x, 1, -1).reshape(-1, 40_000) > 0)
+
+
+def test_pack_of_empty_batch_and_zero_strides():
+    assert pack(np.zeros((0, 5), np.float32)).shape == (0, 1)
+    x = np.broadcast_to(np.float32(2.0), (3, 4, 9))
+    np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+
+
+# ----------------------------------------------------------------------- unpack
+
+
+@FAST
+@given(st.integers(1, 2**15), st.integers(0, 6), st.integers(0, 2**32 - 1))
+def test_unpack_inverts_pack(channels, n, seed):
+    x = np.random.default_rng(seed).standard_normal((n, channels)).astype(np.float32)
+    packed = pack(x)
+    bits = unpack(packed, channels)
+    assert bits.dtype == np.bool_ and bits.shape == (n, channels)
+    np.testing.assert_array_equal(bits, x > 0)
+    np.testing.assert_array_equal(pack(bits), packed)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (np.arange(6).reshape(2, 3), OptionTypeError, "float16, float32, float64 or bool"),
+        (np.ones((2, 3), np.complex64), OptionTypeError, "got dtype complex64"),
+        (np.array([[1.0, None]], dtype=object), OptionTypeError, "got dtype object"),
+        (np.ones((2, 3), np.uint8), OptionTypeError, "cast other data to float"),
+        ([[1.0, 2.0]], OptionTypeError, "numpy.ndarray, got list"),
+        (np.float32(1.0), OptionTypeError, "numpy.ndarray"),
+        (np.array(1.0, np.float32), OptionError, "rank >= 1"),
+        (np.ones((3, 0), np.float32), OptionError, "0 neurons"),
+    ],
+)
+def test_pack_rejects_bad_arrays(value, error, message):
+    with pytest.raises(error, match=message) as info:
+        pack(value)
+    assert isinstance(info.value, TensorStateError)
+
+
+@pytest.mark.parametrize(
+    "axis, error, message",
+    [
+        (3, OptionError, r"channel_axis 3 is out of range for an array of rank 3 \(valid: -3\.\.2\)"),
+        (-4, OptionError, "out of range"),
+        (1.0, OptionTypeError, "channel_axis must be an int"),
+        (True, OptionTypeError, "channel_axis must be an int"),
+        ("1", OptionTypeError, "channel_axis must be an int"),
+    ],
+)
+def test_pack_rejects_bad_channel_axis(axis, error, message):
+    with pytest.raises(error, match=message):
+        pack(np.ones((2, 3, 4), np.float32), axis)
+
+
+def test_pack_accepts_numpy_integer_axis():
+    x = np.random.default_rng(0).standard_normal((2, 9, 3)).astype(np.float32)
+    np.testing.assert_array_equal(pack(x, np.int64(1)), reference_pack(x, 1))
+
+
+@pytest.mark.parametrize(
+    "packed, neurons, error, message",
+    [
+        (np.zeros((2, 2), np.float32), 9, OptionTypeError, "uint8 numpy array"),
+        ([[0, 1]], 9, OptionTypeError, "got list"),
+        (np.zeros((2, 3), np.uint8), 9, PackedStateError, r"shape \(n_states, 2\), got \(2, 3\)"),
+        (np.zeros(4, np.uint8), 9, PackedStateError, r"got \(4,\)"),
+        (np.zeros((2, 2, 2), np.uint8), 9, PackedStateError, "got"),
+        (np.zeros((2, 2), np.uint8), 0, OptionError, "n_neurons must be a positive int"),
+        (np.zeros((2, 2), np.uint8), 2.5, OptionError, "n_neurons must be a positive int"),
+    ],
+)
+def test_unpack_rejects_bad_input(packed, neurons, error, message):
+    with pytest.raises(error, match=message):
+        unpack(packed, neurons)
+
+
+@pytest.mark.parametrize(
+    "n_neurons, rows, bad_row",
+    [
+        (3, [[0x01], [0x81]], 1),  # would count as two states that unpack to one
+        (3, [[0x08], [0x01]], 0),
+        (13, [[0xFF, 0x1F], [0xFF, 0x20], [0x00, 0xE0]], 1),  # the first bad row is named
+        (100, [[0] * 12 + [0x0F], [0] * 12 + [0x10]], 1),
+    ],
+)
+def test_packed_states_with_unused_bits_set_are_refused(n_neurons, rows, bad_row):
+    packed = np.array(rows, np.uint8)
+    message = f"row {bad_row} of the packed states has bits set above neuron {n_neurons - 1}.*unused high bits must be 0"
+    with pytest.raises(PackedStateError, match=message) as info:
+        unpack(packed, n_neurons)
+    assert isinstance(info.value, ValueError)
+    # Fine once they are cleared, and in a non-contiguous view.
+    packed[:, -1] &= (1 << (n_neurons % 8)) - 1
+    np.testing.assert_array_equal(pack(unpack(packed, n_neurons)), packed)
+    wide = np.zeros((len(rows), packed.shape[1] + 3), np.uint8)
+    wide[:, 1 : 1 + packed.shape[1]] = packed
+    wide[bad_row, 1 + packed.shape[1] - 1] |= 0x80
+    with pytest.raises(PackedStateError, match=f"row {bad_row} "):
+        unpack(wide[:, 1 : 1 + packed.shape[1]], n_neurons)
+
+
+def test_every_bit_of_the_last_byte_is_used_by_a_multiple_of_8_neurons():
+    packed = np.full((3, 2), 0xFF, np.uint8)
+    assert unpack(packed, 16).all()
