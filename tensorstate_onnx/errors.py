@@ -91,12 +91,12 @@ class SchedulerConnectionError(TensorStateError, ConnectionError):
     """The Dask scheduler could not be reached, or it has no workers."""
 
 
+class PackedStateError(TensorStateError, ValueError):
+    """Rows given as packed states are not what ``pack()`` makes for that many
+    neurons: the wrong shape, or unused high bits of the last byte set."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, to quote inside one of ours."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-class PackedStateError(TensorStateError, ValueError):
-    """Rows given as packed states are not what ``pack()`` makes for that many
-    neurons: the wrong shape, or unused high bits of the last byte set."""
