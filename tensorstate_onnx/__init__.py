@@ -13,11 +13,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (
+    ChannelAxisError,
+    GuessedAxisWarning,
     MissingExtraError,
     ModelFileError,
     ModelInputError,
     NoStatesError,
     OptionError,
+    ProbeDtypeError,
     ProbeMatchError,
     ProviderError,
     StorageExistsError,
@@ -48,12 +51,15 @@ _LAZY = {
 
 __all__ = [
     "AbstractStateCapture",
+    "ChannelAxisError",
+    "GuessedAxisWarning",
     "MissingExtraError",
     "ModelFileError",
     "ModelInputError",
     "NoStatesError",
     "OnnxEfficiencyModel",
     "OptionError",
+    "ProbeDtypeError",
     "ProbeMatchError",
     "ProviderError",
     "StateCaptureProbe",
