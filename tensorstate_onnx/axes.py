@@ -44,11 +44,11 @@ def is_float_dtype_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in _FLOAT_NAMES
 
 
-def dtype_error(probe: str, dtype: str, shape=None) -> ProbeDtypeError:
-    """The error for a probe whose tensor is not float (integer ids, bool masks)."""
-    what = f"a {dtype} tensor" + ("" if shape is None else f" of shape {tuple(shape)}")
+def dtype_error(probe: str, dtype: str) -> ProbeDtypeError:
+    """The error for a probe whose tensor is not float (integer ids, bool masks); the
+    same words on every path."""
     return ProbeDtypeError(
-        f"probe {probe!r} would watch {what}; neurons fire on float values (> 0), so "
+        f"probe {probe!r} would watch a {dtype} tensor; neurons fire on float values (> 0), so "
         "probe a float tensor instead: method='after' of this layer, or another layer "
         "(exclude this one with exclude=[...])"
     )

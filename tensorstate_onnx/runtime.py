@@ -66,12 +66,15 @@ class OnnxProbeCapture(AbstractStateCapture):
         }
         super().__init__(probe.name, disk_path, keep_states, overwrite, metadata)
         self.probe = probe
+        self.channel_axis = probe.channel_axis
+        self.axis_guessed = probe.axis_guessed
 
     def record_output(self, value: np.ndarray, batch_size: int) -> None:
         """Record one batch of this probe's session output."""
         probe = self.probe
         if probe.packed_in_graph:
-            instances = batch_size if len(probe.shape) >= 2 and probe.channel_axis != 0 else 1
+            instances = batch_size if len(probe.shape) == 1 or probe.channel_axis != 0 else 1
+            self.channel_axis = probe.channel_axis
             self.record_packed(value, probe.n_neurons, instances)
         else:
             self.record(value, probe.channel_axis)

@@ -501,7 +501,7 @@ class StateCaptureHook(AbstractStateCapture):
 
     def _check_dtype(self, tensor: torch.Tensor) -> None:
         if tensor.dtype not in _FLOAT_DTYPES:
-            raise dtype_error(self.name, str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape))
+            raise dtype_error(self.name, str(tensor.dtype).replace("torch.", ""))
 
     def record_tensor(self, tensor: torch.Tensor, channel_axis: int | None = None) -> None:
         """Record one batch held in a float torch tensor with its neurons on ``channel_axis``.

@@ -107,6 +107,82 @@ def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
     remove_state_layers(model)
 
 
+def _sequence_model(torch, arch: str):
+    """A small torch.nn sequence model, its input batch and the modules to probe."""
+    from collections import OrderedDict
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    if arch == "linear":  # nn.Linear(8, 16) on (N, 5, 8): 16 neurons, N*5 states
+        model = nn.Sequential(OrderedDict(fc=nn.Linear(8, 16), act=nn.ReLU(), out=nn.Linear(16, 3)))
+        return model, torch.randn(24, 5, 8, generator=gen), ["fc", "act", "out"]
+    if arch in ("lstm", "gru"):
+
+        class Recurrent(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = (nn.LSTM if arch == "lstm" else nn.GRU)(5, 7, batch_first=True)
+                self.fc = nn.Linear(7, 3)
+
+            def forward(self, x):
+                return self.fc(self.rnn(x)[0])
+
+        return Recurrent(), torch.randn(24, 6, 5, generator=gen), ["rnn", "fc"]
+    if arch == "transformer":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        return layer, torch.randn(24, 5, 8, generator=gen), ["self_attn", "linear1", "linear2", "norm1", "norm2"]
+    model = nn.Sequential(OrderedDict(emb=nn.Embedding(11, 6), fc=nn.Linear(6, 4)))
+    return model, torch.randint(0, 11, (24, 5), generator=gen), ["emb", "fc"]
+
+
+@pytest.mark.parametrize("arch", ["linear", "lstm", "gru", "transformer", "embedding"])
+def test_torch_sequence_modules_match_onnx_path(torch, arch):
+    """Dense and sequence modules on (N, L, D) tensors: the neurons are the features
+    (last axis) on both paths, one state per token or time step."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model, x, attach_to = _sequence_model(torch, arch)
+    model.eval()
+    exported = from_torch(model, x[:2])
+    onnx_model = OnnxEfficiencyModel(exported, attach_to, providers="cpu", keep_states=True)
+    outputs = onnx_model.predict(x.numpy(), batch_size=12)
+    attach_hooks(model, attach_to)
+    # Grad on: nn.TransformerEncoderLayer takes its fused fast path (no submodule
+    # calls, so no hooks) under no_grad.
+    expected = torch.cat([model(part) for part in x.split(12)]).detach()
+    np.testing.assert_allclose(outputs, expected.numpy(), atol=1e-4)
+    hooks = {hook.name: hook for hook in model.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    assert set(probes) == set(hooks) == {f"{name}:after" for name in attach_to}
+    tokens = x.shape[0] * x.shape[1]
+    for name, hook in hooks.items():
+        assert hook.channel_axis == probes[name].channel_axis == 2, name
+        assert hook.state_count == probes[name].state_count == tokens, name
+    assert _assert_parity([(hooks[name], probes[name]) for name in hooks], f"torch {arch}") < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+def test_integer_inputs_are_refused_on_both_paths(torch):
+    """method="before" on an Embedding reads int64 ids: the same typed error natively
+    and on the ONNX path."""
+    from tensorstate_onnx import ProbeDtypeError
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model, x, _ = _sequence_model(torch, "embedding")
+    with pytest.raises(ProbeDtypeError, match=r"'emb:before'.*int64.*float") as onnx_error:
+        OnnxEfficiencyModel(from_torch(model, x[:2]), ["emb"], method="before", providers="cpu")
+    attach_hooks(model, ["emb"], method="before")
+    with pytest.raises(ProbeDtypeError, match=r"'emb:before'.*int64.*float") as native_error:
+        model(x)
+    assert str(onnx_error.value) == str(native_error.value)
+    remove_state_layers(model)
+
+
 # --------------------------------------------------------------------------- keras
 
 

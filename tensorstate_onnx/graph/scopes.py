@@ -230,10 +230,12 @@ class Matcher:
         """Scopes that ``pattern`` names; aliases only when nothing else matches."""
         found = [s for s in self.scopes if matches_any([pattern], s.keys)]
         found += [
-            Scope(self.node_label(i), set(), "node", nodes=[i])
+            # "op": matched by op type, a pattern for many tensors of any element type.
+            Scope(self.node_label(i), set(), "op" if matches_any([pattern], (node.op_type,)) else "node",
+                  nodes=[i])
             for i, node in enumerate(self.index.graph.node)
             if matches_any([pattern], (node.op_type, self.index.names[i]))
-        ]
+        ]  # fmt: skip
         return found or [s for s in self.scopes if matches_any([pattern], s.aliases)]
 
     def no_match_message(self, patterns: Sequence[str]) -> str:
@@ -280,29 +282,40 @@ def select_scopes(
 
 def after_tensor(scope: Scope, index: GraphIndex) -> tuple[int, str] | None:
     """(node, tensor) leaving ``scope``: a single node's first output, or the last
-    scope output that is read outside the scope or is a graph output."""
+    scope output that is read outside the scope or is a graph output.
+
+    A float tensor is preferred; a non-float one is returned only when no float
+    tensor leaves (for the caller to refuse).
+    """
     if len(scope.nodes) == 1:
         node = scope.nodes[0]
         first = index.graph.node[node].output[0]
-        return (node, first) if index.probeable(first) else None
+        return (node, first) if index.is_data(first) else None
     members = set(scope.nodes)
     leaving = [
         (i, name)
         for i in scope.nodes
         for name in index.graph.node[i].output
-        if index.probeable(name)
+        if index.is_data(name)
         and (index.consumers.get(name, set()) - members or name in index.graph_outputs)
     ]
-    return leaving[-1] if leaving else None
+    floats = [hit for hit in leaving if index.probeable(hit[1])]
+    return (floats or leaving)[-1] if leaving else None
 
 
 def before_tensor(scope: Scope, index: GraphIndex) -> tuple[int, str] | None:
-    """(node, tensor) entering ``scope``: its first data input produced outside it."""
+    """(node, tensor) entering ``scope``: its first data input produced outside it.
+
+    A float tensor is preferred; a non-float one is returned only when no float
+    tensor enters (for the caller to refuse).
+    """
     members = set(scope.nodes)
-    for i in scope.nodes:
-        for name in index.graph.node[i].input:
-            producer = index.producer.get(name, (-1, 0))[0]
-            if producer not in members and index.probeable(name):
-                return i, name
-    return None
+    entering = [
+        (i, name)
+        for i in scope.nodes
+        for name in index.graph.node[i].input
+        if index.producer.get(name, (-1, 0))[0] not in members and index.is_data(name)
+    ]
+    floats = [hit for hit in entering if index.probeable(hit[1])]
+    return (floats or entering)[0] if entering else None
 
