@@ -24,6 +24,7 @@ from .patterns import preview
 __all__ = [
     "check_override_keys",
     "checked_override",
+    "checked_type",
     "dtype_error",
     "is_float_dtype_name",
     "view_rank",

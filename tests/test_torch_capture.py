@@ -543,3 +543,17 @@ def test_permute_modules_carry_the_axis():
         ("1:after", 3, 6), ("3:after", 3, 6), ("4:after", 1, 6), ("5:after", 1, 6),
     ]  # fmt: skip
     remove_state_layers(model)
+
+
+def test_build_efficiency_model_takes_channel_axes_natively():
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    built = build_efficiency_model(model, ["Linear"], channel_axes={"0:after": 1})
+    with torch.no_grad():
+        y = model(torch.randn(2, 5, 8))
+    hook = built.efficiency_layers[0]
+    assert (hook.channel_axis, hook.n_neurons, hook.state_count) == (1, 5, 32)
+    assert _pairs(hook) == _numpy_counts(y.numpy(), 1)
+    with pytest.raises(ChannelAxisError):
+        build_efficiency_model(model, ["Linear"], channel_axes={"Linear": 1})
+    remove_state_layers(model)

@@ -67,6 +67,8 @@ class _RegionWriter:
 def _states_per_instance(probe: Probe) -> int | None:
     """States one sample gives ``probe`` (its positions besides batch and channel), or None if not static."""
     shape = probe.shape
+    if shape is not None and len(shape) == 1:
+        return 1  # [N]: one neuron per sample
     if shape is None or len(shape) < 2 or probe.channel_axis % len(shape) == 0:
         return None
     axis = probe.channel_axis % len(shape)
