@@ -21,7 +21,7 @@ from ..axes import check_override_keys, checked_override, dtype_error, warn_gues
 from ..errors import ModelFileError, OptionError, ProbeMatchError, first_line
 from ..patterns import as_patterns, probe_methods
 from .editor import MIN_PACK_OPSET, Editor, all_names, default_opset
-from .index import GraphIndex, build_index, node_names
+from .index import GraphIndex, build_index
 from .io import check_model, infer_types, load_model, shape_of
 from .layout import AXIS1_OPS, Layout, infer_channel_axes, is_channels_last
 from .scopes import (
@@ -78,13 +78,18 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
 
     Each entry has ``name`` (generated ``<op_type>_<index>`` for unnamed nodes),
     ``op_type``, ``labels`` (framework module/layer names containing the node,
-    outermost first), ``inputs``, ``outputs`` and ``output_shapes`` (tuples with
-    None for unknown dims, or None where even the rank is unknown).
+    outermost first), ``inputs``, ``outputs``, ``output_shapes`` (tuples with
+    None for unknown dims, or None where even the rank is unknown),
+    ``channel_axes`` (the neuron axis of each output a probe could watch, None
+    for constants and tensors that are not float or of unknown rank) and
+    ``axes_guessed`` (whether that axis is a guess).
     """
     model = load_model(model)
     types = infer_types(model)
-    names = node_names(model.graph)
+    index = build_index(model.graph, types)
+    names = index.names
     per_node = scopes_per_node(len(names), framework_scopes(model.graph))
+    layout = infer_channel_axes(index, is_channels_last(model))
     return [
         {
             "name": names[i],
@@ -93,6 +98,8 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
             "inputs": list(node.input),
             "outputs": list(node.output),
             "output_shapes": [shape_of(types.get(out)) for out in node.output],
+            "channel_axes": [layout.axes.get(out) if index.probeable(out) else None for out in node.output],
+            "axes_guessed": [index.probeable(out) and out in layout.guessed for out in node.output],
         }
         for i, node in enumerate(model.graph.node)
     ]
