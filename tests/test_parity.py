@@ -10,6 +10,7 @@ states; the fraction is computed, printed and asserted.
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -162,6 +163,37 @@ def test_torch_sequence_modules_match_onnx_path(torch, arch):
         assert hook.channel_axis == probes[name].channel_axis == 2, name
         assert hook.state_count == probes[name].state_count == tokens, name
     assert _assert_parity([(hooks[name], probes[name]) for name in hooks], f"torch {arch}") < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_root_module_and_framework_names_on_both_paths(torch, arch):
+    """A bare nn.TransformerEncoderLayer is probed by its class on the ONNX path too
+    (the root module is a scope), and "LSTM" names the module, not also the raw LSTM
+    op output: the same probes, the same states."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model, x, _ = _sequence_model(torch, arch)
+    model.eval()
+    attach_to = ["TransformerEncoderLayer", "norm1"] if arch == "transformer" else ["LSTM"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guessed axis, no op type left out
+        onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2]), attach_to, method="both", providers="cpu",
+                                         keep_states=True)  # fmt: skip
+    onnx_model.predict(x.numpy(), batch_size=12)
+    attach_hooks(model, attach_to, method="both")
+    for part in x.split(12):
+        model(part)
+    hooks = {hook.name: hook for hook in model.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    expected = (
+        {"TransformerEncoderLayer:before", "TransformerEncoderLayer:after", "norm1:before", "norm1:after"}
+        if arch == "transformer" else {"rnn:before", "rnn:after"}
+    )  # fmt: skip
+    assert set(probes) == set(hooks) == expected
+    assert _assert_parity([(hooks[name], probes[name]) for name in hooks], f"torch {arch} root") < MAX_FLIPPED
     remove_state_layers(model)
 
 

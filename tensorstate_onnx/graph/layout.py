@@ -67,7 +67,8 @@ _LAST_OPS = frozenset(
 # Ops that read their input 0 as ``[..., features]``.
 _DENSE_READERS = frozenset(
     {"Gemm", "MatMul", "FusedMatMul", "LayerNormalization", "SkipLayerNormalization",
-     "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization"}
+     "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization",
+     "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"}
 )  # fmt: skip
 
 # Ops whose output keeps the layout of their data input (elementwise, broadcasting

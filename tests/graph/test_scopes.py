@@ -433,3 +433,39 @@ def test_torch_legacy_nested_modules_match_hooks(legacy_mobilenet, assert_same_s
     for name, hook in hooks.items():
         assert_same_states(hook, probes[name])
     remove_state_layers(net)
+
+
+# ------------------------------------------------------- framework names vs op types, root
+
+
+def test_framework_names_win_over_op_types(torch):
+    """A module class that is also an op type ("Add") names the modules: the Add node
+    outside them is left out, with a warning that says how to probe it."""
+    from tensorstate_onnx.converters import from_torch
+
+    class Add(torch.nn.Module):
+        def forward(self, x):
+            return x + 1.0
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plus = Add()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.plus(x)) + x
+
+    exported = from_torch(Net().eval(), torch.zeros(2, 4))
+    with pytest.warns(UserWarning, match=r"'Add' names framework modules.*\(plus\).*1 Add node"):
+        _, probes = add_probes(exported, ["Add"])
+    assert [p.name for p in probes] == ["plus:after"]
+    names = [n["name"] for n in list_nodes(exported) if n["op_type"] == "Add" and not n["labels"]]
+    _, probes = add_probes(exported, names)  # the outside node, by name
+    assert [p.op_type for p in probes] == ["Add"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, probes = add_probes(exported, ["Net"], method="both")  # the root module
+    assert [(p.name, p.tensor_name) for p in probes] == [
+        ("Net:before", exported.graph.input[0].name), ("Net:after", exported.graph.output[0].name),
+    ]  # fmt: skip
