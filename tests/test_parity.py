@@ -197,6 +197,50 @@ def test_root_module_and_framework_names_on_both_paths(torch, arch):
     remove_state_layers(model)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_a_module_called_twice_records_every_call_on_both_paths(torch, dynamo):
+    """torchvision's BasicBlock calls its one ReLU twice per forward: natively its hooks
+    record both calls, and so does the ONNX probe (it watched only the last call)."""
+    # The checkout's exporter (tensorstate_onnx.converters is this same package once
+    # installed).
+    from converters.torch_export import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + x)
+
+    from models.torch_models import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(BasicBlock().eval())
+    x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2], dynamo=dynamo), ["relu"], method="both",
+                                     providers="cpu", keep_states=True)  # fmt: skip
+    assert [(p.name, len(p.each_call())) for p in onnx_model.probes] == [("relu:before", 2), ("relu:after", 2)]
+    onnx_model.predict(x.numpy(), batch_size=4)
+    attach_hooks(model, ["relu"], method="both")
+    with torch.no_grad():
+        for part in x.split(4):
+            model(part)
+    pairs = list(zip(model.efficiency_layers, onnx_model.efficiency_layers, strict=True))
+    assert [(a.name, a.state_count) for a, _ in pairs] == [(b.name, b.state_count) for _, b in pairs] == [
+        ("relu:before", 2 * 10 * 36), ("relu:after", 2 * 10 * 36),
+    ]  # fmt: skip
+    assert _assert_parity(pairs, f"torch BasicBlock relu {'dynamo' if dynamo else 'legacy'}") < MAX_FLIPPED
+    remove_state_layers(model)
+
+
 def test_integer_inputs_are_refused_on_both_paths(torch):
     """method="before" on an Embedding reads int64 ids: the same typed error natively
     and on the ONNX path."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -32,6 +32,7 @@ from .scopes import (
     framework_scopes,
     scopes_per_node,
     select_scopes,
+    split_calls,
 )
 
 __all__ = ["Probe", "add_probes", "list_nodes"]
@@ -47,6 +48,11 @@ class Probe:
     inferred shape, ``None`` for unknown or dynamic dimensions. ``channel_axis``
     is the neuron axis (1 for a rank-1 tensor: one neuron per sample, the
     ``[N, 1]`` view); ``axis_guessed`` says no rule gave it (a warning was issued).
+
+    A PyTorch module called several times in one forward pass is one probe that
+    records every call: ``calls`` holds a Probe (same name) for each call after
+    the first, whose tensors are recorded after this one's, batch by batch
+    (:meth:`each_call` gives them all).
     """
 
     name: str
@@ -61,6 +67,11 @@ class Probe:
     n_neurons: int | None
     packed_in_graph: bool
     axis_guessed: bool = False
+    calls: tuple["Probe", ...] = ()
+
+    def each_call(self) -> tuple["Probe", ...]:
+        """This probe and the probes of its later calls, in call order."""
+        return (self, *self.calls)
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class _Candidate:
     label: str
     method: str
     node: int
+    group: int | None = None  # candidates of one group are the calls of one module
 
 
 def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
@@ -197,18 +209,23 @@ def _candidates(
     finders = {"before": before_tensor, "after": after_tensor}
     found: dict[tuple[str, str, str], _Candidate] = {}
     skipped: list[tuple[str, str]] = []
-    for scope in scopes:
-        for m in methods:
-            hit = finders[m](scope, index)
-            if hit is None:
-                continue
-            node, tensor = hit
-            if not index.probeable(tensor):
-                if scope.kind != "op":
-                    raise dtype_error(f"{scope.label}:{m}", index.dtype_name(tensor))
-                skipped.append((f"{scope.label}:{m}", tensor))
-                continue
-            found.setdefault((tensor, scope.label, m), _Candidate(tensor, scope.label, m, node))
+    for group, scope in enumerate(scopes):
+        calls = split_calls(scope, index)
+        for call in calls:
+            for m in methods:
+                hit = finders[m](call, index)
+                if hit is None:
+                    continue
+                node, tensor = hit
+                if not index.probeable(tensor):
+                    if scope.kind != "op":
+                        raise dtype_error(f"{scope.label}:{m}", index.dtype_name(tensor))
+                    skipped.append((f"{scope.label}:{m}", tensor))
+                    continue
+                found.setdefault(
+                    (tensor, scope.label, m),
+                    _Candidate(tensor, scope.label, m, node, group if len(calls) > 1 else None),
+                )
     ordered = sorted(found.values(), key=lambda c: (index.position(c.tensor), c.method))
     return ordered, skipped
 
@@ -238,36 +255,60 @@ def _make_probes(
     (packed outputs are shared by probes with the same channel axis).
     """
     layout = infer_channel_axes(index, is_channels_last(model))
-    names = _unique_probe_names(candidates)
+    units = _probe_units(candidates)  # the calls of one module make one probe
+    names = _unique_probe_names([unit[0] for unit in units])
     # A key that named nothing would be ignored silently and its probe miscounted.
     check_override_keys(overrides, names, [k for c in candidates for k in (c.label, c.tensor)])
     editor = Editor(model.graph, all_names(model.graph, index.names), model.ir_version)
     outputs: dict[tuple[str, int | None], str] = {}
     probes = []
-    for cand, name in zip(candidates, names):
-        shape = shape_of(index.types[cand.tensor])
-        axis, guessed = _probe_axis(cand, shape, layout, index)
-        key = next((k for k in (name, cand.tensor, cand.label) if k in overrides), None)
-        if key is not None:
-            axis, guessed = checked_override(key, overrides[key], name, shape), False
-        if guessed:
-            warn_guessed(name, shape, axis, f"tensor {cand.tensor!r}", stacklevel=5)
-        n_neurons = 1 if len(shape) == 1 and axis == 1 else shape[axis]
-        if pack and n_neurons is None:
-            raise OptionError(
-                f"pack_in_graph needs the number of neurons of probe {name!r} (tensor "
-                f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
-                "with a fixed channel size or use pack_in_graph=False"
-            )
-        out_key = (cand.tensor, axis if pack else None)
-        if out_key not in outputs:
-            outputs[out_key] = editor.output(cand.tensor, index, axis, pack)
-        node = index.graph.node[cand.node]
-        probes.append(
-            Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
-                  outputs[out_key], axis, shape, n_neurons, pack, guessed)
-        )  # fmt: skip
+    for unit, name in zip(units, names):
+        calls = [_make_probe(cand, name, index, layout, overrides, pack, editor, outputs) for cand in unit]
+        probes.append(replace(calls[0], calls=tuple(calls[1:])) if len(calls) > 1 else calls[0])
     return probes
+
+
+def _probe_units(candidates: list[_Candidate]) -> list[list[_Candidate]]:
+    """Candidates grouped into probes: the calls of one module (same group, label and
+    method) together, in call order; every other candidate alone."""
+    units: dict[tuple, list[_Candidate]] = {}
+    for k, cand in enumerate(candidates):
+        key = (cand.group, cand.label, cand.method) if cand.group is not None else (k,)
+        units.setdefault(key, []).append(cand)
+    return list(units.values())
+
+
+def _make_probe(
+    cand: _Candidate,
+    name: str,
+    index: GraphIndex,
+    layout: Layout,
+    overrides: dict[str, int],
+    pack: bool,
+    editor: Editor,
+    outputs: dict[tuple[str, int | None], str],
+) -> Probe:
+    """The Probe of one candidate; adds its graph output (or shares one already added)."""
+    shape = shape_of(index.types[cand.tensor])
+    axis, guessed = _probe_axis(cand, shape, layout, index)
+    key = next((k for k in (name, cand.tensor, cand.label) if k in overrides), None)
+    if key is not None:
+        axis, guessed = checked_override(key, overrides[key], name, shape), False
+    if guessed:
+        warn_guessed(name, shape, axis, f"tensor {cand.tensor!r}", stacklevel=6)
+    n_neurons = 1 if len(shape) == 1 and axis == 1 else shape[axis]
+    if pack and n_neurons is None:
+        raise OptionError(
+            f"pack_in_graph needs the number of neurons of probe {name!r} (tensor "
+            f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
+            "with a fixed channel size or use pack_in_graph=False"
+        )
+    out_key = (cand.tensor, axis if pack else None)
+    if out_key not in outputs:
+        outputs[out_key] = editor.output(cand.tensor, index, axis, pack)
+    node = index.graph.node[cand.node]
+    return Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
+                 outputs[out_key], axis, shape, n_neurons, pack, guessed)  # fmt: skip
 
 
 def _probe_axis(cand: _Candidate, shape: tuple, layout: Layout, index: GraphIndex) -> tuple[int, bool]:

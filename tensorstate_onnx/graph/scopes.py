@@ -43,6 +43,7 @@ __all__ = [
     "framework_scopes",
     "scopes_per_node",
     "select_scopes",
+    "split_calls",
 ]
 
 # A PyTorch parameter or buffer name: "<module qualified name>.<attribute>".
@@ -317,6 +318,34 @@ def select_scopes(
             f"everything attach_to {attach_to} matched is excluded by exclude {exclude}"
         )
     return kept
+
+
+# ------------------------------------------------------------------------ calls
+
+
+def split_calls(scope: Scope, index: GraphIndex) -> list[Scope]:
+    """The calls of a PyTorch module that ran several times in one forward pass
+    (torchvision's ``BasicBlock.relu``), one scope each; ``[scope]`` otherwise.
+
+    The exporter lays out a module call's nodes one after the other. A new call
+    starts where nodes outside the module between two of its nodes read what
+    the module computed so far (its output went on through the network and came
+    back). Calls that nothing separates (one module applied to two parallel
+    branches, node after node) stay one scope.
+    """
+    if scope.kind != "torch" or len(scope.nodes) < 2:
+        return [scope]
+    members = sorted(set(scope.nodes))
+    runs: list[list[int]] = [[members[0]]]
+    for previous, current in zip(members, members[1:]):
+        produced = {name for i in runs[-1] for name in index.graph.node[i].output}
+        gap = range(previous + 1, current)
+        if any(name in produced for i in gap for name in index.graph.node[i].input):
+            runs.append([])
+        runs[-1].append(current)
+    if len(runs) == 1:
+        return [scope]
+    return [Scope(scope.label, scope.keys, scope.kind, scope.depth, scope.aliases, run) for run in runs]
 
 
 # ------------------------------------------------------------------- boundaries

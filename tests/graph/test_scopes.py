@@ -469,3 +469,36 @@ def test_framework_names_win_over_op_types(torch):
     assert [(p.name, p.tensor_name) for p in probes] == [
         ("Net:before", exported.graph.input[0].name), ("Net:after", exported.graph.output[0].name),
     ]  # fmt: skip
+
+
+def _torch_node(op, inputs, output, module, cls):
+    node = helper.make_node(op, inputs, [output], name=f"node_{output}")
+    helper.set_metadata_props(node, {
+        "pkg.torch.onnx.name_scopes": str(["", module, output]),
+        "pkg.torch.onnx.class_hierarchy": str(["__main__.Net", cls, "aten.op"]),
+    })  # fmt: skip
+    return node
+
+
+def test_calls_of_a_module_are_split_where_its_output_went_on(initializer):
+    """A module's nodes split into calls only where the nodes between them read what
+    it computed; a node in between that does not (a hoisted Shape) keeps one call."""
+    relu = "torch.nn.modules.activation.ReLU"
+    nodes = [
+        _torch_node("Relu", ["x"], "a", "act", relu),
+        _torch_node("Shape", ["x"], "shape", "other", "torch.nn.modules.linear.Identity"),
+        _torch_node("Neg", ["a"], "b", "act", relu),  # still the first call
+        _torch_node("Conv", ["b", "W"], "c", "conv", "torch.nn.modules.conv.Conv2d"),
+        _torch_node("Relu", ["c"], "d", "act", relu),  # the second call
+    ]
+    g = helper.make_graph(
+        nodes, "torch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [4])],
+        [initializer("W", 3, 3, 1, 1)],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _, probes = add_probes(model, ["act"], method="both")
+    assert [(p.name, [c.tensor_name for c in p.each_call()]) for p in probes] == [
+        ("act:before", ["x", "c"]), ("act:after", ["b", "d"]),
+    ]  # fmt: skip
