@@ -49,7 +49,7 @@ def dtype_error(probe: str, dtype: str) -> ProbeDtypeError:
     """The error for a probe whose tensor is not float (integer ids, bool masks); the
     same words on every path."""
     return ProbeDtypeError(
-        f"probe {probe!r} would watch a {dtype} tensor; neurons fire on float values (> 0), so "
+        f"probe {probe!r} would watch a tensor of type {dtype}; neurons fire on float values (> 0), so "
         "probe a float tensor instead: method='after' of this layer, or another layer "
         "(exclude this one with exclude=[...])"
     )

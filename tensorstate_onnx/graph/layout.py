@@ -154,6 +154,7 @@ class _Context:
         self.index = index
         self._initializers = {init.name: init for init in index.graph.initializer}
         self._dims: dict[str, list | None] = {}
+        self.reader_axes: dict[str, int | None] = {}  # memo of _reader_axis
 
     def rank(self, name: str) -> int | None:
         return self.index.rank(name)
@@ -238,9 +239,12 @@ def _reader_axis(name: str, ctx: _Context, depth: int = 0) -> int | None:
     """The axis ``name``'s readers read as neurons, if they agree: conv-family data
     inputs read axis 1, dense ones the last axis; elementwise ops and Transposes are
     looked through. ``None`` when no reader says or they disagree."""
+    if name in ctx.reader_axes:
+        return ctx.reader_axes[name]
     rank = ctx.rank(name)
     if rank is None or depth > 8:
         return None
+    ctx.reader_axes[name] = None  # a cycle through subgraphs reads as "no opinion"
     said: set[int] = set()
     for node in ctx.readers(name):
         op = node.op_type
@@ -263,7 +267,8 @@ def _reader_axis(name: str, ctx: _Context, depth: int = 0) -> int | None:
                 back, _ = _reshaped(inner, ctx.dims(node.output[0]), ctx.dims(name))
                 if back is not None:
                     said.add(back)
-    return said.pop() if len(said) == 1 else None
+    ctx.reader_axes[name] = said.pop() if len(said) == 1 else None
+    return ctx.reader_axes[name]
 
 
 def _output_axes(node: onnx.NodeProto, layout: Layout, ctx: _Context) -> list[tuple[int | None, bool]]:
