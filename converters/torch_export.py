@@ -219,6 +219,21 @@ def _unqualified(qualname: str) -> str:
     return qualname
 
 
+def _legacy_child(children, part: str):
+    """The (qualified name, module) among ``children`` that a legacy scope name stands
+    for. TorchScript names the second, third, ... call of a module ``<name>_1``,
+    ``<name>_2``: those are the module's own calls when no child bears that name."""
+    for full, child in children:
+        if _unqualified(full) == part:
+            return full, child
+    repeat = re.fullmatch(r"(.+)_\d+", part)
+    if repeat is not None:
+        for full, child in children:
+            if _unqualified(full) == repeat.group(1):
+                return full, child
+    return None
+
+
 def _annotate_legacy_scopes(proto: onnx.ModelProto, module) -> None:
     """Give legacy-exported nodes the dynamo exporter's module metadata.
 
@@ -245,10 +260,7 @@ def _annotate_legacy_scopes(proto: onnx.ModelProto, module) -> None:
         names, classes = [""], [typename(module)]
         current = ""
         for part in parts:
-            found = next(
-                ((full, child) for full, child in children.get(current, ()) if _unqualified(full) == part),
-                None,
-            )
+            found = _legacy_child(children.get(current, ()), part)
             if found is None:
                 break
             current = found[0]

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     IndexOutOfRangeError,
+    ChannelAxisError,
+    GuessedAxisWarning,
     MissingExtraError,
     MissingFileError,
     ModelFileError,
@@ -22,6 +24,7 @@ from .errors import (
     OptionError,
     OptionTypeError,
     PackedStateError,
+    ProbeDtypeError,
     ProbeMatchError,
     ProviderError,
     SchedulerConnectionError,
@@ -55,6 +58,8 @@ _LAZY = {
 
 __all__ = [
     "AbstractStateCapture",
+    "ChannelAxisError",
+    "GuessedAxisWarning",
     "IndexOutOfRangeError",
     "MissingExtraError",
     "MissingFileError",
@@ -65,6 +70,7 @@ __all__ = [
     "OptionError",
     "OptionTypeError",
     "PackedStateError",
+    "ProbeDtypeError",
     "ProbeMatchError",
     "ProviderError",
     "SchedulerConnectionError",

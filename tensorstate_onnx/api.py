@@ -20,7 +20,7 @@ from .runtime import OnnxEfficiencyModel
 __all__ = ["build_efficiency_model", "reset_efficiency_model", "model_kind"]
 
 _RUNTIMES = (None, "native", "onnxruntime")
-_NATIVE_OPTIONS = ("keep_states", "overwrite")
+_NATIVE_OPTIONS = ("keep_states", "overwrite", "channel_axes")
 
 
 def model_kind(model) -> str:
@@ -69,7 +69,10 @@ def build_efficiency_model(
         options: passed to :class:`~tensorstate_onnx.runtime.OnnxEfficiencyModel`
             (providers, optimization, pack_in_graph, channel_axes, ...) or to
             the exporter (``dynamo``, ``opset``); the native front ends take
-            ``keep_states`` and ``overwrite`` only.
+            ``keep_states``, ``overwrite`` and ``channel_axes`` only.
+            ``channel_axes={probe name: axis}`` overrides the neuron axis of a
+            probe on every path (DESIGN §1 gives the rule); a key that names no
+            probe or an axis out of range raises ChannelAxisError.
 
     Returns:
         An ``OnnxEfficiencyModel``, a new Keras model with StateCapture layers,

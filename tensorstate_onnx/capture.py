@@ -20,7 +20,19 @@ from .engine import StateCounter, n_bytes_for, pack
 from .errors import IndexOutOfRangeError, NoStatesError, OptionError
 from .store import StateStore
 
-__all__ = ["AbstractStateCapture", "StateCaptureProbe"]
+__all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances"]
+
+
+def batch_instances(shape, channel_axis: int) -> int:
+    """Input instances in a batch of ``shape`` whose neurons lie on ``channel_axis``:
+    the length of axis 0, or 1 when axis 0 holds the neurons (or the shape is
+    empty). A rank-1 ``[N]`` tensor is ``N`` instances of one neuron."""
+    if not shape:
+        return 1
+    rank = len(shape)
+    if rank == 1:
+        return int(shape[0])
+    return 1 if channel_axis % rank == 0 else int(shape[0])
 
 
 class AbstractStateCapture(abc.ABC):
@@ -54,6 +66,9 @@ class AbstractStateCapture(abc.ABC):
         self.metadata = dict(metadata or {})
         self.capture_on = True
         self.input_shape = None
+        #: The neuron axis of the recorded tensors (rank-1 tensors are read as
+        #: ``[N, 1]``, axis 1); ``None`` until known.
+        self.channel_axis: int | None = None
         self._overwrite = overwrite
         self._record_lock = threading.Lock()
         if self.disk_path is not None:
@@ -73,16 +88,19 @@ class AbstractStateCapture(abc.ABC):
     def record(self, tensor: np.ndarray, channel_axis: int) -> None:
         """Quantize, pack, count and (optionally) store one batch.
 
-        Axis 0 is the batch axis for tensors of rank >= 2 whose channel axis
-        is not 0; otherwise the whole tensor is one instance.
+        Axis 0 is the batch axis unless it is the channel axis (then the whole
+        tensor is one instance). A rank-1 tensor ``[N]`` is one neuron per
+        sample: it is read as ``[N, 1]``, whose neurons are on axis 1 (or -1).
         """
         if not self.capture_on:
             return
         tensor = np.asarray(tensor) if not isinstance(tensor, np.ndarray) else tensor
-        packed = pack(tensor, channel_axis)
+        if tensor.ndim == 1:
+            tensor = tensor.reshape(-1, 1)
         axis = channel_axis % tensor.ndim
-        instances = tensor.shape[0] if tensor.ndim >= 2 and axis != 0 else 1
-        self.record_packed(packed, tensor.shape[axis], instances)
+        packed = pack(tensor, axis)
+        self.channel_axis = axis
+        self.record_packed(packed, tensor.shape[axis], batch_instances(tensor.shape, axis))
 
     def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int) -> None:
         """Count and store states already packed (by ``engine.pack`` or in an ONNX graph)."""
@@ -116,6 +134,8 @@ class AbstractStateCapture(abc.ABC):
         self._counter = StateCounter(n_neurons)
         if self.keep_states:
             meta = {"name": self.name, **self.metadata}
+            if self.channel_axis is not None:
+                meta.setdefault("channel_axis", self.channel_axis)
             self._store = StateStore(n_neurons, self.disk_path, meta, overwrite=self._overwrite)
             # Our own store from here on: a reset may replace it.
             self._overwrite = True

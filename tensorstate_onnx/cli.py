@@ -309,12 +309,25 @@ def _inspect(args) -> int:
     print("op types:")
     for op, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         print(f"  {op:24s} {count}")
-    print("probe-able tensors (node, op type, labels, output shapes):")
+    print("probe-able tensors (node, op type, labels, output shapes and neuron axes):")
     for node in nodes:
         labels = ", ".join(node.get("labels", [])) or "-"
-        shapes = "; ".join(str(shape) for shape in node.get("output_shapes", []))
+        shapes = "; ".join(
+            str(shape) + _axis_text(axis, guessed)
+            for shape, axis, guessed in zip(node["output_shapes"], node["channel_axes"], node["axes_guessed"])
+        )
         print(f"  {node['name']}  {node['op_type']}  [{labels}]  {shapes}")
+    if any(any(node["axes_guessed"]) for node in nodes):
+        print("axis k?: no rule gives the neuron axis (the last one is taken); choose one with channel_axes")
     return 0
+
+
+def _axis_text(axis: int | None, guessed: bool) -> str:
+    """`` axis k`` (`` axis k?`` when guessed: see channel_axes), or nothing for tensors
+    a probe cannot watch."""
+    if axis is None:
+        return ""
+    return f" axis {axis}" + ("?" if guessed else "")
 
 
 def _type_text(value) -> str:

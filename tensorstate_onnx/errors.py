@@ -11,6 +11,8 @@ is a bug.
 from __future__ import annotations
 
 __all__ = [
+    "ChannelAxisError",
+    "GuessedAxisWarning",
     "IndexOutOfRangeError",
     "MissingExtraError",
     "MissingFileError",
@@ -20,6 +22,7 @@ __all__ = [
     "OptionError",
     "OptionTypeError",
     "PackedStateError",
+    "ProbeDtypeError",
     "ProbeMatchError",
     "ProviderError",
     "SchedulerConnectionError",
@@ -100,3 +103,16 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, to quote inside one of ours."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ChannelAxisError(TensorStateError, ValueError):
+    """A ``channel_axes`` override names no probe, or an axis out of range for its tensor."""
+
+
+class ProbeDtypeError(TensorStateError, ValueError):
+    """A probe would watch an integer or bool tensor; probes watch float tensors."""
+
+
+class GuessedAxisWarning(UserWarning):
+    """No rule gave a probe's neuron axis, so the last axis was taken (a guess);
+    the message names the ``channel_axes`` override that chooses another."""

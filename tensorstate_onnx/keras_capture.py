@@ -26,6 +26,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from .axes import check_override_keys, checked_override, checked_type, dtype_error, is_float_dtype_name
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
@@ -34,13 +35,13 @@ from .store import unique_store_dirname
 __all__ = ["StateCapture", "build_keras_efficiency_model"]
 
 _TRACING = threading.local()  # set while a converter traces a model for export
-_NUMPY_DTYPES = (np.float16, np.float32, np.float64, np.bool_)
+_NUMPY_DTYPES = (np.float16, np.float32, np.float64)
 
 
 def _as_numpy(value) -> np.ndarray:
     """A numpy array the engine accepts (float16/32/64 or bool) for any backend value."""
     array = value if isinstance(value, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(value))
-    if array.dtype.type not in _NUMPY_DTYPES:  # bfloat16, integers: the firing pattern only
+    if array.dtype.type not in _NUMPY_DTYPES:  # bfloat16: the firing pattern only
         with np.errstate(invalid="ignore"):
             array = np.asarray(array > 0)
     return array
@@ -56,13 +57,17 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         keep_states: keep raw states in memory when there is no ``disk_path``.
         overwrite: replace an existing store at ``disk_path``.
         metadata: extra facts stored with the states.
-        channel_axis: the neuron axis; Keras is channels-last, so ``-1``.
+        channel_axis: the neuron axis; Keras is channels-last, so ``-1`` (a
+            rank-1 ``[N]`` tensor is one neuron per sample either way). It is
+            checked against the input's rank and made non-negative when the
+            layer is built; ``channel_axis`` then holds that axis.
         label: the name of the probed layer (defaults to ``name``).
         method: ``"before"`` or ``"after"`` the probed layer (informative).
         **kwargs: passed to ``keras.layers.Layer`` (``dtype``, ``trainable``).
 
     Works in eager calls, ``model.predict``/``evaluate``/``fit`` (graph mode,
-    no XLA) with float16, bfloat16, float32 and float64 tensors.
+    no XLA) with float16, bfloat16, float32 and float64 tensors; integer and bool
+    tensors raise :class:`~tensorstate_onnx.errors.ProbeDtypeError`.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         keras.layers.Layer.__init__(self, name=name, **kwargs)
         meta = {"method": method, "framework": "keras", "label": label or name, **(metadata or {})}
         AbstractStateCapture.__init__(self, name, disk_path, keep_states, overwrite, meta)
+        self._axis_config = int(channel_axis)
         self.channel_axis = int(channel_axis)
         self.label = label or name
         self.method = method
@@ -90,15 +96,24 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
     # ---------------------------------------------------------------- keras API
 
     def build(self, input_shape) -> None:
-        """Remember the input shape (the states are kept until ``reset_states``)."""
+        """Remember the input shape (the states are kept until ``reset_states``) and
+        check the neuron axis against its rank."""
         self.input_shape = input_shape
+        if input_shape is not None and len(input_shape) > 0:
+            self.channel_axis = checked_override(self.name, self._axis_config, self.name, tuple(input_shape))
         self.built = True
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def compute_output_spec(self, inputs, *args, **kwargs):
+        self._check_dtype(inputs.dtype)
         return keras.KerasTensor(inputs.shape, dtype=inputs.dtype, sparse=getattr(inputs, "sparse", False))
+
+    def _check_dtype(self, dtype) -> None:
+        name = keras.backend.standardize_dtype(dtype)
+        if not is_float_dtype_name(name):
+            raise dtype_error(f"{self.label}:{self.method}", name)
 
     def compute_mask(self, inputs, mask=None):
         return mask
@@ -106,6 +121,7 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
     def call(self, inputs):
         if getattr(_TRACING, "active", False):
             return inputs  # traced for ONNX export: a plain identity
+        self._check_dtype(inputs.dtype)
         backend = keras.backend.backend()
         if backend == "tensorflow":
             import tensorflow as tf
@@ -130,7 +146,7 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         config = super().get_config()
         config.update(
             keep_states=self.keep_states and self.disk_path is None,
-            channel_axis=self.channel_axis,
+            channel_axis=self._axis_config,
             label=self.label,
             method=self.method,
         )
@@ -175,7 +191,8 @@ def _is_functional(model) -> bool:
 class _Builder:
     """Creates the StateCapture layers (names, stores) and inserts them into tensors."""
 
-    def __init__(self, model, patterns, excluded, method, storage_path, keep_states, overwrite):
+    def __init__(self, model, patterns, excluded, method, storage_path, keep_states, overwrite, channel_axes):
+        self.overrides = {key: checked_type(key, axis) for key, axis in (channel_axes or {}).items()}
         self.patterns = patterns
         self.excluded = excluded
         self.methods = probe_methods(method)
@@ -189,31 +206,47 @@ class _Builder:
     def wanted(self, name: str, class_name: str) -> bool:
         return matches_any(self.patterns, (name, class_name)) and not matches_any(self.excluded, (name, class_name))
 
-    def make(self, label: str, class_name: str, method: str) -> StateCapture:
-        """A new StateCapture for ``method`` of layer ``label``, with a unique name."""
+    def make(self, label: str, class_name: str, method: str, layer=None) -> StateCapture:
+        """A new StateCapture for ``method`` of layer ``label``, with a unique name.
+
+        Its neurons are on the last axis (Keras is channels-last), on axis 1 for
+        a layer with ``data_format="channels_first"``, or where ``channel_axes``
+        says (keyed by capture name, ``"<layer>:<method>"`` or layer name).
+        """
         base = f"{label}_states" if method == "after" else f"{label}_pre_states"
         name, k = base, 2
         while name in self.taken:
             name, k = f"{base}_{k}", k + 1
         self.taken.add(name)
         disk_path = None if self.root is None else self.root / unique_store_dirname(name, self.store_dirs)
-        layer = StateCapture(
+        axis = 1 if getattr(layer, "data_format", None) == "channels_first" else -1
+        key = next((k for k in (name, f"{label}:{method}", label) if k in self.overrides), None)
+        if key is not None:
+            axis = self.overrides[key]
+        capture = StateCapture(
             name, disk_path, keep_states=self.keep_states, overwrite=self.overwrite,
-            metadata={"layer": label, "layer_class": class_name}, label=label, method=method,
+            metadata={"layer": label, "layer_class": class_name}, channel_axis=axis, label=label,
+            method=method,
         )  # fmt: skip
-        self.captures.append(layer)
-        return layer
+        self.captures.append(capture)
+        return capture
 
-    def capture(self, tensor, label: str, class_name: str, method: str):
+    def check_overrides(self) -> None:
+        """Raise ChannelAxisError for ``channel_axes`` keys that name no capture."""
+        names = [c.name for c in self.captures]
+        aliases = [k for c in self.captures for k in (c.label, f"{c.label}:{c.method}")]
+        check_override_keys(self.overrides, names, aliases)
+
+    def capture(self, tensor, label: str, class_name: str, method: str, layer=None):
         """Apply a new StateCapture to ``tensor``; return its output."""
-        return self.make(label, class_name, method)(tensor)
+        return self.make(label, class_name, method, layer)(tensor)
 
-    def wrap_first(self, structure, label: str, class_name: str, method: str):
-        """``structure`` with its first float tensor replaced by a captured one."""
+    def wrap_first(self, structure, label: str, class_name: str, method: str, layer=None):
+        """``structure`` with its first tensor replaced by a captured one."""
         flat = keras.tree.flatten(structure)
         for i, item in enumerate(flat):
             if isinstance(item, keras.KerasTensor):
-                flat[i] = self.capture(item, label, class_name, method)
+                flat[i] = self.capture(item, label, class_name, method, layer)
                 return keras.tree.pack_sequence_as(structure, flat)
         return structure
 
@@ -242,10 +275,10 @@ def _rebuild_functional(model, builder: _Builder):
         if not builder.wanted(layer.name, class_name):
             return layer(*args, **kwargs)
         if "before" in builder.methods:
-            args, kwargs = builder.wrap_first((args, kwargs), layer.name, class_name, "before")
+            args, kwargs = builder.wrap_first((args, kwargs), layer.name, class_name, "before", layer)
         outputs = layer(*args, **kwargs)
         if "after" in builder.methods:
-            outputs = builder.wrap_first(outputs, layer.name, class_name, "after")
+            outputs = builder.wrap_first(outputs, layer.name, class_name, "after", layer)
         return outputs
 
     return keras.models.clone_model(
@@ -262,10 +295,10 @@ def _rebuild_sequential(model, builder: _Builder):
         class_name = type(layer).__name__
         wanted = builder.wanted(layer.name, class_name)
         if wanted and "before" in builder.methods:
-            layers.append(builder.make(layer.name, class_name, "before"))
+            layers.append(builder.make(layer.name, class_name, "before", layer))
         layers.append(layer)
         if wanted and "after" in builder.methods:
-            layers.append(builder.make(layer.name, class_name, "after"))
+            layers.append(builder.make(layer.name, class_name, "after", layer))
     return keras.Sequential(layers, name=model.name, trainable=model.trainable)
 
 
@@ -278,6 +311,7 @@ def build_keras_efficiency_model(
     *,
     keep_states: bool = True,
     overwrite: bool = False,
+    channel_axes: dict[str, int] | None = None,
 ):
     """A new Keras model with :class:`StateCapture` layers around the chosen layers.
 
@@ -296,6 +330,10 @@ def build_keras_efficiency_model(
         keep_states: keep raw states in memory when there is no storage path
             (needed for ``states`` and ``counts(index=...)`` only).
         overwrite: replace existing stores under ``storage_path``.
+        channel_axes: ``{probe: axis}`` overriding the neuron axis (the last one;
+            axis 1 for ``channels_first`` layers). A probe is named by its capture
+            name (``"dense_states"``), as ``"<layer>:<method>"`` or by its layer
+            name (both methods).
 
     Returns:
         A new model of the same kind (Sequential for Sequential) that shares the
@@ -308,6 +346,9 @@ def build_keras_efficiency_model(
         TypeError: not a Keras model, or a subclassed model (use the ONNX path:
             ``build_efficiency_model(model, ..., runtime="onnxruntime")``).
         ValueError: an invalid ``method``, or the model has not been built.
+        ChannelAxisError: a ``channel_axes`` key that names no probe, or an axis
+            out of range for its tensor.
+        ProbeDtypeError: a probe on an integer or bool tensor.
         ProbeMatchError: ``attach_to`` matched no layer (the message lists the
             layer names and classes), or everything matched is excluded.
     """
@@ -355,8 +396,9 @@ def build_keras_efficiency_model(
     if not [c for c in matched if not matches_any(excluded, c)]:
         raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
 
-    builder = _Builder(model, patterns, excluded, method, storage_path, keep_states, overwrite)
+    builder = _Builder(model, patterns, excluded, method, storage_path, keep_states, overwrite, channel_axes)
     new_model = _rebuild_sequential(model, builder) if sequential else _rebuild_functional(model, builder)
+    builder.check_overrides()
     if getattr(model, "compiled", False):
         try:
             config = model.get_compile_config()

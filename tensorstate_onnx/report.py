@@ -17,7 +17,8 @@ __all__ = ["LayerSummary", "AnalysisReport", "summarize"]
 
 @dataclass
 class LayerSummary:
-    """Statistics of one probe."""
+    """Statistics of one probe; ``channel_axis`` is the axis of the probed tensor that
+    holds the neurons (1 for a rank-1 tensor, read as ``[N, 1]``)."""
 
     name: str
     node: str
@@ -26,6 +27,7 @@ class LayerSummary:
     distinct_states: int
     entropy: float
     efficiency: float
+    channel_axis: int | None = None
 
 
 @dataclass
@@ -121,6 +123,7 @@ def summarize(model, accuracy: float | None = None, aiq_weight: int = 2) -> Anal
             distinct_states=len(layer.counts()),
             entropy=layer.entropy(),
             efficiency=layer.efficiency(),
+            channel_axis=getattr(layer, "channel_axis", None),
         )
         for layer in model.efficiency_layers
     ]

@@ -66,12 +66,20 @@ class OnnxProbeCapture(AbstractStateCapture):
         }
         super().__init__(probe.name, disk_path, keep_states, overwrite, metadata)
         self.probe = probe
+        self.channel_axis = probe.channel_axis
+        self.axis_guessed = probe.axis_guessed
 
-    def record_output(self, value: np.ndarray, batch_size: int) -> None:
-        """Record one batch of this probe's session output."""
-        probe = self.probe
+    def record_outputs(self, values: dict[str, np.ndarray], batch_size: int) -> None:
+        """Record one batch: the session output of every call of this probe, in call order."""
+        for call in self.probe.each_call():
+            self.record_output(values[call.output_name], batch_size, call)
+
+    def record_output(self, value: np.ndarray, batch_size: int, probe: Probe | None = None) -> None:
+        """Record one batch of this probe's session output (of its call ``probe``)."""
+        probe = self.probe if probe is None else probe
         if probe.packed_in_graph:
-            instances = batch_size if len(probe.shape) >= 2 and probe.channel_axis != 0 else 1
+            instances = batch_size if len(probe.shape) == 1 or probe.channel_axis != 0 else 1
+            self.channel_axis = probe.channel_axis
             self.record_packed(value, probe.n_neurons, instances)
         else:
             self.record(value, probe.channel_axis)
@@ -172,7 +180,7 @@ class OnnxEfficiencyModel:
         self.session = self._make_session(optimization, threads)
         self.inputs = self.session.get_inputs()
         # Probes sharing a tensor share its output: request each output name once.
-        probe_outputs = [probe.output_name for probe in self.probes]
+        probe_outputs = [call.output_name for probe in self.probes for call in probe.each_call()]
         self._run_outputs = list(dict.fromkeys(self.output_names + probe_outputs))
         if io_binding is None:
             io_binding = uses_cuda(self.session)
@@ -312,7 +320,7 @@ class OnnxEfficiencyModel:
     def _record(self, values: dict[str, np.ndarray], batch_size: int) -> None:
         """Feed every capture the session output of its probe, by output name."""
         for capture in self.efficiency_layers:
-            capture.record_output(values[capture.probe.output_name], batch_size)
+            capture.record_outputs(values, batch_size)
 
     def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
         pending: Future | None = None

@@ -2,8 +2,24 @@
 
 A :class:`StateCaptureHook` is registered as a forward hook (``method="after"``:
 it records the module's output) or a forward pre-hook (``"before"``: the first
-tensor the module receives). Neurons are on axis 1 of tensors of rank >= 3
-(``[N, C, ...]``) and on the last axis of rank-2 tensors (``[N, C]``).
+tensor the module receives).
+
+Neurons are the feature axis of the module that produced the tensor (DESIGN §1):
+axis 1 for the channels-first conv family (Conv*, ConvTranspose*, BatchNorm*d,
+InstanceNorm*d, GroupNorm, pooling, LRN, pixel shuffles), the last axis for
+dense and sequence modules (Linear, LayerNorm, Embedding, MultiheadAttention,
+RNN/LSTM/GRU, Transformer layers); elementwise modules (activations, Dropout,
+Identity, padding, Upsample) inherit the axis of the tensor they read, and
+Flatten/Unflatten carry it when they leave it untouched. :func:`attach_hooks`
+follows the tensors of a forward pass with light hooks on every submodule (an
+``_AxisTracker``): which module produced each tensor, and for a tensor made
+by a plain torch function (``x + y``, ``x.squeeze(2)``) the tensor of the same
+shape (up to unit dimensions) that the enclosing module saw last. A tensor read
+by a conv-family module has its neurons on axis 1 (what the module reads as
+channels), one read by a dense module on the last axis. Rank-1 tensors ``[N]``
+are one neuron per sample and rank-2 tensors ``[N, C]`` have their neurons last.
+Where nothing decides, the last axis is taken with a :class:`GuessedAxisWarning`
+naming the ``channel_axes`` override.
 
 On CPU the tensor is handed to the engine as a numpy view (no copy). On any
 other device (CUDA, ...) it is quantized and bit-packed there with torch ops,
@@ -14,13 +30,16 @@ This module imports torch; ``import tensorstate_onnx`` never imports it.
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .capture import AbstractStateCapture
+from .axes import check_override_keys, checked_override, dtype_error, warn_guessed
+from .capture import AbstractStateCapture, batch_instances
 from .errors import OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
@@ -30,12 +49,272 @@ __all__ = ["StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tens
 _HANDLES_ATTR = "_tensorstate_hook_handles"
 # Bit weights 1, 2, ..., 128 per device (built once per device).
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bool)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+# ------------------------------------------------------------------ module kinds
+
+_CHANNELS = "channels"  # neurons on axis 1 of the output (and of what it reads)
+_FEATURES = "features"  # neurons on the last axis
+_ELEMENTWISE = "elementwise"  # the output has the layout of the input
+_FLATTEN, _UNFLATTEN, _PERMUTE = "flatten", "unflatten", "permute"
+_OTHER = "other"  # containers and modules of unknown type: follow the tensors
 
 
-def _channel_axis(rank: int) -> int:
-    """Axis 1 for ``[N, C, ...]`` tensors (rank >= 3), the last axis otherwise."""
-    return 1 if rank >= 3 else rank - 1
+def _classes(namespace, names) -> tuple[type, ...]:
+    found = (getattr(namespace, name, None) for name in names)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
+@functools.cache
+def _kind_classes() -> tuple[tuple[str, tuple[type, ...]], ...]:
+    """(kind, classes) in the order they are tried (a subclass counts as its base)."""
+    nn, modules = torch.nn, torch.nn.modules
+    channels = (
+        _classes(modules.conv, ["_ConvNd"])
+        + _classes(modules.batchnorm, ["_NormBase"])  # BatchNorm*d, InstanceNorm*d, SyncBatchNorm
+        + _classes(modules.pooling, ["_MaxPoolNd", "_AvgPoolNd", "_AdaptiveAvgPoolNd",
+                                     "_AdaptiveMaxPoolNd", "_LPPoolNd", "_MaxUnpoolNd"])
+        + _classes(nn, ["FractionalMaxPool2d", "FractionalMaxPool3d", "GroupNorm",
+                        "LocalResponseNorm", "CrossMapLRN2d", "PixelShuffle", "PixelUnshuffle",
+                        "ChannelShuffle"])
+    )  # fmt: skip
+    features = _classes(
+        nn,
+        ["Linear", "Bilinear", "LayerNorm", "RMSNorm", "Embedding", "EmbeddingBag",
+         "MultiheadAttention", "RNNBase", "RNNCellBase", "Transformer", "TransformerEncoder",
+         "TransformerDecoder", "TransformerEncoderLayer", "TransformerDecoderLayer"],
+    )  # fmt: skip
+    elementwise = tuple(
+        cls
+        for namespace in (modules.activation, modules.dropout, modules.padding)
+        for cls in vars(namespace).values()
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls is not nn.Module
+        and not issubclass(cls, features)
+    ) + _classes(nn, ["Identity", "Upsample"])
+    return (
+        (_FEATURES, features),
+        (_CHANNELS, channels),
+        (_ELEMENTWISE, elementwise),
+        (_FLATTEN, _classes(nn, ["Flatten"])),
+        (_UNFLATTEN, _classes(nn, ["Unflatten"])),
+    )
+
+
+def _module_kind(module: torch.nn.Module) -> str:
+    """How ``module``'s output lays out its neurons (one of the kinds above)."""
+    for kind, classes in _kind_classes():
+        if isinstance(module, classes):
+            return kind
+    # torchvision.ops.misc.Permute (ConvNeXt's NCHW <-> NHWC) and look-alikes.
+    if type(module).__name__ == "Permute" and isinstance(getattr(module, "dims", None), (list, tuple)):
+        return _PERMUTE
+    return _OTHER
+
+
+def _shape_op_axis(kind: str, module, axis: int, rank_in: int, rank_out: int) -> int | None:
+    """Where axis ``axis`` of the input of a Flatten, Unflatten or Permute module lands
+    in its output; ``None`` when the module merges or splits that axis."""
+    if kind == _PERMUTE:
+        dims = [d % rank_in for d in module.dims]
+        return dims.index(axis) if len(dims) == rank_in and axis in dims else None
+    if kind == _FLATTEN:
+        start, end = module.start_dim % rank_in, module.end_dim % rank_in
+        if axis < start:
+            return axis
+        if axis > end:
+            return axis - (end - start)
+        return None if end > start else axis
+    dim = module.dim % rank_in if isinstance(module.dim, int) else None  # Unflatten
+    if dim is None or axis == dim:
+        return None
+    return axis if axis < dim else axis + rank_out - rank_in
+
+
+def _unit_free(shape) -> tuple[list[int], list[int]]:
+    """The dimensions of ``shape`` that are not 1, and their positions."""
+    kept = [k for k, d in enumerate(shape) if d != 1]
+    return [shape[k] for k in kept], kept
+
+
+def _carried_axis(shape, source_shape, source_axis: int) -> int | None:
+    """The axis of a tensor of ``shape`` made from one of ``source_shape`` (axis
+    ``source_axis``) by an elementwise op, a squeeze or an unsqueeze: the same
+    dimensions once the unit ones are dropped. ``None`` when they differ or the
+    neuron axis is itself a unit dimension."""
+    if tuple(shape) == tuple(source_shape):
+        return source_axis
+    dims, positions = _unit_free(shape)
+    source_dims, source_positions = _unit_free(source_shape)
+    if dims != source_dims or source_axis not in source_positions:
+        return None
+    return positions[source_positions.index(source_axis)]
+
+
+class _Frame:
+    """What one module call has seen so far: its input and its children's outputs."""
+
+    __slots__ = ("module", "input_axis", "input_rank", "seen")
+
+    def __init__(self, module, input_axis, input_rank, seen):
+        self.module = module
+        self.input_axis = input_axis
+        self.input_rank = input_rank
+        self.seen = seen  # [(shape, axis)], in the order the tensors appeared
+
+    def match(self, shape) -> int | None:
+        """The axis of the latest seen tensor that ``shape`` carries (same dimensions up
+        to unit ones): a tensor made from it by a plain torch function."""
+        for source_shape, axis in reversed(self.seen):
+            carried = _carried_axis(shape, source_shape, axis)
+            if carried is not None:
+                return carried
+        return None
+
+
+class _AxisTracker:
+    """Follows the tensors of a forward pass to give every tensor its neuron axis:
+    hooks on every submodule of the probed module record which module produced
+    each tensor.
+
+    Entries are keyed by ``id`` and checked through a weak reference, so a stale
+    entry never applies to a new tensor; they are dropped at the start of every
+    pass (the outermost module call). Probes whose axis nothing has decided when they
+    record wait (on a copy of the tensor) for a conv-family or dense module to
+    read that tensor, and take the last axis with a warning if none does before
+    the pass ends.
+    """
+
+    def __init__(self):
+        self._known: dict[int, tuple[weakref.ref, int]] = {}
+        self._frames: list[_Frame] = []
+        self._pending: list[tuple[weakref.ref, torch.Tensor, "StateCaptureHook"]] = []
+
+    def attach(self, module: torch.nn.Module) -> list:
+        """Register the tracking hooks on every submodule; return their handles."""
+        eager_before, eager_after = _disable_compile(self._before), _disable_compile(self._after)
+
+        # Checked before the compile-disabled call, which strict torch.export refuses.
+        def before(module, args, kwargs):
+            return None if _exporting() else eager_before(module, args, kwargs)
+
+        def after(module, args, output):
+            return None if _exporting() else eager_after(module, args, output)
+
+        handles = []
+        for sub in module.modules():
+            handles.append(sub.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
+            handles.append(sub.register_forward_hook(after, prepend=True))
+        return handles
+
+    # ---------------------------------------------------------------- lookups
+
+    def axis_of(self, tensor: torch.Tensor) -> int | None:
+        """The known neuron axis of ``tensor``, else the one it carries from a tensor the
+        current module call saw (see :meth:`_Frame.match`), else ``None``."""
+        entry = self._known.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        if self._frames:
+            return self._frames[-1].match(tensor.shape)
+        return None
+
+    def _remember(self, tensor: torch.Tensor, axis: int) -> None:
+        self._known[id(tensor)] = (weakref.ref(tensor), axis)
+
+    def in_pass(self) -> bool:
+        """Whether a forward pass is running (a module call has not returned yet)."""
+        return bool(self._frames)
+
+    def defer(self, hook: "StateCaptureHook", tensor: torch.Tensor) -> None:
+        """Record ``tensor`` for ``hook`` once a reader decides its axis (or at the end)."""
+        self._pending.append((weakref.ref(tensor), tensor.detach().clone(), hook))
+
+    # ----------------------------------------------------------------- hooks
+
+    def _before(self, module, args, kwargs):
+        if not self._frames:  # a new pass (of the root module, or of a submodule called alone)
+            self._flush()
+            self._known.clear()
+        tensor = _first_tensor(args)
+        if tensor is None:
+            tensor = _first_tensor(kwargs)
+        axis = rank = None
+        if tensor is not None and _is_real_tensor(tensor) and tensor.dim() > 0:
+            rank = tensor.dim()
+            axis = self.axis_of(tensor)
+            kind = _module_kind(module)
+            if axis is None and kind in (_CHANNELS, _FEATURES):
+                # What a conv-family module reads as channels, a dense module as features.
+                axis = _plain_axis(rank) if rank <= 2 else (1 if kind == _CHANNELS else rank - 1)
+                self._resolve(tensor, axis)
+            if axis is not None:
+                self._remember(tensor, axis)
+        seen = [] if axis is None else [(tuple(tensor.shape), axis)]
+        self._frames.append(_Frame(module, axis, rank, seen))
+        return None
+
+    def _after(self, module, args, output):
+        if not self._frames:
+            return None
+        depth = next((k for k in range(len(self._frames) - 1, -1, -1)
+                      if self._frames[k].module is module), None)  # fmt: skip
+        if depth is None:
+            return None
+        frame = self._frames[depth]
+        del self._frames[depth:]
+        tensor = _first_tensor(output)
+        if tensor is not None and _is_real_tensor(tensor) and tensor.dim() > 0:
+            axis = self._output_axis(module, frame, tensor)
+            if axis is not None:
+                self._remember(tensor, axis)
+                if self._frames:
+                    self._frames[-1].seen.append((tuple(tensor.shape), axis))
+        if not self._frames:  # the pass is over: no module will read a waiting tensor now
+            self._flush()
+        return None
+
+    def _output_axis(self, module, frame: _Frame, tensor: torch.Tensor) -> int | None:
+        rank = tensor.dim()
+        kind = _module_kind(module)
+        if kind == _CHANNELS:
+            return _plain_axis(rank) if rank <= 2 else 1
+        if kind == _FEATURES:
+            return _plain_axis(rank)
+        if frame.input_axis is not None and kind == _ELEMENTWISE:
+            if rank == frame.input_rank:
+                return frame.input_axis
+            return frame.input_axis + rank - frame.input_rank if rank > frame.input_rank else None
+        if frame.input_axis is not None and kind in (_FLATTEN, _UNFLATTEN, _PERMUTE):
+            moved = _shape_op_axis(kind, module, frame.input_axis, frame.input_rank, rank)
+            return _plain_axis(rank) if moved is None else moved
+        entry = self._known.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]  # a submodule produced it
+        axis = frame.match(tensor.shape)
+        if axis is None and rank <= 2:
+            return _plain_axis(rank)
+        return axis
+
+    def _resolve(self, tensor: torch.Tensor, axis: int) -> None:
+        """Record the waiting copies of ``tensor`` on ``axis``."""
+        waiting = [entry for entry in self._pending if entry[0]() is tensor]
+        if not waiting:
+            return
+        self._pending = [entry for entry in self._pending if entry[0]() is not tensor]
+        for _, copy, hook in waiting:
+            hook.record_tensor(copy, axis)
+
+    def _flush(self) -> None:
+        """Record every copy still waiting, on the last axis, with a warning."""
+        pending, self._pending = self._pending, []
+        for _, copy, hook in pending:
+            hook.record_guessed(copy)
+
+
+def _plain_axis(rank: int) -> int:
+    """The last axis; for a rank-1 ``[N]`` tensor axis 1 of its ``[N, 1]`` view."""
+    return 1 if rank == 1 else rank - 1
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -100,8 +379,8 @@ def _disable_compile(func):
 
 
 @_disable_compile
-def _record_eagerly(hook: "StateCaptureHook", tensor: torch.Tensor) -> None:
-    hook.record_tensor(tensor)
+def _record_eagerly(hook: "StateCaptureHook", module: torch.nn.Module, tensor: torch.Tensor) -> None:
+    hook.record_from(module, tensor)
 
 
 def _first_tensor(values) -> torch.Tensor | None:
@@ -129,7 +408,13 @@ class StateCaptureHook(AbstractStateCapture):
             records the first tensor input).
         keep_states, overwrite, metadata: see
             :class:`~tensorstate_onnx.capture.AbstractStateCapture`.
+        channel_axis: the neuron axis to use instead of the rule's (an
+            override, checked against each tensor's rank).
 
+    The neuron axis follows the rule of the module docstring; a hook that
+    :func:`attach_hooks` registers also follows the tensors of the forward
+    pass, one registered by hand decides from its module's type alone.
+    ``channel_axis`` is the axis used (``None`` before the first record).
     The hook records the first tensor of the output (or input) structure and
     returns ``None``, so the module's computation is unchanged. It works under
     ``torch.no_grad()`` and ``torch.inference_mode()``, for float16, bfloat16,
@@ -146,6 +431,8 @@ class StateCaptureHook(AbstractStateCapture):
         keep_states: bool = True,
         overwrite: bool = False,
         metadata: dict | None = None,
+        *,
+        channel_axis: int | None = None,
         **kwargs,
     ):
         if method not in ("before", "after"):
@@ -153,6 +440,11 @@ class StateCaptureHook(AbstractStateCapture):
         meta = {"method": method, "framework": "torch", **(metadata or {})}
         super().__init__(name, disk_path, keep_states, overwrite, meta, **kwargs)
         self.method = method
+        #: The caller's neuron axis (``channel_axes``), or ``None`` to follow the rule.
+        self.axis_override = channel_axis
+        #: Whether the neuron axis had to be guessed (the last axis, with a warning).
+        self.axis_guessed = False
+        self._tracker: _AxisTracker | None = None
 
     def __call__(self, module, args, *rest):
         """Forward hook ``(module, args, output)`` / ``(module, args, kwargs, output)``
@@ -167,27 +459,82 @@ class StateCaptureHook(AbstractStateCapture):
                 value = _first_tensor(rest[0])
         tensor = _first_tensor(value)
         if tensor is not None:
-            _record_eagerly(self, tensor)
+            _record_eagerly(self, module, tensor)
         return None
 
+    def record_from(self, module: torch.nn.Module, tensor: torch.Tensor) -> None:
+        """Record the tensor a hook on ``module`` received, on the axis the rule gives
+        (see the module docstring); with no rule, once a reader decides or guessed."""
+        if not self.capture_on or not _is_real_tensor(tensor) or _tracing() or tensor.dim() == 0:
+            return
+        self._check_dtype(tensor)
+        axis = None if self.axis_override is not None else self._rule_axis(module, tensor)
+        if axis is not None or self.axis_override is not None:
+            self.record_tensor(tensor, axis)
+        elif self._tracker is not None and self._tracker.in_pass():
+            self._tracker.defer(self, tensor)
+        else:
+            self.record_guessed(tensor)
+
+    def _rule_axis(self, module: torch.nn.Module, tensor: torch.Tensor) -> int | None:
+        """The neuron axis of ``tensor`` by the rule, or ``None`` if nothing decides it yet."""
+        rank = tensor.dim()
+        if rank <= 2:
+            return _plain_axis(rank)
+        kind = _module_kind(module)
+        if kind == _CHANNELS:  # its output, or what it reads as channels
+            return 1
+        if kind == _FEATURES and self.method == "after":
+            return rank - 1
+        axis = None if self._tracker is None else self._tracker.axis_of(tensor)
+        if axis is None and kind == _FEATURES:  # what a dense module reads as features
+            return rank - 1
+        return axis
+
+    def record_guessed(self, tensor: torch.Tensor) -> None:
+        """Record ``tensor`` on its last axis, warning once that the axis is a guess."""
+        if self.axis_override is None and not self.axis_guessed:
+            self.axis_guessed = True
+            warn_guessed(self.name, tuple(tensor.shape), _plain_axis(tensor.dim()),
+                         "made by a module or torch function of unknown layout")  # fmt: skip
+        self.record_tensor(tensor, _plain_axis(tensor.dim()))
+
+    def _check_dtype(self, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise dtype_error(self.name, str(tensor.dtype).replace("torch.", ""))
+
     def record_tensor(self, tensor: torch.Tensor, channel_axis: int | None = None) -> None:
-        """Record one batch held in a torch tensor (axis 1 for rank >= 3 by default)."""
-        if not self.capture_on or not _is_real_tensor(tensor) or _tracing():
+        """Record one batch held in a float torch tensor with its neurons on ``channel_axis``.
+
+        The probe's ``channel_axes`` override wins. Without either, rank-1 and
+        rank-2 tensors follow the rule (one neuron per sample; the last axis) and
+        larger ones take the last axis with a warning. Integer and bool tensors
+        raise :class:`~tensorstate_onnx.errors.ProbeDtypeError`.
+        """
+        if not self.capture_on or not _is_real_tensor(tensor) or _tracing() or tensor.dim() == 0:
             return
-        if tensor.dim() == 0:
-            return
-        axis = _channel_axis(tensor.dim()) if channel_axis is None else channel_axis % tensor.dim()
+        self._check_dtype(tensor)
+        if self.axis_override is not None:
+            channel_axis = checked_override(self.name, self.axis_override, self.name, tuple(tensor.shape))
+        elif channel_axis is None:
+            if tensor.dim() > 2:
+                self.record_guessed(tensor)
+                return
+            channel_axis = _plain_axis(tensor.dim())
         if tensor.numel() == 0:
             return
+        if tensor.dim() == 1:
+            tensor = tensor.reshape(-1, 1)  # one neuron per sample
+        axis = channel_axis % tensor.dim()
         if tensor.device.type == "cpu":
             data = tensor.detach()
-            if data.dtype not in _NUMPY_DTYPES:  # bfloat16, integers: the firing pattern only
+            if data.dtype not in _NUMPY_DTYPES:  # bfloat16: the firing pattern only
                 data = data > 0
             self.record(data.numpy(), axis)
             return
         packed = pack_tensor(tensor.detach(), axis)
-        instances = tensor.shape[0] if tensor.dim() >= 2 and axis != 0 else 1
-        self.record_packed(packed, tensor.shape[axis], instances)
+        self.channel_axis = axis
+        self.record_packed(packed, tensor.shape[axis], batch_instances(tuple(tensor.shape), axis))
 
 
 # --------------------------------------------------------------------------- attaching
@@ -210,6 +557,7 @@ def attach_hooks(
     *,
     keep_states: bool = True,
     overwrite: bool = False,
+    channel_axes: dict[str, int] | None = None,
 ) -> torch.nn.Module:
     """Register a :class:`StateCaptureHook` on every matching submodule of ``module``.
 
@@ -229,6 +577,10 @@ def attach_hooks(
             (needed for ``states`` and ``counts(index=...)``; counts and
             entropies never need them).
         overwrite: replace existing stores under ``storage_path``.
+        channel_axes: ``{probe name: axis}`` (or ``{module name: axis}`` for both
+            of its probes) overriding the neuron axis the rule gives (see the
+            module docstring); each axis is checked against its tensor's rank
+            when the probe records.
 
     Returns:
         ``module``, with ``module.efficiency_layers``: the hooks in module order
@@ -241,6 +593,9 @@ def attach_hooks(
         ValueError: an invalid ``method``.
         ProbeMatchError: ``attach_to`` matched no module (the message lists the
             module names and classes), or everything matched is excluded.
+        ChannelAxisError: a ``channel_axes`` key names no probe (and, when the
+            probe records, an axis out of range for its tensor).
+        ProbeDtypeError: (when a probe records) its tensor is integer or bool.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
@@ -263,27 +618,33 @@ def attach_hooks(
     if not chosen:
         raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
 
+    overrides = dict(channel_axes or {})
+    labels = [name or type(sub).__name__ for name, sub in chosen]
+    check_override_keys(overrides, [f"{label}:{m}" for label in labels for m in methods], labels)
+
     remove_state_layers(module)
     root = None if storage_path is None else Path(storage_path)
     hooks: list[StateCaptureHook] = []
     handles = []
     used_dirs: set[str] = set()
+    tracker = _AxisTracker()
     try:
-        for name, sub in chosen:
-            label = name or type(sub).__name__
+        for (name, sub), label in zip(chosen, labels):
             for m in methods:
                 capture_name = f"{label}:{m}"
                 disk_path = None if root is None else root / unique_store_dirname(capture_name, used_dirs)
                 metadata = {"module": name, "module_class": type(sub).__name__}
                 hook = StateCaptureHook(
                     capture_name, disk_path, m, keep_states=keep_states, overwrite=overwrite,
-                    metadata=metadata,
+                    metadata=metadata, channel_axis=overrides.get(capture_name, overrides.get(label)),
                 )
+                hook._tracker = tracker
                 if m == "before":
                     handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
                 else:
                     handles.append(sub.register_forward_hook(hook))
                 hooks.append(hook)
+        handles.extend(tracker.attach(module))
     except BaseException:
         for handle in handles:
             handle.remove()

@@ -252,3 +252,64 @@ def test_state_capture_layer_standalone():
     assert _pairs(layer) == _reference(x)
     clone = StateCapture.from_config(layer.get_config())
     assert clone.name == "probe" and clone.state_count == 0 and clone.channel_axis == -1
+
+
+# --------------------------------------------------------------------------- neuron axes
+
+
+def _numpy_counts(x, axis):
+    """An independent count: ``x > 0`` moved channels-last, bit-packed, unique rows."""
+    x = np.asarray(x)
+    last = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    rows, counts = np.unique(np.packbits(last > 0, axis=-1, bitorder="little"), axis=0, return_counts=True)
+    return sorted(zip((row.tobytes() for row in rows), counts.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def sequence_model():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((4, 6), name="seq")
+    hidden = keras.layers.Dense(5, activation="relu", name="dense1")(inputs)
+    outputs = keras.layers.Dense(3, name="dense2")(keras.layers.Flatten(name="flat")(hidden))
+    return keras.Model(inputs, outputs)
+
+
+def test_channel_axes_override_on_keras_layers(sequence_model):
+    x = np.random.default_rng(2).normal(size=(10, 4, 6)).astype(np.float32)
+    probed = build_efficiency_model(
+        sequence_model, ["dense1", "dense2"], method="both", channel_axes={"dense1:after": 1, "dense2": 0}
+    )
+    probed.predict(x, verbose=0)
+    axes = {c.name: (c.channel_axis, c.n_neurons, c.state_count) for c in probed.efficiency_layers}
+    assert axes == {
+        "dense1_pre_states": (2, 6, 40), "dense1_states": (1, 4, 50),
+        "dense2_pre_states": (0, 10, 20), "dense2_states": (0, 10, 3),
+    }  # fmt: skip
+    hidden = _layer_values(sequence_model, "dense1", x)
+    assert _pairs(probed.efficiency_layers[1]) == _numpy_counts(hidden, 1)
+
+
+def test_channel_axes_errors_on_keras(sequence_model):
+    from tensorstate_onnx import ChannelAxisError
+    from tensorstate_onnx.errors import OptionTypeError
+
+    with pytest.raises(ChannelAxisError, match=r"name no probe.*dense1_states"):
+        build_efficiency_model(sequence_model, ["dense1"], channel_axes={"dense3": 1})
+    with pytest.raises(ChannelAxisError, match=r"-3 to 2"):
+        build_efficiency_model(sequence_model, ["dense1"], channel_axes={"dense1": 3})
+    with pytest.raises(OptionTypeError, match="int"):
+        build_efficiency_model(sequence_model, ["dense1"], channel_axes={"dense1": 1.5})
+
+
+def test_keras_integer_inputs_are_refused():
+    from tensorstate_onnx import ProbeDtypeError
+
+    inputs = keras.Input((5,), dtype="int32", name="ids")
+    embedded = keras.layers.Embedding(11, 4, name="emb")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(embedded))
+    with pytest.raises(ProbeDtypeError, match=r"'emb:before'.*int32.*float"):
+        build_efficiency_model(model, ["emb"], method="before")
+    probed = build_efficiency_model(model, ["emb"])
+    probed.predict(np.random.default_rng(3).integers(0, 11, size=(6, 5)), verbose=0)
+    capture = probed.efficiency_layers[0]
+    assert (capture.channel_axis, capture.n_neurons, capture.state_count) == (2, 4, 30)

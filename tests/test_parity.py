@@ -10,6 +10,7 @@ states; the fraction is computed, printed and asserted.
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -104,6 +105,157 @@ def test_torch_hooks_match_onnx_path(torch, arch, dynamo):
         assert set(probes) == set(hooks)
         what = f"torch {arch} {'dynamo' if dynamo else 'legacy'} {method}"
         assert _assert_parity([(hooks[name], probes[name]) for name in hooks], what) < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+def _sequence_model(torch, arch: str):
+    """A small torch.nn sequence model, its input batch and the modules to probe."""
+    from collections import OrderedDict
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    if arch == "linear":  # nn.Linear(8, 16) on (N, 5, 8): 16 neurons, N*5 states
+        model = nn.Sequential(OrderedDict(fc=nn.Linear(8, 16), act=nn.ReLU(), out=nn.Linear(16, 3)))
+        return model, torch.randn(24, 5, 8, generator=gen), ["fc", "act", "out"]
+    if arch in ("lstm", "gru"):
+
+        class Recurrent(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = (nn.LSTM if arch == "lstm" else nn.GRU)(5, 7, batch_first=True)
+                self.fc = nn.Linear(7, 3)
+
+            def forward(self, x):
+                return self.fc(self.rnn(x)[0])
+
+        return Recurrent(), torch.randn(24, 6, 5, generator=gen), ["rnn", "fc"]
+    if arch == "transformer":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        return layer, torch.randn(24, 5, 8, generator=gen), ["self_attn", "linear1", "linear2", "norm1", "norm2"]
+    model = nn.Sequential(OrderedDict(emb=nn.Embedding(11, 6), fc=nn.Linear(6, 4)))
+    return model, torch.randint(0, 11, (24, 5), generator=gen), ["emb", "fc"]
+
+
+@pytest.mark.parametrize("arch", ["linear", "lstm", "gru", "transformer", "embedding"])
+def test_torch_sequence_modules_match_onnx_path(torch, arch):
+    """Dense and sequence modules on (N, L, D) tensors: the neurons are the features
+    (last axis) on both paths, one state per token or time step."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model, x, attach_to = _sequence_model(torch, arch)
+    model.eval()
+    exported = from_torch(model, x[:2])
+    onnx_model = OnnxEfficiencyModel(exported, attach_to, providers="cpu", keep_states=True)
+    outputs = onnx_model.predict(x.numpy(), batch_size=12)
+    attach_hooks(model, attach_to)
+    # Grad on: nn.TransformerEncoderLayer takes its fused fast path (no submodule
+    # calls, so no hooks) under no_grad.
+    expected = torch.cat([model(part) for part in x.split(12)]).detach()
+    np.testing.assert_allclose(outputs, expected.numpy(), atol=1e-4)
+    hooks = {hook.name: hook for hook in model.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    assert set(probes) == set(hooks) == {f"{name}:after" for name in attach_to}
+    tokens = x.shape[0] * x.shape[1]
+    for name, hook in hooks.items():
+        assert hook.channel_axis == probes[name].channel_axis == 2, name
+        assert hook.state_count == probes[name].state_count == tokens, name
+    assert _assert_parity([(hooks[name], probes[name]) for name in hooks], f"torch {arch}") < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_root_module_and_framework_names_on_both_paths(torch, arch):
+    """A bare nn.TransformerEncoderLayer is probed by its class on the ONNX path too
+    (the root module is a scope), and "LSTM" names the module, not also the raw LSTM
+    op output: the same probes, the same states."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model, x, _ = _sequence_model(torch, arch)
+    model.eval()
+    attach_to = ["TransformerEncoderLayer", "norm1"] if arch == "transformer" else ["LSTM"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guessed axis, no op type left out
+        onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2]), attach_to, method="both", providers="cpu",
+                                         keep_states=True)  # fmt: skip
+    onnx_model.predict(x.numpy(), batch_size=12)
+    attach_hooks(model, attach_to, method="both")
+    for part in x.split(12):
+        model(part)
+    hooks = {hook.name: hook for hook in model.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    expected = (
+        {"TransformerEncoderLayer:before", "TransformerEncoderLayer:after", "norm1:before", "norm1:after"}
+        if arch == "transformer" else {"rnn:before", "rnn:after"}
+    )  # fmt: skip
+    assert set(probes) == set(hooks) == expected
+    assert _assert_parity([(hooks[name], probes[name]) for name in hooks], f"torch {arch} root") < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_a_module_called_twice_records_every_call_on_both_paths(torch, dynamo):
+    """torchvision's BasicBlock calls its one ReLU twice per forward: natively its hooks
+    record both calls, and so does the ONNX probe (it watched only the last call)."""
+    # The checkout's exporter (tensorstate_onnx.converters is this same package once
+    # installed).
+    from converters.torch_export import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + x)
+
+    from models.torch_models import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(BasicBlock().eval())
+    x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2], dynamo=dynamo), ["relu"], method="both",
+                                     providers="cpu", keep_states=True)  # fmt: skip
+    assert [(p.name, len(p.each_call())) for p in onnx_model.probes] == [("relu:before", 2), ("relu:after", 2)]
+    onnx_model.predict(x.numpy(), batch_size=4)
+    attach_hooks(model, ["relu"], method="both")
+    with torch.no_grad():
+        for part in x.split(4):
+            model(part)
+    pairs = list(zip(model.efficiency_layers, onnx_model.efficiency_layers, strict=True))
+    assert [(a.name, a.state_count) for a, _ in pairs] == [(b.name, b.state_count) for _, b in pairs] == [
+        ("relu:before", 2 * 10 * 36), ("relu:after", 2 * 10 * 36),
+    ]  # fmt: skip
+    assert _assert_parity(pairs, f"torch BasicBlock relu {'dynamo' if dynamo else 'legacy'}") < MAX_FLIPPED
+    remove_state_layers(model)
+
+
+def test_integer_inputs_are_refused_on_both_paths(torch):
+    """method="before" on an Embedding reads int64 ids: the same typed error natively
+    and on the ONNX path."""
+    from tensorstate_onnx import ProbeDtypeError
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model, x, _ = _sequence_model(torch, "embedding")
+    with pytest.raises(ProbeDtypeError, match=r"'emb:before'.*int64.*float") as onnx_error:
+        OnnxEfficiencyModel(from_torch(model, x[:2]), ["emb"], method="before", providers="cpu")
+    attach_hooks(model, ["emb"], method="before")
+    with pytest.raises(ProbeDtypeError, match=r"'emb:before'.*int64.*float") as native_error:
+        model(x)
+    assert str(onnx_error.value) == str(native_error.value)
     remove_state_layers(model)
 
 

@@ -51,8 +51,8 @@ def report(tiny) -> AnalysisReport:
 
 def test_summary_values(report):
     assert report.layers == [
-        LayerSummary("relu:after", "relu", 4, 8, 4, pytest.approx(1.75), pytest.approx(RELU_EFF)),
-        LayerSummary("neg:after", "neg", 4, 8, 3, pytest.approx(1.5), pytest.approx(NEG_EFF)),
+        LayerSummary("relu:after", "relu", 4, 8, 4, pytest.approx(1.75), pytest.approx(RELU_EFF), 1),
+        LayerSummary("neg:after", "neg", 4, 8, 3, pytest.approx(1.5), pytest.approx(NEG_EFF), 1),
     ]
     assert report.network_efficiency == pytest.approx(NET)
     assert report.accuracy == ACCURACY
@@ -82,7 +82,7 @@ def test_json(report, tmp_path):
     assert [layer["name"] for layer in data["layers"]] == ["relu:after", "neg:after"]
     assert data["layers"][0] == {
         "name": "relu:after", "node": "relu", "neurons": 4, "states": 8, "distinct_states": 4,
-        "entropy": pytest.approx(1.75), "efficiency": pytest.approx(RELU_EFF),
+        "entropy": pytest.approx(1.75), "efficiency": pytest.approx(RELU_EFF), "channel_axis": 1,
     }  # fmt: skip
     assert data["layers"][1]["efficiency"] == pytest.approx(NEG_EFF)
     assert data["network_efficiency"] == pytest.approx(NET)
@@ -98,9 +98,10 @@ def test_csv(report, tmp_path):
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == [
-        "name", "node", "neurons", "states", "distinct_states", "entropy", "efficiency",
+        "name", "node", "neurons", "states", "distinct_states", "entropy", "efficiency", "channel_axis",
         "network_efficiency", "accuracy", "aiq",
     ]  # fmt: skip
+    assert [int(r["channel_axis"]) for r in rows] == [1, 1]
     assert [(r["name"], r["node"], int(r["neurons"]), int(r["states"]), int(r["distinct_states"])) for r in rows] == [
         ("relu:after", "relu", 4, 8, 4),
         ("neg:after", "neg", 4, 8, 3),

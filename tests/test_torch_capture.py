@@ -10,7 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tensorstate_onnx import (  # noqa: E402
+    ChannelAxisError,
+    GuessedAxisWarning,
     NoStatesError,
+    ProbeDtypeError,
     ProbeMatchError,
     StorageExistsError,
     build_efficiency_model,
@@ -18,6 +21,7 @@ from tensorstate_onnx import (  # noqa: E402
     reset_efficiency_model,
 )
 from tensorstate_onnx.engine import pack  # noqa: E402
+from tensorstate_onnx.errors import OptionTypeError  # noqa: E402
 from models.torch_models import LeNet5, MobileNetV2Small  # noqa: E402
 from tensorstate_onnx.store import StateStore  # noqa: E402
 from tensorstate_onnx.torch_capture import (  # noqa: E402
@@ -286,3 +290,276 @@ def test_standalone_hook_and_capture_switch():
 def test_remove_state_layers_refuses_what_is_not_a_module(not_a_module):
     with pytest.raises(TypeError, match=f"remove_state_layers takes a torch.nn.Module, not {type(not_a_module).__name__}"):
         remove_state_layers(not_a_module)
+
+
+# --------------------------------------------------------------------------- neuron axes
+
+
+def _numpy_counts(x: np.ndarray, axis: int):
+    """An independent count: ``x > 0`` moved channels-last, bit-packed, unique rows."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x, axis = x[:, None], 1
+    last = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    rows, counts = np.unique(np.packbits(last > 0, axis=-1, bitorder="little"), axis=0, return_counts=True)
+    return sorted(zip((row.tobytes() for row in rows), counts.tolist(), strict=True))
+
+
+def _run_collecting(model, x, names, before=False):
+    """Run ``model`` on ``x`` with grad on; return what the named submodules saw, by name."""
+    seen = {}
+    handles = []
+    for name in names:
+        sub = model.get_submodule(name)
+        if before:
+            handles.append(sub.register_forward_pre_hook(
+                lambda m, a, n=name: seen.setdefault(n, []).append(a[0].detach().clone())))
+        else:
+            handles.append(sub.register_forward_hook(
+                lambda m, a, o, n=name: seen.setdefault(n, []).append(_first(o).detach().clone())))
+    captures = getattr(model, "efficiency_layers", [])
+    for capture in captures:
+        capture.capture_on = False
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for capture in captures:
+            capture.capture_on = True
+    return {n: torch.cat(v).numpy() for n, v in seen.items()}
+
+
+def _first(value):
+    return value if isinstance(value, torch.Tensor) else _first(value[0])
+
+
+def test_linear_on_a_sequence_has_its_neurons_last():
+    """nn.Linear(8, 16) on (2, 5, 8): 16 neurons, one state per token (was 5 / 32)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 16)
+    attach_hooks(linear, ["Linear"], method="both")
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        y = linear(x)
+    before, after = linear.efficiency_layers
+    assert (before.n_neurons, before.state_count, before.channel_axis) == (8, 10, 2)
+    assert (after.n_neurons, after.state_count, after.channel_axis) == (16, 10, 2)
+    assert after.states_per_instance == 5
+    assert _pairs(after) == _numpy_counts(y.numpy(), 2)
+    assert _pairs(before) == _numpy_counts(x.numpy(), 2)
+    remove_state_layers(linear)
+
+
+class _Mixed(torch.nn.Module):
+    """Conv1d -> GELU -> (transpose) -> LayerNorm -> Linear -> Dropout, a residual ReLU,
+    a Flatten and a squeezed head: one of each way a module's axis is decided."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 6, 3)
+        self.act = torch.nn.GELU()
+        self.norm = torch.nn.LayerNorm(6)
+        self.fc = torch.nn.Linear(6, 5)
+        self.drop = torch.nn.Dropout(0.5)
+        self.relu = torch.nn.ReLU()
+        self.flat = torch.nn.Flatten()
+        self.head = torch.nn.Linear(35, 1)
+        self.out = torch.nn.Tanh()
+
+    def forward(self, x):
+        y = self.act(self.conv(x))  # (N, 6, 7): channels on axis 1
+        z = self.drop(self.fc(self.norm(y.transpose(1, 2))))  # (N, 7, 5): features last
+        z = self.relu(z + z.flip(1))  # a residual sum read by a module: the same layout
+        score = self.head(self.flat(z)).squeeze(-1)  # (N,): one neuron per sample
+        return self.out(score)
+
+
+def test_each_module_kind_gets_the_axis_of_the_rule():
+    torch.manual_seed(1)
+    model = _Mixed().eval()
+    names = ["conv", "act", "norm", "fc", "drop", "relu", "flat", "head", "out"]
+    attach_hooks(model, names, method="both")
+    x = torch.randn(6, 4, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is guessed
+        model(x)
+    hooks = {h.name: h for h in model.efficiency_layers}
+    axes = {name: hooks[name].channel_axis for name in hooks}
+    assert axes == {
+        "conv:before": 1, "conv:after": 1, "act:before": 1, "act:after": 1,
+        "norm:before": 2, "norm:after": 2, "fc:before": 2, "fc:after": 2,
+        "drop:before": 2, "drop:after": 2, "relu:before": 2, "relu:after": 2,
+        "flat:before": 2, "flat:after": 1, "head:before": 1, "head:after": 1,
+        "out:before": 1, "out:after": 1,
+    }  # fmt: skip
+    assert hooks["out:after"].n_neurons == 1 and hooks["out:after"].state_count == 6
+    after = _run_collecting(model, x, names)
+    before = _run_collecting(model, x, names, before=True)
+    for name in names:
+        for method, seen in (("after", after), ("before", before)):
+            hook = hooks[f"{name}:{method}"]
+            assert _pairs(hook) == _numpy_counts(seen[name], hook.channel_axis), hook.name
+    remove_state_layers(model)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_recurrent_outputs_are_the_sequence_features(cell):
+    torch.manual_seed(2)
+    rnn = getattr(torch.nn, cell)(5, 7, batch_first=True)
+    model = torch.nn.Sequential()
+    model.add_module("rnn", rnn)
+    attach_hooks(model, ["rnn"])
+    x = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        output = rnn(x)[0]
+        reset_efficiency_model(model)
+        model(x)
+    hook = model.efficiency_layers[0]
+    assert (hook.n_neurons, hook.state_count, hook.channel_axis) == (7, 12, 2)
+    assert _pairs(hook) == _numpy_counts(output.numpy(), 2)
+    remove_state_layers(model)
+
+
+def test_rank_one_outputs_are_one_neuron_per_sample():
+    """Counts of a (N,) tensor do not depend on the batch size; an uneven last batch works."""
+    torch.manual_seed(3)
+    model = _Mixed().eval()
+    x = torch.randn(7, 4, 9)
+    results = []
+    for sizes in ([7], [3, 3, 1], [2, 5]):
+        attach_hooks(model, ["out"])
+        with torch.no_grad():
+            for part in x.split(sizes):
+                model(part)
+        hook = model.efficiency_layers[0]
+        results.append((hook.n_neurons, hook.state_count, _pairs(hook)))
+    assert results[0][:2] == (1, 7)
+    assert results[0] == results[1] == results[2]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert results[0][2] == _numpy_counts(expected, 0)
+    remove_state_layers(model)
+
+
+def test_a_module_input_read_by_a_conv_is_channels_first():
+    """The root's input has no producer; the Conv2d that reads it decides (axis 1)."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Conv2d(3, 4, 3))
+    attach_hooks(model, ["Sequential", "0"], method="before")
+    x = torch.randn(2, 3, 5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+    assert [(h.name, h.channel_axis, h.n_neurons, h.state_count) for h in model.efficiency_layers] == [
+        ("Sequential:before", 1, 3, 60), ("0:before", 1, 3, 60),
+    ]  # fmt: skip
+    assert _pairs(model.efficiency_layers[0]) == _numpy_counts(x.numpy(), 1)
+    remove_state_layers(model)
+
+
+class _Reshaper(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 4, -1)
+
+
+def test_a_guessed_axis_warns_and_names_the_override():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), _Reshaper(), torch.nn.ReLU())
+    attach_hooks(model, ["2"])
+    x = torch.randn(5, 3)
+    with pytest.warns(GuessedAxisWarning, match=r"channel_axes=\{'2:after': <axis>\}"):
+        model(x)
+    hook = model.efficiency_layers[0]
+    assert (hook.channel_axis, hook.n_neurons, hook.state_count, hook.axis_guessed) == (2, 2, 20, True)
+    attach_hooks(model, ["2"], channel_axes={"2:after": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            y = model(x)
+    hook = model.efficiency_layers[0]
+    assert (hook.channel_axis, hook.n_neurons, hook.state_count, hook.axis_guessed) == (1, 4, 10, False)
+    assert _pairs(hook) == _numpy_counts(y.numpy(), 1)
+    remove_state_layers(model)
+
+
+def test_channel_axes_override_keys_and_ranges():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    x = torch.randn(2, 3, 5, 5)
+    attach_hooks(model, ["Conv2d", "ReLU"], method="both", channel_axes={"0": -1, "1:after": 2})
+    with torch.no_grad():
+        model(x)
+    assert [(h.name, h.channel_axis, h.n_neurons) for h in model.efficiency_layers] == [
+        ("0:before", 3, 5), ("0:after", 3, 3), ("1:before", 1, 4), ("1:after", 2, 3),
+    ]  # fmt: skip
+    with pytest.raises(ChannelAxisError, match=r"name no probe.*0:after") as info:
+        attach_hooks(model, ["Conv2d"], channel_axes={"conv1": 1})
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(OptionTypeError, match="int"):
+        attach_hooks(model, ["Conv2d"], channel_axes={"0:after": "1"})
+    attach_hooks(model, ["Conv2d"], channel_axes={"0:after": 4})
+    with pytest.raises(ChannelAxisError, match=r"-4 to 3"):
+        model(x)
+    remove_state_layers(model)
+
+
+def test_integer_tensors_are_refused():
+    """An Embedding reads int64 ids: its 'before' probe is refused, its output recorded."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 4))
+    ids = torch.randint(0, 11, (3, 5))
+    attach_hooks(model, ["0"], method="before")
+    with pytest.raises(ProbeDtypeError, match=r"'0:before'.*int64.*float"):
+        model(ids)
+    attach_hooks(model, ["0"])
+    with torch.no_grad():
+        model(ids)
+    hook = model.efficiency_layers[0]
+    assert (hook.n_neurons, hook.state_count, hook.channel_axis) == (6, 15, 2)
+    hook = StateCaptureHook("mask")
+    with pytest.raises(ProbeDtypeError, match="bool"):
+        hook.record_tensor(torch.ones(2, 3, dtype=torch.bool))
+    remove_state_layers(model)
+
+
+class Permute(torch.nn.Module):
+    """Like torchvision.ops.misc.Permute (ConvNeXt's NCHW <-> NHWC)."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+def test_permute_modules_carry_the_axis():
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 1), Permute([0, 2, 3, 1]), torch.nn.LayerNorm(6), torch.nn.GELU(),
+        Permute([0, 3, 1, 2]), torch.nn.Identity(),
+    )  # fmt: skip
+    attach_hooks(model, ["1", "3", "4", "5"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(torch.randn(2, 3, 4, 5))
+    assert [(h.name, h.channel_axis, h.n_neurons) for h in model.efficiency_layers] == [
+        ("1:after", 3, 6), ("3:after", 3, 6), ("4:after", 1, 6), ("5:after", 1, 6),
+    ]  # fmt: skip
+    remove_state_layers(model)
+
+
+def test_build_efficiency_model_takes_channel_axes_natively():
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    built = build_efficiency_model(model, ["Linear"], channel_axes={"0:after": 1})
+    with torch.no_grad():
+        y = model(torch.randn(2, 5, 8))
+    hook = built.efficiency_layers[0]
+    assert (hook.channel_axis, hook.n_neurons, hook.state_count) == (1, 5, 32)
+    assert _pairs(hook) == _numpy_counts(y.numpy(), 1)
+    with pytest.raises(ChannelAxisError):
+        build_efficiency_model(model, ["Linear"], channel_axes={"Linear": 1})
+    remove_state_layers(model)

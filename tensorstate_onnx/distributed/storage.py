@@ -67,8 +67,16 @@ class _RegionWriter:
 
 
 def _states_per_instance(probe: Probe) -> int | None:
-    """States one sample gives ``probe`` (its positions besides batch and channel), or None if not static."""
+    """States one sample gives ``probe`` (its positions besides batch and channel, summed
+    over the calls of a module that runs several times), or None if not static."""
+    per = [_call_states_per_instance(call) for call in probe.each_call()]
+    return None if None in per else sum(per)
+
+
+def _call_states_per_instance(probe: Probe) -> int | None:
     shape = probe.shape
+    if shape is not None and len(shape) == 1:
+        return 1  # [N]: one neuron per sample
     if shape is None or len(shape) < 2 or probe.channel_axis % len(shape) == 0:
         return None
     axis = probe.channel_axis % len(shape)

@@ -85,6 +85,8 @@ class Editor:
     def _expose_packed(self, source: str, tensor_type: onnx.TypeProto, axis: int) -> str:
         """Add the packing ops for ``source`` and their uint8 graph output; return its name."""
         shape = shape_of(tensor_type)
+        if len(shape) == 1:  # [N]: one neuron per sample; the Reshape in pack() makes it [N, 1]
+            shape, axis = (shape[0], 1), 1
         n_neurons = shape[axis]
         packed = self.pack(source, elem_type_of(tensor_type), len(shape), axis, n_neurons)
         others = [d for k, d in enumerate(shape) if k != axis]

@@ -17,10 +17,8 @@ from .io import elem_type_of, shape_of
 
 __all__ = ["GraphIndex", "build_index", "fresh_name", "node_names"]
 
-#: Element types a probe can watch (what the packing engine accepts).
-_PROBE_DTYPES = frozenset(
-    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BOOL}
-)
+#: Element types a probe can watch: floats (integer ids and bool masks are refused).
+_PROBE_DTYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 
 @dataclass
@@ -41,14 +39,18 @@ class GraphIndex:
         shape = shape_of(self.types.get(tensor))
         return None if shape is None else len(shape)
 
+    def is_data(self, tensor: str) -> bool:
+        """Whether ``tensor`` is data (not constant) of known rank >= 1, of any element type."""
+        return bool(tensor) and tensor not in self.constants and bool(self.rank(tensor))
+
     def probeable(self, tensor: str) -> bool:
-        """Whether ``tensor`` is data (not constant) of a watchable dtype and known rank >= 1."""
-        return (
-            bool(tensor)
-            and tensor not in self.constants
-            and elem_type_of(self.types.get(tensor)) in _PROBE_DTYPES
-            and bool(self.rank(tensor))
-        )
+        """Whether ``tensor`` is data (not constant) of a float type and known rank >= 1."""
+        return self.is_data(tensor) and elem_type_of(self.types.get(tensor)) in _PROBE_DTYPES
+
+    def dtype_name(self, tensor: str) -> str:
+        """The element type of ``tensor`` in lower case (``"int64"``), or ``"unknown"``."""
+        elem = elem_type_of(self.types.get(tensor))
+        return TensorProto.DataType.Name(elem).lower() if elem else "unknown"
 
     def position(self, tensor: str) -> tuple[int, int]:
         """Topological position of ``tensor``: (producing node index, output index)."""

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
+from ..axes import check_override_keys, checked_override, dtype_error, warn_guessed
 from ..errors import ModelFileError, OptionError, ProbeMatchError, first_line
-from ..patterns import as_patterns, preview, probe_methods
+from ..patterns import as_patterns, probe_methods
 from .editor import MIN_PACK_OPSET, Editor, all_names, default_opset
-from .index import GraphIndex, build_index, node_names
+from .index import GraphIndex, build_index
 from .io import check_model, infer_types, load_model, shape_of
-from .layout import infer_channel_axes, is_channels_last, override_axis
+from .layout import AXIS1_OPS, Layout, infer_channel_axes, is_channels_last
 from .scopes import (
     Matcher,
     Scope,
@@ -31,6 +32,7 @@ from .scopes import (
     framework_scopes,
     scopes_per_node,
     select_scopes,
+    split_calls,
 )
 
 __all__ = ["Probe", "add_probes", "list_nodes"]
@@ -43,7 +45,14 @@ class Probe:
     ``output_name`` is the graph output that carries the tensor (or, when
     ``packed_in_graph``, its quantized and bit-packed bytes of shape
     ``(n_states, ceil(n_neurons / 8))``). ``shape`` is the probed tensor's own
-    inferred shape, ``None`` for unknown or dynamic dimensions.
+    inferred shape, ``None`` for unknown or dynamic dimensions. ``channel_axis``
+    is the neuron axis (1 for a rank-1 tensor: one neuron per sample, the
+    ``[N, 1]`` view); ``axis_guessed`` says no rule gave it (a warning was issued).
+
+    A PyTorch module called several times in one forward pass is one probe that
+    records every call: ``calls`` holds a Probe (same name) for each call after
+    the first, whose tensors are recorded after this one's, batch by batch
+    (:meth:`each_call` gives them all).
     """
 
     name: str
@@ -57,6 +66,12 @@ class Probe:
     shape: tuple
     n_neurons: int | None
     packed_in_graph: bool
+    axis_guessed: bool = False
+    calls: tuple["Probe", ...] = ()
+
+    def each_call(self) -> tuple["Probe", ...]:
+        """This probe and the probes of its later calls, in call order."""
+        return (self, *self.calls)
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ class _Candidate:
     label: str
     method: str
     node: int
+    group: int | None = None  # candidates of one group are the calls of one module
 
 
 def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
@@ -74,13 +90,18 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
 
     Each entry has ``name`` (generated ``<op_type>_<index>`` for unnamed nodes),
     ``op_type``, ``labels`` (framework module/layer names containing the node,
-    outermost first), ``inputs``, ``outputs`` and ``output_shapes`` (tuples with
-    None for unknown dims, or None where even the rank is unknown).
+    outermost first), ``inputs``, ``outputs``, ``output_shapes`` (tuples with
+    None for unknown dims, or None where even the rank is unknown),
+    ``channel_axes`` (the neuron axis of each output a probe could watch, None
+    for constants and tensors that are not float or of unknown rank) and
+    ``axes_guessed`` (whether that axis is a guess).
     """
     model = load_model(model)
     types = infer_types(model)
-    names = node_names(model.graph)
+    index = build_index(model.graph, types)
+    names = index.names
     per_node = scopes_per_node(len(names), framework_scopes(model.graph))
+    layout = infer_channel_axes(index, is_channels_last(model))
     return [
         {
             "name": names[i],
@@ -89,6 +110,8 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
             "inputs": list(node.input),
             "outputs": list(node.output),
             "output_shapes": [shape_of(types.get(out)) for out in node.output],
+            "channel_axes": [layout.axes.get(out) if index.probeable(out) else None for out in node.output],
+            "axes_guessed": [index.probeable(out) and out in layout.guessed for out in node.output],
         }
         for i, node in enumerate(model.graph.node)
     ]
@@ -108,14 +131,19 @@ def add_probes(
     wildcards) for ONNX op types, node names, PyTorch module names or classes and
     Keras layer names; a framework name stands for all nodes of that module or
     layer. ``exclude`` wins. ``method`` picks the tensor entering (``"before"``),
-    leaving (``"after"``) each match, or both. ``channel_axes`` overrides the
-    inferred neuron axis, keyed by probe name, label or tensor name. With
+    leaving (``"after"``) each match, or both. Each probe's neuron axis follows
+    :mod:`~tensorstate_onnx.graph.layout`; ``channel_axes`` overrides it, keyed by
+    probe name, label or tensor name. With
     ``pack_in_graph`` the graph itself quantizes (``> 0``) and bit-packs each probe
     so only ``uint8[n_states, ceil(C/8)]`` leaves the session.
 
     The original outputs come first and are unchanged; the caller's model is not
-    modified. Raises ProbeMatchError when nothing matches, ValueError for a bad
-    method, axis or packing request.
+    modified. Raises ProbeMatchError when nothing matches, ProbeDtypeError when a
+    named layer or node would be probed on an integer or bool tensor (tensors of
+    ops matched by op type are skipped when they are not float), ChannelAxisError
+    for an override naming no probe or an axis out of range, ValueError for a bad
+    method or packing request. A probe whose axis is a guess warns
+    (GuessedAxisWarning).
     """
     probe_methods(method)
     patterns = as_patterns(attach_to, "attach_to")
@@ -132,11 +160,13 @@ def add_probes(
         node.name = name
     scopes = framework_scopes(work.graph)
     matcher = Matcher(index, scopes, scopes_per_node(len(index.names), scopes))
-    candidates = _candidates(select_scopes(matcher, patterns, excluded), method, index)
+    candidates, skipped = _candidates(select_scopes(matcher, patterns, excluded), method, index)
+    if not candidates and skipped:
+        raise dtype_error(skipped[0][0], index.dtype_name(skipped[0][1]))
     if not candidates:
         raise ProbeMatchError(
-            f"attach_to {patterns} matched only constants or tensors that are not "
-            "float/bool or have no inferred shape; nothing to probe"
+            f"attach_to {patterns} matched only constants or tensors that have no "
+            "inferred shape; nothing to probe"
         )
     probes = _make_probes(work, index, candidates, dict(channel_axes or {}), pack_in_graph)
     check_model(work)
@@ -163,24 +193,41 @@ def _copy_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return work
 
 
-def _candidates(scopes: list[Scope], method: str, index: GraphIndex) -> list[_Candidate]:
+def _candidates(
+    scopes: list[Scope], method: str, index: GraphIndex
+) -> tuple[list[_Candidate], list[tuple[str, str]]]:
     """One candidate per distinct (tensor, scope label, method), in topological order
-    of the tensors.
+    of the tensors, and the (probe label, tensor) of op-type matches skipped because
+    their tensor is not float.
 
     A tensor leaving one scope and entering the next (Conv -> Conv) is a candidate
     of each, as the native front ends record ``conv1:after`` and ``conv2:before``;
-    a scope matched by several patterns is one candidate.
+    a scope matched by several patterns is one candidate. A layer or node named
+    by the caller whose tensor is integer or bool raises ProbeDtypeError.
     """
     methods = probe_methods(method)
     finders = {"before": before_tensor, "after": after_tensor}
     found: dict[tuple[str, str, str], _Candidate] = {}
-    for scope in scopes:
-        for m in methods:
-            hit = finders[m](scope, index)
-            if hit is not None:
+    skipped: list[tuple[str, str]] = []
+    for group, scope in enumerate(scopes):
+        calls = split_calls(scope, index)
+        for call in calls:
+            for m in methods:
+                hit = finders[m](call, index)
+                if hit is None:
+                    continue
                 node, tensor = hit
-                found.setdefault((tensor, scope.label, m), _Candidate(tensor, scope.label, m, node))
-    return sorted(found.values(), key=lambda c: (index.position(c.tensor), c.method))
+                if not index.probeable(tensor):
+                    if scope.kind != "op":
+                        raise dtype_error(f"{scope.label}:{m}", index.dtype_name(tensor))
+                    skipped.append((f"{scope.label}:{m}", tensor))
+                    continue
+                found.setdefault(
+                    (tensor, scope.label, m),
+                    _Candidate(tensor, scope.label, m, node, group if len(calls) > 1 else None),
+                )
+    ordered = sorted(found.values(), key=lambda c: (index.position(c.tensor), c.method))
+    return ordered, skipped
 
 
 def _unique_probe_names(candidates: list[_Candidate]) -> list[str]:
@@ -207,38 +254,70 @@ def _make_probes(
     Each tensor becomes one graph output, shared by every probe that watches it
     (packed outputs are shared by probes with the same channel axis).
     """
-    axes = infer_channel_axes(index, is_channels_last(model))
+    layout = infer_channel_axes(index, is_channels_last(model))
+    units = _probe_units(candidates)  # the calls of one module make one probe
+    names = _unique_probe_names([unit[0] for unit in units])
+    # A key that named nothing would be ignored silently and its probe miscounted.
+    check_override_keys(overrides, names, [k for c in candidates for k in (c.label, c.tensor)])
     editor = Editor(model.graph, all_names(model.graph, index.names), model.ir_version)
     outputs: dict[tuple[str, int | None], str] = {}
     probes = []
-    for cand, name in zip(candidates, _unique_probe_names(candidates)):
-        shape = shape_of(index.types[cand.tensor])
-        axis = override_axis(axes[cand.tensor], len(shape), overrides,
-                             probe_name=name, tensor=cand.tensor, label=cand.label)  # fmt: skip
-        if pack and shape[axis] is None:
-            raise OptionError(
-                f"pack_in_graph needs the number of neurons of probe {name!r} (tensor "
-                f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
-                "with a fixed channel size or use pack_in_graph=False"
-            )
-        key = (cand.tensor, axis if pack else None)
-        if key not in outputs:
-            outputs[key] = editor.output(cand.tensor, index, axis, pack)
-        node = index.graph.node[cand.node]
-        probes.append(
-            Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
-                  outputs[key], axis, shape, shape[axis], pack)
-        )  # fmt: skip
-    _check_override_keys(overrides, probes)
+    for unit, name in zip(units, names):
+        calls = [_make_probe(cand, name, index, layout, overrides, pack, editor, outputs) for cand in unit]
+        probes.append(replace(calls[0], calls=tuple(calls[1:])) if len(calls) > 1 else calls[0])
     return probes
 
 
-def _check_override_keys(overrides: Mapping[str, int], probes: list[Probe]) -> None:
-    """Reject channel_axes keys that name no probe (a silently ignored axis would miscount)."""
-    known = {key for p in probes for key in (p.name, p.label, p.tensor_name)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
+def _probe_units(candidates: list[_Candidate]) -> list[list[_Candidate]]:
+    """Candidates grouped into probes: the calls of one module (same group, label and
+    method) together, in call order; every other candidate alone."""
+    units: dict[tuple, list[_Candidate]] = {}
+    for k, cand in enumerate(candidates):
+        key = (cand.group, cand.label, cand.method) if cand.group is not None else (k,)
+        units.setdefault(key, []).append(cand)
+    return list(units.values())
+
+
+def _make_probe(
+    cand: _Candidate,
+    name: str,
+    index: GraphIndex,
+    layout: Layout,
+    overrides: dict[str, int],
+    pack: bool,
+    editor: Editor,
+    outputs: dict[tuple[str, int | None], str],
+) -> Probe:
+    """The Probe of one candidate; adds its graph output (or shares one already added)."""
+    shape = shape_of(index.types[cand.tensor])
+    axis, guessed = _probe_axis(cand, shape, layout, index)
+    key = next((k for k in (name, cand.tensor, cand.label) if k in overrides), None)
+    if key is not None:
+        axis, guessed = checked_override(key, overrides[key], name, shape), False
+    if guessed:
+        warn_guessed(name, shape, axis, f"tensor {cand.tensor!r}", stacklevel=6)
+    n_neurons = 1 if len(shape) == 1 and axis == 1 else shape[axis]
+    if pack and n_neurons is None:
         raise OptionError(
-            f"channel_axes keys {unknown} name no probe; use a probe name, label or "
-            f"tensor name among: {preview(sorted(p.name for p in probes))}"
+            f"pack_in_graph needs the number of neurons of probe {name!r} (tensor "
+            f"{cand.tensor!r}, axis {axis}) to be known statically; export the model "
+            "with a fixed channel size or use pack_in_graph=False"
         )
+    out_key = (cand.tensor, axis if pack else None)
+    if out_key not in outputs:
+        outputs[out_key] = editor.output(cand.tensor, index, axis, pack)
+    node = index.graph.node[cand.node]
+    return Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
+                 outputs[out_key], axis, shape, n_neurons, pack, guessed)  # fmt: skip
+
+
+def _probe_axis(cand: _Candidate, shape: tuple, layout: Layout, index: GraphIndex) -> tuple[int, bool]:
+    """(neuron axis, guessed) of a candidate: its tensor's layout, except that the
+    tensor entering a conv-family node is read by it as ``[N, C, ...]`` (axis 1)."""
+    node = index.graph.node[cand.node]
+    if (
+        cand.method == "before" and len(shape) >= 2
+        and node.op_type in AXIS1_OPS and node.input and node.input[0] == cand.tensor
+    ):  # fmt: skip
+        return 1, False
+    return layout.axes[cand.tensor], cand.tensor in layout.guessed

@@ -43,6 +43,7 @@ __all__ = [
     "framework_scopes",
     "scopes_per_node",
     "select_scopes",
+    "split_calls",
 ]
 
 # A PyTorch parameter or buffer name: "<module qualified name>.<attribute>".
@@ -84,7 +85,26 @@ def framework_scopes(graph: onnx.GraphProto) -> list[Scope]:
             scopes.setdefault(key, scope).add(i)
     _add_parameter_scopes(graph, scopes)
     _alias_keras_suffixes([s for s in scopes.values() if s.kind == "keras"])
-    return list(scopes.values())
+    root = _torch_root_scope(graph)
+    return list(scopes.values()) + ([root] if root is not None else [])
+
+
+def _torch_root_scope(graph: onnx.GraphProto) -> Scope | None:
+    """The exported PyTorch module itself, as natively ``attach_to`` can name the root
+    (``"TransformerEncoderLayer"`` on a bare layer): every node of the graph, named
+    by its class like the native probe. Kind ``"torch-root"``: it reads the graph
+    inputs and writes the graph outputs, and is nobody's label."""
+    for node in graph.node:
+        meta = {prop.key: prop.value for prop in node.metadata_props}
+        if TORCH_NAME_SCOPES not in meta:
+            continue
+        names, classes = parse_list(meta[TORCH_NAME_SCOPES]), parse_list(meta.get(TORCH_CLASS_HIERARCHY))
+        if not names or names[0] != "" or not classes or not classes[0]:
+            continue
+        full = classes[0]
+        short = full.rsplit(".", 1)[-1]
+        return Scope(short, {short, full}, "torch-root", 0, nodes=list(range(len(graph.node))))
+    return None
 
 
 def _node_scope_entries(node: onnx.NodeProto) -> list[tuple[tuple, Scope]]:
@@ -204,6 +224,8 @@ def scopes_per_node(n_nodes: int, scopes: list[Scope]) -> list[list[Scope]]:
     """For each node, the scopes containing it, outermost first."""
     per_node: list[list[Scope]] = [[] for _ in range(n_nodes)]
     for scope in scopes:
+        if scope.kind == "torch-root":
+            continue  # contains everything, labels nothing
         for i in scope.nodes:
             per_node[i].append(scope)
     for entry in per_node:
@@ -226,14 +248,37 @@ class Matcher:
         """The most specific framework name of node ``i``, else its ONNX node name."""
         return self.per_node[i][-1].label if self.per_node[i] else self.index.names[i]
 
-    def match(self, pattern: str) -> list[Scope]:
-        """Scopes that ``pattern`` names; aliases only when nothing else matches."""
-        found = [s for s in self.scopes if matches_any([pattern], s.keys)]
-        found += [
-            Scope(self.node_label(i), set(), "node", nodes=[i])
-            for i, node in enumerate(self.index.graph.node)
-            if matches_any([pattern], (node.op_type, self.index.names[i]))
-        ]
+    def match(self, pattern: str, warn: bool = False) -> list[Scope]:
+        """Scopes that ``pattern`` names; aliases only when nothing else matches.
+
+        A framework name wins over an ONNX op type (DESIGN §1): when ``pattern``
+        names modules or layers (``"LSTM"``, ``"Add"``), nodes it matches only by
+        op type are left out; with ``warn``, those outside the chosen modules are
+        reported. Nodes matched by op type are of kind ``"op"`` (a pattern for many
+        tensors of any element type), by node name alone of kind ``"node"``.
+        """
+        framework = [s for s in self.scopes if matches_any([pattern], s.keys)]
+        found, dropped = list(framework), []
+        for i, node in enumerate(self.index.graph.node):
+            by_op = matches_any([pattern], (node.op_type,))
+            by_name = matches_any([pattern], (self.index.names[i],))
+            if by_op and not by_name and framework:
+                dropped.append(i)
+            elif by_op or by_name:
+                found.append(Scope(self.node_label(i), set(), "op" if by_op else "node", nodes=[i]))
+        if warn and dropped:
+            inside = {i for scope in framework for i in scope.nodes}
+            outside = [i for i in dropped if i not in inside]
+            if outside:
+                warnings.warn(
+                    f"attach_to {pattern!r} names framework modules or layers "
+                    f"({preview(sorted({s.label for s in framework}))}) and is also an ONNX op type; "
+                    f"the modules or layers are probed, not the {len(outside)} {pattern} node(s) "
+                    f"outside them ({preview([self.index.names[i] for i in outside])}); name those "
+                    "nodes to probe them",
+                    UserWarning,
+                    stacklevel=4,
+                )
         return found or [s for s in self.scopes if matches_any([pattern], s.aliases)]
 
     def no_match_message(self, patterns: Sequence[str]) -> str:
@@ -286,7 +331,7 @@ def select_scopes(
         raise ProbeMatchError(
             "attach_to is empty; name at least one op type, node, module or layer"
         )
-    chosen = [scope for pattern in attach_to for scope in matcher.match(pattern)]
+    chosen = [scope for pattern in attach_to for scope in matcher.match(pattern, warn=True)]
     if not chosen:
         raise ProbeMatchError(matcher.no_match_message(attach_to))
     excluded: set[int] = set()
@@ -303,34 +348,83 @@ def select_scopes(
     return kept
 
 
+# ------------------------------------------------------------------------ calls
+
+
+def split_calls(scope: Scope, index: GraphIndex) -> list[Scope]:
+    """The calls of a PyTorch module that ran several times in one forward pass
+    (torchvision's ``BasicBlock.relu``), one scope each; ``[scope]`` otherwise.
+
+    The exporter lays out a module call's nodes one after the other. A new call
+    starts where nodes outside the module between two of its nodes read what
+    the module computed so far (its output went on through the network and came
+    back). Calls that nothing separates (one module applied to two parallel
+    branches, node after node) stay one scope.
+    """
+    if scope.kind != "torch" or len(scope.nodes) < 2:
+        return [scope]
+    members = sorted(set(scope.nodes))
+    runs: list[list[int]] = [[members[0]]]
+    for previous, current in zip(members, members[1:]):
+        produced = {name for i in runs[-1] for name in index.graph.node[i].output}
+        gap = range(previous + 1, current)
+        if any(name in produced for i in gap for name in index.graph.node[i].input):
+            runs.append([])
+        runs[-1].append(current)
+    if len(runs) == 1:
+        return [scope]
+    return [Scope(scope.label, scope.keys, scope.kind, scope.depth, scope.aliases, run) for run in runs]
+
+
 # ------------------------------------------------------------------- boundaries
 
 
 def after_tensor(scope: Scope, index: GraphIndex) -> tuple[int, str] | None:
     """(node, tensor) leaving ``scope``: a single node's first output, or the last
-    scope output that is read outside the scope or is a graph output."""
+    scope output that is read outside the scope or is a graph output.
+
+    A float tensor is preferred; a non-float one is returned only when no float
+    tensor leaves (for the caller to refuse).
+    """
+    if scope.kind == "torch-root":  # the module's first output, as natively
+        outputs = [o.name for o in index.graph.output if o.name in index.producer and index.is_data(o.name)]
+        floats = [name for name in outputs if index.probeable(name)]
+        chosen = (floats or outputs)[:1]
+        return (index.producer[chosen[0]][0], chosen[0]) if chosen else None
     if len(scope.nodes) == 1:
         node = scope.nodes[0]
         first = index.graph.node[node].output[0]
-        return (node, first) if index.probeable(first) else None
+        return (node, first) if index.is_data(first) else None
     members = set(scope.nodes)
     leaving = [
         (i, name)
         for i in scope.nodes
         for name in index.graph.node[i].output
-        if index.probeable(name)
+        if index.is_data(name)
         and (index.consumers.get(name, set()) - members or name in index.graph_outputs)
     ]
-    return leaving[-1] if leaving else None
+    floats = [hit for hit in leaving if index.probeable(hit[1])]
+    return (floats or leaving)[-1] if leaving else None
 
 
 def before_tensor(scope: Scope, index: GraphIndex) -> tuple[int, str] | None:
-    """(node, tensor) entering ``scope``: its first data input produced outside it."""
+    """(node, tensor) entering ``scope``: its first data input produced outside it.
+
+    A float tensor is preferred; a non-float one is returned only when no float
+    tensor enters (for the caller to refuse).
+    """
+    if scope.kind == "torch-root":  # the module's first input, as natively
+        inputs = [name for name in index.graph_inputs if index.is_data(name) and index.consumers.get(name)]
+        floats = [name for name in inputs if index.probeable(name)]
+        chosen = (floats or inputs)[:1]
+        return (min(index.consumers[chosen[0]]), chosen[0]) if chosen else None
     members = set(scope.nodes)
-    for i in scope.nodes:
-        for name in index.graph.node[i].input:
-            producer = index.producer.get(name, (-1, 0))[0]
-            if producer not in members and index.probeable(name):
-                return i, name
-    return None
+    entering = [
+        (i, name)
+        for i in scope.nodes
+        for name in index.graph.node[i].input
+        if index.producer.get(name, (-1, 0))[0] not in members and index.is_data(name)
+    ]
+    floats = [hit for hit in entering if index.probeable(hit[1])]
+    return (floats or entering)[0] if entering else None
 

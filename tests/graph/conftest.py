@@ -72,6 +72,17 @@ def _packbits(x: np.ndarray, axis: int) -> np.ndarray:
     return np.packbits(channels_last.reshape(-1, x.shape[axis]) > 0, axis=-1, bitorder="little")
 
 
+def _numpy_counts(x: np.ndarray, axis: int) -> dict[bytes, int]:
+    """An independent count of the states of ``x`` with neurons on ``axis``: ``x > 0``
+    moved channels-last, ``np.packbits(..., bitorder="little")``, ``np.unique`` rows.
+    A rank-1 ``[N]`` tensor is read as ``[N, 1]``."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[:, None]
+    rows, counts = np.unique(_packbits(x, axis), axis=0, return_counts=True)
+    return {row.tobytes(): int(n) for row, n in zip(rows, counts)}
+
+
 def _state_counts(capture) -> dict[bytes, int]:
     """A capture's states as {state id: count}."""
     return dict(zip(capture.state_ids(), capture.counts().tolist()))
@@ -152,6 +163,12 @@ def x() -> np.ndarray:
 def packbits():
     """``packbits(x, axis)``: see :func:`_packbits`."""
     return _packbits
+
+
+@pytest.fixture(scope="session")
+def numpy_counts():
+    """``numpy_counts(x, axis)``: see :func:`_numpy_counts`."""
+    return _numpy_counts
 
 
 @pytest.fixture(scope="session")

@@ -147,7 +147,8 @@ def _special_values(shape: tuple, dtype=np.float32) -> np.ndarray:
 @pytest.mark.parametrize("channels", [12, 8, 3, 17])
 def test_pack_matches_numpy(channels, level, run, packbits):
     model = _identity_model(["N", channels, 3, 5])
-    rewritten, probes = add_probes(model, "id", pack_in_graph=True)
+    # An input read by an Identity only: no rule gives its layout; say it is NCHW.
+    rewritten, probes = add_probes(model, "id", pack_in_graph=True, channel_axes={"id": 1})
     (probe,) = probes
     assert probe.packed_in_graph and probe.channel_axis == 1 and probe.n_neurons == channels
     assert probe.output_name != "y" and probe.tensor_name == "y"
@@ -172,7 +173,7 @@ def test_pack_fire_rule_on_special_values(run):
     channels=st.integers(1, 40),
     spatial=st.lists(st.integers(1, 3), min_size=0, max_size=2),
     axis_pick=st.integers(0, 3),
-    dtype=st.sampled_from([np.float32, np.float64, np.float16, np.bool_]),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
 )
 def test_pack_property(channels, spatial, axis_pick, dtype, run, packbits):
     shape = [2, *spatial]
@@ -181,12 +182,18 @@ def test_pack_property(channels, spatial, axis_pick, dtype, run, packbits):
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     model = _identity_model(shape, elem)
     rewritten, probes = add_probes(model, "id", pack_in_graph=True, channel_axes={"id:after": axis})
-    if dtype is np.bool_:
-        x = _special_values(tuple(shape)) > 0
-    else:
-        x = _special_values(tuple(shape), dtype)
+    x = _special_values(tuple(shape), dtype)
     packed = run(rewritten, {"x": x})[probes[0].output_name]
     assert np.array_equal(packed, packbits(x, axis))
+
+
+def test_pack_rank_one_is_one_neuron_per_sample(run):
+    model = _identity_model(["N"])
+    rewritten, (probe,) = add_probes(model, "id", pack_in_graph=True)
+    assert (probe.channel_axis, probe.n_neurons, probe.axis_guessed) == (1, 1, False)
+    x = np.array([1.0, -2.0, 0.0, 3.5, np.nan], np.float32)
+    packed = run(rewritten, {"x": x})[probe.output_name]
+    assert packed.tolist() == [[1], [0], [0], [1], [0]]
 
 
 def test_pack_cnn_probes_match_numpy(cnn, x, run, packbits):

@@ -6,8 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from tensorstate_onnx.errors import ChannelAxisError, GuessedAxisWarning, OptionTypeError, ProbeDtypeError
 from tensorstate_onnx.graph import add_probes
 
 # ---------------------------------------------------------------- channel axes
@@ -62,17 +63,22 @@ def test_broadcast_and_reduce_axes(initializer):
     ]
 
 
-@pytest.mark.parametrize(
-    "producer, img_axis, seq_axis", [("tf2onnx", 3, 2), ("pytorch", 1, 1)], ids=["tf2onnx", "other"]
-)
-def test_channels_last_producers(producer, img_axis, seq_axis, make_cnn, tf2onnx_style):
+@pytest.mark.parametrize("producer", ["tf2onnx", "pytorch"], ids=["tf2onnx", "other"])
+def test_channels_last_producers(producer, make_cnn, tf2onnx_style):
     """Inputs of tf2onnx models are Keras tensors, channels-last whatever reads them;
-    a Reshape read only by a Conv has its neurons on axis 1 in any model."""
+    elsewhere an input read by a MatMul has its features last, and one read by a
+    Reshape only has no rule (the last axis, a guess). A Reshape read only by a Conv
+    has its neurons on axis 1 in any model."""
     model = tf2onnx_style(producer)
-    _, probes = add_probes(model, ["to_nchw", "dense", "conv"], method="both")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, probes = add_probes(model, ["to_nchw", "dense", "conv"], method="both")
+    guessed = [str(w.message) for w in caught if issubclass(w.category, GuessedAxisWarning)]
+    assert len(guessed) == (producer != "tf2onnx")
+    assert all("channel_axes={'to_nchw:before': <axis>}" in text for text in guessed)
     axes = {p.name: (p.tensor_name, p.channel_axis, p.n_neurons) for p in probes}
-    assert axes["to_nchw:before"] == ("img", img_axis, (None, 6, 6, 1)[img_axis])
-    assert axes["dense:before"] == ("seq", seq_axis, (None, 4, 8)[seq_axis])
+    assert axes["to_nchw:before"] == ("img", 3, 1)
+    assert axes["dense:before"] == ("seq", 2, 8)
     assert axes["to_nchw:after"] == axes["conv:before"] == ("nchw", 1, 1)
     assert axes["conv:after"] == ("c", 1, 2) and axes["dense:after"] == ("d", 2, 5)
     nchw_input = make_cnn()  # an input read by a Conv only (tf2onnx's inputs_as_nchw)
@@ -134,3 +140,177 @@ def test_keras_dense_on_a_sequence_is_channels_last(assert_same_states):
     assert before[1].state_count == 32 * 4
     assert_same_states(*before, exact=True)
     assert_same_states(*after)
+
+
+# ---------------------------------------------------------------- shape ops, readers, rank 1
+
+
+def _model(nodes, inputs, outputs, inits, opset=20):
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _ints(name, values):
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def _vi(name, dims):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _strict_probes(model, attach_to, **kwargs):
+    """add_probes with every GuessedAxisWarning an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuessedAxisWarning)
+        return add_probes(model, attach_to, **kwargs)
+
+
+def _conv1d_as_conv2d(initializer):
+    """A Conv1D exported as Unsqueeze -> Conv (2-D) -> Squeeze, then Gelu."""
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "ax2"], ["u"], name="unsqueeze"),
+        helper.make_node("Conv", ["u", "W", "B"], ["c"], name="conv"),
+        helper.make_node("Squeeze", ["c", "ax2"], ["s"], name="squeeze"),
+        helper.make_node("Gelu", ["s"], ["g"], name="gelu"),
+    ]
+    return _model(nodes, [_vi("x", ["N", 4, 9])], [_vi("g", ["N", 6, 7])],
+                  [_ints("ax2", [2]), initializer("W", 6, 4, 1, 3), initializer("B", 6)])  # fmt: skip
+
+
+def test_squeeze_after_a_conv_keeps_the_channels(initializer, torch, assert_same_states, numpy_counts):
+    """The Gelu after Conv2D + Squeeze has the Conv's 6 channels as neurons (it was
+    measured on the 7 positions), and counts what torch's Conv1d + GELU count."""
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks
+
+    model = _conv1d_as_conv2d(initializer)
+    _, probes = _strict_probes(model, ["unsqueeze", "squeeze", "gelu"], method="both")
+    assert [(p.name, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("unsqueeze:before", 1, 4), ("unsqueeze:after", 1, 4),
+        ("squeeze:before", 1, 6), ("squeeze:after", 1, 6), ("gelu:before", 1, 6), ("gelu:after", 1, 6),
+    ]  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(40, 4, 9)).astype(np.float32)
+    onnx_model = OnnxEfficiencyModel(model, ["gelu"], providers="cpu", keep_states=True)
+    onnx_model.predict(x, batch_size=16)
+    (probe,) = onnx_model.efficiency_layers
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    native = torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.GELU())
+    with torch.no_grad():
+        native[0].weight.copy_(torch.from_numpy(weights["W"][:, :, 0, :].copy()))
+        native[0].bias.copy_(torch.from_numpy(weights["B"].copy()))
+        attach_hooks(native, ["1"])
+        y = native(torch.from_numpy(x))
+    assert (probe.state_count, probe.n_neurons) == (40 * 7, 6)
+    assert_same_states(native.efficiency_layers[0], probe)
+    assert numpy_counts(y.numpy(), 1) == dict(zip(native.efficiency_layers[0].state_ids(),
+                                                  native.efficiency_layers[0].counts().tolist()))
+
+
+def test_a_conv_reading_a_transposed_input_decides_its_axis(initializer, run, numpy_counts):
+    """[N, L, C] -> Transpose -> Unsqueeze -> Conv: the Conv reads C as channels; so
+    do the probes before it (no longer axis 3 with 1 neuron), back to the input."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="tr", perm=[0, 2, 1]),
+        helper.make_node("Unsqueeze", ["t", "ax2"], ["u"], name="unsqueeze"),
+        helper.make_node("Conv", ["u", "W"], ["c"], name="conv"),
+    ]
+    model = _model(nodes, [_vi("x", ["N", 9, 4])], [_vi("c", ["N", 2, 1, 7])],
+                   [_ints("ax2", [2]), initializer("W", 2, 4, 1, 3)])  # fmt: skip
+    rewritten, probes = _strict_probes(model, ["tr", "conv"], method="before")
+    assert [(p.name, p.tensor_name, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("tr:before", "x", 2, 4), ("conv:before", "u", 1, 4),
+    ]  # fmt: skip
+    x = np.random.default_rng(1).normal(size=(5, 9, 4)).astype(np.float32)
+    out = run(rewritten, {"x": x})
+    assert numpy_counts(out["u"], 1) == numpy_counts(x, 2)
+
+
+def test_reshape_keeps_the_axis_only_when_untouched(initializer):
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Reshape", ["c", "keep"], ["kept"], name="keep"),
+        helper.make_node("Relu", ["kept"], ["r"], name="relu"),
+        helper.make_node("Reshape", ["c", "split"], ["split_c"], name="split"),
+        helper.make_node("Flatten", ["c"], ["flat"], name="flat"),
+        helper.make_node("Unsqueeze", ["c", "ax0"], ["u0"], name="unsqueeze0"),
+        helper.make_node("Gather", ["r", "zero"], ["first"], name="first", axis=2),
+    ]
+    model = _model(
+        nodes, [_vi("x", ["N", 3, 4, 4])],
+        [_vi("first", ["N", 6]), _vi("split_c", ["N", 3, 2, 16]), _vi("flat", ["N", 96]),
+         _vi("u0", [1, "N", 6, 4, 4])],
+        [initializer("W", 6, 3, 1, 1), _ints("keep", [-1, 6, 16]), _ints("split", [0, 3, 2, 16]),
+         _ints("ax0", [0]), _ints("zero", 0)],
+    )  # fmt: skip
+    _, probes = _strict_probes(model, ["keep", "relu", "split", "flat", "unsqueeze0", "first"])
+    assert [(p.name, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("keep:after", 1, 6), ("relu:after", 1, 6), ("split:after", 3, 16), ("flat:after", 1, 96),
+        ("unsqueeze0:after", 2, 6), ("first:after", 1, 6),
+    ]  # fmt: skip
+
+
+def test_rank_one_tensors_are_one_neuron_per_sample(initializer, numpy_counts):
+    """A [N] tensor: counts independent of the batch size, an uneven last batch works."""
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="dense"),
+        helper.make_node("Squeeze", ["m", "ax1"], ["s"], name="squeeze"),
+        helper.make_node("Tanh", ["s"], ["y"], name="tanh"),
+    ]
+    model = _model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N"])],
+                   [initializer("W", 4, 1), _ints("ax1", [1])])  # fmt: skip
+    x = np.random.default_rng(2).normal(size=(13, 4)).astype(np.float32)
+    results = []
+    for pack in (False, True):
+        for batch in (13, 5, 4):
+            onnx_model = OnnxEfficiencyModel(model, ["tanh"], providers="cpu", pack_in_graph=pack)
+            y = onnx_model.predict(x, batch_size=batch)
+            (capture,) = onnx_model.efficiency_layers
+            assert (capture.channel_axis, capture.n_neurons, capture.state_count) == (1, 1, 13)
+            results.append(dict(zip(capture.state_ids(), capture.counts().tolist())))
+    assert all(r == results[0] for r in results)
+    assert results[0] == numpy_counts(y, 1)
+
+
+def test_a_guessed_axis_warns_and_names_the_override():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu")]
+    model = _model(nodes, [_vi("x", ["N", 5, 7])], [_vi("r", ["N", 5, 7])], [])
+    with pytest.warns(GuessedAxisWarning, match=r"'relu:after'.*\(2\).*channel_axes=\{'relu:after': <axis>\}"):
+        _, (probe,) = add_probes(model, "relu")
+    assert (probe.channel_axis, probe.n_neurons, probe.axis_guessed) == (2, 7, True)
+    _, (probe,) = _strict_probes(model, "relu", channel_axes={"relu:after": 1})
+    assert (probe.channel_axis, probe.n_neurons, probe.axis_guessed) == (1, 5, False)
+
+
+def test_channel_axes_errors_are_typed(cnn):
+    with pytest.raises(ChannelAxisError, match=r"name no probe.*tr:after"):
+        add_probes(cnn, "tr", channel_axes={"nope": 1})
+    with pytest.raises(ChannelAxisError, match=r"-4 to 3"):
+        add_probes(cnn, "tr", channel_axes={"tr:after": 4})
+    with pytest.raises(OptionTypeError):
+        add_probes(cnn, "tr", channel_axes={"tr:after": 1.0})
+
+
+def test_integer_and_bool_tensors_are_refused(initializer):
+    """A named node's int64 or bool tensor is refused; op-type matches skip them."""
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embedding"),
+        helper.make_node("Greater", ["e", "zero"], ["mask"], name="positive"),
+        helper.make_node("Relu", ["e"], ["r"], name="relu"),
+    ]
+    model = _model(
+        nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", 5, 3]), _vi("r", ["N", 5, 3])],
+        [initializer("table", 11, 3), numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )  # fmt: skip
+    with pytest.raises(ProbeDtypeError, match=r"'embedding:before'.*int64.*float"):
+        add_probes(model, "embedding", method="before")
+    with pytest.raises(ProbeDtypeError, match=r"'positive:after'.*bool"):
+        add_probes(model, "positive")
+    _, probes = _strict_probes(model, ["Gather", "Greater", "Relu"], method="both")
+    assert [(p.name, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("embedding:after", 2, 3), ("positive:before", 2, 3), ("relu:before", 2, 3), ("relu:after", 2, 3),
+    ]  # fmt: skip
+    with pytest.raises(ProbeDtypeError, match="float"):
+        add_probes(model, ["Greater"])

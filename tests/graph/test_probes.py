@@ -160,6 +160,6 @@ def test_list_nodes(cnn):
     relu = nodes[2]
     assert relu == {
         "name": "Relu_2", "op_type": "Relu", "labels": [], "inputs": ["n"], "outputs": ["r"],
-        "output_shapes": [(None, 6, 6, 6)],
+        "output_shapes": [(None, 6, 6, 6)], "channel_axes": [1], "axes_guessed": [False],
     }  # fmt: skip
     assert nodes[6]["output_shapes"] == [(None, 54)]

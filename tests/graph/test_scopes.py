@@ -460,3 +460,72 @@ def test_torch_legacy_nested_modules_match_hooks(legacy_mobilenet, assert_same_s
     for name, hook in hooks.items():
         assert_same_states(hook, probes[name])
     remove_state_layers(net)
+
+
+# ------------------------------------------------------- framework names vs op types, root
+
+
+def test_framework_names_win_over_op_types(torch):
+    """A module class that is also an op type ("Add") names the modules: the Add node
+    outside them is left out, with a warning that says how to probe it."""
+    from tensorstate_onnx.converters import from_torch
+
+    class Add(torch.nn.Module):
+        def forward(self, x):
+            return x + 1.0
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plus = Add()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.plus(x)) + x
+
+    exported = from_torch(Net().eval(), torch.zeros(2, 4))
+    with pytest.warns(UserWarning, match=r"'Add' names framework modules.*\(plus\).*1 Add node"):
+        _, probes = add_probes(exported, ["Add"])
+    assert [p.name for p in probes] == ["plus:after"]
+    names = [n["name"] for n in list_nodes(exported) if n["op_type"] == "Add" and not n["labels"]]
+    _, probes = add_probes(exported, names)  # the outside node, by name
+    assert [p.op_type for p in probes] == ["Add"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, probes = add_probes(exported, ["Net"], method="both")  # the root module
+    assert [(p.name, p.tensor_name) for p in probes] == [
+        ("Net:before", exported.graph.input[0].name), ("Net:after", exported.graph.output[0].name),
+    ]  # fmt: skip
+
+
+def _torch_node(op, inputs, output, module, cls):
+    node = helper.make_node(op, inputs, [output], name=f"node_{output}")
+    helper.set_metadata_props(node, {
+        "pkg.torch.onnx.name_scopes": str(["", module, output]),
+        "pkg.torch.onnx.class_hierarchy": str(["__main__.Net", cls, "aten.op"]),
+    })  # fmt: skip
+    return node
+
+
+def test_calls_of_a_module_are_split_where_its_output_went_on(initializer):
+    """A module's nodes split into calls only where the nodes between them read what
+    it computed; a node in between that does not (a hoisted Shape) keeps one call."""
+    relu = "torch.nn.modules.activation.ReLU"
+    nodes = [
+        _torch_node("Relu", ["x"], "a", "act", relu),
+        _torch_node("Shape", ["x"], "shape", "other", "torch.nn.modules.linear.Identity"),
+        _torch_node("Neg", ["a"], "b", "act", relu),  # still the first call
+        _torch_node("Conv", ["b", "W"], "c", "conv", "torch.nn.modules.conv.Conv2d"),
+        _torch_node("Relu", ["c"], "d", "act", relu),  # the second call
+    ]
+    g = helper.make_graph(
+        nodes, "torch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [4])],
+        [initializer("W", 3, 3, 1, 1)],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _, probes = add_probes(model, ["act"], method="both")
+    assert [(p.name, [c.tensor_name for c in p.each_call()]) for p in probes] == [
+        ("act:before", ["x", "c"]), ("act:after", ["b", "d"]),
+    ]  # fmt: skip
