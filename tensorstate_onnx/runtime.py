@@ -255,7 +255,7 @@ class OnnxEfficiencyModel:
             raise ModelInputError(
                 f"input {spec.name!r} expects shape {_shape_text(shape)}, got {tuple(value.shape)}"
             )
-        if value.shape and value.shape[0] == 0:
+        if value.ndim > 1 and value.shape[0] == 0:  # a rank-1 input may be an empty sequence
             raise ModelInputError(f"input {spec.name!r} got an empty batch (shape {tuple(value.shape)})")
         return value
 

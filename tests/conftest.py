@@ -1,5 +1,8 @@
 """Fixtures shared by the test modules."""
 
+import importlib.util
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -22,6 +25,34 @@ def keras():
 def torch():
     """PyTorch (the ``torch`` extra); tests that need it skip without it."""
     return pytest.importorskip("torch")
+
+
+# torchvision's C++ operators ship built against its own CUDA torch; with the CPU
+# torch they do not load, and its import then fails registering fake kernels of
+# these two operators. The model classes never call them: declaring the schemas
+# (no kernel) lets the import finish, and any real use of them still fails loudly.
+_TORCHVISION_OPS = {
+    "torchvision::nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "torchvision::qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+
+
+@pytest.fixture(scope="session")
+def torchvision(torch):
+    """torchvision's model classes (a test-only dependency), on the CPU torch too."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed (the test extra installs it)")
+    try:
+        import torchvision
+    except RuntimeError as exc:
+        if "torchvision::nms" not in str(exc):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        for op, schema in _TORCHVISION_OPS.items():
+            torch.library.define(op, schema)
+        import torchvision
+    return torchvision
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,20 @@ def test_a_fixed_batch_model_refuses_what_does_not_fill_its_batches():
         two.predict(iter([x]), progress=False)
 
 
+def test_a_rank_1_input_takes_an_empty_sequence_as_onnxruntime_does():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "sequence",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["L"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["L"])],
+    )  # fmt: skip
+    probed = _build(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), attach_to="Relu")
+    (empty,) = probed.run(np.zeros(0, np.float32))
+    assert empty.shape == (0,) and probed.efficiency_layers[0].state_count == 0
+    (y,) = probed.run(np.array([1.0, -2.0, 3.0], np.float32))
+    assert np.array_equal(y, [1.0, 0.0, 3.0])
+    assert sorted(probed.efficiency_layers[0].counts().tolist()) == [1, 2]  # one neuron a position
+
+
 def test_a_scalar_output_comes_back_one_value_per_batch():
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"], name="relu"),
