@@ -29,6 +29,13 @@ MIN_PACK_OPSET = 13
 # the original outputs would differ in the last bits from the unprobed model.
 _FUSIBLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 _FUSION_PARTNERS = frozenset({"BatchNormalization", "Add", "Sum", "Sub", "Mul", "Div"})
+# SkipLayerNormalization: a residual Add (and the bias Add before it) read by a
+# LayerNormalization are added and normalized in one pass, with other rounding.
+_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
+# A duplicate's input that only the original node reads, made by one of these ops,
+# is duplicated too: a second reader would block the fusion it is part of.
+_CHAINED = frozenset({"Add", "MatMul", "Gemm", "Conv"})
+_MAX_CHAIN = 3
 
 
 @dataclass
@@ -105,21 +112,34 @@ class Editor:
         """
         if tensor in index.graph_outputs or tensor not in index.producer:
             return tensor
+        if not _blocks_fusion(tensor, index):
+            return tensor
+        return self._duplicate(tensor, index, _MAX_CHAIN)
+
+    def _duplicate(self, tensor: str, index: GraphIndex, depth: int) -> str:
+        """Append a copy of ``tensor``'s producer (and of the single-reader fusion chain
+        it reads, ``depth`` nodes up); return the copy of ``tensor``."""
         node_index, position = index.producer[tensor]
         producer = index.graph.node[node_index]
-        readers = index.consumers.get(tensor, ())
-        fusible = producer.op_type in _FUSIBLE_PRODUCERS and any(
-            index.graph.node[i].op_type in _FUSION_PARTNERS for i in readers
-        )
-        if not fusible:
-            return tensor
         duplicate = onnx.NodeProto()
         duplicate.CopyFrom(producer)
         duplicate.name = self.fresh(f"{producer.name}__probe")
-        duplicate.input[:] = [self._copy_initializer(name) for name in producer.input]
+        duplicate.input[:] = [self._chain_input(name, index, depth) for name in producer.input]
         duplicate.output[:] = [self.fresh(f"{o}__probe") if o else "" for o in producer.output]
         self.graph.node.append(duplicate)
         return duplicate.output[position]
+
+    def _chain_input(self, name: str, index: GraphIndex, depth: int) -> str:
+        """What a duplicate reads for ``name``: a private initializer copy, a duplicate of
+        a single-reader fusion-chain tensor, or ``name`` itself."""
+        if name in self.initializers:
+            return self._copy_initializer(name)
+        chained = (
+            depth > 0 and name in index.producer and name not in index.graph_outputs
+            and len(index.consumers.get(name, ())) == 1
+            and index.graph.node[index.producer[name][0]].op_type in _CHAINED
+        )  # fmt: skip
+        return self._duplicate(name, index, depth - 1) if chained else name
 
     def _copy_initializer(self, name: str) -> str:
         """A private copy of initializer ``name`` (other inputs are returned as they are).
@@ -196,3 +216,20 @@ def _output_value_info(name: str, tensor_type: onnx.TypeProto) -> onnx.ValueInfo
         for k, d in enumerate(tensor_type.tensor_type.shape.dim)
     ]
     return helper.make_tensor_value_info(name, tensor_type.tensor_type.elem_type, dims)
+
+
+def _blocks_fusion(tensor: str, index: GraphIndex) -> bool:
+    """Whether exposing ``tensor`` would keep onnxruntime from a fusion that changes
+    rounding: a conv/matmul output read by a BatchNormalization or arithmetic, an
+    Add read by a LayerNormalization, or an Add read only by such an Add."""
+    op = index.graph.node[index.producer[tensor][0]].op_type
+    readers = [index.graph.node[i] for i in index.consumers.get(tensor, ())]
+    if op in _FUSIBLE_PRODUCERS:
+        return any(reader.op_type in _FUSION_PARTNERS for reader in readers)
+    if op != "Add":
+        return False
+    if any(reader.op_type in _NORMS for reader in readers):
+        return True
+    return len(readers) == 1 and readers[0].op_type == "Add" and any(
+        index.graph.node[i].op_type in _NORMS for i in index.consumers.get(readers[0].output[0], ())
+    )
