@@ -71,6 +71,7 @@ class AbstractStateCapture(abc.ABC):
         self.channel_axis: int | None = None
         self._overwrite = overwrite
         self._record_lock = threading.Lock()
+        self._held: list | None = None  # batches of a pass not yet counted (see hold)
         if self.disk_path is not None:
             StateStore.check_free(self.disk_path, overwrite)
         self._clear()
@@ -106,6 +107,9 @@ class AbstractStateCapture(abc.ABC):
         """Count and store states already packed (by ``engine.pack`` or in an ONNX graph)."""
         if not self.capture_on:
             return
+        if self._held is not None:
+            self._held.append((packed, n_neurons, instances))
+            return
         with self._record_lock:
             if self.n_neurons is None:
                 self._start(int(n_neurons))
@@ -128,6 +132,23 @@ class AbstractStateCapture(abc.ABC):
             elif self.states_per_instance != per_instance:
                 self.states_per_instance = -1  # varies between batches
             self._result = None
+
+    def hold(self) -> None:
+        """Keep what is recorded from now on aside until :meth:`commit` counts it or
+        :meth:`drop` forgets it: a forward pass that fails midway then leaves no
+        probe with a batch the others lack."""
+        self._held = []
+
+    def commit(self) -> None:
+        """Count and store what was held (see :meth:`hold`), in the order it came."""
+        held, self._held = self._held, None
+        for packed, n_neurons, instances in held or ():
+            self.record_packed(packed, n_neurons, instances)
+
+    def drop(self) -> int:
+        """Forget what was held (see :meth:`hold`); return how many batches that was."""
+        held, self._held = self._held, None
+        return len(held or ())
 
     def _start(self, n_neurons: int) -> None:
         self.n_neurons = n_neurons

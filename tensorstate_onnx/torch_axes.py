@@ -11,6 +11,7 @@ so a probe on an elementwise module learns the axis of its input's producer.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from typing import TYPE_CHECKING
 
@@ -211,6 +212,9 @@ class AxisTracker:
         self._known: dict[int, tuple[weakref.ref, int]] = {}
         self._frames: list[_Frame] = []
         self._pending: list[tuple[weakref.ref, torch.Tensor, "StateCaptureHook"]] = []
+        #: The probes of the model: what they record in a pass is counted when the
+        #: pass ends, and dropped if it raises.
+        self.hooks: list["StateCaptureHook"] = []
 
     def attach(self, module: torch.nn.Module) -> list:
         """Register the tracking hooks on every submodule; return their handles."""
@@ -223,10 +227,14 @@ class AxisTracker:
         def after(module, args, output):
             return None if exporting() else eager_after(module, args, output)
 
+        def ended(module, args, output):
+            return None if exporting() else self._ended(module)
+
         handles = []
         for sub in module.modules():
             handles.append(sub.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
             handles.append(sub.register_forward_hook(after, prepend=True))
+            handles.append(sub.register_forward_hook(ended, always_call=True))
         return handles
 
     # ---------------------------------------------------------------- lookups
@@ -256,8 +264,9 @@ class AxisTracker:
 
     def _before(self, module, args, kwargs):
         if not self._frames:  # a new pass (of the root module, or of a submodule called alone)
-            self._flush()
             self._known.clear()
+            for hook in self.hooks:
+                hook.hold()
         tensor = first_tensor(args)
         if tensor is None:
             tensor = first_tensor(kwargs)
@@ -294,7 +303,27 @@ class AxisTracker:
                     self._frames[-1].seen.append((tuple(tensor.shape), axis))
         if not self._frames:  # the pass is over: no module will read a waiting tensor now
             self._flush()
+            for hook in self.hooks:
+                hook.commit()
         return None
+
+    def _ended(self, module) -> None:
+        """After any call of ``module``, normal or raising: if it began the pass and the
+        pass is still open, it raised, and what the pass recorded is dropped."""
+        if not self._frames or self._frames[0].module is not module:
+            return
+        self._frames.clear()
+        self._pending.clear()
+        self._known.clear()
+        dropped = [hook.name for hook in self.hooks if hook.drop()]
+        if dropped:
+            warnings.warn(
+                f"the forward pass of {type(module).__name__} raised; the states it had recorded in "
+                f"{len(dropped)} probe(s) ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''}) "
+                "were dropped, so every probe still holds the same batches",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _output_axis(self, module, frame: _Frame, tensor: torch.Tensor) -> int | None:
         rank = tensor.dim()

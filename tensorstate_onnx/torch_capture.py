@@ -329,6 +329,7 @@ def attach_hooks(
                     metadata=metadata, channel_axis=overrides.get(capture_name, overrides.get(label)),
                 )
                 hook._tracker = tracker
+                tracker.hooks.append(hook)
                 if m == "before":
                     handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
                 else:

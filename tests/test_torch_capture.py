@@ -563,3 +563,36 @@ def test_build_efficiency_model_takes_channel_axes_natively():
     with pytest.raises(ChannelAxisError):
         build_efficiency_model(model, ["Linear"], channel_axes={"Linear": 1})
     remove_state_layers(model)
+
+
+def test_a_forward_pass_that_raises_midway_leaves_no_partial_batch(torch):
+    nn = torch.nn
+
+    class Flaky(nn.Module):
+        fail = False
+
+        def forward(self, x):
+            if self.fail:
+                raise RuntimeError("the data loader handed over a bad batch")
+            return x
+
+    torch.manual_seed(0)
+    flaky = Flaky()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), flaky, nn.Conv2d(4, 3, 3)).eval()
+    attach_hooks(model, ["Conv2d"])
+    gen = torch.Generator().manual_seed(3)
+    good, bad, later = (torch.randn(2, 1, 8, 8, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        model(good)
+        flaky.fail = True
+        with pytest.warns(RuntimeWarning, match=r"forward pass of Sequential raised.*1 probe\(s\) \(0:after\).*dropped"):
+            with pytest.raises(RuntimeError, match="bad batch"):
+                model(bad)
+        flaky.fail = False
+        model(later)
+    first, second = model.efficiency_layers
+    remove_state_layers(model)
+    assert first.state_count == 2 * 2 * 6 * 6 and second.state_count == 2 * 2 * 4 * 4, "the failed batch is not counted"
+    with torch.no_grad():
+        wanted = torch.cat([model[0](good), model[0](later)]).numpy()
+    assert _pairs(first) == _numpy_counts(wanted, 1)
