@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--attach-to", nargs="+", default=["Conv"], metavar="NAME", help="op types, node or layer names, globs (default: Conv)")
     analyze.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="names never probed (wins over --attach-to)")
     analyze.add_argument("--method", choices=METHODS, default="after")
-    analyze.add_argument("--batch-size", type=int, default=256)
+    analyze.add_argument("--batch-size", type=int, help="samples per run (default 256, or the model's fixed batch size)")
     analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda (default: auto)")
     analyze.add_argument("--pack-in-graph", action="store_true", help="quantize and pack inside the ONNX graph")
     analyze.add_argument("--storage", help="directory to keep the raw states (zarr); must not exist or be empty")
@@ -212,7 +212,7 @@ def _analyze_here(args, model_path: str) -> tuple:
     if labels is not None:
         accuracy = model.evaluate(data, labels, batch_size=args.batch_size, progress=args.progress)
     else:
-        model.predict(data, batch_size=args.batch_size, progress=args.progress)
+        model.predict(data, batch_size=args.batch_size, progress=args.progress, keep_outputs=False)
         accuracy = None
     return model, accuracy
 

@@ -340,18 +340,23 @@ class OnnxEfficiencyModel:
                 pending.result()
             self.flush(complete=finished)
 
-    def predict(self, data, batch_size: int | None = None, progress: bool | None = None):
+    def predict(self, data, batch_size: int | None = None, progress: bool | None = None, keep_outputs: bool = True):
         """Run all of ``data`` through the model, recording every probe.
 
         ``data``: a numpy array, a dict of arrays, an ``(x, y)`` pair, or an
         iterable of batches of those (generators, torch DataLoaders, tf.data
         datasets). Returns the model's output (a list when it has several),
         joined along the batch axis; an output with no batch axis (a scalar
-        such as a loss) comes back as one value per batch.
+        such as a loss) comes back as one value per batch. With
+        ``keep_outputs=False`` only the states are recorded and None is
+        returned, so memory follows the distinct states, not the outputs.
         """
         collected: list[list[np.ndarray]] = []
         for outputs, _ in self._stream(data, None, batch_size, progress):
-            collected.append(outputs)
+            if keep_outputs:
+                collected.append(outputs)
+        if not keep_outputs:
+            return None
         joined = [_join([batch[i] for batch in collected]) for i in range(len(self.output_names))]
         return joined[0] if len(joined) == 1 else joined
 

@@ -400,6 +400,22 @@ def _full_rows(root: Path) -> dict[str, np.ndarray]:
     return {d.name: StateStore.open(d).read() for d in root.iterdir()}
 
 
+def test_analyze_feeds_a_fixed_batch_model_its_batch_size(capsys, tmp_path):
+    from onnx import helper as h
+
+    graph = h.make_graph(
+        [h.make_node("Relu", ["x"], ["y"], name="relu")], "batch_one",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])], [h.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+    )  # fmt: skip
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), tmp_path / "batch_one.onnx")
+    x = np.random.default_rng(0).normal(size=(7, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = _main(capsys, "analyze", tmp_path / "batch_one.onnx", "--data", tmp_path / "x.npy", "--attach-to", "Relu")
+    assert code == 0, err
+    distinct = len(np.unique(np.packbits(x > 0, axis=-1, bitorder="little"), axis=0))
+    assert _table_rows(out)["relu:after"][2:4] == ["7", str(distinct)]
+
+
 def test_overwrite_without_storage_is_refused_before_the_run(capsys):
     code, out, err = _main(capsys, "analyze", "--overwrite")
     assert code == cli.EXIT_BAD_INPUT and out == ""

@@ -142,6 +142,15 @@ def test_a_model_with_a_fixed_batch_is_fed_batches_of_that_size():
     assert _build(_fixed_batch_relu(1), attach_to="Relu").evaluate((x, labels), progress=False) == 1.0
 
 
+def test_predict_without_outputs_records_the_same_states(demo_model, demo_data):
+    x = demo_data[0][:40]
+    kept, counted = _build(demo_model), _build(demo_model)
+    assert kept.predict(x, batch_size=16, progress=False).shape == (40, 10)
+    assert counted.predict(x, batch_size=16, progress=False, keep_outputs=False) is None
+    for a, b in zip(kept.efficiency_layers, counted.efficiency_layers, strict=True):
+        assert sorted(a.counts().tolist()) == sorted(b.counts().tolist()) and a.state_count == b.state_count
+
+
 def test_a_fixed_batch_model_refuses_what_does_not_fill_its_batches():
     x = np.ones((3, 4), np.float32)
     two = _build(_fixed_batch_relu(2), attach_to="Relu")
