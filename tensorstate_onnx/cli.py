@@ -35,6 +35,7 @@ from .metrics import check_aiq_weight
 from .patterns import METHODS
 
 EXIT_BAD_INPUT = 2
+_WORKERS_PER_CORE = 4  # a local cluster beyond this only thrashes
 EXIT_INTERNAL = 1
 # A user's mistake or the machine's (a full disk, no permission): one line, exit 2.
 # Anything else is a bug in this program: a traceback, exit 1.
@@ -193,6 +194,8 @@ def _check_options_before_run(args) -> None:
         if target.is_dir():
             raise ModelInputError(f"--{option} {path} is a directory; give a file name")
         parent = target.absolute().parent
+        if parent.exists() and not parent.is_dir():
+            raise ModelInputError(f"--{option} {path}: {parent} is a file, not a directory")
         if not parent.is_dir():
             raise ModelInputError(f"--{option} {path}: directory {parent} does not exist; create it first")
         if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
@@ -223,6 +226,12 @@ def _analyze_sharded(args, model_path: str) -> tuple:
 
     if args.workers is not None and args.workers <= 0:
         raise OptionError(f"--workers must be a positive number of processes, got {args.workers}")
+    cores = os.cpu_count() or 1
+    if args.workers is not None and args.workers > _WORKERS_PER_CORE * cores:
+        raise OptionError(
+            f"--workers {args.workers} would start more than {_WORKERS_PER_CORE} worker processes per CPU core "
+            f"({cores} here); give at most {_WORKERS_PER_CORE * cores}, or run a Dask cluster and pass --scheduler"
+        )
     data, labels = _demo_data(args) if args.data is None else (args.data, args.labels)
     try:
         return analyze_cli(

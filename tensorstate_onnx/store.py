@@ -51,6 +51,11 @@ def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise StorageExistsError(f"storage path {root} already exists and is not a directory; choose a new directory")
+    ancestor = next((p for p in root.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise StorageExistsError(f"storage path {root} lies under {ancestor}, which is a file; choose a directory path")
+    if ancestor is not None and not os.access(ancestor if not root.exists() else root, os.W_OK):
+        raise StorageExistsError(f"storage path {root} cannot be written (permission denied); choose another directory")
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise StorageExistsError(
             f"storage path {root} already exists and is not empty; choose a new directory, "

@@ -249,6 +249,7 @@ def _sorted_counts(counter) -> tuple[np.ndarray, np.ndarray]:
     "argv, message",
     [
         (["analyze", "--workers", "0"], "--workers must be a positive number of processes, got 0"),
+        (["analyze", "--workers", "99999"], "--workers 99999 would start more than 4 worker processes per CPU core"),
         # A refused port is refused at once, not after the (long) timeout.
         (["analyze", "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "120"],
          r"nothing listens at tcp://127\.0\.0\.1:9 \(connection refused\)"),
@@ -259,7 +260,7 @@ def _sorted_counts(counter) -> tuple[np.ndarray, np.ndarray]:
         (["analyze", "--workers", "2", "--connect-timeout", "0"], "--connect-timeout must be a positive number"),
         (["analyze", "model", "--data", "text.npy", "--workers", "2"], "data file .*text.npy is not a readable"),
     ],
-    ids=["no workers", "refused port", "unknown scheme", "no port", "negative timeout", "zero timeout", "bad data file"],
+    ids=["no workers", "too many workers", "refused port", "unknown scheme", "no port", "negative timeout", "zero timeout", "bad data file"],
 )  # fmt: skip
 def test_sharded_bad_input_exits_2_with_one_line(capsys, files, argv, message):
     pytest.importorskip("distributed")
@@ -309,16 +310,20 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
         (["analyze", "model", "--data", "full"], "data file .*full is a directory; pass a .npy or .npz file"),
         (["analyze", "model", "--data", "x.npy", "--labels", "full"], "labels file .*full is a directory"),
         (["analyze", "--labels", "y_short.npy"], "--labels goes with --data"),
+        (["analyze", "--json", "x.npy/report.json"], r"--json .*x.npy/report.json: .*x.npy is a file, not a directory"),
+        (["analyze", "--storage", "x.npy/states"], r"storage path .*x.npy/states lies under .*x.npy, which is a file"),
     ],
     ids=[
         "missing model", "corrupt model", "inspect corrupt model", "attach-to nothing", "text data file",
         "truncated npz", "missing data file", "npz without known names", "labels mismatch",
         "npz labels", "batch size 0", "existing storage", "unknown provider", "model without data",
-        "aiq weight 0", "data folder", "labels folder", "labels without data",
+        "aiq weight 0", "data folder", "labels folder", "labels without data", "report under a file",
+        "storage under a file",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
-    argv = [str(files[arg]) if arg in files else arg for arg in argv]
+    # "x.npy/report.json": a path under the file x.npy
+    argv = [str(files[arg.split("/")[0]]) + arg[len(arg.split("/")[0]):] if arg.split("/")[0] in files else arg for arg in argv]
     code, out, err = _main(capsys, *argv)
     assert code == cli.EXIT_BAD_INPUT == 2
     assert out == ""
