@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", help="write the report as JSON")
     analyze.add_argument("--csv", help="write the per-probe table as CSV")
     analyze.add_argument("--plot", help="write a bar chart of efficiency per probe (.png, .svg, .pdf, ...)")
+    analyze.add_argument("--firing-plot", metavar="FILE", help="write the firing rate of every neuron, one panel per probe (.png, .svg, ...)")
     analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
     analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
@@ -169,6 +170,8 @@ def _analyze(args) -> int:
         report.write_csv(args.csv)
     if args.plot:
         report.plot(args.plot)
+    if args.firing_plot:
+        report.plot_firing_rates(args.firing_plot)
     return 0
 
 
@@ -185,10 +188,11 @@ def _check_options_before_run(args) -> None:
     if not 0 < args.connect_timeout < math.inf:
         raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
-    for option in ("json", "csv", "plot"):
-        path = getattr(args, option)
+    for attribute in ("json", "csv", "plot", "firing_plot"):
+        path = getattr(args, attribute)
         if path is None:
             continue
+        option = attribute.replace("_", "-")
         target = Path(path)
         if target.is_dir():
             raise ModelInputError(f"--{option} {path} is a directory; give a file name")
@@ -197,8 +201,9 @@ def _check_options_before_run(args) -> None:
             raise ModelInputError(f"--{option} {path}: directory {parent} does not exist; create it first")
         if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
             raise ModelInputError(f"--{option} {path} cannot be written (permission denied); choose another path")
-    if args.plot is not None:
-        check_plot_format(args.plot)
+    for path in (args.plot, args.firing_plot):
+        if path is not None:
+            check_plot_format(path)
 
 
 def _analyze_here(args, model_path: str) -> tuple:

@@ -28,6 +28,15 @@ class LayerSummary:
     entropy: float
     efficiency: float
     channel_axis: int | None = None
+    #: Neurons that fired in no state, and in every state.
+    dead_neurons: int | None = None
+    always_firing: int | None = None
+    #: Per neuron, the fraction of states in which it fired (JSON and plots; not in the CSV).
+    firing_rates: list[float] | None = field(default=None, repr=False)
+
+
+#: LayerSummary fields written as CSV columns (per-neuron lists are not).
+_CSV_FIELDS = [name for name in LayerSummary.__dataclass_fields__ if name != "firing_rates"]
 
 
 @dataclass
@@ -43,14 +52,15 @@ class AnalysisReport:
 
     def table(self) -> str:
         """A fixed-width text table followed by the network figures."""
-        header = ("probe", "node", "neurons", "states", "distinct", "entropy", "efficiency")
+        header = ("probe", "node", "neurons", "states", "distinct", "dead", "always", "entropy", "efficiency")
         rows = [
             (
                 layer.name, layer.node, str(layer.neurons), str(layer.states), str(layer.distinct_states),
+                _count_text(layer.dead_neurons), _count_text(layer.always_firing),
                 f"{layer.entropy:.4f}", f"{layer.efficiency:.4f}",
             )
             for layer in self.layers
-        ]
+        ]  # fmt: skip
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -71,7 +81,7 @@ class AnalysisReport:
 
     def write_csv(self, path: str | os.PathLike) -> None:
         """One row per probe; network figures repeat on every row for easy joins."""
-        names = list(LayerSummary.__dataclass_fields__)
+        names = _CSV_FIELDS
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow([*names, "network_efficiency", "accuracy", "aiq"])
@@ -99,6 +109,39 @@ class AnalysisReport:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 
+    def plot_firing_rates(self, path: str | os.PathLike) -> None:
+        """Firing rates per probe, one panel each: every neuron's rate, sorted from
+        the most to the least active, with the dead and always-firing counts
+        (needs matplotlib: the ``plot`` extra)."""
+        check_plot_format(path)
+        layers = [layer for layer in self.layers if layer.firing_rates is not None]
+        if not layers:
+            raise OptionError("the report holds no firing rates to plot (summarize() a model after a run)")
+        from matplotlib.figure import Figure
+
+        columns = min(3, len(layers))
+        rows = -(-len(layers) // columns)
+        fig = Figure(figsize=(4.0 * columns, 2.8 * rows))
+        axes = fig.subplots(rows, columns, squeeze=False)
+        for ax, layer in zip(axes.flat, layers):
+            rates = sorted(layer.firing_rates, reverse=True)
+            ax.bar(range(len(rates)), rates, width=1.0, color="#4477aa")
+            ax.set_ylim(0, 1)
+            ax.set_xlim(-0.5, len(rates) - 0.5)
+            ax.set_title(
+                f"{layer.name}\n{layer.dead_neurons} dead, {layer.always_firing} always firing", fontsize=9
+            )
+            ax.set_xlabel("neurons, most active first", fontsize=8)
+            ax.set_ylabel("firing rate", fontsize=8)
+        for ax in list(axes.flat)[len(layers) :]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+
+
+def _count_text(count: int | None) -> str:
+    return "-" if count is None else str(count)
+
 
 def check_plot_format(path: str | os.PathLike) -> None:
     """Raise unless matplotlib is installed and can write an image of ``path``'s type."""
@@ -124,9 +167,22 @@ def summarize(model, accuracy: float | None = None, aiq_weight: int = 2) -> Anal
             entropy=layer.entropy(),
             efficiency=layer.efficiency(),
             channel_axis=getattr(layer, "channel_axis", None),
+            **_firing(layer),
         )
         for layer in model.efficiency_layers
     ]
     net = network_efficiency([layer.efficiency for layer in layers])
     score = None if accuracy is None else aIQ(net, accuracy, aiq_weight)
     return AnalysisReport(layers, net, accuracy, score, aiq_weight if accuracy is not None else None)
+
+
+def _firing(layer) -> dict:
+    """Dead and always-firing neuron counts and the firing rates of one probe."""
+    if not hasattr(layer, "firing_counts"):
+        return {}
+    counts = layer.firing_counts()
+    return {
+        "dead_neurons": int((counts == 0).sum()),
+        "always_firing": int((counts == layer.state_count).sum()),
+        "firing_rates": (counts / layer.state_count).tolist(),
+    }

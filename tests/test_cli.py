@@ -46,9 +46,11 @@ def expected() -> dict:
         counts = np.unique(rows, axis=0, return_counts=True)[1]
         p = counts / counts.sum()
         entropy = float(-(p * np.log2(p)).sum())
+        rates = np.unpackbits(rows, axis=-1, bitorder="little")[:, :c].mean(axis=0)
         layers.append({
             "node": node.name, "neurons": c, "states": len(rows), "distinct_states": len(counts),
-            "entropy": entropy, "efficiency": entropy / c,
+            "entropy": entropy, "efficiency": entropy / c, "firing_rates": rates.tolist(),
+            "dead_neurons": int((rates == 0).sum()), "always_firing": int((rates == 1).sum()),
         })  # fmt: skip
     net = math.prod(layer["efficiency"] for layer in layers) ** (1 / len(layers))
     accuracy = float(np.mean(logits.argmax(1) == y))
@@ -106,7 +108,7 @@ def _assert_table_matches(out: str, expected: dict, with_accuracy: bool = True) 
     for row, layer in zip(rows.values(), expected["layers"], strict=True):
         assert row == [
             layer["node"], str(layer["neurons"]), str(layer["states"]), str(layer["distinct_states"]),
-            f"{layer['entropy']:.4f}", f"{layer['efficiency']:.4f}",
+            str(layer["dead_neurons"]), str(layer["always_firing"]), f"{layer['entropy']:.4f}", f"{layer['efficiency']:.4f}",
         ]  # fmt: skip
     assert _figure(out, "network efficiency:") == f"{expected['net']:.4f}"
     if with_accuracy:
@@ -135,15 +137,21 @@ def test_analyze_without_a_model_runs_the_demo(capsys, expected):
 
 def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path):
     pytest.importorskip("matplotlib")
-    paths = {kind: tmp_path / f"report.{kind}" for kind in ("json", "csv", "png")}
-    code, out, err = _main(capsys, "analyze", "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    paths = {kind: tmp_path / f"report.{kind}" for kind in ("json", "csv", "png", "svg")}
+    code, out, err = _main(
+        capsys, "analyze", "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"],
+        "--firing-plot", paths["svg"],
+    )  # fmt: skip
     assert code == 0, err
+    assert paths["svg"].read_text().count("conv") >= 3  # a panel per probe
     data = json.loads(paths["json"].read_text())
     assert [layer["name"] for layer in data["layers"]] == PROBES
     for got, want in zip(data["layers"], expected["layers"], strict=True):
         assert got["node"] == want["node"]
         assert [got[k] for k in ("neurons", "states", "distinct_states")] == [want[k] for k in ("neurons", "states", "distinct_states")]
         assert [got["entropy"], got["efficiency"]] == pytest.approx([want["entropy"], want["efficiency"]], rel=1e-12)
+        for key in ("firing_rates", "dead_neurons", "always_firing"):
+            assert got[key] == want[key]  # exactly
     assert data["network_efficiency"] == pytest.approx(expected["net"], rel=1e-12)
     assert data["accuracy"] == expected["accuracy"]
     assert data["aiq"] == pytest.approx(expected["aiq"], rel=1e-12)
@@ -153,7 +161,8 @@ def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path)
     assert [row["name"] for row in rows] == PROBES
     for row, layer in zip(rows, data["layers"], strict=True):
         assert row["node"] == layer["node"]
-        for key in ("neurons", "states", "distinct_states"):
+        assert "firing_rates" not in row
+        for key in ("neurons", "states", "distinct_states", "dead_neurons", "always_firing"):
             assert int(row[key]) == layer[key]
         for key in ("entropy", "efficiency"):
             assert float(row[key]) == layer[key]
@@ -336,8 +345,13 @@ def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
         ("--csv", "full", r"--csv .*full is a directory; give a file name"),
         ("--plot", "chart.txt", r"cannot plot to .*chart.txt': txt extension; use one of .*png"),
         ("--plot", "chart", r"cannot plot to .*chart': no extension"),
+        ("--firing-plot", "missing/rates.png", r"--firing-plot .*rates.png: directory .*missing does not exist"),
+        ("--firing-plot", "rates.txt", r"cannot plot to .*rates.txt': txt extension"),
     ],
-    ids=["json in a missing directory", "csv onto a directory", "plot format", "plot without extension"],
+    ids=[
+        "json in a missing directory", "csv onto a directory", "plot format", "plot without extension",
+        "firing plot in a missing directory", "firing plot format",
+    ],
 )  # fmt: skip
 def test_report_paths_are_checked_before_the_run(capsys, files, option, name, message):
     target = files["full"] if name == "full" else files["full"].parent / name
