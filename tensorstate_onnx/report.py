@@ -66,10 +66,24 @@ class AnalysisReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("")
         lines.append(f"network efficiency: {self.network_efficiency:.4f}")
+        lines.extend(self.zero_efficiency_notes())
         if self.accuracy is not None:
             lines.append(f"accuracy:           {self.accuracy:.4f}")
             lines.append(f"aIQ (weight {self.aiq_weight}):     {self.aiq:.4f}")
         return "\n".join(lines)
+
+    def zero_efficiency_notes(self) -> list[str]:
+        """Why the network efficiency is 0: one line naming each probe that saw a
+        single state (entropy 0, so efficiency 0 and a geometric mean of 0)."""
+        single = [layer for layer in self.layers if layer.distinct_states <= 1]
+        if self.network_efficiency != 0 or not single:
+            return []
+        reasons = ", ".join(f"{layer.name} ({_single_state_reason(layer)})" for layer in single)
+        probes = "probe" if len(single) == 1 else "probes"
+        return [
+            f"why 0: {probes} {reasons} saw a single state on this data, so efficiency 0 "
+            "(the network efficiency is the geometric mean)"
+        ]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +151,17 @@ class AnalysisReport:
             ax.set_visible(False)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
+
+
+def _single_state_reason(layer: LayerSummary) -> str:
+    """What the one state of a probe looked like, from its dead/always-firing counts."""
+    if layer.dead_neurons is None or layer.always_firing is None:
+        return "every input gave the same firing pattern"
+    if layer.dead_neurons == layer.neurons:
+        return f"none of its {layer.neurons} neurons ever fired: all values <= 0"
+    if layer.always_firing == layer.neurons:
+        return f"all {layer.neurons} neurons fired on every input"
+    return f"the same {layer.always_firing} of {layer.neurons} neurons fired on every input"
 
 
 def _count_text(count: int | None) -> str:

@@ -145,7 +145,32 @@ def test_a_probe_with_a_single_state_zeroes_the_network_efficiency(tiny):
     assert [layer.distinct_states for layer in report.layers] == [1, 1]
     assert [layer.efficiency for layer in report.layers] == [0.0, 0.0]
     assert report.network_efficiency == 0.0 and report.aiq == 0.0
-    assert "aIQ (weight 1):     0.0000" in report.table()
+    lines = report.table().splitlines()
+    assert "aIQ (weight 1):     0.0000" in lines
+    note = lines[lines.index("network efficiency: 0.0000") + 1]
+    assert note == (
+        "why 0: probes relu:after (all 4 neurons fired on every input), neg:after (none of its 4 "
+        "neurons ever fired: all values <= 0) saw a single state on this data, so efficiency 0 "
+        "(the network efficiency is the geometric mean)"
+    )
+
+
+def test_one_single_state_probe_is_named_with_the_neurons_that_fired(tiny):
+    model = OnnxEfficiencyModel(tiny, ["Relu", "Neg"], providers="cpu")
+    x = np.tile(np.array([[1.0, -1.0, 0.0, 2.0]], np.float32), (6, 1))
+    x[3:, 1] = 1.0  # rows 0-2: Relu fires {0, 3}, Neg {1}; rows 3-5: Relu {0, 1, 3}, Neg nothing
+    model.predict(x, progress=False)
+    report = summarize(model)
+    assert [layer.distinct_states for layer in report.layers] == [2, 2]
+    assert report.zero_efficiency_notes() == []  # nothing at 0
+    model.reset_states()
+    model.predict(x[:3], progress=False)
+    report = summarize(model)
+    assert report.zero_efficiency_notes() == [
+        "why 0: probes relu:after (the same 2 of 4 neurons fired on every input), neg:after (the same 1 of 4 "
+        "neurons fired on every input) saw a single state on this data, so efficiency 0 (the network "
+        "efficiency is the geometric mean)"
+    ]
 
 
 def test_bad_aiq_weight(tiny):
