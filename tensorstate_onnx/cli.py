@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from . import demo
+from . import __version__, demo
 from ._optional import import_optional
 from .errors import (
     MissingFileError,
@@ -36,6 +36,7 @@ from .patterns import METHODS
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+EXIT_BROKEN_PIPE = 1  # what Python itself exits with on EPIPE
 # A user's mistake or the machine's (a full disk, no permission): one line, exit 2.
 # Anything else is a bug in this program: a traceback, exit 1.
 _BAD_INPUT = (TensorStateError, OSError)
@@ -50,12 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="tensorstate-onnx",
         description="Measure neuron-state efficiency and aIQ of ONNX, Keras and PyTorch models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="let TensorFlow, PyTorch and onnxruntime print their logs")
 
     inspect = commands.add_parser("inspect", parents=[common], help="list inputs, outputs, op types and probe-able tensors")
     inspect.add_argument("model", help="path of an .onnx file")
+    inspect.add_argument("--all", action="store_true", help="list every node, not only those with a tensor a probe can watch")
 
     analyze = commands.add_parser("analyze", parents=[common], help="run data through a model and report efficiencies")
     analyze.add_argument("model", nargs="?", help="path of an .onnx file (default: the bundled LeNet-5 digits demo)")
@@ -314,8 +317,13 @@ def _inspect(args) -> int:
     print("op types:")
     for op, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         print(f"  {op:24s} {count}")
-    print("probe-able tensors (node, op type, labels, output shapes and neuron axes):")
-    for node in nodes:
+    if args.all:
+        print("all nodes (node, op type, labels, output shapes and, for probe-able tensors, neuron axes):")
+        listed = nodes
+    else:
+        print("probe-able tensors (node, op type, labels, output shapes and neuron axes; --all lists every node):")
+        listed = [node for node in nodes if any(node["probeable"])]
+    for node in listed:
         labels = ", ".join(node.get("labels", [])) or "-"
         shapes = "; ".join(
             str(shape) + _axis_text(axis, guessed)
@@ -450,7 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"analyze": _analyze, "inspect": _inspect, "export": _export}
     try:
         with _framework_logs(args.verbose):
-            return handlers[args.command](args)
+            code = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`tensorstate-onnx analyze | head -1`): stop quietly.
+        # Python's docs: point stdout at devnull so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except _BAD_INPUT as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"tensorstate-onnx: error: {message}", file=sys.stderr)

@@ -294,6 +294,81 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
     assert not any("axis k?" in line for line in lines)  # nothing guessed
 
 
+def _shape_math_model(path: Path) -> Path:
+    """x [N, 3, 4, 4] -> Relu -> Add (of zeros of x's shape); Shape -> Cast to float -> Mul; Relu -> Cast to int."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Shape", ["x"], ["s"], name="shape"),
+            helper.make_node("Cast", ["s"], ["sf"], name="to_float", to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["sf", "two"], ["sf2"], name="scale"),
+            helper.make_node("ConstantOfShape", ["s"], ["zeros"], name="zeros",
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+            helper.make_node("Add", ["r", "zeros"], ["y"], name="add"),
+            helper.make_node("Cast", ["r"], ["ri"], name="to_int", to=TensorProto.INT64),
+        ],
+        "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("sf2", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("ri", TensorProto.INT64, ["N", 3, 4, 4])],
+        initializer=[two],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _listed_nodes(out: str) -> list[str]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(("probe-able tensors", "all nodes")))
+    return [line.split()[0] for line in lines[start + 1 :] if line.startswith("  ")]
+
+
+def test_inspect_lists_only_probeable_tensors_unless_all(capsys, tmp_path):
+    model = _shape_math_model(tmp_path / "shapes.onnx")
+    code, out, err = _main(capsys, "inspect", model)
+    assert code == 0, err
+    assert "probe-able tensors (node, op type, labels, output shapes and neuron axes; --all lists every node):" in out
+    assert _listed_nodes(out) == ["relu", "add"]
+    code, out, err = _main(capsys, "inspect", model, "--all")
+    assert code == 0, err
+    assert _listed_nodes(out) == ["relu", "shape", "to_float", "scale", "zeros", "add", "to_int"]
+    assert "  relu  Relu  [-]  (None, 3, 4, 4) axis 3?" in out.splitlines()  # no rule: the last axis, guessed
+
+
+def test_version(capsys):
+    from tensorstate_onnx import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"tensorstate-onnx {__version__}\n"
+
+
+def test_a_probe_with_a_single_state_is_named_under_the_table(capsys, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Neg", ["x"], ["n"], name="neg")],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3]) for name in ("r", "n")],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "two.onnx"))
+    x = np.array([[-1, 0, 1]] * 4 + [[1, 1, -1]] * 2, np.float32)  # Neg fires {0} or {2}
+    np.save(tmp_path / "x.npy", x)
+    argv = ("analyze", tmp_path / "two.onnx", "--data", tmp_path / "x.npy", "--attach-to", "Relu", "Neg")
+    code, out, err = _main(capsys, *argv)
+    assert code == 0, err
+    assert "why 0" not in out
+    np.save(tmp_path / "x.npy", x[:4])  # Relu fires {2}, Neg {0}: one state each
+    code, out, err = _main(capsys, *argv[:-1])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert _table_rows(out)["relu:after"][1:6] == ["3", "4", "1", "2", "1"]  # neurons, states, distinct, dead, always
+    assert lines[lines.index("network efficiency: 0.0000") + 1] == (
+        "why 0: probe relu:after (the same 1 of 3 neurons fired on every input) saw a single state on this data, "
+        "so efficiency 0 (the network efficiency is the geometric mean)"
+    )
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -513,6 +588,18 @@ def test_console_script_analyze(expected, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     _assert_table_matches(result.stdout, expected)
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`tensorstate-onnx inspect model | head -0`: the reader is gone before anything is written."""
+    process = subprocess.Popen(
+        [str(_console_script()), "inspect", str(demo.model_path())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == cli.EXIT_BROKEN_PIPE
+    assert err == ""
 
 
 def test_console_script_bad_input(tmp_path):
