@@ -1,4 +1,4 @@
-"""The ``tensorstate-onnx`` command: inspect, analyze and export models.
+"""The ``tensorstate-onnx`` command: inspect, analyze and export models, compare reports.
 
 Exit codes: 0 on success, 2 with a one-line message for bad input, 1 for an
 internal error (with its traceback, for a bug report).
@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
     analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
+
+    compare = commands.add_parser("compare", parents=[common], help="show reports written by analyze --json side by side")
+    compare.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports written by analyze --json")
+    compare.add_argument("--plot", help="write their efficiencies as grouped bars (.png, .svg, .pdf, ...)")
 
     export = commands.add_parser("export", parents=[common], help="export a Keras (.keras) or PyTorch (module:factory) model to ONNX")
     export.add_argument("source", help="a .keras file, or 'package.module:factory' returning a torch.nn.Module")
@@ -349,6 +353,18 @@ def _type_text(value) -> str:
     return f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}[{', '.join(dims)}]"
 
 
+def _compare(args) -> int:
+    from .report import check_plot_format, compare_table, plot_comparison, read_reports
+
+    if args.plot is not None:
+        check_plot_format(args.plot)
+    reports = read_reports(args.reports)
+    print(compare_table(reports))
+    if args.plot is not None:
+        plot_comparison(reports, args.plot)
+    return 0
+
+
 def _export(args) -> int:
     from . import converters
 
@@ -455,7 +471,7 @@ def _native_stderr_hidden(verbose: bool) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"analyze": _analyze, "inspect": _inspect, "export": _export}
+    handlers = {"analyze": _analyze, "inspect": _inspect, "compare": _compare, "export": _export}
     try:
         with _framework_logs(args.verbose):
             code = handlers[args.command](args)

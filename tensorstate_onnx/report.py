@@ -9,10 +9,13 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ._optional import import_optional
-from .errors import OptionError
+from .errors import MissingFileError, ModelInputError, OptionError
 from .metrics import aIQ, network_efficiency
 
-__all__ = ["LayerSummary", "AnalysisReport", "summarize"]
+__all__ = [
+    "LayerSummary", "AnalysisReport", "ReportFile", "summarize", "read_report", "read_reports",
+    "compare_table", "plot_comparison",
+]  # fmt: skip
 
 
 @dataclass
@@ -211,3 +214,134 @@ def _firing(layer) -> dict:
         "always_firing": int((counts == layer.state_count).sum()),
         "firing_rates": (counts / layer.state_count).tolist(),
     }
+
+
+# ---------------------------------------------------------------------- comparing runs
+
+
+@dataclass
+class ReportFile:
+    """The figures of one saved report (``--json``) that ``compare`` sets side by side."""
+
+    label: str
+    efficiencies: dict[str, float]
+    network_efficiency: float
+    accuracy: float | None = None
+    aiq: float | None = None
+    aiq_weight: int | None = None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_report(path: str | os.PathLike, label: str | None = None) -> ReportFile:
+    """Read a report written by ``AnalysisReport.write_json`` (``analyze --json``).
+
+    Raises MissingFileError for a missing file and ModelInputError for a
+    directory or a file that is not such a report.
+    """
+    file = os.fspath(path)
+    label = os.path.splitext(os.path.basename(file))[0] if label is None else label
+    if os.path.isdir(file):
+        raise ModelInputError(f"report {file} is a directory; pass the .json file written by analyze --json")
+    if not os.path.isfile(file):
+        raise MissingFileError(f"report file {file} does not exist")
+    try:
+        with open(file, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelInputError(f"{file} is not a report JSON (written by analyze --json): {exc}") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    valid = (
+        isinstance(layers, list)
+        and all(
+            isinstance(layer, dict) and isinstance(layer.get("name"), str) and _number(layer.get("efficiency"))
+            for layer in layers
+        )
+        and _number(data.get("network_efficiency"))
+        and all(data.get(key) is None or _number(data.get(key)) for key in ("accuracy", "aiq", "aiq_weight"))
+    )
+    if not valid:
+        raise ModelInputError(
+            f"{file} is not a report JSON (written by analyze --json): it needs 'layers' "
+            "(each with a 'name' and an 'efficiency') and a 'network_efficiency'"
+        )
+    return ReportFile(
+        label,
+        {layer["name"]: float(layer["efficiency"]) for layer in layers},
+        float(data["network_efficiency"]),
+        data.get("accuracy"),
+        data.get("aiq"),
+        data.get("aiq_weight"),
+    )
+
+
+def read_reports(paths) -> list[ReportFile]:
+    """Read several reports, labelled by file name (by path where names repeat)."""
+    paths = [os.fspath(path) for path in paths]
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    repeated = {stem for stem in stems if stems.count(stem) > 1}
+    return [read_report(path, path if stem in repeated else stem) for path, stem in zip(paths, stems)]
+
+
+def _layer_names(reports: list[ReportFile]) -> list[str]:
+    names: dict[str, None] = {}
+    for report in reports:
+        names.update(dict.fromkeys(report.efficiencies))
+    return list(names)
+
+
+def compare_table(reports: list[ReportFile]) -> str:
+    """The reports side by side: per-probe efficiency, network efficiency, accuracy
+    and aIQ; a probe a report does not have is shown as ``-``."""
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    weights = {report.aiq_weight for report in reports if report.aiq_weight is not None}
+    aiq_label = f"aIQ (weight {next(iter(weights))})" if len(weights) == 1 else "aIQ"
+    rows = [(name, *(cell(report.efficiencies.get(name)) for report in reports)) for name in _layer_names(reports)]
+    figures = [
+        ("network efficiency", *(cell(report.network_efficiency) for report in reports)),
+        ("accuracy", *(cell(report.accuracy) for report in reports)),
+        (aiq_label, *(cell(report.aiq) for report in reports)),
+    ]
+    header = ("probe", *(report.label for report in reports))
+    table = [header, *rows, *figures]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+
+    def line(row) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    lines = [line(header), "  ".join("-" * w for w in widths), *map(line, rows), "", *map(line, figures)]
+    if len(weights) > 1:
+        given = ", ".join(f"{r.label} {r.aiq_weight}" for r in reports if r.aiq_weight is not None)
+        lines.append(f"aIQ weights differ ({given}): their aIQ values do not compare")
+    return "\n".join(lines)
+
+
+def plot_comparison(reports: list[ReportFile], path: str | os.PathLike) -> None:
+    """Grouped bars: each probe's efficiency and the network efficiency, one colour per
+    report, accuracy and aIQ in the legend (needs matplotlib: the ``plot`` extra)."""
+    check_plot_format(path)
+    from matplotlib.figure import Figure
+
+    names = [*_layer_names(reports), "network"]
+    width = 0.8 / len(reports)
+    fig = Figure(figsize=(max(6.0, 0.4 * len(names) * len(reports) + 2), 4.2))
+    ax = fig.subplots()
+    for k, report in enumerate(reports):
+        values = {**report.efficiencies, "network": report.network_efficiency}
+        xs = [i + (k - (len(reports) - 1) / 2) * width for i, name in enumerate(names) if name in values]
+        label = report.label
+        if report.aiq is not None and report.accuracy is not None:
+            label += f" (accuracy {report.accuracy:.3f}, aIQ {report.aiq:.3f})"
+        ax.bar(xs, [values[name] for name in names if name in values], width=width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("efficiency (H / neurons)")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("efficiency per probe (missing bars: the report has no such probe)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -766,3 +766,80 @@ def test_export_user_errors_exit_2(capsys, tmp_path):
     for argv, message in cases:
         assert re.search(message, _one_line_error(capsys, *argv)), argv
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- compare
+
+
+@pytest.fixture(scope="module")
+def two_reports(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo's report with Conv probed (aIQ weight 2), and with Conv and Gemm (aIQ weight 3)."""
+    root = tmp_path_factory.mktemp("compare")
+    for argv in (
+        ["analyze", "--json", root / "convs.json"],
+        ["analyze", "--attach-to", "Conv", "Gemm", "--exclude", "conv1", "--aiq-weight", "3", "--json", root / "gemm.json"],
+    ):
+        assert cli.main([str(arg) for arg in argv]) == 0
+    return root / "convs.json", root / "gemm.json"
+
+
+def test_compare_prints_reports_side_by_side(capsys, two_reports):
+    first, second = two_reports
+    code, out, err = _main(capsys, "compare", first, second)
+    assert code == 0, err
+    a, b = (json.loads(path.read_text()) for path in two_reports)
+    lines = out.splitlines()
+    assert lines[0].split() == ["probe", "convs", "gemm"]
+    rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in lines[2:] if line.strip()}
+
+    def cell(report, name):
+        found = [layer["efficiency"] for layer in report["layers"] if layer["name"] == name]
+        return f"{found[0]:.4f}" if found else "-"
+
+    names = ["conv1:after", "conv2:after", "conv3:after", "dense:after"]
+    assert [line.split()[0] for line in lines[2:6]] == names  # first report's probes first
+    for name in names:
+        assert rows[name] == [cell(a, name), cell(b, name)]
+    assert rows["conv1:after"][1] == "-" and rows["dense:after"][0] == "-"
+    assert rows["network efficiency"] == [f"{a['network_efficiency']:.4f}", f"{b['network_efficiency']:.4f}"]
+    assert rows["accuracy"] == [f"{a['accuracy']:.4f}", f"{b['accuracy']:.4f}"]
+    assert rows["aIQ"] == [f"{a['aiq']:.4f}", f"{b['aiq']:.4f}"]
+    assert lines[-1] == "aIQ weights differ (convs 2, gemm 3): their aIQ values do not compare"
+
+
+def test_compare_plot_and_repeated_names(capsys, two_reports, tmp_path):
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "convs.json"
+    copy.write_text(two_reports[0].read_text())
+    code, out, err = _main(capsys, "compare", two_reports[0], copy, "--plot", tmp_path / "compare.png")
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["probe", str(two_reports[0]), str(copy)]  # same names: the paths
+    assert "aIQ (weight 2)" in out and "differ" not in out
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"report file .*missing.json does not exist"),
+        ("not json", r"bad.json is not a report JSON \(written by analyze --json\): Expecting value"),
+        ("[1, 2]", r"bad.json is not a report JSON .*it needs 'layers'"),
+        ('{"layers": [{"name": "a"}], "network_efficiency": 0.5}', r"bad.json is not a report JSON .*'efficiency'"),
+        ('{"layers": [], "network_efficiency": "high"}', r"bad.json is not a report JSON"),
+        ("dir", r"report .*bad.json is a directory"),
+    ],
+    ids=["missing", "not json", "a list", "layer without efficiency", "network not a number", "directory"],
+)
+def test_compare_bad_input_exits_2_with_one_line(capsys, two_reports, tmp_path, content, message):
+    path = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    err = _one_line_error(capsys, "compare", two_reports[0], path)
+    assert re.search(message, err), err
+
+
+def test_compare_refuses_a_plot_format_before_reading(capsys, two_reports, tmp_path):
+    err = _one_line_error(capsys, "compare", *two_reports, "--plot", tmp_path / "chart.txt")
+    assert "cannot plot to" in err and "txt extension" in err
