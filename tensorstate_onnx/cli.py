@@ -168,9 +168,7 @@ def _analyze(args) -> int:
     else:
         model, accuracy = _analyze_here(args, model_path)
     report = summarize(model, accuracy, args.aiq_weight)
-    if args.model is None:
-        print(f"model: bundled demo ({Path(model_path).name}, LeNet-5 on held-out scikit-learn digits)")
-    print(report.table())
+    # Files first: a reader that closes the pipe early (`| head -1`) loses none of them.
     if args.json:
         report.write_json(args.json)
     if args.csv:
@@ -179,6 +177,9 @@ def _analyze(args) -> int:
         report.plot(args.plot)
     if args.firing_plot:
         report.plot_firing_rates(args.firing_plot)
+    if args.model is None:
+        print(f"model: bundled demo ({Path(model_path).name}, LeNet-5 on held-out scikit-learn digits)")
+    print(report.table())
     return 0
 
 
@@ -327,6 +328,8 @@ def _inspect(args) -> int:
     else:
         print("probe-able tensors (node, op type, labels, output shapes and neuron axes; --all lists every node):")
         listed = [node for node in nodes if any(node["probeable"])]
+        if not listed:
+            print("  none: no node writes a float activation (--all lists every node)")
     for node in listed:
         labels = ", ".join(node.get("labels", [])) or "-"
         shapes = "; ".join(
@@ -359,9 +362,9 @@ def _compare(args) -> int:
     if args.plot is not None:
         check_plot_format(args.plot)
     reports = read_reports(args.reports)
-    print(compare_table(reports))
     if args.plot is not None:
         plot_comparison(reports, args.plot)
+    print(compare_table(reports))
     return 0
 
 

@@ -334,6 +334,15 @@ def test_inspect_lists_only_probeable_tensors_unless_all(capsys, tmp_path):
     assert code == 0, err
     assert _listed_nodes(out) == ["relu", "shape", "to_float", "scale", "zeros", "add", "to_int"]
     assert "  relu  Relu  [-]  (None, 3, 4, 4) axis 3?" in out.splitlines()  # no rule: the last axis, guessed
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["i"], name="to_int", to=TensorProto.INT64)], "ints",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, ["N", 3])],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "ints.onnx"))
+    code, out, err = _main(capsys, "inspect", tmp_path / "ints.onnx")
+    assert code == 0, err
+    assert out.splitlines()[-1] == "  none: no node writes a float activation (--all lists every node)"
 
 
 def test_version(capsys):
@@ -590,16 +599,18 @@ def test_console_script_analyze(expected, tmp_path):
     _assert_table_matches(result.stdout, expected)
 
 
-def test_a_closed_pipe_ends_quietly(tmp_path):
-    """`tensorstate-onnx inspect model | head -0`: the reader is gone before anything is written."""
+@pytest.mark.parametrize("command", [["inspect", str(demo.model_path())], ["analyze", "--json", "r.json"]])
+def test_a_closed_pipe_ends_quietly(tmp_path, command):
+    """`tensorstate-onnx ... | head -0`: the reader is gone before anything is written."""
     process = subprocess.Popen(
-        [str(_console_script()), "inspect", str(demo.model_path())],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        [str(_console_script()), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
     )  # fmt: skip
     process.stdout.close()
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == cli.EXIT_BROKEN_PIPE
     assert err == ""
+    if command[0] == "analyze":
+        assert json.loads((tmp_path / "r.json").read_text())["network_efficiency"] > 0  # written all the same
 
 
 def test_console_script_bad_input(tmp_path):
