@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .engine import StateCounter, n_bytes_for, pack
+from .engine import StateCounter, n_bytes_for, pack, unpack
 from .errors import IndexOutOfRangeError, NoStatesError, OptionError
 from .store import StateStore
 
 __all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances"]
+
+#: Bits unpacked at a time by ``firing_counts`` (bounds its memory).
+_UNPACK_BITS = 1 << 22
 
 
 def batch_instances(shape, channel_axis: int) -> int:
@@ -297,6 +300,35 @@ class AbstractStateCapture(abc.ABC):
         numerator = self.entropy(alpha1)
         denominator = self.entropy(alpha2)
         return 0.0 if denominator == 0 else numerator / denominator
+
+    def firing_counts(self) -> np.ndarray:
+        """Per neuron, the number of recorded states in which it fires (``int64[C]``).
+
+        Computed from the distinct states and their counts (no raw states
+        needed): each distinct state, unpacked, weighted by how often it was seen.
+        """
+        ids, counts = self._counts_for(None)
+        fired = np.zeros(self.n_neurons, dtype=np.int64)
+        weights = counts.astype(np.int64)
+        # A few MiB of unpacked bits at a time, however many distinct states there are.
+        step = max(1, _UNPACK_BITS // self.n_neurons)
+        for start in range(0, len(ids), step):
+            bits = unpack(np.ascontiguousarray(ids[start : start + step]), self.n_neurons)
+            fired += weights[start : start + step] @ bits.astype(np.int64)
+        return fired
+
+    def firing_rates(self) -> np.ndarray:
+        """Per neuron, the fraction of recorded states in which it fires (``float64[C]``):
+        0 for a dead neuron, 1 for one that always fires."""
+        return self.firing_counts() / self.state_count
+
+    def dead_neurons(self) -> np.ndarray:
+        """Indices of the neurons that fired in no recorded state."""
+        return np.flatnonzero(self.firing_counts() == 0)
+
+    def always_firing(self) -> np.ndarray:
+        """Indices of the neurons that fired in every recorded state."""
+        return np.flatnonzero(self.firing_counts() == self.state_count)
 
     @property
     def n_bytes(self) -> int | None:

@@ -1,4 +1,4 @@
-"""The ``tensorstate-onnx`` command: inspect, analyze and export models.
+"""The ``tensorstate-onnx`` command: inspect, analyze and export models, compare reports.
 
 Exit codes: 0 on success, 2 with a one-line message for bad input, 1 for an
 internal error (with its traceback, for a bug report).
@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from . import demo
+from . import __version__, demo
 from ._optional import import_optional
 from .errors import (
     MissingFileError,
@@ -37,6 +37,7 @@ from .patterns import METHODS
 EXIT_BAD_INPUT = 2
 _WORKERS_PER_CORE = 4  # a local cluster beyond this only thrashes
 EXIT_INTERNAL = 1
+EXIT_BROKEN_PIPE = 1  # what Python itself exits with on EPIPE
 # A user's mistake or the machine's (a full disk, no permission): one line, exit 2.
 # Anything else is a bug in this program: a traceback, exit 1.
 _BAD_INPUT = (TensorStateError, OSError)
@@ -51,12 +52,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="tensorstate-onnx",
         description="Measure neuron-state efficiency and aIQ of ONNX, Keras and PyTorch models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="let TensorFlow, PyTorch and onnxruntime print their logs")
 
     inspect = commands.add_parser("inspect", parents=[common], help="list inputs, outputs, op types and probe-able tensors")
     inspect.add_argument("model", help="path of an .onnx file")
+    inspect.add_argument("--all", action="store_true", help="list every node, not only those with a tensor a probe can watch")
 
     analyze = commands.add_parser("analyze", parents=[common], help="run data through a model and report efficiencies")
     analyze.add_argument("model", nargs="?", help="path of an .onnx file (default: the bundled LeNet-5 digits demo)")
@@ -73,11 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", help="write the report as JSON")
     analyze.add_argument("--csv", help="write the per-probe table as CSV")
     analyze.add_argument("--plot", help="write a bar chart of efficiency per probe (.png, .svg, .pdf, ...)")
+    analyze.add_argument("--firing-plot", metavar="FILE", help="write the firing rate of every neuron, one panel per probe (.png, .svg, ...)")
     analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
     analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
     analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
+
+    compare = commands.add_parser("compare", parents=[common], help="show reports written by analyze --json side by side")
+    compare.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports written by analyze --json")
+    compare.add_argument("--plot", help="write their efficiencies as grouped bars (.png, .svg, .pdf, ...)")
 
     export = commands.add_parser("export", parents=[common], help="export a Keras (.keras) or PyTorch (module:factory) model to ONNX")
     export.add_argument("source", help="a .keras file, or 'package.module:factory' returning a torch.nn.Module")
@@ -161,15 +169,18 @@ def _analyze(args) -> int:
     else:
         model, accuracy = _analyze_here(args, model_path)
     report = summarize(model, accuracy, args.aiq_weight)
-    if args.model is None:
-        print(f"model: bundled demo ({Path(model_path).name}, LeNet-5 on held-out scikit-learn digits)")
-    print(report.table())
+    # Files first: a reader that closes the pipe early (`| head -1`) loses none of them.
     if args.json:
         report.write_json(args.json)
     if args.csv:
         report.write_csv(args.csv)
     if args.plot:
         report.plot(args.plot)
+    if args.firing_plot:
+        report.plot_firing_rates(args.firing_plot)
+    if args.model is None:
+        print(f"model: bundled demo ({Path(model_path).name}, LeNet-5 on held-out scikit-learn digits)")
+    print(report.table())
     return 0
 
 
@@ -186,10 +197,11 @@ def _check_options_before_run(args) -> None:
     if not 0 < args.connect_timeout < math.inf:
         raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
-    for option in ("json", "csv", "plot"):
-        path = getattr(args, option)
+    for attribute in ("json", "csv", "plot", "firing_plot"):
+        path = getattr(args, attribute)
         if path is None:
             continue
+        option = attribute.replace("_", "-")
         target = Path(path)
         if target.is_dir():
             raise ModelInputError(f"--{option} {path} is a directory; give a file name")
@@ -200,8 +212,9 @@ def _check_options_before_run(args) -> None:
             raise ModelInputError(f"--{option} {path}: directory {parent} does not exist; create it first")
         if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
             raise ModelInputError(f"--{option} {path} cannot be written (permission denied); choose another path")
-    if args.plot is not None:
-        check_plot_format(args.plot)
+    for path in (args.plot, args.firing_plot):
+        if path is not None:
+            check_plot_format(path)
 
 
 def _analyze_here(args, model_path: str) -> tuple:
@@ -318,8 +331,15 @@ def _inspect(args) -> int:
     print("op types:")
     for op, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         print(f"  {op:24s} {count}")
-    print("probe-able tensors (node, op type, labels, output shapes and neuron axes):")
-    for node in nodes:
+    if args.all:
+        print("all nodes (node, op type, labels, output shapes and, for probe-able tensors, neuron axes):")
+        listed = nodes
+    else:
+        print("probe-able tensors (node, op type, labels, output shapes and neuron axes; --all lists every node):")
+        listed = [node for node in nodes if any(node["probeable"])]
+        if not listed:
+            print("  none: no node writes a float activation (--all lists every node)")
+    for node in listed:
         labels = ", ".join(node.get("labels", [])) or "-"
         shapes = "; ".join(
             str(shape) + _axis_text(axis, guessed)
@@ -343,6 +363,18 @@ def _type_text(value) -> str:
     tensor = value.type.tensor_type
     dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
     return f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}[{', '.join(dims)}]"
+
+
+def _compare(args) -> int:
+    from .report import check_plot_format, compare_table, plot_comparison, read_reports
+
+    if args.plot is not None:
+        check_plot_format(args.plot)
+    reports = read_reports(args.reports)
+    if args.plot is not None:
+        plot_comparison(reports, args.plot)
+    print(compare_table(reports))
+    return 0
 
 
 def _export(args) -> int:
@@ -451,10 +483,18 @@ def _native_stderr_hidden(verbose: bool) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"analyze": _analyze, "inspect": _inspect, "export": _export}
+    handlers = {"analyze": _analyze, "inspect": _inspect, "compare": _compare, "export": _export}
     try:
         with _framework_logs(args.verbose):
-            return handlers[args.command](args)
+            code = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`tensorstate-onnx analyze | head -1`): stop quietly.
+        # Python's docs: point stdout at devnull so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except _BAD_INPUT as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"tensorstate-onnx: error: {message}", file=sys.stderr)

@@ -46,9 +46,11 @@ def expected() -> dict:
         counts = np.unique(rows, axis=0, return_counts=True)[1]
         p = counts / counts.sum()
         entropy = float(-(p * np.log2(p)).sum())
+        rates = np.unpackbits(rows, axis=-1, bitorder="little")[:, :c].mean(axis=0)
         layers.append({
             "node": node.name, "neurons": c, "states": len(rows), "distinct_states": len(counts),
-            "entropy": entropy, "efficiency": entropy / c,
+            "entropy": entropy, "efficiency": entropy / c, "firing_rates": rates.tolist(),
+            "dead_neurons": int((rates == 0).sum()), "always_firing": int((rates == 1).sum()),
         })  # fmt: skip
     net = math.prod(layer["efficiency"] for layer in layers) ** (1 / len(layers))
     accuracy = float(np.mean(logits.argmax(1) == y))
@@ -106,7 +108,7 @@ def _assert_table_matches(out: str, expected: dict, with_accuracy: bool = True) 
     for row, layer in zip(rows.values(), expected["layers"], strict=True):
         assert row == [
             layer["node"], str(layer["neurons"]), str(layer["states"]), str(layer["distinct_states"]),
-            f"{layer['entropy']:.4f}", f"{layer['efficiency']:.4f}",
+            str(layer["dead_neurons"]), str(layer["always_firing"]), f"{layer['entropy']:.4f}", f"{layer['efficiency']:.4f}",
         ]  # fmt: skip
     assert _figure(out, "network efficiency:") == f"{expected['net']:.4f}"
     if with_accuracy:
@@ -135,15 +137,21 @@ def test_analyze_without_a_model_runs_the_demo(capsys, expected):
 
 def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path):
     pytest.importorskip("matplotlib")
-    paths = {kind: tmp_path / f"report.{kind}" for kind in ("json", "csv", "png")}
-    code, out, err = _main(capsys, "analyze", "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    paths = {kind: tmp_path / f"report.{kind}" for kind in ("json", "csv", "png", "svg")}
+    code, out, err = _main(
+        capsys, "analyze", "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"],
+        "--firing-plot", paths["svg"],
+    )  # fmt: skip
     assert code == 0, err
+    assert paths["svg"].read_text().count("conv") >= 3  # a panel per probe
     data = json.loads(paths["json"].read_text())
     assert [layer["name"] for layer in data["layers"]] == PROBES
     for got, want in zip(data["layers"], expected["layers"], strict=True):
         assert got["node"] == want["node"]
         assert [got[k] for k in ("neurons", "states", "distinct_states")] == [want[k] for k in ("neurons", "states", "distinct_states")]
         assert [got["entropy"], got["efficiency"]] == pytest.approx([want["entropy"], want["efficiency"]], rel=1e-12)
+        for key in ("firing_rates", "dead_neurons", "always_firing"):
+            assert got[key] == want[key]  # exactly
     assert data["network_efficiency"] == pytest.approx(expected["net"], rel=1e-12)
     assert data["accuracy"] == expected["accuracy"]
     assert data["aiq"] == pytest.approx(expected["aiq"], rel=1e-12)
@@ -153,7 +161,8 @@ def test_analyze_writes_consistent_json_csv_and_plot(capsys, expected, tmp_path)
     assert [row["name"] for row in rows] == PROBES
     for row, layer in zip(rows, data["layers"], strict=True):
         assert row["node"] == layer["node"]
-        for key in ("neurons", "states", "distinct_states"):
+        assert "firing_rates" not in row
+        for key in ("neurons", "states", "distinct_states", "dead_neurons", "always_firing"):
             assert int(row[key]) == layer[key]
         for key in ("entropy", "efficiency"):
             assert float(row[key]) == layer[key]
@@ -286,6 +295,90 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
     assert not any("axis k?" in line for line in lines)  # nothing guessed
 
 
+def _shape_math_model(path: Path) -> Path:
+    """x [N, 3, 4, 4] -> Relu -> Add (of zeros of x's shape); Shape -> Cast to float -> Mul; Relu -> Cast to int."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Shape", ["x"], ["s"], name="shape"),
+            helper.make_node("Cast", ["s"], ["sf"], name="to_float", to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["sf", "two"], ["sf2"], name="scale"),
+            helper.make_node("ConstantOfShape", ["s"], ["zeros"], name="zeros",
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+            helper.make_node("Add", ["r", "zeros"], ["y"], name="add"),
+            helper.make_node("Cast", ["r"], ["ri"], name="to_int", to=TensorProto.INT64),
+        ],
+        "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("sf2", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("ri", TensorProto.INT64, ["N", 3, 4, 4])],
+        initializer=[two],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _listed_nodes(out: str) -> list[str]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(("probe-able tensors", "all nodes")))
+    return [line.split()[0] for line in lines[start + 1 :] if line.startswith("  ")]
+
+
+def test_inspect_lists_only_probeable_tensors_unless_all(capsys, tmp_path):
+    model = _shape_math_model(tmp_path / "shapes.onnx")
+    code, out, err = _main(capsys, "inspect", model)
+    assert code == 0, err
+    assert "probe-able tensors (node, op type, labels, output shapes and neuron axes; --all lists every node):" in out
+    assert _listed_nodes(out) == ["relu", "add"]
+    code, out, err = _main(capsys, "inspect", model, "--all")
+    assert code == 0, err
+    assert _listed_nodes(out) == ["relu", "shape", "to_float", "scale", "zeros", "add", "to_int"]
+    assert "  relu  Relu  [-]  (None, 3, 4, 4) axis 3?" in out.splitlines()  # no rule: the last axis, guessed
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["i"], name="to_int", to=TensorProto.INT64)], "ints",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, ["N", 3])],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "ints.onnx"))
+    code, out, err = _main(capsys, "inspect", tmp_path / "ints.onnx")
+    assert code == 0, err
+    assert out.splitlines()[-1] == "  none: no node writes a float activation (--all lists every node)"
+
+
+def test_version(capsys):
+    from tensorstate_onnx import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"tensorstate-onnx {__version__}\n"
+
+
+def test_a_probe_with_a_single_state_is_named_under_the_table(capsys, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Neg", ["x"], ["n"], name="neg")],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3]) for name in ("r", "n")],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "two.onnx"))
+    x = np.array([[-1, 0, 1]] * 4 + [[1, 1, -1]] * 2, np.float32)  # Neg fires {0} or {2}
+    np.save(tmp_path / "x.npy", x)
+    argv = ("analyze", tmp_path / "two.onnx", "--data", tmp_path / "x.npy", "--attach-to", "Relu", "Neg")
+    code, out, err = _main(capsys, *argv)
+    assert code == 0, err
+    assert "why 0" not in out
+    np.save(tmp_path / "x.npy", x[:4])  # Relu fires {2}, Neg {0}: one state each
+    code, out, err = _main(capsys, *argv[:-1])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert _table_rows(out)["relu:after"][1:6] == ["3", "4", "1", "2", "1"]  # neurons, states, distinct, dead, always
+    assert lines[lines.index("network efficiency: 0.0000") + 1] == (
+        "why 0: probe relu:after (the same 1 of 3 neurons fired on every input) saw a single state on this data, "
+        "so efficiency 0 (the network efficiency is the geometric mean)"
+    )
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -341,8 +434,13 @@ def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
         ("--csv", "full", r"--csv .*full is a directory; give a file name"),
         ("--plot", "chart.txt", r"cannot plot to .*chart.txt': txt extension; use one of .*png"),
         ("--plot", "chart", r"cannot plot to .*chart': no extension"),
+        ("--firing-plot", "missing/rates.png", r"--firing-plot .*rates.png: directory .*missing does not exist"),
+        ("--firing-plot", "rates.txt", r"cannot plot to .*rates.txt': txt extension"),
     ],
-    ids=["json in a missing directory", "csv onto a directory", "plot format", "plot without extension"],
+    ids=[
+        "json in a missing directory", "csv onto a directory", "plot format", "plot without extension",
+        "firing plot in a missing directory", "firing plot format",
+    ],
 )  # fmt: skip
 def test_report_paths_are_checked_before_the_run(capsys, files, option, name, message):
     target = files["full"] if name == "full" else files["full"].parent / name
@@ -522,6 +620,20 @@ def test_console_script_analyze(expected, tmp_path):
     _assert_table_matches(result.stdout, expected)
 
 
+@pytest.mark.parametrize("command", [["inspect", str(demo.model_path())], ["analyze", "--json", "r.json"]])
+def test_a_closed_pipe_ends_quietly(tmp_path, command):
+    """`tensorstate-onnx ... | head -0`: the reader is gone before anything is written."""
+    process = subprocess.Popen(
+        [str(_console_script()), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == cli.EXIT_BROKEN_PIPE
+    assert err == ""
+    if command[0] == "analyze":
+        assert json.loads((tmp_path / "r.json").read_text())["network_efficiency"] > 0  # written all the same
+
+
 def test_console_script_bad_input(tmp_path):
     result = subprocess.run(
         [str(_console_script()), "analyze", "missing.onnx", "--data", "x.npy"],
@@ -686,3 +798,80 @@ def test_export_user_errors_exit_2(capsys, tmp_path):
     for argv, message in cases:
         assert re.search(message, _one_line_error(capsys, *argv)), argv
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- compare
+
+
+@pytest.fixture(scope="module")
+def two_reports(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo's report with Conv probed (aIQ weight 2), and with Conv and Gemm (aIQ weight 3)."""
+    root = tmp_path_factory.mktemp("compare")
+    for argv in (
+        ["analyze", "--json", root / "convs.json"],
+        ["analyze", "--attach-to", "Conv", "Gemm", "--exclude", "conv1", "--aiq-weight", "3", "--json", root / "gemm.json"],
+    ):
+        assert cli.main([str(arg) for arg in argv]) == 0
+    return root / "convs.json", root / "gemm.json"
+
+
+def test_compare_prints_reports_side_by_side(capsys, two_reports):
+    first, second = two_reports
+    code, out, err = _main(capsys, "compare", first, second)
+    assert code == 0, err
+    a, b = (json.loads(path.read_text()) for path in two_reports)
+    lines = out.splitlines()
+    assert lines[0].split() == ["probe", "convs", "gemm"]
+    rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in lines[2:] if line.strip()}
+
+    def cell(report, name):
+        found = [layer["efficiency"] for layer in report["layers"] if layer["name"] == name]
+        return f"{found[0]:.4f}" if found else "-"
+
+    names = ["conv1:after", "conv2:after", "conv3:after", "dense:after"]
+    assert [line.split()[0] for line in lines[2:6]] == names  # first report's probes first
+    for name in names:
+        assert rows[name] == [cell(a, name), cell(b, name)]
+    assert rows["conv1:after"][1] == "-" and rows["dense:after"][0] == "-"
+    assert rows["network efficiency"] == [f"{a['network_efficiency']:.4f}", f"{b['network_efficiency']:.4f}"]
+    assert rows["accuracy"] == [f"{a['accuracy']:.4f}", f"{b['accuracy']:.4f}"]
+    assert rows["aIQ"] == [f"{a['aiq']:.4f}", f"{b['aiq']:.4f}"]
+    assert lines[-1] == "aIQ weights differ (convs 2, gemm 3): their aIQ values do not compare"
+
+
+def test_compare_plot_and_repeated_names(capsys, two_reports, tmp_path):
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "convs.json"
+    copy.write_text(two_reports[0].read_text())
+    code, out, err = _main(capsys, "compare", two_reports[0], copy, "--plot", tmp_path / "compare.png")
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["probe", str(two_reports[0]), str(copy)]  # same names: the paths
+    assert "aIQ (weight 2)" in out and "differ" not in out
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"report file .*missing.json does not exist"),
+        ("not json", r"bad.json is not a report JSON \(written by analyze --json\): Expecting value"),
+        ("[1, 2]", r"bad.json is not a report JSON .*it needs 'layers'"),
+        ('{"layers": [{"name": "a"}], "network_efficiency": 0.5}', r"bad.json is not a report JSON .*'efficiency'"),
+        ('{"layers": [], "network_efficiency": "high"}', r"bad.json is not a report JSON"),
+        ("dir", r"report .*bad.json is a directory"),
+    ],
+    ids=["missing", "not json", "a list", "layer without efficiency", "network not a number", "directory"],
+)
+def test_compare_bad_input_exits_2_with_one_line(capsys, two_reports, tmp_path, content, message):
+    path = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    err = _one_line_error(capsys, "compare", two_reports[0], path)
+    assert re.search(message, err), err
+
+
+def test_compare_refuses_a_plot_format_before_reading(capsys, two_reports, tmp_path):
+    err = _one_line_error(capsys, "compare", *two_reports, "--plot", tmp_path / "chart.txt")
+    assert "cannot plot to" in err and "txt extension" in err

@@ -94,7 +94,10 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
     None for unknown dims, or None where even the rank is unknown),
     ``channel_axes`` (the neuron axis of each output a probe could watch, None
     for constants and tensors that are not float or of unknown rank) and
-    ``axes_guessed`` (whether that axis is a guess).
+    ``axes_guessed`` (whether that axis is a guess) and ``probeable`` (whether
+    the output is worth a probe: a float activation with a neuron axis, not
+    shape arithmetic, i.e. computed only from ``Shape``/``Size`` outputs and
+    constants).
     """
     model = load_model(model)
     types = infer_types(model)
@@ -102,6 +105,7 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
     names = index.names
     per_node = scopes_per_node(len(names), framework_scopes(model.graph))
     layout = infer_channel_axes(index, is_channels_last(model))
+    shape_math = _shape_arithmetic(model.graph, index.constants)
     return [
         {
             "name": names[i],
@@ -112,9 +116,25 @@ def list_nodes(model: onnx.ModelProto | str | os.PathLike) -> list[dict]:
             "output_shapes": [shape_of(types.get(out)) for out in node.output],
             "channel_axes": [layout.axes.get(out) if index.probeable(out) else None for out in node.output],
             "axes_guessed": [index.probeable(out) and out in layout.guessed for out in node.output],
+            "probeable": [
+                index.probeable(out) and layout.axes.get(out) is not None and out not in shape_math
+                for out in node.output
+            ],
         }
         for i, node in enumerate(model.graph.node)
     ]
+
+
+def _shape_arithmetic(graph: onnx.GraphProto, constants: set[str]) -> set[str]:
+    """Tensors computed from the shapes of others: outputs of ``Shape``/``Size`` and of
+    nodes whose every non-constant input is such a tensor (a Resize's scales, a
+    Reshape's target computed in float)."""
+    derived: set[str] = set()
+    for node in graph.node:
+        inputs = [name for name in node.input if name and name not in constants]
+        if node.op_type in ("Shape", "Size") or (inputs and all(name in derived for name in inputs)):
+            derived.update(name for name in node.output if name)
+    return derived
 
 
 def add_probes(
