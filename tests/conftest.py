@@ -95,3 +95,30 @@ def node_metadata():
         return {prop.key: prop.value for prop in node.metadata_props}
 
     return metadata
+
+
+@pytest.fixture(scope="session")
+def shape_math_model() -> onnx.ModelProto:
+    """x [N, 3, 4, 4] -> Relu -> Add (of zeros of x's shape); Shape -> Cast to float -> Mul;
+    Relu -> Cast to int: two probe-able tensors among shape arithmetic and an integer cast."""
+    from onnx import TensorProto, helper
+
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Shape", ["x"], ["s"], name="shape"),
+            helper.make_node("Cast", ["s"], ["sf"], name="to_float", to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["sf", "two"], ["sf2"], name="scale"),
+            helper.make_node("ConstantOfShape", ["s"], ["zeros"], name="zeros",
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+            helper.make_node("Add", ["r", "zeros"], ["y"], name="add"),
+            helper.make_node("Cast", ["r"], ["ri"], name="to_int", to=TensorProto.INT64),
+        ],
+        "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4]),
+         helper.make_tensor_value_info("sf2", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("ri", TensorProto.INT64, ["N", 3, 4, 4])],
+        initializer=[two],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

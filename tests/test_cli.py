@@ -295,38 +295,15 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
     assert not any("axis k?" in line for line in lines)  # nothing guessed
 
 
-def _shape_math_model(path: Path) -> Path:
-    """x [N, 3, 4, 4] -> Relu -> Add (of zeros of x's shape); Shape -> Cast to float -> Mul; Relu -> Cast to int."""
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    graph = helper.make_graph(
-        [
-            helper.make_node("Relu", ["x"], ["r"], name="relu"),
-            helper.make_node("Shape", ["x"], ["s"], name="shape"),
-            helper.make_node("Cast", ["s"], ["sf"], name="to_float", to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["sf", "two"], ["sf2"], name="scale"),
-            helper.make_node("ConstantOfShape", ["s"], ["zeros"], name="zeros",
-                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
-            helper.make_node("Add", ["r", "zeros"], ["y"], name="add"),
-            helper.make_node("Cast", ["r"], ["ri"], name="to_int", to=TensorProto.INT64),
-        ],
-        "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4]),
-         helper.make_tensor_value_info("sf2", TensorProto.FLOAT, [4]),
-         helper.make_tensor_value_info("ri", TensorProto.INT64, ["N", 3, 4, 4])],
-        initializer=[two],
-    )  # fmt: skip
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def _listed_nodes(out: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(("probe-able tensors", "all nodes")))
     return [line.split()[0] for line in lines[start + 1 :] if line.startswith("  ")]
 
 
-def test_inspect_lists_only_probeable_tensors_unless_all(capsys, tmp_path):
-    model = _shape_math_model(tmp_path / "shapes.onnx")
+def test_inspect_lists_only_probeable_tensors_unless_all(capsys, tmp_path, shape_math_model):
+    model = tmp_path / "shapes.onnx"
+    onnx.save_model(shape_math_model, str(model))
     code, out, err = _main(capsys, "inspect", model)
     assert code == 0, err
     assert "probe-able tensors (node, op type, labels, output shapes and neuron axes; --all lists every node):" in out

@@ -165,25 +165,8 @@ def test_list_nodes(cnn):
     assert nodes[6]["output_shapes"] == [(None, 54)]
 
 
-def test_list_nodes_marks_shape_arithmetic_and_integers_not_probeable():
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    graph = helper.make_graph(
-        [
-            helper.make_node("Relu", ["x"], ["r"], name="relu"),
-            helper.make_node("Shape", ["x"], ["s"], name="shape"),
-            helper.make_node("Cast", ["s"], ["sf"], name="to_float", to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["sf", "two"], ["sf2"], name="scale"),
-            helper.make_node("ConstantOfShape", ["s"], ["zeros"], name="zeros",
-                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
-            helper.make_node("Add", ["r", "zeros"], ["y"], name="add"),
-            helper.make_node("Cast", ["r"], ["ri"], name="to_int", to=TensorProto.INT64),
-        ],
-        "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "sf2")]
-        + [helper.make_tensor_value_info("ri", TensorProto.INT64, None)],
-        initializer=[two],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+def test_list_nodes_marks_shape_arithmetic_and_integers_not_probeable(shape_math_model):
+    model = shape_math_model
     probeable = {node["name"]: node["probeable"] for node in list_nodes(model)}
     assert probeable == {
         "relu": [True], "shape": [False], "to_float": [False], "scale": [False], "zeros": [False],
