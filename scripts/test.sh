@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch,keras,plot,distributed]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch,keras,plot,images,distributed]"
 .venv/bin/python -m pytest -q "$@"

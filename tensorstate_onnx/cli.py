@@ -7,18 +7,17 @@ internal error (with its traceback, for a bug report).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
 import traceback
 import zipfile
-import zlib
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import onnx
 
 from . import __version__, demo
@@ -47,6 +46,14 @@ class _RunFailed(Exception):
     """The run failed for a reason outside this process (a worker kept dying); no traceback helps."""
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """``0.485,0.456,0.406`` as a tuple of floats (argparse type)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorstate-onnx",
@@ -63,8 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", parents=[common], help="run data through a model and report efficiencies")
     analyze.add_argument("model", nargs="?", help="path of an .onnx file (default: the bundled LeNet-5 digits demo)")
-    analyze.add_argument("--data", help=".npy or .npz file of inputs (.npz: arrays named like the inputs, or x [and y])")
+    analyze.add_argument("--data", help=".npy/.npz file or zarr array of inputs (.npz, zarr group: arrays named like the inputs, or x [and y]), or a folder of images")
     analyze.add_argument("--labels", help=".npy file of class labels, one per sample")
+    analyze.add_argument("--data-loader-script", metavar="FILE.py[:FUNCTION]", help="a function (default load_data) that returns or yields batches: arrays, dicts of arrays, or (x, y) pairs")
+    analyze.add_argument("--labels-from-folders", action="store_true", help="with a folder of images: each sub-folder is a class (sorted by name)")
+    analyze.add_argument("--scale", type=float, default=1 / 255, help="images: pixel values are multiplied by this (default 1/255) ...")
+    analyze.add_argument("--mean", type=_floats, default=(0.0,), help="... minus this (one or one per channel, comma-separated; default 0) ...")
+    analyze.add_argument("--std", type=_floats, default=(1.0,), help="... divided by this (default 1)")
     analyze.add_argument("--attach-to", nargs="+", default=["Conv"], metavar="NAME", help="op types, node or layer names, globs (default: Conv)")
     analyze.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="names never probed (wins over --attach-to)")
     analyze.add_argument("--method", choices=METHODS, default="after")
@@ -96,67 +108,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_array(path: str | os.PathLike, what: str) -> np.ndarray | dict:
-    file = Path(path)
-    if file.is_dir():
-        raise ModelInputError(f"{what} file {path} is a directory; pass a .npy or .npz file")
-    if not file.is_file():
-        raise MissingFileError(f"{what} file {path} does not exist")
-    try:
-        loaded = np.load(file, mmap_mode="r", allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                return {key: loaded[key] for key in loaded.files}
-        return loaded
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise ModelInputError(f"{what} file {path} is not a readable .npy/.npz file ({exc})") from None
-
-
-def _load_labels(path: str | os.PathLike) -> np.ndarray:
-    labels = _load_array(path, "labels")
-    if isinstance(labels, dict):
-        raise ModelInputError("--labels takes a .npy file of one label per sample")
-    return labels
-
-
-def _read_data(data_path: str | os.PathLike, labels_path, input_names: set[str]) -> tuple:
-    """Inputs and labels from a ``--data`` file and an optional ``--labels`` file.
-
-    A ``.npz`` holds arrays named like the model inputs (and ``y``), or ``x``
-    [and ``y``], or a single array; ``--labels`` wins over its ``y``.
-    """
-    data = _load_array(data_path, "data")
-    labels = None
-    if isinstance(data, dict):
-        if set(data) >= input_names:
-            labels = data.get("y") if "y" not in input_names else None
-            data = {name: data[name] for name in input_names}
-        elif "x" in data:
-            labels = data.get("y")
-            data = data["x"]
-        elif len(data) == 1:
-            data = next(iter(data.values()))
-        else:
-            raise ModelInputError(
-                f"{data_path} holds arrays {sorted(data)}; name them like the model inputs "
-                f"{sorted(input_names)} or store the inputs as 'x' (and labels as 'y')"
-            )
-    if labels_path is not None:
-        labels = _load_labels(labels_path)
-    return data, labels
-
-
 def _demo_data(args) -> tuple:
     """The demo's held-out digits, the data of a run without ``--data`` (and without a model)."""
     if args.model is not None:
-        raise ModelInputError("--data is required when a model is given (a .npy or .npz file of inputs)")
+        raise ModelInputError(
+            "--data is required when a model is given (a .npy/.npz file, a zarr array or a folder of "
+            "images), or --data-loader-script FILE.py[:function]"
+        )
     return demo.load_test_data()
 
 
 def _data_and_labels(args, model) -> tuple:
+    """``(data, labels, paired)`` for one process: the demo, a loader script's batches
+    (``paired`` when they are ``(x, y)`` pairs, which carry the labels), a folder of
+    images, or arrays from ``--data``."""
+    from .datafiles import ImageFolder, ImageOptions, load_labels, load_script, read_data
+
+    if args.data_loader_script is not None:
+        batches = iter(load_script(args.data_loader_script))
+        first = next(batches, None)
+        if first is None:
+            raise ModelInputError(f"data loader script {args.data_loader_script} gave no batches")
+        paired = isinstance(first, (tuple, list)) and len(first) == 2
+        return itertools.chain([first], batches), None, paired
     if args.data is None:
-        return _demo_data(args)
-    return _read_data(args.data, args.labels, {spec.name for spec in model.inputs})
+        return (*_demo_data(args), False)
+    path = Path(args.data)
+    if path.is_dir() and not any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup")):
+        if len(model.inputs) != 1:
+            raise ModelInputError(f"a folder of images feeds a model of one input; this one has {len(model.inputs)}")
+        options = ImageOptions(args.scale, args.mean, args.std, args.labels_from_folders)
+        folder = ImageFolder(path, model.inputs[0].shape, options)
+        labels = folder.labels if args.labels_from_folders else None
+        return folder, load_labels(args.labels) if args.labels is not None else labels, False
+    return (*read_data(args.data, args.labels, {spec.name for spec in model.inputs}), False)
 
 
 def _analyze(args) -> int:
@@ -192,6 +177,12 @@ def _check_options_before_run(args) -> None:
     check_aiq_weight(args.aiq_weight)
     if args.overwrite and args.storage is None:
         raise ModelInputError("--overwrite replaces the state stores in --storage DIR; give --storage too")
+    if args.data_loader_script is not None and args.data is not None:
+        raise OptionError("give --data or --data-loader-script, not both")
+    if args.labels_from_folders and (args.data is None or not Path(args.data).is_dir()):
+        raise OptionError("--labels-from-folders goes with --data naming a folder of images (one sub-folder per class)")
+    if args.labels_from_folders and args.labels is not None:
+        raise OptionError("give --labels or --labels-from-folders, not both")
     if args.labels is not None and args.data is None:
         raise OptionError("--labels goes with --data (the demo data has its own labels); give --data too")
     if not 0 < args.connect_timeout < math.inf:
@@ -224,8 +215,8 @@ def _analyze_here(args, model_path: str) -> tuple:
         model_path, args.attach_to, args.exclude, args.method, args.storage,
         providers=args.provider, pack_in_graph=args.pack_in_graph, overwrite=args.overwrite,
     )  # fmt: skip
-    data, labels = _data_and_labels(args, model)
-    if labels is not None:
+    data, labels, paired = _data_and_labels(args, model)
+    if labels is not None or paired:
         accuracy = model.evaluate(data, labels, batch_size=args.batch_size, progress=args.progress)
     else:
         model.predict(data, batch_size=args.batch_size, progress=args.progress, keep_outputs=False)
@@ -245,6 +236,8 @@ def _analyze_sharded(args, model_path: str) -> tuple:
             f"--workers {args.workers} would start more than {_WORKERS_PER_CORE} worker processes per CPU core "
             f"({cores} here); give at most {_WORKERS_PER_CORE * cores}, or run a Dask cluster and pass --scheduler"
         )
+    if args.data_loader_script is not None or (args.data is not None and args.labels_from_folders):
+        raise OptionError("loader scripts and image folders run in one process; drop --workers/--scheduler")
     data, labels = _demo_data(args) if args.data is None else (args.data, args.labels)
     try:
         return analyze_cli(
@@ -281,19 +274,20 @@ def analyze_cli(
     ``workers`` starts a LocalCluster of that many processes unless
     ``scheduler`` names a running one. Returns ``(model, accuracy or None)``.
     """
+    from .datafiles import load_array, load_labels, read_data
     from .distributed import analyze_sharded
 
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.suffix == ".npy":
-            _load_array(data, "data")  # a bad file fails here, in one line
+            load_array(data, "data")  # a bad file fails here, in one line
         if path.suffix == ".npy" or path.is_dir():
             data = str(path.absolute())
         else:
-            data, stored_labels = _read_data(data, None, _input_names(model_path))
+            data, stored_labels = read_data(data, None, _input_names(model_path))
             labels = stored_labels if labels is None else labels
     if isinstance(labels, (str, os.PathLike)):
-        labels = np.asarray(_load_labels(labels))
+        labels = load_labels(labels)
     result = analyze_sharded(
         model_path, data, attach_to, exclude or (), method, labels=labels, batch_size=batch_size,
         n_workers=workers, scheduler=scheduler, storage_path=storage,

@@ -195,6 +195,39 @@ def test_analyze_data_files(capsys, expected, files, data_args, with_accuracy):
     _assert_table_matches(out, expected, with_accuracy)
 
 
+def test_analyze_a_loader_script_of_pairs_gives_the_demo_numbers(capsys, expected, files, tmp_path):
+    script = tmp_path / "digits_loader.py"
+    script.write_text(
+        "from tensorstate_onnx import demo\n"
+        "def batches():\n    x, y = demo.load_test_data()\n"
+        "    for k in range(0, len(x), 50):\n        yield x[k : k + 50], y[k : k + 50]\n"
+    )
+    code, out, err = _main(capsys, "analyze", files["model"], "--data-loader-script", f"{script}:batches")
+    assert code == 0, err
+    _assert_table_matches(out, expected, with_accuracy=True)
+
+
+def test_analyze_a_folder_of_images_like_the_array_it_decodes_to(capsys, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    from tensorstate_onnx.datafiles import ImageFolder, ImageOptions
+
+    x, y = demo.load_test_data()
+    for label in (0, 1):
+        folder = tmp_path / "digits" / f"class_{label}"
+        folder.mkdir(parents=True)
+        for k in np.flatnonzero(y == label)[:6]:
+            Image.fromarray((x[k, 0] * 255).clip(0, 255).astype(np.uint8), mode="L").save(folder / f"{k}.png")
+    options = ["--scale", "0.00392156862745098", "--mean", "0.1", "--std", "0.9"]
+    code, out, err = _main(capsys, "analyze", demo.model_path(), "--data", tmp_path / "digits", "--labels-from-folders", *options)
+    assert code == 0, err
+    folder = ImageFolder(tmp_path / "digits", [None, 1, 28, 28], ImageOptions(1 / 255, (0.1,), (0.9,), True))
+    np.save(tmp_path / "decoded.npy", folder[:])
+    np.save(tmp_path / "labels.npy", folder.labels)
+    code, same, err = _main(capsys, "analyze", demo.model_path(), "--data", tmp_path / "decoded.npy", "--labels", tmp_path / "labels.npy")
+    assert code == 0, err
+    assert out == same and _table_rows(out)["conv3:after"][2] == "12"
+
+
 def test_analyze_options(capsys, expected, files, tmp_path):
     store = tmp_path / "states"
     code, out, err = _main(
@@ -377,9 +410,12 @@ def test_a_probe_with_a_single_state_is_named_under_the_table(capsys, tmp_path):
         (["analyze", "--provider", "tpu"], "unknown provider 'tpu'"),
         (["analyze", "model"], "--data is required when a model is given"),
         (["analyze", "--aiq-weight", "0"], "aIQ weight must be an int from 1 to 1,000,000, got 0"),
-        (["analyze", "model", "--data", "full"], "data file .*full is a directory; pass a .npy or .npz file"),
+        (["analyze", "model", "--data", "full"], "full holds no images .*pass a folder of images, a .npy/.npz file or a zarr array"),
         (["analyze", "model", "--data", "x.npy", "--labels", "full"], "labels file .*full is a directory"),
         (["analyze", "--labels", "y_short.npy"], "--labels goes with --data"),
+        (["analyze", "model", "--data", "x.npy", "--data-loader-script", "x.py"], "give --data or --data-loader-script, not both"),
+        (["analyze", "model", "--data", "x.npy", "--labels-from-folders"], "--labels-from-folders goes with --data naming a folder"),
+        (["analyze", "model", "--data-loader-script", "missing.py"], "data loader script missing.py does not exist"),
         (["analyze", "--json", "x.npy/report.json"], r"--json .*x.npy/report.json: .*x.npy is a file, not a directory"),
         (["analyze", "--storage", "x.npy/states"], r"storage path .*x.npy/states lies under .*x.npy, which is a file"),
     ],
@@ -388,7 +424,7 @@ def test_a_probe_with_a_single_state_is_named_under_the_table(capsys, tmp_path):
         "truncated npz", "missing data file", "npz without known names", "labels mismatch",
         "npz labels", "batch size 0", "existing storage", "unknown provider", "model without data",
         "aiq weight 0", "data folder", "labels folder", "labels without data", "report under a file",
-        "storage under a file",
+        "storage under a file", "data and loader script", "labels from folders of a file", "missing loader script",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_with_one_line(capsys, files, argv, message):
