@@ -104,7 +104,7 @@ def _reason(exc: BaseException) -> str:
     return reason
 
 
-def _export_error(exc: BaseException, module, dynamo: bool) -> ValueError:
+def _export_error(exc: BaseException, module, dynamo: bool) -> OptionError:
     exporter = "dynamo (torch.export)" if dynamo else "TorchScript (legacy)"
     hint = (
         "make the forward traceable by torch.export (no data-dependent Python control flow, "
@@ -112,7 +112,7 @@ def _export_error(exc: BaseException, module, dynamo: bool) -> ValueError:
         if dynamo
         else "make the forward traceable by torch.jit.trace, or try dynamo=True"
     )
-    return ValueError(
+    return OptionError(
         f"could not export {type(module).__name__} to ONNX with the {exporter} exporter: "
         f"{_reason(exc)}; {hint}"
     )
@@ -139,13 +139,38 @@ def _set_batch_dims(model: onnx.ModelProto) -> None:
             dims[0].dim_param = "batch"
 
 
+def _is_token_input(torch, value) -> bool:
+    """An integer ``[batch, sequence]`` tensor: token ids, attention masks, position or
+    token-type ids, whose second axis is exported dynamic as ``sequence``."""
+    return value.dim() == 2 and not value.is_floating_point() and value.dtype != torch.bool and value.shape[1] > 1
+
+
+@contextlib.contextmanager
+def _without_cache(module):
+    """Turn off a Hugging Face model's key/value cache while it is exported: the cache
+    object it returns is not a tensor, and states are measured on whole sequences."""
+    config = getattr(module, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names):
     args = tuple(_batch_of_two(torch, a) for a in args)
     kwargs = {k: _batch_of_two(torch, v) for k, v in kwargs.items()}
-    batch = torch.export.Dim("batch")
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
 
     def spec(value):
-        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            return None
+        if _is_token_input(torch, value):
+            return {0: batch, 1: sequence}
+        return {0: batch}
 
     dynamic_shapes = tuple(spec(a) for a in args)
     if kwargs:
@@ -296,7 +321,11 @@ def from_torch(
             while it is traced.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of
             keyword inputs, shaped like one batch. The batch axis (axis 0) of every
-            tensor input and output is exported as the dynamic dimension ``batch``.
+            tensor input and output is exported as the dynamic dimension ``batch``;
+            with the dynamo exporter the second axis of integer ``[batch, length]``
+            inputs (token ids, attention masks) is the dynamic ``sequence``. A
+            Hugging Face model's key/value cache (``config.use_cache``) is off
+            while it is exported.
         path: also write the model there (weights over 2 GB go to
             ``<file name>.data`` beside it). Without a path nothing is written.
         dynamo: use the torch.export-based exporter (default); ``False`` uses
@@ -326,7 +355,7 @@ def from_torch(
     module.eval()
     output = io.StringIO()
     try:
-        with contextlib.redirect_stdout(output), warnings.catch_warnings():
+        with contextlib.redirect_stdout(output), warnings.catch_warnings(), _without_cache(module):
             warnings.simplefilter("ignore")
             if dynamo:
                 proto = _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names)

@@ -55,6 +55,13 @@ def torchvision(torch):
     return torchvision
 
 
+@pytest.fixture(scope="session")
+def transformers(torchvision):
+    """Hugging Face transformers (a test-only dependency); it imports torchvision when
+    it finds it, so that import is made to work first."""
+    return pytest.importorskip("transformers")
+
+
 @pytest.fixture(scope="module")
 def demo_model() -> onnx.ModelProto:
     """The bundled LeNet-5 digits model (a fresh copy per test module)."""

@@ -1,0 +1,62 @@
+"""from_torch on Hugging Face transformers as users build them (random weights from
+small configs, no download): the key/value cache is off while exporting, token
+inputs get a dynamic sequence axis, and the native hooks and the ONNX path record
+the same states of the MLP activations."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+
+def _gpt2(transformers):
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval(), ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]
+
+
+def _bert(transformers):
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    return transformers.BertModel(config).eval(), ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_transformers_export_with_any_sequence_length_and_match_native_hooks(torch, transformers, arch):
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    torch.manual_seed(0)
+    model, probes = (_gpt2 if arch == "gpt2" else _bert)(transformers)
+    use_cache = getattr(model.config, "use_cache", None)
+    gen = torch.Generator().manual_seed(1)
+    example = {"input_ids": torch.randint(0, 100, (2, 16), generator=gen)}
+    if arch == "bert":
+        example["attention_mask"] = torch.ones(2, 16, dtype=torch.int64)
+    exported = from_torch(model, example)
+    assert getattr(model.config, "use_cache", None) == use_cache, "the model's config is restored"
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in exported.graph.input] == [["batch", "sequence"]] * len(example)
+    ids = torch.randint(0, 100, (3, 9), generator=gen)  # another batch size and length than exported
+    feed = {"input_ids": ids} if arch == "gpt2" else {"input_ids": ids, "attention_mask": torch.ones(3, 9, dtype=torch.int64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no axis is guessed
+        onnx_model = OnnxEfficiencyModel(exported, probes, providers="cpu", keep_states=True)
+        outputs = onnx_model.predict({k: v.numpy() for k, v in feed.items()}, batch_size=3)
+    first = outputs[0] if isinstance(outputs, list) else outputs
+    attach_hooks(model, probes)
+    try:
+        with torch.no_grad():
+            expected = model(**feed)[0].numpy()
+        np.testing.assert_allclose(first, expected, atol=1e-4)
+        native = {hook.name: hook for hook in model.efficiency_layers}
+        for capture in onnx_model.efficiency_layers:
+            hook = native[capture.name]
+            assert capture.channel_axis == hook.channel_axis == 2
+            assert capture.state_count == hook.state_count == 3 * 9  # one state per token
+            assert capture.n_neurons == hook.n_neurons
+            flipped = np.count_nonzero((capture.states[:] != hook.states[:]).any(axis=1))
+            assert flipped <= 1, (capture.name, flipped)
+    finally:
+        remove_state_layers(model)
