@@ -13,9 +13,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from numbers import Integral
+
 from .errors import OptionError
 
-__all__ = ["EfficiencyHistory", "EpochRecord"]
+__all__ = ["EfficiencyHistory", "EpochRecord", "check_every", "measured_record"]
 
 _FORMAT = "tensorstate-onnx/efficiency-history"
 _CSV_HEADER = ["epoch", "probe", "efficiency", "network_efficiency", "accuracy", "aiq"]
@@ -172,6 +174,13 @@ class EfficiencyHistory(list):
             ax.set_xlabel("epoch")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
+
+
+def check_every(every) -> int:
+    """``every`` (measure every N epochs) as an int >= 1, or OptionError."""
+    if isinstance(every, bool) or not isinstance(every, Integral) or every < 1:
+        raise OptionError(f"every must be an int >= 1 (measure every N epochs), got {every!r}")
+    return int(every)
 
 
 def measured_record(epoch: int, efficiencies: dict[str, float], correct: int, total: int, aiq_weight: int) -> EpochRecord:

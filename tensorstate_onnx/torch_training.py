@@ -20,18 +20,12 @@ import torch
 
 from .accuracy import count_correct
 from .errors import ModelInputError, OptionError, OptionTypeError
-from .history import EfficiencyHistory, EpochRecord, measured_record
+from .history import EfficiencyHistory, EpochRecord, check_every, measured_record
 from .metrics import check_aiq_weight
 from .patterns import probe_methods
 
-__all__ = ["EfficiencyTracker", "check_every"]
+__all__ = ["EfficiencyTracker"]
 
-
-def check_every(every) -> int:
-    """``every`` as an int >= 1, or OptionError."""
-    if isinstance(every, bool) or not isinstance(every, Integral) or every < 1:
-        raise OptionError(f"every must be an int >= 1 (measure every N epochs), got {every!r}")
-    return int(every)
 
 
 def _as_tensor(value) -> torch.Tensor:

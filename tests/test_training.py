@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tensorstate_onnx import demo  # noqa: E402
@@ -216,3 +217,107 @@ def test_torch_tracker_bad_input(torch, digits):
     with pytest.raises(OptionError, match="remove_state_layers first"):
         EfficiencyTracker(model, ["conv1"], x, y).measure(0)
     assert [h.name for h in model.efficiency_layers] == ["conv2:after"]  # the user's probes stay
+
+
+# --------------------------------------------------------------------------- Keras
+
+KERAS_PROBES = ["conv1", "elu2", "bn3", "dense"]
+
+
+def _channels_last(x):
+    return x.transpose(0, 2, 3, 1)
+
+
+def _keras_measure(weights, data, labels):
+    """Efficiencies and accuracy of the Keras LeNet-5 with ``weights``, measured from scratch."""
+    from models.keras_models import lenet5
+    from tensorstate_onnx.keras_capture import build_keras_efficiency_model
+
+    model = lenet5()
+    model.set_weights(weights)
+    probed = build_keras_efficiency_model(model, KERAS_PROBES, keep_states=False)
+    output = probed.predict(data, verbose=0)
+    correct, total = count_correct(output, labels)
+    return {capture.name: capture.efficiency() for capture in probed.efficiency_layers}, correct / total
+
+
+def _keras_model(keras):
+    from models.keras_models import lenet5
+
+    keras.utils.set_random_seed(0)
+    model = lenet5()
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@pytest.mark.slow
+def test_keras_history_equals_measuring_each_saved_epoch(keras, digits):
+    from tensorstate_onnx.keras_capture import EfficiencyCallback
+
+    (x, y), (x_held, y_held) = digits
+    x, x_held = _channels_last(x), _channels_last(x_held)
+    model = _keras_model(keras)
+    layers_before = [layer.name for layer in model.layers]
+    callback = EfficiencyCallback(KERAS_PROBES, x_held, y_held)
+    saved = []
+    saver = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: saved.append(model.get_weights()))
+    model.fit(x, y, epochs=EPOCHS, batch_size=32, callbacks=[callback, saver], verbose=0)
+
+    assert callback.history.epochs == [0, 1, 2]
+    assert callback.history.probes == [f"{p}_states" for p in KERAS_PROBES]
+    for record, weights in zip(callback.history, saved, strict=True):
+        efficiencies, accuracy = _keras_measure(weights, x_held, y_held)
+        _assert_same(record, efficiencies, accuracy)
+    assert callback.history[0].efficiencies != callback.history[-1].efficiencies
+    # The trained model gained no layer and no probes.
+    assert [layer.name for layer in model.layers] == layers_before
+    assert not hasattr(model, "efficiency_layers")
+
+
+def test_keras_callback_leaves_the_model_unchanged(keras, digits):
+    from tensorstate_onnx.keras_capture import EfficiencyCallback
+
+    _, (x, y) = digits
+    x = _channels_last(x)
+    model = _keras_model(keras)
+    before = [w.copy() for w in model.get_weights()]
+    callback = EfficiencyCallback("Conv2D", x, y, every=2, method="both", batch_size=50)
+    callback.set_model(model)
+    recorded = [callback.measure(epoch) for epoch in range(3)]
+    assert [r is None for r in recorded] == [False, True, False]
+    assert callback.history.epochs == [0, 2]
+    assert len(callback.history[0].efficiencies) == 6  # 3 convs, before and after
+    first, second = callback.history
+    assert (first.efficiencies, first.accuracy) == (second.efficiencies, second.accuracy)  # same weights
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    assert not any("states" in layer.name for layer in model.layers)
+    unlabelled = EfficiencyCallback("Conv2D", x)
+    unlabelled.set_model(model)
+    assert unlabelled.measure(0).accuracy is None and unlabelled.history[0].aiq is None
+
+
+def test_keras_callback_bad_input(keras, digits):
+    from tensorstate_onnx.keras_capture import EfficiencyCallback
+
+    (x, y), (x_held, y_held) = digits
+    x, x_held = _channels_last(x), _channels_last(x_held)
+    model = _keras_model(keras)
+    callback = EfficiencyCallback(["conv9"], x_held, y_held)
+    with pytest.raises(ProbeMatchError, match=r"matched no layer of Keras model 'lenet5'.*conv1"):
+        model.fit(x[:32], y[:32], epochs=1, callbacks=[callback], verbose=0)
+    assert callback.history == []
+    for every in (0, -3, 2.0, False):
+        with pytest.raises(OptionError, match="every must be an int >= 1"):
+            EfficiencyCallback(["conv1"], x_held, y_held, every=every)
+    with pytest.raises(OptionError, match="aIQ weight"):
+        EfficiencyCallback(["conv1"], x_held, y_held, aiq_weight=1.5)
+    with pytest.raises(OptionError, match="method"):
+        EfficiencyCallback(["conv1"], x_held, y_held, method="around")
+    with pytest.raises(ValueError, match="5 labels for 120 inputs"):
+        EfficiencyCallback(["conv1"], x_held, y_held[:5])
+    with pytest.raises(OptionError, match="no model yet"):
+        EfficiencyCallback(["conv1"], x_held, y_held).measure(0)
