@@ -150,6 +150,7 @@ class EfficiencyHistory(list):
         if not self:
             raise OptionError("the history is empty: nothing was measured yet")
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         with_aiq = any(record.aiq is not None for record in self)
         fig = Figure(figsize=(11.0 if with_aiq else 6.5, 4.0))
@@ -172,6 +173,7 @@ class EfficiencyHistory(list):
             axes[1].legend(fontsize=8, loc="best")
         for ax in axes:
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 

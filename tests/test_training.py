@@ -32,11 +32,11 @@ def digits():
 def _assert_same(record: EpochRecord, efficiencies: dict, accuracy: float, aiq_weight: int = 2):
     assert list(record.efficiencies) == list(efficiencies)
     for name, value in efficiencies.items():
-        assert record.efficiencies[name] == pytest.approx(value, abs=1e-12), name
+        assert record.efficiencies[name] == value, name  # exact: the same counts
     expected_network = network_efficiency(list(efficiencies.values()))
-    assert record.network_efficiency == pytest.approx(expected_network, abs=1e-12)
-    assert record.accuracy == pytest.approx(accuracy, abs=1e-12)
-    assert record.aiq == pytest.approx(aIQ(expected_network, accuracy, aiq_weight), abs=1e-12)
+    assert record.network_efficiency == expected_network
+    assert record.accuracy == accuracy
+    assert record.aiq == aIQ(expected_network, accuracy, aiq_weight)
 
 
 # --------------------------------------------------------------------------- history
