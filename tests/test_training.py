@@ -6,6 +6,8 @@ import copy
 import csv
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -81,6 +83,15 @@ def test_history_rejects_other_files(tmp_path):
         EfficiencyHistory.from_csv(tmp_path / "x.csv")
     with pytest.raises(OptionError, match="no probe 'c'"):
         _history().efficiency("c")
+
+
+def test_history_imports_no_framework():
+    code = (
+        "import sys, tensorstate_onnx.history\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'keras', 'tensorflow', 'matplotlib'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_history_plot(tmp_path):
@@ -163,7 +174,9 @@ def test_torch_tracker_leaves_the_model_unchanged(torch, digits):
     model.bn1.eval()  # a module the user froze stays frozen
     before = copy.deepcopy(model.state_dict())
     tracker = EfficiencyTracker(model, ["conv1", "dense"], x, y, batch_size=50)
+    rng = torch.get_rng_state()
     record = tracker.measure(0)
+    assert torch.equal(rng, torch.get_rng_state())  # training goes on as it would have
     assert tracker.history == [record] and record.accuracy is not None
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics too
