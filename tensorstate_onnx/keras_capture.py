@@ -29,10 +29,11 @@ import numpy as np
 from .axes import check_override_keys, checked_override, checked_type, dtype_error, is_float_dtype_name
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
+from .keras_training import EfficiencyCallback
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
 
-__all__ = ["StateCapture", "build_keras_efficiency_model"]
+__all__ = ["EfficiencyCallback", "StateCapture", "build_keras_efficiency_model"]
 
 _TRACING = threading.local()  # set while a converter traces a model for export
 _NUMPY_DTYPES = (np.float16, np.float32, np.float64)

@@ -41,12 +41,13 @@ from .capture import AbstractStateCapture, batch_instances
 from .errors import OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
+from .torch_training import EfficiencyTracker
 from .torch_axes import (
     CHANNELS, FEATURES, AxisTracker, disable_compile, exporting, first_tensor, is_real_tensor, module_kind, plain_axis,
     tracing,
 )  # fmt: skip
 
-__all__ = ["StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tensor"]
+__all__ = ["EfficiencyTracker", "StateCaptureHook", "attach_hooks", "remove_state_layers", "pack_tensor"]
 
 _HANDLES_ATTR = "_tensorstate_hook_handles"
 # Bit weights 1, 2, ..., 128 per device (built once per device).
@@ -238,6 +239,32 @@ def _module_keys(qualname: str, module: torch.nn.Module) -> set[str]:
     return keys
 
 
+def match_modules(module: torch.nn.Module, attach_to, exclude=()) -> list[tuple[str, torch.nn.Module]]:
+    """``(qualified name, submodule)`` of every submodule of ``module`` that
+    :func:`attach_hooks` would probe for ``attach_to`` and ``exclude``, in module order.
+
+    Raises ProbeMatchError (naming the modules present) when none matches.
+    """
+    patterns = as_patterns(attach_to, "attach_to")
+    excluded = as_patterns(exclude, "exclude")
+    if not patterns:
+        raise ProbeMatchError("attach_to is empty; name at least one module class or module name")
+    named = list(module.named_modules())
+    matched = [(name, sub) for name, sub in named if matches_any(patterns, _module_keys(name, sub))]
+    if not matched:
+        listing = [f"{name or '(root)'} ({type(sub).__name__})" for name, sub in named]
+        classes = sorted({type(sub).__name__ for _, sub in named})
+        raise ProbeMatchError(
+            f"attach_to {patterns} matched no module of {type(module).__name__}. "
+            f"Module classes present: {', '.join(classes)}. Modules: {preview(listing, 25)}. "
+            "Patterns are case-sensitive and may use * and ? wildcards."
+        )
+    chosen = [(name, sub) for name, sub in matched if not matches_any(excluded, _module_keys(name, sub))]
+    if not chosen:
+        raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
+    return chosen
+
+
 def attach_hooks(
     module: torch.nn.Module,
     attach_to,
@@ -290,23 +317,7 @@ def attach_hooks(
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
     methods = probe_methods(method)
-    patterns = as_patterns(attach_to, "attach_to")
-    excluded = as_patterns(exclude, "exclude")
-    if not patterns:
-        raise ProbeMatchError("attach_to is empty; name at least one module class or module name")
-    named = list(module.named_modules())
-    matched = [(name, sub) for name, sub in named if matches_any(patterns, _module_keys(name, sub))]
-    if not matched:
-        listing = [f"{name or '(root)'} ({type(sub).__name__})" for name, sub in named]
-        classes = sorted({type(sub).__name__ for _, sub in named})
-        raise ProbeMatchError(
-            f"attach_to {patterns} matched no module of {type(module).__name__}. "
-            f"Module classes present: {', '.join(classes)}. Modules: {preview(listing, 25)}. "
-            "Patterns are case-sensitive and may use * and ? wildcards."
-        )
-    chosen = [(name, sub) for name, sub in matched if not matches_any(excluded, _module_keys(name, sub))]
-    if not chosen:
-        raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
+    chosen = match_modules(module, attach_to, exclude)
 
     overrides = dict(channel_axes or {})
     labels = [name or type(sub).__name__ for name, sub in chosen]
