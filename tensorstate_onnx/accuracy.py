@@ -63,11 +63,17 @@ def _class_ids(labels: np.ndarray, output: np.ndarray, predicted: np.ndarray) ->
     return labels
 
 
-def count_correct(output, labels) -> tuple[int, int]:
-    """``(correct, total)`` predictions of one batch of the model's first output against ``labels``."""
+def count_correct(output, labels, mask=None) -> tuple[int, int]:
+    """``(correct, total)`` predictions of one batch of the model's first output against
+    ``labels``; ``mask`` (true where real, shaped like per-token labels) leaves padded
+    positions out."""
     output, labels = np.asarray(output), np.asarray(labels)
     predicted = _predictions(output)
     if output.dtype.kind == "f" and output.ndim > 2:
         output = output.reshape(*predicted.shape, -1)
     ids = _class_ids(labels, output, predicted)
-    return int(np.count_nonzero(predicted == ids)), int(ids.size)
+    right = predicted == ids
+    if mask is None or np.shape(mask) != right.shape:
+        return int(np.count_nonzero(right)), int(ids.size)
+    real = np.asarray(mask, dtype=bool)
+    return int(np.count_nonzero(right & real)), int(np.count_nonzero(real))

@@ -69,7 +69,8 @@ def build_efficiency_model(
         options: passed to :class:`~tensorstate_onnx.runtime.OnnxEfficiencyModel`
             (providers, optimization, pack_in_graph, channel_axes, ...) or to
             the exporter (``dynamo``, ``opset``); the native front ends take
-            ``keep_states``, ``overwrite`` and ``channel_axes`` only.
+            ``keep_states``, ``overwrite`` and ``channel_axes`` only (and PyTorch
+            hooks ``mask_input``, as the ONNX path does).
             ``channel_axes={probe name: axis}`` overrides the neuron axis of a
             probe on every path (DESIGN §1 gives the rule); a key that names no
             probe or an axis out of range raises ChannelAxisError.
@@ -99,6 +100,8 @@ def build_efficiency_model(
             proto = converters.from_keras(model, **export_options)
         return OnnxEfficiencyModel(proto, attach_to, exclude, method, storage_path, **options)
     native = {key: options.pop(key) for key in _NATIVE_OPTIONS if key in options}
+    if kind == "torch" and "mask_input" in options:
+        native["mask_input"] = options.pop("mask_input")
     if options:
         raise OptionTypeError(
             f"options {sorted(options)} only apply to the ONNX path (runtime='onnxruntime'); "

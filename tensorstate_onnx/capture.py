@@ -17,7 +17,7 @@ import numpy as np
 
 from . import metrics
 from .engine import StateCounter, n_bytes_for, pack, unpack
-from .errors import IndexOutOfRangeError, NoStatesError, OptionError
+from .errors import IndexOutOfRangeError, ModelInputError, NoStatesError, OptionError
 from .store import StateStore
 
 __all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances"]
@@ -89,12 +89,13 @@ class AbstractStateCapture(abc.ABC):
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, tensor: np.ndarray, channel_axis: int) -> None:
+    def record(self, tensor: np.ndarray, channel_axis: int, keep: np.ndarray | None = None) -> None:
         """Quantize, pack, count and (optionally) store one batch.
 
         Axis 0 is the batch axis unless it is the channel axis (then the whole
         tensor is one instance). A rank-1 tensor ``[N]`` is one neuron per
         sample: it is read as ``[N, 1]``, whose neurons are on axis 1 (or -1).
+        ``keep`` leaves out masked states (see :meth:`record_packed`).
         """
         if not self.capture_on:
             return
@@ -104,15 +105,29 @@ class AbstractStateCapture(abc.ABC):
         axis = channel_axis % tensor.ndim
         packed = pack(tensor, axis)
         self.channel_axis = axis
-        self.record_packed(packed, tensor.shape[axis], batch_instances(tensor.shape, axis))
+        self.record_packed(packed, tensor.shape[axis], batch_instances(tensor.shape, axis), keep)
 
-    def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int) -> None:
-        """Count and store states already packed (by ``engine.pack`` or in an ONNX graph)."""
+    def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int, keep: np.ndarray | None = None) -> None:
+        """Count and store states already packed (by ``engine.pack`` or in an ONNX graph).
+
+        ``keep`` (one flag per state) leaves out the states of masked positions,
+        such as padding tokens: they are neither counted nor stored, and each
+        instance keeps the states it had left.
+        """
         if not self.capture_on:
             return
         if self._held is not None:
-            self._held.append((packed, n_neurons, instances))
+            self._held.append((packed, n_neurons, instances, keep))
             return
+        if keep is not None:
+            keep = np.asarray(keep, dtype=bool).ravel()
+            if keep.size != packed.shape[0] or not instances or packed.shape[0] % instances:
+                raise ModelInputError(
+                    f"probe {self.name!r}: a mask of {keep.size} positions does not fit {packed.shape[0]} "
+                    f"states of {instances} instances"
+                )
+            kept = keep.reshape(instances, -1).sum(axis=1)
+            packed = packed[keep]
         with self._record_lock:
             if self.n_neurons is None:
                 self._start(int(n_neurons))
@@ -122,7 +137,9 @@ class AbstractStateCapture(abc.ABC):
                     f"{n_neurons}; call reset_states() before feeding a different layout"
                 )
             per_instance = packed.shape[0] // instances if instances else 0
-            if instances and per_instance * instances != packed.shape[0]:
+            if keep is not None:
+                per_instance = int(kept[0]) if kept.min() == kept.max() else kept
+            elif instances and per_instance * instances != packed.shape[0]:
                 raise OptionError(
                     f"{packed.shape[0]} states cannot be split evenly into {instances} instances"
                 )
@@ -130,7 +147,9 @@ class AbstractStateCapture(abc.ABC):
             if self._store is not None:
                 self._store.append(packed)
             self._batches.append((instances, per_instance))
-            if self.states_per_instance is None:
+            if not isinstance(per_instance, int):
+                self.states_per_instance = -1  # varies between instances
+            elif self.states_per_instance is None:
                 self.states_per_instance = per_instance
             elif self.states_per_instance != per_instance:
                 self.states_per_instance = -1  # varies between batches
@@ -145,8 +164,8 @@ class AbstractStateCapture(abc.ABC):
     def commit(self) -> None:
         """Count and store what was held (see :meth:`hold`), in the order it came."""
         held, self._held = self._held, None
-        for packed, n_neurons, instances in held or ():
-            self.record_packed(packed, n_neurons, instances)
+        for packed, n_neurons, instances, keep in held or ():
+            self.record_packed(packed, n_neurons, instances, keep)
 
     def drop(self) -> int:
         """Forget what was held (see :meth:`hold`); return how many batches that was."""
@@ -235,13 +254,9 @@ class AbstractStateCapture(abc.ABC):
             )
 
     def _instance_rows(self, index) -> np.ndarray:
-        starts = []
-        offset = 0
-        for instances, per in self._batches:
-            starts.append(offset + per * np.arange(instances, dtype=np.int64))
-            offset += instances * per
-        starts = np.concatenate(starts)
-        pers = np.concatenate([np.full(n, per, np.int64) for n, per in self._batches])
+        # ``per`` is the states of every instance of a batch, or one count per instance (masked).
+        pers = np.concatenate([np.broadcast_to(np.asarray(per, np.int64), (n,)) for n, per in self._batches])
+        starts = np.concatenate([[0], np.cumsum(pers)[:-1]]).astype(np.int64)
         given = np.asarray(index).ravel()
         if given.size == 0:
             raise OptionError("index selects no input instance")
@@ -344,3 +359,18 @@ class AbstractStateCapture(abc.ABC):
 
 class StateCaptureProbe(AbstractStateCapture):
     """A capture fed directly with numpy tensors (the ONNX path and plain use)."""
+
+
+def positions_kept(mask: np.ndarray | None, n_states: int, instances: int, probe_name: str) -> np.ndarray | None:
+    """Which of a batch's ``n_states`` states to record under ``mask`` (``[batch, length]``,
+    true where real): all of them when the probe has one state per sample, those of
+    the true positions when it has one state per position."""
+    if mask is None or n_states == instances:
+        return None
+    if n_states == mask.size and mask.shape[0] == instances:
+        return mask.reshape(-1)
+    raise ModelInputError(
+        f"the mask of shape {mask.shape} does not fit probe {probe_name!r}, which gives {n_states} states "
+        f"for {instances} samples; masks apply to probes with one state per sample or per position "
+        "([batch, length, features]): exclude this probe or run without the mask"
+    )

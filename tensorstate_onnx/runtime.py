@@ -25,7 +25,7 @@ import onnxruntime as ort
 from . import graph
 from .accuracy import count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
-from .capture import AbstractStateCapture
+from .capture import AbstractStateCapture, positions_kept
 from .data import Batch, iter_batches, n_samples
 from .errors import ModelFileError, ModelInputError, OptionError, ProviderError, first_line
 from .graph import Probe, add_probes, load_model, save_model
@@ -69,20 +69,25 @@ class OnnxProbeCapture(AbstractStateCapture):
         self.channel_axis = probe.channel_axis
         self.axis_guessed = probe.axis_guessed
 
-    def record_outputs(self, values: dict[str, np.ndarray], batch_size: int) -> None:
+    def record_outputs(self, values: dict[str, np.ndarray], batch_size: int, mask: np.ndarray | None = None) -> None:
         """Record one batch: the session output of every call of this probe, in call order."""
         for call in self.probe.each_call():
-            self.record_output(values[call.output_name], batch_size, call)
+            self.record_output(values[call.output_name], batch_size, call, mask)
 
-    def record_output(self, value: np.ndarray, batch_size: int, probe: Probe | None = None) -> None:
-        """Record one batch of this probe's session output (of its call ``probe``)."""
+    def record_output(
+        self, value: np.ndarray, batch_size: int, probe: Probe | None = None, mask: np.ndarray | None = None
+    ) -> None:
+        """Record one batch of this probe's session output (of its call ``probe``);
+        ``mask`` (``[batch, length]``, true where real) leaves out padded positions."""
         probe = self.probe if probe is None else probe
         if probe.packed_in_graph:
             instances = batch_size if len(probe.shape) == 1 or probe.channel_axis != 0 else 1
             self.channel_axis = probe.channel_axis
-            self.record_packed(value, probe.n_neurons, instances)
+            self.record_packed(value, probe.n_neurons, instances, positions_kept(mask, value.shape[0], instances, self.name))
         else:
-            self.record(value, probe.channel_axis)
+            axis = probe.channel_axis % max(value.ndim, 2)
+            states = value.size // value.shape[axis] if value.ndim > 1 else value.size
+            self.record(value, probe.channel_axis, positions_kept(mask, states, batch_size, self.name))
 
 
 def resolve_providers(providers: str | Iterable[str] = "auto") -> list[str]:
@@ -131,6 +136,10 @@ class OnnxEfficiencyModel:
             written into host buffers reused batch after batch (no allocation,
             and on CUDA a single device-to-host copy). ``None`` (default): on
             with the CUDA provider, off on CPU.
+        mask_input: name of a model input (``attention_mask``) whose zero
+            positions are not recorded: states of probes with one state per
+            position (``[batch, length, features]``) at those positions are
+            neither counted nor stored, and token accuracy leaves them out.
     """
 
     def __init__(
@@ -149,6 +158,7 @@ class OnnxEfficiencyModel:
         overwrite: bool = False,
         threads: int | None = None,
         io_binding: bool | None = None,
+        mask_input: str | None = None,
     ):
         if optimization not in _OPTIMIZATION_LEVELS:
             raise OptionError(
@@ -179,6 +189,12 @@ class OnnxEfficiencyModel:
         ]
         self.session = self._make_session(optimization, threads)
         self.inputs = self.session.get_inputs()
+        if mask_input is not None and mask_input not in {spec.name for spec in self.inputs}:
+            raise ModelInputError(
+                f"mask_input {mask_input!r} is not an input of the {self._described}; its inputs are "
+                f"{[spec.name for spec in self.inputs]}"
+            )
+        self.mask_input = mask_input
         # Probes sharing a tensor share its output: request each output name once.
         probe_outputs = [call.output_name for probe in self.probes for call in probe.each_call()]
         self._run_outputs = list(dict.fromkeys(self.output_names + probe_outputs))
@@ -314,15 +330,18 @@ class OnnxEfficiencyModel:
         if previous is not None:
             previous.result()  # at most one batch waits to be counted
         by_name = dict(zip(self._run_outputs, values))
-        pending = self._recorder.submit(self._record, by_name, batch_size)
+        mask = None if self.mask_input is None else feed[self.mask_input] != 0
+        pending = self._recorder.submit(self._record, by_name, batch_size, mask)
         return values[:n_out], pending
 
-    def _record(self, values: dict[str, np.ndarray], batch_size: int) -> None:
+    def _record(self, values: dict[str, np.ndarray], batch_size: int, mask: np.ndarray | None) -> None:
         """Feed every capture the session output of its probe, by output name."""
         for capture in self.efficiency_layers:
-            capture.record_outputs(values, batch_size)
+            capture.record_outputs(values, batch_size, mask)
 
-    def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
+    def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple]:
+        """``(outputs, labels, mask)`` of each batch, recorded; the stores are flushed at the end
+        (and marked complete if every batch ran)."""
         pending: Future | None = None
         finished = False
         batches = iter_batches(data, labels, self._batch_size_for(data, batch_size), len(self.inputs) == 1)
@@ -330,8 +349,9 @@ class OnnxEfficiencyModel:
             batches = _exact_batches(batches, self.fixed_batch_size)
         try:
             for batch in _with_progress(batches, progress):
-                outputs, pending = self._run_batch(self._feed(batch.inputs), pending)
-                yield outputs, batch.labels
+                feed = self._feed(batch.inputs)
+                outputs, pending = self._run_batch(feed, pending)
+                yield outputs, batch.labels, None if self.mask_input is None else feed[self.mask_input] != 0
             if pending is not None:
                 pending.result()
             finished = True
@@ -352,7 +372,7 @@ class OnnxEfficiencyModel:
         returned, so memory follows the distinct states, not the outputs.
         """
         collected: list[list[np.ndarray]] = []
-        for outputs, _ in self._stream(data, None, batch_size, progress):
+        for outputs, _, _ in self._stream(data, None, batch_size, progress):
             if keep_outputs:
                 collected.append(outputs)
         if not keep_outputs:
@@ -369,10 +389,10 @@ class OnnxEfficiencyModel:
         rows, given here or inside ``data`` as ``(x, y)``.
         """
         correct = total = 0
-        for outputs, batch_labels in self._stream(data, labels, batch_size, progress):
+        for outputs, batch_labels, mask in self._stream(data, labels, batch_size, progress):
             if batch_labels is None:
                 raise ModelInputError("evaluate() needs labels: pass labels=... or (x, y) batches")
-            batch_correct, batch_total = count_correct(outputs[0], batch_labels)
+            batch_correct, batch_total = count_correct(outputs[0], batch_labels, mask)
             correct += batch_correct
             total += batch_total
         return correct / total

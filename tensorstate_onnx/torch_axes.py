@@ -11,11 +11,15 @@ so a probe on an elementwise module learns the axis of its input's producer.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 import weakref
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from .errors import ModelInputError
 
 if TYPE_CHECKING:
     from .torch_capture import StateCaptureHook
@@ -208,7 +212,12 @@ class AxisTracker:
     the pass ends.
     """
 
-    def __init__(self):
+    def __init__(self, mask_input: str | None = None):
+        self.mask_input = mask_input
+        #: The pass's mask (``[batch, length]``, true where real), from the root call's
+        #: ``mask_input`` argument; None without one.
+        self.mask: np.ndarray | None = None
+        self._root: torch.nn.Module | None = None
         self._known: dict[int, tuple[weakref.ref, int]] = {}
         self._frames: list[_Frame] = []
         self._pending: list[tuple[weakref.ref, torch.Tensor, "StateCaptureHook"]] = []
@@ -218,6 +227,7 @@ class AxisTracker:
 
     def attach(self, module: torch.nn.Module) -> list:
         """Register the tracking hooks on every submodule; return their handles."""
+        self._root = module
         eager_before, eager_after = disable_compile(self._before), disable_compile(self._after)
 
         # Checked before the compile-disabled call, which strict torch.export refuses.
@@ -265,6 +275,7 @@ class AxisTracker:
     def _before(self, module, args, kwargs):
         if not self._frames:  # a new pass (of the root module, or of a submodule called alone)
             self._known.clear()
+            self.mask = self._mask_of(module, args, kwargs)
             for hook in self.hooks:
                 hook.hold()
         tensor = first_tensor(args)
@@ -306,6 +317,23 @@ class AxisTracker:
             for hook in self.hooks:
                 hook.commit()
         return None
+
+    def _mask_of(self, module, args, kwargs) -> np.ndarray | None:
+        """The ``mask_input`` argument of a pass's root call, as booleans (true where real)."""
+        if self.mask_input is None or module is not self._root:
+            return None
+        value = kwargs.get(self.mask_input)
+        if value is None:
+            try:
+                value = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get(self.mask_input)
+            except TypeError:
+                value = None
+        if value is None:
+            raise ModelInputError(
+                f"mask_input {self.mask_input!r} was not passed to {type(module).__name__}.forward; pass it "
+                "(e.g. model(input_ids, attention_mask=mask)) or attach the hooks without mask_input"
+            )
+        return (torch.as_tensor(value).detach() != 0).cpu().numpy()
 
     def _ended(self, module) -> None:
         """After any call of ``module``, normal or raising: if it began the pass and the

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .axes import check_override_keys, checked_override, dtype_error, warn_guessed
-from .capture import AbstractStateCapture, batch_instances
+from .capture import AbstractStateCapture, batch_instances, positions_kept
 from .errors import OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
@@ -217,15 +217,18 @@ class StateCaptureHook(AbstractStateCapture):
         if tensor.dim() == 1:
             tensor = tensor.reshape(-1, 1)  # one neuron per sample
         axis = channel_axis % tensor.dim()
+        instances = batch_instances(tuple(tensor.shape), axis)
+        mask = None if self._tracker is None else self._tracker.mask
+        keep = positions_kept(mask, tensor.numel() // tensor.shape[axis], instances, self.name)
         if tensor.device.type == "cpu":
             data = tensor.detach()
             if data.dtype not in _NUMPY_DTYPES:  # bfloat16: the firing pattern only
                 data = data > 0
-            self.record(data.numpy(), axis)
+            self.record(data.numpy(), axis, keep)
             return
         packed = pack_tensor(tensor.detach(), axis)
         self.channel_axis = axis
-        self.record_packed(packed, tensor.shape[axis], batch_instances(tuple(tensor.shape), axis))
+        self.record_packed(packed, tensor.shape[axis], instances, keep)
 
 
 # --------------------------------------------------------------------------- attaching
@@ -275,6 +278,7 @@ def attach_hooks(
     keep_states: bool = True,
     overwrite: bool = False,
     channel_axes: dict[str, int] | None = None,
+    mask_input: str | None = None,
 ) -> torch.nn.Module:
     """Register a :class:`StateCaptureHook` on every matching submodule of ``module``.
 
@@ -298,6 +302,10 @@ def attach_hooks(
             of its probes) overriding the neuron axis the rule gives (see the
             module docstring); each axis is checked against its tensor's rank
             when the probe records.
+        mask_input: name of an argument of ``module.forward`` (``attention_mask``)
+            whose zero positions are not recorded: states of probes with one
+            state per position (``[batch, length, features]``) at those positions
+            are neither counted nor stored, as on the ONNX path.
 
     Returns:
         ``module``, with ``module.efficiency_layers``: the hooks in module order
@@ -328,7 +336,7 @@ def attach_hooks(
     hooks: list[StateCaptureHook] = []
     handles = []
     used_dirs: set[str] = set()
-    tracker = AxisTracker()
+    tracker = AxisTracker(mask_input)
     try:
         for (name, sub), label in zip(chosen, labels):
             for m in methods:

@@ -177,6 +177,54 @@ def test_a_rank_1_input_takes_an_empty_sequence_as_onnxruntime_does():
     assert sorted(probed.efficiency_layers[0].counts().tolist()) == [1, 2]  # one neuron a position
 
 
+def _masked_tokens_model() -> onnx.ModelProto:
+    """x [B, T, 4] -> MatMul -> Relu -> y [B, T, 3]; mask [B, T] (int64) is an input the graph ignores."""
+    weights = onnx.numpy_helper.from_array(np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"], name="act"),
+         helper.make_node("Identity", ["mask"], ["mask_out"], name="keep_mask")],
+        "tokens",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "T", 4]),
+         helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "T", 3]),
+         helper.make_tensor_value_info("mask_out", onnx.TensorProto.INT64, ["B", "T"])],
+        initializer=[weights],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_mask_input_leaves_padded_positions_out_of_states_and_accuracy():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 7, 4)).astype(np.float32)
+    mask = (np.arange(7)[None, :] < rng.integers(1, 8, size=(5, 1))).astype(np.int64)  # padding at the end
+    model = _masked_tokens_model()
+    probed = _build(model, attach_to="Relu", mask_input="mask", keep_states=True)
+    y, _ = probed.predict({"x": x, "mask": mask}, batch_size=2, progress=False)
+    capture = probed.efficiency_layers[0]
+    real = mask.astype(bool)
+    assert capture.state_count == int(real.sum())
+    assert sorted(capture.counts().tolist()) == _reference_counts_of(y[real])
+    for i in range(5):  # per-instance counts stay aligned with the samples
+        assert sorted(capture.counts(index=[i]).tolist()) == _reference_counts_of(y[i][real[i]])
+    labels = y.argmax(-1)
+    labels[~real] = (labels[~real] + 1) % 3  # wrong only at padded positions
+    scored = _build(model, attach_to="Relu", mask_input="mask")
+    assert scored.evaluate(({"x": x, "mask": mask}, labels), progress=False) == 1.0
+
+
+def test_a_mask_that_does_not_fit_a_probe_or_the_model_is_refused():
+    with pytest.raises(ModelInputError, match=r"mask_input 'attention_mask' is not an input .*\['x', 'mask'\]"):
+        _build(_masked_tokens_model(), attach_to="Relu", mask_input="attention_mask")
+    probed = _build(_masked_tokens_model(), attach_to="Relu", mask_input="mask")
+    with pytest.raises(ModelInputError, match="does not fit probe 'act:after'"):
+        probed.predict({"x": np.ones((2, 3, 4), np.float32), "mask": np.ones((2, 5), np.int64)}, progress=False)
+
+
+def _reference_counts_of(rows: np.ndarray) -> list[int]:
+    packed = np.packbits(rows > 0, axis=-1, bitorder="little")
+    return sorted(np.unique(packed, axis=0, return_counts=True)[1].tolist())
+
+
 def test_a_scalar_output_comes_back_one_value_per_batch():
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"], name="relu"),

@@ -60,3 +60,39 @@ def test_transformers_export_with_any_sequence_length_and_match_native_hooks(tor
             assert flipped <= 1, (capture.name, flipped)
     finally:
         remove_state_layers(model)
+
+
+@pytest.mark.slow
+def test_padded_tokens_are_left_out_alike_on_both_paths(torch, transformers):
+    from tensorstate_onnx import build_efficiency_model
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import remove_state_layers
+
+    torch.manual_seed(0)
+    model, probes = _bert(transformers)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (4, 10), generator=gen)
+    mask = (torch.arange(10)[None, :] < torch.tensor([[10], [7], [3], [5]])).long()  # right padding
+    exported = from_torch(model, {"input_ids": ids[:2], "attention_mask": mask[:2]})
+    masked = OnnxEfficiencyModel(exported, probes, providers="cpu", keep_states=True, mask_input="attention_mask")
+    masked.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, batch_size=2)
+    whole = OnnxEfficiencyModel(exported, probes, providers="cpu", keep_states=True)
+    whole.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, batch_size=2)
+    native = build_efficiency_model(model, probes, mask_input="attention_mask")
+    try:
+        with torch.no_grad():
+            for k in (0, 2):
+                native(input_ids=ids[k : k + 2], attention_mask=mask[k : k + 2])
+        hooks = {hook.name: hook for hook in native.efficiency_layers}
+        real = mask.numpy().astype(bool).reshape(-1)
+        for capture, full in zip(masked.efficiency_layers, whole.efficiency_layers, strict=True):
+            assert capture.state_count == real.sum() and full.state_count == real.size
+            # Exactly the unpadded rows of the unmasked run, in order.
+            assert np.array_equal(capture.states[:], full.states[:][real])
+            hook = hooks[capture.name]
+            assert hook.state_count == capture.state_count
+            assert np.count_nonzero((hook.states[:] != capture.states[:]).any(axis=1)) <= 1
+            assert capture.counts(index=[2]).sum() == 3  # the third sample has 3 real tokens
+    finally:
+        remove_state_layers(native)
