@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import OptionError, OptionTypeError
 from .arrays import narrowest
 from .direct import DirectCounts
+from .hashing import partition_of
 from .keys import KeyRuns
 from .packing import check_packed, n_bytes_for
 from .runset import RunSet
@@ -156,6 +157,51 @@ class StateCounter:
         """The counts of :meth:`result` (same order) without building the
         states: all that entropy and efficiency need."""
         return self._store.counts()
+
+    def count_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, multiplicities)``, both int64: ``multiplicities[i]``
+        distinct states were seen exactly ``values[i]`` times (values
+        ascending, each at least 1). Every Rényi entropy follows from it
+        (:func:`tensorstate_onnx.metrics.histogram_entropy`), and histograms of
+        counters holding disjoint states add up, which is what lets a sharded
+        run compute entropies without bringing the states together."""
+        values, multiplicities = np.unique(self.counts(), return_counts=True)
+        return values.astype(np.int64), multiplicities.astype(np.int64)
+
+    def partition(self, n_parts: int) -> list[StateCounter]:
+        """Split the counts into ``n_parts`` new counters by a hash of each
+        state (:func:`.hashing.partition_of`): every state goes to exactly one
+        of them with its count, the same one in every process, so partition
+        ``j`` of many counters can be merged apart from the other partitions.
+        This counter is not changed; the parts have its tuning."""
+        if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)) or n_parts < 1:
+            raise OptionError(f"partition() needs a positive number of parts, got {n_parts!r}")
+        n_parts = int(n_parts)
+        store = self._store
+        ids, counts = store.result() if isinstance(store, DirectCounts) else store.pickled()
+        which = partition_of(ids, n_parts)
+        parts = []
+        for j in range(n_parts):
+            part = StateCounter(self.n_neurons, self._tuning)
+            mask = which == j
+            if n_parts == 1:
+                part._load(ids, counts.astype(np.int64))
+            elif mask.any():
+                part._load(np.ascontiguousarray(ids[mask]), counts[mask].astype(np.int64))
+            parts.append(part)
+        return parts
+
+    def _load(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Hold exactly the distinct states ``ids`` (in the order the store's
+        ``pickled()`` or a subset of it gives) seen ``counts`` times."""
+        if isinstance(self._store, DirectCounts):
+            values = ids[:, 0].astype(np.int64)
+            if self.n_bytes == 2:
+                values = (values << 8) | ids[:, 1]
+            self._store.table[values] = counts
+        else:
+            self._store.load(ids, counts)
+        self.total = int(counts.sum())
 
     # ------------------------------------------------------------- pickling
     #

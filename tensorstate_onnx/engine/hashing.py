@@ -10,13 +10,15 @@ every word is equal).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from .arrays import trimmed
+from .arrays import as_words, trimmed
 from .jit import kernel
 from .sort import sort_keys
 
-__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "tag"]
+__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "partition_of", "tag"]
 
 
 @kernel(inline="always")
@@ -66,6 +68,21 @@ def hash_rows(words: np.ndarray) -> np.ndarray:
     out = np.empty(words.shape[0], np.uint64)
     _hash_rows_kernel(words, out)
     return out
+
+
+def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
+    """Which of ``n_parts`` partitions each packed state (uint8 (n, n_bytes))
+    belongs to: its :func:`hash_rows` hash modulo ``n_parts``, as int64.
+
+    The words are read little-endian whatever the host, so every process on
+    every machine puts a state in the same partition: sharded runs merge
+    partition ``j`` of every shard, and must never split one state between
+    two partitions.
+    """
+    words = as_words(packed, max(1, -(-packed.shape[1] // 8)))
+    if sys.byteorder == "big":
+        words = words.byteswap()
+    return (hash_rows(words) % np.uint64(n_parts)).astype(np.int64)
 
 
 @kernel
