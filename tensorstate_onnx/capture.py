@@ -67,6 +67,10 @@ class AbstractStateCapture(abc.ABC):
         self._store: StateStore | None = None
         self._batches: list[tuple[int, int]] = []  # (instances, states per instance)
         self._result: tuple[np.ndarray, np.ndarray] | None = None
+        # A sharded run's totals, when the counter stayed on the cluster:
+        # (states, distinct states, count histogram) and how to gather it.
+        self._summary: tuple[int, int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._gather = None
 
     # ------------------------------------------------------------------ recording
 
@@ -88,6 +92,7 @@ class AbstractStateCapture(abc.ABC):
         """Count and store states already packed (by ``engine.pack`` or in an ONNX graph)."""
         if not self.capture_on:
             return
+        self._gather_counter()  # more states for counts a sharded run left on the cluster
         with self._record_lock:
             if self.n_neurons is None:
                 self._start(int(n_neurons))
@@ -121,15 +126,50 @@ class AbstractStateCapture(abc.ABC):
             self._overwrite = True
 
     def merge(self, other: "AbstractStateCapture | StateCounter") -> None:
-        """Add the counts of another capture or counter of the same probe (for sharded runs)."""
-        counter = other._counter if isinstance(other, AbstractStateCapture) else other
+        """Add the counts of another capture or counter of the same probe."""
+        counter = other.counter if isinstance(other, AbstractStateCapture) else other
         if counter is None:
             return
+        self._gather_counter()
         with self._record_lock:
             if self.n_neurons is None:
                 self._start(counter.n_neurons)
             self._counter.merge(counter)
             self._result = None
+
+    def adopt_summary(self, n_neurons: int, total: int, n_distinct: int, histogram, gather=None) -> None:
+        """Hold the totals of counts kept elsewhere instead of a counter.
+
+        A sharded run merges each probe's counts on the cluster and sends back
+        only the number of states, of distinct states and the histogram of
+        the counts (``StateCounter.count_histogram()``): enough for
+        ``state_count``, ``distinct_count``, ``entropy`` and ``efficiency``,
+        which then equal those of the counter itself. ``gather()`` returns
+        the merged :class:`StateCounter` when the states themselves are asked
+        for (``counts()``, ``state_ids()``, ``counter``); it raises a
+        ``TensorStateError`` saying why when they cannot be had.
+        """
+        with self._record_lock:
+            self._clear()
+            self.n_neurons = int(n_neurons)
+            values, multiplicities = histogram
+            self._summary = (int(total), int(n_distinct), (np.asarray(values), np.asarray(multiplicities)))
+            self._gather = gather
+
+    def _gather_counter(self) -> None:
+        """Bring the counter that ``adopt_summary`` left elsewhere here (once)."""
+        if self._counter is not None or self._summary is None:
+            return
+        if self._gather is None:
+            raise NoStatesError(
+                f"probe {self.name!r} holds only the totals of its counts (states, distinct states and "
+                "their histogram), not the states themselves"
+            )
+        counter = self._gather()
+        with self._record_lock:
+            if self._counter is None:
+                self._counter = counter
+                self._summary = None
 
     def attach_store(self, store: StateStore, instances: int, states_per_instance: int) -> None:
         """Adopt raw states recorded elsewhere (a sharded run's store) so that
@@ -161,11 +201,22 @@ class AbstractStateCapture(abc.ABC):
     @property
     def state_count(self) -> int:
         """Number of states recorded, repeats included."""
+        if self._summary is not None:
+            return self._summary[0]
         return 0 if self._counter is None else self._counter.total
 
     @property
+    def distinct_count(self) -> int:
+        """Number of distinct states recorded."""
+        if self._summary is not None:
+            return self._summary[1]
+        return 0 if self._counter is None else self._counter.n_distinct
+
+    @property
     def counter(self) -> StateCounter | None:
-        """The streaming counter (None before the first record)."""
+        """The streaming counter (None before the first record); for counts a
+        sharded run left on the cluster, gathered from there on first use."""
+        self._gather_counter()
         return self._counter
 
     @property
@@ -185,7 +236,7 @@ class AbstractStateCapture(abc.ABC):
         return self._store
 
     def _require_states(self) -> None:
-        if self._counter is None or self._counter.total == 0:
+        if self.state_count == 0:
             raise NoStatesError(
                 f"probe {self.name!r} has recorded no states yet; run data through the model first"
             )
@@ -213,6 +264,7 @@ class AbstractStateCapture(abc.ABC):
     def _counts_for(self, index) -> tuple[np.ndarray, np.ndarray]:
         if index is None:
             self._require_states()
+            self._gather_counter()
             if self._result is None:
                 self._result = self._counter.result()
             return self._result
@@ -226,6 +278,7 @@ class AbstractStateCapture(abc.ABC):
         """Occurrences of each observed state; ``index`` selects input instances."""
         if index is None and self._result is None:
             self._require_states()
+            self._gather_counter()
             return self._counter.counts()  # aligned with state_ids(), without building the states
         return self._counts_for(index)[1]
 
@@ -243,6 +296,9 @@ class AbstractStateCapture(abc.ABC):
         """Rényi entropy (bits) of the observed states; ``None`` gives ``max_entropy()``."""
         if alpha is None:
             return self.max_entropy()
+        if self._summary is not None:
+            self._require_states()
+            return metrics.histogram_entropy(*self._summary[2], alpha)
         return metrics.entropy(self.counts(), alpha)
 
     def efficiency(self, alpha1: float = 1, alpha2: float | None = None) -> float:
