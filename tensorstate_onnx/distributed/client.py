@@ -44,13 +44,12 @@ from ..runtime import OnnxEfficiencyModel
 from ..store import StateStore, check_storage_root
 from .plan import _plan_shards
 from .reduce import (
-    _build_partitions,
     _check_same_shape,
     _combine,
     _probe_counter,
+    _reduction_graph,
     _shard_info,
     _ShardInfo,
-    _summarize,
     _Summary,
 )
 from .storage import _attach_stores, _create_stores, _mark_stores, _states_per_instance
@@ -468,24 +467,21 @@ def analyze_sharded(
                     _identity, model_bytes, key=f"tensorstate-model-{digest[:16]}-{token}", pure=False
                 )
             block_futures = connected.compute(list(dask_blocks)) if dask_blocks else None
-            results = [
-                connected.submit(
-                    _run_shard, job, shard, None if block_futures is None else block_futures[i], model_future,
-                    key=f"tensorstate-shard-{shard.index}-{token}", pure=False, priority=0,
-                )
-                for i, shard in enumerate(shards)
-            ]  # fmt: skip
-            infos = [
-                connected.submit(_shard_info, result, key=f"tensorstate-info-{s}-{token}", pure=False, priority=1)
-                for s, result in enumerate(results)
-            ]  # fmt: skip
-            roots = _build_partitions(connected, results, n_partitions, fan_in, token)
-            summaries = [
-                connected.submit(_summarize, r, key=f"tensorstate-summary-{j}-{token}", pure=False, priority=9)
-                for j, r in enumerate(roots)
-            ]  # fmt: skip
+            # One graph, sent in one message: shard tasks, their facts, the reduction.
+            graph: dict = {}
+            shard_keys, info_keys = [], []
+            for i, shard in enumerate(shards):
+                key = f"tensorstate-shard-{shard.index}-{token}"
+                block = None if block_futures is None else block_futures[i]
+                graph[key] = (_run_shard, job, shard, block, model_future)
+                shard_keys.append(key)
+                info_keys.append(f"tensorstate-info-{shard.index}-{token}")
+                graph[info_keys[-1]] = (_shard_info, key)
+            reduction, root_keys, summary_keys = _reduction_graph(shard_keys, n_partitions, fan_in, token)
+            graph.update(reduction)
             # The client holds no shard result: each lives until its pieces and facts are taken.
-            del block_futures, model_future, shards, dask_blocks, results
+            infos, roots, summaries = connected.get(graph, [info_keys, root_keys, summary_keys], sync=False)
+            del block_futures, model_future, shards, dask_blocks, graph, reduction
         # _collect empties both lists, so each result is released once read.
         result = _collect(connected, infos, summaries, roots, local, where, len(where), root, storage)
         kept = _ClusterCounts(connected, roots, tuple(p.name for p in local.probes)) if client is not None else None

@@ -42,7 +42,7 @@ class _ShardInfo:
     labelled: int
     sample_shape: Any  # per-sample input shape(s), None when no sample was seen
     seconds: float  # wall seconds of the task
-    cpu_seconds: float  # CPU seconds of the task's thread (counting, splitting)
+    cpu_seconds: float  # CPU seconds of the worker process during the task (counting, splitting)
     split_seconds: float  # CPU seconds of splitting the counters into partitions
     last_end: float  # time.time() when the shard finished
 
@@ -56,7 +56,7 @@ class _Piece:
     n_partitions: int
     probe_names: tuple
     counters: list[StateCounter | None]  # one per probe; None: no state of that probe seen
-    merge_cpu_seconds: float = 0.0  # CPU seconds of the merge tasks that built this piece
+    merge_cpu_seconds: float = 0.0  # worker-process CPU seconds of the merge tasks that built this piece
 
     def __sizeof__(self) -> int:
         # What Dask's memory accounting sees (it calls sys.getsizeof on results).
@@ -97,7 +97,10 @@ class _Summary:
 
 
 def _split(counters: list[StateCounter | None], shard: int, names: tuple, n_partitions: int) -> list[_Piece]:
-    """The shard's counters as ``n_partitions`` pieces, partition ``j`` in piece ``j``."""
+    """The shard's counters as ``n_partitions`` pieces, partition ``j`` in piece ``j``
+    (with one partition, the counters themselves: merges never modify their inputs)."""
+    if n_partitions == 1:
+        return [_Piece([shard], 0, 1, names, list(counters))]
     split = [c.partition(n_partitions) if c is not None else [None] * n_partitions for c in counters]
     return [
         _Piece([shard], j, n_partitions, names, [parts[j] for parts in split]) for j in range(n_partitions)
@@ -121,7 +124,7 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
     partitions, or holding counts of another number of neurons for a probe:
     merging them would give wrong counts, not an error.
     """
-    started = time.thread_time()
+    started = time.process_time()
     first = pieces[0]
     for piece in pieces:
         if piece.partition != partition or piece.n_partitions != n_partitions:
@@ -154,7 +157,7 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
     return _Piece(
         shards=sorted(s for piece in pieces for s in piece.shards), partition=partition,
         n_partitions=n_partitions, probe_names=first.probe_names, counters=counters,
-        merge_cpu_seconds=sum(p.merge_cpu_seconds for p in pieces) + time.thread_time() - started,
+        merge_cpu_seconds=sum(p.merge_cpu_seconds for p in pieces) + time.process_time() - started,
     )  # fmt: skip
 
 
@@ -214,25 +217,29 @@ def _check_same_shape(a: _ShardInfo, b: _ShardInfo) -> None:
         )
 
 
-def _build_partitions(client, shard_futures: list, n_partitions: int, fan_in: int, token: str) -> list:
-    """For each partition: pieces of every shard, merged ``fan_in`` at a time
-    (consecutive shards first, so merges start while later shards run) down
-    to one; returns the future of each partition's merged piece."""
-    roots = []
+def _reduction_graph(shard_keys: list[str], n_partitions: int, fan_in: int, token: str) -> tuple[dict, list, list]:
+    """The tasks of the reduction over the shard tasks ``shard_keys``, as a
+    Dask graph: for each partition, a piece of every shard merged ``fan_in``
+    consecutive shards at a time (so merges start while later shards run)
+    down to one, and its summary. Returns ``(graph, root keys, summary keys)``."""
+    graph: dict = {}
+    roots, summaries = [], []
     for j in range(n_partitions):
-        level = [
-            client.submit(_piece, shard, j, key=f"tensorstate-piece-{s}-{j}-{token}", pure=False, priority=1)
-            for s, shard in enumerate(shard_futures)
-        ]  # fmt: skip
+        level = []
+        for s, shard in enumerate(shard_keys):
+            key = f"tensorstate-piece-{s}-{j}-{token}"
+            graph[key] = (_piece, shard, j)
+            level.append(key)
         depth = 0
         while len(level) > 1 or depth == 0:
             depth += 1
-            level = [
-                client.submit(
-                    _merge_pieces, j, n_partitions, *level[g : g + fan_in],
-                    key=f"tensorstate-merge-{j}-{depth}-{g // fan_in}-{token}", pure=False, priority=1 + depth,
-                )
-                for g in range(0, len(level), fan_in)
-            ]  # fmt: skip
+            merged = []
+            for g in range(0, len(level), fan_in):
+                key = f"tensorstate-merge-{j}-{depth}-{g // fan_in}-{token}"
+                graph[key] = (_merge_pieces, j, n_partitions, *level[g : g + fan_in])
+                merged.append(key)
+            level = merged
         roots.append(level[0])
-    return roots
+        summaries.append(f"tensorstate-summary-{j}-{token}")
+        graph[summaries[-1]] = (_summarize, level[0])
+    return graph, roots, summaries

@@ -180,14 +180,15 @@ class StateCounter:
         store = self._store
         ids, counts = store.result() if isinstance(store, DirectCounts) else store.pickled()
         which = partition_of(ids, n_parts)
+        # A stable sort by part keeps each part's states in the order the store gave them.
+        order = np.argsort(which.astype(np.uint16 if n_parts <= 1 << 16 else np.int64), kind="stable")
+        bounds = np.searchsorted(which[order], np.arange(n_parts + 1))
         parts = []
         for j in range(n_parts):
             part = StateCounter(self.n_neurons, self._tuning)
-            mask = which == j
-            if n_parts == 1:
-                part._load(ids, counts.astype(np.int64))
-            elif mask.any():
-                part._load(np.ascontiguousarray(ids[mask]), counts[mask].astype(np.int64))
+            rows = order[bounds[j] : bounds[j + 1]]
+            if rows.size:
+                part._load(np.ascontiguousarray(ids[rows]), counts[rows].astype(np.int64))
             parts.append(part)
         return parts
 
