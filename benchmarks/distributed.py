@@ -46,7 +46,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
 ALPHAS = (0, 0.5, 1, 2, float("inf"))
-FAN_IN = 8  # analyze_sharded's default merge_fan_in
+FAN_IN = 16  # analyze_sharded's default merge_fan_in
 
 
 def _same_metrics(a, b) -> bool:
@@ -135,6 +135,40 @@ def _sharded(cluster, path, npy, shard_size, batch_size, attach_to):
         wall = time.perf_counter() - started
     result.release()
     return result, wall, rss.peak
+
+
+def _noop(*args):
+    return 0
+
+
+def _scheduler_cost(cluster, shards: int, partitions: int) -> tuple[float, float, int]:
+    """``(scheduler CPU s, client CPU s, tasks)`` of a graph shaped like a run's (shards, facts,
+    pieces, merge trees, summaries) whose tasks do nothing: what each task costs to schedule."""
+    graph: dict = {}
+    for s in range(shards):
+        graph[f"s-{s}"] = (_noop,)
+        graph[f"i-{s}"] = (_noop, f"s-{s}")
+    wanted = [f"i-{s}" for s in range(shards)]
+    for j in range(partitions):
+        level = []
+        for s in range(shards):
+            graph[f"p-{s}-{j}"] = (_noop, f"s-{s}")
+            level.append(f"p-{s}-{j}")
+        depth = 0
+        while len(level) > 1 or depth == 0:
+            depth += 1
+            merged = []
+            for g in range(0, len(level), FAN_IN):
+                graph[f"m-{j}-{depth}-{g}"] = (_noop, *level[g : g + FAN_IN])
+                merged.append(f"m-{j}-{depth}-{g}")
+            level = merged
+        graph[f"u-{j}"] = (_noop, level[0])
+        wanted.append(f"u-{j}")
+    scheduler, client = cluster.scheduler_cpu(), time.process_time()
+    futures = cluster.client.get(graph, wanted, sync=False)
+    cluster.client.gather(futures)
+    del futures
+    return cluster.scheduler_cpu() - scheduler, time.process_time() - client, len(graph)
 
 
 def _n_tasks(shards: int, partitions: int, fan_in: int = FAN_IN) -> int:
@@ -310,6 +344,8 @@ def _run(args, tmp: Path) -> None:
             largest = (workers, n, c)
             print(f"simulated {workers} workers, {n} samples: {distinct:,} distinct states, client CPU "
                   f"{c['client']:.2f} s, client RSS +{rss / 2**20:.0f} MiB", flush=True)  # fmt: skip
+        if workers == args.sim_workers:
+            sched_cpu, sched_client, sched_tasks = _scheduler_cost(cluster, 128, 16)
         cluster.close()
     print()
     print(f"### Simulated workers (single-threaded, on {os.cpu_count()} cores; CPU seconds)")
@@ -327,13 +363,18 @@ def _run(args, tmp: Path) -> None:
 
     # 3. Projection.
     workers, n, c = largest
+    in_run = c["t_sched"]
+    c = {**c, "t_sched": sched_cpu / sched_tasks}
     k = max(1, round(n / args.shard_size / workers))
     print()
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
           f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_client = {c['t_client'] * 1e3:.2f} ms "
-          f"per result read, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task.")  # fmt: skip
+          f"per result read, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
+          f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
+          f"{sched_client:.2f} s of client CPU; the runs above average {in_run * 1e3:.2f} ms, their "
+          "scheduler's and nannies' CPU over the whole run per task).")  # fmt: skip
     print()
     print("| workers | partitions | tasks | worker s | scheduler s | client s | samples/s | vs linear |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

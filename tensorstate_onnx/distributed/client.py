@@ -323,7 +323,7 @@ def analyze_sharded(
     timeout: float = 30.0,
     worker_model_path: str | os.PathLike | None = None,
     partitions: int | None = None,
-    merge_fan_in: int = 8,
+    merge_fan_in: int = 16,
 ) -> ShardedAnalysis:
     """Analyze ``data`` shard by shard on a Dask cluster; same counts as one process.
 

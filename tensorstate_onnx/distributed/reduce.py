@@ -43,7 +43,7 @@ class _ShardInfo:
     sample_shape: Any  # per-sample input shape(s), None when no sample was seen
     seconds: float  # wall seconds of the task
     cpu_seconds: float  # CPU seconds of the worker process during the task (counting, splitting)
-    split_seconds: float  # CPU seconds of splitting the counters into partitions
+    split_seconds: float  # CPU seconds of the task's thread splitting the counters into partitions
     last_end: float  # time.time() when the shard finished
 
 
@@ -56,7 +56,7 @@ class _Piece:
     n_partitions: int
     probe_names: tuple
     counters: list[StateCounter | None]  # one per probe; None: no state of that probe seen
-    merge_cpu_seconds: float = 0.0  # worker-process CPU seconds of the merge tasks that built this piece
+    merge_cpu_seconds: float = 0.0  # CPU seconds of the merge tasks that built this piece
 
     def __sizeof__(self) -> int:
         # What Dask's memory accounting sees (it calls sys.getsizeof on results).
@@ -124,7 +124,7 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
     partitions, or holding counts of another number of neurons for a probe:
     merging them would give wrong counts, not an error.
     """
-    started = time.process_time()
+    started = time.thread_time()  # the merge runs in this thread alone; transfers are the worker's
     first = pieces[0]
     for piece in pieces:
         if piece.partition != partition or piece.n_partitions != n_partitions:
@@ -157,7 +157,7 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
     return _Piece(
         shards=sorted(s for piece in pieces for s in piece.shards), partition=partition,
         n_partitions=n_partitions, probe_names=first.probe_names, counters=counters,
-        merge_cpu_seconds=sum(p.merge_cpu_seconds for p in pieces) + time.process_time() - started,
+        merge_cpu_seconds=sum(p.merge_cpu_seconds for p in pieces) + time.thread_time() - started,
     )  # fmt: skip
 
 

@@ -24,6 +24,8 @@ from .words import WordRuns
 
 __all__ = ["StateCounter"]
 
+_BINCOUNT_MAX = 1 << 22  # count_histogram() bincounts counts up to this, sorts larger ones
+
 
 class StateCounter:
     """Streaming, mergeable counts of packed states.
@@ -165,7 +167,12 @@ class StateCounter:
         (:func:`tensorstate_onnx.metrics.histogram_entropy`), and histograms of
         counters holding disjoint states add up, which is what lets a sharded
         run compute entropies without bringing the states together."""
-        values, multiplicities = np.unique(self.counts(), return_counts=True)
+        counts = self.counts()
+        if counts.size and counts.max() <= _BINCOUNT_MAX:  # a pass, not a sort: counts are mostly small
+            histogram = np.bincount(counts)
+            values = np.flatnonzero(histogram)
+            return values.astype(np.int64), histogram[values].astype(np.int64)
+        values, multiplicities = np.unique(counts, return_counts=True)
         return values.astype(np.int64), multiplicities.astype(np.int64)
 
     def partition(self, n_parts: int) -> list[StateCounter]:
