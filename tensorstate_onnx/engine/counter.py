@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import OptionError, OptionTypeError
 from .arrays import narrowest
 from .direct import DirectCounts
-from .hashing import partition_of
+from .hashing import partition_of, scatter_rows
 from .keys import KeyRuns
 from .packing import check_packed, n_bytes_for
 from .runset import RunSet
@@ -187,15 +187,15 @@ class StateCounter:
         store = self._store
         ids, counts = store.result() if isinstance(store, DirectCounts) else store.pickled()
         which = partition_of(ids, n_parts)
-        # A stable sort by part keeps each part's states in the order the store gave them.
-        order = np.argsort(which.astype(np.uint16 if n_parts <= 1 << 16 else np.int64), kind="stable")
-        bounds = np.searchsorted(which[order], np.arange(n_parts + 1))
+        # Rows of each part together, in the order the store gave them.
+        bounds = np.zeros(n_parts + 1, np.int64)
+        np.cumsum(np.bincount(which, minlength=n_parts), out=bounds[1:])
+        ids, counts = scatter_rows(ids, counts.astype(np.int64, copy=False), which, bounds)
         parts = []
         for j in range(n_parts):
             part = StateCounter(self.n_neurons, self._tuning)
-            rows = order[bounds[j] : bounds[j + 1]]
-            if rows.size:
-                part._load(np.ascontiguousarray(ids[rows]), counts[rows].astype(np.int64))
+            if bounds[j + 1] > bounds[j]:
+                part._load(ids[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]])
             parts.append(part)
         return parts
 

@@ -18,7 +18,7 @@ from .arrays import as_words, trimmed
 from .jit import kernel
 from .sort import sort_keys
 
-__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "partition_of", "tag"]
+__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "partition_of", "scatter_rows", "tag"]
 
 
 @kernel(inline="always")
@@ -83,6 +83,29 @@ def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
     if sys.byteorder == "big":
         words = words.byteswap()
     return (hash_rows(words) % np.uint64(n_parts)).astype(np.int64)
+
+
+@kernel
+def _scatter_kernel(ids, counts, which, starts, out_ids, out_counts):
+    for i in range(ids.shape[0]):
+        j = which[i]
+        k = starts[j]
+        starts[j] = k + 1
+        out_counts[k] = counts[i]
+        for b in range(ids.shape[1]):
+            out_ids[k, b] = ids[i, b]
+
+
+def scatter_rows(
+    ids: np.ndarray, counts: np.ndarray, which: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``ids`` (uint8 (n, width)) and ``counts`` (int64) grouped by
+    ``which``: group ``j`` in rows ``bounds[j]:bounds[j + 1]``, each group in
+    its original order (one pass: a counting sort)."""
+    out_ids = np.empty_like(ids, order="C")
+    out_counts = np.empty(counts.shape[0], np.int64)
+    _scatter_kernel(ids, counts, which, bounds[:-1].copy(), out_ids, out_counts)
+    return out_ids, out_counts
 
 
 @kernel
