@@ -193,33 +193,38 @@ def _costs(stats: dict, build_cpu: float) -> dict:
     merge = sum(stats["partition_merge_cpu_seconds"])
     client = stats["client_process_cpu_seconds"] - build_cpu  # the client's own model build excluded
     scheduler = stats["scheduler_cpu_seconds"]
+    reading = stats["client_cpu_seconds"]  # the client thread reading facts and totals
     return dict(
         t_shard=float(np.mean(stats["shard_cpu_seconds"])), t_split=float(np.mean(stats["split_cpu_seconds"])),
         u_merge=merge / (shards * _levels(shards)),  # merge CPU per shard of data and per tree level
-        t_client=client / (shards + partitions),  # per shard fact or partition total read
+        t_read=reading / (shards + partitions),  # per shard fact or partition total read
         t_sched=scheduler / tasks,  # scheduler per task
         tasks=tasks, merge=merge, client=client, scheduler=scheduler,
         work=sum(stats["shard_cpu_seconds"]) + merge,
     )  # fmt: skip
 
 
-def _project(c: dict, shard_size: int, k: int, w: int, p: int) -> tuple[float, float, dict]:
-    """Samples/s at ``w`` workers and ``p`` partitions, each worker running ``k`` shards.
+def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: int) -> tuple[float, float, dict]:
+    """Samples/s at ``w`` workers and ``p`` partitions, each worker running
+    ``k`` shards of ``shard_size`` samples (per-shard costs measured on shards
+    of ``measured_size`` samples scale with the samples: all states distinct).
 
     A worker's CPU: k*t_shard (count and split) plus its share of the merges,
     u_merge * k * levels * w / p (partition merges are spread over the p
     partitions; all states distinct, so each tree level touches every
-    state). The scheduler handles tasks(k*w, p) tasks at t_sched each and the
-    client reads k*w + p results at t_client each, both while the workers
-    run. T = the largest of the three; linear = w * shard_size / t_shard.
+    state). The scheduler handles tasks(k*w, p) tasks at t_sched each; the
+    client builds and sends them at t_submit each and reads k*w + p results
+    at t_read each, both while the workers run. T = the largest of the
+    three; linear = w * shard_size / t_shard.
     """
+    scale = shard_size / measured_size
     shards = k * w
-    worker = k * c["t_shard"] + c["u_merge"] * k * _levels(shards) * w / p
+    worker = k * scale * (c["t_shard"] + c["u_merge"] * _levels(shards) * w / p)
     sched = _n_tasks(shards, p) * c["t_sched"]
-    client = (shards + p) * c["t_client"]
+    client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
     total = max(worker, sched, client)
     samples = shards * shard_size / total
-    linear = w * shard_size / c["t_shard"]
+    linear = w * shard_size / (scale * c["t_shard"])
     return samples, samples / linear, dict(worker=worker, sched=sched, client=client)
 
 
@@ -364,14 +369,14 @@ def _run(args, tmp: Path) -> None:
     # 3. Projection.
     workers, n, c = largest
     in_run = c["t_sched"]
-    c = {**c, "t_sched": sched_cpu / sched_tasks}
+    c = {**c, "t_sched": sched_cpu / sched_tasks, "t_submit": sched_client / sched_tasks}
     k = max(1, round(n / args.shard_size / workers))
     print()
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
-          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_client = {c['t_client'] * 1e3:.2f} ms "
-          f"per result read, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
+          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_read = {c['t_read'] * 1e3:.2f} ms "
+          f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
           f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
           f"{sched_client:.2f} s of client CPU; the runs above average {in_run * 1e3:.2f} ms, their "
           "scheduler's and nannies' CPU over the whole run per task).")  # fmt: skip
@@ -380,9 +385,21 @@ def _run(args, tmp: Path) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in (8, 64, 512):
         for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
-            samples, ratio, parts = _project(c, args.shard_size, k, w, p)
+            samples, ratio, parts = _project(c, args.shard_size, args.shard_size, k, w, p)
             print(f"| {w} | {p} | {_n_tasks(k * w, p):,} | {parts['worker']:.1f} | {parts['sched']:.1f} | "
                   f"{parts['client']:.2f} | {samples:.0f} | {ratio:.2f}x |")  # fmt: skip
+    big, size = 1_280_000, 1024
+    print()
+    print(f"A {big:,}-sample run of this model (96x96 inputs), shards of {size} samples:")
+    print()
+    print("| workers | partitions | shards per worker | tasks | worker s | scheduler s | client s | hours | vs linear |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w in (8, 64, 512):
+        k_big = math.ceil(big / (w * size))
+        for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
+            samples, ratio, parts = _project(c, args.shard_size, size, k_big, w, p)
+            print(f"| {w} | {p} | {k_big} | {_n_tasks(k_big * w, p):,} | {parts['worker']:.0f} | "
+                  f"{parts['sched']:.0f} | {parts['client']:.1f} | {big / samples / 3600:.2f} | {ratio:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
     analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
-    analyze.add_argument("--partitions", type=int, metavar="P", help="with --workers/--scheduler: reduce the counts in P partitions on the workers (default: one per worker)")
+    analyze.add_argument("--partitions", type=int, metavar="P", help="with --workers/--scheduler: reduce the counts in P partitions on the workers (default: one per worker, up to 64)")
     analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
 

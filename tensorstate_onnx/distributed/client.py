@@ -56,6 +56,7 @@ from .storage import _attach_stores, _create_stores, _mark_stores, _states_per_i
 from .worker import _identity, _Job, _run_shard
 
 _MAX_PARTITIONS = 4096  # beyond this the run is mostly scheduling: shards x partitions piece tasks
+_DEFAULT_MAX_PARTITIONS = 64  # the default: one partition per worker up to this many
 _STORE_READ_ROWS = 1 << 20  # rows read at a time when counts are rebuilt from a store
 _MAX_PROTO_BYTES = 1 << 30  # larger ModelProtos must be given as a path on shared storage
 _SHARD_KEY = re.compile(r"tensorstate-shard-(\d+)-")
@@ -368,9 +369,10 @@ def analyze_sharded(
             of the state; partition ``j`` of every shard is merged by tasks
             of its own on the workers, and only its totals (states, distinct
             states, histogram of the counts) reach the client, so the client
-            never holds the distinct states. Default: the number of workers
-            (one partition each), at most shards x probes. At most shards x
-            probes and 4096.
+            never holds the distinct states. Default: one per worker, at most
+            64 (the scheduler handles shards x partitions tasks, which past
+            that costs more than the larger merges it saves) and at most
+            shards x probes. At most shards x probes and 4096.
         merge_fan_in: pieces per merge task: a partition's pieces are merged
             this many consecutive shards at a time, level by level, so merging
             starts while later shards still run.
@@ -519,16 +521,16 @@ def analyze_sharded(
 
 
 def _n_partitions(partitions: int | None, workers: int, n_shards: int, n_probes: int) -> int:
-    """``partitions`` checked against the run, or the default: one per worker."""
+    """``partitions`` checked against the run, or the default: one per worker, up to 64."""
     limit = min(_MAX_PARTITIONS, max(1, n_shards * n_probes))
     if partitions is None:
-        return max(1, min(workers, limit))
+        return max(1, min(workers, _DEFAULT_MAX_PARTITIONS, limit))
     if partitions > limit:
         raise OptionError(
             f"partitions={partitions} is more than this run can use: at most {limit} (the shards x probes, "
             f"{n_shards} x {n_probes}, and at most {_MAX_PARTITIONS}); every shard makes a task per "
             "partition, so more partitions than that only add scheduling. Use fewer, or leave it to "
-            "the default (one per worker)"
+            "the default (one per worker, up to 64)"
         )
     return partitions
 
