@@ -72,13 +72,16 @@ class ShardedAnalysis:
     """The outcome of :func:`analyze_sharded`.
 
     ``model`` is a locally built :class:`OnnxEfficiencyModel` whose
-    ``efficiency_layers`` hold the merged counts (it never ran the data);
+    ``efficiency_layers`` hold each probe's totals: states, distinct states
+    and the histogram of the counts, which give every metric (it never ran
+    the data);
     ``accuracy`` is the accuracy of the first output, or ``None`` without
     labels. Unpacks as ``model, accuracy = analyze_sharded(...)``.
     ``stats`` holds timings: per-shard wall and CPU seconds (and the CPU
     seconds of splitting each shard into partitions), the CPU seconds of
-    each partition's merge tasks, the CPU seconds of the client's own work
-    (``client_cpu_seconds``) and of its whole process, the wall time, and
+    each partition's merge tasks, the CPU seconds of the client reading the
+    results (``client_cpu_seconds``) and of its whole process during the
+    call (``client_process_cpu_seconds``), the wall time, and
     the time from the end of the last shard to the end of the run
     (``tail_seconds``).
 
@@ -384,7 +387,9 @@ def analyze_sharded(
         ImportError without dask.distributed; ModelFileError for a model the
         client or the workers cannot read; ModelInputError for empty data,
         labels that do not fit, or shards whose samples differ in shape (the
-        message names the shard); SchedulerConnectionError when the scheduler
+        message names the shard) or probes whose number of neurons differs
+        between shards; OptionError for ``partitions`` < 1 or more than the
+        run can use; SchedulerConnectionError when the scheduler
         cannot be reached within ``timeout`` or has no workers;
         ShardFailedError when a shard kills its worker more often than
         ``distributed.scheduler.allowed-failures`` allows; StorageExistsError
