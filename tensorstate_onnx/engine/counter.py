@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import OptionError, OptionTypeError
 from .arrays import narrowest
 from .direct import DirectCounts
-from .hashing import partition_of, scatter_rows
+from .hashing import key_partition, partition_of, scatter_keys, scatter_rows
 from .keys import KeyRuns
 from .packing import check_packed, n_bytes_for
 from .runset import RunSet
@@ -185,6 +185,8 @@ class StateCounter:
             raise OptionError(f"partition() needs a positive number of parts, got {n_parts!r}")
         n_parts = int(n_parts)
         store = self._store
+        if isinstance(store, KeyRuns):
+            return self._partition_keys(n_parts)
         ids, counts = store.result() if isinstance(store, DirectCounts) else store.pickled()
         which = partition_of(ids, n_parts)
         # Rows of each part together, in the order the store gave them.
@@ -195,8 +197,25 @@ class StateCounter:
         for j in range(n_parts):
             part = StateCounter(self.n_neurons, self._tuning)
             if bounds[j + 1] > bounds[j]:
-                part._load(ids[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]])
+                part._load(ids[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]].copy())
             parts.append(part)
+        return parts
+
+    def _partition_keys(self, n_parts: int) -> list[StateCounter]:
+        """:meth:`partition` of states of 3 to 8 bytes, straight from their
+        sorted keys (the parts' keys stay sorted)."""
+        parts = [StateCounter(self.n_neurons, self._tuning) for _ in range(n_parts)]
+        run = self._store.compact()
+        if run is None:
+            return parts
+        which = key_partition(run.keys, n_parts)
+        bounds = np.zeros(n_parts + 1, np.int64)
+        np.cumsum(np.bincount(which, minlength=n_parts), out=bounds[1:])
+        keys, counts = scatter_keys(run.keys, run.counts, which, bounds)
+        for j, part in enumerate(parts):
+            if bounds[j + 1] > bounds[j]:
+                part._store.load_keys(keys[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]].copy())
+                part.total = int(counts[bounds[j] : bounds[j + 1]].sum())
         return parts
 
     def _load(self, ids: np.ndarray, counts: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from .arrays import as_words, trimmed
 from .jit import kernel
 from .sort import sort_keys
 
-__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "partition_of", "scatter_rows", "tag"]
+__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "key_partition", "partition_of", "scatter_keys", "scatter_rows", "tag"]
 
 
 @kernel(inline="always")
@@ -70,19 +70,52 @@ def hash_rows(words: np.ndarray) -> np.ndarray:
     return out
 
 
+@kernel
+def _mix_keys(keys, n_parts, out):
+    """The part of each state of up to 8 bytes, from its key (a 64-bit finalizer, then modulo)."""
+    for i in range(keys.size):
+        h = keys[i]
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+        out[i] = np.int64(h % np.uint64(n_parts))
+
+
+def key_partition(keys: np.ndarray, n_parts: int) -> np.ndarray:
+    """:func:`partition_of` for states of up to 8 bytes given as their keys
+    (big-endian uint64, as ``KeyRuns`` holds them), without the bytes."""
+    out = np.empty(keys.size, np.int64)
+    _mix_keys(keys, n_parts, out)
+    return out
+
+
 def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
     """Which of ``n_parts`` partitions each packed state (uint8 (n, n_bytes))
-    belongs to: its :func:`hash_rows` hash modulo ``n_parts``, as int64.
+    belongs to, as int64: a hash of the state modulo ``n_parts``. States of
+    up to 8 bytes are hashed as one big-endian word (:func:`key_partition`),
+    longer ones by :func:`hash_rows` of their little-endian words.
 
-    The words are read little-endian whatever the host, so every process on
+    The words are read the same way whatever the host, so every process on
     every machine puts a state in the same partition: sharded runs merge
     partition ``j`` of every shard, and must never split one state between
     two partitions.
     """
-    words = as_words(packed, max(1, -(-packed.shape[1] // 8)))
+    if packed.shape[1] <= 8:
+        from .keys import be_keys
+
+        return key_partition(be_keys(packed), n_parts)
+    words = as_words(packed, -(-packed.shape[1] // 8))
     if sys.byteorder == "big":
         words = words.byteswap()
     return (hash_rows(words) % np.uint64(n_parts)).astype(np.int64)
+
+
+def scatter_keys(keys: np.ndarray, counts: np.ndarray, which: np.ndarray, bounds: np.ndarray):
+    """:func:`scatter_rows` for keys (uint64 (n,)) instead of rows."""
+    out_ids, out_counts = scatter_rows(keys.reshape(-1, 1), counts, which, bounds)
+    return out_ids.reshape(-1), out_counts
 
 
 @kernel

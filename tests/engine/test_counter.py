@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
+from tensorstate_onnx.engine.hashing import partition_of
 from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -531,8 +532,10 @@ def test_partition_splits_every_state_into_exactly_one_part(tuning, c, n_parts):
     assert len(parts) == n_parts
     assert as_dict(*counter.result()) == before, "partition() changed the counter"
     seen: dict = {}
-    for part in parts:
+    for j, part in enumerate(parts):
         assert part.n_neurons == c and part.tuning is counter.tuning
+        ids, _ = part.result()
+        assert np.all(partition_of(ids, n_parts) == j), "a state is not in the part its hash names"
         table = as_dict(*part.result())
         assert part.total == sum(table.values())
         assert not seen.keys() & table.keys(), "a state went to two parts"

@@ -62,3 +62,10 @@ def test_partition_of_depends_on_the_state_alone():
     again = partition_of(np.ascontiguousarray(rows[::-1]), 7)[::-1]
     assert np.array_equal(which, again)
     assert np.array_equal(partition_of(rows[:, :13].copy(order="F"), 7), which)
+    # States of up to 8 bytes are hashed from their big-endian key, as KeyRuns holds them.
+    from tensorstate_onnx.engine.hashing import key_partition
+    from tensorstate_onnx.engine.keys import be_keys
+
+    short = rows[:, :5]
+    assert np.array_equal(partition_of(short, 7), key_partition(be_keys(np.ascontiguousarray(short)), 7))
+    assert len(np.unique(partition_of(short, 7))) == 7
