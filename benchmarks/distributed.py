@@ -1,25 +1,28 @@
-"""One process vs a 2-worker Dask LocalCluster on the MobileNetV2-style ONNX model.
+"""Sharded analysis on Dask: one process vs 2 workers, simulated many workers, and a projection.
 
-Every Conv of :func:`~models.onnx_models.mobilenet_v2_small_onnx`
-is probed (22 probes) and a few thousand random 3x96x96 samples are analyzed:
+Every Conv of :func:`~models.onnx_models.mobilenet_v2_small_onnx` is probed
+(22 probes; random weights, so nearly every state is distinct: the worst case
+for a reduction) on random 3x96x96 samples read by the workers from a ``.npy``.
 
-* **one process**: ``OnnxEfficiencyModel.predict`` with onnxruntime free to use
-  every core;
-* **cluster**: :func:`tensorstate_onnx.distributed.analyze_sharded` on a
-  ``LocalCluster`` of 2 worker processes with one thread and one onnxruntime
-  thread each, the data read by the workers from a ``.npy`` file: with the
-  default reduction (the client merges each shard's counters as it completes),
-  with pairwise merge tasks down to one root per worker, and down to one root;
-  and once with the counters dropped on the workers (nothing transferred or
-  merged), the baseline that gives the merge cost.
+1. **One process vs 2 workers**: ``OnnxEfficiencyModel.predict`` with
+   onnxruntime free to use every core, against
+   :func:`tensorstate_onnx.distributed.analyze_sharded` on a LocalCluster of 2
+   single-threaded workers, and against the same cluster with the counters
+   dropped before they are split (nothing reduced: the cost of the reduction).
+   Wall time, best of ``--repeats`` runs interleaved (the machine is shared);
+   every run's metrics are checked against one process (every alpha).
+2. **Simulated workers**: LocalClusters of 2 and ``--sim-workers`` single-
+   threaded workers on this machine's cores, at ``--sim-samples`` and twice as
+   many samples. Wall time means little when 8 workers share 2 cores, so
+   every cost is CPU seconds: per shard task (counting and splitting), per
+   partition (its merge tasks), the client process (the cluster runs in a
+   process of its own) and the scheduler's process. The client's peak RSS above
+   its RSS before the run is sampled every 10 ms; it must not grow with the
+   distinct states.
+3. **Projection** to 8, 64 and 512 workers from the measured per-task costs
+   of the largest simulated run (see :func:`_project` for the model).
 
-The cluster is started and warmed (sessions built, numba kernels loaded) before
-timing; every variant runs ``--repeats`` times, interleaved, and the best run
-counts (the machine is shared). Printed: samples/s, the ratio to one process
-(target >= 0.9x), the merge cost as a share of the run (target < 5%) and a
-projection to 8 and 64 workers.
-
-Usage: ``python benchmarks/distributed.py [--samples 3072] [--shard-size 256] [--repeats 2]``
+Usage: ``python benchmarks/distributed.py [--samples 1536] [--sim-samples 768] [--repeats 2]``
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,32 +45,18 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
-
-def _sorted_counts(counter):
-    ids, counts = counter.result()
-    order = np.lexsort(ids.T[::-1])
-    return ids[order], counts[order]
+ALPHAS = (0, 0.5, 1, 2, float("inf"))
+FAN_IN = 16  # analyze_sharded's default merge_fan_in
 
 
-def _same_counts(a, b, full: bool) -> bool:
-    for x, y in zip(a.efficiency_layers, b.efficiency_layers):
-        if x.name != y.name or x.state_count != y.state_count or x.counter.n_distinct != y.counter.n_distinct:
+def _same_metrics(a, b) -> bool:
+    """Same states, distinct states and entropies (every alpha) per probe, to the last bit."""
+    for x, y in zip(a.efficiency_layers, b.efficiency_layers, strict=True):
+        if (x.name, x.state_count, x.distinct_count) != (y.name, y.state_count, y.distinct_count):
             return False
-        if full:
-            (ix, cx), (iy, cy) = _sorted_counts(x.counter), _sorted_counts(y.counter)
-            if not (np.array_equal(ix, iy) and np.array_equal(cx, cy)):
-                return False
-        elif not np.array_equal(np.sort(x.counts()), np.sort(y.counts())):
+        if any(x.entropy(alpha) != y.entropy(alpha) for alpha in ALPHAS):
             return False
     return True
-
-
-def _efficiencies(model) -> float:
-    """Seconds to compute every probe's efficiency (the counts are finished lazily)."""
-    started = time.perf_counter()
-    for capture in model.efficiency_layers:
-        capture.efficiency()
-    return time.perf_counter() - started
 
 
 def _single(path, x, batch_size, attach_to):
@@ -76,76 +67,176 @@ def _single(path, x, batch_size, attach_to):
     model.reset_states()
     started = time.perf_counter()
     model.predict(x, batch_size=batch_size)
-    run = time.perf_counter() - started
-    return model, run, run + _efficiencies(model)
+    return model, time.perf_counter() - started
 
 
-def _discard_counts():
-    """On a worker: shard tasks return no counters (a baseline without any merge)."""
-    import tensorstate_onnx.distributed.worker as tsd
+def _drop_counts():
+    """On a worker: shard tasks drop their counters before splitting them (nothing to reduce)."""
+    import tensorstate_onnx.distributed.worker as worker
 
-    if not hasattr(tsd, "_bench_original"):
-        tsd._bench_original = tsd._analyze_shard
+    if not hasattr(worker, "_bench_original"):
+        worker._bench_original = worker._result
 
-        def without_counts(*args, **kwargs):
-            part = tsd._bench_original(*args, **kwargs)
-            for counter in part.counters:  # finish the counting, as shipping them would
+        def without_counts(job, shard, names, counters, *rest):
+            for counter in counters:  # finish the counting, as splitting them would
                 if counter is not None:
-                    counter.n_distinct
-            part.counters = [None] * len(part.counters)
-            return part
+                    counter.n_distinct  # noqa: B018
+            return worker._bench_original(job, shard, names, [None] * len(counters), *rest)
 
-        tsd._analyze_shard = without_counts
+        worker._result = without_counts
 
 
 def _keep_counts():
-    import tensorstate_onnx.distributed.worker as tsd
+    import tensorstate_onnx.distributed.worker as worker
 
-    if hasattr(tsd, "_bench_original"):
-        tsd._analyze_shard = tsd._bench_original
-        del tsd._bench_original
+    if hasattr(worker, "_bench_original"):
+        worker._result = worker._bench_original
+        del worker._bench_original
 
 
-def _cluster(client, path, npy, shard_size, batch_size, roots, attach_to, efficiencies=True):
+def _worker_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _RssPeak:
+    """The peak RSS of this process while in the block, above its RSS at the start."""
+
+    def __init__(self):
+        import psutil
+
+        self.process = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self):
+        self.base = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def _sharded(cluster, path, npy, shard_size, batch_size, attach_to):
     from tensorstate_onnx.distributed import analyze_sharded
 
-    started = time.perf_counter()
-    result = analyze_sharded(
-        path, npy, attach_to, client=client, shard_size=shard_size, batch_size=batch_size,
-        merge_roots=roots,
+    with _RssPeak() as rss:
+        started = time.perf_counter()
+        scheduler = cluster.scheduler_cpu()
+        result = analyze_sharded(path, npy, attach_to, client=cluster.client, shard_size=shard_size, batch_size=batch_size)
+        result.stats["scheduler_cpu_seconds"] = cluster.scheduler_cpu() - scheduler
+        wall = time.perf_counter() - started
+    result.release()
+    return result, wall, rss.peak
+
+
+def _noop(*args):
+    return 0
+
+
+def _scheduler_cost(cluster, shards: int, partitions: int) -> tuple[float, float, int]:
+    """``(scheduler CPU s, client CPU s, tasks)`` of a graph shaped like a run's (shards, facts,
+    pieces, merge trees, summaries) whose tasks do nothing: what each task costs to schedule."""
+    graph: dict = {}
+    for s in range(shards):
+        graph[f"s-{s}"] = (_noop,)
+        graph[f"i-{s}"] = (_noop, f"s-{s}")
+    wanted = [f"i-{s}" for s in range(shards)]
+    for j in range(partitions):
+        level = []
+        for s in range(shards):
+            graph[f"p-{s}-{j}"] = (_noop, f"s-{s}")
+            level.append(f"p-{s}-{j}")
+        depth = 0
+        while len(level) > 1 or depth == 0:
+            depth += 1
+            merged = []
+            for g in range(0, len(level), FAN_IN):
+                graph[f"m-{j}-{depth}-{g}"] = (_noop, *level[g : g + FAN_IN])
+                merged.append(f"m-{j}-{depth}-{g}")
+            level = merged
+        graph[f"u-{j}"] = (_noop, level[0])
+        wanted.append(f"u-{j}")
+    scheduler, client = cluster.scheduler_cpu(), time.process_time()
+    futures = cluster.client.get(graph, wanted, sync=False)
+    cluster.client.gather(futures)
+    del futures
+    return cluster.scheduler_cpu() - scheduler, time.process_time() - client, len(graph)
+
+
+def _n_tasks(shards: int, partitions: int, fan_in: int = FAN_IN) -> int:
+    """Tasks of a run: shard, facts, pieces, merge levels per partition, summaries."""
+    merges, level = 0, shards
+    while True:
+        level = math.ceil(level / fan_in)
+        merges += level
+        if level == 1:
+            break
+    return 2 * shards + shards * partitions + partitions * merges + partitions
+
+
+def _levels(shards: int, fan_in: int = FAN_IN) -> int:
+    return max(1, math.ceil(math.log(max(shards, 1), fan_in) - 1e-9))
+
+
+def _costs(stats: dict, build_cpu: float) -> dict:
+    """Per-task CPU costs of a run (seconds)."""
+    shards, partitions = stats["n_shards"], stats["n_partitions"]
+    tasks = _n_tasks(shards, partitions)
+    merge = sum(stats["partition_merge_cpu_seconds"])
+    client = stats["client_process_cpu_seconds"] - build_cpu  # the client's own model build excluded
+    scheduler = stats["scheduler_cpu_seconds"]
+    reading = stats["client_cpu_seconds"]  # the client thread reading facts and totals
+    return dict(
+        t_shard=float(np.mean(stats["shard_cpu_seconds"])), t_split=float(np.mean(stats["split_cpu_seconds"])),
+        u_merge=merge / (shards * _levels(shards)),  # merge CPU per shard of data and per tree level
+        t_read=reading / (shards + partitions),  # per shard fact or partition total read
+        t_sched=scheduler / tasks,  # scheduler per task
+        tasks=tasks, merge=merge, client=client, scheduler=scheduler,
+        work=sum(stats["shard_cpu_seconds"]) + merge,
     )  # fmt: skip
-    run = time.perf_counter() - started
-    return result, run, run + (_efficiencies(result.model) if efficiencies else 0.0)
 
 
-def _project(tree, t_s, shard_size, workers_measured, targets):
-    """Projected samples/s at ``targets`` workers (see the printed model)."""
-    k = len(tree["shard_seconds"]) / workers_measured
-    t_m = float(np.mean(tree["merge_task_seconds"]))
-    client = tree["gather_seconds"] + tree["client_merge_seconds"]
-    t_c = client / tree["roots"]
-    u_m = sum(tree["merge_task_seconds"]) / sum(tree["merge_task_shards"])  # per shard merged
-    u_c = client / len(tree["shard_seconds"])  # per shard reaching the client
-    rows = []
-    for w in targets:
-        depth = math.ceil(math.log2(w))
-        compute = k * t_s
-        constant = compute + depth * t_m + t_c
-        distinct = compute + sum(u_m * k * 2**level for level in range(1, depth + 1)) + u_c * w * k
-        samples = w * k * shard_size
-        rows.append((w, depth, samples / constant, 1 - compute / constant, samples / distinct, 1 - compute / distinct))
-    return rows, k, t_m, t_c, u_m, u_c
+def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: int) -> tuple[float, float, dict]:
+    """Samples/s at ``w`` workers and ``p`` partitions, each worker running
+    ``k`` shards of ``shard_size`` samples (per-shard costs measured on shards
+    of ``measured_size`` samples scale with the samples: all states distinct).
+
+    A worker's CPU: k*t_shard (count and split) plus its share of the merges,
+    u_merge * k * levels * w / p (partition merges are spread over the p
+    partitions; all states distinct, so each tree level touches every
+    state). The scheduler handles tasks(k*w, p) tasks at t_sched each; the
+    client builds and sends them at t_submit each and reads k*w + p results
+    at t_read each, both while the workers run. T = the largest of the
+    three; linear = w * shard_size / t_shard.
+    """
+    scale = shard_size / measured_size
+    shards = k * w
+    worker = k * scale * (c["t_shard"] + c["u_merge"] * _levels(shards) * w / p)
+    sched = _n_tasks(shards, p) * c["t_sched"]
+    client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
+    total = max(worker, sched, client)
+    samples = shards * shard_size / total
+    linear = w * shard_size / (scale * c["t_shard"])
+    return samples, samples / linear, dict(worker=worker, sched=sched, client=client)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=3072)
-    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1536, help="samples of the one-process vs 2-worker runs")
+    parser.add_argument("--sim-samples", type=int, default=768, help="samples of the simulated runs (and twice as many)")
+    parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sim-workers", type=int, default=8)
     parser.add_argument("--attach-to", nargs="+", default=["Conv"], help="probes (default: every Conv)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant; the best is reported")
-    parser.add_argument("--full-check", action="store_true", help="compare every state id, not only counts")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tensorstate-bench-"))
     try:
@@ -154,108 +245,161 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(args, tmp: Path) -> None:
-    import distributed
+_CLUSTER = """
+import sys, distributed
+cluster = distributed.LocalCluster(n_workers={workers}, threads_per_worker=1, processes=True, dashboard_address=":0")
+print(cluster.scheduler_address, flush=True)
+sys.stdin.read()
+cluster.close()
+"""
 
+
+class _Cluster:
+    """A LocalCluster in a process of its own, so that this process holds the client alone:
+    its CPU is the client's, the other process's is the scheduler's (and the nannies')."""
+
+    def __init__(self, workers: int):
+        import subprocess
+
+        import distributed
+        import psutil
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _CLUSTER.format(workers=workers)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        address = self.process.stdout.readline().strip()
+        self.client = distributed.Client(address)
+        self.client.wait_for_workers(workers)
+        self.scheduler = psutil.Process(self.process.pid)
+
+    def scheduler_cpu(self) -> float:
+        times = self.scheduler.cpu_times()
+        return times.user + times.system
+
+    def close(self):
+        self.client.close()
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _run(args, tmp: Path) -> None:
     from tensorstate_onnx.graph import save_model
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
     from models.onnx_models import mobilenet_v2_small_onnx
 
     path = save_model(mobilenet_v2_small_onnx(), tmp / "mobilenet_v2_small.onnx")
-    x = np.random.default_rng(0).normal(size=(args.samples, 3, 96, 96)).astype(np.float32)
-    npy = tmp / "x.npy"
-    np.save(npy, x)
-    print(f"{args.samples} samples, shards of {args.shard_size}, batches of {args.batch_size}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+    n_max = max(args.samples, 2 * args.sim_samples)
+    x = np.random.default_rng(0).normal(size=(n_max, 3, 96, 96)).astype(np.float32)
+    files = {}
+    for n in {args.samples, args.sim_samples, 2 * args.sim_samples}:
+        files[n] = tmp / f"x{n}.npy"
+        np.save(files[n], x[:n])
+    build = time.process_time()
+    OnnxEfficiencyModel(path, args.attach_to, providers="cpu")
+    build_cpu = time.process_time() - build
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; client model build {build_cpu:.2f} CPU s", flush=True)
 
-    started = time.perf_counter()
-    cluster = distributed.LocalCluster(
-        n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
-    client = distributed.Client(cluster)
-    _cluster(client, path, npy, 32, 32, None, args.attach_to)  # warm up: sessions and kernels on every worker
-    startup = time.perf_counter() - started
-    n_shards = math.ceil(args.samples / args.shard_size)
-    default_label = f"cluster, default: client merges the {n_shards} shard results"
-    tree_label = "cluster, pairwise merge tasks down to 1 root per worker"
-    variants = {
-        default_label: None,
-        tree_label: args.workers,
-        "cluster, pairwise merge tasks down to 1 root": 1,
-    }
-    # Best of --repeats, variants interleaved: the machine is shared, so the
-    # fastest run is the one least disturbed by other jobs.
-    single = None
-    best: dict[str, tuple] = {}
+    # 1. One process vs 2 workers (wall time).
+    cluster = _Cluster(2)
+    client = cluster.client
+    _sharded(cluster, path, files[args.sim_samples], 32, 32, args.attach_to)  # warm up sessions and kernels
+    best: dict = {}
+    reference = None
     for repeat in range(args.repeats):
-        model, run, with_e = _single(path, x, args.batch_size, args.attach_to)
-        if single is None or run < best["single"][0]:
-            best["single"] = (run, with_e)
-        single = single or model
-        print(f"[{repeat}] one process: {args.samples / run:.0f} samples/s", flush=True)
-        client.run(_discard_counts)
-        _, run, _ = _cluster(
-            client, path, npy, args.shard_size, args.batch_size, None, args.attach_to, efficiencies=False
-        )
+        model, wall = _single(path, x[: args.samples], args.batch_size, args.attach_to)
+        reference = reference or model
+        best["single"] = min(best.get("single", math.inf), wall)
+        client.run(_drop_counts)
+        _, wall, _ = _sharded(cluster, path, files[args.samples], args.shard_size, args.batch_size, args.attach_to)
         client.run(_keep_counts)
-        if "baseline" not in best or run < best["baseline"][0]:
-            best["baseline"] = (run,)
-        print(f"[{repeat}] cluster, shards only (counters dropped on the workers): {args.samples / run:.0f} samples/s", flush=True)
-        for label, roots in variants.items():
-            result, run, with_e = _cluster(
-                client, path, npy, args.shard_size, args.batch_size, roots, args.attach_to
-            )
-            result.stats["roots"] = min(n_shards, roots or max(32, args.workers))
-            same = _same_counts(single, result.model, args.full_check)
-            if label not in best or run < best[label][1]:
-                best[label] = (result.stats, run, with_e, same)
-            print(f"[{repeat}] {label}: {args.samples / run:.0f} samples/s, same counts as one process: {same}", flush=True)
-            del result
-    client.close()
+        best["dropped"] = min(best.get("dropped", math.inf), wall)
+        result, wall, _ = _sharded(cluster, path, files[args.samples], args.shard_size, args.batch_size, args.attach_to)
+        same = _same_metrics(reference, result.model)
+        if wall < best.get("cluster", (math.inf,))[0]:
+            best["cluster"] = (wall, result.stats, same)
+        print(f"[{repeat}] one process {args.samples / best['single']:.0f} samples/s; 2 workers "
+              f"{args.samples / wall:.0f} samples/s, same metrics as one process: {same}", flush=True)  # fmt: skip
     cluster.close()
+    single, dropped = best["single"], best["dropped"]
+    wall, stats, same = best["cluster"]
+    print()
+    print(f"### One process vs 2 workers ({args.samples} samples, shards of {args.shard_size}, "
+          f"{stats['n_partitions']} partitions, best of {args.repeats})")  # fmt: skip
+    print()
+    print("| run | samples/s | vs one process | reduction share | same metrics (every alpha) |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| one process (onnxruntime on all cores) | {args.samples / single:.0f} | 1.00x | - | - |")
+    print(f"| 2 workers, counters dropped (nothing reduced) | {args.samples / dropped:.0f} | {single / dropped:.2f}x | 0 | - |")
+    print(f"| 2 workers, partitioned reduction | {args.samples / wall:.0f} | {single / wall:.2f}x | "
+          f"{max(0.0, 1 - dropped / wall):.1%} | {same} |")  # fmt: skip
 
-    single_s, single_e = best["single"]
-    baseline = best["baseline"][0]
+    # 2. Simulated workers (CPU seconds).
+    rows = []
+    largest = None
+    for workers in (2, args.sim_workers):
+        cluster = _Cluster(workers)
+        _sharded(cluster, path, files[args.sim_samples], 32, 32, args.attach_to)  # warm up every worker
+        for n in (args.sim_samples, 2 * args.sim_samples):
+            result, wall, rss = _sharded(cluster, path, files[n], args.shard_size, args.batch_size, args.attach_to)
+            worker_rss = max(cluster.client.run(_worker_peak_rss).values())
+            c = _costs(result.stats, build_cpu)
+            distinct = sum(layer.distinct_count for layer in result.model.efficiency_layers)
+            rows.append((workers, n, result.stats, c, rss, worker_rss, distinct))
+            largest = (workers, n, c)
+            print(f"simulated {workers} workers, {n} samples: {distinct:,} distinct states, client CPU "
+                  f"{c['client']:.2f} s, client RSS +{rss / 2**20:.0f} MiB", flush=True)  # fmt: skip
+        if workers == args.sim_workers:
+            sched_cpu, sched_client, sched_tasks = _scheduler_cost(cluster, 128, 16)
+        cluster.close()
     print()
-    probes = len(single.efficiency_layers)
-    print(f"{args.samples} samples of 3x96x96, {probes} probes ({' '.join(args.attach_to)}), shards of {args.shard_size}, batches of "
-          f"{args.batch_size}; {args.workers} workers x 1 thread; best of {args.repeats}. Machine: "
-          f"{os.cpu_count()} cores shared with other jobs (load average at the end "
-          f"{os.getloadavg()[0]:.2f}). Cluster start + warm-up (not timed): {startup:.1f} s.")
+    print(f"### Simulated workers (single-threaded, on {os.cpu_count()} cores; CPU seconds)")
     print()
-    print("| run | samples/s | vs one process | samples/s incl. efficiencies | vs one process "
-          "| merge cost (vs shards only) | merge tail / wall | same counts |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    print(f"| one process (onnxruntime on all cores) | {args.samples / single_s:.0f} | 1.00x | "
-          f"{args.samples / single_e:.0f} | 1.00x | - | - | - |")
-    print(f"| cluster, shards only (counters dropped, nothing merged) | {args.samples / baseline:.0f} | "
-          f"{single_s / baseline:.2f}x | - | - | 0 | - | - |")
-    for label in variants:
-        stats, wall, wall_e, same = best[label]
-        tail = max(0.0, stats["tail_seconds"]) / wall
-        print(f"| {label} | {args.samples / wall:.0f} | {single_s / wall:.2f}x | {args.samples / wall_e:.0f} | "
-              f"{single_e / wall_e:.2f}x | {1 - baseline / wall:.1%} | {tail:.1%} | {same} |")
-    runs = {label: best[label] for label in variants}
+    print("| workers | samples | distinct states | partitions | task CPU s | client CPU s (share) "
+          "| scheduler CPU s (share) | merge CPU s per partition (mean / max) "
+          "| client peak RSS above start | worker peak RSS |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for workers, n, stats, c, rss, worker_rss, distinct in rows:
+        merges = stats["partition_merge_cpu_seconds"]
+        run = c["work"] + c["client"] + c["scheduler"]
+        print(f"| {workers} | {n} | {distinct:,} | {stats['n_partitions']} | {c['work']:.1f} | "
+              f"{c['client']:.2f} ({c['client'] / run:.1%}) | {c['scheduler']:.2f} ({c['scheduler'] / run:.1%}) | "
+              f"{np.mean(merges):.2f} / {np.max(merges):.2f} | {rss / 2**20:.0f} MiB | {worker_rss / 2**20:.0f} MiB |")  # fmt: skip
+
+    # 3. Projection.
+    workers, n, c = largest
+    in_run = c["t_sched"]
+    c = {**c, "t_sched": sched_cpu / sched_tasks, "t_submit": sched_client / sched_tasks}
+    k = max(1, round(n / args.shard_size / workers))
     print()
-    default = runs[default_label][0]
-    tree = runs[tree_label][0]
-    t_s = float(np.mean(default["shard_seconds"]))
-    rows, k, t_m, t_c, u_m, u_c = _project(tree, t_s, args.shard_size, args.workers, (args.workers, 8, 64))
-    print(f"Projection (weak scaling: every worker runs k = {k:.0f} shards of {args.shard_size} samples, "
-          f"as measured). Per-shard time t_shard = {t_s:.2f} s, held constant (default run). Merge "
-          f"tree of depth d = ceil(log2 W) over the worker partials (tree run: t_merge = {t_m:.2f} s "
-          f"per merge task, t_client = {t_c:.2f} s of client gather + merge per root).")
-    print("- partials constant (states repeat across shards, the partials do not grow): "
-          "T = k*t_shard + d*t_merge + t_client.")
-    print(f"- all states distinct (this random-weight model): a merge costs u_merge = {u_m:.3f} s "
-          f"per shard it covers and the client u_client = {u_c:.3f} s per shard, so "
-          f"T = k*t_shard + sum_l=1..d u_merge*k*2^l + u_client*W*k.")
-    print("Throughput = W*k*shard_size / T; merge share = 1 - k*t_shard / T.")
+    print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
-    print("| workers | tree depth | samples/s (partials constant) | merge share "
-          "| samples/s (all states distinct) | merge share |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for w, depth, const, const_share, dist, dist_share in rows:
-        print(f"| {w} | {depth} | {const:.0f} | {const_share:.1%} | {dist:.0f} | {dist_share:.1%} |")
+    print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
+          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_read = {c['t_read'] * 1e3:.2f} ms "
+          f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
+          f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
+          f"{sched_client:.2f} s of client CPU; the runs above average {in_run * 1e3:.2f} ms, their "
+          "scheduler's and nannies' CPU over the whole run per task).")  # fmt: skip
+    print()
+    print("| workers | partitions | tasks | worker s | scheduler s | client s | samples/s | vs linear |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w in (8, 64, 512):
+        for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
+            samples, ratio, parts = _project(c, args.shard_size, args.shard_size, k, w, p)
+            print(f"| {w} | {p} | {_n_tasks(k * w, p):,} | {parts['worker']:.1f} | {parts['sched']:.1f} | "
+                  f"{parts['client']:.2f} | {samples:.0f} | {ratio:.2f}x |")  # fmt: skip
+    big, size = 1_280_000, 1024
+    print()
+    print(f"A {big:,}-sample run of this model (96x96 inputs), shards of {size} samples:")
+    print()
+    print("| workers | partitions | shards per worker | tasks | worker s | scheduler s | client s | hours | vs linear |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w in (8, 64, 512):
+        k_big = math.ceil(big / (w * size))
+        for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
+            samples, ratio, parts = _project(c, args.shard_size, size, k_big, w, p)
+            print(f"| {w} | {p} | {k_big} | {_n_tasks(k_big * w, p):,} | {parts['worker']:.0f} | "
+                  f"{parts['sched']:.0f} | {parts['client']:.1f} | {big / samples / 3600:.2f} | {ratio:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -86,6 +86,11 @@ class AbstractStateCapture(abc.ABC):
         self._store: StateStore | None = None
         self._batches: list[tuple[int, int]] = []  # (instances, states per instance)
         self._result: tuple[np.ndarray, np.ndarray] | None = None
+        # A sharded run's totals, when the counter stayed on the cluster:
+        # (states, distinct states, count histogram) and how to gather it.
+        self._summary: tuple[int, int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._summary_firing: np.ndarray | None = None  # per-neuron firing counts with the summary
+        self._gather = None
 
     # ------------------------------------------------------------------ recording
 
@@ -119,6 +124,7 @@ class AbstractStateCapture(abc.ABC):
         if self._held is not None:
             self._held.append((packed, n_neurons, instances, keep))
             return
+        self._gather_counter()  # more states for counts a sharded run left on the cluster
         if keep is not None:
             keep = np.asarray(keep, dtype=bool).ravel()
             if keep.size != packed.shape[0] or not instances or packed.shape[0] % instances:
@@ -184,15 +190,52 @@ class AbstractStateCapture(abc.ABC):
             self._overwrite = True
 
     def merge(self, other: "AbstractStateCapture | StateCounter") -> None:
-        """Add the counts of another capture or counter of the same probe (for sharded runs)."""
-        counter = other._counter if isinstance(other, AbstractStateCapture) else other
+        """Add the counts of another capture or counter of the same probe."""
+        counter = other.counter if isinstance(other, AbstractStateCapture) else other
         if counter is None:
             return
+        self._gather_counter()
         with self._record_lock:
             if self.n_neurons is None:
                 self._start(counter.n_neurons)
             self._counter.merge(counter)
             self._result = None
+
+    def adopt_summary(self, n_neurons: int, total: int, n_distinct: int, histogram, gather=None, firing=None) -> None:
+        """Hold the totals of counts kept elsewhere instead of a counter.
+
+        A sharded run merges each probe's counts on the cluster and sends back
+        only the number of states, of distinct states and the histogram of
+        the counts (``StateCounter.count_histogram()``): enough for
+        ``state_count``, ``distinct_count``, ``entropy`` and ``efficiency``,
+        which then equal those of the counter itself; with ``firing`` (the
+        per-neuron firing counts) the firing rates too. ``gather()`` returns
+        the merged :class:`StateCounter` when the states themselves are asked
+        for (``counts()``, ``state_ids()``, ``counter``); it raises a
+        ``TensorStateError`` saying why when they cannot be had.
+        """
+        with self._record_lock:
+            self._clear()
+            self.n_neurons = int(n_neurons)
+            values, multiplicities = histogram
+            self._summary = (int(total), int(n_distinct), (np.asarray(values), np.asarray(multiplicities)))
+            self._summary_firing = None if firing is None else np.asarray(firing, dtype=np.int64)
+            self._gather = gather
+
+    def _gather_counter(self) -> None:
+        """Bring the counter that ``adopt_summary`` left elsewhere here (once)."""
+        if self._counter is not None or self._summary is None:
+            return
+        if self._gather is None:
+            raise NoStatesError(
+                f"probe {self.name!r} holds only the totals of its counts (states, distinct states and "
+                "their histogram), not the states themselves"
+            )
+        counter = self._gather()
+        with self._record_lock:
+            if self._counter is None:
+                self._counter = counter
+                self._summary = None
 
     def attach_store(self, store: StateStore, instances: int, states_per_instance: int) -> None:
         """Adopt raw states recorded elsewhere (a sharded run's store) so that
@@ -224,11 +267,22 @@ class AbstractStateCapture(abc.ABC):
     @property
     def state_count(self) -> int:
         """Number of states recorded, repeats included."""
+        if self._summary is not None:
+            return self._summary[0]
         return 0 if self._counter is None else self._counter.total
 
     @property
+    def distinct_count(self) -> int:
+        """Number of distinct states recorded."""
+        if self._summary is not None:
+            return self._summary[1]
+        return 0 if self._counter is None else self._counter.n_distinct
+
+    @property
     def counter(self) -> StateCounter | None:
-        """The streaming counter (None before the first record)."""
+        """The streaming counter (None before the first record); for counts a
+        sharded run left on the cluster, gathered from there on first use."""
+        self._gather_counter()
         return self._counter
 
     @property
@@ -248,7 +302,7 @@ class AbstractStateCapture(abc.ABC):
         return self._store
 
     def _require_states(self) -> None:
-        if self._counter is None or self._counter.total == 0:
+        if self.state_count == 0:
             raise NoStatesError(
                 f"probe {self.name!r} has recorded no states yet; run data through the model first"
             )
@@ -272,6 +326,7 @@ class AbstractStateCapture(abc.ABC):
     def _counts_for(self, index) -> tuple[np.ndarray, np.ndarray]:
         if index is None:
             self._require_states()
+            self._gather_counter()
             if self._result is None:
                 self._result = self._counter.result()
             return self._result
@@ -285,6 +340,7 @@ class AbstractStateCapture(abc.ABC):
         """Occurrences of each observed state; ``index`` selects input instances."""
         if index is None and self._result is None:
             self._require_states()
+            self._gather_counter()
             return self._counter.counts()  # aligned with state_ids(), without building the states
         return self._counts_for(index)[1]
 
@@ -302,6 +358,9 @@ class AbstractStateCapture(abc.ABC):
         """Rényi entropy (bits) of the observed states; ``None`` gives ``max_entropy()``."""
         if alpha is None:
             return self.max_entropy()
+        if self._summary is not None:
+            self._require_states()
+            return metrics.histogram_entropy(*self._summary[2], alpha)
         return metrics.entropy(self.counts(), alpha)
 
     def efficiency(self, alpha1: float = 1, alpha2: float | None = None) -> float:
@@ -322,15 +381,10 @@ class AbstractStateCapture(abc.ABC):
         Computed from the distinct states and their counts (no raw states
         needed): each distinct state, unpacked, weighted by how often it was seen.
         """
+        if self._counter is None and self._summary_firing is not None:
+            return self._summary_firing.copy()
         ids, counts = self._counts_for(None)
-        fired = np.zeros(self.n_neurons, dtype=np.int64)
-        weights = counts.astype(np.int64)
-        # A few MiB of unpacked bits at a time, however many distinct states there are.
-        step = max(1, _UNPACK_BITS // self.n_neurons)
-        for start in range(0, len(ids), step):
-            bits = unpack(np.ascontiguousarray(ids[start : start + step]), self.n_neurons)
-            fired += weights[start : start + step] @ bits.astype(np.int64)
-        return fired
+        return firing_counts_of(ids, counts, self.n_neurons)
 
     def firing_rates(self) -> np.ndarray:
         """Per neuron, the fraction of recorded states in which it fires (``float64[C]``):
@@ -374,3 +428,16 @@ def positions_kept(mask: np.ndarray | None, n_states: int, instances: int, probe
         f"for {instances} samples; masks apply to probes with one state per sample or per position "
         "([batch, length, features]): exclude this probe or run without the mask"
     )
+
+
+def firing_counts_of(ids: np.ndarray, counts: np.ndarray, n_neurons: int) -> np.ndarray:
+    """Per neuron, in how many states it fires: each distinct packed state ``ids[k]``,
+    unpacked, weighted by ``counts[k]`` (``int64[n_neurons]``)."""
+    fired = np.zeros(n_neurons, dtype=np.int64)
+    weights = np.asarray(counts).astype(np.int64)
+    # A few MiB of unpacked bits at a time, however many distinct states there are.
+    step = max(1, _UNPACK_BITS // n_neurons)
+    for start in range(0, len(ids), step):
+        bits = unpack(np.ascontiguousarray(ids[start : start + step]), n_neurons)
+        fired += weights[start : start + step] @ bits.astype(np.int64)
+    return fired

@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--aiq-weight", type=int, default=2, help="weight of accuracy in aIQ (int >= 1, default 2)")
     analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
+    analyze.add_argument("--partitions", type=int, metavar="P", help="with --workers/--scheduler: reduce the counts in P partitions on the workers (default: one per worker, up to 64)")
     analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
 
@@ -185,6 +186,11 @@ def _check_options_before_run(args) -> None:
         raise OptionError("give --labels or --labels-from-folders, not both")
     if args.labels is not None and args.data is None:
         raise OptionError("--labels goes with --data (the demo data has its own labels); give --data too")
+    if args.partitions is not None:
+        if args.workers is None and args.scheduler is None:
+            raise OptionError("--partitions splits the reduction of a sharded run; give --workers or --scheduler too")
+        if args.partitions <= 0:
+            raise OptionError(f"--partitions must be a positive number, got {args.partitions}")
     if not 0 < args.connect_timeout < math.inf:
         raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
@@ -243,7 +249,7 @@ def _analyze_sharded(args, model_path: str) -> tuple:
         return analyze_cli(
             model_path, data, labels, args.attach_to, args.exclude, args.method, args.batch_size,
             args.workers, args.scheduler, args.storage, args.pack_in_graph, providers=args.provider,
-            timeout=args.connect_timeout, overwrite=args.overwrite,
+            timeout=args.connect_timeout, overwrite=args.overwrite, partitions=args.partitions,
         )  # fmt: skip
     except ShardFailedError as exc:
         raise _RunFailed(str(exc)) from exc
@@ -265,6 +271,7 @@ def analyze_cli(
     providers="cpu",
     timeout: float = 30.0,
     overwrite: bool = False,
+    partitions: int | None = None,
 ) -> tuple:
     """What ``tensorstate-onnx analyze --workers N --scheduler ADDRESS`` runs.
 
@@ -272,7 +279,9 @@ def analyze_cli(
     themselves; else a ``.npz`` loaded here, as ``--data`` reads it) or an
     array / dict of arrays; ``labels`` a ``.npy`` path, an array or ``None``.
     ``workers`` starts a LocalCluster of that many processes unless
-    ``scheduler`` names a running one. Returns ``(model, accuracy or None)``.
+    ``scheduler`` names a running one; ``partitions`` is ``analyze_sharded``'s
+    (None: its default). Returns ``(model, accuracy or None)``: the model's
+    captures hold the totals of the counts and every metric, not the states.
     """
     from .datafiles import load_array, load_labels, read_data
     from .distributed import analyze_sharded
@@ -292,6 +301,7 @@ def analyze_cli(
         model_path, data, attach_to, exclude or (), method, labels=labels, batch_size=batch_size,
         n_workers=workers, scheduler=scheduler, storage_path=storage,
         pack_in_graph=pack_in_graph, providers=providers, timeout=timeout, overwrite=overwrite,
+        partitions=partitions,
     )  # fmt: skip
     return result.model, result.accuracy
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import NoStatesError, OptionError, OptionTypeError
 
-__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "network_efficiency"]
+__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "network_efficiency"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -39,25 +39,31 @@ def check_efficiency_orders(alpha1: float, alpha2: float | None) -> None:
         )
 
 
-# Integer counts up to this value are entropy'd through a histogram of the
-# count values (bincount): a layer's counts are mostly small and repeat.
+# Integer counts up to this value are turned into their histogram by a
+# bincount over the count values, larger ones by a sort (np.unique).
 _HISTOGRAM_MAX = 1 << 22
 
 
 def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(values, weights)``: the positive counts of ``array`` (not empty) as
-    float64, each standing for ``weights`` states (``None``: one each)."""
+    float64, each standing for ``weights`` states (``None``: one each).
+
+    Integer counts always become their histogram (values ascending), the
+    form :func:`histogram_entropy` takes, so that the entropy of counts and
+    the entropy of their histogram are the same float.
+    """
     array = array.ravel()
     if array.dtype.kind not in "uif":
         raise OptionError(f"entropy() needs real, non-negative counts, got an array of {array.dtype}")
     if array.dtype.kind in "ui":
         if array.min() < 0:
             raise OptionError("entropy() needs finite, non-negative counts")
-        top = array.max()
-        if top <= _HISTOGRAM_MAX:
+        if array.max() <= _HISTOGRAM_MAX:
             histogram = np.bincount(array.astype(np.intp, copy=False))
             values = np.flatnonzero(histogram[1:]) + 1
             return values.astype(np.float64), histogram[values].astype(np.float64)
+        values, weights = np.unique(array[array > 0], return_counts=True)
+        return values.astype(np.float64), weights.astype(np.float64)
     array = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(array)) or np.any(array < 0):
         raise OptionError("entropy() needs finite, non-negative counts")
@@ -77,6 +83,42 @@ def entropy(counts, alpha: float = 1) -> float:
     values, weights = _distribution(array)
     if values.size == 0:
         raise NoStatesError("entropy() needs at least one positive count; no states were recorded")
+    return _renyi(values, weights, alpha)
+
+
+def histogram_entropy(values, multiplicities, alpha: float = 1) -> float:
+    """Rényi entropy, in bits, of counts given as their histogram:
+    ``multiplicities[i]`` states were each seen ``values[i]`` times
+    (``StateCounter.count_histogram()``).
+
+    Equal, to the last bit, to ``entropy(np.repeat(values, multiplicities),
+    alpha)`` without expanding the counts: a sharded run adds up the
+    histograms of its partitions and never holds one count per state.
+    ``values`` must be distinct positive integers in ascending order.
+    """
+    alpha = _check_alpha(alpha)
+    values, multiplicities = np.asarray(values), np.asarray(multiplicities)
+    if values.ndim != 1 or values.shape != multiplicities.shape:
+        raise OptionError(
+            f"histogram_entropy() needs two 1-d arrays of the same length, got shapes {values.shape} "
+            f"and {multiplicities.shape}"
+        )
+    if values.size == 0:
+        raise NoStatesError("histogram_entropy() needs at least one state; no states were recorded")
+    if values.dtype.kind not in "ui" or multiplicities.dtype.kind not in "ui":
+        raise OptionError("histogram_entropy() needs integer values and multiplicities")
+    keep = multiplicities > 0
+    values, multiplicities = values[keep], multiplicities[keep]
+    if values.size == 0:
+        raise NoStatesError("histogram_entropy() needs at least one state; no states were recorded")
+    if values[0] < 1 or np.any(values[1:] <= values[:-1]):
+        raise OptionError("histogram_entropy() needs distinct positive values in ascending order")
+    return _renyi(values.astype(np.float64), multiplicities.astype(np.float64), alpha)
+
+
+def _renyi(values: np.ndarray, weights: np.ndarray | None, alpha: float) -> float:
+    """The entropy of ``values`` (positive float64), each standing for
+    ``weights`` states (``None``: one each)."""
 
     def total(terms: np.ndarray) -> float:
         return float(np.sum(terms if weights is None else weights * terms))

@@ -191,7 +191,7 @@ def summarize(model, accuracy: float | None = None, aiq_weight: int = 2) -> Anal
             node=str(layer.metadata.get("node", layer.name)) if hasattr(layer, "metadata") else layer.name,
             neurons=int(layer.max_entropy()),
             states=layer.state_count,
-            distinct_states=len(layer.counts()),
+            distinct_states=layer.distinct_count,
             entropy=layer.entropy(),
             efficiency=layer.efficiency(),
             channel_axis=getattr(layer, "channel_axis", None),

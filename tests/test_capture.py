@@ -179,3 +179,40 @@ def test_attach_store_serves_states_recorded_elsewhere(tmp_path, batches):
     _, second = _reference(everything[3:4], 1)
     assert _as_dict(counted, [3]) == second
     assert _as_dict(counted) == expected  # the counts are untouched
+
+
+def test_a_capture_holding_only_totals_computes_the_same_metrics_and_gathers_on_request():
+    from tensorstate_onnx import NoStatesError, StateCaptureProbe
+    from tensorstate_onnx.engine import StateCounter
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 12)).astype(np.float32)
+    full = StateCaptureProbe("p", keep_states=False)
+    full.record(x, 1)
+    counter = full.counter
+    hist = counter.count_histogram()
+
+    summary = StateCaptureProbe("p", keep_states=False)
+    summary.adopt_summary(12, counter.total, counter.n_distinct, hist)
+    assert summary.state_count == full.state_count and summary.distinct_count == full.distinct_count
+    for alpha in (0, 0.5, 1, 2, 3.5, float("inf")):
+        assert summary.entropy(alpha) == full.entropy(alpha)
+    assert summary.efficiency() == full.efficiency() and summary.efficiency(2, 1) == full.efficiency(2, 1)
+    with pytest.raises(NoStatesError, match="only the totals"):
+        summary.counts()
+
+    gathered = []
+
+    def gather():
+        gathered.append(1)
+        copy = StateCounter(12)
+        copy.merge(counter)
+        return copy
+
+    lazy = StateCaptureProbe("p", keep_states=False)
+    lazy.adopt_summary(12, counter.total, counter.n_distinct, hist, gather)
+    assert lazy.entropy(2) == full.entropy(2) and not gathered
+    assert sorted(lazy.counts()) == sorted(full.counts()) and gathered == [1]
+    assert sorted(lazy.state_ids()) == sorted(full.state_ids()) and gathered == [1]
+    lazy.record(x[:10], 1)  # more states go into the gathered counter
+    assert lazy.state_count == full.state_count + 10

@@ -147,3 +147,39 @@ def test_network_efficiency_refuses_a_dict_and_non_numbers():
         network_efficiency({"a": 0.5})
     with pytest.raises(OptionError, match="must be real numbers"):
         network_efficiency([0.5, "0.5"])
+
+
+ALPHAS = [0, 0.5, 1, 1.5, 2, 3.7, float("inf")]
+
+
+@pytest.mark.parametrize("scale", [1, 1 << 23])  # counts below and above the bincount limit
+def test_histogram_entropy_equals_the_entropy_of_the_expanded_counts_exactly(scale):
+    from tensorstate_onnx.metrics import histogram_entropy
+
+    rng = np.random.default_rng(scale)
+    counts = (rng.zipf(1.7, 4000) % 5000 + 1).astype(np.int64) * scale
+    values, multiplicities = np.unique(counts, return_counts=True)
+    for alpha in ALPHAS:
+        assert histogram_entropy(values, multiplicities, alpha) == entropy(counts, alpha), alpha
+        assert histogram_entropy(values, multiplicities, alpha) == entropy(np.repeat(values, multiplicities), alpha)
+    # Zero multiplicities are no states.
+    with_zero = histogram_entropy(np.r_[values, values[-1] + 1], np.r_[multiplicities, 0], 2)
+    assert with_zero == entropy(counts, 2)
+
+
+def test_histogram_entropy_refuses_what_is_not_a_histogram():
+    from tensorstate_onnx import NoStatesError
+    from tensorstate_onnx.metrics import histogram_entropy
+
+    with pytest.raises(OptionError, match="same length"):
+        histogram_entropy([1, 2], [1])
+    with pytest.raises(OptionError, match="integer"):
+        histogram_entropy([1.0, 2.0], [1, 1])
+    with pytest.raises(OptionError, match="ascending"):
+        histogram_entropy([2, 1], [1, 1])
+    with pytest.raises(OptionError, match="ascending"):
+        histogram_entropy([0, 1], [1, 1])
+    with pytest.raises(NoStatesError):
+        histogram_entropy([], [])
+    with pytest.raises(OptionError, match="alpha"):
+        histogram_entropy([1], [1], -1)

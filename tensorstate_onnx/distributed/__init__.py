@@ -2,29 +2,36 @@
 
 :func:`analyze_sharded` splits a dataset into shards, runs every shard in its
 own Dask task (one onnxruntime session per worker process, cached), and
-tree-reduces the per-probe :class:`~tensorstate_onnx.engine.StateCounter` of
-every shard into an :class:`~tensorstate_onnx.runtime.OnnxEfficiencyModel`
-built locally. The counts are exactly those of a single-process
+reduces the per-probe :class:`~tensorstate_onnx.engine.StateCounter` of every
+shard on the workers, partitioned by a hash of the state. The metrics of the
+result (states, distinct states, every entropy, efficiency, network
+efficiency, aIQ) are exactly those of a single-process
 ``OnnxEfficiencyModel.predict``/``evaluate`` over the whole data.
 
-Exactly once
-    A shard task is a pure function of its shard: it returns fresh counters
-    and never touches shared state, so Dask may run it again (after a worker
-    died) without anything being counted twice. Merge tasks are pure too:
-    they build new counters from their inputs and never modify them. The
-    reduction is a static tree of task keys built before the run: every
-    shard's result is the input of exactly one merge task (or is itself a
-    root), and every root is merged into the local model exactly once, by the
-    client, as it completes. Dask keeps one result per task key; a retried
-    task replaces a lost result, it never adds to one.
-
 Reduction
-    Merge tasks combine ``merge_fan_in`` consecutive partial results, level
-    by level, until at most ``merge_roots`` remain (default 32, or the number
-    of workers if larger); the client merges those itself as they complete,
-    overlapping the rest of the run. So small runs send each shard's counters
-    straight to the client (one transfer per state, no extra merge pass),
-    and large runs are tree-reduced on the workers first.
+    Each shard task splits its counters into ``P`` partitions by a hash of
+    the packed state (``StateCounter.partition``: the same partition for a
+    state in every process). Partition ``j`` of every shard is taken by a
+    small task where the shard result lies and merged by merge tasks keyed
+    by partition (``merge_fan_in`` consecutive shards at a time, so merging
+    overlaps the shards still running); partitions hold disjoint states, so
+    no state is merged twice. Each partition sends the client only, per
+    probe, its number of states, of distinct states and the histogram of
+    its counts (how many states were seen c times); the client adds those
+    up. Every Rényi entropy follows exactly from the histogram, so the
+    client never holds the distinct states and its work does not grow with
+    them. The merged counters stay on the cluster while the run's client is
+    open (``client=``): ``counts()``/``state_ids()`` gather a probe's on
+    request; with ``storage_path`` they are rebuilt from the stored states.
+
+Exactly once
+    Every task is a pure function of its inputs: a shard task returns fresh
+    counters and never touches shared state; piece, merge and summary tasks
+    build new objects and never modify their inputs. So Dask may run any of
+    them again (after a worker died) without anything being counted twice:
+    Dask keeps one result per task key, and a retried task replaces a lost
+    result, it never adds to one. The client reads each shard's facts and
+    each partition's totals once, by key.
 
 Raw states
     With ``storage_path`` the client creates one zarr array per probe, sized
@@ -40,7 +47,7 @@ Raw states
     by range (``StateStore.written_ranges``); unwritten rows are never read.
 
 Modules: :mod:`.plan` splits the data into shards, :mod:`.worker` is what a
-shard task runs, :mod:`.reduce` merges partial results, :mod:`.storage` writes
+shard task runs, :mod:`.reduce` splits, merges and sums up the counts, :mod:`.storage` writes
 the raw states, :mod:`.client` runs it all (:func:`analyze_sharded`).
 
 ``dask[distributed]`` is an optional dependency, imported only by this package

@@ -1,14 +1,16 @@
 """The client side of a sharded run: :func:`analyze_sharded`.
 
 It checks the arguments, builds the local model (whose captures receive the
-merged counts), plans the shards, connects to a cluster (a given client, a
-scheduler address, or a LocalCluster of its own), submits one task per shard
-and the reduction tree over them, and merges every root of the tree into the
-local model once, as it completes, on a thread of its own.
+totals of the counts), plans the shards, connects to a cluster (a given
+client, a scheduler address, or a LocalCluster of its own), submits one task
+per shard and the partitioned reduction over them (:mod:`.reduce`), and reads
+each shard's facts and each partition's totals once, as they complete. The
+merged counters stay on the cluster: a capture gathers its probe's on request.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -18,10 +20,8 @@ import socket
 import time
 import uuid
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,8 +30,10 @@ import onnx
 
 from .._optional import import_optional
 from ..data import DEFAULT_BATCH_SIZE
+from ..engine import StateCounter
 from ..errors import (
     ModelInputError,
+    NoStatesError,
     OptionError,
     OptionTypeError,
     ProviderError,
@@ -39,14 +41,23 @@ from ..errors import (
     ShardFailedError,
 )
 from ..runtime import OnnxEfficiencyModel
-from ..store import check_storage_root
+from ..store import StateStore, check_storage_root
 from .plan import _plan_shards
-from .reduce import _build_tree, _check_same_shape, _Partial
+from .reduce import (
+    _check_same_shape,
+    _combine,
+    _probe_counter,
+    _reduction_graph,
+    _shard_info,
+    _ShardInfo,
+    _Summary,
+)
 from .storage import _attach_stores, _create_stores, _mark_stores, _states_per_instance
 from .worker import _identity, _Job, _run_shard
 
-_CLIENT_ROOTS = 32  # default: the client merges up to this many partials itself
-_MERGES_QUEUED = 2  # root results fetched but not yet merged, at most
+_MAX_PARTITIONS = 4096  # beyond this the run is mostly scheduling: shards x partitions piece tasks
+_DEFAULT_MAX_PARTITIONS = 64  # the default: one partition per worker up to this many
+_STORE_READ_ROWS = 1 << 20  # rows read at a time when counts are rebuilt from a store
 _MAX_PROTO_BYTES = 1 << 30  # larger ModelProtos must be given as a path on shared storage
 _SHARD_KEY = re.compile(r"tensorstate-shard-(\d+)-")
 
@@ -61,12 +72,23 @@ class ShardedAnalysis:
     """The outcome of :func:`analyze_sharded`.
 
     ``model`` is a locally built :class:`OnnxEfficiencyModel` whose
-    ``efficiency_layers`` hold the merged counts (it never ran the data);
+    ``efficiency_layers`` hold each probe's totals: states, distinct states
+    and the histogram of the counts, which give every metric (it never ran
+    the data);
     ``accuracy`` is the accuracy of the first output, or ``None`` without
     labels. Unpacks as ``model, accuracy = analyze_sharded(...)``.
-    ``stats`` holds timings: per-shard and per-merge task seconds on the
-    workers, the client's merge seconds, the wall time, and the time from
-    the end of the last shard to the end of the run (``tail_seconds``).
+    ``stats`` holds timings: per-shard wall and CPU seconds (and the CPU
+    seconds of splitting each shard into partitions), the CPU seconds of
+    each partition's merge tasks, the CPU seconds of the client reading the
+    results (``client_cpu_seconds``) and of its whole process during the
+    call (``client_process_cpu_seconds``), the wall time, and
+    the time from the end of the last shard to the end of the run
+    (``tail_seconds``).
+
+    The merged counters stay on the cluster, partition by partition, while
+    the run's client is open (``client=``); ``counts()``, ``state_ids()``
+    and ``counter`` of a capture gather that probe's to the client on
+    request. :meth:`release` lets the cluster drop them.
     """
 
     model: OnnxEfficiencyModel
@@ -75,9 +97,75 @@ class ShardedAnalysis:
     n_shards: int
     storage_path: Path | None = None
     stats: dict = field(default_factory=dict)
+    n_partitions: int = 1
+    _counts: "_ClusterCounts | None" = field(default=None, repr=False)
 
     def __iter__(self):
         return iter((self.model, self.accuracy))
+
+    def release(self) -> None:
+        """Let the cluster drop the merged counters (entropies and
+        efficiencies stay; counts and state ids can no longer be gathered)."""
+        if self._counts is not None:
+            self._counts.release()
+
+
+class _ClusterCounts:
+    """The merged partitions of a run, on the cluster, and how to gather one probe's counter."""
+
+    def __init__(self, client, roots: list, names: tuple):
+        self.client = client
+        self.roots = roots
+        self.names = names
+
+    def release(self) -> None:
+        self.roots = None
+
+    def gather(self, probe: int, n_neurons: int) -> StateCounter:
+        """The probe's counter: its counter in every partition, merged here."""
+        name = self.names[probe]
+        if self.roots is None:
+            raise NoStatesError(
+                f"the counts of probe {name!r} were on the Dask cluster and have been released "
+                "(ShardedAnalysis.release()); run again to get them"
+            )
+        try:
+            futures = [
+                self.client.submit(_probe_counter, root, probe, key=f"{root.key}-probe-{probe}", pure=False)
+                for root in self.roots
+            ]  # fmt: skip
+            parts = self.client.gather(futures)
+        except Exception as exc:
+            raise NoStatesError(
+                f"could not gather the counts of probe {name!r} from the Dask cluster "
+                f"({type(exc).__name__}: {exc}); they stay there only while the run's client is open"
+            ) from None
+        counter = StateCounter(n_neurons)
+        for part in parts:
+            if part is not None:
+                counter.merge(part)
+        return counter
+
+
+def _counter_from_store(directory: str, n_neurons: int) -> StateCounter:
+    """The counts of every state a sharded run stored for one probe."""
+    store = StateStore.open(directory)
+    counter = StateCounter(n_neurons)
+    for start in range(0, len(store), _STORE_READ_ROWS):
+        counter.add(store.read(slice(start, min(len(store), start + _STORE_READ_ROWS))))
+    return counter
+
+
+def _no_gather(name: str):
+    def gather():
+        raise NoStatesError(
+            f"the counts of probe {name!r} were merged on the Dask cluster of the run, which ended with "
+            "it; its states, distinct states, entropies and efficiencies are here. To gather counts() "
+            "and state_ids() on request, run analyze_sharded with client= (an open distributed.Client); "
+            "or give storage_path= to keep the raw states"
+        )
+
+    return gather
 
 
 def _as_tuple(names) -> tuple:
@@ -238,8 +326,8 @@ def analyze_sharded(
     threads_per_worker: int = 1,
     timeout: float = 30.0,
     worker_model_path: str | os.PathLike | None = None,
-    merge_fan_in: int = 2,
-    merge_roots: int | None = None,
+    partitions: int | None = None,
+    merge_fan_in: int = 16,
 ) -> ShardedAnalysis:
     """Analyze ``data`` shard by shard on a Dask cluster; same counts as one process.
 
@@ -279,16 +367,18 @@ def analyze_sharded(
         timeout: seconds to wait for the scheduler and for a first worker.
         worker_model_path: where the workers find the model file, if their
             shared storage is mounted elsewhere than the client's.
-        merge_fan_in: inputs per merge task of the reduction tree.
-        merge_roots: merge tasks on the workers combine consecutive shards
-            (``merge_fan_in`` at a time, level by level) until at most this
-            many partial results remain; the client merges each of those into
-            the result as soon as it completes. Default: 32 or the number of
-            workers if larger, so up to 32 shards go straight to the client
-            (one transfer, no extra merge pass: best when states rarely repeat
-            across shards, as in wide layers), and more shards are first
-            tree-reduced on the workers. ``merge_roots=1`` reduces everything
-            on the workers.
+        partitions: the number ``P`` of partitions the counts are reduced
+            in. Each shard splits every probe's counter into ``P`` by a hash
+            of the state; partition ``j`` of every shard is merged by tasks
+            of its own on the workers, and only its totals (states, distinct
+            states, histogram of the counts) reach the client, so the client
+            never holds the distinct states. Default: one per worker, at most
+            64 (the scheduler handles shards x partitions tasks, which past
+            that costs more than the larger merges it saves) and at most
+            shards x probes. At most shards x probes and 4096.
+        merge_fan_in: pieces per merge task: a partition's pieces are merged
+            this many consecutive shards at a time, level by level, so merging
+            starts while later shards still run.
 
     Returns:
         :class:`ShardedAnalysis` (``model, accuracy = analyze_sharded(...)``).
@@ -297,7 +387,9 @@ def analyze_sharded(
         ImportError without dask.distributed; ModelFileError for a model the
         client or the workers cannot read; ModelInputError for empty data,
         labels that do not fit, or shards whose samples differ in shape (the
-        message names the shard); SchedulerConnectionError when the scheduler
+        message names the shard) or probes whose number of neurons differs
+        between shards; OptionError for ``partitions`` < 1 or more than the
+        run can use; SchedulerConnectionError when the scheduler
         cannot be reached within ``timeout`` or has no workers;
         ShardFailedError when a shard kills its worker more often than
         ``distributed.scheduler.allowed-failures`` allows; StorageExistsError
@@ -309,6 +401,7 @@ def analyze_sharded(
     fan_in = _check_count(merge_fan_in, "merge_fan_in", allow_none=False)
     if fan_in < 2:
         raise OptionError(f"merge_fan_in must be at least 2, got {merge_fan_in}")
+    _check_count(partitions, "partitions")
     _check_count(threads_per_worker, "threads_per_worker", allow_none=False)
     _check_count(n_workers, "n_workers")
     if client is not None and scheduler is not None:
@@ -339,6 +432,7 @@ def analyze_sharded(
     digest = hashlib.sha256(model_bytes).hexdigest() if model_bytes is not None else ""
     started = time.perf_counter()
     started_wall = time.time()
+    started_cpu = time.process_time()
 
     def plan(workers: int):
         return _plan_shards(data, labels, shard_size, n_shards, shard_sizes, workers, batch_size)
@@ -349,6 +443,8 @@ def analyze_sharded(
     if scheduler is None:
         guess = len(client.nthreads()) if client is not None else (n_workers or _cpu_count())
         planned = plan(max(1, guess))
+        if partitions is not None:
+            _n_partitions(partitions, 1, len(planned[0]), len(local.probes))  # refused before any cluster starts
     root = None if storage_path is None else Path(storage_path).absolute()
     if root is not None:
         check_storage_root(root, overwrite)
@@ -358,6 +454,7 @@ def analyze_sharded(
         run_started = time.perf_counter()
         shards, dask_blocks, total, _ = planned if planned is not None else plan(workers)
         del planned
+        n_partitions = _n_partitions(partitions, workers, len(shards), len(local.probes))
         storage = None if root is None else _create_stores(root, local, shards, total, overwrite)
         job = _Job(
             model_path=model_path, model_digest=digest, attach_to=_as_tuple(attach_to),
@@ -365,7 +462,7 @@ def analyze_sharded(
             channel_axes=tuple(sorted((channel_axes or {}).items())),
             providers=providers if isinstance(providers, str) else tuple(providers),
             optimization=optimization, threads=threads_per_worker, batch_size=batch_size,
-            storage=storage, probe_names=tuple(p.name for p in local.probes),
+            storage=storage, probe_names=tuple(p.name for p in local.probes), n_partitions=n_partitions,
         )  # fmt: skip
         token = uuid.uuid4().hex[:12]
         where = {shard.index: shard.where for shard in shards}
@@ -377,21 +474,42 @@ def analyze_sharded(
                     _identity, model_bytes, key=f"tensorstate-model-{digest[:16]}-{token}", pure=False
                 )
             block_futures = connected.compute(list(dask_blocks)) if dask_blocks else None
-            leaves = [
-                connected.submit(
-                    _run_shard, job, shard, None if block_futures is None else block_futures[i], model_future,
-                    key=f"tensorstate-shard-{shard.index}-{token}", pure=False, priority=0,
-                )
-                for i, shard in enumerate(shards)
-            ]  # fmt: skip
-            del block_futures, model_future, shards, dask_blocks
-            roots = _build_tree(connected, leaves, fan_in, merge_roots or max(workers, _CLIENT_ROOTS), token)
-        # _collect empties both lists, so finished shards are released as soon as merged.
-        result = _collect(connected, leaves, roots, local, where, len(where), root, storage)
+            # One graph, sent in one message: shard tasks, their facts, the reduction.
+            graph: dict = {}
+            shard_keys, info_keys = [], []
+            for i, shard in enumerate(shards):
+                key = f"tensorstate-shard-{shard.index}-{token}"
+                block = None if block_futures is None else block_futures[i]
+                graph[key] = (_run_shard, job, shard, block, model_future)
+                shard_keys.append(key)
+                info_keys.append(f"tensorstate-info-{shard.index}-{token}")
+                graph[info_keys[-1]] = (_shard_info, key)
+            reduction, root_keys, summary_keys = _reduction_graph(shard_keys, n_partitions, fan_in, token)
+            graph.update(reduction)
+            # The client holds no shard result: each lives until its pieces and facts are taken.
+            infos, roots, summaries = connected.get(graph, [info_keys, root_keys, summary_keys], sync=False)
+            del block_futures, model_future, shards, dask_blocks, graph, reduction
+        # _collect empties both lists, so each result is released once read.
+        result = _collect(connected, infos, summaries, roots, local, where, len(where), root, storage)
+        kept = _ClusterCounts(connected, roots, tuple(p.name for p in local.probes)) if client is not None else None
+        del roots
 
-    n, accuracy, stats = result
+    n, accuracy, totals, stats = result
     if n == 0:
         raise ModelInputError("the data holds no samples (every shard was empty)")
+    for i, (capture, probe_totals) in enumerate(zip(local.efficiency_layers, totals)):
+        if probe_totals is None:
+            continue
+        width = probe_totals.n_neurons
+        if kept is not None:
+            gather = functools.partial(kept.gather, i, width)
+        elif storage:
+            gather = functools.partial(_counter_from_store, storage[capture.name][0], width)
+        else:
+            gather = _no_gather(capture.name)
+        capture.adopt_summary(
+            width, probe_totals.total, probe_totals.n_distinct, probe_totals.histogram, gather, probe_totals.firing
+        )
     per_known = {c.name: _states_per_instance(c.probe) for c in local.efficiency_layers}
     for capture in local.efficiency_layers:
         if per_known[capture.name] is not None:
@@ -401,68 +519,45 @@ def analyze_sharded(
         _attach_stores(local, storage, n)
         local.storage_path = root
     stats.update(
-        n_workers=workers, n_shards=len(where), wall_seconds=time.perf_counter() - started,
-        run_seconds=time.perf_counter() - run_started,
+        n_workers=workers, n_shards=len(where), n_partitions=n_partitions,
+        wall_seconds=time.perf_counter() - started, run_seconds=time.perf_counter() - run_started,
+        client_process_cpu_seconds=time.process_time() - started_cpu,
         tail_seconds=time.time() - stats.pop("_last_end", started_wall),
     )  # fmt: skip
-    return ShardedAnalysis(local, accuracy, n, len(where), root, stats)
+    return ShardedAnalysis(local, accuracy, n, len(where), root, stats, n_partitions, kept)
 
 
-class _ClientMerger:
-    """Merges root results into the client's captures on a thread of its own,
-    so that fetching the next result from a worker overlaps merging this one
-    (the fetch mostly waits on the worker; the merge kernels release the GIL).
-    At most ``_MERGES_QUEUED`` results wait, which bounds the client's memory."""
-
-    def __init__(self, captures):
-        self._captures = captures
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstate-merge")
-        self._queued: deque = deque()
-        self.seconds = 0.0
-
-    def _merge(self, part: _Partial) -> None:
-        started = time.perf_counter()
-        for capture, counter in zip(self._captures, part.counters):
-            if counter is not None:
-                capture.merge(counter)
-        self.seconds += time.perf_counter() - started
-
-    def submit(self, part: _Partial) -> None:
-        """Queue ``part``; raises the error of an earlier merge, if any."""
-        while len(self._queued) >= _MERGES_QUEUED or (self._queued and self._queued[0].done()):
-            self._queued.popleft().result()
-        self._queued.append(self._pool.submit(self._merge, part))
-
-    def finish(self) -> None:
-        """Wait for the queued merges; raises the first merge error."""
-        while self._queued:
-            self._queued.popleft().result()
-        self._pool.shutdown()
-
-    def abandon(self) -> None:
-        """Drop the queued merges (the run failed; their errors do not matter)."""
-        self._queued.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+def _n_partitions(partitions: int | None, workers: int, n_shards: int, n_probes: int) -> int:
+    """``partitions`` checked against the run, or the default: one per worker, up to 64."""
+    limit = min(_MAX_PARTITIONS, max(1, n_shards * n_probes))
+    if partitions is None:
+        return max(1, min(workers, _DEFAULT_MAX_PARTITIONS, limit))
+    if partitions > limit:
+        raise OptionError(
+            f"partitions={partitions} is more than this run can use: at most {limit} (the shards x probes, "
+            f"{n_shards} x {n_probes}, and at most {_MAX_PARTITIONS}); every shard makes a task per "
+            "partition, so more partitions than that only add scheduling. Use fewer, or leave it to "
+            "the default (one per worker, up to 64)"
+        )
+    return partitions
 
 
-def _collect(client, leaves, roots, local, where, n_shards, root, storage):
-    """Wait for the run; merge each root into ``local`` once, as it completes."""
+def _collect(client, infos, summaries, roots, local, where, n_shards, root, storage):
+    """Wait for the run; read each shard's facts and each partition's totals once, as they complete."""
     _, distributed = _dask()
-    pending = {future.key: future for future in list(leaves) + list(roots)}
-    leaf_index = {future.key: i for i, future in enumerate(leaves)}
-    root_keys = {future.key for future in roots}
+    cpu_started = time.thread_time()
+    pending = {future.key: future for future in list(infos) + list(summaries)}
+    held = list(roots)
+    info_keys = {future.key for future in infos}
     done: set[int] = set()
     n = correct = labelled = 0
-    shard_seconds: list[float] = []
-    merge_seconds: list[float] = []
-    merge_units: list[int] = []
+    shard_info: dict[int, _ShardInfo] = {}
+    got: list[_Summary] = []
     gather = 0.0
-    last_end = 0.0
-    shape_owner: _Partial | None = None
+    shape_owner: _ShardInfo | None = None
     probe_names = tuple(p.name for p in local.probes)
-    merger = _ClientMerger(local.efficiency_layers)
-    leaves.clear()
-    roots.clear()
+    infos.clear()
+    summaries.clear()
     try:
         completed = distributed.as_completed(list(pending.values()), loop=client.loop)
         for future in completed:
@@ -476,40 +571,33 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
                 if future.status == "error":
                     raise future.exception()
                 raise RuntimeError(f"task {key} was {future.status}")
-            if key in leaf_index:
-                done.add(leaf_index[key])
-                _mark_stores(storage, done, False)
-            if key not in root_keys:
-                continue
             t0 = time.perf_counter()
-            part: _Partial = future.result()
+            value = future.result()
             gather += time.perf_counter() - t0
             del future
-            if part.probe_names != probe_names:
+            if key not in info_keys:
+                got.append(value)
+                continue
+            info: _ShardInfo = value
+            if info.probe_names != probe_names:
                 raise RuntimeError(
-                    f"the workers probed {list(part.probe_names)} but the client's model has "
+                    f"the workers probed {list(info.probe_names)} but the client's model has "
                     f"{list(probe_names)}; the model file differs between client and workers"
                 )
             if shape_owner is None or shape_owner.sample_shape is None:
-                shape_owner = replace(part, counters=[])  # the shape, without holding the counts
+                shape_owner = info
             else:
-                _check_same_shape(shape_owner, part)
-            merger.submit(part)
-            n += part.n_samples
-            correct += part.correct
-            labelled += part.labelled
-            shard_seconds += part.shard_seconds
-            merge_seconds += part.merge_seconds
-            merge_units += part.merge_units
-            last_end = max(last_end, part.last_end)
-            del part
-        merger.finish()
+                _check_same_shape(shape_owner, info)
+            shard_info[info.shard] = info
+            n += info.n_samples
+            correct += info.correct
+            labelled += info.labelled
+            done.add(info.shard)
+            _mark_stores(storage, done, False)
+        totals = _combine(sorted(got, key=lambda s: s.partition), probe_names)
     except BaseException as exc:
-        merger.abandon()
-        # Cancel only what the client asked for (the roots): cancelling a shard would
-        # also cancel its merge tasks, which no client holds (an assertion in Dask).
-        # Dropping the other futures releases everything the roots needed.
-        client.cancel([f for key, f in pending.items() if key in root_keys])
+        # Cancel what the client asked for; the shards and pieces they needed are then released.
+        client.cancel(list(pending.values()) + held)
         pending.clear()
         _mark_stores(storage, done, False)
         failure = _failure(exc, where, len(done), n_shards, root)
@@ -519,9 +607,12 @@ def _collect(client, leaves, roots, local, where, n_shards, root, storage):
     accuracy = None if labelled == 0 else correct / labelled
     if labelled and labelled != n:
         raise ModelInputError(f"only {labelled} of {n} samples had labels; give one label per sample")
+    ordered = [shard_info[s] for s in sorted(shard_info)]
     stats = dict(
-        shard_seconds=shard_seconds, merge_task_seconds=merge_seconds, merge_task_shards=merge_units,
-        gather_seconds=gather,
-        client_merge_seconds=merger.seconds, _last_end=last_end,
+        shard_seconds=[i.seconds for i in ordered], shard_cpu_seconds=[i.cpu_seconds for i in ordered],
+        split_cpu_seconds=[i.split_seconds for i in ordered],
+        partition_merge_cpu_seconds=[s.merge_cpu_seconds for s in sorted(got, key=lambda s: s.partition)],
+        gather_seconds=gather, client_cpu_seconds=time.thread_time() - cpu_started,
+        _last_end=max((i.last_end for i in ordered), default=0.0),
     )  # fmt: skip
-    return n, accuracy, stats
+    return n, accuracy, totals, stats

@@ -1,113 +1,249 @@
-"""Partial results of shards and their reduction tree.
+"""What shard tasks return and the reduction partitioned by a hash of the state.
 
-Shard tasks return a :class:`_Partial` (counters and sample counts of one
-shard); merge tasks combine partials into new ones, never modifying their
-inputs, so Dask may rerun any of them. :func:`_build_tree` lays out the merge
-tasks before the run: a static tree over consecutive shards, in which every
-partial is the input of exactly one merge task or is itself a root.
+A shard task returns a :class:`_ShardResult`: the shard's facts (samples,
+accuracy, shape, timings: a :class:`_ShardInfo`, all the client reads of it)
+and its per-probe counters split into ``P`` :class:`_Piece` objects by
+:meth:`StateCounter.partition <tensorstate_onnx.engine.StateCounter.partition>`,
+which puts every state in the same partition in every process. The pieces of
+partition ``j`` of every shard hold disjoint states from those of any other
+partition, so each partition is merged on its own, by merge tasks on the
+workers (:func:`_merge_pieces`, a small tree per partition so that merging
+overlaps the shards still running). A partition's merged counters stay on the
+cluster; :func:`_summarize` sends the client only their totals per probe
+(states, distinct states, count histogram), which :func:`_combine` adds up:
+every Rényi entropy follows from the histogram of the counts.
+
+Every task here is a pure function of its inputs (it builds new counters and
+never modifies what it is given), so Dask may rerun any of them after a lost
+worker: a rerun replaces a result, it never adds to one.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ..capture import firing_counts_of
 from ..engine import StateCounter
-from ..errors import ModelInputError
+from ..errors import ModelInputError, OptionError
 from .plan import _shape_text
 
 
 @dataclass
-class _Partial:
-    """Merged counts of a set of shards (what shard and merge tasks return)."""
+class _ShardInfo:
+    """The facts of one shard that the client reads (small: no counts)."""
 
-    shards: list[int]
+    shard: int
     probe_names: tuple
-    counters: list[StateCounter | None]
     n_samples: int
     correct: int
     labelled: int
     sample_shape: Any  # per-sample input shape(s), None when no sample was seen
-    shape_shard: int | None  # the shard that showed ``sample_shape`` first
-    shard_seconds: list[float]
-    merge_seconds: list[float]
-    last_end: float  # time.time() when the last of these shards finished
-    merge_units: list[int] = field(default_factory=list)  # shards covered by each merge task's output
+    seconds: float  # wall seconds of the task
+    cpu_seconds: float  # CPU seconds of the worker process during the task (counting, splitting)
+    split_seconds: float  # CPU seconds of the task's thread splitting the counters into partitions
+    last_end: float  # time.time() when the shard finished
+
+
+@dataclass
+class _Piece:
+    """Partition ``partition`` (of ``n_partitions``) of the counters of some shards."""
+
+    shards: list[int]
+    partition: int
+    n_partitions: int
+    probe_names: tuple
+    counters: list[StateCounter | None]  # one per probe; None: no state of that probe seen
+    merge_cpu_seconds: float = 0.0  # CPU seconds of the merge tasks that built this piece
 
     def __sizeof__(self) -> int:
         # What Dask's memory accounting sees (it calls sys.getsizeof on results).
-        held = sum(getattr(c, "nbytes", 0) for c in self.counters if c is not None)
+        held = sum(c.nbytes for c in self.counters if c is not None)
         return object.__sizeof__(self) + int(held)
 
 
-def _check_same_shape(a: _Partial, b: _Partial) -> None:
-    """Raise ``ModelInputError`` if the two partials saw samples of different shapes."""
+@dataclass
+class _ShardResult:
+    """What a shard task returns: its facts and its counters split into partitions."""
+
+    info: _ShardInfo
+    pieces: list[_Piece]
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + sum(piece.__sizeof__() for piece in self.pieces)
+
+
+@dataclass
+class _ProbeTotals:
+    """What the metrics need of one probe's counts: ``histogram`` is
+    ``StateCounter.count_histogram()``."""
+
+    n_neurons: int
+    total: int
+    n_distinct: int
+    histogram: tuple[np.ndarray, np.ndarray]
+    firing: np.ndarray  # per neuron, in how many states it fires (they add up across partitions)
+
+
+@dataclass
+class _Summary:
+    """What a partition sends the client: per-probe totals (None: no state) and timings."""
+
+    partition: int
+    shards: list[int]
+    probes: list[_ProbeTotals | None]
+    merge_cpu_seconds: float
+
+
+def _split(counters: list[StateCounter | None], shard: int, names: tuple, n_partitions: int) -> list[_Piece]:
+    """The shard's counters as ``n_partitions`` pieces, partition ``j`` in piece ``j``
+    (with one partition, the counters themselves: merges never modify their inputs)."""
+    if n_partitions == 1:
+        return [_Piece([shard], 0, 1, names, list(counters))]
+    split = [c.partition(n_partitions) if c is not None else [None] * n_partitions for c in counters]
+    return [
+        _Piece([shard], j, n_partitions, names, [parts[j] for parts in split]) for j in range(n_partitions)
+    ]
+
+
+def _shard_info(result: _ShardResult) -> _ShardInfo:
+    """Task: the shard's facts, without its counts (what the client gathers of a shard)."""
+    return result.info
+
+
+def _piece(result: _ShardResult, partition: int) -> _Piece:
+    """Task: the shard's piece of ``partition`` (runs where the shard result lies)."""
+    return result.pieces[partition]
+
+
+def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
+    """Task: one piece of ``partition`` holding the counts of ``pieces`` (not modified).
+
+    Refuses pieces of another partition, split into another number of
+    partitions, or holding counts of another number of neurons for a probe:
+    merging them would give wrong counts, not an error.
+    """
+    started = time.thread_time()  # the merge runs in this thread alone; transfers are the worker's
+    first = pieces[0]
+    for piece in pieces:
+        if piece.partition != partition or piece.n_partitions != n_partitions:
+            raise OptionError(
+                f"the merge of partition {partition} of {n_partitions} got partition {piece.partition} of "
+                f"{piece.n_partitions} from shards {piece.shards}; every shard must be split the same way"
+            )
+        if piece.probe_names != first.probe_names:
+            raise RuntimeError(
+                f"shards {first.shards} and {piece.shards} probed different tensors; the model "
+                "file differs between workers"
+            )
+    counters: list[StateCounter | None] = []
+    for i, name in enumerate(first.probe_names):
+        present = [(piece.shards, piece.counters[i]) for piece in pieces if piece.counters[i] is not None]
+        if not present:
+            counters.append(None)
+            continue
+        width_shards, width = present[0][0], present[0][1].n_neurons
+        merged = StateCounter(width)
+        for shards, counter in present:
+            if counter.n_neurons != width:
+                raise ModelInputError(
+                    f"probe {name!r} has states of {counter.n_neurons} neurons in shards {shards} but of "
+                    f"{width} in shards {width_shards} (partition {partition}); every shard must give "
+                    "the probe the same number of neurons"
+                )
+            merged.merge(counter)
+        counters.append(merged)
+    return _Piece(
+        shards=sorted(s for piece in pieces for s in piece.shards), partition=partition,
+        n_partitions=n_partitions, probe_names=first.probe_names, counters=counters,
+        merge_cpu_seconds=sum(p.merge_cpu_seconds for p in pieces) + time.thread_time() - started,
+    )  # fmt: skip
+
+
+def _summarize(piece: _Piece) -> _Summary:
+    """Task: the totals of a merged partition, per probe (what the client gathers of it)."""
+    probes = []
+    for counter in piece.counters:
+        if counter is None or counter.total == 0:
+            probes.append(None)
+        else:
+            ids, counts = counter.result()
+            firing = firing_counts_of(ids, counts, counter.n_neurons)
+            probes.append(_ProbeTotals(counter.n_neurons, counter.total, counter.n_distinct, counter.count_histogram(), firing))
+    return _Summary(piece.partition, piece.shards, probes, piece.merge_cpu_seconds)
+
+
+def _probe_counter(piece: _Piece, probe: int) -> StateCounter | None:
+    """Task: the merged counter of one probe in a partition (for gathering on request)."""
+    return piece.counters[probe]
+
+
+def _combine(summaries: list[_Summary], names: tuple) -> list[_ProbeTotals | None]:
+    """Per probe, the totals of all partitions: states and distinct states
+    add up, and so do the histograms (the partitions hold disjoint states)."""
+    combined: list[_ProbeTotals | None] = []
+    for i, name in enumerate(names):
+        parts = [(s.partition, s.probes[i]) for s in summaries if s.probes[i] is not None]
+        if not parts:
+            combined.append(None)
+            continue
+        widths = {totals.n_neurons: partition for partition, totals in parts}
+        if len(widths) > 1:
+            detail = ", ".join(f"{w} in partition {j}" for w, j in sorted(widths.items()))
+            raise ModelInputError(
+                f"probe {name!r} has states of different numbers of neurons ({detail}); every shard "
+                "must give the probe the same number of neurons"
+            )
+        values = np.concatenate([totals.histogram[0] for _, totals in parts])
+        multiplicities = np.concatenate([totals.histogram[1] for _, totals in parts])
+        unique, inverse = np.unique(values, return_inverse=True)
+        summed = np.zeros(unique.size, np.int64)
+        np.add.at(summed, inverse, multiplicities)
+        combined.append(
+            _ProbeTotals(
+                parts[0][1].n_neurons, sum(t.total for _, t in parts), sum(t.n_distinct for _, t in parts),
+                (unique.astype(np.int64), summed), np.sum([t.firing for _, t in parts], axis=0),
+            )  # fmt: skip
+        )
+    return combined
+
+
+def _check_same_shape(a: _ShardInfo, b: _ShardInfo) -> None:
+    """Raise ``ModelInputError`` if the two shards saw samples of different shapes."""
     if a.sample_shape is not None and b.sample_shape is not None and a.sample_shape != b.sample_shape:
         raise ModelInputError(
-            f"shard {b.shape_shard} has samples of shape {_shape_text(b.sample_shape)} but shard "
-            f"{a.shape_shard} has {_shape_text(a.sample_shape)}; every shard must hold samples "
+            f"shard {b.shard} has samples of shape {_shape_text(b.sample_shape)} but shard "
+            f"{a.shard} has {_shape_text(a.sample_shape)}; every shard must hold samples "
             "of the same shape"
         )
 
 
-def _merge_partials(*parts: _Partial) -> _Partial:
-    """Task: combine partial results into new counters (inputs are never modified)."""
-    started = time.perf_counter()
-    first = parts[0]
-    shape_owner = first
-    for part in parts[1:]:
-        if part.probe_names != first.probe_names:
-            raise RuntimeError(
-                f"shards {first.shards} and {part.shards} probed different tensors; the model "
-                "file differs between workers"
-            )
-        if shape_owner.sample_shape is None:
-            shape_owner = part
-        else:
-            _check_same_shape(shape_owner, part)
-    counters: list[StateCounter | None] = []
-    for i in range(len(first.probe_names)):
-        present = [part.counters[i] for part in parts if part.counters[i] is not None]
-        if len(present) <= 1:
-            counters.append(present[0] if present else None)
-            continue
-        merged = StateCounter(present[0].n_neurons)
-        for counter in present:
-            merged.merge(counter)
-        counters.append(merged)
-    return _Partial(
-        shards=sorted(s for part in parts for s in part.shards),
-        probe_names=first.probe_names,
-        counters=counters,
-        n_samples=sum(part.n_samples for part in parts),
-        correct=sum(part.correct for part in parts),
-        labelled=sum(part.labelled for part in parts),
-        sample_shape=shape_owner.sample_shape,
-        shape_shard=shape_owner.shape_shard,
-        shard_seconds=[s for part in parts for s in part.shard_seconds],
-        merge_seconds=[s for part in parts for s in part.merge_seconds] + [time.perf_counter() - started],
-        last_end=max(part.last_end for part in parts),
-        merge_units=[u for part in parts for u in part.merge_units] + [sum(len(part.shards) for part in parts)],
-    )
-
-
-def _build_tree(client, leaves: list, fan_in: int, roots: int, token: str) -> list:
-    """Merge tasks over consecutive leaves, level by level, until at most ``roots`` remain."""
-    level, depth = list(leaves), 0
-    while len(level) > max(1, roots):
-        depth += 1
-        nxt = []
-        for j in range(0, len(level), fan_in):
-            group = level[j : j + fan_in]
-            if len(group) == 1:
-                nxt.append(group[0])
-            else:
-                nxt.append(
-                    client.submit(
-                        _merge_partials, *group, key=f"tensorstate-merge-{depth}-{j // fan_in}-{token}",
-                        pure=False, priority=depth,
-                    )
-                )  # fmt: skip
-        level = nxt
-    return level
+def _reduction_graph(shard_keys: list[str], n_partitions: int, fan_in: int, token: str) -> tuple[dict, list, list]:
+    """The tasks of the reduction over the shard tasks ``shard_keys``, as a
+    Dask graph: for each partition, a piece of every shard merged ``fan_in``
+    consecutive shards at a time (so merges start while later shards run)
+    down to one, and its summary. Returns ``(graph, root keys, summary keys)``."""
+    graph: dict = {}
+    roots, summaries = [], []
+    for j in range(n_partitions):
+        level = []
+        for s, shard in enumerate(shard_keys):
+            key = f"tensorstate-piece-{s}-{j}-{token}"
+            graph[key] = (_piece, shard, j)
+            level.append(key)
+        depth = 0
+        while len(level) > 1 or depth == 0:
+            depth += 1
+            merged = []
+            for g in range(0, len(level), fan_in):
+                key = f"tensorstate-merge-{j}-{depth}-{g // fan_in}-{token}"
+                graph[key] = (_merge_pieces, j, n_partitions, *level[g : g + fan_in])
+                merged.append(key)
+            level = merged
+        roots.append(level[0])
+        summaries.append(f"tensorstate-summary-{j}-{token}")
+        graph[summaries[-1]] = (_summarize, level[0])
+    return graph, roots, summaries

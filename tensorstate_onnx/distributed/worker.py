@@ -2,10 +2,11 @@
 
 Each worker process keeps a few models (onnxruntime sessions) per probe
 configuration; a task takes an idle one, reads its shard, counts its states
-into fresh counters (writing its rows of the raw-state arrays, with storage)
-and returns them as a :class:`~.reduce._Partial`. A task is a pure function of
-its shard: it never touches shared state, so a rerun after a lost worker
-counts nothing twice.
+into fresh counters (writing its rows of the raw-state arrays, with storage),
+splits them into the run's partitions and returns them as a
+:class:`~.reduce._ShardResult`. A task is a pure function of its shard: it
+never touches shared state, so a rerun after a lost worker counts nothing
+twice.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..errors import ModelInputError
 from ..graph import Probe
 from ..runtime import OnnxEfficiencyModel, OnnxProbeCapture
 from .plan import _sample_shape, _shape_text, _Shard
-from .reduce import _Partial
+from .reduce import _ShardInfo, _ShardResult, _split
 from .storage import _RegionWriter
 
 
@@ -46,6 +47,7 @@ class _Job:
     batch_size: int
     storage: dict | None  # probe name -> (directory, chunk rows, states per instance)
     probe_names: tuple
+    n_partitions: int
 
     @property
     def cache_key(self) -> tuple:
@@ -112,8 +114,9 @@ class _ShardCapture(OnnxProbeCapture):
         super().__init__(probe, None, keep_states=False)
         self._writer = writer
 
-    def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int) -> None:
-        super().record_packed(packed, n_neurons, instances)
+    def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int, keep: np.ndarray | None = None) -> None:
+        # Sharded runs take no mask (their stores are sized per sample), so ``keep`` is always None.
+        super().record_packed(packed, n_neurons, instances, keep)
         if self._writer is not None and self.capture_on:
             self._writer.append(packed)
 
@@ -181,9 +184,9 @@ def _with_context(exc: BaseException, where: str) -> BaseException:
     return new
 
 
-def _run_shard(job: _Job, shard: _Shard, data=None, model_bytes: bytes | None = None) -> _Partial:
-    """Task: analyze one shard; return its counters (pure: a rerun gives the same result)."""
-    started = time.perf_counter()
+def _run_shard(job: _Job, shard: _Shard, data=None, model_bytes: bytes | None = None) -> _ShardResult:
+    """Task: analyze one shard; return its counters split into partitions (pure: a rerun gives the same result)."""
+    started = (time.perf_counter(), time.process_time())
     try:
         key, model = _acquire_model(job, model_bytes)
     except Exception as exc:
@@ -202,7 +205,7 @@ def _run_shard(job: _Job, shard: _Shard, data=None, model_bytes: bytes | None = 
         _release_model(key, model)
 
 
-def _analyze_shard(job: _Job, shard: _Shard, data, model: OnnxEfficiencyModel, names, started) -> _Partial:
+def _analyze_shard(job: _Job, shard: _Shard, data, model: OnnxEfficiencyModel, names, started) -> _ShardResult:
     """Run the shard's samples through ``model`` with fresh captures; its partial result."""
     correct = labelled = 0
     if shard.kind == "callable":
@@ -210,7 +213,7 @@ def _analyze_shard(job: _Job, shard: _Shard, data, model: OnnxEfficiencyModel, n
         if watch.empty:
             if shard.size:
                 raise ModelInputError(f"it yielded no batch, {shard.size} samples were declared")
-            return _empty_partial(shard, names, started)
+            return _result(job, shard, names, [None] * len(names), 0, 0, 0, None, started)
         writers = _writers(job, shard, model.probes)
         model.efficiency_layers = [_ShardCapture(p, w) for p, w in zip(model.probes, writers)]
         if watch.labelled:
@@ -239,20 +242,24 @@ def _analyze_shard(job: _Job, shard: _Shard, data, model: OnnxEfficiencyModel, n
         if writer is not None:
             writer.close()
     counters = [capture.counter for capture in model.efficiency_layers]
-    return _Partial(
-        shards=[shard.index], probe_names=names, counters=counters, n_samples=n,
-        correct=correct, labelled=labelled, sample_shape=shape, shape_shard=shard.index,
-        shard_seconds=[time.perf_counter() - started], merge_seconds=[], last_end=time.time(),
-    )  # fmt: skip
+    return _result(job, shard, names, counters, n, correct, labelled, shape, started)
 
 
-def _empty_partial(shard: _Shard, names, started) -> _Partial:
-    """The result of a shard whose source yielded no batch."""
-    return _Partial(
-        shards=[shard.index], probe_names=names, counters=[None] * len(names), n_samples=0,
-        correct=0, labelled=0, sample_shape=None, shape_shard=None,
-        shard_seconds=[time.perf_counter() - started], merge_seconds=[], last_end=time.time(),
+def _result(job: _Job, shard: _Shard, names, counters, n, correct, labelled, shape, started) -> _ShardResult:
+    """The shard's facts and its counters split into the run's partitions."""
+    for counter in counters:
+        if counter is not None:
+            counter.n_distinct  # noqa: B018 (finishes the counting: that is not splitting)
+    split_started = time.thread_time()  # the split runs in this thread alone
+    pieces = _split(counters, shard.index, names, job.n_partitions)
+    split_seconds = time.thread_time() - split_started
+    ended = time.process_time()
+    info = _ShardInfo(
+        shard=shard.index, probe_names=names, n_samples=n, correct=correct, labelled=labelled,
+        sample_shape=shape, seconds=time.perf_counter() - started[0], cpu_seconds=ended - started[1],
+        split_seconds=split_seconds, last_end=time.time(),
     )  # fmt: skip
+    return _ShardResult(info, pieces)
 
 
 def _writers(job: _Job, shard: _Shard, probes) -> list[_RegionWriter | None]:

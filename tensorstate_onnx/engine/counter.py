@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import OptionError, OptionTypeError
 from .arrays import narrowest
 from .direct import DirectCounts
+from .hashing import key_partition, partition_of, scatter_keys, scatter_rows
 from .keys import KeyRuns
 from .packing import check_packed, n_bytes_for
 from .runset import RunSet
@@ -22,6 +23,8 @@ from .tuning import DEFAULT_TUNING, CounterTuning
 from .words import WordRuns
 
 __all__ = ["StateCounter"]
+
+_BINCOUNT_MAX = 1 << 22  # count_histogram() bincounts counts up to this, sorts larger ones
 
 
 class StateCounter:
@@ -156,6 +159,76 @@ class StateCounter:
         """The counts of :meth:`result` (same order) without building the
         states: all that entropy and efficiency need."""
         return self._store.counts()
+
+    def count_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, multiplicities)``, both int64: ``multiplicities[i]``
+        distinct states were seen exactly ``values[i]`` times (values
+        ascending, each at least 1). Every Rényi entropy follows from it
+        (:func:`tensorstate_onnx.metrics.histogram_entropy`), and histograms of
+        counters holding disjoint states add up, which is what lets a sharded
+        run compute entropies without bringing the states together."""
+        counts = self.counts()
+        if counts.size and counts.max() <= _BINCOUNT_MAX:  # a pass, not a sort: counts are mostly small
+            histogram = np.bincount(counts)
+            values = np.flatnonzero(histogram)
+            return values.astype(np.int64), histogram[values].astype(np.int64)
+        values, multiplicities = np.unique(counts, return_counts=True)
+        return values.astype(np.int64), multiplicities.astype(np.int64)
+
+    def partition(self, n_parts: int) -> list[StateCounter]:
+        """Split the counts into ``n_parts`` new counters by a hash of each
+        state (:func:`.hashing.partition_of`): every state goes to exactly one
+        of them with its count, the same one in every process, so partition
+        ``j`` of many counters can be merged apart from the other partitions.
+        This counter is not changed; the parts have its tuning."""
+        if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)) or n_parts < 1:
+            raise OptionError(f"partition() needs a positive number of parts, got {n_parts!r}")
+        n_parts = int(n_parts)
+        store = self._store
+        if isinstance(store, KeyRuns):
+            return self._partition_keys(n_parts)
+        ids, counts = store.result() if isinstance(store, DirectCounts) else store.pickled()
+        which = partition_of(ids, n_parts)
+        # Rows of each part together, in the order the store gave them.
+        bounds = np.zeros(n_parts + 1, np.int64)
+        np.cumsum(np.bincount(which, minlength=n_parts), out=bounds[1:])
+        ids, counts = scatter_rows(ids, counts.astype(np.int64, copy=False), which, bounds)
+        parts = []
+        for j in range(n_parts):
+            part = StateCounter(self.n_neurons, self._tuning)
+            if bounds[j + 1] > bounds[j]:
+                part._load(ids[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]].copy())
+            parts.append(part)
+        return parts
+
+    def _partition_keys(self, n_parts: int) -> list[StateCounter]:
+        """:meth:`partition` of states of 3 to 8 bytes, straight from their
+        sorted keys (the parts' keys stay sorted)."""
+        parts = [StateCounter(self.n_neurons, self._tuning) for _ in range(n_parts)]
+        run = self._store.compact()
+        if run is None:
+            return parts
+        which = key_partition(run.keys, n_parts)
+        bounds = np.zeros(n_parts + 1, np.int64)
+        np.cumsum(np.bincount(which, minlength=n_parts), out=bounds[1:])
+        keys, counts = scatter_keys(run.keys, run.counts, which, bounds)
+        for j, part in enumerate(parts):
+            if bounds[j + 1] > bounds[j]:
+                part._store.load_keys(keys[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]].copy())
+                part.total = int(counts[bounds[j] : bounds[j + 1]].sum())
+        return parts
+
+    def _load(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Hold exactly the distinct states ``ids`` (in the order the store's
+        ``pickled()`` or a subset of it gives) seen ``counts`` times."""
+        if isinstance(self._store, DirectCounts):
+            values = ids[:, 0].astype(np.int64)
+            if self.n_bytes == 2:
+                values = (values << 8) | ids[:, 1]
+            self._store.table[values] = counts
+        else:
+            self._store.load(ids, counts)
+        self.total = int(counts.sum())
 
     # ------------------------------------------------------------- pickling
     #

@@ -10,13 +10,15 @@ every word is equal).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from .arrays import trimmed
+from .arrays import as_words, trimmed
 from .jit import kernel
 from .sort import sort_keys
 
-__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "tag"]
+__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "key_partition", "partition_of", "scatter_keys", "scatter_rows", "tag"]
 
 
 @kernel(inline="always")
@@ -66,6 +68,77 @@ def hash_rows(words: np.ndarray) -> np.ndarray:
     out = np.empty(words.shape[0], np.uint64)
     _hash_rows_kernel(words, out)
     return out
+
+
+@kernel
+def _mix_keys(keys, n_parts, out):
+    """The part of each state of up to 8 bytes, from its key (a 64-bit finalizer, then modulo)."""
+    for i in range(keys.size):
+        h = keys[i]
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+        out[i] = np.int64(h % np.uint64(n_parts))
+
+
+def key_partition(keys: np.ndarray, n_parts: int) -> np.ndarray:
+    """:func:`partition_of` for states of up to 8 bytes given as their keys
+    (big-endian uint64, as ``KeyRuns`` holds them), without the bytes."""
+    out = np.empty(keys.size, np.int64)
+    _mix_keys(keys, n_parts, out)
+    return out
+
+
+def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
+    """Which of ``n_parts`` partitions each packed state (uint8 (n, n_bytes))
+    belongs to, as int64: a hash of the state modulo ``n_parts``. States of
+    up to 8 bytes are hashed as one big-endian word (:func:`key_partition`),
+    longer ones by :func:`hash_rows` of their little-endian words.
+
+    The words are read the same way whatever the host, so every process on
+    every machine puts a state in the same partition: sharded runs merge
+    partition ``j`` of every shard, and must never split one state between
+    two partitions.
+    """
+    if packed.shape[1] <= 8:
+        from .keys import be_keys
+
+        return key_partition(be_keys(packed), n_parts)
+    words = as_words(packed, -(-packed.shape[1] // 8))
+    if sys.byteorder == "big":
+        words = words.byteswap()
+    return (hash_rows(words) % np.uint64(n_parts)).astype(np.int64)
+
+
+def scatter_keys(keys: np.ndarray, counts: np.ndarray, which: np.ndarray, bounds: np.ndarray):
+    """:func:`scatter_rows` for keys (uint64 (n,)) instead of rows."""
+    out_ids, out_counts = scatter_rows(keys.reshape(-1, 1), counts, which, bounds)
+    return out_ids.reshape(-1), out_counts
+
+
+@kernel
+def _scatter_kernel(ids, counts, which, starts, out_ids, out_counts):
+    for i in range(ids.shape[0]):
+        j = which[i]
+        k = starts[j]
+        starts[j] = k + 1
+        out_counts[k] = counts[i]
+        for b in range(ids.shape[1]):
+            out_ids[k, b] = ids[i, b]
+
+
+def scatter_rows(
+    ids: np.ndarray, counts: np.ndarray, which: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``ids`` (uint8 (n, width)) and ``counts`` (int64) grouped by
+    ``which``: group ``j`` in rows ``bounds[j]:bounds[j + 1]``, each group in
+    its original order (one pass: a counting sort)."""
+    out_ids = np.empty_like(ids, order="C")
+    out_counts = np.empty(counts.shape[0], np.int64)
+    _scatter_kernel(ids, counts, which, bounds[:-1].copy(), out_ids, out_counts)
+    return out_ids, out_counts
 
 
 @kernel

@@ -19,7 +19,7 @@ from .runs import UNIT, Run, count_sorted_keys
 from .runset import RunSet
 from .sort import sort_keys
 
-__all__ = ["KeyRuns"]
+__all__ = ["KeyRuns", "be_keys"]
 
 _NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
 _NO_COUNTS = np.empty(0, np.int64)
@@ -35,6 +35,13 @@ def _be_words(packed, out):
         for k in range(n_bytes):
             v = (v << np.uint64(8)) | np.uint64(packed[i, k])
         out[i] = v << shift
+
+
+def be_keys(packed: np.ndarray) -> np.ndarray:
+    """The key of each packed row of up to 8 bytes: the bytes as one big-endian uint64."""
+    keys = np.empty(packed.shape[0], np.uint64)
+    _be_words(packed, keys)
+    return keys
 
 
 @kernel
@@ -158,6 +165,8 @@ class KeyRuns(RunSet):
         writes them) seen ``counts`` (int64) times."""
         if ids.shape[0] == 0:
             return
-        keys = np.empty(ids.shape[0], np.uint64)
-        _be_words(ids, keys)
+        self.load_keys(be_keys(ids), counts)
+
+    def load_keys(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Start from distinct sorted ``keys`` seen ``counts`` (int64, owned from here) times."""
         self.runs = [Run(keys, None, counts)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensorstate_onnx import StateStore, demo
+from tensorstate_onnx import StateStore, aIQ, demo, network_efficiency
 from tensorstate_onnx.engine import StateCounter
 from tensorstate_onnx.runtime import OnnxEfficiencyModel
 from tensorstate_onnx.store import store_dirname
@@ -96,16 +96,32 @@ def _sorted_counts(counter: StateCounter) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], counts[order]
 
 
-def _assert_same_counts(expected: OnnxEfficiencyModel, got: OnnxEfficiencyModel) -> None:
+ALPHAS = (0, 0.5, 1, 2, 3.5, float("inf"))
+
+
+def _assert_same_metrics(expected: OnnxEfficiencyModel, got: OnnxEfficiencyModel) -> None:
+    """Same totals and metrics to the last bit (every alpha), from the totals a sharded run holds."""
     assert [c.name for c in got.efficiency_layers] == [c.name for c in expected.efficiency_layers]
+    for want, have in zip(expected.efficiency_layers, got.efficiency_layers):
+        assert have.state_count == want.state_count
+        assert have.distinct_count == want.distinct_count
+        assert have.n_neurons == want.n_neurons
+        for alpha in ALPHAS:
+            assert have.entropy(alpha) == want.entropy(alpha), (want.name, alpha)
+        assert have.efficiency() == want.efficiency(), want.name
+        assert have.efficiency(2, 1) == want.efficiency(2, 1), want.name
+    assert network_efficiency(got) == network_efficiency(expected)
+    assert aIQ(network_efficiency(got), 0.9, 2) == aIQ(network_efficiency(expected), 0.9, 2)
+
+
+def _assert_same_counts(expected: OnnxEfficiencyModel, got: OnnxEfficiencyModel) -> None:
+    """Same metrics, then the same states and counts (gathered from the cluster)."""
+    _assert_same_metrics(expected, got)
     for want, have in zip(expected.efficiency_layers, got.efficiency_layers):
         ids_want, counts_want = _sorted_counts(want.counter)
         ids_have, counts_have = _sorted_counts(have.counter)
         assert np.array_equal(ids_have, ids_want), want.name
         assert np.array_equal(counts_have, counts_want), want.name
-        assert have.state_count == want.state_count
-        assert have.n_neurons == want.n_neurons
-        assert have.efficiency() == pytest.approx(want.efficiency(), rel=1e-12, abs=1e-12)
 
 
 def _stored_rows(root: Path, name: str) -> np.ndarray:
@@ -123,6 +139,13 @@ def sorted_counts():
 def assert_same_counts():
     """``assert_same_counts(expected, got)``: both models counted the same states per probe."""
     return _assert_same_counts
+
+
+@pytest.fixture(scope="session")
+def assert_same_metrics():
+    """``assert_same_metrics(expected, got)``: the same totals, entropies (every alpha), efficiencies,
+    network efficiency and aIQ, to the last bit."""
+    return _assert_same_metrics
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """analyze_sharded on the client: connecting, collecting results exactly once (also when workers
-die), merging on the client, and the errors a user sees."""
+die), the counts left on the cluster, and the errors a user sees."""
 
 from __future__ import annotations
 
@@ -15,23 +15,57 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from tensorstate_onnx import ModelFileError, OptionError, StateStore, StoreError, demo  # noqa: E402
+from tensorstate_onnx import ModelFileError, NoStatesError, OptionError, StateStore, StoreError, demo  # noqa: E402
 from tensorstate_onnx import distributed as tsd  # noqa: E402
-from tensorstate_onnx.capture import AbstractStateCapture  # noqa: E402
-from tensorstate_onnx.distributed.client import _ClientMerger  # noqa: E402
-from tensorstate_onnx.distributed.reduce import _Partial  # noqa: E402
-from tensorstate_onnx.engine import StateCounter  # noqa: E402
 from tensorstate_onnx.store import store_dirname  # noqa: E402
 
 
 @pytest.mark.distributed
-def test_scheduler_address_string(client, digits, reference, probes, assert_same_counts):
+def test_scheduler_address_string(client, digits, reference, probes, assert_same_metrics):
     x, y = digits
     result = tsd.analyze_sharded(
         demo.model_path(), x, labels=y, scheduler=client.scheduler.address, shard_size=100, **probes
     )
-    assert_same_counts(reference[0], result.model)
+    assert_same_metrics(reference[0], result.model)
     assert result.stats["n_workers"] == 2
+    # The run's own client is closed: the merged counters went with it, and counts() says how to keep them.
+    capture = result.model.efficiency_layers[0]
+    for ask in (capture.counts, capture.state_ids):
+        with pytest.raises(NoStatesError, match=r"run analyze_sharded with client= .*or give storage_path="):
+            ask()
+    # Firing rates need no states: each partition sends its per-neuron firing counts.
+    for want, have in zip(reference[0].efficiency_layers, result.model.efficiency_layers, strict=True):
+        assert np.array_equal(have.firing_counts(), want.firing_counts()), want.name
+        assert np.array_equal(have.dead_neurons(), want.dead_neurons())
+
+
+@pytest.mark.distributed
+def test_counts_stay_on_the_cluster_until_asked_for_and_released(client, digits, reference, probes, sorted_counts):
+    x, _ = digits
+    result = tsd.analyze_sharded(demo.model_path(), x, client=client, shard_size=60, partitions=3, **probes)
+    want = reference[0].efficiency_layers[1]
+    capture = result.model.efficiency_layers[1]
+    assert capture.entropy(2) == want.entropy(2)
+    assert capture._counter is None, "the client holds counts nobody asked for"
+    for got, expected in zip(sorted_counts(capture.counter), sorted_counts(want.counter)):
+        assert np.array_equal(got, expected)
+    assert sorted(capture.state_ids()) == sorted(want.state_ids())
+    result.release()
+    other = result.model.efficiency_layers[2]
+    assert other.efficiency() == reference[0].efficiency_layers[2].efficiency()
+    with pytest.raises(NoStatesError, match=r"released \(ShardedAnalysis.release\(\)\)"):
+        other.counts()
+
+
+@pytest.mark.distributed
+def test_with_storage_counts_are_rebuilt_from_the_stored_states(digits, reference, probes, tmp_path):
+    x, _ = digits
+    result = tsd.analyze_sharded(
+        demo.model_path(), x, n_workers=2, shard_size=90, storage_path=tmp_path / "s", **probes
+    )  # own cluster, closed at the end
+    for want, have in zip(reference[0].efficiency_layers, result.model.efficiency_layers):
+        assert sorted(have.counts()) == sorted(want.counts())
+        assert sorted(have.state_ids()) == sorted(want.state_ids())
 
 
 def test_a_refused_scheduler_port_is_reported_at_once(digits, probes):
@@ -76,30 +110,6 @@ def test_the_sharded_api_imports_from_the_package_without_dask():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_client_merger_merges_every_part_and_raises_a_merge_error(sorted_counts):
-    rng = np.random.default_rng(1)
-    batches = [rng.integers(0, 4, (200, 5), dtype=np.uint8) for _ in range(5)]
-    capture = AbstractStateCapture("p")
-    merger = _ClientMerger([capture])
-    for index, rows in enumerate(batches):
-        counter = StateCounter(40)
-        counter.add(rows)
-        merger.submit(_Partial([index], ("p",), [counter], len(rows), 0, 0, (1,), index, [0.0], [], 0.0))
-    merger.finish()
-    reference = StateCounter(40)
-    for rows in batches:
-        reference.add(rows)
-    assert capture.state_count == 1000
-    for got, want in zip(sorted_counts(capture.counter), sorted_counts(reference)):
-        assert np.array_equal(got, want)
-
-    merger = _ClientMerger([AbstractStateCapture("p")])
-    merger.submit(_Partial([0], ("p",), [StateCounter(40)], 0, 0, 0, (1,), 0, [0.0], [], 0.0))
-    merger.submit(_Partial([1], ("p",), [StateCounter(16)], 0, 0, 0, (1,), 1, [0.0], [], 0.0))
-    with pytest.raises(ValueError, match="cannot merge counts of 16 neurons into counts of 40"):
-        merger.finish()
 
 
 # --------------------------------------------------------------------------- faults (each kills workers of its own cluster)
@@ -154,7 +164,7 @@ def test_a_shard_that_always_kills_its_worker_fails_clearly(own_client, digits, 
     with pytest.raises(tsd.ShardFailedError, match=r"shard 2 \(samples 120\.\.179\).*allowed-failures=1"):
         tsd.analyze_sharded(
             demo.model_path(), source, shard_sizes=source.sizes(), client=own_client, storage_path=root,
-            merge_roots=100, **probes,  # no merge task shares a worker with the crashing shard
+            **probes,
         )  # fmt: skip
     # What was stored stays readable; finished shards hold their rows.
     for capture in reference[0].efficiency_layers:

@@ -1,4 +1,5 @@
-"""Partial results and the reduction tree: any tree shape gives the same counts; merges are pure."""
+"""The reduction partitioned by a hash of the state: any number of partitions and fan-in give the
+same metrics as one process; merges are pure and refuse pieces that do not fit together."""
 
 from __future__ import annotations
 
@@ -7,26 +8,45 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from tensorstate_onnx import demo  # noqa: E402
+from tensorstate_onnx import ModelInputError, OptionError, demo  # noqa: E402
 from tensorstate_onnx.distributed import analyze_sharded  # noqa: E402
-from tensorstate_onnx.distributed.reduce import _merge_partials, _Partial  # noqa: E402
+from tensorstate_onnx.distributed.reduce import _combine, _merge_pieces, _split, _summarize  # noqa: E402
 from tensorstate_onnx.engine import StateCounter  # noqa: E402
+from tensorstate_onnx.metrics import entropy, histogram_entropy  # noqa: E402
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("fan_in, roots", [(2, 1), (3, 1), (2, 2), (2, None), (4, 5)])
-def test_reduction_tree_shapes_give_the_same_counts(client, digits, reference, probes, assert_same_counts, fan_in, roots):
+@pytest.mark.parametrize("partitions, fan_in", [(1, 2), (3, 2), (5, 8), (None, 3)])
+def test_any_partitioning_gives_the_single_process_metrics_and_counts(
+    client, digits, reference, probes, assert_same_counts, partitions, fan_in
+):
     x, y = digits
     result = analyze_sharded(
-        demo.model_path(), x, labels=y, client=client, shard_size=30, merge_fan_in=fan_in,
-        merge_roots=roots, **probes,
+        demo.model_path(), x, labels=y, client=client, shard_size=30, partitions=partitions,
+        merge_fan_in=fan_in, **probes,
     )  # fmt: skip
-    assert_same_counts(reference[0], result.model)
-    assert result.accuracy == reference[1]
+    assert result.n_partitions == (partitions or 2) == result.stats["n_partitions"]
     assert len(result.stats["shard_seconds"]) == 12
-    merges = len(result.stats["merge_task_seconds"])
-    # 12 shards; by default the client merges up to 32 partials itself.
-    assert merges == {(2, 1): 11, (3, 1): 6, (2, 2): 10, (2, None): 0, (4, 5): 3}[(fan_in, roots)]
+    assert len(result.stats["partition_merge_cpu_seconds"]) == result.n_partitions
+    assert result.accuracy == reference[1]
+    assert_same_counts(reference[0], result.model)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("partitions", [0, -2, 1.5, True])
+def test_partitions_must_be_a_positive_int(client, digits, probes, partitions):
+    with pytest.raises(OptionError, match="partitions must be a positive int"):
+        analyze_sharded(demo.model_path(), digits[0], client=client, partitions=partitions, **probes)
+
+
+@pytest.mark.distributed
+def test_more_partitions_than_shards_times_probes_is_refused(client, digits):
+    x, _ = digits
+    # 4 shards x 1 probe
+    with pytest.raises(OptionError, match=r"partitions=5 is more than this run can use: at most 4 .*4 x 1"):
+        analyze_sharded(demo.model_path(), x, "Gemm", client=client, shard_size=90, partitions=5)
+    with pytest.raises(OptionError, match="at most 4096"):
+        analyze_sharded(demo.model_path(), x, "Gemm", client=client, shard_size=1, partitions=5000)
 
 
 @pytest.mark.distributed
@@ -51,25 +71,58 @@ def test_mismatched_shapes_between_shards_of_a_dynamic_model(client):
         yield np.ones((3, 1, size, size), np.float32)
 
     with pytest.raises(ValueError, match=r"shard \d has samples of shape \(1, \d+, \d+\) but shard \d has") as info:
-        analyze_sharded(proto, shard, "Conv", n_shards=4, client=client, merge_roots=1)
+        analyze_sharded(proto, shard, "Conv", n_shards=4, client=client, partitions=1)
     assert "shard 2" in str(info.value) and "(1, 8, 8)" in str(info.value)
 
 
-def test_merge_tasks_never_modify_their_inputs(sorted_counts):
+def _counter(rows, c=40):
+    counter = StateCounter(c)
+    counter.add(rows)
+    return counter
+
+
+def test_merges_never_modify_their_inputs_and_a_rerun_gives_the_same_piece(sorted_counts):
     rng = np.random.default_rng(0)
+    a = _split([_counter(rng.integers(0, 256, (500, 5), dtype=np.uint8))], 0, ("p",), 3)
+    b = _split([_counter(rng.integers(0, 256, (300, 5), dtype=np.uint8))], 1, ("p",), 3)
+    before = [sorted_counts(piece.counters[0]) for piece in a + b]
+    merged = _merge_pieces(1, 3, a[1], b[1])
+    again = _merge_pieces(1, 3, a[1], b[1])  # what a retried merge task computes
+    for piece, (ids, counts) in zip(a + b, before):
+        got = sorted_counts(piece.counters[0])
+        assert np.array_equal(got[0], ids) and np.array_equal(got[1], counts)
+    assert merged.shards == [0, 1] and merged.partition == 1
+    assert merged.counters[0].total == a[1].counters[0].total + b[1].counters[0].total == again.counters[0].total
+    for x, y in zip(sorted_counts(merged.counters[0]), sorted_counts(again.counters[0])):
+        assert np.array_equal(x, y)
 
-    def partial(index, rows):
-        counter = StateCounter(40)
-        counter.add(rows)
-        return _Partial([index], ("p",), [counter], len(rows), 0, 0, (1,), index, [0.0], [], 0.0)
 
-    a = partial(0, rng.integers(0, 256, (500, 5), dtype=np.uint8))
-    b = partial(1, rng.integers(0, 256, (300, 5), dtype=np.uint8))
-    before = [sorted_counts(p.counters[0]) for p in (a, b)]
-    merged = _merge_partials(a, b)
-    again = _merge_partials(a, b)  # what a retried merge task would compute
-    for p, (ids, counts) in zip((a, b), before):
-        assert np.array_equal(sorted_counts(p.counters[0])[0], ids)
-        assert np.array_equal(sorted_counts(p.counters[0])[1], counts)
-    assert merged.counters[0].total == 800 == again.counters[0].total
-    assert merged.shards == [0, 1]
+def test_pieces_that_do_not_fit_together_are_refused():
+    rows = np.random.default_rng(1).integers(0, 256, (100, 5), dtype=np.uint8)
+    wide = _split([_counter(rows)], 0, ("p",), 2)
+    narrow = _split([_counter(rows[:, :2], 16)], 1, ("p",), 2)
+    with pytest.raises(ModelInputError, match=r"probe 'p' has states of 16 neurons in shards \[1\] but of 40 in shards \[0\]"):
+        _merge_pieces(0, 2, wide[0], narrow[0])
+    with pytest.raises(OptionError, match=r"the merge of partition 0 of 2 got partition 1 of 2 from shards \[1\]"):
+        _merge_pieces(0, 2, wide[0], narrow[1])
+    other = _split([_counter(rows)], 1, ("p",), 3)
+    with pytest.raises(OptionError, match="got partition 0 of 3"):
+        _merge_pieces(0, 2, wide[0], other[0])
+    with pytest.raises(ModelInputError, match=r"probe 'p' has states of different numbers of neurons \(16 in partition 1, 40 in partition 0\)"):
+        _combine([_summarize(_merge_pieces(0, 2, wide[0])), _summarize(_merge_pieces(1, 2, narrow[1]))], ("p",))
+
+
+def test_combined_histograms_give_the_entropies_of_the_whole_counts_exactly():
+    rng = np.random.default_rng(2)
+    pool = rng.integers(0, 256, (400, 9), dtype=np.uint8)
+    shards = [pool[rng.zipf(1.4, 3000) % 400] for _ in range(4)]
+    whole = StateCounter(72)
+    for rows in shards:
+        whole.add(rows)
+    pieces = [_split([_counter(rows, 72), None], s, ("p", "q"), 5) for s, rows in enumerate(shards)]
+    summaries = [_summarize(_merge_pieces(j, 5, *[p[j] for p in pieces])) for j in range(5)]
+    totals, nothing = _combine(summaries, ("p", "q"))
+    assert nothing is None
+    assert totals.total == whole.total and totals.n_distinct == whole.n_distinct and totals.n_neurons == 72
+    for alpha in (0, 0.5, 1, 2, 7.25, float("inf")):
+        assert histogram_entropy(*totals.histogram, alpha) == entropy(whole.counts(), alpha)

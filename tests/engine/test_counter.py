@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
+from tensorstate_onnx.engine.hashing import partition_of
 from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -513,3 +514,85 @@ def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed):
     np.testing.assert_array_equal(counts, expected_counts)
     assert counter.total == len(everything)
 
+
+
+# --------------------------------------------------------------------------- partitions and histograms
+
+
+@pytest.mark.parametrize("c", [5, 16, 24, 64, 65, 200])
+@pytest.mark.parametrize("n_parts", [1, 2, 7])
+def test_partition_splits_every_state_into_exactly_one_part(tuning, c, n_parts):
+    rng = np.random.default_rng(c * 10 + n_parts)
+    states = random_states(rng, 3000, c)
+    states = np.concatenate([states, states[rng.integers(0, 3000, 2000)]])  # repeats
+    counter = StateCounter(c, tuning)
+    counter.add(states)
+    before = as_dict(*counter.result())
+    parts = counter.partition(n_parts)
+    assert len(parts) == n_parts
+    assert as_dict(*counter.result()) == before, "partition() changed the counter"
+    seen: dict = {}
+    for j, part in enumerate(parts):
+        assert part.n_neurons == c and part.tuning is counter.tuning
+        ids, _ = part.result()
+        assert np.all(partition_of(ids, n_parts) == j), "a state is not in the part its hash names"
+        table = as_dict(*part.result())
+        assert part.total == sum(table.values())
+        assert not seen.keys() & table.keys(), "a state went to two parts"
+        seen.update(table)
+    assert seen == unique_dict(states)
+    assert sum(part.total for part in parts) == counter.total == len(states)
+
+
+@pytest.mark.parametrize("c", [9, 40, 130])
+def test_partition_puts_a_state_in_the_same_part_whatever_counter_holds_it(c):
+    # Partition j of several counters (other processes, other data) merges on its
+    # own: the part a state goes to depends on the state alone.
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 500, c)
+    a, b = StateCounter(c), StateCounter(c)
+    a.add(pool[rng.integers(0, 500, 800)])
+    b.add(pool[rng.integers(0, 500, 800)])
+    b = pickle.loads(pickle.dumps(b))
+    whole = StateCounter(c)
+    whole.merge(a)
+    whole.merge(b)
+    merged_parts = []
+    for part_a, part_b in zip(a.partition(4), b.partition(4)):
+        part_a.merge(part_b)
+        merged_parts.append(as_dict(*part_a.result()))
+    for j, table in enumerate(merged_parts):
+        for other in merged_parts[j + 1 :]:
+            assert not table.keys() & other.keys()
+    assert {k: v for t in merged_parts for k, v in t.items()} == as_dict(*whole.result())
+
+
+def test_partition_of_an_empty_counter_and_bad_part_counts():
+    parts = StateCounter(30).partition(3)
+    assert [p.total for p in parts] == [0, 0, 0] and all(p.n_distinct == 0 for p in parts)
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(OptionError, match="positive number of parts"):
+            StateCounter(30).partition(bad)
+
+
+@pytest.mark.parametrize("c", [3, 16, 40, 100])
+def test_count_histogram_against_numpy(c):
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 200, c)
+    states = pool[rng.zipf(1.5, 5000) % 200]
+    counter = StateCounter(c)
+    counter.add(states)
+    values, multiplicities = counter.count_histogram()
+    _, counts = np.unique(states, axis=0, return_counts=True)
+    want_values, want_mult = np.unique(counts, return_counts=True)
+    assert values.dtype == multiplicities.dtype == np.int64
+    assert np.array_equal(values, want_values) and np.array_equal(multiplicities, want_mult)
+    assert int((values * multiplicities).sum()) == counter.total
+    # The histograms of the parts add up to the whole one.
+    summed: dict = {}
+    for part in counter.partition(5):
+        for v, m in zip(*part.count_histogram()):
+            summed[int(v)] = summed.get(int(v), 0) + int(m)
+    assert summed == dict(zip(want_values.tolist(), want_mult.tolist()))
+    empty = StateCounter(c).count_histogram()
+    assert empty[0].size == empty[1].size == 0

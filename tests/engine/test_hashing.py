@@ -48,3 +48,24 @@ def test_in_run_order_needs_distinct_rows_by_hash_then_words():
     assert not in_run_order(np.array([4, 4, 7], np.uint64), words[[1, 0, 2]])
     assert not in_run_order(np.array([4, 4, 7], np.uint64), words[[0, 0, 2]])
 
+
+
+def test_partition_of_depends_on_the_state_alone():
+    from tensorstate_onnx.engine.hashing import partition_of
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 256, (1000, 13), dtype=np.uint8)
+    which = partition_of(rows, 7)
+    assert which.dtype == np.int64 and which.min() >= 0 and which.max() < 7
+    assert len(np.unique(which)) == 7  # a hash spreads random states over every part
+    # Same state, same part, whatever the batch it comes in or its memory layout.
+    again = partition_of(np.ascontiguousarray(rows[::-1]), 7)[::-1]
+    assert np.array_equal(which, again)
+    assert np.array_equal(partition_of(rows[:, :13].copy(order="F"), 7), which)
+    # States of up to 8 bytes are hashed from their big-endian key, as KeyRuns holds them.
+    from tensorstate_onnx.engine.hashing import key_partition
+    from tensorstate_onnx.engine.keys import be_keys
+
+    short = rows[:, :5]
+    assert np.array_equal(partition_of(short, 7), key_partition(be_keys(np.ascontiguousarray(short)), 7))
+    assert len(np.unique(partition_of(short, 7))) == 7
