@@ -48,7 +48,8 @@ Raw states
 
 Modules: :mod:`.plan` splits the data into shards, :mod:`.worker` is what a
 shard task runs, :mod:`.reduce` splits, merges and sums up the counts, :mod:`.storage` writes
-the raw states, :mod:`.client` runs it all (:func:`analyze_sharded`).
+the raw states, :mod:`.connect` reaches the cluster, :mod:`.client` runs it all
+(:func:`analyze_sharded`).
 
 ``dask[distributed]`` is an optional dependency, imported only by this package
 and only when one of its functions is called. (This package shares its last

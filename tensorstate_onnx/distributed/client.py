@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import math
 import os
 import re
-import socket
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +25,6 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .._optional import import_optional
 from ..data import DEFAULT_BATCH_SIZE
 from ..engine import StateCounter
 from ..errors import (
@@ -37,11 +33,11 @@ from ..errors import (
     OptionError,
     OptionTypeError,
     ProviderError,
-    SchedulerConnectionError,
     ShardFailedError,
 )
 from ..runtime import OnnxEfficiencyModel
 from ..store import StateStore, check_storage_root
+from .connect import check_scheduler_address, connect, cpu_count, dask_modules, n_workers_of
 from .plan import _plan_shards
 from .reduce import (
     _check_same_shape,
@@ -60,11 +56,6 @@ _DEFAULT_MAX_PARTITIONS = 64  # the default: one partition per worker up to this
 _STORE_READ_ROWS = 1 << 20  # rows read at a time when counts are rebuilt from a store
 _MAX_PROTO_BYTES = 1 << 30  # larger ModelProtos must be given as a path on shared storage
 _SHARD_KEY = re.compile(r"tensorstate-shard-(\d+)-")
-
-
-def _dask():
-    """Import dask and dask.distributed, or explain how to install them."""
-    return tuple(import_optional(name, "distributed", "distributed analysis") for name in ("dask", "distributed"))
 
 
 @dataclass
@@ -184,91 +175,6 @@ def _check_count(value, what: str, allow_none: bool = True) -> int | None:
     return int(value)
 
 
-def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def _check_scheduler_address(address: str, timeout: float) -> None:
-    """Refuse an address Dask cannot parse, and one where nothing listens, at
-    once: Dask itself retries a refused port until ``timeout`` and leaves a
-    half-built client that complains when collected."""
-    _, distributed = _dask()
-    if not isinstance(address, str):
-        raise OptionTypeError(f"scheduler must be an address string like 'tcp://host:8786', not {type(address).__name__}")
-    try:
-        scheme, _ = distributed.comm.parse_address(address)
-    except Exception as exc:
-        raise SchedulerConnectionError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. tcp://host:8786") from None
-    known = sorted(distributed.comm.registry.backends)
-    if scheme not in known:
-        raise SchedulerConnectionError(
-            f"unknown scheme {scheme!r} in the scheduler address {address!r}; use one of {known}, e.g. tcp://host:8786"
-        )
-    if scheme not in ("tcp", "tls"):
-        return
-    try:
-        host, port = distributed.comm.get_address_host_port(address)
-    except Exception as exc:
-        raise SchedulerConnectionError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. tcp://host:8786") from None
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except ConnectionRefusedError:
-        raise SchedulerConnectionError(
-            f"nothing listens at {address} (connection refused); start the scheduler (`dask scheduler`) "
-            "or check the address"
-        ) from None
-    except OSError:
-        pass  # unreachable or slow: Dask's own connect reports it within the timeout
-
-
-@contextmanager
-def _connect(client, scheduler, n_workers, threads_per_worker, timeout):
-    """Yield ``(client, n_workers)``: the given client, one for ``scheduler``, or a new LocalCluster."""
-    _, distributed = _dask()
-    if client is not None:
-        yield client
-        return
-    if scheduler is not None:
-        try:
-            own = distributed.Client(scheduler, timeout=timeout, set_as_default=False)
-        except Exception as exc:
-            raise SchedulerConnectionError(
-                f"could not connect to the Dask scheduler at {scheduler!r} within {timeout} s "
-                f"({type(exc).__name__}: {exc}); check the address and that the scheduler is running"
-            ) from None
-        try:
-            yield own
-        finally:
-            own.close()
-        return
-    workers = n_workers or _cpu_count()
-    cluster = distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-        dashboard_address=":0", silence_logs=logging.ERROR,
-    )  # fmt: skip
-    try:
-        own = distributed.Client(cluster, set_as_default=False)
-        try:
-            yield own
-        finally:
-            own.close()
-    finally:
-        cluster.close()
-
-
-def _n_workers(client, timeout) -> int:
-    try:
-        client.wait_for_workers(1, timeout=timeout)
-    except Exception as exc:
-        raise SchedulerConnectionError(
-            f"the Dask scheduler at {client.scheduler.address} has no workers (waited {timeout} s: {exc}); "
-            "start workers with `dask worker ADDRESS`"
-        ) from None
-    return max(1, len(client.nthreads()))
-
-
 def _build_local_model(model, attach_to, exclude, method, providers, optimization, pack_in_graph, channel_axes):
     kwargs = dict(optimization=optimization, pack_in_graph=pack_in_graph, channel_axes=channel_axes)
     try:
@@ -280,7 +186,7 @@ def _build_local_model(model, attach_to, exclude, method, providers, optimizatio
 
 def _failure(exc: BaseException, shard_where: dict, n_done: int, n_shards: int, storage_path) -> BaseException:
     """A clear exception for a failed run (KilledWorker becomes ShardFailedError)."""
-    _, distributed = _dask()
+    _, distributed = dask_modules()
     killed = getattr(distributed, "KilledWorker", None)
     if killed is None:
         from distributed.scheduler import KilledWorker as killed
@@ -395,7 +301,7 @@ def analyze_sharded(
         ``distributed.scheduler.allowed-failures`` allows; StorageExistsError
         for an existing storage path.
     """
-    dask, distributed = _dask()
+    dask, distributed = dask_modules()
     batch_size = _check_count(batch_size, "batch_size") or DEFAULT_BATCH_SIZE
     shard_size = _check_count(shard_size, "shard_size")
     fan_in = _check_count(merge_fan_in, "merge_fan_in", allow_none=False)
@@ -409,7 +315,7 @@ def analyze_sharded(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise OptionError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if scheduler is not None:
-        _check_scheduler_address(scheduler, timeout)
+        check_scheduler_address(scheduler, timeout)
 
     # The model: the client builds its own copy (probes, validation) and tells
     # the workers where to find theirs.
@@ -441,7 +347,7 @@ def analyze_sharded(
     # address, where the default shard size needs the worker count).
     planned = None
     if scheduler is None:
-        guess = len(client.nthreads()) if client is not None else (n_workers or _cpu_count())
+        guess = len(client.nthreads()) if client is not None else (n_workers or cpu_count())
         planned = plan(max(1, guess))
         if partitions is not None:
             _n_partitions(partitions, 1, len(planned[0]), len(local.probes))  # refused before any cluster starts
@@ -449,8 +355,8 @@ def analyze_sharded(
     if root is not None:
         check_storage_root(root, overwrite)
 
-    with _connect(client, scheduler, n_workers, threads_per_worker, timeout) as connected:
-        workers = _n_workers(connected, timeout)
+    with connect(client, scheduler, n_workers, threads_per_worker, timeout) as connected:
+        workers = n_workers_of(connected, timeout)
         run_started = time.perf_counter()
         shards, dask_blocks, total, _ = planned if planned is not None else plan(workers)
         del planned
@@ -544,7 +450,7 @@ def _n_partitions(partitions: int | None, workers: int, n_shards: int, n_probes:
 
 def _collect(client, infos, summaries, roots, local, where, n_shards, root, storage):
     """Wait for the run; read each shard's facts and each partition's totals once, as they complete."""
-    _, distributed = _dask()
+    _, distributed = dask_modules()
     cpu_started = time.thread_time()
     pending = {future.key: future for future in list(infos) + list(summaries)}
     held = list(roots)

@@ -1,0 +1,104 @@
+"""Reaching the Dask cluster a sharded run uses: a running scheduler by address
+(checked before Dask builds a client, so a wrong address fails at once), or a
+LocalCluster of worker processes started for the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+
+from .._optional import import_optional
+from ..errors import OptionTypeError, SchedulerConnectionError
+
+
+def dask_modules():
+    """Import dask and dask.distributed, or explain how to install them."""
+    return tuple(import_optional(name, "distributed", "distributed analysis") for name in ("dask", "distributed"))
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def check_scheduler_address(address: str, timeout: float) -> None:
+    """Refuse an address Dask cannot parse, and one where nothing listens, at
+    once: Dask itself retries a refused port until ``timeout`` and leaves a
+    half-built client that complains when collected."""
+    _, distributed = dask_modules()
+    if not isinstance(address, str):
+        raise OptionTypeError(f"scheduler must be an address string like 'tcp://host:8786', not {type(address).__name__}")
+    try:
+        scheme, _ = distributed.comm.parse_address(address)
+    except Exception as exc:
+        raise SchedulerConnectionError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. tcp://host:8786") from None
+    known = sorted(distributed.comm.registry.backends)
+    if scheme not in known:
+        raise SchedulerConnectionError(
+            f"unknown scheme {scheme!r} in the scheduler address {address!r}; use one of {known}, e.g. tcp://host:8786"
+        )
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = distributed.comm.get_address_host_port(address)
+    except Exception as exc:
+        raise SchedulerConnectionError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. tcp://host:8786") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        raise SchedulerConnectionError(
+            f"nothing listens at {address} (connection refused); start the scheduler (`dask scheduler`) "
+            "or check the address"
+        ) from None
+    except OSError:
+        pass  # unreachable or slow: Dask's own connect reports it within the timeout
+
+
+@contextmanager
+def connect(client, scheduler, n_workers, threads_per_worker, timeout):
+    """Yield ``(client, n_workers)``: the given client, one for ``scheduler``, or a new LocalCluster."""
+    _, distributed = dask_modules()
+    if client is not None:
+        yield client
+        return
+    if scheduler is not None:
+        try:
+            own = distributed.Client(scheduler, timeout=timeout, set_as_default=False)
+        except Exception as exc:
+            raise SchedulerConnectionError(
+                f"could not connect to the Dask scheduler at {scheduler!r} within {timeout} s "
+                f"({type(exc).__name__}: {exc}); check the address and that the scheduler is running"
+            ) from None
+        try:
+            yield own
+        finally:
+            own.close()
+        return
+    workers = n_workers or cpu_count()
+    cluster = distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+        dashboard_address=":0", silence_logs=logging.ERROR,
+    )  # fmt: skip
+    try:
+        own = distributed.Client(cluster, set_as_default=False)
+        try:
+            yield own
+        finally:
+            own.close()
+    finally:
+        cluster.close()
+
+
+def n_workers_of(client, timeout) -> int:
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except Exception as exc:
+        raise SchedulerConnectionError(
+            f"the Dask scheduler at {client.scheduler.address} has no workers (waited {timeout} s: {exc}); "
+            "start workers with `dask worker ADDRESS`"
+        ) from None
+    return max(1, len(client.nthreads()))
