@@ -22,6 +22,7 @@ import onnx
 
 from . import __version__, demo
 from ._optional import import_optional
+from .datafiles import is_zarr
 from .errors import (
     MissingFileError,
     ModelFileError,
@@ -135,7 +136,7 @@ def _data_and_labels(args, model) -> tuple:
     if args.data is None:
         return (*_demo_data(args), False)
     path = Path(args.data)
-    if path.is_dir() and not any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup")):
+    if path.is_dir() and not is_zarr(path):
         if len(model.inputs) != 1:
             raise ModelInputError(f"a folder of images feeds a model of one input; this one has {len(model.inputs)}")
         options = ImageOptions(args.scale, args.mean, args.std, args.labels_from_folders)
@@ -242,7 +243,8 @@ def _analyze_sharded(args, model_path: str) -> tuple:
             f"--workers {args.workers} would start more than {_WORKERS_PER_CORE} worker processes per CPU core "
             f"({cores} here); give at most {_WORKERS_PER_CORE * cores}, or run a Dask cluster and pass --scheduler"
         )
-    if args.data_loader_script is not None or (args.data is not None and args.labels_from_folders):
+    image_folder = args.data is not None and Path(args.data).is_dir() and not is_zarr(Path(args.data))
+    if args.data_loader_script is not None or image_folder:
         raise OptionError("loader scripts and image folders run in one process; drop --workers/--scheduler")
     data, labels = _demo_data(args) if args.data is None else (args.data, args.labels)
     try:

@@ -21,19 +21,20 @@ import numpy as np
 from ._optional import import_optional
 from .errors import MissingFileError, ModelInputError, OptionError
 
-__all__ = ["ImageFolder", "ImageOptions", "load_array", "load_labels", "load_script", "read_data"]
+__all__ = ["ImageFolder", "ImageOptions", "is_zarr", "load_array", "load_labels", "load_script", "read_data"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
-def _is_zarr(path: Path) -> bool:
+def is_zarr(path: Path) -> bool:
+    """Whether ``path`` is a zarr array or group (a folder with zarr metadata)."""
     return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
 
 
 def load_array(path: str | os.PathLike, what: str) -> np.ndarray | dict:
     """A ``.npy`` (memory-mapped), ``.npz`` (a dict) or zarr array (a dict for a group)."""
     file = Path(path)
-    if _is_zarr(file):
+    if is_zarr(file):
         import zarr
 
         try:

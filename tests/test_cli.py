@@ -295,12 +295,13 @@ def test_analyze_cli_on_its_own_local_cluster_gives_single_process_counts(files)
          "--connect-timeout must be a positive number of seconds, got -1.0"),
         (["analyze", "--workers", "2", "--connect-timeout", "0"], "--connect-timeout must be a positive number"),
         (["analyze", "model", "--data", "text.npy", "--workers", "2"], "data file .*text.npy is not a readable"),
+        (["analyze", "model", "--data", "full", "--workers", "2"], "image folders run in one process; drop --workers"),
         (["analyze", "--workers", "2", "--partitions", "0"], "--partitions must be a positive number, got 0"),
         (["analyze", "--partitions", "2"], "--partitions splits the reduction of a sharded run; give --workers"),
         (["analyze", "--workers", "1", "--partitions", "100000"], "partitions=100000 is more than this run can use"),
     ],
     ids=["no workers", "too many workers", "refused port", "unknown scheme", "no port", "negative timeout", "zero timeout",
-         "bad data file", "zero partitions", "partitions alone", "too many partitions"],
+         "bad data file", "image folder", "zero partitions", "partitions alone", "too many partitions"],
 )  # fmt: skip
 def test_sharded_bad_input_exits_2_with_one_line(capsys, files, argv, message):
     pytest.importorskip("distributed")
