@@ -134,8 +134,15 @@ def module_kind(module: torch.nn.Module) -> str:
         if isinstance(module, classes):
             return kind
     # torchvision.ops.misc.Permute (ConvNeXt's NCHW <-> NHWC) and look-alikes.
-    if type(module).__name__ == "Permute" and isinstance(getattr(module, "dims", None), (list, tuple)):
+    cls = type(module)
+    if cls.__name__ == "Permute" and isinstance(getattr(module, "dims", None), (list, tuple)):
         return _PERMUTE
+    # Hugging Face transformers: its Conv1D is a dense layer (GPT-2), its activations elementwise.
+    if cls.__module__.startswith("transformers."):
+        if cls.__name__ == "Conv1D":
+            return FEATURES
+        if cls.__module__ == "transformers.activations":
+            return _ELEMENTWISE
     return _OTHER
 
 

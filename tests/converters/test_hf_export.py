@@ -41,14 +41,14 @@ def test_transformers_export_with_any_sequence_length_and_match_native_hooks(tor
     ids = torch.randint(0, 100, (3, 9), generator=gen)  # another batch size and length than exported
     feed = {"input_ids": ids} if arch == "gpt2" else {"input_ids": ids, "attention_mask": torch.ones(3, 9, dtype=torch.int64)}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no axis is guessed
+        warnings.simplefilter("error")  # no axis is guessed, on either path
         onnx_model = OnnxEfficiencyModel(exported, probes, providers="cpu", keep_states=True)
         outputs = onnx_model.predict({k: v.numpy() for k, v in feed.items()}, batch_size=3)
-    first = outputs[0] if isinstance(outputs, list) else outputs
-    attach_hooks(model, probes)
-    try:
+        first = outputs[0] if isinstance(outputs, list) else outputs
+        attach_hooks(model, probes)
         with torch.no_grad():
             expected = model(**feed)[0].numpy()
+    try:
         np.testing.assert_allclose(first, expected, atol=1e-4)
         native = {hook.name: hook for hook in model.efficiency_layers}
         for capture in onnx_model.efficiency_layers:
