@@ -246,7 +246,8 @@ def test_analyze_options(capsys, expected, files, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "data_args",
-    [(), ("--data", "x.npy", "--labels", "y.npy", "--partitions", "3"), ("--data", "named.npz")],
+    [(), pytest.param(("--data", "x.npy", "--labels", "y.npy", "--partitions", "3"), marks=pytest.mark.slow),
+     pytest.param(("--data", "named.npz"), marks=pytest.mark.slow)],
     ids=["demo", "npy read by the workers, 3 partitions", "npz loaded here"],
 )
 def test_analyze_sharded_over_local_workers_matches_one_process(capsys, expected, files, data_args):

@@ -137,7 +137,7 @@ def _sequence_model(torch, arch: str):
     return model, torch.randint(0, 11, (24, 5), generator=gen), ["emb", "fc"]
 
 
-@pytest.mark.parametrize("arch", ["linear", "lstm", "gru", "transformer", "embedding"])
+@pytest.mark.parametrize("arch", ["linear", pytest.param("lstm", marks=pytest.mark.slow), pytest.param("gru", marks=pytest.mark.slow), "transformer", "embedding"])
 def test_torch_sequence_modules_match_onnx_path(torch, arch):
     """Dense and sequence modules on (N, L, D) tensors: the neurons are the features
     (last axis) on both paths, one state per token or time step."""

@@ -258,6 +258,7 @@ def test_hooks_record_nothing_while_exporting_or_tracing(fresh_lenet):
     assert [h.state_count for h in fresh_lenet.efficiency_layers] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_compiled_modules_record_and_strict_export_does_not(fresh_lenet, images):
     attach_hooks(fresh_lenet, ["Conv2d"])
     compiled = torch.compile(fresh_lenet, backend="eager")  # dynamo traces the hooks

@@ -49,7 +49,7 @@ def test_from_torch_keeps_batchnorm_and_a_dynamic_batch(
             np.testing.assert_allclose(got, torch_mobilenet(x).numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("dynamo", [True, False])
+@pytest.mark.parametrize("dynamo", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_from_torch_records_module_names_and_classes(torch_exports, dynamo, node_metadata):
     model = torch_exports[dynamo]
     convs = [node for node in model.graph.node if node.op_type == "Conv"]

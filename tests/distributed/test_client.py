@@ -57,6 +57,7 @@ def test_counts_stay_on_the_cluster_until_asked_for_and_released(client, digits,
         other.counts()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_with_storage_counts_are_rebuilt_from_the_stored_states(digits, reference, probes, tmp_path):
     x, _ = digits

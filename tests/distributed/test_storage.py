@@ -15,7 +15,7 @@ from tensorstate_onnx.store import store_dirname  # noqa: E402
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("shard_size", [37, 100, 360])
+@pytest.mark.parametrize("shard_size", [pytest.param(37, marks=pytest.mark.slow), 100, 360])
 def test_storage_regions_hold_rows_in_dataset_order(client, digits, reference, probes, tmp_path, shard_size):
     x, y = digits
     root = tmp_path / "states"

@@ -18,7 +18,7 @@ from tensorstate_onnx.runtime import OnnxEfficiencyModel  # noqa: E402
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("pack_in_graph, as_path", [(False, False), (True, True)])
+@pytest.mark.parametrize("pack_in_graph, as_path", [pytest.param(False, False, marks=pytest.mark.slow), (True, True)])
 def test_mobilenet_all_convs_match_single_process(client, tmp_path, assert_same_counts, stored_rows, pack_in_graph, as_path):
     proto = mobilenet_v2_small_onnx()
     model = save_model(proto, tmp_path / "mobilenet.onnx") if as_path else proto  # a proto goes as bytes

@@ -353,6 +353,7 @@ def test_absorbing_leaves_a_merged_counter_alone():
         assert np.array_equal(after[0], before[0]) and np.array_equal(after[1], before[1])
 
 
+@pytest.mark.slow
 def test_states_new_to_a_large_counter_are_counted_beside_it():
     rng = np.random.default_rng(8)
     for c in (64, 100):
@@ -426,6 +427,7 @@ def test_counter_needs_positive_int_neurons(neurons):
 # ---------------------------------------------------------- buffers and absorbing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c, n", [(32, 3_200_000), (100, 1_600_000)])
 def test_buffer_shrinks_while_states_repeat(c, n):
     """Once flushes find their states counted already, the buffer shrinks to
