@@ -419,10 +419,12 @@ def positions_kept(mask: np.ndarray | None, n_states: int, instances: int, probe
     """Which of a batch's ``n_states`` states to record under ``mask`` (``[batch, length]``,
     true where real): all of them when the probe has one state per sample, those of
     the true positions when it has one state per position."""
-    if mask is None or n_states == instances:
+    if mask is None:
         return None
-    if n_states == mask.size and mask.shape[0] == instances:
+    if n_states == mask.size and mask.shape[0] == instances:  # one state per position
         return mask.reshape(-1)
+    if n_states == instances:  # one state per sample: the mask does not apply
+        return None
     raise ModelInputError(
         f"the mask of shape {mask.shape} does not fit probe {probe_name!r}, which gives {n_states} states "
         f"for {instances} samples; masks apply to probes with one state per sample or per position "
