@@ -118,9 +118,9 @@ class ImageFolder:
         self._image = import_optional("PIL.Image", "images", "reading a folder of images")
         folder = Path(folder)
         if options.labels_from_folders:
-            classes = sorted(p for p in folder.iterdir() if p.is_dir())
-            self.files = [f for k, c in enumerate(classes) for f in _images_in(c)]
-            self.labels = np.array([k for k, c in enumerate(classes) for _ in _images_in(c)], dtype=np.int64)
+            classes = [_images_in(p) for p in sorted(p for p in folder.iterdir() if p.is_dir())]
+            self.files = [f for images in classes for f in images]
+            self.labels = np.array([k for k, images in enumerate(classes) for _ in images], dtype=np.int64)
             if not classes:
                 raise ModelInputError(f"--labels-from-folders: {folder} has no sub-folders (one per class)")
         else:

@@ -307,13 +307,15 @@ class OnnxEfficiencyModel:
 
     def run(self, inputs) -> list[np.ndarray]:
         """Run one batch; record its probes; return the model's original outputs."""
-        outputs, pending = self._run_batch(self._feed(inputs))
+        outputs, pending, _ = self._run_batch(self._feed(inputs))
         pending.result()
         return outputs
 
     __call__ = run
 
     def _run_batch(self, feed: dict[str, np.ndarray], previous: Future | None = None):
+        """Run one batch and queue its recording; return ``(outputs, pending, mask)``,
+        the mask (true where real) being None without ``mask_input``."""
         try:
             if self._runner is None:
                 values = self.session.run(self._run_outputs, feed)
@@ -332,7 +334,7 @@ class OnnxEfficiencyModel:
         by_name = dict(zip(self._run_outputs, values))
         mask = None if self.mask_input is None else feed[self.mask_input] != 0
         pending = self._recorder.submit(self._record, by_name, batch_size, mask)
-        return values[:n_out], pending
+        return values[:n_out], pending, mask
 
     def _record(self, values: dict[str, np.ndarray], batch_size: int, mask: np.ndarray | None) -> None:
         """Feed every capture the session output of its probe, by output name."""
@@ -349,9 +351,8 @@ class OnnxEfficiencyModel:
             batches = _exact_batches(batches, self.fixed_batch_size)
         try:
             for batch in _with_progress(batches, progress):
-                feed = self._feed(batch.inputs)
-                outputs, pending = self._run_batch(feed, pending)
-                yield outputs, batch.labels, None if self.mask_input is None else feed[self.mask_input] != 0
+                outputs, pending, mask = self._run_batch(self._feed(batch.inputs), pending)
+                yield outputs, batch.labels, mask
             if pending is not None:
                 pending.result()
             finished = True

@@ -293,7 +293,7 @@ class StateStore:
             picked = range(self._array.shape[0])[rows]
             if len(picked):
                 self._check_written(np.array([min(picked), max(picked)]), contiguous=True)
-            return self._decoded(lambda: self._array[rows], rows)
+            return self._decoded(lambda: self._array[rows], picked)
         index = np.asarray(rows, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= len(self)) and not self._regions:
             raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
@@ -316,21 +316,20 @@ class StateStore:
                 f"(its run stopped early); the written rows are {ranges}"
             )
 
-    def _decoded(self, read: Callable[[], np.ndarray], rows: slice | np.ndarray) -> np.ndarray:
-        """``read()``, with a chunk that does not decode named instead of a codec's bare error."""
+    def _decoded(self, read: Callable[[], np.ndarray], rows: range | np.ndarray) -> np.ndarray:
+        """``read()`` of ``rows``, with a chunk that does not decode named instead of a codec's bare error."""
         try:
             return read()
         except Exception as exc:  # Blosc and zarr raise RuntimeError, ValueError, ... for damaged chunks
             chunk_rows = self._array.chunks[0]
-            wanted = range(len(self))[rows] if isinstance(rows, slice) else np.unique(rows)
-            for chunk in sorted({int(r) // chunk_rows for r in wanted}):
+            for chunk in sorted({int(r) // chunk_rows for r in rows}):
                 begin = chunk * chunk_rows
                 try:
                     self._array[begin : begin + chunk_rows]
                 except Exception as chunk_exc:
                     raise StoreError(
                         f"state store {self.path or '(memory)'} is damaged: chunk {chunk} (rows {begin} to "
-                        f"{min(begin + chunk_rows, len(self)) - 1}) cannot be read ({chunk_exc}); "
+                        f"{min(begin + chunk_rows, self._array.shape[0]) - 1}) cannot be read ({chunk_exc}); "
                         "rerun the analysis to rebuild it"
                     ) from None
             raise exc

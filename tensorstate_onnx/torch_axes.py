@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ModelInputError
+from .patterns import preview
 
 if TYPE_CHECKING:
     from .torch_capture import StateCaptureHook
@@ -354,7 +355,7 @@ class AxisTracker:
         if dropped:
             warnings.warn(
                 f"the forward pass of {type(module).__name__} raised; the states it had recorded in "
-                f"{len(dropped)} probe(s) ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''}) "
+                f"{len(dropped)} probe(s) ({preview(dropped, 5)}) "
                 "were dropped, so every probe still holds the same batches",
                 RuntimeWarning,
                 stacklevel=3,
