@@ -18,7 +18,7 @@ Modules, one job each:
 * ``policy``: the decisions of those structures (when to flush, absorb,
   merge, resize), as pure functions; ``tuning``: CounterTuning, the sizes
   they decide with;
-* kernels: ``sort`` (radix and lexicographic sorts), ``hashing`` (hashes and
+* kernels: ``sort`` (lexicographic order of word rows), ``hashing`` (hashes and
   dedup of long states), ``runs`` (search, merge and absorb sorted runs),
   ``arrays`` (small numpy helpers); ``jit``: the decorator they are compiled
   with, and the per-user folder their machine code is cached in.

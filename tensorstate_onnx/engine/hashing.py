@@ -2,8 +2,7 @@
 rows of a batch in (hash, words) order.
 
 A batch is sorted by hash bits with the row index in the low bits (one sort of
-uint64 tags, no argsort; the radix sort skips the index bits, which are in
-order already); rows sharing those hash bits are compared word by word, so
+uint64 tags, no argsort: rows with equal hash bits stay in row order); rows sharing those hash bits are compared word by word, so
 states whose hashes collide are told apart by their words (never merged unless
 every word is equal).
 """
@@ -16,7 +15,6 @@ import numpy as np
 
 from .arrays import as_words, trimmed
 from .jit import kernel
-from .sort import sort_keys
 
 __all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "key_partition", "partition_of", "scatter_keys", "scatter_rows", "tag"]
 
@@ -322,7 +320,7 @@ def dedup_words(
     bits = max(1, int(n - 1).bit_length())
     tagged = np.empty(n, np.uint64)
     tag(hashes, bits, tagged)
-    sort_keys(tagged, bits)  # the index bits are in order already
+    tagged.sort()
     rows = np.empty(n, np.int64)
     counts = np.empty(n, np.int64)
     k = _dedup_tagged(tagged, bits, hashes, words, weights, rows, counts, max_reps)

@@ -2,9 +2,8 @@
 word that is its own key.
 
 The key is exact and its order is the lexicographic byte order, so a run
-needs no other data. A batch is sorted (the radix sort skips the zero low
-bytes of short states) and run-length counted, fused with absorbing in one
-pass over one scratch array; a merge is branch-free. Large batches are counted
+needs no other data. A batch is sorted (numpy's vectorized sort) and
+run-length counted, fused with absorbing in one pass over one scratch array; a merge is branch-free. Large batches are counted
 straight from the caller's array, small ones gathered in a buffer first.
 """
 
@@ -17,7 +16,6 @@ from .arrays import held_bytes, trimmed
 from .jit import kernel
 from .runs import UNIT, Run, count_sorted_keys
 from .runset import RunSet
-from .sort import sort_keys
 
 __all__ = ["KeyRuns", "be_keys"]
 
@@ -103,10 +101,10 @@ class KeyRuns(RunSet):
 
         Unweighted ``keys`` are sorted in place and overwritten (``owned``: a
         fresh array the run may keep); weighted ones are another counter's run
-        (sorted, distinct) and are only read. Sorting, run-length counting and
-        absorbing share one scratch array (it ends up holding the counts), so
-        a flush of a full buffer needs one buffer's worth of memory beside it
-        rather than five."""
+        (sorted, distinct) and are only read. Run-length counting and absorbing
+        share one scratch array (it ends up holding the counts), so a flush of
+        a full buffer needs one buffer's worth of memory beside it rather than
+        four."""
         if weights.size:
             absorbing = self.absorbing(keys, final)
             if not absorbing:
@@ -117,7 +115,7 @@ class KeyRuns(RunSet):
             counts = np.empty(keys.size, np.int64)
         else:
             counts = np.empty(keys.size, np.int64)
-            sort_keys(keys, 0, counts.view(np.uint64))
+            keys.sort()
             out = keys
             absorbing = self.absorbing(keys, final)
         runs = self.runs if absorbing else [Run(_NO_KEYS, None, _NO_COUNTS)]
