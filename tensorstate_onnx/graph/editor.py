@@ -3,8 +3,10 @@
 Every name the editor adds is fresh in the graph. Exposing a tensor whose
 producer onnxruntime would fuse with a reader is done through a duplicate of the
 producer, so the original outputs stay bit-identical to the unprobed model's.
-With packing, the graph itself quantizes (``> 0``) and bit-packs a probe so only
-``uint8[n_states, ceil(C/8)]`` leaves the session.
+A float32/float64 probe leaves the session quantized, as the bool tensor
+``x > 0`` (a quarter or an eighth of the bytes to copy out, reorder from
+onnxruntime's blocked layouts and pack). With packing, the graph itself also
+bit-packs a probe so only ``uint8[n_states, ceil(C/8)]`` leaves the session.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
 # is duplicated too: a second reader would block the fusion it is part of.
 _CHAINED = frozenset({"Add", "MatMul", "Gemm", "Conv"})
 _MAX_CHAIN = 3
+# Probes of these types leave the session as ``x > 0`` (Greater has kernels for
+# both on every provider); float16 stays as it is, already two bytes a value.
+_QUANTIZED_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE})
 
 
 @dataclass
@@ -46,6 +51,10 @@ class Editor:
     taken: set[str]
     ir_version: int
     initializers: dict[str, int] = field(init=False)
+    # Tensors only duplicates compute or read (private initializer copies and the
+    # outputs of duplicates that read one): onnxruntime's common-subexpression
+    # elimination cannot merge a node reading one of them with an original node.
+    _private: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.initializers = {t.name: k for k, t in enumerate(self.graph.initializer)}
@@ -80,13 +89,27 @@ class Editor:
         source = self.isolate(tensor, index)
         if pack:
             return self._expose_packed(source, tensor_type, axis)
-        return self._expose(source, tensor_type, index)
+        # A duplicate that reads only what its original reads must stay a graph output:
+        # read by a node instead, it would be merged back into the original.
+        mergeable = source != tensor and source not in self._private
+        return self._expose(source, tensor_type, index, quantize=not mergeable)
 
-    def _expose(self, source: str, tensor_type: onnx.TypeProto, index: GraphIndex) -> str:
-        """Make ``source`` a graph output (unless it already is one); return the output name."""
-        if source not in index.graph_outputs:
-            self.graph.output.append(_output_value_info(source, tensor_type))
-            index.graph_outputs.add(source)
+    def _expose(self, source: str, tensor_type: onnx.TypeProto, index: GraphIndex, quantize: bool) -> str:
+        """The graph output that carries ``source``: with ``quantize``, ``source > 0``
+        as a new bool output for float32/float64 tensors, else ``source`` itself (a
+        tensor that already is a graph output stays as it is); return the output name."""
+        if source in index.graph_outputs:
+            return source
+        elem_type = elem_type_of(tensor_type)
+        if quantize and elem_type in _QUANTIZED_TYPES:
+            fired = self._fired(source, elem_type, source)
+            declared = onnx.TypeProto()
+            declared.CopyFrom(tensor_type)
+            declared.tensor_type.elem_type = TensorProto.BOOL
+            self.graph.output.append(_output_value_info(fired, declared))
+            return fired
+        self.graph.output.append(_output_value_info(source, tensor_type))
+        index.graph_outputs.add(source)
         return source
 
     def _expose_packed(self, source: str, tensor_type: onnx.TypeProto, axis: int) -> str:
@@ -126,6 +149,8 @@ class Editor:
         duplicate.name = self.fresh(f"{producer.name}__probe")
         duplicate.input[:] = [self._chain_input(name, index, depth) for name in producer.input]
         duplicate.output[:] = [self.fresh(f"{o}__probe") if o else "" for o in producer.output]
+        if self._private.intersection(duplicate.input):
+            self._private.update(o for o in duplicate.output if o)
         self.graph.node.append(duplicate)
         return duplicate.output[position]
 
@@ -152,6 +177,7 @@ class Editor:
         copy = TensorProto()
         copy.CopyFrom(self.graph.initializer[self.initializers[name]])
         copy.name = self.fresh(f"{name}__probe")
+        self._private.add(copy.name)
         return self._add_initializer(copy)
 
     def pack(self, tensor: str, elem_type: int, rank: int, axis: int, n_neurons: int) -> str:

@@ -42,9 +42,10 @@ __all__ = ["Probe", "add_probes", "list_nodes"]
 class Probe:
     """One watched tensor of a rewritten model and how to read its neurons.
 
-    ``output_name`` is the graph output that carries the tensor (or, when
-    ``packed_in_graph``, its quantized and bit-packed bytes of shape
-    ``(n_states, ceil(n_neurons / 8))``). ``shape`` is the probed tensor's own
+    ``output_name`` is the graph output that carries the tensor: its firing
+    pattern ``tensor > 0`` (bool, same shape) for float32/float64 tensors, the
+    tensor itself otherwise, or, when ``packed_in_graph``, its quantized and
+    bit-packed bytes of shape ``(n_states, ceil(n_neurons / 8))``. ``shape`` is the probed tensor's own
     inferred shape, ``None`` for unknown or dynamic dimensions. ``channel_axis``
     is the neuron axis (1 for a rank-1 tensor: one neuron per sample, the
     ``[N, 1]`` view); ``axis_guessed`` says no rule gave it (a warning was issued).

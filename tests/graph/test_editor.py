@@ -42,9 +42,11 @@ def test_caller_model_unchanged_and_checker_passes(cnn):
 
 
 def test_existing_output_is_reused(cnn):
+    """A probed tensor that is a graph output already is recorded from it; others
+    leave the session quantized, as a new bool output ``<tensor>_fired``."""
     rewritten, probes = add_probes(cnn, ["fc", "bn"])
-    assert [o.name for o in rewritten.graph.output] == ["logits", "branch", "n"]
-    assert {p.tensor_name: p.output_name for p in probes} == {"logits": "logits", "n": "n"}
+    assert [o.name for o in rewritten.graph.output] == ["logits", "branch", "n_fired"]
+    assert {p.tensor_name: p.output_name for p in probes} == {"logits": "logits", "n": "n_fired"}
 
 
 def test_fusible_producer_is_probed_through_a_duplicate(cnn, x, run):
@@ -53,17 +55,40 @@ def test_fusible_producer_is_probed_through_a_duplicate(cnn, x, run):
     its own weight copy computes the probe instead."""
     rewritten, probes = add_probes(cnn, "Conv")
     assert [(p.tensor_name, p.output_name) for p in probes] == [
-        ("c", "c__probe"), ("c2", "c2__probe"),
+        ("c", "c__probe_fired"), ("c2", "c2__probe_fired"),
     ]  # fmt: skip
     duplicates = [n for n in rewritten.graph.node if n.name.endswith("__probe")]
     assert [(n.op_type, list(n.input)) for n in duplicates] == [
         ("Conv", ["x", "W__probe", "B__probe"]), ("Conv", ["r", "W2__probe"]),
     ]  # fmt: skip
-    out = run(rewritten, {"x": x}, LEVELS[1])
     cut = _cut(cnn, ["c", "c2"])
-    reference = run(cut, {"x": x}, LEVELS[1])
-    assert np.array_equal(out["c__probe"], reference["c"])
-    assert np.array_equal(out["c2__probe"], reference["c2"])
+    for level in LEVELS:
+        out = run(rewritten, {"x": x}, level)
+        reference = run(cut, {"x": x}, LEVELS[1])
+        assert np.array_equal(out["c__probe_fired"], reference["c"] > 0)
+        assert np.array_equal(out["c2__probe_fired"], reference["c2"] > 0)
+
+
+def test_a_duplicate_reading_only_shared_inputs_stays_a_float_output(make_cnn, x, run):
+    """A duplicate with no private initializer (an Add of two activations) would be
+    merged back into its original by onnxruntime's common-subexpression elimination
+    if a node read it: it is exposed as it is, not quantized."""
+    model = make_cnn(opset=17)
+    model.graph.node.extend([
+        helper.make_node("Add", ["r", "n"], ["sum2"], name="add2"),
+        helper.make_node("LayerNormalization", ["sum2", "ln_scale"], ["ln"], name="ln", axis=-1),
+    ])  # fmt: skip
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(6, np.float32), "ln_scale"))
+    model.graph.output.append(helper.make_tensor_value_info("ln", TensorProto.FLOAT, ["N", 6, 6, 6]))
+    rewritten, probes = add_probes(model, ["add2"])
+    (probe,) = probes
+    assert probe.output_name == "sum2__probe"
+    output = next(o for o in rewritten.graph.output if o.name == "sum2__probe")
+    assert output.type.tensor_type.elem_type == TensorProto.FLOAT
+    reference, out = run(model, {"x": x}), run(rewritten, {"x": x})
+    assert all(np.array_equal(reference[k], out[k]) for k in reference)
+    unfused = run(rewritten, {"x": x}, LEVELS[1])["sum2__probe"]
+    assert np.array_equal(unfused, run(_cut(model, ["sum2"]), {"x": x}, LEVELS[1])["sum2"])
 
 
 def test_probe_outputs_are_typed(cnn):
@@ -71,7 +96,7 @@ def test_probe_outputs_are_typed(cnn):
     outputs = {o.name: o for o in rewritten.graph.output}
     for probe in probes:
         tensor_type = outputs[probe.output_name].type.tensor_type
-        assert tensor_type.elem_type == TensorProto.FLOAT
+        assert tensor_type.elem_type == TensorProto.BOOL  # float probes leave quantized
         dims = tensor_type.shape.dim
         assert [d.dim_value if d.HasField("dim_value") else None for d in dims] == list(probe.shape)
         assert dims[0].dim_param == "N"
@@ -90,21 +115,20 @@ def test_original_outputs_bit_identical(cnn, x, level, pack, run):
         assert np.array_equal(value, probed[name])
 
 
-def test_probed_values_are_the_intermediates(cnn, x, run):
+@pytest.mark.parametrize("level", LEVELS)
+def test_probed_values_are_the_intermediates(cnn, x, run, level):
+    """Each probe output is ``tensor > 0`` of the tensor it names, against the graph
+    cut right at those tensors (run unfused, so the values are exact)."""
     patterns = ["conv", "bn", "Relu", "conv2", "add", "pool", "flat", "tr"]
     rewritten, probes = add_probes(cnn, patterns, method="both")
-    out = run(rewritten, {"x": x}, LEVELS[1])  # unfused, so the relations below are exact
+    out = run(rewritten, {"x": x}, level)
     got = {p.tensor_name: out[p.output_name] for p in probes}
-    assert np.array_equal(got["x"], x)
-    assert np.array_equal(got["r"], np.maximum(got["n"], 0))
-    assert np.array_equal(got["skip"], got["r"] + got["c2"])
-    pooled = got["skip"].reshape(4, 6, 3, 2, 3, 2).max(axis=(3, 5))
-    assert np.array_equal(got["p"], pooled)
-    assert np.array_equal(got["f"], got["p"].reshape(4, -1))
-    assert np.array_equal(got["t"], got["r"].transpose(0, 2, 3, 1))
-    # against the graph cut right at the tensor
-    cut = _cut(cnn, ["n"])
-    assert np.array_equal(got["n"], run(cut, {"x": x}, LEVELS[1])["n"])
+    assert set(got) == {"x", "c", "n", "r", "c2", "skip", "p", "f", "t"}
+    reference = run(_cut(cnn, sorted(set(got) - {"x"})), {"x": x}, LEVELS[1])
+    reference["x"] = x
+    for tensor, fired in got.items():
+        assert fired.dtype == np.bool_
+        assert np.array_equal(fired, reference[tensor] > 0), tensor
 
 
 def test_old_ir_version(x, run, make_cnn):
@@ -116,7 +140,7 @@ def test_old_ir_version(x, run, make_cnn):
         model.graph.input.append(declared)
     onnx.checker.check_model(model)
     rewritten, probes = add_probes(model, "Conv")
-    assert [p.output_name for p in probes] == ["c__probe", "c2__probe"]
+    assert [p.output_name for p in probes] == ["c__probe_fired", "c2__probe_fired"]
     assert {"W__probe", "B__probe", "W2__probe"} <= {i.name for i in rewritten.graph.input}
     reference, out = run(model, {"x": x}), run(rewritten, {"x": x})
     assert all(np.array_equal(reference[k], out[k]) for k in reference)

@@ -222,7 +222,7 @@ def test_a_conv_reading_a_transposed_input_decides_its_axis(initializer, run, nu
     ]  # fmt: skip
     x = np.random.default_rng(1).normal(size=(5, 9, 4)).astype(np.float32)
     out = run(rewritten, {"x": x})
-    assert numpy_counts(out["u"], 1) == numpy_counts(x, 2)
+    assert numpy_counts(out[probes[1].output_name], 1) == numpy_counts(x, 2)
 
 
 def test_reshape_keeps_the_axis_only_when_untouched(initializer):

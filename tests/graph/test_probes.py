@@ -61,10 +61,10 @@ def test_both_probes_a_tensor_shared_by_two_layers(conv_chain):
     model = conv_chain
     rewritten, probes = add_probes(model, ["Conv", "conv1"], method="both")
     assert [(p.name, p.tensor_name, p.output_name) for p in probes] == [
-        ("conv1:before", "x", "x"), ("conv1:after", "h", "h"),
-        ("conv2:before", "h", "h"), ("conv2:after", "y", "y"),
+        ("conv1:before", "x", "x_fired"), ("conv1:after", "h", "h_fired"),
+        ("conv2:before", "h", "h_fired"), ("conv2:after", "y", "y"),
     ]  # fmt: skip
-    assert [o.name for o in rewritten.graph.output] == ["y", "x", "h"]
+    assert [o.name for o in rewritten.graph.output] == ["y", "x_fired", "h_fired"]
     _, packed = add_probes(model, ["Conv", "conv1"], method="both", pack_in_graph=True)
     assert len({p.output_name for p in packed}) == 3
     assert packed[1].output_name == packed[2].output_name != "h"
@@ -88,10 +88,10 @@ def test_runtime_feeds_a_shared_output_to_each_of_its_probes(run, packbits, stat
     efficiency = OnnxEfficiencyModel(model, ["Conv", "conv1"], method="both", providers="cpu")
     efficiency.session = Requests(efficiency.session)
     efficiency.predict(x, batch_size=4)
-    assert efficiency.session.names == [["y", "x", "h"]] * 2
+    assert efficiency.session.names == [["y", "x_fired", "h_fired"]] * 2
     captures = {c.name: c for c in efficiency.efficiency_layers}
     assert list(captures) == ["conv1:before", "conv1:after", "conv2:before", "conv2:after"]
-    h = run(add_probes(model, "conv1")[0], {"x": x})["h"]
+    h = run(add_probes(model, "conv1")[0], {"x": x})["h_fired"]
     ids, counts = np.unique(packbits(h, 1), axis=0, return_counts=True)
     expected = dict(zip((row.tobytes() for row in ids), counts.tolist()))
     assert state_counts(captures["conv1:after"]) == expected

@@ -336,6 +336,16 @@ def test_torch_export_module_and_class_names(torch_exports, kind):
         assert {p.label for p in by_class} >= {"conv1"}
 
 
+def _assert_fired(fired: np.ndarray, values: np.ndarray) -> None:
+    """A probe output (``tensor > 0``, bool) against the framework's own values of the
+    tensor, away from zero (exact zeros of a ReLU included), where the runtimes'
+    rounding cannot flip a state."""
+    assert fired.dtype == np.bool_ and fired.shape == values.shape
+    clear = (np.abs(values) > 1e-5) | (values == 0)
+    assert clear.mean() > 0.9
+    assert np.array_equal(fired[clear], values[clear] > 0)
+
+
 @pytest.mark.parametrize("kind", ["dynamo", "dynamo_opt", "legacy"])
 def test_torch_export_values(torch_exports, kind, run):
     paths, x, hidden = torch_exports
@@ -345,9 +355,9 @@ def test_torch_export_values(torch_exports, kind, run):
         out = run(rewritten, {"x": x}, level)
         reference = run(paths[kind], {"x": x}, level)
         assert all(np.array_equal(reference[k], out[k]) for k in reference)
-        assert np.allclose(out[names["conv1"]], hidden["conv1"], atol=1e-5)
+        _assert_fired(out[names["conv1"]], hidden["conv1"])
     if kind == "dynamo":  # unfused: features.0 is the Conv before BatchNorm
-        assert np.allclose(out[names["features.0"]], hidden["features.0"], atol=1e-5)
+        _assert_fired(out[names["features.0"]], hidden["features.0"])
 
 
 def test_keras_export(tmp_path, run):
@@ -379,7 +389,7 @@ def test_keras_export(tmp_path, run):
     reference, out = run(str(path), {input_name: x}), run(rewritten, {input_name: x})
     assert all(np.array_equal(reference[k], out[k]) for k in reference)
     conv1 = keras.Model(inp, model.get_layer("conv1").output)(x).numpy()
-    assert np.allclose(np.moveaxis(out[probes[1].output_name], 1, -1), conv1, atol=1e-5)
+    _assert_fired(np.moveaxis(out[probes[1].output_name], 1, -1), conv1)
 
 
 def test_keras_classes_select_the_native_layers(keras_lenet, assert_same_states):
