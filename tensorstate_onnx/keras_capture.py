@@ -334,6 +334,11 @@ class PassEnd(keras.layers.Layer):
             begin._pass = shared
 
 
+#: The pass boundary layers. A model that is itself an efficiency model is rebuilt
+#: without them (its captures are kept, as probed layers of the new model).
+_BOUNDARIES = (PassBegin, PassEnd)
+
+
 def _layers_above(tensors: list) -> list:
     """The layers that computed ``tensors`` and every layer above them in their
     Keras graph (a nested model counts as one layer), roughly in model order."""
@@ -389,7 +394,8 @@ class _Builder:
         self.root = None if storage_path is None else Path(storage_path)
         self.keep_states = keep_states
         self.overwrite = overwrite
-        self.taken = {layer.name for layer in model.layers} | {t.name for t in model.inputs}
+        self.taken = {layer.name for layer in model.layers if not isinstance(layer, _BOUNDARIES)}
+        self.taken |= {t.name for t in model.inputs}
         self.captures: list[StateCapture] = []
         self.captured: list = []  # the captures' output tensors (Functional models)
         self.store_dirs: set[str] = set()
@@ -470,6 +476,8 @@ def _rebuild_functional(model, builder: _Builder):
 
     def call_function(layer, *args, **kwargs):
         args, kwargs = substitute(args), substitute(kwargs)
+        if isinstance(layer, _BOUNDARIES):
+            return args[0]  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         if not builder.wanted(layer.name, class_name):
             return layer(*args, **kwargs)
@@ -500,6 +508,8 @@ def _rebuild_sequential(model, builder: _Builder):
     if builder.wanted(source.name, "InputLayer"):
         layers.append(builder.make(source.name, "InputLayer", "after"))
     for layer in model.layers:
+        if isinstance(layer, _BOUNDARIES):
+            continue  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         wanted = builder.wanted(layer.name, class_name)
         if wanted and "before" in builder.methods:
@@ -597,7 +607,7 @@ def build_keras_efficiency_model(
         )
     candidates = [(t.name, "InputLayer") for t in inputs]
     candidates += [(layer.name, type(layer).__name__) for layer in model.layers
-                   if type(layer).__name__ != "InputLayer"]  # fmt: skip
+                   if type(layer).__name__ != "InputLayer" and not isinstance(layer, _BOUNDARIES)]  # fmt: skip
     matched = [c for c in candidates if matches_any(patterns, c)]
     if not matched:
         listing = [f"{name} ({cls})" for name, cls in candidates]

@@ -401,6 +401,23 @@ def test_a_pass_that_raises_is_dropped_in_a_sequential_model(explode, marked_bat
     assert [c.state_count for c in probed.efficiency_layers] == [8, 8]
 
 
+def test_probing_an_efficiency_model_keeps_one_guard(raising_model, marked_batches):
+    good, bad = marked_batches
+    inner = build_keras_efficiency_model(raising_model, ["d1", "d2"])
+    outer = build_keras_efficiency_model(inner, ["d3"])
+    names = [layer.name for layer in outer.layers]
+    assert names.count("tensorstate_pass_begin") == names.count("tensorstate_pass_end") == 1
+    captures = [*inner.efficiency_layers, *outer.efficiency_layers]  # the inner ones are in both
+    outer.predict(good[0], verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        outer.predict(bad, verbose=0)
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        outer.predict(good[1], verbose=0)
+    assert [c.state_count for c in captures] == [8, 8, 8]
+    inner.predict(good[2], verbose=0)  # the inner model keeps its own guard
+    assert [c.state_count for c in captures] == [12, 12, 8]
+
+
 @pytest.mark.parametrize("steps_per_execution", [1, 3])
 def test_predict_stopped_by_a_marked_batch(steps_per_execution, raising_model, marked_batches):
     good, bad = marked_batches
