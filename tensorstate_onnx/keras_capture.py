@@ -563,7 +563,8 @@ def build_keras_efficiency_model(
         ``tensorstate_pass_end``) make the captures count a batch only when its
         forward pass reaches the outputs, so that a pass that raises midway
         leaves no probe with a batch the others lack; ``output_names`` stay the
-        given model's. The given model is not changed. The compile configuration
+        given model's (a copy loaded from a file derives them from the PassEnd
+        layer instead, as Keras does). The given model is not changed. The compile configuration
         is copied when the model was compiled.
 
     Raises:
