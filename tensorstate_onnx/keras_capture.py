@@ -12,7 +12,11 @@ it uses ``jax.debug.callback``.
 
 :func:`build_keras_efficiency_model` returns a new model with StateCapture
 layers before/after the chosen layers; the layers (and so the weights) are
-those of the given model, which is left as it was.
+those of the given model, which is left as it was. The rebuilt model also
+marks where each forward pass begins and ends (:class:`PassBegin` on its inputs,
+:class:`PassEnd` on its outputs): its captures hold what they record until the
+pass ends, and a pass that raised midway is dropped, with a warning, when the
+next one begins, so that every probe holds the same batches.
 
 This module imports keras; ``import tensorstate_onnx`` never imports it.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import keras
@@ -33,7 +38,7 @@ from .keras_training import EfficiencyCallback
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
 
-__all__ = ["EfficiencyCallback", "StateCapture", "build_keras_efficiency_model"]
+__all__ = ["EfficiencyCallback", "PassBegin", "PassEnd", "StateCapture", "build_keras_efficiency_model"]
 
 _TRACING = threading.local()  # set while a converter traces a model for export
 _NUMPY_DTYPES = (np.float16, np.float32, np.float64)
@@ -68,7 +73,10 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
 
     Works in eager calls, ``model.predict``/``evaluate``/``fit`` (graph mode,
     no XLA) with float16, bfloat16, float32 and float64 tensors; integer and bool
-    tensors raise :class:`~tensorstate_onnx.errors.ProbeDtypeError`.
+    tensors raise :class:`~tensorstate_onnx.errors.ProbeDtypeError`. A batch counts
+    as soon as the layer sees it, unless the model has a :class:`PassBegin` and
+    :class:`PassEnd` (as :func:`build_keras_efficiency_model` adds): then it counts
+    when its forward pass ends.
     """
 
     def __init__(
@@ -153,6 +161,12 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         )
         return config
 
+    def reset_states(self, input_shape=None) -> None:
+        """Forget every recorded state, and the batch of a pass that never finished
+        (held until the next pass would have dropped it, see :class:`PassBegin`)."""
+        self.drop()
+        super().reset_states(input_shape)
+
     # ---------------------------------------------------------------- recording
 
     def _record_host(self, value):
@@ -164,9 +178,189 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         return np.array(True)
 
 
+class _Pass:
+    """What the :class:`PassBegin` and :class:`PassEnd` layers of one model share: the
+    model's captures. A plain object, so that Keras does not track the captures as
+    sublayers of the boundary layers."""
+
+    def __init__(self, captures):
+        self.captures = tuple(captures)
+
+    def begin(self) -> None:
+        """Drop what a pass that never ended left held (with a warning), then hold."""
+        dropped = [capture.name for capture in self.captures if capture.drop()]
+        if dropped:
+            warnings.warn(
+                f"a forward pass of the Keras efficiency model did not finish (it raised or was "
+                f"interrupted); the batch that {len(dropped)} of its {len(self.captures)} probe(s) "
+                f"({preview(dropped, 5)}) had recorded in it was dropped, so every probe still holds "
+                "the same batches",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for capture in self.captures:
+            capture.hold()
+
+    def end(self) -> None:
+        """Count and store what every capture held during the pass."""
+        for capture in self.captures:
+            capture.commit()
+
+
+def _after_host_call(callback, tensors: list, after: list) -> list:
+    """``tensors`` unchanged, once ``callback()`` has run on the host after every
+    tensor of ``after`` was computed.
+
+    In a TensorFlow graph the callback is a ``tf.numpy_function`` run once
+    ``after`` is computed, and the returned tensors depend on it (TensorFlow also
+    runs a function's host callbacks in the order they were created, which orders
+    passes that share one graph, as with ``steps_per_execution``); with JAX it is
+    an ordered ``jax.debug.callback``; eager tensors (TensorFlow, torch, numpy
+    backends) have been computed already, so it runs at once.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+
+            def host():
+                callback()
+                return np.array(True)
+
+            with tf.control_dependencies(after):
+                token = tf.numpy_function(host, [], Tout=tf.bool, stateful=True, name="pass_boundary")
+            with tf.control_dependencies([token]):
+                return [tf.identity(t) for t in tensors]
+    elif backend == "jax":
+        import jax
+
+        jax.debug.callback(callback, ordered=True)
+        return list(tensors)
+    callback()
+    return list(tensors)
+
+
+def _spec_of(tensor) -> keras.KerasTensor:
+    return keras.KerasTensor(tensor.shape, dtype=tensor.dtype, sparse=getattr(tensor, "sparse", False))
+
+
+@keras.saving.register_keras_serializable(package="tensorstate_onnx")
+class PassBegin(keras.layers.Layer):
+    """Identity on a model's inputs that marks where a forward pass begins.
+
+    :func:`build_keras_efficiency_model` puts it first, so that every capture of
+    the model runs after it (in a graph, the inputs the captures see depend on
+    it). When a pass begins it drops what the captures still hold from a pass
+    that never reached its :class:`PassEnd` (it raised or was interrupted
+    midway), warning which probes had recorded that batch, then makes every
+    capture hold what it records until the pass ends. It is linked to the
+    captures when its model's :class:`PassEnd` is placed on the graph (also when a
+    saved model is loaded); until then it is a plain identity.
+
+    It assumes one pass of the model at a time, as ``predict``/``evaluate``/``fit``
+    run them (the replicas of a ``MirroredStrategy`` too: TensorFlow runs a
+    function's host callbacks in order); passes started from several Python
+    threads at once would drop each other's batches.
+
+    Called on a list of tensors it returns a list of the same tensors.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.supports_jit = False  # the host callback cannot run under XLA
+        self._pass: _Pass | None = None
+
+    def call(self, inputs):
+        if getattr(_TRACING, "active", False) or self._pass is None:
+            return inputs  # traced for ONNX export, or not part of an efficiency model
+        flat = keras.tree.flatten(inputs)
+        return keras.tree.pack_sequence_as(inputs, _after_host_call(self._pass.begin, flat, []))
+
+    def compute_output_spec(self, inputs):
+        return keras.tree.map_structure(_spec_of, inputs)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+
+@keras.saving.register_keras_serializable(package="tensorstate_onnx")
+class PassEnd(keras.layers.Layer):
+    """Identity on a model's outputs that marks where a forward pass ends.
+
+    ``layer(outputs, captured)`` returns ``outputs`` unchanged once every
+    tensor of ``outputs`` and ``captured`` (the captures' outputs) is computed
+    and the captures have counted and stored the batches they held during the
+    pass (see :class:`PassBegin`). When it is placed on a Keras graph it finds
+    the model's :class:`PassBegin` and captures among the layers above it and
+    links them, so a model rebuilt from its config (or loaded from a file)
+    keeps the guard.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.supports_jit = False  # the host callback cannot run under XLA
+        self._pass: _Pass | None = None
+
+    def call(self, inputs, captured=None):
+        if getattr(_TRACING, "active", False) or self._pass is None:
+            return inputs  # traced for ONNX export, or not part of an efficiency model
+        flat = keras.tree.flatten(inputs)
+        after = flat + keras.tree.flatten(captured or [])
+        return keras.tree.pack_sequence_as(inputs, _after_host_call(self._pass.end, flat, after))
+
+    def compute_output_spec(self, inputs, captured=None):
+        self._link(keras.tree.flatten(inputs) + keras.tree.flatten(captured or []))
+        return keras.tree.map_structure(_spec_of, inputs)
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return previous_mask  # Keras passes the masks of ``inputs`` (the first argument)
+
+    def _link(self, tensors: list) -> None:
+        """Share one :class:`_Pass` of the captures above ``tensors`` with the
+        :class:`PassBegin` above them (Keras tensors carry the layers that made
+        them); tensors of no Keras graph change nothing."""
+        layers = _layers_above(tensors)
+        begins = [layer for layer in layers if isinstance(layer, PassBegin)]
+        if not begins:
+            return
+        shared = _Pass(layer for layer in layers if isinstance(layer, StateCapture))
+        self._pass = shared
+        for begin in begins:
+            begin._pass = shared
+
+
+#: The pass boundary layers. A model that is itself an efficiency model is rebuilt
+#: without them (its captures are kept, as probed layers of the new model).
+_BOUNDARIES = (PassBegin, PassEnd)
+
+
+def _layers_above(tensors: list) -> list:
+    """The layers that computed ``tensors`` and every layer above them in their
+    Keras graph (a nested model counts as one layer), roughly in model order."""
+    found: list = []
+    seen: set = set()
+    stack = [t for t in tensors if isinstance(t, keras.KerasTensor)]
+    while stack:
+        history = getattr(stack.pop(), "_keras_history", None)
+        if history is None or history.operation is None:
+            continue
+        key = (id(history.operation), history.node_index)
+        if key in seen:
+            continue
+        seen.add(key)
+        found.append(history.operation)
+        stack.extend(history.operation._inbound_nodes[history.node_index].input_tensors)
+    return found[::-1]
+
+
 class exporting:
-    """Context manager: StateCapture layers traced inside it are plain identities
-    (used by :func:`tensorstate_onnx.converters.from_keras`)."""
+    """Context manager: StateCapture, PassBegin and PassEnd layers traced inside it
+    are plain identities (used by :func:`tensorstate_onnx.converters.from_keras`)."""
 
     def __enter__(self):
         self._previous = getattr(_TRACING, "active", False)
@@ -200,8 +394,10 @@ class _Builder:
         self.root = None if storage_path is None else Path(storage_path)
         self.keep_states = keep_states
         self.overwrite = overwrite
-        self.taken = {layer.name for layer in model.layers} | {t.name for t in model.inputs}
+        self.taken = {layer.name for layer in model.layers if not isinstance(layer, _BOUNDARIES)}
+        self.taken |= {t.name for t in model.inputs}
         self.captures: list[StateCapture] = []
+        self.captured: list = []  # the captures' output tensors (Functional models)
         self.store_dirs: set[str] = set()
 
     def wanted(self, name: str, class_name: str) -> bool:
@@ -214,11 +410,7 @@ class _Builder:
         a layer with ``data_format="channels_first"``, or where ``channel_axes``
         says (keyed by capture name, ``"<layer>:<method>"`` or layer name).
         """
-        base = f"{label}_states" if method == "after" else f"{label}_pre_states"
-        name, k = base, 2
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
+        name = self.unique(f"{label}_states" if method == "after" else f"{label}_pre_states")
         disk_path = None if self.root is None else self.root / unique_store_dirname(name, self.store_dirs)
         axis = 1 if getattr(layer, "data_format", None) == "channels_first" else -1
         key = next((k for k in (name, f"{label}:{method}", label) if k in self.overrides), None)
@@ -232,6 +424,14 @@ class _Builder:
         self.captures.append(capture)
         return capture
 
+    def unique(self, base: str) -> str:
+        """``base``, or ``base_2``, ``base_3``... if a layer or input already has that name."""
+        name, k = base, 2
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
     def check_overrides(self) -> None:
         """Raise ChannelAxisError for ``channel_axes`` keys that name no capture."""
         names = [c.name for c in self.captures]
@@ -240,7 +440,9 @@ class _Builder:
 
     def capture(self, tensor, label: str, class_name: str, method: str, layer=None):
         """Apply a new StateCapture to ``tensor``; return its output."""
-        return self.make(label, class_name, method, layer)(tensor)
+        output = self.make(label, class_name, method, layer)(tensor)
+        self.captured.append(output)
+        return output
 
     def wrap_first(self, structure, label: str, class_name: str, method: str, layer=None):
         """``structure`` with its first tensor replaced by a captured one."""
@@ -257,21 +459,25 @@ def _rebuild_functional(model, builder: _Builder):
     new_inputs = keras.tree.map_structure(
         lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name), inputs_struct
     )
-    # Probes on input layers (attach_to=["InputLayer"] or an input's name).
+    # Every layer reads the inputs through the PassBegin, and so runs after it;
+    # probes on input layers (attach_to=["InputLayer"] or an input's name) too.
+    flat_inputs = keras.tree.flatten(new_inputs)
+    begun = PassBegin(name=builder.unique("tensorstate_pass_begin"))(flat_inputs)
     replaced: dict[int, object] = {}
-    for tensor in keras.tree.flatten(new_inputs):
+    for tensor, read in zip(flat_inputs, begun, strict=True):
         if builder.wanted(tensor.name, "InputLayer"):
-            replaced[id(tensor)] = builder.capture(tensor, tensor.name, "InputLayer", "after")
+            read = builder.capture(read, tensor.name, "InputLayer", "after")
+        replaced[id(tensor)] = read
 
     def substitute(structure):
-        if not replaced:
-            return structure
         return keras.tree.map_structure(
             lambda t: replaced.get(id(t), t) if isinstance(t, keras.KerasTensor) else t, structure
         )
 
     def call_function(layer, *args, **kwargs):
         args, kwargs = substitute(args), substitute(kwargs)
+        if isinstance(layer, _BOUNDARIES):
+            return args[0]  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         if not builder.wanted(layer.name, class_name):
             return layer(*args, **kwargs)
@@ -282,17 +488,28 @@ def _rebuild_functional(model, builder: _Builder):
             outputs = builder.wrap_first(outputs, layer.name, class_name, "after", layer)
         return outputs
 
-    return keras.models.clone_model(
+    clone = keras.models.clone_model(
         model, input_tensors=new_inputs, clone_function=lambda layer: layer, call_function=call_function
     )
+    # The outputs come out of the PassEnd, which follows every output and capture.
+    outputs = clone.output
+    ended = PassEnd(name=builder.unique("tensorstate_pass_end"))(keras.tree.flatten(outputs), builder.captured)
+    rebuilt = type(clone)(new_inputs, keras.tree.pack_sequence_as(outputs, ended), name=model.name)
+    rebuilt.output_names = list(model.output_names)  # not the PassEnd's name (losses and metrics use them)
+    return rebuilt
 
 
 def _rebuild_sequential(model, builder: _Builder):
     source = model.inputs[0]
-    layers: list = [keras.Input(batch_shape=source.shape, dtype=source.dtype, name=source.name)]
+    layers: list = [
+        keras.Input(batch_shape=source.shape, dtype=source.dtype, name=source.name),
+        PassBegin(name=builder.unique("tensorstate_pass_begin")),
+    ]
     if builder.wanted(source.name, "InputLayer"):
         layers.append(builder.make(source.name, "InputLayer", "after"))
     for layer in model.layers:
+        if isinstance(layer, _BOUNDARIES):
+            continue  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         wanted = builder.wanted(layer.name, class_name)
         if wanted and "before" in builder.methods:
@@ -300,6 +517,7 @@ def _rebuild_sequential(model, builder: _Builder):
         layers.append(layer)
         if wanted and "after" in builder.methods:
             layers.append(builder.make(layer.name, class_name, "after", layer))
+    layers.append(PassEnd(name=builder.unique("tensorstate_pass_end")))  # every capture is above it
     return keras.Sequential(layers, name=model.name, trainable=model.trainable)
 
 
@@ -340,8 +558,14 @@ def build_keras_efficiency_model(
         A new model of the same kind (Sequential for Sequential) that shares the
         given model's layers and weights, with ``efficiency_layers``: the
         StateCapture layers in model order, named ``<layer>_states`` (after) and
-        ``<layer>_pre_states`` (before). The given model is not changed. The
-        compile configuration is copied when the model was compiled.
+        ``<layer>_pre_states`` (before). A :class:`PassBegin` layer on the inputs
+        and a :class:`PassEnd` layer on the outputs (``tensorstate_pass_begin`` /
+        ``tensorstate_pass_end``) make the captures count a batch only when its
+        forward pass reaches the outputs, so that a pass that raises midway
+        leaves no probe with a batch the others lack; ``output_names`` stay the
+        given model's (a copy loaded from a file derives them from the PassEnd
+        layer instead, as Keras does). The given model is not changed. The compile configuration
+        is copied when the model was compiled.
 
     Raises:
         TypeError: not a Keras model, or a subclassed model (use the ONNX path:
@@ -384,7 +608,7 @@ def build_keras_efficiency_model(
         )
     candidates = [(t.name, "InputLayer") for t in inputs]
     candidates += [(layer.name, type(layer).__name__) for layer in model.layers
-                   if type(layer).__name__ != "InputLayer"]  # fmt: skip
+                   if type(layer).__name__ != "InputLayer" and not isinstance(layer, _BOUNDARIES)]  # fmt: skip
     matched = [c for c in candidates if matches_any(patterns, c)]
     if not matched:
         listing = [f"{name} ({cls})" for name, cls in candidates]
