@@ -223,7 +223,7 @@ def from_keras(model, path: str | os.PathLike | None = None, opset: int = 17) ->
             f"Keras model {model.name!r} has no defined inputs; build it with keras.Input "
             "(Functional/Sequential) so that the input shapes are known"
         )
-    from tensorstate_onnx.keras_capture import exporting
+    from tensorstate_onnx.keras_passes import exporting
 
     try:
         traced, structure, n_out = _traced_model(keras, model, inputs)

@@ -24,8 +24,6 @@ This module imports keras; ``import tensorstate_onnx`` never imports it.
 from __future__ import annotations
 
 import os
-import threading
-import warnings
 from pathlib import Path
 
 import keras
@@ -34,13 +32,13 @@ import numpy as np
 from .axes import check_override_keys, checked_override, checked_type, dtype_error, is_float_dtype_name
 from .capture import AbstractStateCapture
 from .errors import ProbeMatchError
+from .keras_passes import BOUNDARIES, PassBegin, PassEnd, tracing_for_export
 from .keras_training import EfficiencyCallback
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import unique_store_dirname
 
 __all__ = ["EfficiencyCallback", "PassBegin", "PassEnd", "StateCapture", "build_keras_efficiency_model"]
 
-_TRACING = threading.local()  # set while a converter traces a model for export
 _NUMPY_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -128,7 +126,7 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         return mask
 
     def call(self, inputs):
-        if getattr(_TRACING, "active", False):
+        if tracing_for_export():
             return inputs  # traced for ONNX export: a plain identity
         self._check_dtype(inputs.dtype)
         backend = keras.backend.backend()
@@ -178,200 +176,6 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
         return np.array(True)
 
 
-class _Pass:
-    """What the :class:`PassBegin` and :class:`PassEnd` layers of one model share: the
-    model's captures. A plain object, so that Keras does not track the captures as
-    sublayers of the boundary layers."""
-
-    def __init__(self, captures):
-        self.captures = tuple(captures)
-
-    def begin(self) -> None:
-        """Drop what a pass that never ended left held (with a warning), then hold."""
-        dropped = [capture.name for capture in self.captures if capture.drop()]
-        if dropped:
-            warnings.warn(
-                f"a forward pass of the Keras efficiency model did not finish (it raised or was "
-                f"interrupted); the batch that {len(dropped)} of its {len(self.captures)} probe(s) "
-                f"({preview(dropped, 5)}) had recorded in it was dropped, so every probe still holds "
-                "the same batches",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        for capture in self.captures:
-            capture.hold()
-
-    def end(self) -> None:
-        """Count and store what every capture held during the pass."""
-        for capture in self.captures:
-            capture.commit()
-
-
-def _after_host_call(callback, tensors: list, after: list) -> list:
-    """``tensors`` unchanged, once ``callback()`` has run on the host after every
-    tensor of ``after`` was computed.
-
-    In a TensorFlow graph the callback is a ``tf.numpy_function`` run once
-    ``after`` is computed, and the returned tensors depend on it (TensorFlow also
-    runs a function's host callbacks in the order they were created, which orders
-    passes that share one graph, as with ``steps_per_execution``); with JAX it is
-    an ordered ``jax.debug.callback``; eager tensors (TensorFlow, torch, numpy
-    backends) have been computed already, so it runs at once.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.executing_eagerly():
-
-            def host():
-                callback()
-                return np.array(True)
-
-            with tf.control_dependencies(after):
-                token = tf.numpy_function(host, [], Tout=tf.bool, stateful=True, name="pass_boundary")
-            with tf.control_dependencies([token]):
-                return [tf.identity(t) for t in tensors]
-    elif backend == "jax":
-        import jax
-
-        jax.debug.callback(callback, ordered=True)
-        return list(tensors)
-    callback()
-    return list(tensors)
-
-
-def _spec_of(tensor) -> keras.KerasTensor:
-    return keras.KerasTensor(tensor.shape, dtype=tensor.dtype, sparse=getattr(tensor, "sparse", False))
-
-
-@keras.saving.register_keras_serializable(package="tensorstate_onnx")
-class PassBegin(keras.layers.Layer):
-    """Identity on a model's inputs that marks where a forward pass begins.
-
-    :func:`build_keras_efficiency_model` puts it first, so that every capture of
-    the model runs after it (in a graph, the inputs the captures see depend on
-    it). When a pass begins it drops what the captures still hold from a pass
-    that never reached its :class:`PassEnd` (it raised or was interrupted
-    midway), warning which probes had recorded that batch, then makes every
-    capture hold what it records until the pass ends. It is linked to the
-    captures when its model's :class:`PassEnd` is placed on the graph (also when a
-    saved model is loaded); until then it is a plain identity.
-
-    It assumes one pass of the model at a time, as ``predict``/``evaluate``/``fit``
-    run them (the replicas of a ``MirroredStrategy`` too: TensorFlow runs a
-    function's host callbacks in order); passes started from several Python
-    threads at once would drop each other's batches.
-
-    Called on a list of tensors it returns a list of the same tensors.
-    """
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.supports_jit = False  # the host callback cannot run under XLA
-        self._pass: _Pass | None = None
-
-    def call(self, inputs):
-        if getattr(_TRACING, "active", False) or self._pass is None:
-            return inputs  # traced for ONNX export, or not part of an efficiency model
-        flat = keras.tree.flatten(inputs)
-        return keras.tree.pack_sequence_as(inputs, _after_host_call(self._pass.begin, flat, []))
-
-    def compute_output_spec(self, inputs):
-        return keras.tree.map_structure(_spec_of, inputs)
-
-    def compute_mask(self, inputs, mask=None):
-        return mask
-
-
-@keras.saving.register_keras_serializable(package="tensorstate_onnx")
-class PassEnd(keras.layers.Layer):
-    """Identity on a model's outputs that marks where a forward pass ends.
-
-    ``layer(outputs, captured)`` returns ``outputs`` unchanged once every
-    tensor of ``outputs`` and ``captured`` (the captures' outputs) is computed
-    and the captures have counted and stored the batches they held during the
-    pass (see :class:`PassBegin`). When it is placed on a Keras graph it finds
-    the model's :class:`PassBegin` and captures among the layers above it and
-    links them, so a model rebuilt from its config (or loaded from a file)
-    keeps the guard.
-    """
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.supports_jit = False  # the host callback cannot run under XLA
-        self._pass: _Pass | None = None
-
-    def call(self, inputs, captured=None):
-        if getattr(_TRACING, "active", False) or self._pass is None:
-            return inputs  # traced for ONNX export, or not part of an efficiency model
-        flat = keras.tree.flatten(inputs)
-        after = flat + keras.tree.flatten(captured or [])
-        return keras.tree.pack_sequence_as(inputs, _after_host_call(self._pass.end, flat, after))
-
-    def compute_output_spec(self, inputs, captured=None):
-        self._link(keras.tree.flatten(inputs) + keras.tree.flatten(captured or []))
-        return keras.tree.map_structure(_spec_of, inputs)
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return previous_mask  # Keras passes the masks of ``inputs`` (the first argument)
-
-    def _link(self, tensors: list) -> None:
-        """Share one :class:`_Pass` of the captures above ``tensors`` with the
-        :class:`PassBegin` above them (Keras tensors carry the layers that made
-        them); tensors of no Keras graph change nothing."""
-        layers = _layers_above(tensors)
-        begins = [layer for layer in layers if isinstance(layer, PassBegin)]
-        if not begins:
-            return
-        shared = _Pass(layer for layer in layers if isinstance(layer, StateCapture))
-        self._pass = shared
-        for begin in begins:
-            begin._pass = shared
-
-
-#: The pass boundary layers. A model that is itself an efficiency model is rebuilt
-#: without them (its captures are kept, as probed layers of the new model).
-_BOUNDARIES = (PassBegin, PassEnd)
-
-
-def _layers_above(tensors: list) -> list:
-    """The layers that computed ``tensors`` and every layer above them in their
-    Keras graph (a nested model counts as one layer), roughly in model order."""
-    found: list = []
-    seen: set = set()
-    stack = [t for t in tensors if isinstance(t, keras.KerasTensor)]
-    while stack:
-        history = getattr(stack.pop(), "_keras_history", None)
-        if history is None or history.operation is None:
-            continue
-        key = (id(history.operation), history.node_index)
-        if key in seen:
-            continue
-        seen.add(key)
-        found.append(history.operation)
-        stack.extend(history.operation._inbound_nodes[history.node_index].input_tensors)
-    return found[::-1]
-
-
-class exporting:
-    """Context manager: StateCapture, PassBegin and PassEnd layers traced inside it
-    are plain identities (used by :func:`tensorstate_onnx.converters.from_keras`)."""
-
-    def __enter__(self):
-        self._previous = getattr(_TRACING, "active", False)
-        _TRACING.active = True
-        return self
-
-    def __exit__(self, *exc):
-        _TRACING.active = self._previous
-        return False
-
-
 # --------------------------------------------------------------------------- rebuild
 
 
@@ -394,7 +198,7 @@ class _Builder:
         self.root = None if storage_path is None else Path(storage_path)
         self.keep_states = keep_states
         self.overwrite = overwrite
-        self.taken = {layer.name for layer in model.layers if not isinstance(layer, _BOUNDARIES)}
+        self.taken = {layer.name for layer in model.layers if not isinstance(layer, BOUNDARIES)}
         self.taken |= {t.name for t in model.inputs}
         self.captures: list[StateCapture] = []
         self.captured: list = []  # the captures' output tensors (Functional models)
@@ -476,7 +280,7 @@ def _rebuild_functional(model, builder: _Builder):
 
     def call_function(layer, *args, **kwargs):
         args, kwargs = substitute(args), substitute(kwargs)
-        if isinstance(layer, _BOUNDARIES):
+        if isinstance(layer, BOUNDARIES):
             return args[0]  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         if not builder.wanted(layer.name, class_name):
@@ -508,7 +312,7 @@ def _rebuild_sequential(model, builder: _Builder):
     if builder.wanted(source.name, "InputLayer"):
         layers.append(builder.make(source.name, "InputLayer", "after"))
     for layer in model.layers:
-        if isinstance(layer, _BOUNDARIES):
+        if isinstance(layer, BOUNDARIES):
             continue  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         wanted = builder.wanted(layer.name, class_name)
@@ -608,7 +412,7 @@ def build_keras_efficiency_model(
         )
     candidates = [(t.name, "InputLayer") for t in inputs]
     candidates += [(layer.name, type(layer).__name__) for layer in model.layers
-                   if type(layer).__name__ != "InputLayer" and not isinstance(layer, _BOUNDARIES)]  # fmt: skip
+                   if type(layer).__name__ != "InputLayer" and not isinstance(layer, BOUNDARIES)]  # fmt: skip
     matched = [c for c in candidates if matches_any(patterns, c)]
     if not matched:
         listing = [f"{name} ({cls})" for name, cls in candidates]
