@@ -201,15 +201,15 @@ def _copy_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """
     if not isinstance(model, onnx.ModelProto):
         return load_model(model)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     try:
-        check_model(work)
+        check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ModelFileError(
             f"the model is not valid ONNX ({first_line(exc)}); fix it so that "
             "onnx.checker.check_model accepts it"
         ) from exc
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
     return work
 
 
