@@ -123,3 +123,15 @@ def test_gpt2_op_type_probes_name_module_op_and_position(torch, transformers):
     assert [p.name for p in again] == names
     _, by_module = add_probes(exported, ["transformer.h.0.attn", "transformer.h.0.mlp.act"])
     assert sorted(p.name for p in by_module) == ["transformer.h.0.attn:after", "transformer.h.0.mlp.act:after"]
+
+
+def test_an_encoder_decoder_without_decoder_inputs_is_an_input_error(torch, transformers):
+    """A T5 model given only input_ids fails in its own forward; the error says so and
+    lists the inputs it takes (decoder_input_ids among them) instead of blaming export."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.errors import OptionError
+
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100, decoder_start_token_id=0)
+    model = transformers.T5Model(config).eval()
+    with pytest.raises(OptionError, match=r"T5Model fails on example_inputs before any export.*decoder_input_ids"):
+        from_torch(model, {"input_ids": torch.randint(0, 100, (2, 8))})
