@@ -33,6 +33,7 @@ __all__ = [
     "save_model",
     "shape_of",
     "skeleton",
+    "split_weights",
 ]
 
 #: Models whose serialized size exceeds this many bytes are shape-inferred, checked
@@ -280,6 +281,42 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in declared:
             light.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return light
+
+
+#: The name under which :func:`split_weights` refers to the weights it sets apart.
+WEIGHTS_FILE = "weights.bin"
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bytearray]:
+    """``model`` as a skeleton whose large initializers are external data in one
+    in-memory file (:data:`WEIGHTS_FILE`), and that file's bytes.
+
+    Handed to onnxruntime (``SessionOptions.add_external_initializers_from_files_in_memory``)
+    a session is built without serializing the weights into the model's bytes:
+    one copy of them instead of the two (Python bytes and onnxruntime's own) a
+    serialized model costs, and faster. ``model`` is not changed.
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field, value)
+    weights = bytearray()
+    for tensor in model.graph.initializer:
+        if not _is_heavy(tensor):
+            light.graph.initializer.append(tensor)
+            continue
+        data = tensor.raw_data
+        ref = light.graph.initializer.add()
+        ref.name, ref.data_type, ref.data_location = tensor.name, tensor.data_type, TensorProto.EXTERNAL
+        ref.dims.extend(tensor.dims)
+        for key, value in (("location", WEIGHTS_FILE), ("offset", str(len(weights))), ("length", str(len(data)))):
+            entry = ref.external_data.add()
+            entry.key, entry.value = key, value
+        weights += data
+    return light, weights
 
 
 def _copy_field(target, field, value) -> None:

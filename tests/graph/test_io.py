@@ -160,6 +160,26 @@ def test_a_weight_whose_data_does_not_fit_its_shape_is_refused(weighty, tmp_path
         load_model(tmp_path / "short.onnx")
 
 
+def test_split_weights_builds_the_same_session_without_serializing_them(weighty):
+    """The skeleton refers to ``w`` in the in-memory file, the small Reshape target
+    stays inline, the model is unchanged, and onnxruntime computes the same outputs."""
+    import onnxruntime as ort
+
+    before = weighty.SerializeToString(deterministic=True)
+    light, weights = graph_io.split_weights(weighty)
+    assert weighty.SerializeToString(deterministic=True) == before
+    w, target = light.graph.initializer
+    assert w.data_location == onnx.TensorProto.EXTERNAL and not w.HasField("raw_data")
+    assert {e.key: e.value for e in w.external_data} == {"location": graph_io.WEIGHTS_FILE, "offset": "0", "length": str(64 * 64 * 4)}
+    assert bytes(weights) == weighty.graph.initializer[0].raw_data and target.HasField("raw_data")
+    options = ort.SessionOptions()
+    options.add_external_initializers_from_files_in_memory([graph_io.WEIGHTS_FILE], [weights], [len(weights)])
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    split = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    whole = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(split.run(None, {"x": x})[0], whole.run(None, {"x": x})[0])
+
+
 def _with_data_at(cnn: onnx.ModelProto, folder: Path, location: str) -> Path:
     """``cnn`` saved in ``folder`` with its weights in ``weights.bin``, then said to be at ``location``."""
     path = folder / "model.onnx"
