@@ -266,16 +266,9 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     default value, so the graph stays valid and types the same); all else is
     copied as is. The copy costs the graph's structure, not its weights.
     """
-    light = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(light, field, value)
-    graph = model.graph
-    for field, value in graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(light.graph, field, value)
-    declared = {value.name for value in graph.input}
-    for tensor in graph.initializer:
+    light = _without_initializers(model)
+    declared = {value.name for value in model.graph.input}
+    for tensor in model.graph.initializer:
         if not _is_heavy(tensor):
             light.graph.initializer.append(tensor)
         elif tensor.name not in declared:
@@ -296,13 +289,7 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bytearray]:
     one copy of them instead of the two (Python bytes and onnxruntime's own) a
     serialized model costs, and faster. ``model`` is not changed.
     """
-    light = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(light, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(light.graph, field, value)
+    light = _without_initializers(model)
     weights = bytearray()
     for tensor in model.graph.initializer:
         if not _is_heavy(tensor):
@@ -317,6 +304,19 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bytearray]:
             entry.key, entry.value = key, value
         weights += data
     return light, weights
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no initializers (copying them is the
+    cost the callers avoid; everything else is copied)."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field, value)
+    return light
 
 
 def _copy_field(target, field, value) -> None:
