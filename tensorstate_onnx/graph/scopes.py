@@ -244,8 +244,10 @@ class Matcher:
     scopes: list[Scope]
     per_node: list[list[Scope]]
     _same_op: dict[tuple[int, str], list[int]] = field(init=False, repr=False)
+    _calls: dict[int, list[Scope]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._calls = {}  # split_calls of each module probe_label looked at, by id
         # The nodes of each (most specific scope, op type), in graph order.
         self._same_op = {}
         for i, node in enumerate(self.index.graph.node):
@@ -281,7 +283,9 @@ class Matcher:
             return scope.label
         module = self.per_node[scope.nodes[0]][-1]
         finder = after_tensor if method == "after" else before_tensor
-        for call in split_calls(module, self.index):
+        if id(module) not in self._calls:
+            self._calls[id(module)] = split_calls(module, self.index)
+        for call in self._calls[id(module)]:
             hit = finder(call, self.index) if scope.nodes[0] in call.nodes else None
             if hit is not None and hit[1] == tensor:
                 return module.label
