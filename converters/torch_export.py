@@ -77,6 +77,71 @@ def _normalize_inputs(torch, example_inputs) -> tuple[tuple, dict]:
     )
 
 
+def _forward_parameters(module) -> tuple[list[str], list[str], bool] | None:
+    """(named parameters, required ones, takes ``**kwargs``) of ``module.forward``, or
+    None when its signature cannot be read."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return named, required, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _inputs_hint(module) -> str:
+    """What to pass as example_inputs: the forward's parameters and an example dict."""
+    found = _forward_parameters(module)
+    if found is None:
+        return "pass example_inputs that the module's forward accepts"
+    named, required, _ = found
+    example = ", ".join(f"{name!r}: <tensor>" for name in (required or named[:1]))
+    return (
+        f"its forward takes {', '.join(named) or 'no named parameters'} (required: "
+        f"{', '.join(required) or 'none'}); pass what it needs as example_inputs, a dict of "
+        f"keyword inputs such as {{{example}}} or a tuple in parameter order"
+    )
+
+
+def _check_arguments(module, args: tuple, kwargs: dict) -> None:
+    """Refuse example inputs that the forward cannot be bound to, naming what to pass.
+
+    Without this the exporters fail deep inside tracing with a bare TypeError and
+    a hint about traceability that does not apply.
+    """
+    found = _forward_parameters(module)
+    if found is None:  # no readable signature: the forward pass will tell
+        return
+    try:
+        inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        named, required, var_keyword = found
+        given = named[: len(args)] + list(kwargs)
+        missing = [name for name in required if name not in given]
+        unknown = [] if var_keyword else [name for name in kwargs if name not in named]
+        cls = type(module).__name__
+        if missing:
+            problem = f"{cls}.forward needs {', '.join(missing)}, which example_inputs does not give"
+        elif unknown:
+            problem = f"{cls}.forward takes no argument {', '.join(unknown)}"
+        else:
+            problem = f"{cls}.forward cannot be called with example_inputs ({exc})"
+        raise OptionError(f"{problem}; {_inputs_hint(module)}") from exc
+
+
+def _check_forward(torch, module, args: tuple, kwargs: dict) -> None:
+    """Run the forward once on the example inputs, so that a model refusing them (a
+    Hugging Face encoder-decoder without ``decoder_input_ids``) is reported as an
+    input problem, with the inputs to pass, rather than as an export failure."""
+    try:
+        _count_outputs(torch, module, args, kwargs)
+    except Exception as exc:
+        raise OptionError(
+            f"{type(module).__name__} fails on example_inputs before any export ({_reason(exc)}); "
+            f"{_inputs_hint(module)}"
+        ) from exc
+
+
 def _batch_of_two(torch, value):
     """Repeat a batch of one so that the exporter does not specialize the batch axis to 1."""
     if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
@@ -341,8 +406,10 @@ def from_torch(
 
     Raises:
         TypeError: ``module`` is not a ``torch.nn.Module``.
-        ValueError: no ``example_inputs``, or the exporter failed (the message
-            carries the exporter's reason; the original exception is chained).
+        ValueError: no ``example_inputs``, example inputs the forward cannot be
+            called with (the message names the missing or unknown arguments and
+            what to pass), or the exporter failed (the message carries the
+            exporter's reason; the original exception is chained).
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Module):
@@ -351,16 +418,20 @@ def from_torch(
     if kwargs:  # keyword inputs become graph inputs in the forward's parameter order
         params = list(inspect.signature(module.forward).parameters)
         kwargs = dict(sorted(kwargs.items(), key=lambda kv: params.index(kv[0]) if kv[0] in params else len(params)))
+    _check_arguments(module, args, kwargs)
     was_training = module.training
     module.eval()
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), warnings.catch_warnings(), _without_cache(module):
             warnings.simplefilter("ignore")
+            _check_forward(torch, module, args, kwargs)
             if dynamo:
                 proto = _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names)
             else:
                 proto = _export_legacy(torch, module, args, kwargs, opset, input_names, output_names)
+    except OptionError:
+        raise
     except Exception as exc:
         raise _export_error(exc, module, dynamo) from exc
     finally:

@@ -217,7 +217,16 @@ class OnnxEfficiencyModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             if not graph.needs_external_data(self.model):
-                return ort.InferenceSession(self.model.SerializeToString(), options, providers=self.providers)
+                # The weights go to onnxruntime as an in-memory external data file, not
+                # inside the serialized model: one transient copy instead of two
+                # (onnxruntime >= 1.18; older versions get the whole model's bytes).
+                in_memory = hasattr(options, "add_external_initializers_from_files_in_memory")
+                light, weights = graph.io.split_weights(self.model) if in_memory else (self.model, b"")
+                if weights:
+                    options.add_external_initializers_from_files_in_memory(
+                        [graph.io.WEIGHTS_FILE], [weights], [len(weights)]
+                    )
+                return ort.InferenceSession(light.SerializeToString(), options, providers=self.providers)
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_model(self.model, Path(tmp, "probed.onnx"), external_data=True)
                 return ort.InferenceSession(str(path), options, providers=self.providers)

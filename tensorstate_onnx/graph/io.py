@@ -1,8 +1,11 @@
 """ONNX files and whole-model passes: loading, saving, the checker, shape inference.
 
-Models over :data:`EXTERNAL_DATA_THRESHOLD` go through files with external data,
-because protobuf cannot serialize more than 2 GiB in one piece: saving, checking
-and shape inference all take that route for them.
+The checker and shape inference never see a model's weights: they run on its
+weightless skeleton (:func:`skeleton`: every large initializer reduced to a
+graph input of its type and shape, the data sizes checked here), so a model is
+not copied or serialized whole to be checked or typed. Models over
+:data:`EXTERNAL_DATA_THRESHOLD` are saved with external data, because protobuf
+cannot serialize more than 2 GiB in one piece.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper
+from onnx import TensorProto, helper
 
 from ..errors import ModelFileError, OptionTypeError, first_line
 
@@ -28,6 +32,8 @@ __all__ = [
     "needs_external_data",
     "save_model",
     "shape_of",
+    "skeleton",
+    "split_weights",
 ]
 
 #: Models whose serialized size exceeds this many bytes are shape-inferred, checked
@@ -35,6 +41,11 @@ __all__ = [
 #: margin leaves room for the outputs and nodes the rewriter adds. Read here only:
 #: to change it (tests do), patch ``tensorstate_onnx.graph.io.EXTERNAL_DATA_THRESHOLD``.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+
+#: Initializers with more elements than this are left out of a model's skeleton.
+#: Shape inference reads the values of small integer tensors only (Reshape targets,
+#: Slice bounds, ...), which stay.
+SKELETON_MAX_ELEMENTS = 1024
 
 
 def load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -56,7 +67,7 @@ def load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     _require_file(path)
     proto = _read_model(path)
     try:
-        onnx.checker.check_model(str(path))
+        check_model(proto)
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise ModelFileError(
             f"{path} is not a valid ONNX model ({first_line(exc)}); re-export it "
@@ -188,25 +199,35 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """Run ``onnx.checker`` on ``model``, through a temporary file when it is large."""
-    if not needs_external_data(model):
-        onnx.checker.check_model(model)
+    """Run ``onnx.checker`` on ``model`` without copying or serializing its weights.
+
+    The checker runs on :func:`skeleton`, and the weights left out of it are
+    checked here the way the checker would (the data size fits the shape and
+    type), raising ``onnx.checker.ValidationError`` like it.
+    """
+    light = skeleton(model)
+    for tensor in model.graph.initializer:
+        if _is_heavy(tensor):
+            _check_data_size(tensor)
+    if not needs_external_data(light):
+        onnx.checker.check_model(light)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # huge Constant nodes: through a file
         path = Path(tmp, "model.onnx")
-        _save_with_external_data(model, path)
+        _save_with_external_data(light, path)
         onnx.checker.check_model(str(path))
 
 
 def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Map every tensor name with a known tensor type to that type.
 
-    Shape inference runs with data propagation so that Reshape targets computed
-    from shapes still give static dimensions. A model the inference cannot handle
-    keeps whatever types it already declares (with a warning).
+    Shape inference runs on :func:`skeleton` (the weights' types and shapes are
+    all it needs of them), with data propagation so that Reshape targets
+    computed from shapes still give static dimensions. A model the inference
+    cannot handle keeps whatever types it already declares (with a warning).
     """
     try:
-        inferred = _run_shape_inference(model)
+        inferred = _run_shape_inference(skeleton(model))
     except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:
         warnings.warn(
             f"ONNX shape inference failed ({first_line(exc)}); only the types the "
@@ -220,7 +241,7 @@ def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
         for vi in (*graph.input, *graph.value_info, *graph.output)
         if vi.type.HasField("tensor_type")
     }
-    for init in graph.initializer:
+    for init in model.graph.initializer:
         types[init.name] = helper.make_tensor_type_proto(init.data_type, init.dims)
     return types
 
@@ -234,6 +255,114 @@ def _run_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
         _save_with_external_data(model, src)
         onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
         return onnx.load(str(dst), load_external_data=False)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its weights, for the checker and shape inference.
+
+    Every initializer of the main graph with more than
+    :data:`SKELETON_MAX_ELEMENTS` elements held in ``raw_data`` becomes a graph
+    input of its element type and shape (an initializer is a graph input with a
+    default value, so the graph stays valid and types the same); all else is
+    copied as is. The copy costs the graph's structure, not its weights.
+    """
+    light = _without_initializers(model)
+    declared = {value.name for value in model.graph.input}
+    for tensor in model.graph.initializer:
+        if not _is_heavy(tensor):
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            light.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return light
+
+
+#: The name under which :func:`split_weights` refers to the weights it sets apart.
+WEIGHTS_FILE = "weights.bin"
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bytearray]:
+    """``model`` as a skeleton whose large initializers are external data in one
+    in-memory file (:data:`WEIGHTS_FILE`), and that file's bytes.
+
+    Handed to onnxruntime (``SessionOptions.add_external_initializers_from_files_in_memory``)
+    a session is built without serializing the weights into the model's bytes:
+    one copy of them instead of the two (Python bytes and onnxruntime's own) a
+    serialized model costs, and faster. ``model`` is not changed.
+    """
+    light = _without_initializers(model)
+    weights = bytearray()
+    for tensor in model.graph.initializer:
+        if not _is_heavy(tensor):
+            light.graph.initializer.append(tensor)
+            continue
+        data = tensor.raw_data
+        ref = light.graph.initializer.add()
+        ref.name, ref.data_type, ref.data_location = tensor.name, tensor.data_type, TensorProto.EXTERNAL
+        ref.dims.extend(tensor.dims)
+        for key, value in (("location", WEIGHTS_FILE), ("offset", str(len(weights))), ("length", str(len(data)))):
+            entry = ref.external_data.add()
+            entry.key, entry.value = key, value
+        weights += data
+    return light, weights
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no initializers (copying them is the
+    cost the callers avoid; everything else is copied)."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field, value)
+    return light
+
+
+def _copy_field(target, field, value) -> None:
+    """Copy one set field (from ``ListFields``) into the message ``target``."""
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+# Bytes per element of the types whose large initializers the skeleton leaves out
+# (sub-byte, string and other rare types stay in it, for the checker itself).
+_ITEMSIZES = {
+    TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8,
+    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.BOOL: 1, TensorProto.INT16: 2,
+    TensorProto.UINT16: 2, TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8,
+    TensorProto.UINT64: 8,
+}  # fmt: skip
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _is_heavy(tensor: onnx.TensorProto) -> bool:
+    """Whether an initializer is left out of the skeleton: many elements of a common
+    numeric type held in ``raw_data`` alone (other cases stay, for the checker)."""
+    return (
+        tensor.data_location == TensorProto.DEFAULT
+        and tensor.data_type in _ITEMSIZES
+        and tensor.HasField("raw_data")
+        and not any(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+        and min(tensor.dims, default=0) >= 0
+        and int(np.prod(tensor.dims, dtype=np.int64)) > SKELETON_MAX_ELEMENTS
+    )
+
+
+def _check_data_size(tensor: onnx.TensorProto) -> None:
+    """Raise ``onnx.checker.ValidationError`` unless the ``raw_data`` of ``tensor``
+    holds exactly its shape's worth of elements."""
+    needed = int(np.prod(tensor.dims, dtype=np.int64)) * _ITEMSIZES[tensor.data_type]
+    held = len(tensor.raw_data)  # a copy of one tensor's bytes at a time
+    if held != needed:
+        raise onnx.checker.ValidationError(
+            f"initializer {tensor.name!r}: raw_data holds {held} bytes, its shape "
+            f"{list(tensor.dims)} and type {TensorProto.DataType.Name(tensor.data_type)} need {needed}"
+        )
 
 
 def shape_of(tensor_type: onnx.TypeProto | None) -> tuple | None:

@@ -181,7 +181,7 @@ def add_probes(
         node.name = name
     scopes = framework_scopes(work.graph)
     matcher = Matcher(index, scopes, scopes_per_node(len(index.names), scopes))
-    candidates, skipped = _candidates(select_scopes(matcher, patterns, excluded), method, index)
+    candidates, skipped = _candidates(select_scopes(matcher, patterns, excluded), method, matcher)
     if not candidates and skipped:
         raise dtype_error(skipped[0][0], index.dtype_name(skipped[0][1]))
     if not candidates:
@@ -202,20 +202,20 @@ def _copy_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """
     if not isinstance(model, onnx.ModelProto):
         return load_model(model)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     try:
-        check_model(work)
+        check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ModelFileError(
             f"the model is not valid ONNX ({first_line(exc)}); fix it so that "
             "onnx.checker.check_model accepts it"
         ) from exc
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
     return work
 
 
 def _candidates(
-    scopes: list[Scope], method: str, index: GraphIndex
+    scopes: list[Scope], method: str, matcher: Matcher
 ) -> tuple[list[_Candidate], list[tuple[str, str]]]:
     """One candidate per distinct (tensor, scope label, method), in topological order
     of the tensors, and the (probe label, tensor) of op-type matches skipped because
@@ -223,9 +223,12 @@ def _candidates(
 
     A tensor leaving one scope and entering the next (Conv -> Conv) is a candidate
     of each, as the native front ends record ``conv1:after`` and ``conv2:before``;
-    a scope matched by several patterns is one candidate. A layer or node named
-    by the caller whose tensor is integer or bool raises ProbeDtypeError.
+    a scope matched by several patterns is one candidate, and so are nodes
+    matched by op type that share their module's tensor (they are labeled by the
+    module: :meth:`Matcher.probe_label`). A layer or node named by the caller
+    whose tensor is integer or bool raises ProbeDtypeError.
     """
+    index = matcher.index
     methods = probe_methods(method)
     finders = {"before": before_tensor, "after": after_tensor}
     found: dict[tuple[str, str, str], _Candidate] = {}
@@ -243,9 +246,10 @@ def _candidates(
                         raise dtype_error(f"{scope.label}:{m}", index.dtype_name(tensor))
                     skipped.append((f"{scope.label}:{m}", tensor))
                     continue
+                label = matcher.probe_label(call, m, tensor)
                 found.setdefault(
-                    (tensor, scope.label, m),
-                    _Candidate(tensor, scope.label, m, node, group if len(calls) > 1 else None),
+                    (tensor, label, m),
+                    _Candidate(tensor, label, m, node, group if len(calls) > 1 else None),
                 )
     ordered = sorted(found.values(), key=lambda c: (index.position(c.tensor), c.method))
     return ordered, skipped

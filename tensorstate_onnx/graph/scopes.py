@@ -243,10 +243,53 @@ class Matcher:
     index: GraphIndex
     scopes: list[Scope]
     per_node: list[list[Scope]]
+    _same_op: dict[tuple[int, str], list[int]] = field(init=False, repr=False)
+    _calls: dict[int, list[Scope]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._calls = {}  # split_calls of each module probe_label looked at, by id
+        # The nodes of each (most specific scope, op type), in graph order.
+        self._same_op = {}
+        for i, node in enumerate(self.index.graph.node):
+            if self.per_node[i]:
+                self._same_op.setdefault((id(self.per_node[i][-1]), node.op_type), []).append(i)
 
     def node_label(self, i: int) -> str:
-        """The most specific framework name of node ``i``, else its ONNX node name."""
-        return self.per_node[i][-1].label if self.per_node[i] else self.index.names[i]
+        """The label of a probe on node ``i`` alone (matched by op type or node name)
+        that says which tensor it watches.
+
+        Inside a module or layer (its most specific one) it is
+        ``<module>/<op type>``, plus ``#k`` when the module has several nodes of
+        that type (the k-th in graph order, from 1): ``transformer.h.0.attn/MatMul#2``.
+        A node outside every module keeps its ONNX node name. (A node whose tensor
+        is the module's own is named after the module: :meth:`probe_label`.)
+        """
+        if not self.per_node[i]:
+            return self.index.names[i]
+        module = self.per_node[i][-1]
+        op = self.index.graph.node[i].op_type
+        same = self._same_op[(id(module), op)]
+        return f"{module.label}/{op}" + (f"#{same.index(i) + 1}" if len(same) > 1 else "")
+
+    def probe_label(self, scope: Scope, method: str, tensor: str) -> str:
+        """The label of a probe on ``tensor``, found as ``scope``'s ``method`` tensor.
+
+        A single node whose tensor is also its module's own tensor for ``method``
+        (the one a probe of the module watches: the Conv of a Conv2d, the Relu
+        ending a Keras Dense layer) is named after the module, so one name always
+        means one tensor on every path; other scopes keep their label.
+        """
+        if scope.kind not in ("op", "node") or not self.per_node[scope.nodes[0]]:
+            return scope.label
+        module = self.per_node[scope.nodes[0]][-1]
+        finder = after_tensor if method == "after" else before_tensor
+        if id(module) not in self._calls:
+            self._calls[id(module)] = split_calls(module, self.index)
+        for call in self._calls[id(module)]:
+            hit = finder(call, self.index) if scope.nodes[0] in call.nodes else None
+            if hit is not None and hit[1] == tensor:
+                return module.label
+        return scope.label
 
     def match(self, pattern: str, warn: bool = False) -> list[Scope]:
         """Scopes that ``pattern`` names; aliases only when nothing else matches.

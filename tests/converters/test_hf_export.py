@@ -96,3 +96,42 @@ def test_padded_tokens_are_left_out_alike_on_both_paths(torch, transformers):
             assert capture.counts(index=[2]).sum() == 3  # the third sample has 3 real tokens
     finally:
         remove_state_layers(native)
+
+
+@pytest.mark.slow
+def test_gpt2_op_type_probes_name_module_op_and_position(torch, transformers):
+    """MatMul/Gemm matched by op type in an exported GPT-2: each probe says which tensor
+    (``transformer.h.0.attn/MatMul#2``: the second MatMul of that module), names are
+    unique and the same on a second rewrite, and module matches keep their names."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.graph import add_probes
+
+    torch.manual_seed(0)
+    model, _ = _gpt2(transformers)
+    exported = from_torch(model, {"input_ids": torch.randint(0, 100, (2, 16))})
+    _, probes = add_probes(exported, ["MatMul", "Gemm"])
+    names = [p.name for p in probes]
+    assert len(set(names)) == len(names) == len({p.tensor_name for p in probes})
+    for layer in (0, 1):
+        attn = [p for p in probes if p.name.startswith(f"transformer.h.{layer}.attn/")]
+        assert [(p.name, p.op_type) for p in attn] == [
+            (f"transformer.h.{layer}.attn/MatMul#1:after", "MatMul"),
+            (f"transformer.h.{layer}.attn/MatMul#2:after", "MatMul"),
+        ]
+        assert f"transformer.h.{layer}.mlp.c_fc/Gemm:after" in names
+    _, again = add_probes(exported, ["MatMul", "Gemm"])
+    assert [p.name for p in again] == names
+    _, by_module = add_probes(exported, ["transformer.h.0.attn", "transformer.h.0.mlp.act"])
+    assert sorted(p.name for p in by_module) == ["transformer.h.0.attn:after", "transformer.h.0.mlp.act:after"]
+
+
+def test_an_encoder_decoder_without_decoder_inputs_is_an_input_error(torch, transformers):
+    """A T5 model given only input_ids fails in its own forward; the error says so and
+    lists the inputs it takes (decoder_input_ids among them) instead of blaming export."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.errors import OptionError
+
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100, decoder_start_token_id=0)
+    model = transformers.T5Model(config).eval()
+    with pytest.raises(OptionError, match=r"T5Model fails on example_inputs before any export.*decoder_input_ids"):
+        from_torch(model, {"input_ids": torch.randint(0, 100, (2, 8))})

@@ -124,6 +124,33 @@ def test_from_torch_several_inputs_keywords_and_outputs(torch, dynamo, ort_sessi
             np.testing.assert_allclose(g, e, atol=1e-5)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_from_torch_names_the_inputs_a_forward_needs(torch, dynamo):
+    """Example inputs the forward cannot take are refused before exporting, with its
+    parameters and what to pass, on either exporter."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.errors import OptionError
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids, attention_mask, scale=1.0):
+            if attention_mask.dim() != 2:
+                raise ValueError("attention_mask must be [batch, length]")
+            return self.fc(input_ids * attention_mask) * scale
+
+    ids = torch.zeros(2, 4)
+    with pytest.raises(OptionError, match=r"Masked.forward needs attention_mask.*input_ids, attention_mask, scale \(required: input_ids, attention_mask\).*\{'input_ids': <tensor>, 'attention_mask': <tensor>\}"):
+        from_torch(Masked(), {"input_ids": ids}, dynamo=dynamo)
+    with pytest.raises(OptionError, match="Masked.forward takes no argument mask"):
+        from_torch(Masked(), {"input_ids": ids, "attention_mask": ids, "mask": ids}, dynamo=dynamo)
+    with pytest.raises(OptionError, match=r"Masked fails on example_inputs before any export \(ValueError: attention_mask must be") as info:
+        from_torch(Masked(), (ids, torch.ones(2, 4, 1)), dynamo=dynamo)
+    assert "could not export" not in str(info.value) and isinstance(info.value.__cause__, ValueError)
+
+
 def test_from_torch_bad_input(torch):
     from tensorstate_onnx.converters import from_torch
     from models.torch_models import LeNet5

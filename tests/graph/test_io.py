@@ -110,6 +110,79 @@ def test_large_model_goes_through_external_data(cnn, x, tmp_path, monkeypatch, r
     assert np.array_equal(probed[probes[0].output_name], run(exposed, {"x": x})["r"] > 0)
 
 
+@pytest.fixture
+def weighty(initializer):
+    """x[N, 64] @ w[64, 64] -> Reshape to [N, 8, 8] (target an int64 initializer) -> Relu:
+    one weight over the skeleton's size limit, and a small constant that data
+    propagation must read."""
+    from onnx import TensorProto, helper
+
+    target = onnx.numpy_helper.from_array(np.array([-1, 8, 8], np.int64), "target")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Reshape", ["h", "target"], ["r"], name="reshape"),
+        helper.make_node("Relu", ["r"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "weighty", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8])],
+        [initializer("w", 64, 64), target],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_checks_and_shape_inference_never_see_the_weights(weighty, monkeypatch):
+    """The checker and shape inference get the weightless skeleton: ``w`` (4,096
+    elements) is a graph input there, the Reshape target stays, types are complete."""
+    seen = []
+    real_check, real_infer = onnx.checker.check_model, onnx.shape_inference.infer_shapes
+
+    def record(real):
+        def wrapped(model, *args, **kwargs):
+            seen.append({t.name for t in model.graph.initializer})
+            return real(model, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(onnx.checker, "check_model", record(real_check))
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", record(real_infer))
+    rewritten, probes = add_probes(weighty, ["mm", "Reshape"])
+    assert len(seen) >= 3 and all(names == {"target"} for names in seen)
+    assert [(p.name, p.shape) for p in probes] == [("mm:after", (None, 64)), ("reshape:after", (None, 8, 8))]
+    assert [t.name for t in rewritten.graph.initializer] == ["w", "target"]
+    light = graph_io.skeleton(weighty)
+    assert [i.name for i in light.graph.input] == ["x", "w"] and weighty.graph.initializer[0].HasField("raw_data")
+
+
+def test_a_weight_whose_data_does_not_fit_its_shape_is_refused(weighty, tmp_path):
+    weighty.graph.initializer[0].raw_data = weighty.graph.initializer[0].raw_data[:-4]
+    with pytest.raises(ModelFileError, match=r"'w'.*16380 bytes.*\[64, 64\].*16384"):
+        add_probes(weighty, "mm")
+    onnx.save_model(weighty, str(tmp_path / "short.onnx"))
+    with pytest.raises(ModelFileError, match="not a valid ONNX model"):
+        load_model(tmp_path / "short.onnx")
+
+
+def test_split_weights_builds_the_same_session_without_serializing_them(weighty):
+    """The skeleton refers to ``w`` in the in-memory file, the small Reshape target
+    stays inline, the model is unchanged, and onnxruntime computes the same outputs."""
+    import onnxruntime as ort
+
+    before = weighty.SerializeToString(deterministic=True)
+    light, weights = graph_io.split_weights(weighty)
+    assert weighty.SerializeToString(deterministic=True) == before
+    w, target = light.graph.initializer
+    assert w.data_location == onnx.TensorProto.EXTERNAL and not w.HasField("raw_data")
+    assert {e.key: e.value for e in w.external_data} == {"location": graph_io.WEIGHTS_FILE, "offset": "0", "length": str(64 * 64 * 4)}
+    assert bytes(weights) == weighty.graph.initializer[0].raw_data and target.HasField("raw_data")
+    options = ort.SessionOptions()
+    options.add_external_initializers_from_files_in_memory([graph_io.WEIGHTS_FILE], [weights], [len(weights)])
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    split = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    whole = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(split.run(None, {"x": x})[0], whole.run(None, {"x": x})[0])
+
+
 def _with_data_at(cnn: onnx.ModelProto, folder: Path, location: str) -> Path:
     """``cnn`` saved in ``folder`` with its weights in ``weights.bin``, then said to be at ``location``."""
     path = folder / "model.onnx"

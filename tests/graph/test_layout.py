@@ -93,8 +93,9 @@ def test_channels_last_producers(producer, make_cnn, tf2onnx_style):
 @pytest.mark.parametrize("attach_to", [["Conv2D"], ["Conv"]], ids=["layer", "op"])
 def test_keras_before_the_first_conv_is_channels_last(keras_lenet, attach_to, assert_same_states):
     """Before conv1 is the (28, 28, 1) image: by layer, the NHWC model input (last axis);
-    by ONNX op, the Reshape tf2onnx puts in front of the Conv (axis 1). Both give the
-    native states: 784 one-neuron states per image."""
+    by ONNX op, the Reshape tf2onnx puts in front of the Conv (axis 1), a tensor inside the
+    layer, as its name says (``conv1/Conv``; conv2's Conv reads the layer's input). Both give the native states: 784
+    one-neuron states per image."""
     from tensorstate_onnx import build_efficiency_model
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
 
@@ -103,8 +104,9 @@ def test_keras_before_the_first_conv_is_channels_last(keras_lenet, attach_to, as
     native.predict(x, batch_size=32, verbose=0)
     onnx_model = OnnxEfficiencyModel(exported, attach_to, method="before", providers="cpu")
     onnx_model.predict(x, batch_size=32)
+    first_name = "conv1/Conv:before" if attach_to == ["Conv"] else "conv1:before"
     assert [(p.name, p.n_neurons) for p in onnx_model.probes] == [
-        ("conv1:before", 1), ("conv2:before", 20), ("conv3:before", 50),
+        (first_name, 1), ("conv2:before", 20), ("conv3:before", 50),
     ]  # fmt: skip
     first, *rest = zip(native.efficiency_layers, onnx_model.efficiency_layers)
     assert first[1].state_count == len(x) * 28 * 28

@@ -174,11 +174,58 @@ def test_keras_layer_names(keras_like):
     assert labels[0] == ["conv1"] and labels[6] == ["dense_1"]
 
 
-def test_repeated_labels_get_distinct_probe_names(keras_like):
+def test_nodes_matched_by_op_type_are_named_by_module_and_op(keras_like):
+    """A node inside a layer is ``<layer>/<op>``, unless its tensor is the layer's own
+    (the Relu ending conv1 and dense): then it is the layer's probe name."""
     _, probes = add_probes(keras_like, ["Conv", "Relu"])
-    assert [(p.name, p.op_type) for p in probes] == [
-        ("conv1:after", "Conv"), ("conv1:after#2", "Relu"), ("dense:after", "Relu"),
+    assert [(p.name, p.label, p.op_type) for p in probes] == [
+        ("conv1/Conv:after", "conv1/Conv", "Conv"), ("conv1:after", "conv1", "Relu"),
+        ("dense:after", "dense", "Relu"),
     ]  # fmt: skip
+    _, by_layer = add_probes(keras_like, ["conv1", "dense"])
+    assert [(p.name, p.tensor_name) for p in by_layer] == [(p.name, p.tensor_name) for p in probes[1:]]
+
+
+def test_op_matches_inside_a_module_say_which_tensor(initializer):
+    """A hand-built attention-like module ``blk.attn`` (torch metadata): its two MatMuls
+    are ``blk.attn/MatMul#1`` and ``#2``, its Softmax ``blk.attn/Softmax``, the Add that
+    ends it is the module's own tensor (``blk.attn``), a node outside every module keeps
+    its ONNX name; names are unique and the same on every rewrite."""
+
+    def node(op, inputs, output, scopes):
+        made = helper.make_node(op, inputs, [output], name=f"node_{output}")
+        if scopes:
+            names = ["", *scopes, output]
+            classes = ["Net", *(f"torch.nn.{s.rsplit('.', 1)[-1].title()}" for s in scopes), op]
+            helper.set_metadata_props(
+                made, {"pkg.torch.onnx.name_scopes": repr(names), "pkg.torch.onnx.class_hierarchy": repr(classes)}
+            )
+        return made
+
+    attn = ["blk", "blk.attn"]
+    nodes = [
+        node("MatMul", ["x", "wq"], "q", attn), node("MatMul", ["x", "wk"], "k", attn),
+        node("Add", ["q", "k"], "qk", attn), node("Softmax", ["qk"], "p", attn),
+        node("Add", ["p", "x"], "y", attn), node("MatMul", ["y", "wo"], "z", None),
+    ]  # fmt: skip
+    g = helper.make_graph(
+        nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8])],
+        [initializer(name, 8, 8) for name in ("wq", "wk", "wo")],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _, probes = add_probes(model, ["MatMul", "Softmax", "Add"])
+    assert [(p.name, p.tensor_name) for p in probes] == [
+        ("blk.attn/MatMul#1:after", "q"), ("blk.attn/MatMul#2:after", "k"),
+        ("blk.attn/Add#1:after", "qk"), ("blk.attn/Softmax:after", "p"),
+        ("blk.attn:after", "y"), ("node_z:after", "z"),
+    ]  # fmt: skip
+    _, again = add_probes(model, ["MatMul", "Softmax", "Add"])
+    assert [p.name for p in again] == [p.name for p in probes]
+    _, before = add_probes(model, "MatMul", method="before")  # both read x, the module's input
+    assert [(p.name, p.tensor_name) for p in before] == [("blk.attn:before", "x"), ("node_z:before", "y")]
+    _, by_module = add_probes(model, "blk.attn")  # a module match is named as before
+    assert [(p.name, p.tensor_name) for p in by_module] == [("blk.attn:after", "y")]
 
 
 def test_tf2onnx_names_without_suffix(initializer):
