@@ -28,7 +28,7 @@ from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture, positions_kept
 from .data import Batch, iter_batches, n_samples
 from .errors import ModelFileError, ModelInputError, OptionError, ProviderError, first_line
-from .graph import Probe, add_probes, load_model, save_model
+from .graph import Probe, owned_copy, probe_in_place, save_model
 from .store import check_storage_root, unique_store_dirname
 
 __all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
@@ -168,15 +168,16 @@ class OnnxEfficiencyModel:
         self.storage_path = None if storage_path is None else Path(storage_path)
         if self.storage_path is not None:
             check_storage_root(self.storage_path, overwrite)
-        source = load_model(model)
+        work = owned_copy(model)  # rewritten in place: a large model is held once
         self._described = f"model {os.fspath(model)!r}" if isinstance(model, (str, os.PathLike)) else (
-            f"model graph {source.graph.name!r}"
+            f"model graph {work.graph.name!r}"
         )
-        self.output_names = [output.name for output in source.graph.output]
-        self.model, self.probes = add_probes(
-            source, attach_to, exclude=exclude, method=method,
+        self.output_names = [output.name for output in work.graph.output]
+        self.model, self.probes = probe_in_place(
+            work, attach_to, exclude=exclude, method=method,
             channel_axes=channel_axes, pack_in_graph=pack_in_graph,
         )
+        del work
         store_dirs: set[str] = set()
         self.efficiency_layers = [
             OnnxProbeCapture(
@@ -217,14 +218,14 @@ class OnnxEfficiencyModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             if not graph.needs_external_data(self.model):
-                # The weights go to onnxruntime as an in-memory external data file, not
+                # The weights go to onnxruntime as in-memory external data files, not
                 # inside the serialized model: one transient copy instead of two
                 # (onnxruntime >= 1.18; older versions get the whole model's bytes).
                 in_memory = hasattr(options, "add_external_initializers_from_files_in_memory")
-                light, weights = graph.io.split_weights(self.model) if in_memory else (self.model, b"")
-                if weights:
+                light, files = graph.io.split_weights(self.model) if in_memory else (self.model, {})
+                if files:
                     options.add_external_initializers_from_files_in_memory(
-                        [graph.io.WEIGHTS_FILE], [weights], [len(weights)]
+                        list(files), list(files.values()), [len(data) for data in files.values()]
                     )
                 return ort.InferenceSession(light.SerializeToString(), options, providers=self.providers)
             with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ which ties them together).
 from __future__ import annotations
 
 from .io import EXTERNAL_DATA_THRESHOLD, load_model, needs_external_data, save_model
-from .probes import Probe, add_probes, list_nodes
+from .probes import Probe, add_probes, list_nodes, owned_copy, probe_in_place
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -35,5 +35,7 @@ __all__ = [
     "add_probes",
     "list_nodes",
     "load_model",
+    "owned_copy",
+    "probe_in_place",
     "save_model",
 ]

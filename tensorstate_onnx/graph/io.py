@@ -10,6 +10,7 @@ cannot serialize more than 2 GiB in one piece.
 
 from __future__ import annotations
 
+
 import os
 import tempfile
 import warnings
@@ -178,8 +179,15 @@ def save_model(
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` must go through files with external data (over :data:`EXTERNAL_DATA_THRESHOLD`)."""
-    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    """Whether ``model`` must go through files with external data (over :data:`EXTERNAL_DATA_THRESHOLD`).
+
+    The size of the large initializers is taken from their shapes and types (their
+    data sizes are checked against them on loading): asking protobuf for the size
+    of a whole model serializes its weights, about a second per 500 MB."""
+    heavy = sum(_data_size(tensor) + 64 for tensor in model.graph.initializer if _is_heavy(tensor))
+    if heavy == 0:
+        return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    return heavy + skeleton(model).ByteSize() > EXTERNAL_DATA_THRESHOLD
 
 
 def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -198,16 +206,18 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     onnx.load_external_data_for_model(model, str(path.parent))
 
 
-def check_model(model: onnx.ModelProto) -> None:
+def check_model(model: onnx.ModelProto, weights: bool = True) -> None:
     """Run ``onnx.checker`` on ``model`` without copying or serializing its weights.
 
     The checker runs on :func:`skeleton`, and the weights left out of it are
     checked here the way the checker would (the data size fits the shape and
-    type), raising ``onnx.checker.ValidationError`` like it.
+    type; reading each one's size copies its bytes), raising
+    ``onnx.checker.ValidationError`` like it. ``weights=False`` skips that for
+    weights checked before (a rewritten model only adds copies of them).
     """
     light = skeleton(model)
     for tensor in model.graph.initializer:
-        if _is_heavy(tensor):
+        if weights and _is_heavy(tensor):
             _check_data_size(tensor)
     if not needs_external_data(light):
         onnx.checker.check_model(light)
@@ -276,34 +286,32 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-#: The name under which :func:`split_weights` refers to the weights it sets apart.
-WEIGHTS_FILE = "weights.bin"
-
-
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bytearray]:
-    """``model`` as a skeleton whose large initializers are external data in one
-    in-memory file (:data:`WEIGHTS_FILE`), and that file's bytes.
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bytes]]:
+    """``model`` as a skeleton whose large initializers are external data, each in an
+    in-memory file of its own, and those files' bytes by name.
 
     Handed to onnxruntime (``SessionOptions.add_external_initializers_from_files_in_memory``)
     a session is built without serializing the weights into the model's bytes:
-    one copy of them instead of the two (Python bytes and onnxruntime's own) a
-    serialized model costs, and faster. ``model`` is not changed.
+    one copy of them (each tensor's bytes, read once) instead of the two (Python
+    bytes and onnxruntime's own) a serialized model costs, and faster. ``model``
+    is not changed (its weights cannot be moved out: protobuf frees a message's
+    memory only with the whole message).
     """
     light = _without_initializers(model)
-    weights = bytearray()
+    files: dict[str, bytes] = {}
     for tensor in model.graph.initializer:
         if not _is_heavy(tensor):
             light.graph.initializer.append(tensor)
             continue
-        data = tensor.raw_data
+        name = f"tensorstate-weight-{len(files)}.bin"
+        files[name] = tensor.raw_data
         ref = light.graph.initializer.add()
         ref.name, ref.data_type, ref.data_location = tensor.name, tensor.data_type, TensorProto.EXTERNAL
         ref.dims.extend(tensor.dims)
-        for key, value in (("location", WEIGHTS_FILE), ("offset", str(len(weights))), ("length", str(len(data)))):
+        for key, value in (("location", name), ("offset", "0"), ("length", str(len(files[name])))):
             entry = ref.external_data.add()
             entry.key, entry.value = key, value
-        weights += data
-    return light, weights
+    return light, files
 
 
 def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -353,10 +361,15 @@ def _is_heavy(tensor: onnx.TensorProto) -> bool:
     )
 
 
+def _data_size(tensor: onnx.TensorProto) -> int:
+    """Bytes that the ``raw_data`` of a large initializer holds for its shape and type."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * _ITEMSIZES[tensor.data_type]
+
+
 def _check_data_size(tensor: onnx.TensorProto) -> None:
     """Raise ``onnx.checker.ValidationError`` unless the ``raw_data`` of ``tensor``
     holds exactly its shape's worth of elements."""
-    needed = int(np.prod(tensor.dims, dtype=np.int64)) * _ITEMSIZES[tensor.data_type]
+    needed = _data_size(tensor)
     held = len(tensor.raw_data)  # a copy of one tensor's bytes at a time
     if held != needed:
         raise onnx.checker.ValidationError(

@@ -166,10 +166,22 @@ def add_probes(
     method or packing request. A probe whose axis is a guess warns
     (GuessedAxisWarning).
     """
+    return probe_in_place(owned_copy(model), attach_to, exclude, method, channel_axes, pack_in_graph)
+
+
+def probe_in_place(
+    work: onnx.ModelProto,
+    attach_to: str | Iterable[str],
+    exclude: str | Iterable[str] = (),
+    method: str = "after",
+    channel_axes: Mapping[str, int] | None = None,
+    pack_in_graph: bool = False,
+) -> tuple[onnx.ModelProto, list[Probe]]:
+    """:func:`add_probes` on a model the caller owns (from :func:`owned_copy`), which
+    is rewritten in place and returned: no second copy of a large model's weights."""
     probe_methods(method)
     patterns = as_patterns(attach_to, "attach_to")
     excluded = as_patterns(exclude, "exclude")
-    work = _copy_model(model)
     if pack_in_graph and default_opset(work) < MIN_PACK_OPSET:
         raise OptionError(
             f"pack_in_graph needs default-domain opset >= {MIN_PACK_OPSET}, the model "
@@ -190,11 +202,11 @@ def add_probes(
             "inferred shape; nothing to probe"
         )
     probes = _make_probes(work, index, candidates, dict(channel_axes or {}), pack_in_graph)
-    check_model(work)
+    check_model(work, weights=False)  # the weights were checked by owned_copy; probes only copy them
     return work, probes
 
 
-def _copy_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+def owned_copy(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """A private, checked copy of the model to rewrite (a file is read fresh, a proto copied).
 
     Checking the input first means a checker failure of the result is a rewriter

@@ -147,9 +147,10 @@ def test_checks_and_shape_inference_never_see_the_weights(weighty, monkeypatch):
     monkeypatch.setattr(onnx.checker, "check_model", record(real_check))
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", record(real_infer))
     rewritten, probes = add_probes(weighty, ["mm", "Reshape"])
-    assert len(seen) >= 3 and all(names == {"target"} for names in seen)
+    # the weight "w" never; the small Reshape target (and the zeros probes compare with) always
+    assert len(seen) >= 3 and all("w" not in names and "target" in names for names in seen)
     assert [(p.name, p.shape) for p in probes] == [("mm:after", (None, 64)), ("reshape:after", (None, 8, 8))]
-    assert [t.name for t in rewritten.graph.initializer] == ["w", "target"]
+    assert [t.name for t in rewritten.graph.initializer] == ["w", "target", "h_zero", "r_zero"]
     light = graph_io.skeleton(weighty)
     assert [i.name for i in light.graph.input] == ["x", "w"] and weighty.graph.initializer[0].HasField("raw_data")
 
@@ -169,14 +170,15 @@ def test_split_weights_builds_the_same_session_without_serializing_them(weighty)
     import onnxruntime as ort
 
     before = weighty.SerializeToString(deterministic=True)
-    light, weights = graph_io.split_weights(weighty)
+    light, files = graph_io.split_weights(weighty)
     assert weighty.SerializeToString(deterministic=True) == before
     w, target = light.graph.initializer
     assert w.data_location == onnx.TensorProto.EXTERNAL and not w.HasField("raw_data")
-    assert {e.key: e.value for e in w.external_data} == {"location": graph_io.WEIGHTS_FILE, "offset": "0", "length": str(64 * 64 * 4)}
-    assert bytes(weights) == weighty.graph.initializer[0].raw_data and target.HasField("raw_data")
+    (name, data), = files.items()
+    assert {e.key: e.value for e in w.external_data} == {"location": name, "offset": "0", "length": str(64 * 64 * 4)}
+    assert data == weighty.graph.initializer[0].raw_data and target.HasField("raw_data")
     options = ort.SessionOptions()
-    options.add_external_initializers_from_files_in_memory([graph_io.WEIGHTS_FILE], [weights], [len(weights)])
+    options.add_external_initializers_from_files_in_memory([name], [data], [len(data)])
     x = RNG.standard_normal((3, 64)).astype(np.float32)
     split = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     whole = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
@@ -244,3 +246,14 @@ def test_external_data_that_is_not_a_file_is_refused(cnn, tmp_path):
     for location in ("pipe.bin", "folder.bin"):
         with pytest.raises(ModelFileError, match="not a regular file"):
             load_model(_with_data_at(cnn, tmp_path, location))
+
+
+def test_needs_external_data_counts_the_weights_from_their_shapes(weighty, monkeypatch):
+    """The weights' bytes are counted from their shapes and types (asking protobuf
+    for a whole model's size serializes it): the decision matches the real size."""
+    size = weighty.ByteSize()
+    for threshold, expected in ((size - 2000, True), (size + 2000, False)):
+        monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD", threshold)
+        assert graph_io.needs_external_data(weighty) is expected, threshold
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD", 10_000)  # the weight alone is 16,384 bytes
+    assert graph_io.needs_external_data(weighty)
