@@ -225,24 +225,56 @@ def _without_cache(module):
         config.use_cache = True
 
 
-def _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names):
+def _checked_dynamic_axes(module, args, kwargs, dynamic_axes) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` as ``{input: {axis: name}}``, refused with a message when it
+    names an input the example inputs do not give or an axis they do not have."""
+    if dynamic_axes is None:
+        return {}
+    if not isinstance(dynamic_axes, dict) or not all(isinstance(v, dict) for v in dynamic_axes.values()):
+        raise OptionTypeError(
+            "dynamic_axes must map input names to {axis: dimension name} dicts, e.g. "
+            "{'input_ids': {0: 'batch', 1: 'sequence'}}"
+        )
+    given = dict(zip(inspect.signature(module.forward).parameters, args)) | dict(kwargs)
+    for name, axes in dynamic_axes.items():
+        if name not in given:
+            raise OptionError(
+                f"dynamic_axes names {name!r}, which is not among the example inputs "
+                f"({', '.join(given) or 'none'}); use the forward's parameter names"
+            )
+        rank = getattr(given[name], "ndim", 0)
+        bad = [axis for axis in axes if not isinstance(axis, int) or not 0 <= axis < rank]
+        if bad or not all(isinstance(label, str) and label for label in axes.values()):
+            raise OptionError(
+                f"dynamic_axes[{name!r}] = {axes!r}: give axes 0..{rank - 1} of that input, "
+                "each with a non-empty dimension name"
+            )
+    return dynamic_axes
+
+
+def _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names, dynamic_axes):
     args = tuple(_batch_of_two(torch, a) for a in args)
     kwargs = {k: _batch_of_two(torch, v) for k, v in kwargs.items()}
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dims: dict[str, object] = {}
 
-    def spec(value):
+    def dim(name: str):
+        return dims.setdefault(name, torch.export.Dim(name))
+
+    def spec(name, value):
+        if name in dynamic_axes:
+            return {int(axis): dim(label) for axis, label in dynamic_axes[name].items()} or None
         if not isinstance(value, torch.Tensor) or value.dim() < 1:
             return None
         if _is_token_input(torch, value):
-            return {0: batch, 1: sequence}
-        return {0: batch}
+            return {0: dim("batch"), 1: dim("sequence")}
+        return {0: dim("batch")}
 
-    dynamic_shapes = tuple(spec(a) for a in args)
-    if kwargs:
+    names = list(inspect.signature(module.forward).parameters)
+    dynamic_shapes = tuple(spec(name, a) for name, a in zip(names, args))
+    if kwargs or dynamic_axes:
         # torch.export wants one spec per forward parameter, by name.
-        names = list(inspect.signature(module.forward).parameters)
         positional = dict(zip(names, dynamic_shapes))
-        dynamic_shapes = {**positional, **{k: spec(v) for k, v in kwargs.items()}}
+        dynamic_shapes = {**positional, **{k: spec(k, v) for k, v in kwargs.items()}}
     program = torch.onnx.export(
         module, args, kwargs=kwargs or None, dynamo=True, optimize=False, verbose=False,
         opset_version=opset, input_names=input_names, output_names=output_names,
@@ -270,7 +302,7 @@ def _count_outputs(torch, module, args, kwargs) -> int:
     return sum(isinstance(leaf, torch.Tensor) for leaf in leaves)
 
 
-def _export_legacy(torch, module, args, kwargs, opset, input_names, output_names):
+def _export_legacy(torch, module, args, kwargs, opset, input_names, output_names, dynamic_axes):
     params = [
         p.name for p in inspect.signature(module.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
@@ -285,7 +317,7 @@ def _export_legacy(torch, module, args, kwargs, opset, input_names, output_names
         output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     if kwargs:
         args = (*args, kwargs)
-    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    dynamic_axes = {**{name: {0: "batch"} for name in (*input_names, *output_names)}, **dynamic_axes}
     with tempfile.TemporaryDirectory(prefix="tensorstate-export-") as tmp:
         path = Path(tmp, "model.onnx")
         torch.onnx.export(
@@ -377,6 +409,7 @@ def from_torch(
     opset: int = 18,
     input_names=None,
     output_names=None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> onnx.ModelProto:
     """Export a PyTorch module to ONNX, keeping every module's output for probing.
 
@@ -399,6 +432,11 @@ def from_torch(
         input_names, output_names: names of the graph inputs and outputs
             (defaults: the forward's parameter names; the exporter's output
             names, or ``output``/``output_<i>`` with the legacy exporter).
+        dynamic_axes: ``{input name: {axis: dimension name}}`` replacing the
+            default dynamic axes of the inputs it names (the forward's parameter
+            names): ``{"pixel_values": {0: "batch", 2: "height", 3: "width"}}``,
+            or ``{"input_ids": {0: "batch"}}`` to fix the sequence length. Axes
+            sharing a dimension name must be equal.
 
     Returns:
         The ``onnx.ModelProto``, weights in memory. BatchNorm stays a separate
@@ -419,6 +457,7 @@ def from_torch(
         params = list(inspect.signature(module.forward).parameters)
         kwargs = dict(sorted(kwargs.items(), key=lambda kv: params.index(kv[0]) if kv[0] in params else len(params)))
     _check_arguments(module, args, kwargs)
+    dynamic_axes = _checked_dynamic_axes(module, args, kwargs, dynamic_axes)
     was_training = module.training
     module.eval()
     output = io.StringIO()
@@ -427,9 +466,9 @@ def from_torch(
             warnings.simplefilter("ignore")
             _check_forward(torch, module, args, kwargs)
             if dynamo:
-                proto = _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names)
+                proto = _export_dynamo(torch, module, args, kwargs, opset, input_names, output_names, dynamic_axes)
             else:
-                proto = _export_legacy(torch, module, args, kwargs, opset, input_names, output_names)
+                proto = _export_legacy(torch, module, args, kwargs, opset, input_names, output_names, dynamic_axes)
     except OptionError:
         raise
     except Exception as exc:

@@ -151,6 +151,49 @@ def test_from_torch_names_the_inputs_a_forward_needs(torch, dynamo):
     assert "could not export" not in str(info.value) and isinstance(info.value.__cause__, ValueError)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_from_torch_dynamic_axes_override_the_defaults(torch, dynamo, ort_session, onnx_dims):
+    """``dynamic_axes`` makes an image's height and width dynamic (the default is the
+    batch axis only), and fixes a token input's length (the default makes it dynamic)."""
+    from tensorstate_onnx.converters import from_torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.embed = torch.nn.Embedding(10, 4)
+
+        def forward(self, image, ids):
+            return self.conv(image).mean(dim=(2, 3)) + self.embed(ids).mean(dim=1)
+
+    module = Net().eval()
+    example = (torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2, 5)))
+    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "ids": {0: "batch"}}
+    model = from_torch(module, example, dynamo=dynamo, dynamic_axes=axes)
+    assert [onnx_dims(i) for i in model.graph.input] == [["batch", 3, "height", "width"], ["batch", 5]]
+    image, ids = torch.randn(3, 3, 12, 6), torch.randint(0, 10, (3, 5))
+    with torch.no_grad():
+        expected = module(image, ids).numpy()
+    got = ort_session(model).run(None, {"image": image.numpy(), "ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [onnx_dims(i) for i in from_torch(module, example, dynamo=dynamo).graph.input] == (
+        [["batch", 3, 8, 8], ["batch", "sequence"]] if dynamo else [["batch", 3, 8, 8], ["batch", 5]]
+    )
+
+
+def test_from_torch_refuses_dynamic_axes_that_name_no_input(torch):
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.errors import OptionError, OptionTypeError
+
+    module, x = torch.nn.Linear(4, 2), torch.randn(2, 4)
+    with pytest.raises(OptionError, match=r"dynamic_axes names 'x'.*\(input\).*parameter names"):
+        from_torch(module, x, dynamic_axes={"x": {0: "batch"}})
+    with pytest.raises(OptionError, match=r"dynamic_axes\['input'\].*axes 0..1"):
+        from_torch(module, x, dynamic_axes={"input": {2: "width"}})
+    with pytest.raises(OptionTypeError, match="dimension name"):
+        from_torch(module, x, dynamic_axes={"input": "batch"})
+
+
 def test_from_torch_bad_input(torch):
     from tensorstate_onnx.converters import from_torch
     from models.torch_models import LeNet5
