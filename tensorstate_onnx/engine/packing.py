@@ -359,10 +359,11 @@ def _group_word(lanes, at, span, i, k, n_groups, n_bytes, last_word):
 
 
 @kernel(inline="always")
-def _emit_groups(lanes, start, k0, k1, n_c, n_b, out, row0):
-    """Bytes ``k0..k1`` of the ``n_b`` states ``row0..`` of one sample into
-    ``out`` (the output rows flattened): byte ``k`` of position ``p`` is
-    ``lanes[start + 8 * (k - k0) * n_b + p]``.
+def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
+    """Bytes ``k0..k1`` of the states of ``n_samples`` consecutive samples
+    (``n_b`` states each, from row ``row0`` on) into ``out`` (the output rows
+    flattened): byte ``k`` of position ``p`` of sample ``s`` is
+    ``lanes[s * per + 8 * (k - k0) * n_b + p]``.
 
     Eight groups at a time, the bytes of eight positions of each are read as
     one word and the 8x8 bytes transposed, so that each position gets its
@@ -381,37 +382,40 @@ def _emit_groups(lanes, start, k0, k1, n_c, n_b, out, row0):
     # sample's channels (or junk) above them: masked off.
     last = np.uint8((1 << (n_c - 8 * (n_bytes - 1))) - 1)
     last_word = np.uint64(last) * np.uint64(0x0101010101010101)
-    if n_bytes == 1 and row0 + n_b + 8 <= out.size:
-        # One byte per state: the lanes are the states, in order.
-        for q in range(0, n_b, 8):
-            p0 = max(0, min(q, n_b - 8))
-            _store8(out, row0 + p0, _load8(lanes, start + p0) & last_word)
-    elif n_groups >= 8 or (row0 + n_b - 1) * n_bytes + 8 <= out.size:
-        for kb in range(0, n_groups, 8):
-            k = k0 + min(kb, n_groups - 8) if n_groups >= 8 else k0
-            base = start + (k - k0) * span
+    for s in range(n_samples):
+        start = s * per
+        row = row0 + s * n_b
+        if n_bytes == 1 and row + n_b + 8 <= out.size:
+            # One byte per state: the lanes are the states, in order.
             for q in range(0, n_b, 8):
                 p0 = max(0, min(q, n_b - 8))
-                at = base + p0
-                words = _transpose8x8(
-                    _group_word(lanes, at, span, 0, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 1, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 2, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 3, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 4, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 5, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 6, k, n_groups, n_bytes, last_word),
-                    _group_word(lanes, at, span, 7, k, n_groups, n_bytes, last_word),
-                )
-                first = (row0 + p0) * n_bytes + k
-                for p in range(valid):
-                    _store8(out, first + p * n_bytes, words[p])
-    else:
-        for g in range(k0, k1):
-            at = start + (g - k0) * span
-            mask = last if g == n_bytes - 1 else np.uint8(0xFF)
-            for p in range(n_b):
-                out[(row0 + p) * n_bytes + g] = lanes[at + p] & mask
+                _store8(out, row + p0, _load8(lanes, start + p0) & last_word)
+        elif n_groups >= 8 or (row + n_b - 1) * n_bytes + 8 <= out.size:
+            for kb in range(0, n_groups, 8):
+                k = k0 + min(kb, n_groups - 8) if n_groups >= 8 else k0
+                base = start + (k - k0) * span
+                for q in range(0, n_b, 8):
+                    p0 = max(0, min(q, n_b - 8))
+                    at = base + p0
+                    words = _transpose8x8(
+                        _group_word(lanes, at, span, 0, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 1, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 2, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 3, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 4, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 5, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 6, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 7, k, n_groups, n_bytes, last_word),
+                    )
+                    first = (row + p0) * n_bytes + k
+                    for p in range(valid):
+                        _store8(out, first + p * n_bytes, words[p])
+        else:
+            for g in range(k0, k1):
+                at = start + (g - k0) * span
+                mask = last if g == n_bytes - 1 else np.uint8(0xFF)
+                for p in range(n_b):
+                    out[(row + p) * n_bytes + g] = lanes[at + p] & mask
 
 
 @kernel
@@ -468,8 +472,7 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
                         | rows6[i] << 6
                         | rows7[i] << 7
                     )
-                for s in range(s1 - s0):
-                    _emit_groups(lanes, s * per, k0, k1, n_c, n_b, out, (r * samples + s0 + s) * n_b)
+                _emit_groups(lanes, s1 - s0, per, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
 
 
 def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
@@ -560,12 +563,9 @@ def _sample_runs(view: np.ndarray) -> np.ndarray | None:
     s_a, s_b, s_c = view.strides
     if n_b > _SMALL_MAP_MAX or s_c != n_b * s_b:
         return None
-    per = n_c * n_b
-    if s_a == per * s_b:
-        shape, strides = (1, n_a * per), (0, s_b)
-    else:
-        shape, strides = (n_a, per), (s_a, s_b)
-    return np.lib.stride_tricks.as_strided(view, shape=shape, strides=strides, writeable=False)
+    # (a, C, b) with the last two axes mergeable: reshape makes views, no copies.
+    samples = view.transpose(0, 2, 1).reshape(n_a, n_c * n_b)
+    return samples.reshape(1, -1) if s_a == n_c * n_b * s_b else samples
 
 
 def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
