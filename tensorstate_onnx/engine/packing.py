@@ -371,9 +371,12 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
     of the words are junk (never stored); with more, the last eight positions
     overlap the ones before them (stored twice, the same), and so do the
     last eight groups when their number is not a multiple of 8. With fewer
-    than eight groups (a state of fewer than 8 bytes), each store runs past
-    its row into the following ones, which are stored after it: only where
-    the output has room, else byte by byte."""
+    than eight groups (a state of fewer than 8 bytes) and eight positions or
+    more, each store runs past its row into the following ones, which are
+    stored after it (only where the output has room). Otherwise the bytes go
+    one by one (unsigned indices: numba checks signed ones for being
+    negative), faster than a transpose of mostly empty words for maps of
+    fewer than eight positions."""
     n_bytes = (n_c + 7) // 8
     n_groups = k1 - k0
     span = 8 * n_b
@@ -390,7 +393,7 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
             for q in range(0, n_b, 8):
                 p0 = max(0, min(q, n_b - 8))
                 _store8(out, row + p0, _load8(lanes, start + p0) & last_word)
-        elif n_groups >= 8 or (row + n_b - 1) * n_bytes + 8 <= out.size:
+        elif n_groups >= 8 or (n_b >= 8 and (row + n_b - 1) * n_bytes + 8 <= out.size):
             for kb in range(0, n_groups, 8):
                 k = k0 + min(kb, n_groups - 8) if n_groups >= 8 else k0
                 base = start + (k - k0) * span
@@ -415,7 +418,7 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
                 at = start + (g - k0) * span
                 mask = last if g == n_bytes - 1 else np.uint8(0xFF)
                 for p in range(n_b):
-                    out[(row + p) * n_bytes + g] = lanes[at + p] & mask
+                    out[np.uint64((row + p) * n_bytes + g)] = lanes[np.uint64(at + p)] & mask
 
 
 @kernel

@@ -340,22 +340,24 @@ def test_pack_small_maps_special_values():
             np.testing.assert_array_equal(pack(filled, 1), expected)
 
 
+@pytest.mark.parametrize("side", [2, 3])
 @pytest.mark.parametrize("channels", [8, 13, 64])
-def test_pack_small_maps_at_every_output_alignment(channels):
-    """The kernel stores 8 bytes at a time at any address, and with one byte
-    per state it stores past a sample's rows (into the next sample's): nothing
-    may land outside the output rows it is given."""
+def test_pack_small_maps_at_every_output_alignment(channels, side):
+    """The kernel stores 8 bytes at a time at any address, and with fewer
+    than 8 bytes per state it stores past a sample's rows (into the next
+    sample's): nothing may land outside the output rows it is given."""
     rng = np.random.default_rng(channels)
-    x = random_values(rng, (5, channels, 2, 2), np.float32)
+    x = random_values(rng, (5, channels, side, side), np.float32)
     values, lo, hi = packing._comparable(np.moveaxis(x, 1, -1))
     (view,) = packing._state_blocks(values)
     width = n_bytes_for(channels)
+    rows = 5 * side * side
     for offset in range(9):
-        buffer = np.zeros(5 * 4 * width + 32, np.uint8)
-        out = buffer[offset : offset + 5 * 4 * width].reshape(-1, width)
+        buffer = np.full(rows * width + 32, 0xA5, np.uint8)  # stray zeros would show
+        out = buffer[offset : offset + rows * width].reshape(-1, width)
         packing._run_block(view, lo, hi, out)
         np.testing.assert_array_equal(out, reference_pack(x, 1))
-        assert not buffer[:offset].any() and not buffer[offset + out.size :].any()
+        assert (buffer[:offset] == 0xA5).all() and (buffer[offset + out.size :] == 0xA5).all()
 
 
 def test_pack_small_maps_of_large_samples_and_many_threads():
