@@ -7,6 +7,12 @@ Prints markdown tables:
   ``pack`` GB/s, ``np.packbits(x > 0, axis=<channel axis>, bitorder="little")``
   GB/s and the read bandwidth of ``x.sum()`` GB/s, all measured in the same run,
   with the ratios pack/sum (target >= 0.8x) and pack/packbits.
+* **pack, channels-first with small feature maps**: ``(N, C, H, W)`` float32
+  with H*W in {1, 4, 9, 16, 64} and C in {8, 64, 512, 1280, 4096} (inputs of
+  about ``--mib`` MiB), and late layers of real CNNs at batch 32
+  (``(32, 1280, 3, 3)``, ``(32, 320, 3, 3)``, ``(32, 96, 6, 6)``,
+  ``(32, 16, 48, 48)``, ``(32, 512, 1, 1)``; these fit in cache, and so does
+  their ``x.sum()``): pack GB/s, ``x.sum()`` GB/s and pack/sum.
 * **counting**: states/s of ``StateCounter`` (``add`` + ``result``, timed
   together) against ``np.unique(packed, axis=0, return_counts=True)`` for
   (a) about 1,000 distinct states and (b) mostly distinct random states.
@@ -41,6 +47,27 @@ from tensorstate_onnx.engine import StateCounter, n_bytes_for, pack
 
 CHANNELS = (8, 64, 512, 4096)
 STREAM_BATCH = 65_536
+
+
+def interleaved_medians(fns, repeats: int, min_seconds: float = 0.02) -> list[float]:
+    """Median seconds per call of each of ``fns``, timed in turn within each
+    repeat (so that a change of machine load hits them alike). A call is
+    repeated within one timing until it takes ``min_seconds``, so that small
+    inputs are not timed at the clock's resolution."""
+    loops = []
+    for fn in fns:
+        fn()  # warm-up (numba cache load, page faults of output buffers)
+        start = time.perf_counter()
+        fn()
+        loops.append(max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, n, series in zip(fns, loops, times):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            series.append((time.perf_counter() - start) / n)
+    return [float(np.median(series)) for series in times]
 
 
 def median_time(fn, repeats: int) -> float:
@@ -96,6 +123,42 @@ def bench_pack(mib: float, repeats: int) -> list[str]:
             print(rows[-1], flush=True)
             del x
         del x_last
+    return rows
+
+
+SMALL_SIDES = ((1, 1), (2, 2), (3, 3), (4, 4), (8, 8))
+SMALL_CHANNELS = (8, 64, 512, 1280, 4096)
+CNN_SHAPES = ((32, 1280, 3, 3), (32, 320, 3, 3), (32, 96, 6, 6), (32, 16, 48, 48), (32, 512, 1, 1))
+
+
+def small_map_shapes(mib: float) -> list[tuple[int, ...]]:
+    """The channels-first shapes with small feature maps (about ``mib`` MiB
+    each), then the late CNN layers at batch 32."""
+    shapes = []
+    for height, width in SMALL_SIDES:
+        for channels in SMALL_CHANNELS:
+            n = max(1, round(mib * 2**20 / 4 / (height * width * channels)))
+            shapes.append((n, channels, height, width))
+    return shapes + list(CNN_SHAPES)
+
+
+def bench_pack_small_maps(mib: float, repeats: int) -> list[str]:
+    rows = [
+        "| shape (N, C, H, W) | MiB | pack GB/s | sum GB/s | pack/sum (>= 0.8) |",
+        "|---|---|---|---|---|",
+    ]
+    rng = np.random.default_rng(2)
+    for shape in small_map_shapes(mib):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        t_pack, t_sum = interleaved_medians([lambda x=x: pack(x, 1), x.sum], repeats)
+        gb = x.nbytes / 1e9
+        ratio = t_sum / t_pack
+        rows.append(
+            f"| {shape} | {x.nbytes / 2**20:.1f} | {gb / t_pack:.2f} | {gb / t_sum:.2f} | "
+            f"{ratio:.2f}x {mark(ratio >= 0.8)} |"
+        )
+        print(rows[-1], flush=True)
+        del x
     return rows
 
 
@@ -197,7 +260,7 @@ def main(argv=None) -> None:
                         help="states counted for C <= 512 (a tenth of it for C = 4096)")
     parser.add_argument("--unique-seconds", type=float, default=1.0,
                         help="np.unique gets as many of the rows as it counts in about this time")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["pack", "count", "fresh"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pack", "small", "count", "fresh"])
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -209,6 +272,14 @@ def main(argv=None) -> None:
     if "pack" not in args.skip:
         print(f"pack, float32 inputs of about {args.mib:g} MiB, medians of {args.repeats} runs", flush=True)
         sections.append((f"pack (float32, ~{args.mib:g} MiB per input)", bench_pack(args.mib, args.repeats)))
+    if "small" not in args.skip:
+        print(f"\npack, channels-first small feature maps, medians of {args.repeats} runs", flush=True)
+        sections.append(
+            (
+                f"pack, channels-first small feature maps (float32, ~{args.mib:g} MiB; CNN layers at batch 32)",
+                bench_pack_small_maps(args.mib, args.repeats),
+            )
+        )
     if "count" not in args.skip:
         print(f"\ncounting, medians of {args.repeats} runs", flush=True)
         sections.append(("Counting (add + result)", bench_counting(args.repeats, args.rows, args.unique_seconds)))

@@ -15,10 +15,14 @@ GIL); small ones on the calling thread.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from ..errors import OptionError, OptionTypeError, PackedStateError
 from .jit import kernel
@@ -160,6 +164,56 @@ def _put8(out, row, col, word):
         out[row, col + i] = np.uint8(word >> np.uint64(8 * i))
 
 
+@kernel(inline="always")
+def _transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7):
+    """Transpose the 8x8 bytes of eight uint64 words: byte ``i`` of word ``j``
+    in becomes byte ``j`` of word ``i`` out (three rounds of swaps of 8-, 16-
+    and 32-bit blocks)."""
+    m = np.uint64(0x00FF00FF00FF00FF)
+    s = np.uint64(8)
+    t = ((r0 >> s) ^ r1) & m
+    r1 ^= t
+    r0 ^= t << s
+    t = ((r2 >> s) ^ r3) & m
+    r3 ^= t
+    r2 ^= t << s
+    t = ((r4 >> s) ^ r5) & m
+    r5 ^= t
+    r4 ^= t << s
+    t = ((r6 >> s) ^ r7) & m
+    r7 ^= t
+    r6 ^= t << s
+    m = np.uint64(0x0000FFFF0000FFFF)
+    s = np.uint64(16)
+    t = ((r0 >> s) ^ r2) & m
+    r2 ^= t
+    r0 ^= t << s
+    t = ((r1 >> s) ^ r3) & m
+    r3 ^= t
+    r1 ^= t << s
+    t = ((r4 >> s) ^ r6) & m
+    r6 ^= t
+    r4 ^= t << s
+    t = ((r5 >> s) ^ r7) & m
+    r7 ^= t
+    r5 ^= t << s
+    m = np.uint64(0x00000000FFFFFFFF)
+    s = np.uint64(32)
+    t = ((r0 >> s) ^ r4) & m
+    r4 ^= t
+    r0 ^= t << s
+    t = ((r1 >> s) ^ r5) & m
+    r5 ^= t
+    r1 ^= t << s
+    t = ((r2 >> s) ^ r6) & m
+    r6 ^= t
+    r2 ^= t << s
+    t = ((r3 >> s) ^ r7) & m
+    r7 ^= t
+    r3 ^= t << s
+    return r0, r1, r2, r3, r4, r5, r6, r7
+
+
 @kernel
 def _pack_cols(x, lo, hi, out, out64):
     """``x`` is ``(a, C, b)``: the positions are the fastest axis (channels-first).
@@ -218,48 +272,7 @@ def _pack_cols(x, lo, hi, out, out64):
                     r5 = words[8 * kw + 5, pw]
                     r6 = words[8 * kw + 6, pw]
                     r7 = words[8 * kw + 7, pw]
-                    m = np.uint64(0x00FF00FF00FF00FF)
-                    s = np.uint64(8)
-                    t = ((r0 >> s) ^ r1) & m
-                    r1 ^= t
-                    r0 ^= t << s
-                    t = ((r2 >> s) ^ r3) & m
-                    r3 ^= t
-                    r2 ^= t << s
-                    t = ((r4 >> s) ^ r5) & m
-                    r5 ^= t
-                    r4 ^= t << s
-                    t = ((r6 >> s) ^ r7) & m
-                    r7 ^= t
-                    r6 ^= t << s
-                    m = np.uint64(0x0000FFFF0000FFFF)
-                    s = np.uint64(16)
-                    t = ((r0 >> s) ^ r2) & m
-                    r2 ^= t
-                    r0 ^= t << s
-                    t = ((r1 >> s) ^ r3) & m
-                    r3 ^= t
-                    r1 ^= t << s
-                    t = ((r4 >> s) ^ r6) & m
-                    r6 ^= t
-                    r4 ^= t << s
-                    t = ((r5 >> s) ^ r7) & m
-                    r7 ^= t
-                    r5 ^= t << s
-                    m = np.uint64(0x00000000FFFFFFFF)
-                    s = np.uint64(32)
-                    t = ((r0 >> s) ^ r4) & m
-                    r4 ^= t
-                    r0 ^= t << s
-                    t = ((r1 >> s) ^ r5) & m
-                    r5 ^= t
-                    r1 ^= t << s
-                    t = ((r2 >> s) ^ r6) & m
-                    r6 ^= t
-                    r2 ^= t << s
-                    t = ((r3 >> s) ^ r7) & m
-                    r7 ^= t
-                    r3 ^= t << s
+                    r0, r1, r2, r3, r4, r5, r6, r7 = _transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7)
                     # Now byte r of r_i is block[8kw + r, 8pw + i]: row 8pw + i, bytes 8kw...
                     if wide:
                         out64[row, kw] = r0
@@ -285,6 +298,184 @@ def _pack_cols(x, lo, hi, out, out64):
             for p in range(8 * n_pw, width):
                 for k in range(n_bytes):
                     out[first + p, k] = block[k, p]
+
+
+# Bytes of fire flags that the small-map kernel makes at a time (in L1 cache).
+_MAP_CHUNK = 16384
+_WORD = ir.IntType(64)
+_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _byte_array_at(context, builder, signature, args):
+    """LLVM pointer to element ``args[1]`` of the 1-d contiguous array ``args[0]``."""
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    at = context.cast(builder, args[1], signature.args[1], types.intp)
+    return builder.bitcast(builder.gep(array.data, [at]), _WORD.as_pointer())
+
+
+def _is_byte_array(buf) -> bool:
+    """Whether the numba type ``buf`` is a 1-d contiguous uint8 array."""
+    return isinstance(buf, types.Array) and buf.dtype == types.uint8 and buf.ndim == 1 and buf.layout == "C"
+
+
+@intrinsic
+def _load8(typingctx, buf, index):
+    """``buf[index:index+8]`` (a contiguous uint8 array) as a little-endian
+    uint64, in one unaligned load: numba would check each of eight byte
+    indices for being negative, and a function of its own is not inlined."""
+    if not (_is_byte_array(buf) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = builder.load(_byte_array_at(context, builder, signature, args), align=1, typ=_WORD)
+        return builder.bswap(word) if sys.byteorder == "big" else word
+
+    return types.uint64(buf, index), codegen
+
+
+@intrinsic
+def _store8(typingctx, buf, index, word):
+    """``word`` (uint64) into ``buf[index:index+8]`` (a contiguous uint8
+    array), little-endian, in one unaligned store."""
+    if not (_is_byte_array(buf) and isinstance(index, types.Integer) and word == types.uint64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = builder.bswap(args[2]) if sys.byteorder == "big" else args[2]
+        builder.store(value, _byte_array_at(context, builder, signature, args), align=1)
+        return context.get_dummy_value()
+
+    return types.void(buf, index, word), codegen
+
+
+@kernel(inline="always")
+def _group_word(lanes, at, span, i, k, n_groups, n_bytes, last_word):
+    """The lanes of group ``k + i`` at ``at + i * span`` as a word, the last
+    group of a state masked with ``last_word``; 0 past the ``n_groups``."""
+    if i >= n_groups:
+        return np.uint64(0)
+    word = _load8(lanes, at + i * span)
+    return word & last_word if k + i == n_bytes - 1 else word
+
+
+@kernel(inline="always")
+def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
+    """Bytes ``k0..k1`` of the states of ``n_samples`` consecutive samples
+    (``n_b`` states each, from row ``row0`` on) into ``out`` (the output rows
+    flattened): byte ``k`` of position ``p`` of sample ``s`` is
+    ``lanes[s * per + 8 * (k - k0) * n_b + p]``.
+
+    Eight groups at a time, the bytes of eight positions of each are read as
+    one word and the 8x8 bytes transposed, so that each position gets its
+    eight bytes in one store. With fewer than eight positions the upper bytes
+    of the words are junk (never stored); with more, the last eight positions
+    overlap the ones before them (stored twice, the same), and so do the
+    last eight groups when their number is not a multiple of 8. With fewer
+    than eight groups (a state of fewer than 8 bytes) and eight positions or
+    more, each store runs past its row into the following ones, which are
+    stored after it (only where the output has room). Otherwise the bytes go
+    one by one (unsigned indices: numba checks signed ones for being
+    negative), faster than a transpose of mostly empty words for maps of
+    fewer than eight positions."""
+    n_bytes = (n_c + 7) // 8
+    n_groups = k1 - k0
+    span = 8 * n_b
+    valid = min(8, n_b)
+    # The last group of a sample with C % 8 channels has bits of the next
+    # sample's channels (or junk) above them: masked off.
+    last = np.uint8((1 << (n_c - 8 * (n_bytes - 1))) - 1)
+    last_word = np.uint64(last) * np.uint64(0x0101010101010101)
+    for s in range(n_samples):
+        start = s * per
+        row = row0 + s * n_b
+        if n_bytes == 1 and row + n_b + 8 <= out.size:
+            # One byte per state: the lanes are the states, in order.
+            for q in range(0, n_b, 8):
+                p0 = max(0, min(q, n_b - 8))
+                _store8(out, row + p0, _load8(lanes, start + p0) & last_word)
+        elif n_groups >= 8 or (n_b >= 8 and (row + n_b - 1) * n_bytes + 8 <= out.size):
+            for kb in range(0, n_groups, 8):
+                k = k0 + min(kb, n_groups - 8) if n_groups >= 8 else k0
+                base = start + (k - k0) * span
+                for q in range(0, n_b, 8):
+                    p0 = max(0, min(q, n_b - 8))
+                    at = base + p0
+                    words = _transpose8x8(
+                        _group_word(lanes, at, span, 0, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 1, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 2, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 3, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 4, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 5, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 6, k, n_groups, n_bytes, last_word),
+                        _group_word(lanes, at, span, 7, k, n_groups, n_bytes, last_word),
+                    )
+                    first = (row + p0) * n_bytes + k
+                    for p in range(valid):
+                        _store8(out, first + p * n_bytes, words[p])
+        else:
+            for g in range(k0, k1):
+                at = start + (g - k0) * span
+                mask = last if g == n_bytes - 1 else np.uint8(0xFF)
+                for p in range(n_b):
+                    out[np.uint64((row + p) * n_bytes + g)] = lanes[np.uint64(at + p)] & mask
+
+
+@kernel
+def _pack_maps(x, n_c, n_b, lo, hi, out):
+    """``x`` is ``(runs, m * C * b)``: each row holds ``m`` whole samples of
+    ``C`` channels of ``b`` positions (channels-first), one after the other;
+    ``out`` is the output rows flattened.
+
+    For small feature maps, where a channel row of ``b`` values is too short
+    for a loop along it to pay. A chunk of values (several whole samples, or
+    some groups of channels of one; its flags fit in L1 cache) is turned into
+    fire flags, one byte each, in one long loop; then every flag position
+    ``i`` gets the byte ``lanes[i]`` whose bit ``j`` is ``flags[i + j * b]``,
+    also in one long loop of wide loads and shifts (8 times more bytes than
+    needed, as only the first ``b`` of every ``8 * b`` are state bytes, but
+    far cheaper than short loops); :func:`_emit_groups` moves the state
+    bytes to their rows. Flags past the chunk (stale) are read into lanes
+    that are never stored, or into the bits of channels beyond ``C``, which
+    :func:`_emit_groups` masks."""
+    n_runs, run = x.shape
+    per = n_c * n_b
+    n_bytes = (n_c + 7) // 8
+    samples = run // per
+    size = max(_MAP_CHUNK, 64 * n_b)
+    flags = np.zeros(size + 8 * n_b + 8, np.uint8)
+    lanes = np.zeros(size + 8, np.uint8)
+    # flags seen from each of the 8 rows of a group on: plain indices in the
+    # loop below (an offset inside the index would defeat vectorization).
+    rows0, rows1, rows2, rows3 = flags, flags[n_b:], flags[2 * n_b :], flags[3 * n_b :]
+    rows4, rows5, rows6, rows7 = flags[4 * n_b :], flags[5 * n_b :], flags[6 * n_b :], flags[7 * n_b :]
+    # A chunk is several whole samples, or at least eight groups of channels
+    # of one (the last chunk overlapping the one before it, if need be).
+    sample_step = max(1, _MAP_CHUNK // per)
+    group_step = n_bytes if per <= _MAP_CHUNK else max(8, _MAP_CHUNK // (8 * n_b))
+    for r in range(n_runs):
+        src = x[r]
+        for s0 in range(0, samples, sample_step):
+            s1 = min(samples, s0 + sample_step)
+            for kc in range(0, n_bytes, group_step):
+                k1 = min(n_bytes, kc + group_step)
+                k0 = max(0, min(kc, k1 - 8))
+                body = src[s0 * per + 8 * k0 * n_b : (s1 - 1) * per + min(8 * k1, n_c) * n_b]
+                m = body.size
+                for i in range(m):
+                    flags[i] = _fires(body[i], lo, hi)
+                for i in range(m):
+                    lanes[i] = (
+                        rows0[i]
+                        | rows1[i] << 1
+                        | rows2[i] << 2
+                        | rows3[i] << 3
+                        | rows4[i] << 4
+                        | rows5[i] << 5
+                        | rows6[i] << 6
+                        | rows7[i] << 7
+                    )
+                _emit_groups(lanes, s1 - s0, per, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
 
 
 def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
@@ -361,8 +552,34 @@ def _split_work(view: np.ndarray, out: np.ndarray, parts: int) -> list[tuple[np.
 _NO_WORDS = np.empty((0, 0), np.uint64)
 
 
+# Channels-first blocks with at most this many positions per sample (16x16)
+# go to _pack_maps, faster there; larger feature maps to _pack_cols, as fast
+# and with no buffer growing with the map.
+_SMALL_MAP_MAX = 256
+
+
+def _sample_runs(view: np.ndarray) -> np.ndarray | None:
+    """``view`` (``(a, b, C)``, channels-first in memory) as ``(runs, m * C * b)``
+    rows of whole samples for :func:`_pack_maps`, or None when a sample's
+    values are not equally spaced (channel stride = b * position stride)."""
+    n_a, n_b, n_c = view.shape
+    s_a, s_b, s_c = view.strides
+    if n_b > _SMALL_MAP_MAX or s_c != n_b * s_b:
+        return None
+    # (a, C, b) with the last two axes mergeable: reshape makes views, no copies.
+    samples = view.transpose(0, 2, 1).reshape(n_a, n_c * n_b)
+    return samples.reshape(1, -1) if s_a == n_c * n_b * s_b else samples
+
+
 def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
-    if 0 < abs(view.strides[1]) < abs(view.strides[2]):
+    """Pack one ``(a, b, C)`` block into its output rows with the kernel for
+    its layout: channels-first with small maps, channels-first, contiguous
+    channels-last with C a multiple of 8, or any other strides."""
+    channels_first = 0 < abs(view.strides[1]) < abs(view.strides[2])
+    runs = _sample_runs(view) if channels_first and out.flags.c_contiguous else None
+    if runs is not None:
+        _pack_maps(runs, view.shape[2], view.shape[1], lo, hi, out.reshape(-1))
+    elif channels_first:
         wide = out.shape[1] % 8 == 0 and out.flags.c_contiguous and out.ctypes.data % 8 == 0
         out64 = out.view(np.uint64) if wide else _NO_WORDS
         _pack_cols(view.transpose(0, 2, 1), lo, hi, out, out64)

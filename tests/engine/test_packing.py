@@ -273,3 +273,102 @@ def test_packed_states_with_unused_bits_set_are_refused(n_neurons, rows, bad_row
 def test_every_bit_of_the_last_byte_is_used_by_a_multiple_of_8_neurons():
     packed = np.full((3, 2), 0xFF, np.uint8)
     assert unpack(packed, 16).all()
+
+
+# ------------------------------------------- channels-first, small feature maps
+
+MAP_CHANNELS = [1, 7, 8, 9, 63, 64, 65, 1280, 4096]
+MAP_SIDES = [(1, 1), (2, 2), (3, 3), (7, 7)]
+
+
+def small_map_path(x, axis):
+    """Whether pack() hands ``x`` to the small-map kernel (checked so that the
+    tests below keep testing it if the dispatch changes)."""
+    values = np.moveaxis(packing._comparable(x)[0], axis, -1)
+    return any(packing._sample_runs(view) is not None for view in packing._state_blocks(values))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("side", MAP_SIDES)
+@pytest.mark.parametrize("channels", MAP_CHANNELS)
+def test_pack_channels_first_small_maps(channels, side, dtype):
+    rng = np.random.default_rng(channels * 100 + side[0])
+    for batch in (1, 5):
+        x = random_values(rng, (batch, channels, *side), dtype)
+        if side != (1, 1) and channels > 1:  # otherwise channels-last in memory
+            assert small_map_path(x, 1)
+        np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+
+
+@pytest.mark.parametrize("channels", [7, 9, 64, 65, 1280])
+def test_pack_small_maps_of_sliced_inputs(channels):
+    """Samples apart in memory (a batch step, a channel slice, a negative
+    batch step) go through the small-map kernel sample by sample, and so do
+    samples whose values are equally spaced (a step along the last axis);
+    other positions (part of each row) go to the general channels-first
+    kernel. All stay exact."""
+    rng = np.random.default_rng(channels)
+    base = random_values(rng, (7, channels + 3, 3, 3), np.float32)
+    wide = random_values(rng, (7, channels, 3, 6), np.float32)
+    views = {
+        "batch step": (base[::2, :channels], True),
+        "channel slice": (base[:, 1 : channels + 1], True),
+        "negative batch step": (base[::-3, :channels], True),
+        "every other column": (wide[..., ::2], True),
+        "first half of each row": (wide[..., :3], False),
+        "odd batch": (np.ascontiguousarray(base[:3, :channels]), True),
+    }
+    for name, (view, small) in views.items():
+        assert small_map_path(view, 1) == small, name
+        np.testing.assert_array_equal(pack(view, 1), reference_pack(view, 1), err_msg=name)
+
+
+def test_pack_small_maps_special_values():
+    """NaN (any sign), -0.0, +0.0, -inf and negatives never fire; +inf and the
+    smallest subnormals do, at every channel and position of a small map."""
+    for dtype in (np.float16, np.float32, np.float64):
+        with np.errstate(over="ignore"):
+            special = np.array(SPECIALS, dtype=dtype)
+        rng = np.random.default_rng(len(special))
+        x = rng.choice(special, (3, 65, 3, 3))
+        assert small_map_path(x, 1)
+        np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+        for value in (np.nan, -0.0, 0.0, -np.inf, np.inf):
+            filled = np.full((2, 9, 2, 2), value, dtype)
+            expected = np.full((8, 2), 0xFF if value > 0 else 0, np.uint8)
+            expected[:, 1] &= 0x01
+            np.testing.assert_array_equal(pack(filled, 1), expected)
+
+
+@pytest.mark.parametrize("side", [2, 3])
+@pytest.mark.parametrize("channels", [8, 13, 64])
+def test_pack_small_maps_at_every_output_alignment(channels, side):
+    """The kernel stores 8 bytes at a time at any address, and with fewer
+    than 8 bytes per state it stores past a sample's rows (into the next
+    sample's): nothing may land outside the output rows it is given."""
+    rng = np.random.default_rng(channels)
+    x = random_values(rng, (5, channels, side, side), np.float32)
+    values, lo, hi = packing._comparable(np.moveaxis(x, 1, -1))
+    (view,) = packing._state_blocks(values)
+    width = n_bytes_for(channels)
+    rows = 5 * side * side
+    for offset in range(9):
+        buffer = np.full(rows * width + 32, 0xA5, np.uint8)  # stray zeros would show
+        out = buffer[offset : offset + rows * width].reshape(-1, width)
+        packing._run_block(view, lo, hi, out)
+        np.testing.assert_array_equal(out, reference_pack(x, 1))
+        assert (buffer[:offset] == 0xA5).all() and (buffer[offset + out.size :] == 0xA5).all()
+
+
+def test_pack_small_maps_of_large_samples_and_many_threads():
+    """Samples larger than the kernel's chunk are split between chunks by
+    groups of channels (with 340 channels of 7x7, 41 groups and then the last
+    2, done as the last 8); large inputs are split between threads by samples."""
+    rng = np.random.default_rng(3)
+    for shape in [(3, 5000, 7, 7), (2, 340, 7, 7)]:
+        x = random_values(rng, shape, np.float32)
+        assert x[0].size > packing._MAP_CHUNK and small_map_path(x, 1)
+        np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+    many = random_values(rng, (1001, 129, 3, 3), np.float32)
+    assert many.nbytes > packing._PARALLEL_MIN_BYTES
+    np.testing.assert_array_equal(pack(many, 1), reference_pack(many, 1))
