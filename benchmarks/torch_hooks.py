@@ -10,16 +10,16 @@ under ``torch.no_grad()``, in one process, this times
 * ``hooks, keep_states=False``: counts only,
 
 with ``torch.set_num_threads(threads)`` for all of them, after a warm-up run,
-as the median of ``--repeats`` runs (modes interleaved, so drift hits all of them
-alike, and each mode runs first in turn). A timed run of a probed module ends as a run of the ONNX path does:
-every probe flushed (buffered raw states written to its store) and its
-``state_count`` read, so recording that finishes after the last forward pass is
-timed too. It prints a markdown table of samples/s (median) and the ratio to plain (the
-median over rounds of the ratio within a round); the
-target for the default options is a ratio >= 0.9. The process's CPU time of
-each run is measured too: on a machine shared with other work, where wall
-times swing with the load, the ratio of CPU times is the steadier one (with
-one thread; with more, idle torch threads spinning count as CPU time).
+``--repeats`` times (modes interleaved, each mode first in turn, so drift hits
+all of them alike). A timed run of a probed module ends as a run of the ONNX
+path does: every probe flushed (buffered raw states written to its store) and
+its ``state_count`` read, so the whole cost of recording is timed. It prints a
+markdown table of samples/s (median) and the ratio to plain: the median over
+rounds of plain's time over the mode's in the same round. The target for the
+default options is a ratio >= 0.9. The same ratio of the process's CPU times
+is shown too, a second view on a machine shared with other work, where wall
+times swing with the load (with more than one thread, idle torch threads
+spinning count as CPU time).
 
 :func:`torch_hook_rows` returns the rows for other benchmarks to print.
 
