@@ -44,7 +44,9 @@ class AbstractStateCapture(abc.ABC):
     Args:
         name: the probe's name, unique within a model.
         disk_path: directory of a zarr store for the raw states. ``None`` keeps
-            them in memory (compressed) when ``keep_states`` is true.
+            them in memory when ``keep_states`` is true: uncompressed, one copy
+            of the packed bytes (``ceil(C/8)`` per state), compressed only when
+            ``states`` is read (see :class:`~tensorstate_onnx.store.StateStore`).
         keep_states: keep the raw states (needed for ``states`` and for
             ``counts(index=...)``). Counts, entropy and efficiency never need
             them: they come from a streaming counter whose memory grows with

@@ -1,11 +1,18 @@
 """Zarr v3 storage of the raw packed states of one probe.
 
 One array per probe, ``uint8 (n_states, n_bytes)``, Blosc-compressed (lz4,
-bitshuffle), in memory or in a directory. Appends are buffered and written in
-whole chunks, so a run of small batches does not recompress the same chunk
-again and again; ``flush()`` writes the rest. The directory form keeps the
-probe's metadata in the array's attributes, so a store can be reopened and
-analyzed without the model.
+bitshuffle), in a directory or in memory. On disk, appends are buffered and
+written in whole chunks, so a run of small batches does not recompress the
+same chunk again and again; ``flush()`` writes the rest. The directory form
+keeps the probe's metadata in the array's attributes, so a store can be
+reopened and analyzed without the model.
+
+In memory the rows are kept as they come, uncompressed (``n_bytes`` per
+state), in chunks filled in place: an append costs one copy of the packed
+bytes and nothing else, so keeping states does not slow the forward pass.
+The compressed zarr array is built only when :attr:`StateStore.array` is asked
+for (and brought up to date with later appends the next time); reads never
+need it. A run that should keep more states than memory holds gives a path.
 
 Integrity: the attribute ``rows_written`` counts the rows completely written,
 and is raised only after their chunks are on disk; ``complete`` is set only by
@@ -33,7 +40,7 @@ from .errors import IndexOutOfRangeError, MissingFileError, StorageExistsError, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChunkedRows", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
+__all__ = ["ChunkedRows", "MemoryRows", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
 
 STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
 ROWS_WRITTEN = "rows_written"  # attribute: rows completely written
@@ -125,8 +132,55 @@ class ChunkedRows:
         self.written += data.shape[0]
 
 
+class MemoryRows:
+    """Rows kept in memory, uncompressed, in chunks of ``chunk_rows`` rows.
+
+    A chunk is allocated whole and filled by copying appended rows into it,
+    so an append is one copy and a read of any rows needs no decoding. A
+    chunk is laid out as a chunk of the store's zarr array, which
+    :meth:`StateStore.array` fills from it.
+    """
+
+    def __init__(self, chunk_rows: int, n_bytes: int):
+        self.chunk_rows = int(chunk_rows)
+        self.n_bytes = int(n_bytes)
+        self.rows = 0
+        self.chunks: list[np.ndarray] = []
+
+    def append(self, rows: np.ndarray) -> None:
+        """Copy ``rows`` in (the caller may reuse its buffer)."""
+        done = 0
+        while done < rows.shape[0]:
+            at = self.rows % self.chunk_rows
+            if at == 0:  # untouched pages of a fresh chunk take no memory yet
+                self.chunks.append(np.empty((self.chunk_rows, self.n_bytes), np.uint8))
+            take = min(self.chunk_rows - at, rows.shape[0] - done)
+            self.chunks[-1][at : at + take] = rows[done : done + take]
+            done += take
+            self.rows += take
+
+    def span(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` (a new array)."""
+        pieces = []
+        while start < stop:
+            chunk, at = divmod(start, self.chunk_rows)
+            take = min(self.chunk_rows - at, stop - start)
+            pieces.append(self.chunks[chunk][at : at + take])
+            start += take
+        return np.concatenate(pieces) if pieces else np.empty((0, self.n_bytes), np.uint8)
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """The rows at ``index`` (in ``[0, rows)``), in the order given."""
+        which, at = np.divmod(index, self.chunk_rows)
+        out = np.empty((index.size, self.n_bytes), np.uint8)
+        for chunk in np.unique(which):
+            picked = which == chunk
+            out[picked] = self.chunks[chunk][at[picked]]
+        return out
+
+
 class StateStore:
-    """Append-only store of packed states, one row per state."""
+    """Append-only store of packed states, one row per state, in a directory or in memory."""
 
     def __init__(
         self,
@@ -145,18 +199,14 @@ class StateStore:
             elif self.path.exists():
                 self.path.unlink()
         rows = max(1, STATE_CHUNK_BYTES // self.n_bytes)
-        store = zarr.storage.MemoryStore() if self.path is None else zarr.storage.LocalStore(self.path)
         attributes = {"n_neurons": self.n_neurons, **(metadata or {}), ROWS_WRITTEN: 0, COMPLETE: False}
-        self._array = zarr.create_array(
-            store,
-            shape=(0, self.n_bytes),
-            chunks=(rows, self.n_bytes),
-            dtype="uint8",
-            compressors=[state_codec()],
-            attributes=attributes,
-            fill_value=0,
-        )
-        self._rows = ChunkedRows(rows, self._write)
+        # In memory: the rows themselves, the zarr array built when asked for.
+        self._memory = MemoryRows(rows, self.n_bytes) if self.path is None else None
+        self._attributes = attributes
+        self._array = self._rows = None
+        if self.path is not None:
+            self._array = _new_array(zarr.storage.LocalStore(self.path), rows, self.n_bytes, attributes)
+            self._rows = ChunkedRows(rows, self._write)
         self._complete = False
         self._regions: list[tuple[int, int]] = []  # written regions past the first gap (sharded runs)
 
@@ -201,6 +251,7 @@ class StateStore:
         self.n_neurons = n_neurons
         self.n_bytes = array.shape[1]
         self.path = path
+        self._memory = None
         self._array = array
         self._rows = ChunkedRows(array.chunks[0], self._write, written=rows)
         self._complete = bool(array.attrs.get(COMPLETE, False))
@@ -210,11 +261,16 @@ class StateStore:
     @property
     def metadata(self) -> dict:
         """The probe metadata kept with the states."""
+        if self._memory is not None:
+            return {**self._attributes, ROWS_WRITTEN: self._memory.rows, COMPLETE: self._complete}
         return dict(self._array.attrs)
 
     @property
     def array(self) -> zarr.Array:
-        """The zarr array, with every buffered row written."""
+        """The zarr array, with every buffered row written (in memory: built, or
+        brought up to date, from the rows kept)."""
+        if self._memory is not None:
+            return self._memory_array()
         self.flush()
         if self._array.shape[0] != self._rows.written:
             raise StoreError(
@@ -230,10 +286,12 @@ class StateStore:
 
     @property
     def rows_written(self) -> int:
-        """Rows on disk (or in memory) for good: buffered rows are not counted."""
-        return self._rows.written
+        """Rows on disk for good: buffered rows are not counted (in memory: every row)."""
+        return self._rows.written if self._memory is None else self._memory.rows
 
     def __len__(self) -> int:
+        if self._memory is not None:
+            return self._memory.rows
         return self._rows.written + self._rows.pending_rows
 
     def append(self, packed: np.ndarray) -> None:
@@ -242,10 +300,32 @@ class StateStore:
             raise StoreError(
                 f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
             )
+        if self._memory is not None:
+            self._memory.append(packed)
+            if packed.shape[0]:
+                self._complete = False
+            return
         if self._complete and packed.shape[0]:
             self._array.update_attributes({COMPLETE: False})
             self._complete = False
         self._rows.append(packed)
+
+    def _memory_array(self) -> zarr.Array:
+        """The zarr array of an in-memory store: created on first use, then given the
+        rows appended since (whole chunks, as the memory holds them)."""
+        memory = self._memory
+        if self._array is None:
+            self._array = _new_array(zarr.storage.MemoryStore(), memory.chunk_rows, self.n_bytes, self._attributes)
+        start, rows, per_chunk = self._array.shape[0], memory.rows, memory.chunk_rows
+        if start != rows:
+            self._array.resize((rows, self.n_bytes))
+            for chunk in range(start // per_chunk, -(-rows // per_chunk)):
+                first = chunk * per_chunk
+                begin, end = max(start, first), min(rows, first + per_chunk)
+                self._array[begin:end] = memory.chunks[chunk][begin - first : end - first]
+        if self._array.attrs[ROWS_WRITTEN] != memory.rows or self._array.attrs[COMPLETE] != self._complete:
+            self._array.update_attributes({ROWS_WRITTEN: memory.rows, COMPLETE: self._complete})
+        return self._array
 
     def _write(self, start: int, data: np.ndarray) -> None:
         # zarr silently drops writes past the end: grow the array first. The
@@ -259,13 +339,14 @@ class StateStore:
     def mark_complete(self) -> None:
         """Write every buffered row and record that the run finished."""
         self.flush()
-        if not self._complete:
+        if not self._complete and self._memory is None:
             self._array.update_attributes({COMPLETE: True})
-            self._complete = True
+        self._complete = True
 
     def flush(self) -> None:
-        """Write every buffered row."""
-        self._rows.flush()
+        """Write every buffered row (in memory, none is buffered)."""
+        if self._rows is not None:
+            self._rows.flush()
 
     @property
     def written_ranges(self) -> list[tuple[int, int]]:
@@ -288,6 +369,8 @@ class StateStore:
         self.flush()
         if rows is None:
             rows = slice(0, len(self))
+        if self._memory is not None:
+            return self._read_memory(rows)
         if isinstance(rows, slice):
             rows = slice(*rows.indices(self._array.shape[0]))
             picked = range(self._array.shape[0])[rows]
@@ -299,6 +382,18 @@ class StateStore:
             raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
         self._check_written(index)
         return self._decoded(lambda: self._array.get_orthogonal_selection((index, slice(None))), index)
+
+    def _read_memory(self, rows: slice | np.ndarray) -> np.ndarray:
+        """:meth:`read` of an in-memory store, where every row appended is there."""
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step == 1:
+                return self._memory.span(start, max(start, stop))
+            rows = np.arange(start, stop, step)
+        index = np.asarray(rows, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
+        return self._memory.take(index.ravel())
 
     def _check_written(self, rows: np.ndarray, contiguous: bool = False) -> None:
         """Raise unless every row lies in a written range (all in one range if ``contiguous``)."""
@@ -333,6 +428,19 @@ class StateStore:
                         "rerun the analysis to rebuild it"
                     ) from None
             raise exc
+
+
+def _new_array(store, chunk_rows: int, n_bytes: int, attributes: dict) -> zarr.Array:
+    """An empty state array in ``store``: chunks of ``chunk_rows`` rows, compressed."""
+    return zarr.create_array(
+        store,
+        shape=(0, n_bytes),
+        chunks=(chunk_rows, n_bytes),
+        dtype="uint8",
+        compressors=[state_codec()],
+        attributes=attributes,
+        fill_value=0,
+    )
 
 
 def _positive_int(value) -> int | None:

@@ -37,6 +37,35 @@ def test_appends_larger_than_a_chunk_and_flushes_in_between():
     assert np.array_equal(store.array[:], data)
 
 
+def test_memory_store_keeps_the_rows_appended_and_builds_its_array_when_asked():
+    store = StateStore(4096, metadata={"name": "probe"})  # 512-byte rows: a chunk holds 8192 rows
+    data = _rows(20_000, 512)
+    buffer = data[:5000].copy()
+    store.append(buffer)
+    buffer[:] = 0  # the caller reuses its buffer
+    store.append(data[5000:9000])
+    assert store.rows_written == len(store) == 9000  # nothing waits in a buffer
+    assert np.array_equal(store.read(), data[:9000])
+    assert np.array_equal(store.read(slice(8000, 8500)), data[8000:8500])  # across a chunk boundary
+    assert np.array_equal(store.read(slice(None, None, -3)), data[:9000][::-3])
+    assert np.array_equal(store.read(np.array([8191, 8192, 0, 8191])), data[[8191, 8192, 0, 8191]])
+    assert store.read(slice(5, 5)).shape == (0, 512)
+    array = store.array
+    assert array.shape == (9000, 512) and np.array_equal(array[:], data[:9000])
+    assert array.chunks == (8192, 512) and array.compressors[0].cname.value == "lz4"
+    assert dict(array.attrs) == store.metadata == {"n_neurons": 4096, "name": "probe", "rows_written": 9000, "complete": False}
+    store.append(data[9000:])
+    store.mark_complete()
+    assert store.array is array and np.array_equal(array[:], data)  # brought up to date
+    assert array.attrs["complete"] is True and store.metadata["complete"] is True and store.complete
+    store.append(data[:0])
+    assert store.complete
+    store.append(data[:1])
+    assert not store.complete and store.metadata["rows_written"] == 20_001
+    with pytest.raises(IndexError, match=r"rows must lie in \[0, 20001\)"):
+        store.read(np.array([20_001]))
+
+
 def test_directory_store_reopens_with_metadata(tmp_path):
     data = _rows(5000, 3)
     path = tmp_path / "conv1"

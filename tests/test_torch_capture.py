@@ -597,3 +597,26 @@ def test_a_forward_pass_that_raises_midway_leaves_no_partial_batch(torch):
     with torch.no_grad():
         wanted = torch.cat([model[0](good), model[0](later)]).numpy()
     assert _pairs(first) == _numpy_counts(wanted, 1)
+    assert np.array_equal(first.states[:], pack(wanted, 1)), "nor kept"
+
+
+def test_kept_states_are_the_packed_rows_of_every_pass_in_order(torch):
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 20, 3)).eval()
+    attach_hooks(model, ["Conv2d"])
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 3, 10, 10, generator=gen) for n in (4, 1, 7)]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    hooks = model.efficiency_layers
+    remove_state_layers(model)
+    with torch.no_grad():
+        wanted = [torch.cat([model[:1](b) for b in batches]), torch.cat([model(b) for b in batches])]
+    for hook, tensor in zip(hooks, wanted, strict=True):
+        rows = pack(tensor.numpy(), 1)
+        assert hook.state_count == len(rows) and np.array_equal(hook.states[:], rows)
+        fifth = sorted(zip(hook.state_ids(index=[4]), hook.counts(index=[4]).tolist(), strict=True))
+        assert fifth == _reference(tensor[4:5].numpy(), 1), "the first sample of the second pass"
+

@@ -1,0 +1,160 @@
+"""Throughput of PyTorch forward hooks against plain torch eager inference.
+
+For the repository's LeNet-5 (28x28, the bundled held-out digits tiled) and
+MobileNetV2Small (96x96, random inputs), both with random weights, in eval mode
+under ``torch.no_grad()``, in one process, this times
+
+* ``plain``: the unmodified module,
+* ``hooks``: the same weights with ``attach_hooks(module, ["Conv2d"])`` and the
+  default options (``keep_states=True``: raw states kept in memory),
+* ``hooks, keep_states=False``: counts only,
+
+with ``torch.set_num_threads(threads)`` for all of them, after a warm-up run,
+``--repeats`` times (modes interleaved, each mode first in turn, so drift hits
+all of them alike). A timed run of a probed module ends as a run of the ONNX
+path does: every probe flushed (buffered raw states written to its store) and
+its ``state_count`` read, so the whole cost of recording is timed. It prints a
+markdown table of samples/s (median) and the ratio to plain: the median over
+rounds of plain's time over the mode's in the same round. The target for the
+default options is a ratio >= 0.9. The same ratio of the process's CPU times
+is shown too, a second view on a machine shared with other work, where wall
+times swing with the load (with more than one thread, idle torch threads
+spinning count as CPU time).
+
+:func:`torch_hook_rows` returns the rows for other benchmarks to print.
+
+Usage: ``python benchmarks/torch_hooks.py [--threads N] [--repeats 5] [--batch 32]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
+
+from tensorstate_onnx import demo
+from tensorstate_onnx.torch_capture import attach_hooks
+from models.torch_models import lenet5, mobilenet_v2_small
+
+TARGET = 0.9
+LENET_SAMPLES = 1440  # the 360 held-out digits, four times
+MOBILENET_SAMPLES = 256
+PROBED = ["Conv2d"]
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _runner(module: torch.nn.Module, x: torch.Tensor, batch: int) -> Callable[[], None]:
+    """One timed run: every batch of ``x`` through ``module``; for a probed module,
+    from reset states to every probe flushed and its state count read."""
+    hooks = getattr(module, "efficiency_layers", [])
+
+    def run() -> None:
+        for hook in hooks:
+            hook.reset_states()
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                module(x[i : i + batch])
+        for hook in hooks:
+            hook.flush()
+        sum(hook.state_count for hook in hooks)
+
+    return run
+
+
+def _paired_ratio(plain: list[float], mode: list[float]) -> float:
+    """The median over rounds of plain's time over the mode's in the same round: load
+    that comes and goes between rounds cancels out."""
+    return statistics.median(p / m for p, m in zip(plain, mode))
+
+
+def _bench(name: str, model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: int) -> list[dict]:
+    model.eval()
+    modes: dict[str, torch.nn.Module] = {
+        "plain": model,
+        "hooks": attach_hooks(copy.deepcopy(model), PROBED),
+        "hooks, keep_states=False": attach_hooks(copy.deepcopy(model), PROBED, keep_states=False),
+    }
+    runs = {mode: _runner(module, x, batch) for mode, module in modes.items()}
+    names = list(modes)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_ in range(repeats + 1):  # round 0 is the warm-up
+        for mode in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each mode first in turn
+            start, cpu_start = time.perf_counter(), time.process_time()
+            runs[mode]()
+            if round_:
+                times[mode].append(time.perf_counter() - start)
+                cpu_times[mode].append(time.process_time() - cpu_start)
+    hooks = modes["hooks"].efficiency_layers
+    rows = []
+    for mode, values in times.items():
+        rows.append({
+            "network": name, "mode": mode, "rate": len(x) / statistics.median(values),
+            "ratio": _paired_ratio(times["plain"], values), "cpu_ratio": _paired_ratio(cpu_times["plain"], cpu_times[mode]),
+            "spread": (len(x) / max(values), len(x) / min(values)), "samples": len(x),
+            "probes": len(hooks), "states": sum(hook.state_count for hook in hooks) / len(x),
+        })  # fmt: skip
+    return rows
+
+
+def torch_hook_rows(threads: int, repeats: int, batch: int) -> list[dict]:
+    """Time plain torch against hooked modules (see the module docstring); one row per
+    network and mode: ``network``, ``mode``, ``rate`` (samples/s, median), ``ratio``
+    (to plain, the median of the rounds' ratios), ``spread`` (slowest and fastest run's samples/s), ``samples``,
+    ``probes``, ``states`` (recorded per sample) and ``cpu_ratio`` (the same for
+    the process's CPU time)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    digits = demo.load_test_data()[0]
+    lenet_x = torch.from_numpy(np.resize(digits, (LENET_SAMPLES, *digits.shape[1:])).astype(np.float32))
+    mobile_x = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((MOBILENET_SAMPLES, 3, 96, 96), dtype=np.float32)
+    )
+    rows = _bench("LeNet-5 (28x28)", lenet5(), lenet_x, batch, repeats)
+    rows += _bench("MobileNetV2Small (96x96)", mobilenet_v2_small(), mobile_x, batch, repeats)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=_cpu_count(), help="torch intra-op threads (every mode)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median is reported)")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    rows = torch_hook_rows(args.threads, args.repeats, args.batch)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {_cpu_count()} CPUs available, "
+          f"{args.threads} intra-op threads, batch {args.batch}, eval mode, no_grad, "
+          f"median of {args.repeats} runs after a warm-up")
+    print()
+    print("| network | mode | probes | samples | samples/s (median) | min..max | x plain | x plain, CPU time |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        low, high = row["spread"]
+        probes = "-" if row["mode"] == "plain" else row["probes"]
+        print(f"| {row['network']} | {row['mode']} | {probes} | {row['samples']} | {row['rate']:,.0f} | "
+              f"{low:,.0f}..{high:,.0f} | {row['ratio']:.2f} | {row['cpu_ratio']:.2f} |")
+    print()
+    for row in rows:
+        if row["mode"] == "hooks":
+            verdict = "meets" if row["ratio"] >= TARGET else "misses"
+            print(f"- {row['network']}: default hooks at {row['ratio']:.2f}x plain ({verdict} the {TARGET}x "
+                  f"target; {row['cpu_ratio']:.2f}x in CPU time); {row['states']:,.0f} states per sample")
+
+
+if __name__ == "__main__":
+    main()
