@@ -1,24 +1,40 @@
-"""Throughput of probed ONNX inference against plain onnxruntime.
+"""Throughput of probed ONNX inference against plain onnxruntime, on real exports.
 
-For the bundled LeNet-5 demo and the MobileNetV2-style ONNX (96x96, random
-weights), in one process, this times
+Models, each with every Conv probed (``attach_to="Conv"``):
 
-* ``plain``: an onnxruntime session of the unmodified model,
-* ``host pack``: ``OnnxEfficiencyModel.predict`` with every Conv output probed,
-  the probes quantized and packed by the engine (``pack_in_graph=False``),
-* ``graph pack``: the same with quantize + pack inside the ONNX graph
-  (``pack_in_graph=True``),
+* the bundled LeNet-5 demo (28x28),
+* the hand-built MobileNetV2-style ONNX of ``models/onnx_models.py`` (96x96),
+* ``MobileNetV2Small`` (``models/torch_models.py``) exported by
+  ``converters.from_torch`` (dynamo), when the torch extra is installed,
+* the Keras ``mobilenet_v2_small`` exported by ``converters.from_keras``,
+  when the keras extra (TensorFlow, tf2onnx) is installed,
 
-all on the CPU provider with the same session options (graph optimization
-"all", the same intra-op thread count), after a warm-up run, as the median of
-``--repeats`` runs (modes interleaved, so drift hits all of them alike). It
-prints a markdown table of samples/s and the ratio to plain; the target is a
-ratio >= 0.67 in the better probed mode. Another row runs the probed session
-with nothing recorded: the share of the cost that is onnxruntime computing and
-copying out the probed tensors (fusions it can no longer apply), not the engine.
-A last row, for models whose Convs feed BatchNorms, is a bound on any probing:
-the unmodified model with each BatchNorm output (a tensor of the probe's size)
-as an extra output, no Conv computed twice and nothing recorded.
+all with random weights (BatchNorm statistics randomized, so states are not
+trivially constant) and random normal inputs. For each, in one process, on the
+CPU provider with the same session options (graph optimization "all", the same
+intra-op threads), after a warm-up, as the median of ``--repeats`` runs with the
+modes interleaved (drift hits all alike), it times:
+
+* ``plain``: an onnxruntime session of the unmodified model;
+* ``probed session, nothing recorded``: the rewritten session alone, what
+  exposing the probes costs onnxruntime (fusions it can no longer apply, the
+  copies out of its blocked layouts);
+* ``bound``: for models whose Convs feed BatchNorms, the unmodified model with
+  each BatchNorm output (a tensor of the probe's size) as an extra output,
+  nothing recorded -- a bound on any probing that keeps every fusion;
+* ``predict``: ``OnnxEfficiencyModel.predict`` recording every probe (packed
+  and counted on the host);
+* ``predict, graph pack``: the same with quantize + pack inside the graph;
+* ``efficiencies``: computing every probe's efficiency after a ``predict``,
+  reported as a share of that run.
+
+Where the torch extra is installed it also runs ``benchmarks/torch_hooks.py``'s
+comparison of the native PyTorch hooks against plain torch.
+
+It prints markdown tables of samples/s with the ratios to plain and of
+``predict`` to the probed session. Targets (issue 15): ``predict`` >= 0.8x the
+probed session and >= 0.3x plain on the exported MobileNetV2Small, LeNet-5
+``predict`` >= 0.85x plain, efficiencies <= 5% of the run.
 
 Usage: ``python benchmarks/onnx_overhead.py [--threads N] [--repeats 5]``
 """
@@ -26,11 +42,13 @@ Usage: ``python benchmarks/onnx_overhead.py [--threads N] [--repeats 5]``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,145 +61,180 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in th
 from tensorstate_onnx import OnnxEfficiencyModel, demo
 from models.onnx_models import mobilenet_v2_small_onnx
 
-TARGET = 0.67
-
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _plain_runner(model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int) -> Callable[[], None]:
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# ------------------------------------------------------------------ models
+
+
+def _torch_mobilenet() -> onnx.ModelProto:
+    import torch
+
+    from models.torch_models import mobilenet_v2_small, randomize_batchnorm
+    from tensorstate_onnx.converters import from_torch
+
+    torch.manual_seed(0)
+    module = randomize_batchnorm(mobilenet_v2_small()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return from_torch(module, torch.randn(2, 3, 96, 96))
+
+
+def _keras_mobilenet() -> onnx.ModelProto:
+    from models.keras_models import mobilenet_v2_small, randomize_batchnorm
+    from tensorstate_onnx.converters import from_keras
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return from_keras(randomize_batchnorm(mobilenet_v2_small()))
+
+
+def _models(args) -> list[tuple[str, Callable[[], onnx.ModelProto], np.ndarray]]:
+    """(name, model factory, inputs) of every model this machine can build."""
+    rng = np.random.default_rng(0)
+    digits = demo.load_test_data()[0]
+    chw = rng.standard_normal((args.mobilenet_samples, 3, 96, 96), dtype=np.float32)
+    models = [
+        ("LeNet-5 demo (28x28)", lambda: onnx.load(str(demo.model_path())),
+         np.resize(digits, (args.demo_samples, *digits.shape[1:]))),
+        ("MobileNetV2-style, hand-built ONNX (96x96)", mobilenet_v2_small_onnx, chw),
+    ]  # fmt: skip
+    if _has("torch"):
+        models.append(("MobileNetV2Small, from_torch (96x96)", _torch_mobilenet, chw))
+    if _has("keras") and _has("tf2onnx"):
+        models.append(("mobilenet_v2_small, from_keras (96x96)", _keras_mobilenet, np.moveaxis(chw, 1, -1).copy()))
+    return models
+
+
+# ------------------------------------------------------------------ runners
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OnnxEfficiencyModel
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _session_runner(session: ort.InferenceSession, x: np.ndarray, batch: int) -> Callable[[], None]:
+    """Every output of ``session`` for all of ``x``, the first joined as predict() joins it."""
     name = session.get_inputs()[0].name
 
     def run() -> None:
         outputs = [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-        np.concatenate(outputs)  # predict() joins its outputs too
+        np.concatenate(outputs)
 
     return run
 
 
-def _probed_runner(model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int, pack_in_graph: bool):
-    probed = OnnxEfficiencyModel(
-        model, "Conv", providers="cpu", optimization="all", threads=threads, pack_in_graph=pack_in_graph
-    )
-
-    def run() -> None:
-        probed.predict(x, batch_size=batch, progress=False)
-
-    return run, probed
-
-
-def _session_only_runner(probed: OnnxEfficiencyModel, x: np.ndarray, batch: int) -> Callable[[], None]:
-    """The probed session with nothing recorded: what exposing the probes costs onnxruntime."""
-    name = probed.inputs[0].name
-
-    def run() -> None:
-        for i in range(0, len(x), batch):
-            probed.session.run(None, {name: x[i : i + batch]})
-
-    return run
-
-
-def _exposed_runner(model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int) -> Callable[[], None] | None:
-    """A bound on any probing of this model: the plain session with the output of
-    each Conv's BatchNormalization (a tensor of the probe's size) as an extra
-    output -- no Conv computed twice, nothing recorded, only the fusions exposing
-    a tensor blocks and the copying out. ``None`` when no Conv feeds a BatchNorm."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    graph = exposed.graph
+def _bound_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The model with the output of each Conv's BatchNormalization as an extra
+    output; None when no Conv feeds a BatchNorm."""
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     names = [
         reader.output[0]
-        for node in graph.node if node.op_type == "Conv"
+        for node in model.graph.node if node.op_type == "Conv"
         for reader in readers.get(node.output[0], []) if reader.op_type == "BatchNormalization"
     ]  # fmt: skip
     if not names:
         return None
-    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    return _plain_runner(exposed, x, batch, threads)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return exposed
 
 
-def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int, repeats: int) -> list[dict]:
-    plain = _plain_runner(model, x, batch, threads)
-    host, host_model = _probed_runner(model, x, batch, threads, pack_in_graph=False)
-    graph, graph_model = _probed_runner(model, x, batch, threads, pack_in_graph=True)
-    modes = {
-        "plain": (plain, None),
-        "host pack": (host, host_model),
-        "graph pack": (graph, graph_model),
-        "probed session, nothing recorded": (_session_only_runner(host_model, x, batch), None),
+def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int, repeats: int) -> dict:
+    host = OnnxEfficiencyModel(model, "Conv", providers="cpu", threads=threads)
+    packed = OnnxEfficiencyModel(model, "Conv", providers="cpu", threads=threads, pack_in_graph=True)
+    modes: dict[str, tuple[Callable[[], None], OnnxEfficiencyModel | None]] = {
+        "plain": (_session_runner(_session(model, threads), x, batch), None),
+        "probed session, nothing recorded": (_session_runner(host.session, x, batch), None),
     }
-    exposed = _exposed_runner(model, x, batch, threads)
-    if exposed is not None:
-        modes["bound: Conv->BatchNorm outputs exposed, nothing recorded"] = (exposed, None)
+    bound = _bound_model(model)
+    if bound is not None:
+        modes["bound: BatchNorm outputs exposed"] = (_session_runner(_session(bound, threads), x, batch), None)
+    modes["predict"] = (lambda: host.predict(x, batch_size=batch, progress=False), host)
+    modes["predict, graph pack"] = (lambda: packed.predict(x, batch_size=batch, progress=False), packed)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
+    efficiencies: list[float] = []
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         for mode, (run, probed) in modes.items():
             if probed is not None:
                 probed.reset_states()
             start = time.perf_counter()
             run()
+            elapsed = time.perf_counter() - start
             if round_:
-                times[mode].append(time.perf_counter() - start)
-    states = sum(capture.state_count for capture in host_model.efficiency_layers)
-    distinct = sum(len(capture.counts()) for capture in host_model.efficiency_layers)
-    base = len(x) / statistics.median(times["plain"])
-    rows = []
-    for mode, values in times.items():
-        rate = len(x) / statistics.median(values)
-        rows.append({
-            "network": name, "mode": mode, "rate": rate, "ratio": rate / base,
-            "spread": (len(x) / max(values), len(x) / min(values)),
-            "probes": len(host_model.probes), "states": states / len(x), "distinct": distinct,
-        })  # fmt: skip
-    return rows
+                times[mode].append(elapsed)
+            if probed is host:
+                start = time.perf_counter()
+                for capture in host.efficiency_layers:
+                    capture.efficiency()
+                if round_:
+                    efficiencies.append((time.perf_counter() - start) / elapsed)
+    rates = {mode: len(x) / statistics.median(values) for mode, values in times.items()}
+    spreads = {mode: (len(x) / max(values), len(x) / min(values)) for mode, values in times.items()}
+    states = sum(capture.state_count for capture in host.efficiency_layers) / len(x)
+    distinct = sum(capture.distinct_count for capture in host.efficiency_layers)
+    return {
+        "network": name, "samples": len(x), "probes": len(host.probes), "rates": rates, "spreads": spreads,
+        "efficiencies": statistics.median(efficiencies), "states": states, "distinct": distinct,
+    }  # fmt: skip
+
+
+def _print_table(results: list[dict]) -> None:
+    print("| network | mode | samples/s (median) | min..max | x plain | x probed session |")
+    print("|---|---|---:|---:|---:|---:|")
+    for result in results:
+        rates, plain = result["rates"], result["rates"]["plain"]
+        session = rates["probed session, nothing recorded"]
+        for mode, rate in rates.items():
+            low, high = result["spreads"][mode]
+            versus = f"{rate / session:.2f}" if mode.startswith("predict") else "-"
+            print(f"| {result['network']} | {mode} | {rate:,.0f} | {low:,.0f}..{high:,.0f} | "
+                  f"{rate / plain:.2f} | {versus} |")
+    print()
+    for result in results:
+        print(f"- {result['network']}: {result['probes']} probes, {result['samples']} samples, "
+              f"{result['states']:,.0f} states per sample, {result['distinct']:,} distinct in total; "
+              f"every efficiency after the run: {100 * result['efficiencies']:.1f}% of the run")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=_cpu_count(), help="onnxruntime intra-op threads (both sides)")
+    parser.add_argument("--threads", type=int, default=_cpu_count(), help="onnxruntime intra-op threads (all sides)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median is reported)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--demo-samples", type=int, default=1440, help="demo digits, tiled from the 360 held-out ones")
     parser.add_argument("--mobilenet-samples", type=int, default=256)
+    parser.add_argument("--no-torch-hooks", action="store_true", help="skip the native torch hooks comparison")
     args = parser.parse_args(argv)
 
-    digits = demo.load_test_data()[0]
-    demo_x = np.resize(digits, (args.demo_samples, *digits.shape[1:]))
-    mobile_x = np.random.default_rng(0).standard_normal((args.mobilenet_samples, 3, 96, 96), dtype=np.float32)
-    rows = _bench("LeNet-5 demo (28x28)", onnx.load(str(demo.model_path())), demo_x, args.batch, args.threads, args.repeats)
-    rows += _bench("MobileNetV2-style (96x96)", mobilenet_v2_small_onnx(), mobile_x, args.batch, args.threads, args.repeats)
+    results = [
+        _bench(name, build(), x, args.batch, args.threads, args.repeats) for name, build, x in _models(args)
+    ]
+    print(f"onnxruntime {ort.__version__}, CPUExecutionProvider; {platform.processor() or platform.machine()}, "
+          f"{_cpu_count()} CPUs available, intra-op threads {args.threads}, graph optimization 'all', "
+          f"batch {args.batch}, median of {args.repeats} runs after a warm-up")
+    print()
+    _print_table(results)
+    if _has("torch") and not args.no_torch_hooks:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from torch_hooks import print_rows, torch_hook_rows
 
-    print(f"onnxruntime {ort.__version__}, providers used: CPUExecutionProvider "
-          f"(available: {', '.join(ort.get_available_providers())})")
-    print(f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs available, "
-          f"intra-op threads {args.threads} on both sides, graph optimization 'all', batch {args.batch}, "
-          f"median of {args.repeats} runs after a warm-up")
-    print()
-    print("| network | mode | probes | samples | samples/s (median) | min..max | x plain |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        samples = args.demo_samples if row["network"].startswith("LeNet") else args.mobilenet_samples
-        low, high = row["spread"]
-        probes = "-" if row["mode"] == "plain" else row["probes"]
-        print(f"| {row['network']} | {row['mode']} | {probes} | {samples} | {row['rate']:,.0f} | "
-              f"{low:,.0f}..{high:,.0f} | {row['ratio']:.2f} |")
-    print()
-    for network in dict.fromkeys(row["network"] for row in rows):
-        probed = [row for row in rows if row["network"] == network and row["mode"] in ("host pack", "graph pack")]
-        best = max(probed, key=lambda row: row["ratio"])
-        verdict = "meets" if best["ratio"] >= TARGET else "misses"
-        print(f"- {network}: better mode {best['mode']} at {best['ratio']:.2f}x plain ({verdict} the "
-              f"{TARGET}x target); {best['states']:,.0f} states per sample, "
-              f"{best['distinct']:,} distinct states in total over the run")
+        print()
+        print_rows(torch_hook_rows(threads=args.threads, repeats=args.repeats, batch=args.batch), args.threads)
 
 
 if __name__ == "__main__":

@@ -137,9 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     rows = torch_hook_rows(args.threads, args.repeats, args.batch)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {_cpu_count()} CPUs available, "
-          f"{args.threads} intra-op threads, batch {args.batch}, eval mode, no_grad, "
-          f"median of {args.repeats} runs after a warm-up")
+    print(f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs available, "
+          f"batch {args.batch}, median of {args.repeats} runs after a warm-up")
+    print()
+    print_rows(rows, args.threads)
+
+
+def print_rows(rows: list[dict], threads: int) -> None:
+    """Print :func:`torch_hook_rows`' rows as a markdown table and the verdicts."""
+    print(f"Native PyTorch hooks (torch {torch.__version__}, {threads} intra-op threads, eval mode, no_grad):")
     print()
     print("| network | mode | probes | samples | samples/s (median) | min..max | x plain | x plain, CPU time |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
