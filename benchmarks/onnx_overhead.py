@@ -25,8 +25,8 @@ modes interleaved (drift hits all alike), it times:
 * ``predict``: ``OnnxEfficiencyModel.predict`` recording every probe (packed
   and counted on the host);
 * ``predict, graph pack``: the same with quantize + pack inside the graph;
-* ``efficiencies``: computing every probe's efficiency after a ``predict``,
-  reported as a share of that run.
+* ``efficiencies``: ``network_efficiency`` (every probe's efficiency) after a
+  ``predict``, reported as a share of that run.
 
 Where the torch extra is installed it also runs ``benchmarks/torch_hooks.py``'s
 comparison of the native PyTorch hooks against plain torch.
@@ -58,7 +58,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
-from tensorstate_onnx import OnnxEfficiencyModel, demo
+from tensorstate_onnx import OnnxEfficiencyModel, demo, network_efficiency
 from models.onnx_models import mobilenet_v2_small_onnx
 
 
@@ -179,8 +179,7 @@ def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads
                 times[mode].append(elapsed)
             if probed is host:
                 start = time.perf_counter()
-                for capture in host.efficiency_layers:
-                    capture.efficiency()
+                network_efficiency(host)
                 if round_:
                     efficiencies.append((time.perf_counter() - start) / elapsed)
     rates = {mode: len(x) / statistics.median(values) for mode, values in times.items()}
