@@ -22,8 +22,9 @@ session's time; peak RSS <= 2x the model file.
 
 Usage: ``python benchmarks/language_model.py [--model PATH] [--sequences 4]
 [--length 256] [--batch 4] [--repeats 3] [--threads N] [--build-repeats 2]``;
-raise ``--sequences`` for more tokens (``--sequences 4000 --length 256`` is a
-million tokens per round).
+raise ``--sequences`` for more tokens. ``--long-run 1000000`` instead counts a
+million random tokens through the probes alone (count-only), printing tokens/s,
+distinct states, the counters' bytes and peak RSS as it goes.
 """
 
 from __future__ import annotations
@@ -144,6 +145,37 @@ def throughput(path: Path, ids: np.ndarray, batch: int, threads: int, repeats: i
     }
 
 
+def long_run(path: Path, tokens: int, length: int, batch: int, threads: int) -> None:
+    """Count ``tokens`` random tokens (sequences of ``length``) through the 12 probes,
+    count-only, printing progress (tokens/s, distinct states, counter memory, peak
+    RSS) every ~5% and a summary line: what a million-token run costs."""
+    from tensorstate_onnx import OnnxEfficiencyModel
+
+    probed = OnnxEfficiencyModel(path, MLP_ACTIVATIONS, providers="cpu", threads=threads)
+    rng = np.random.default_rng(0)
+    sequences = -(-tokens // length)
+    step = max(batch, sequences // 20 // batch * batch)
+    start = time.perf_counter()
+    done = 0
+    while done < sequences:
+        n = min(step, sequences - done)
+        ids = rng.integers(0, VOCABULARY, (n, length), dtype=np.int64)
+        probed.predict({"input_ids": ids}, batch_size=batch, progress=False, keep_outputs=False)
+        done += n
+        counters = [capture.counter for capture in probed.efficiency_layers]
+        states = sum(counter.total for counter in counters)
+        distinct = sum(counter.n_distinct for counter in counters)
+        held = sum(counter.nbytes for counter in counters)
+        elapsed = time.perf_counter() - start
+        print(json.dumps({
+            "tokens": done * length, "seconds": round(elapsed, 1), "tokens_per_s": round(done * length / elapsed, 1),
+            "states": states, "distinct": distinct, "counter_bytes": held,
+            "bytes_per_distinct": round(held / max(distinct, 1), 1),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }), flush=True)  # fmt: skip
+    assert states == done * length * len(MLP_ACTIVATIONS), "every token of every probe counted once"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("/tmp/tensorstate-gpt2-small.onnx"))
@@ -154,6 +186,8 @@ def main() -> None:
     parser.add_argument("--build-repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--build-only", choices=["plain", "probed"], help=argparse.SUPPRESS)
+    parser.add_argument("--long-run", type=int, metavar="TOKENS",
+                        help="only count this many tokens through the probes, printing progress")  # fmt: skip
     args = parser.parse_args()
     if args.build_only:
         print(json.dumps(build_once(args.build_only, args.model, args.threads)))
@@ -161,6 +195,9 @@ def main() -> None:
     if not args.model.exists():
         print(f"exporting the GPT-2-small-shaped model to {args.model} ...", flush=True)
         export_model(args.model)
+    if args.long_run:
+        long_run(args.model, args.long_run, args.length, args.batch, args.threads)
+        return
     size = args.model.stat().st_size
     builds = {
         variant: [_build_in_subprocess(variant, args.model, args.threads) for _ in range(args.build_repeats)]
