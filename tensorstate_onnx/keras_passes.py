@@ -112,8 +112,19 @@ def _spec_of(tensor) -> keras.KerasTensor:
     return keras.KerasTensor(tensor.shape, dtype=tensor.dtype, sparse=getattr(tensor, "sparse", False))
 
 
+class _Boundary(keras.layers.Layer):
+    """An identity layer that marks a pass boundary once linked to its model's captures."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.supports_jit = False  # the host callback cannot run under XLA
+        self._pass: _Pass | None = None
+
+
 @keras.saving.register_keras_serializable(package="tensorstate_onnx")
-class PassBegin(keras.layers.Layer):
+class PassBegin(_Boundary):
     """Identity on a model's inputs that marks where a forward pass begins.
 
     :func:`build_keras_efficiency_model` puts it first, so that every capture of
@@ -133,13 +144,6 @@ class PassBegin(keras.layers.Layer):
     Called on a list of tensors it returns a list of the same tensors.
     """
 
-    def __init__(self, **kwargs):
-        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.supports_jit = False  # the host callback cannot run under XLA
-        self._pass: _Pass | None = None
-
     def call(self, inputs):
         if tracing_for_export() or self._pass is None:
             return inputs  # traced for ONNX export, or not part of an efficiency model
@@ -154,7 +158,7 @@ class PassBegin(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tensorstate_onnx")
-class PassEnd(keras.layers.Layer):
+class PassEnd(_Boundary):
     """Identity on a model's outputs that marks where a forward pass ends.
 
     ``layer(outputs, captured)`` returns ``outputs`` unchanged once every
@@ -165,13 +169,6 @@ class PassEnd(keras.layers.Layer):
     links them, so a model rebuilt from its config (or loaded from a file)
     keeps the guard.
     """
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("autocast", False)  # an identity must not cast its inputs
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.supports_jit = False  # the host callback cannot run under XLA
-        self._pass: _Pass | None = None
 
     def call(self, inputs, captured=None):
         if tracing_for_export() or self._pass is None:

@@ -39,8 +39,10 @@ _NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
 _CHAINED = frozenset({"Add", "MatMul", "Gemm", "Conv"})
 _MAX_CHAIN = 3
 # Probes of these types leave the session as ``x > 0`` (Greater has kernels for
-# both on every provider); float16 stays as it is, already two bytes a value.
+# both on every provider from opset 9; onnxruntime implements no Greater-1);
+# float16 stays as it is, already two bytes a value.
 _QUANTIZED_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE})
+_MIN_QUANTIZE_OPSET = 9
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Editor:
     graph: onnx.GraphProto
     taken: set[str]
     ir_version: int
+    opset: int  # of the default domain
     initializers: dict[str, int] = field(init=False)
     # Tensors only duplicates compute or read (private initializer copies and the
     # outputs of duplicates that read one): onnxruntime's common-subexpression
@@ -101,7 +104,7 @@ class Editor:
         if source in index.graph_outputs:
             return source
         elem_type = elem_type_of(tensor_type)
-        if quantize and elem_type in _QUANTIZED_TYPES:
+        if quantize and elem_type in _QUANTIZED_TYPES and self.opset >= _MIN_QUANTIZE_OPSET:
             fired = self._fired(source, elem_type, source)
             declared = onnx.TypeProto()
             declared.CopyFrom(tensor_type)

@@ -296,7 +296,7 @@ def _make_probes(
     names = _unique_probe_names([unit[0] for unit in units])
     # A key that named nothing would be ignored silently and its probe miscounted.
     check_override_keys(overrides, names, [k for c in candidates for k in (c.label, c.tensor)])
-    editor = Editor(model.graph, all_names(model.graph, index.names), model.ir_version)
+    editor = Editor(model.graph, all_names(model.graph, index.names), model.ir_version, default_opset(model))
     outputs: dict[tuple[str, int | None], str] = {}
     probes = []
     for unit, name in zip(units, names):
