@@ -90,11 +90,14 @@ class Editor:
         """Add the graph output that carries ``tensor`` (packed on ``axis`` if ``pack``); return it."""
         tensor_type = index.types[tensor]
         source = self.isolate(tensor, index)
-        if pack:
-            return self._expose_packed(source, tensor_type, axis)
         # A duplicate that reads only what its original reads must stay a graph output:
-        # read by a node instead, it would be merged back into the original.
+        # read only by nodes, onnxruntime's common-subexpression elimination merges it
+        # back into the original (and the fusion it was made to keep is blocked again).
         mergeable = source != tensor and source not in self._private
+        if pack:
+            if mergeable:
+                self._expose(source, tensor_type, index, quantize=False)
+            return self._expose_packed(source, tensor_type, axis)
         return self._expose(source, tensor_type, index, quantize=not mergeable)
 
     def _expose(self, source: str, tensor_type: onnx.TypeProto, index: GraphIndex, quantize: bool) -> str:

@@ -89,6 +89,8 @@ def test_a_duplicate_reading_only_shared_inputs_stays_a_float_output(make_cnn, x
     assert all(np.array_equal(reference[k], out[k]) for k in reference)
     unfused = run(rewritten, {"x": x}, LEVELS[1])["sum2__probe"]
     assert np.array_equal(unfused, run(_cut(model, ["sum2"]), {"x": x}, LEVELS[1])["sum2"])
+    packed, (probe,) = add_probes(model, ["add2"], pack_in_graph=True)  # packing ops read it: pinned too
+    assert "sum2__probe" in [o.name for o in packed.graph.output] and probe.output_name != "sum2__probe"
 
 
 def test_probe_outputs_are_typed(cnn):

@@ -80,3 +80,24 @@ def test_probing_any_op_type_keeps_outputs_bit_identical(torch, name):
         if not all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)):
             changed.append(attach_to)
     assert not changed, f"probing {changed} changed the outputs of {name}"
+
+
+def test_packing_in_graph_keeps_outputs_bit_identical(torch):
+    """With pack_in_graph the packing ops read a probe's duplicate: one that reads
+    nothing private (a residual Add before a LayerNormalization) stays a graph output
+    too, or onnxruntime's common-subexpression elimination merges it back into the
+    original and the SkipLayerNormalization fusion is lost."""
+    from tensorstate_onnx.converters import from_torch
+
+    torch.manual_seed(0)
+    module, shape = _models(torch)["encoder_layer"]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    exported = from_torch(module.eval(), x[:2])
+    plain = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = plain.run(None, {plain.get_inputs()[0].name: x.numpy()})
+    for attach_to in (["Add"], ["LayerNormalization"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probed = OnnxEfficiencyModel(exported, attach_to, method="both", providers="cpu", pack_in_graph=True)
+        got = probed.run(x.numpy())
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)), attach_to
