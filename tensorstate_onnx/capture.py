@@ -16,14 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .engine import StateCounter, n_bytes_for, pack, unpack
+from .engine import StateCounter, n_bytes_for, pack
+from .engine.bits import weighted_bit_counts
 from .errors import IndexOutOfRangeError, ModelInputError, NoStatesError, OptionError
 from .store import StateStore
 
 __all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances"]
-
-#: Bits unpacked at a time by ``firing_counts`` (bounds its memory).
-_UNPACK_BITS = 1 << 22
 
 
 def batch_instances(shape, channel_axis: int) -> int:
@@ -435,13 +433,6 @@ def positions_kept(mask: np.ndarray | None, n_states: int, instances: int, probe
 
 
 def firing_counts_of(ids: np.ndarray, counts: np.ndarray, n_neurons: int) -> np.ndarray:
-    """Per neuron, in how many states it fires: each distinct packed state ``ids[k]``,
-    unpacked, weighted by ``counts[k]`` (``int64[n_neurons]``)."""
-    fired = np.zeros(n_neurons, dtype=np.int64)
-    weights = np.asarray(counts).astype(np.int64)
-    # A few MiB of unpacked bits at a time, however many distinct states there are.
-    step = max(1, _UNPACK_BITS // n_neurons)
-    for start in range(0, len(ids), step):
-        bits = unpack(np.ascontiguousarray(ids[start : start + step]), n_neurons)
-        fired += weights[start : start + step] @ bits.astype(np.int64)
-    return fired
+    """Per neuron, in how many states it fires: each distinct packed state ``ids[k]``
+    weighted by ``counts[k]`` (``int64[n_neurons]``)."""
+    return weighted_bit_counts(ids, np.asarray(counts), n_neurons)
