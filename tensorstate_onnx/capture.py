@@ -379,7 +379,7 @@ class AbstractStateCapture(abc.ABC):
         """Per neuron, the number of recorded states in which it fires (``int64[C]``).
 
         Computed from the distinct states and their counts (no raw states
-        needed): each distinct state, unpacked, weighted by how often it was seen.
+        needed): each distinct state's bits, weighted by how often it was seen.
         """
         if self._counter is None and self._summary_firing is not None:
             return self._summary_firing.copy()
