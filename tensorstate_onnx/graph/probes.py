@@ -45,10 +45,11 @@ class Probe:
     ``output_name`` is the graph output that carries the tensor: its firing
     pattern ``tensor > 0`` (bool, same shape) for float32/float64 tensors, the
     tensor itself otherwise, or, when ``packed_in_graph``, its quantized and
-    bit-packed bytes of shape ``(n_states, ceil(n_neurons / 8))``. ``shape`` is the probed tensor's own
-    inferred shape, ``None`` for unknown or dynamic dimensions. ``channel_axis``
-    is the neuron axis (1 for a rank-1 tensor: one neuron per sample, the
-    ``[N, 1]`` view); ``axis_guessed`` says no rule gave it (a warning was issued).
+    bit-packed bytes of shape ``(n_states, ceil(n_neurons / 8))``. ``shape`` is
+    the probed tensor's own inferred shape, ``None`` for unknown or dynamic
+    dimensions. ``channel_axis`` is the neuron axis (1 for a rank-1 tensor: one
+    neuron per sample, the ``[N, 1]`` view); ``axis_guessed`` says no rule gave
+    it (a warning was issued).
 
     A PyTorch module called several times in one forward pass is one probe that
     records every call: ``calls`` holds a Probe (same name) for each call after
