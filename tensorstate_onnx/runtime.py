@@ -52,6 +52,13 @@ _ORT_ERRORS = tuple(
 
 
 
+def _reads_weights_from_files(model) -> bool:
+    """Whether the session can read ``model``'s weights from its file: a path, and an
+    onnxruntime that takes the folder of external data for a model given as bytes (1.21)."""
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+    return isinstance(model, (str, os.PathLike)) and version >= (1, 21)
+
+
 class OnnxProbeCapture(AbstractStateCapture):
     """The capture of one ONNX probe; ``probe`` says which tensor it watches."""
 
@@ -168,12 +175,18 @@ class OnnxEfficiencyModel:
         self.storage_path = None if storage_path is None else Path(storage_path)
         if self.storage_path is not None:
             check_storage_root(self.storage_path, overwrite)
-        work = owned_copy(model)  # rewritten in place: a large model is held once
+        # Rewritten in place: a large model is held once, and a file's weights not at
+        # all when onnxruntime can read them from the file itself.
+        if _reads_weights_from_files(model):
+            work = graph.load_model_deferred(model)
+            self._weights_folder = Path(model).absolute().parent if graph.has_deferred_weights(work) else None
+        else:
+            work, self._weights_folder = owned_copy(model), None
         self._described = f"model {os.fspath(model)!r}" if isinstance(model, (str, os.PathLike)) else (
             f"model graph {work.graph.name!r}"
         )
         self.output_names = [output.name for output in work.graph.output]
-        self.model, self.probes = probe_in_place(
+        self._probed, self.probes = probe_in_place(
             work, attach_to, exclude=exclude, method=method,
             channel_axes=channel_axes, pack_in_graph=pack_in_graph,
         )
@@ -217,18 +230,26 @@ class OnnxEfficiencyModel:
         # counts batch k on while batch k + 1 runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            if not graph.needs_external_data(self.model):
-                # The weights go to onnxruntime as in-memory external data files, not
-                # inside the serialized model: one transient copy instead of two
-                # (onnxruntime >= 1.18; older versions get the whole model's bytes).
-                in_memory = hasattr(options, "add_external_initializers_from_files_in_memory")
-                light, files = graph.io.split_weights(self.model) if in_memory else (self.model, {})
+            if not graph.needs_external_data(self._probed):
+                if self._weights_folder is not None:
+                    # The large weights stay in the model's files, read from there once;
+                    # onnxruntime then looks for no external data in memory.
+                    options.add_session_config_entry(
+                        "session.model_external_initializers_file_folder_path", str(self._weights_folder)
+                    )
+                    light, files = self._probed, {}
+                elif hasattr(options, "add_external_initializers_from_files_in_memory"):
+                    # The weights go to onnxruntime as in-memory external data files, not
+                    # inside the serialized model: one transient copy instead of two.
+                    light, files = graph.io.split_weights(self._probed)
+                else:  # onnxruntime < 1.18: the whole model's bytes
+                    light, files = self._probed, {}
                 if files:
                     options.add_external_initializers_from_files_in_memory(
                         list(files), list(files.values()), [len(data) for data in files.values()]
                     )
                 return ort.InferenceSession(light.SerializeToString(), options, providers=self.providers)
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp:  # over protobuf's 2 GiB even without them
                 path = save_model(self.model, Path(tmp, "probed.onnx"), external_data=True)
                 return ort.InferenceSession(str(path), options, providers=self.providers)
         except _ORT_ERRORS as exc:
@@ -236,6 +257,25 @@ class OnnxEfficiencyModel:
                 f"onnxruntime cannot load the {self._described}: {first_line(exc)} "
                 "(an operator or opset it does not implement, or an invalid graph); "
                 "re-export the model with a supported opset"
+            ) from exc
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The probed model (original outputs first, then the probes' outputs).
+
+        When the model was read from a file, the session read its weights from
+        that file and this object does not hold them: each access returns a new
+        ModelProto with the weights read from the file again.
+        """
+        if self._weights_folder is None:
+            return self._probed
+        try:
+            return graph.with_weights(self._probed, self._weights_folder)
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelFileError(
+                f"the weights of the {self._described} are read from its files, which were moved or "
+                f"deleted after the session was built ({first_line(exc)}); the session still runs, but "
+                "the model must be opened again from where its files are now"
             ) from exc
 
     # ------------------------------------------------------------------ inputs

@@ -16,6 +16,7 @@ unchanged. Models over 2 GB go through files with external data, because
 protobuf cannot serialize them in one piece.
 
 Modules: :mod:`.io` (files, external data, checker, shape inference),
+:mod:`.deferred` (reading a file's graph and leaving its weights in the file),
 :mod:`.metadata` (the node metadata keys exporters write), :mod:`.index`
 (producers and consumers of each tensor), :mod:`.scopes` (framework names and
 pattern matching), :mod:`.layout` (neuron axes), :mod:`.editor` (outputs,
@@ -25,6 +26,7 @@ which ties them together).
 
 from __future__ import annotations
 
+from .deferred import has_deferred_weights, load_model_deferred, with_weights
 from .io import EXTERNAL_DATA_THRESHOLD, load_model, needs_external_data, save_model
 from .probes import Probe, add_probes, list_nodes, owned_copy, probe_in_place
 
@@ -33,9 +35,12 @@ __all__ = [
     "needs_external_data",
     "Probe",
     "add_probes",
+    "has_deferred_weights",
     "list_nodes",
     "load_model",
+    "load_model_deferred",
     "owned_copy",
     "probe_in_place",
     "save_model",
+    "with_weights",
 ]

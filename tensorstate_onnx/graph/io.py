@@ -26,11 +26,13 @@ from ..errors import ModelFileError, OptionTypeError, first_line
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "check_external_data",
     "check_model",
     "elem_type_of",
     "infer_types",
     "load_model",
     "needs_external_data",
+    "raw_data_size",
     "save_model",
     "shape_of",
     "skeleton",
@@ -100,7 +102,7 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(subgraph)
 
 
-def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
     """Refuse external data that would be read from outside the model's folder.
 
     A location must be a relative path to a regular file inside ``folder``
@@ -147,7 +149,7 @@ def _read_model(path: Path) -> onnx.ModelProto:
         raise ModelFileError(
             f"{path} holds no ONNX graph; it is not an ONNX model file"
         )
-    _check_external_data(proto, path.parent)
+    check_external_data(proto, path.parent)
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -184,7 +186,7 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     The size of the large initializers is taken from their shapes and types (their
     data sizes are checked against them on loading): asking protobuf for the size
     of a whole model serializes its weights, about a second per 500 MB."""
-    heavy = sum(_data_size(tensor) + 64 for tensor in model.graph.initializer if _is_heavy(tensor))
+    heavy = sum(raw_data_size(tensor) + 64 for tensor in model.graph.initializer if _is_heavy(tensor))
     if heavy == 0:
         return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     return heavy + skeleton(model).ByteSize() > EXTERNAL_DATA_THRESHOLD
@@ -271,15 +273,16 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its weights, for the checker and shape inference.
 
     Every initializer of the main graph with more than
-    :data:`SKELETON_MAX_ELEMENTS` elements held in ``raw_data`` becomes a graph
-    input of its element type and shape (an initializer is a graph input with a
-    default value, so the graph stays valid and types the same); all else is
-    copied as is. The copy costs the graph's structure, not its weights.
+    :data:`SKELETON_MAX_ELEMENTS` elements held in ``raw_data``, and every one
+    whose data is external, becomes a graph input of its element type and shape
+    (an initializer is a graph input with a default value, so the graph stays
+    valid and types the same); all else is copied as is. The copy costs the
+    graph's structure, not its weights.
     """
     light = _without_initializers(model)
     declared = {value.name for value in model.graph.input}
     for tensor in model.graph.initializer:
-        if not _is_heavy(tensor):
+        if not _is_heavy(tensor) and tensor.data_location != TensorProto.EXTERNAL:
             light.graph.initializer.append(tensor)
         elif tensor.name not in declared:
             light.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
@@ -345,7 +348,7 @@ _ITEMSIZES = {
     TensorProto.UINT16: 2, TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8,
     TensorProto.UINT64: 8,
 }  # fmt: skip
-_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
 def _is_heavy(tensor: onnx.TensorProto) -> bool:
@@ -355,21 +358,23 @@ def _is_heavy(tensor: onnx.TensorProto) -> bool:
         tensor.data_location == TensorProto.DEFAULT
         and tensor.data_type in _ITEMSIZES
         and tensor.HasField("raw_data")
-        and not any(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+        and not any(len(getattr(tensor, name)) for name in TYPED_FIELDS)
         and min(tensor.dims, default=0) >= 0
         and int(np.prod(tensor.dims, dtype=np.int64)) > SKELETON_MAX_ELEMENTS
     )
 
 
-def _data_size(tensor: onnx.TensorProto) -> int:
-    """Bytes that the ``raw_data`` of a large initializer holds for its shape and type."""
-    return int(np.prod(tensor.dims, dtype=np.int64)) * _ITEMSIZES[tensor.data_type]
+def raw_data_size(tensor: onnx.TensorProto) -> int | None:
+    """Bytes that ``raw_data`` must hold for the tensor's shape and type (None for
+    types without a whole-byte item size, which are never left out of a skeleton)."""
+    itemsize = _ITEMSIZES.get(tensor.data_type)
+    return None if itemsize is None else int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def _check_data_size(tensor: onnx.TensorProto) -> None:
     """Raise ``onnx.checker.ValidationError`` unless the ``raw_data`` of ``tensor``
     holds exactly its shape's worth of elements."""
-    needed = _data_size(tensor)
+    needed = raw_data_size(tensor)
     held = len(tensor.raw_data)  # a copy of one tensor's bytes at a time
     if held != needed:
         raise onnx.checker.ValidationError(

@@ -2,8 +2,8 @@
 for its backend tests (model-zoo architectures in ``light/``, converted PyTorch
 models and operators, simple graphs).
 
-Every model plain onnxruntime runs is rewritten with every op type probed before
-and after; its outputs must stay bit-identical, and every probe must count what
+Every model plain onnxruntime runs is rewritten from its file (its larger weights
+left there for onnxruntime to read) with every op type probed before and after; its outputs must stay bit-identical, and every probe must count what
 numpy counts on the same tensor, fetched again from the probed session (an
 unoptimized session computes some tensors in another order, so a value at zero
 may round to the other side).
@@ -81,7 +81,7 @@ def test_every_op_type_probed_keeps_outputs_and_counts_like_numpy(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # guessed axes warn; the counts are checked on the axis chosen
         try:
-            probed = OnnxEfficiencyModel(model, op_types, method="both", providers="cpu", keep_states=False)
+            probed = OnnxEfficiencyModel(path, op_types, method="both", providers="cpu", keep_states=False)
         except (ProbeMatchError, ProbeDtypeError) as exc:  # right only where no tensor is a float tensor
             assert not any(np.asarray(v).dtype.kind == "f" for v in [*feed.values(), *expected]), str(exc)
             return
