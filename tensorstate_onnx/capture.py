@@ -358,10 +358,10 @@ class AbstractStateCapture(abc.ABC):
         """Rényi entropy (bits) of the observed states; ``None`` gives ``max_entropy()``."""
         if alpha is None:
             return self.max_entropy()
+        self._require_states()
         if self._summary is not None:
-            self._require_states()
             return metrics.histogram_entropy(*self._summary[2], alpha)
-        return metrics.entropy(self.counts(), alpha)
+        return metrics.histogram_entropy(*self._counter.count_histogram(), alpha)
 
     def efficiency(self, alpha1: float = 1, alpha2: float | None = None) -> float:
         """``entropy(alpha1) / (max_entropy() if alpha2 is None else entropy(alpha2))``.

@@ -12,6 +12,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from .engine.arrays import histogram_of_counts
 from .errors import NoStatesError, OptionError, OptionTypeError
 
 __all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "network_efficiency"]
@@ -39,11 +40,6 @@ def check_efficiency_orders(alpha1: float, alpha2: float | None) -> None:
         )
 
 
-# Integer counts up to this value are turned into their histogram by a
-# bincount over the count values, larger ones by a sort (np.unique).
-_HISTOGRAM_MAX = 1 << 22
-
-
 def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(values, weights)``: the positive counts of ``array`` (not empty) as
     float64, each standing for ``weights`` states (``None``: one each).
@@ -58,11 +54,7 @@ def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if array.dtype.kind in "ui":
         if array.min() < 0:
             raise OptionError("entropy() needs finite, non-negative counts")
-        if array.max() <= _HISTOGRAM_MAX:
-            histogram = np.bincount(array.astype(np.intp, copy=False))
-            values = np.flatnonzero(histogram[1:]) + 1
-            return values.astype(np.float64), histogram[values].astype(np.float64)
-        values, weights = np.unique(array[array > 0], return_counts=True)
+        values, weights = histogram_of_counts(array)
         return values.astype(np.float64), weights.astype(np.float64)
     array = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(array)) or np.any(array < 0):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OptionError, OptionTypeError
-from .arrays import narrowest
+from .arrays import histogram_of_counts, narrowest
 from .direct import DirectCounts
 from .hashing import key_partition, partition_of, scatter_keys, scatter_rows
 from .keys import KeyRuns
@@ -24,7 +24,6 @@ from .words import WordRuns
 
 __all__ = ["StateCounter"]
 
-_BINCOUNT_MAX = 1 << 22  # count_histogram() bincounts counts up to this, sorts larger ones
 
 
 class StateCounter:
@@ -67,6 +66,7 @@ class StateCounter:
         self.total = 0
         self._tuning = DEFAULT_TUNING if tuning is None else tuning
         self._store = self._new_store()
+        self._histogram: tuple[np.ndarray, np.ndarray] | None = None  # of the counts as they stand
 
     def _new_store(self) -> DirectCounts | KeyRuns | WordRuns:
         if self.n_bytes <= 2:
@@ -130,6 +130,7 @@ class StateCounter:
             return
         self._store.add(packed)
         self.total += n
+        self._histogram = None
 
     def merge(self, other: StateCounter) -> None:
         """Add the counts of ``other`` (same number of neurons) to this counter."""
@@ -142,6 +143,7 @@ class StateCounter:
         total = other.total
         self._store.merge(other._store)
         self.total += total
+        self._histogram = None
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(state_ids uint8 (k, n_bytes), counts int64 (k,))``: row ``i`` of
@@ -167,13 +169,10 @@ class StateCounter:
         (:func:`tensorstate_onnx.metrics.histogram_entropy`), and histograms of
         counters holding disjoint states add up, which is what lets a sharded
         run compute entropies without bringing the states together."""
-        counts = self.counts()
-        if counts.size and counts.max() <= _BINCOUNT_MAX:  # a pass, not a sort: counts are mostly small
-            histogram = np.bincount(counts)
-            values = np.flatnonzero(histogram)
-            return values.astype(np.int64), histogram[values].astype(np.int64)
-        values, multiplicities = np.unique(counts, return_counts=True)
-        return values.astype(np.int64), multiplicities.astype(np.int64)
+        if self._histogram is None:  # kept until the counts change: every alpha's entropy reads it
+            self._histogram = histogram_of_counts(self.counts())
+        values, multiplicities = self._histogram
+        return values.copy(), multiplicities.copy()
 
     def partition(self, n_parts: int) -> list[StateCounter]:
         """Split the counts into ``n_parts`` new counters by a hash of each
@@ -229,6 +228,7 @@ class StateCounter:
         else:
             self._store.load(ids, counts)
         self.total = int(counts.sum())
+        self._histogram = None
 
     # ------------------------------------------------------------- pickling
     #
@@ -263,6 +263,7 @@ class StateCounter:
         self.n_bytes = state["n_bytes"]
         self.total = state["total"]
         self._tuning = DEFAULT_TUNING
+        self._histogram = None
         if state["_small"]:
             self._store = DirectCounts.load(self.n_bytes, state["_direct"])
             return

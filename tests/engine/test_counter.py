@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
+from tensorstate_onnx.engine.arrays import histogram_of_counts
 from tensorstate_onnx.engine.hashing import partition_of
 from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError
 
@@ -598,3 +599,40 @@ def test_count_histogram_against_numpy(c):
     assert summed == dict(zip(want_values.tolist(), want_mult.tolist()))
     empty = StateCounter(c).count_histogram()
     assert empty[0].size == empty[1].size == 0
+
+
+@pytest.mark.parametrize("c", [8, 30, 100])
+def test_count_histogram_follows_every_change_of_the_counts(c):
+    """The histogram is kept between calls (each alpha's entropy reads it) and
+    must be computed again after add, merge and unpickling."""
+    rng = np.random.default_rng(c)
+    states = random_states(rng, 300, c)
+    counter = StateCounter(c)
+
+    def expected(rows):
+        counts = np.unique(rows, axis=0, return_counts=True)[1]
+        return [a.tolist() for a in np.unique(counts, return_counts=True)]
+
+    counter.add(states[:100])
+    first = counter.count_histogram()
+    first[1][:] = 0  # the caller's copy; the kept one is not changed
+    assert [a.tolist() for a in counter.count_histogram()] == expected(states[:100])
+    counter.add(states[:50])
+    assert [a.tolist() for a in counter.count_histogram()] == expected(np.concatenate([states[:100], states[:50]]))
+    other = StateCounter(c)
+    other.add(states[200:])
+    counter.merge(other)
+    everything = np.concatenate([states[:100], states[:50], states[200:]])
+    assert [a.tolist() for a in counter.count_histogram()] == expected(everything)
+    assert [a.tolist() for a in pickle.loads(pickle.dumps(counter)).count_histogram()] == expected(everything)
+
+
+def test_histogram_of_few_states_seen_very_often_is_sorted_not_bincounted():
+    """A bincount's table would be as long as the largest count (10**12 here)."""
+    counts = np.array([10**12, 3, 10**12, 7, 3], np.int64)
+    values, multiplicities = histogram_of_counts(counts)
+    assert values.tolist() == [3, 7, 10**12] and multiplicities.tolist() == [2, 1, 2]
+    small = np.random.default_rng(0).integers(0, 50, 10_000)
+    values, multiplicities = histogram_of_counts(small)
+    want_values, want_multiplicities = np.unique(small[small > 0], return_counts=True)
+    assert values.tolist() == want_values.tolist() and multiplicities.tolist() == want_multiplicities.tolist()
