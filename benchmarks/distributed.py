@@ -5,9 +5,10 @@ Every Conv of :func:`~models.onnx_models.mobilenet_v2_small_onnx` is probed
 for a reduction) on random 3x96x96 samples read by the workers from a ``.npy``.
 
 1. **One process vs 2 workers**: ``OnnxEfficiencyModel.predict`` with
-   onnxruntime free to use every core, against
+   onnxruntime free to use every core (and, as a second baseline, the same
+   followed by every probe's efficiency, which a sharded run's summaries give), against
    :func:`tensorstate_onnx.distributed.analyze_sharded` on a LocalCluster of 2
-   single-threaded workers, and against the same cluster with the counters
+   single-threaded workers started as a run starts them (``local_cluster``), and against the same cluster with the counters
    dropped before they are split (nothing reduced: the cost of the reduction).
    Wall time, best of ``--repeats`` runs interleaved (the machine is shared);
    every run's metrics are checked against one process (every alpha).
@@ -60,6 +61,9 @@ def _same_metrics(a, b) -> bool:
 
 
 def _single(path, x, batch_size, attach_to):
+    """One process: ``predict`` over ``x``, then every probe's efficiency (what a sharded
+    run's summaries give); the model, and the seconds of each."""
+    from tensorstate_onnx import network_efficiency
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
 
     model = OnnxEfficiencyModel(path, attach_to, providers="cpu")
@@ -67,7 +71,9 @@ def _single(path, x, batch_size, attach_to):
     model.reset_states()
     started = time.perf_counter()
     model.predict(x, batch_size=batch_size)
-    return model, time.perf_counter() - started
+    predicted = time.perf_counter()
+    network_efficiency(model)
+    return model, predicted - started, time.perf_counter() - predicted
 
 
 def _drop_counts():
@@ -246,17 +252,21 @@ def main() -> None:
 
 
 _CLUSTER = """
-import sys, distributed
-cluster = distributed.LocalCluster(n_workers={workers}, threads_per_worker=1, processes=True, dashboard_address=":0")
-print(cluster.scheduler_address, flush=True)
-sys.stdin.read()
-cluster.close()
+import sys
+from tensorstate_onnx.distributed.connect import local_cluster
+if __name__ == "__main__":
+    cluster = local_cluster({workers}, 1)  # as analyze_sharded(n_workers=...) starts one
+    print(cluster.scheduler_address, flush=True)
+    sys.stdin.read()
+    cluster.close()
 """
 
 
 class _Cluster:
     """A LocalCluster in a process of its own, so that this process holds the client alone:
-    its CPU is the client's, the other process's is the scheduler's (and the nannies')."""
+    its CPU is the client's, the other process's is the scheduler's (and the nannies').
+    Its workers are started as a run started by tensorstate starts them (``local_cluster``:
+    Dask's defaults, except that freed memory is kept for reuse)."""
 
     def __init__(self, workers: int):
         import subprocess
@@ -307,9 +317,10 @@ def _run(args, tmp: Path) -> None:
     best: dict = {}
     reference = None
     for repeat in range(args.repeats):
-        model, wall = _single(path, x[: args.samples], args.batch_size, args.attach_to)
+        model, wall, metrics = _single(path, x[: args.samples], args.batch_size, args.attach_to)
         reference = reference or model
         best["single"] = min(best.get("single", math.inf), wall)
+        best["single+metrics"] = min(best.get("single+metrics", math.inf), wall + metrics)
         client.run(_drop_counts)
         _, wall, _ = _sharded(cluster, path, files[args.samples], args.shard_size, args.batch_size, args.attach_to)
         client.run(_keep_counts)
@@ -321,7 +332,7 @@ def _run(args, tmp: Path) -> None:
         print(f"[{repeat}] one process {args.samples / best['single']:.0f} samples/s; 2 workers "
               f"{args.samples / wall:.0f} samples/s, same metrics as one process: {same}", flush=True)  # fmt: skip
     cluster.close()
-    single, dropped = best["single"], best["dropped"]
+    single, dropped, complete = best["single"], best["dropped"], best["single+metrics"]
     wall, stats, same = best["cluster"]
     print()
     print(f"### One process vs 2 workers ({args.samples} samples, shards of {args.shard_size}, "
@@ -329,10 +340,15 @@ def _run(args, tmp: Path) -> None:
     print()
     print("| run | samples/s | vs one process | reduction share | same metrics (every alpha) |")
     print("|---|---:|---:|---:|---|")
-    print(f"| one process (onnxruntime on all cores) | {args.samples / single:.0f} | 1.00x | - | - |")
+    print(f"| one process (onnxruntime on all cores), predict | {args.samples / single:.0f} | 1.00x | - | - |")
+    print(f"| one process, predict and every efficiency after it | {args.samples / complete:.0f} | "
+          f"{single / complete:.2f}x | - | - |")  # fmt: skip
     print(f"| 2 workers, counters dropped (nothing reduced) | {args.samples / dropped:.0f} | {single / dropped:.2f}x | 0 | - |")
     print(f"| 2 workers, partitioned reduction | {args.samples / wall:.0f} | {single / wall:.2f}x | "
           f"{max(0.0, 1 - dropped / wall):.1%} | {same} |")  # fmt: skip
+    print()
+    print(f"2 workers against one process's predict and efficiencies (a sharded run's summaries give "
+          f"the efficiencies): {complete / wall:.2f}x")  # fmt: skip
 
     # 2. Simulated workers (CPU seconds).
     rows = []

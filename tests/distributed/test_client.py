@@ -185,3 +185,21 @@ def test_a_shard_that_always_kills_its_worker_fails_clearly(own_client, digits, 
             store.read(slice(120 * per, 180 * per))
         with pytest.raises(StoreError, match="holds only its first"):
             store.array  # noqa: B018
+
+
+@pytest.mark.distributed
+def test_workers_started_for_a_run_keep_freed_memory():
+    """The workers a run starts get WORKER_ENVIRON before their process starts (glibc
+    reads it only then), and keep Dask's other pre-spawn settings."""
+    distributed = pytest.importorskip("distributed")
+    from tensorstate_onnx.distributed.connect import WORKER_ENVIRON, local_cluster
+
+    names = (*WORKER_ENVIRON, "OMP_NUM_THREADS")
+    cluster = local_cluster(1, 1)
+    try:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            (seen,) = client.run(lambda: {name: os.environ.get(name) for name in names}).values()
+    finally:
+        cluster.close()
+    assert seen == {**WORKER_ENVIRON, "OMP_NUM_THREADS": "1"}
+    assert int(WORKER_ENVIRON["MALLOC_TRIM_THRESHOLD_"]) >= 2**30
