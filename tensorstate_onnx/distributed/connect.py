@@ -104,11 +104,22 @@ def local_cluster(n_workers: int, threads_per_worker: int | None):
     """A LocalCluster of ``n_workers`` worker processes started with :data:`WORKER_ENVIRON`."""
     dask, distributed = dask_modules()
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_ENVIRON}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return distributed.LocalCluster(
-            n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-            dashboard_address=":0", silence_logs=logging.ERROR,
-        )  # fmt: skip
+    # Dask's nannies prefer this process's environment to their configuration, and
+    # write their settings into it when they start a worker: set ours, then put it back.
+    saved = {name: os.environ.get(name) for name in WORKER_ENVIRON}
+    os.environ.update(WORKER_ENVIRON)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return distributed.LocalCluster(
+                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                dashboard_address=":0", silence_logs=logging.ERROR,
+            )  # fmt: skip
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def n_workers_of(client, timeout) -> int:

@@ -146,7 +146,6 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
             counters.append(None)
             continue
         width_shards, width = present[0][0], present[0][1].n_neurons
-        merged = StateCounter(width)
         for shards, counter in present:
             if counter.n_neurons != width:
                 raise ModelInputError(
@@ -154,7 +153,8 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
                     f"{width} in shards {width_shards} (partition {partition}); every shard must give "
                     "the probe the same number of neurons"
                 )
-            merged.merge(counter)
+        merged = StateCounter(width)
+        merged.merge_many([counter for _, counter in present])
         counters.append(merged)
     return _Piece(
         shards=sorted(s for piece in pieces for s in piece.shards), partition=partition,

@@ -10,6 +10,8 @@ reads and writes the pickle format.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..errors import OptionError, OptionTypeError
@@ -143,6 +145,27 @@ class StateCounter:
         total = other.total
         self._store.merge(other._store)
         self.total += total
+        self._histogram = None
+
+    def merge_many(self, others: Sequence[StateCounter]) -> None:
+        """Add the counts of every counter in ``others`` (same number of neurons),
+        which are left as they were: one merge of all their states, cheaper than
+        :meth:`merge` one counter at a time (each state moves log2 of the number
+        of counters times, into buffers allocated once)."""
+        others = list(others)
+        for other in others:
+            if not isinstance(other, StateCounter):
+                raise OptionTypeError(f"merge_many() takes StateCounters, got {type(other).__name__}")
+            if other.n_neurons != self.n_neurons:
+                raise OptionError(
+                    f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
+                )
+        if isinstance(self._store, DirectCounts):
+            for other in others:
+                self._store.merge(other._store)
+        else:
+            self._store.merge_many([other._store for other in others])
+        self.total += sum(other.total for other in others)
         self._histogram = None
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:

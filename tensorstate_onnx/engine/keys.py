@@ -14,7 +14,7 @@ import numpy as np
 from . import policy
 from .arrays import held_bytes, trimmed
 from .jit import kernel
-from .runs import UNIT, Run, count_sorted_keys
+from .runs import UNIT, Run, count_sorted_keys, merge_many
 from .runset import RunSet
 
 __all__ = ["KeyRuns", "be_keys"]
@@ -140,6 +140,12 @@ class KeyRuns(RunSet):
         run = other.compact()
         if run is not None:
             self.count_keys(run.keys, run.counts)
+
+    def merge_many(self, others: list[KeyRuns]) -> None:
+        """Add the counts of every counter in ``others`` (left as they were) in one merge."""
+        runs = [run for run in (self.compact(), *(other.compact() for other in others)) if run is not None]
+        merged = merge_many(runs, None)
+        self.runs = [] if merged is None else [merged]
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The distinct states as packed rows and their counts: in byte order (the keys' order), sorted or not."""

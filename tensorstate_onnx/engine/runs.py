@@ -12,7 +12,7 @@ from .jit import kernel
 
 __all__ = [
     "UNIT", "Run", "absorb_kernel", "close_gaps", "count_known", "count_sorted_keys", "gallop", "keep_rows",
-    "merge_runs",
+    "merge_many", "merge_runs",
 ]
 
 
@@ -294,3 +294,50 @@ def merge_runs(a: Run, b: Run, arena: np.ndarray | None) -> Run:
     refs = np.empty(cap, np.int64)
     m = _merge_refs(a.keys, a.refs, a.counts, b.keys, b.refs, b.counts, arena, keys, refs, counts)
     return Run(trimmed(keys, m), trimmed(refs, m), trimmed(counts, m))
+
+
+def merge_many(runs: list[Run], arena: np.ndarray | None) -> Run | None:
+    """One run of the states of every run in ``runs`` (each sorted and distinct;
+    together in any number), the counts of equal states added; None for no states.
+
+    Merged pairwise level by level between two buffers of the total length, so
+    every state moves once per level (log2 of the number of runs) and no array
+    is allocated per merge (fresh memory is what a merge pays most for on large
+    runs). The result owns its counts; its keys (and refs) are new arrays
+    unless a single run is given, whose keys it shares (keys are never written).
+    """
+    runs = [run for run in runs if len(run)]
+    if not runs:
+        return None
+    if len(runs) == 1:
+        return Run(runs[0].keys, runs[0].refs, runs[0].counts.copy())
+    keys = np.concatenate([run.keys for run in runs])
+    counts = np.concatenate([run.counts for run in runs])
+    refs = None if arena is None else np.concatenate([run.refs for run in runs])
+    spare = (np.empty_like(keys), np.empty_like(counts), None if refs is None else np.empty_like(refs))
+    bounds = np.concatenate([[0], np.cumsum([len(run) for run in runs])]).tolist()
+    while len(bounds) > 2:
+        out_keys, out_counts, out_refs = spare
+        merged = [0]
+        for i in range(0, len(bounds) - 1, 2):
+            a, b, out = bounds[i], bounds[i + 1], merged[-1]
+            if i + 2 >= len(bounds):  # the odd run out moves on as it is
+                m = b - a
+                out_keys[out : out + m], out_counts[out : out + m] = keys[a:b], counts[a:b]
+                if refs is not None:
+                    out_refs[out : out + m] = refs[a:b]
+            elif refs is None:
+                c = bounds[i + 2]
+                m = _merge_keys(keys[a:b], counts[a:b], keys[b:c], counts[b:c], out_keys[out:], out_counts[out:])
+            else:
+                c = bounds[i + 2]
+                m = _merge_refs(
+                    keys[a:b], refs[a:b], counts[a:b], keys[b:c], refs[b:c], counts[b:c], arena,
+                    out_keys[out:], out_refs[out:], out_counts[out:],
+                )  # fmt: skip
+            merged.append(out + m)
+        spare = (keys, counts, refs)
+        keys, counts, refs = out_keys, out_counts, out_refs
+        bounds = merged
+    m = bounds[1]
+    return Run(trimmed(keys, m), None if refs is None else trimmed(refs, m), trimmed(counts, m))

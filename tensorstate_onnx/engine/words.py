@@ -19,7 +19,7 @@ import numpy as np
 from . import policy
 from .arrays import as_words, held_bytes, trimmed
 from .hashing import dedup_words, hash_rows, in_run_order
-from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows
+from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows, merge_many
 from .runset import RunSet
 from .sort import lex_order
 from .tuning import DEFAULT_TUNING
@@ -208,6 +208,34 @@ class WordRuns(RunSet):
         self.arena_rows += k
         refs = start + run.refs if in_place else np.arange(start, start + k, dtype=np.int64)
         self._push_rows(Run(run.keys, refs, counts), start)
+
+    def merge_many(self, others: list[WordRuns]) -> None:
+        """Add the counts of every counter in ``others`` (left as they were) in one
+        merge: their states are copied into this arena once, then every run merged."""
+        alike = [other for other in others if other.tuning.hash_mask == self.tuning.hash_mask]
+        for other in others:
+            if other.tuning.hash_mask != self.tuning.hash_mask:
+                self.merge(other)  # ordered by another hash: counted afresh
+        own = self.compact()
+        theirs = [(other, run) for other in alike if (run := other.compact()) is not None]
+        if not theirs:
+            return
+        start = self._reserve(sum(len(run) for _, run in theirs))
+        runs = [] if own is None else [own]
+        for other, run in theirs:
+            k = len(run)
+            if other.arena_rows == k:  # every row a state: copied as it lies
+                self.arena[start : start + k] = other.arena[:k]
+                refs = start + run.refs
+            else:
+                np.take(other.arena, run.refs, axis=0, out=self.arena[start : start + k])
+                refs = np.arange(start, start + k, dtype=np.int64)
+            runs.append(Run(run.keys, refs, run.counts))
+            start += k
+        self.arena_rows = start
+        merged = merge_many(runs, self.arena)
+        self.runs = [] if merged is None else [merged]
+        self._collect()
 
     # ------------------------------------------------------------ results
 

@@ -188,18 +188,20 @@ def test_a_shard_that_always_kills_its_worker_fails_clearly(own_client, digits, 
 
 
 @pytest.mark.distributed
-def test_workers_started_for_a_run_keep_freed_memory():
+def test_workers_started_for_a_run_keep_freed_memory(monkeypatch):
     """The workers a run starts get WORKER_ENVIRON before their process starts (glibc
     reads it only then), and keep Dask's other pre-spawn settings."""
     distributed = pytest.importorskip("distributed")
     from tensorstate_onnx.distributed.connect import WORKER_ENVIRON, local_cluster
 
     names = (*WORKER_ENVIRON, "OMP_NUM_THREADS")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as a cluster Dask started before leaves it
     cluster = local_cluster(1, 1)
     try:
         with distributed.Client(cluster, set_as_default=False) as client:
             (seen,) = client.run(lambda: {name: os.environ.get(name) for name in names}).values()
     finally:
         cluster.close()
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is put back
     assert seen == {**WORKER_ENVIRON, "OMP_NUM_THREADS": "1"}
     assert int(WORKER_ENVIRON["MALLOC_TRIM_THRESHOLD_"]) >= 2**30

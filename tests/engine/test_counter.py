@@ -636,3 +636,53 @@ def test_histogram_of_few_states_seen_very_often_is_sorted_not_bincounted():
     values, multiplicities = histogram_of_counts(small)
     want_values, want_multiplicities = np.unique(small[small > 0], return_counts=True)
     assert values.tolist() == want_values.tolist() and multiplicities.tolist() == want_multiplicities.tolist()
+
+
+@pytest.mark.parametrize("c", [7, 16, 20, 64, 100, 512])
+@pytest.mark.parametrize("n_others", [0, 1, 2, 5, 12])
+@pytest.mark.parametrize("tuning", [None, TINY, CounterTuning(hash_mask=0, chunk_rows=50, buffer_min_bytes=8)])
+def test_merge_many_equals_numpy_on_everything_merged(c, n_others, tuning):
+    """States shared between counters (drawn from one pool), counters with pending
+    states and several runs (TINY), every state with the same hash (hash_mask=0)."""
+    rng = np.random.default_rng(c * 100 + n_others)
+    pool = random_states(rng, 400, c)
+    parts = [pool[rng.integers(0, 400, rng.integers(0, 300))] for _ in range(n_others + 1)]
+    counters = []
+    for part in parts:
+        counter = StateCounter(c, tuning)
+        for piece in np.array_split(part, 3):
+            counter.add(piece)
+        counters.append(counter)
+    before = [as_dict(*counter.result()) for counter in counters[1:]]
+    merged = counters[0]
+    merged.merge_many(counters[1:])
+    combined = np.concatenate(parts)
+    assert merged.total == len(combined)
+    assert as_dict(*merged.result()) == (unique_dict(combined) if len(combined) else {})
+    assert merged.n_distinct == len(unique_dict(combined)) if len(combined) else merged.n_distinct == 0
+    # The merged-in counters are unchanged and still count; the merged one too.
+    assert [as_dict(*counter.result()) for counter in counters[1:]] == before
+    if n_others:
+        counters[1].add(pool[:5])
+        assert as_dict(*counters[1].result()) == unique_dict(np.concatenate([parts[1], pool[:5]]))
+    merged.add(pool[:7])
+    assert as_dict(*merged.result()) == unique_dict(np.concatenate([combined, pool[:7]]))
+
+
+@pytest.mark.parametrize("c", [100, 512])
+def test_merge_many_counts_afresh_the_counters_of_another_hash(c):
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 200, c)
+    parts = [pool[rng.integers(0, 200, 150)] for _ in range(4)]
+    counters = [StateCounter(c, None if i % 2 else CounterTuning(hash_mask=0b101)) for i in range(4)]
+    for counter, part in zip(counters, parts, strict=True):
+        counter.add(part)
+    counters[0].merge_many(counters[1:])
+    assert as_dict(*counters[0].result()) == unique_dict(np.concatenate(parts))
+
+
+def test_merge_many_checks_neurons_and_types():
+    with pytest.raises(OptionError, match="31 neurons into counts of 30"):
+        StateCounter(30).merge_many([StateCounter(30), StateCounter(31)])
+    with pytest.raises(OptionTypeError, match="takes StateCounters"):
+        StateCounter(30).merge_many([StateCounter(30), {"counts": 1}])
