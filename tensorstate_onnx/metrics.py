@@ -12,10 +12,9 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .engine.arrays import histogram_of_counts
 from .errors import NoStatesError, OptionError, OptionTypeError
 
-__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "network_efficiency"]
+__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "histogram_of_counts", "network_efficiency"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -38,6 +37,25 @@ def check_efficiency_orders(alpha1: float, alpha2: float | None) -> None:
             "as its order grows, so only then is the ratio an efficiency in [0, 1]); "
             "alpha2=None divides by the number of neurons"
         )
+
+
+def histogram_of_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, multiplicities)``, both int64, of non-negative integer counts:
+    ``multiplicities[i]`` counts equal ``values[i]`` (values ascending, zeros left out).
+
+    A bincount when the largest count is small next to the number of counts
+    (counts of many states are mostly small), a sort otherwise: a few states
+    seen millions of times would make a bincount's table as long as their count.
+    """
+    counts = counts.ravel()
+    if counts.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    if int(counts.max()) <= 4 * counts.size + 1024:
+        histogram = np.bincount(counts.astype(np.intp, copy=False))
+        values = np.flatnonzero(histogram[1:]) + 1
+        return values.astype(np.int64), histogram[values].astype(np.int64)
+    values, multiplicities = np.unique(counts[counts > 0], return_counts=True)
+    return values.astype(np.int64), multiplicities.astype(np.int64)
 
 
 def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

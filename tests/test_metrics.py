@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import OptionError, aIQ, entropy, network_efficiency
+from tensorstate_onnx.metrics import histogram_of_counts
 
 
 def test_shannon_entropy_of_uniform_and_skewed_counts():
@@ -183,3 +184,15 @@ def test_histogram_entropy_refuses_what_is_not_a_histogram():
         histogram_entropy([], [])
     with pytest.raises(OptionError, match="alpha"):
         histogram_entropy([1], [1], -1)
+
+
+def test_histogram_of_few_states_seen_very_often_is_sorted_not_bincounted():
+    """A bincount's table would be as long as the largest count (10**12 here)."""
+    counts = np.array([10**12, 3, 10**12, 7, 3], np.int64)
+    values, multiplicities = histogram_of_counts(counts)
+    assert values.tolist() == [3, 7, 10**12] and multiplicities.tolist() == [2, 1, 2]
+    small = np.random.default_rng(0).integers(0, 50, 10_000)
+    values, multiplicities = histogram_of_counts(small)
+    want_values, want_multiplicities = np.unique(small[small > 0], return_counts=True)
+    assert values.tolist() == want_values.tolist() and multiplicities.tolist() == want_multiplicities.tolist()
+

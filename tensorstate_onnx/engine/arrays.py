@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_words", "held_bytes", "histogram_of_counts", "narrowest", "trimmed"]
+__all__ = ["as_words", "held_bytes", "narrowest", "trimmed"]
 
 
 def trimmed(a: np.ndarray, m: int) -> np.ndarray:
@@ -41,21 +41,3 @@ def narrowest(counts: np.ndarray) -> np.ndarray:
             return counts.astype(dtype)
     return counts
 
-
-def histogram_of_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, multiplicities)``, both int64, of non-negative integer counts:
-    ``multiplicities[i]`` counts equal ``values[i]`` (values ascending, zeros left out).
-
-    A bincount when the largest count is small next to the number of counts
-    (counts of many states are mostly small), a sort otherwise: a few states
-    seen millions of times would make a bincount's table as long as their count.
-    """
-    counts = counts.ravel()
-    if counts.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    if int(counts.max()) <= 4 * counts.size + 1024:
-        histogram = np.bincount(counts.astype(np.intp, copy=False))
-        values = np.flatnonzero(histogram[1:]) + 1
-        return values.astype(np.int64), histogram[values].astype(np.int64)
-    values, multiplicities = np.unique(counts[counts > 0], return_counts=True)
-    return values.astype(np.int64), multiplicities.astype(np.int64)

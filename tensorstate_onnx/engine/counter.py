@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import OptionError, OptionTypeError
-from .arrays import histogram_of_counts, narrowest
+from ..metrics import histogram_of_counts
+from .arrays import narrowest
 from .direct import DirectCounts
 from .hashing import key_partition, partition_of, scatter_keys, scatter_rows
 from .keys import KeyRuns

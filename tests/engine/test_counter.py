@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstate_onnx.engine import CounterTuning, StateCounter, n_bytes_for
-from tensorstate_onnx.engine.arrays import histogram_of_counts
 from tensorstate_onnx.engine.hashing import partition_of
 from tensorstate_onnx.errors import OptionError, OptionTypeError, PackedStateError
 
@@ -625,17 +624,6 @@ def test_count_histogram_follows_every_change_of_the_counts(c):
     everything = np.concatenate([states[:100], states[:50], states[200:]])
     assert [a.tolist() for a in counter.count_histogram()] == expected(everything)
     assert [a.tolist() for a in pickle.loads(pickle.dumps(counter)).count_histogram()] == expected(everything)
-
-
-def test_histogram_of_few_states_seen_very_often_is_sorted_not_bincounted():
-    """A bincount's table would be as long as the largest count (10**12 here)."""
-    counts = np.array([10**12, 3, 10**12, 7, 3], np.int64)
-    values, multiplicities = histogram_of_counts(counts)
-    assert values.tolist() == [3, 7, 10**12] and multiplicities.tolist() == [2, 1, 2]
-    small = np.random.default_rng(0).integers(0, 50, 10_000)
-    values, multiplicities = histogram_of_counts(small)
-    want_values, want_multiplicities = np.unique(small[small > 0], return_counts=True)
-    assert values.tolist() == want_values.tolist() and multiplicities.tolist() == want_multiplicities.tolist()
 
 
 @pytest.mark.parametrize("c", [7, 16, 20, 64, 100, 512])
