@@ -40,4 +40,3 @@ def narrowest(counts: np.ndarray) -> np.ndarray:
         if top <= np.iinfo(dtype).max:
             return counts.astype(dtype)
     return counts
-
