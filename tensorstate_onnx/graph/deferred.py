@@ -26,7 +26,9 @@ from onnx import TensorProto
 
 from google.protobuf.message import DecodeError
 
-from .io import SKELETON_MAX_ELEMENTS, TYPED_FIELDS, check_external_data, check_model, load_model, raw_data_size
+from .io import (
+    SKELETON_MAX_ELEMENTS, check_external_data, check_model, holds_plain_bytes, load_model, raw_data_size,
+)
 
 __all__ = ["has_deferred_weights", "load_model_deferred", "with_weights"]
 
@@ -94,14 +96,8 @@ def _refer_to_file(model: onnx.ModelProto, deferred: list[tuple[int, int, int]],
     initializers = model.graph.initializer
     for index, offset, length in deferred:
         tensor = initializers[index]
-        if (
-            tensor.data_location != TensorProto.DEFAULT
-            or tensor.external_data
-            or tensor.HasField("segment")
-            or any(len(getattr(tensor, name)) for name in TYPED_FIELDS)
-            or min(tensor.dims, default=0) < 0
-            or raw_data_size(tensor) != length
-        ):
+        plain = holds_plain_bytes(tensor) and not tensor.external_data and not tensor.HasField("segment")
+        if not plain or raw_data_size(tensor) != length:
             raise _Unusual(tensor.name)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):

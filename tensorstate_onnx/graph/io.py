@@ -29,6 +29,7 @@ __all__ = [
     "check_external_data",
     "check_model",
     "elem_type_of",
+    "holds_plain_bytes",
     "infer_types",
     "load_model",
     "needs_external_data",
@@ -348,18 +349,27 @@ _ITEMSIZES = {
     TensorProto.UINT16: 2, TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8,
     TensorProto.UINT64: 8,
 }  # fmt: skip
-TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def holds_plain_bytes(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` keeps its values, if any, as plain bytes in the model: data
+    in place (not external), a common numeric type, no typed value fields, a
+    shape without negative dimensions."""
+    return (
+        tensor.data_location == TensorProto.DEFAULT
+        and tensor.data_type in _ITEMSIZES
+        and not any(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+        and min(tensor.dims, default=0) >= 0
+    )
 
 
 def _is_heavy(tensor: onnx.TensorProto) -> bool:
     """Whether an initializer is left out of the skeleton: many elements of a common
     numeric type held in ``raw_data`` alone (other cases stay, for the checker)."""
     return (
-        tensor.data_location == TensorProto.DEFAULT
-        and tensor.data_type in _ITEMSIZES
+        holds_plain_bytes(tensor)
         and tensor.HasField("raw_data")
-        and not any(len(getattr(tensor, name)) for name in TYPED_FIELDS)
-        and min(tensor.dims, default=0) >= 0
         and int(np.prod(tensor.dims, dtype=np.int64)) > SKELETON_MAX_ELEMENTS
     )
 
