@@ -137,12 +137,7 @@ class StateCounter:
 
     def merge(self, other: StateCounter) -> None:
         """Add the counts of ``other`` (same number of neurons) to this counter."""
-        if not isinstance(other, StateCounter):
-            raise OptionTypeError(f"merge() takes a StateCounter, got {type(other).__name__}")
-        if other.n_neurons != self.n_neurons:
-            raise OptionError(
-                f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
-            )
+        self._check_mergeable(other, "merge() takes a StateCounter")
         total = other.total
         self._store.merge(other._store)
         self.total += total
@@ -155,12 +150,7 @@ class StateCounter:
         of counters times, into buffers allocated once)."""
         others = list(others)
         for other in others:
-            if not isinstance(other, StateCounter):
-                raise OptionTypeError(f"merge_many() takes StateCounters, got {type(other).__name__}")
-            if other.n_neurons != self.n_neurons:
-                raise OptionError(
-                    f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
-                )
+            self._check_mergeable(other, "merge_many() takes StateCounters")
         if isinstance(self._store, DirectCounts):
             for other in others:
                 self._store.merge(other._store)
@@ -168,6 +158,16 @@ class StateCounter:
             self._store.merge_many([other._store for other in others])
         self.total += sum(other.total for other in others)
         self._histogram = None
+
+    def _check_mergeable(self, other, takes: str) -> None:
+        """Refuse what is not a StateCounter (``takes`` says what the caller takes) or
+        counts another number of neurons."""
+        if not isinstance(other, StateCounter):
+            raise OptionTypeError(f"{takes}, got {type(other).__name__}")
+        if other.n_neurons != self.n_neurons:
+            raise OptionError(
+                f"cannot merge counts of {other.n_neurons} neurons into counts of {self.n_neurons}"
+            )
 
     def result(self, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(state_ids uint8 (k, n_bytes), counts int64 (k,))``: row ``i`` of
