@@ -64,6 +64,21 @@ class _Piece:
         held = sum(c.nbytes for c in self.counters if c is not None)
         return object.__sizeof__(self) + int(held)
 
+    def __reduce__(self):
+        # Pieces move only between the workers of one run, which run the same
+        # version of this library: counters go as they are held (see
+        # StateCounter.to_transit), their arrays as pickle's out-of-band
+        # buffers, not converted to packed bytes and rehashed.
+        counters = [None if c is None else c.to_transit() for c in self.counters]
+        fields = (self.shards, self.partition, self.n_partitions, self.probe_names, counters, self.merge_cpu_seconds)
+        return _piece_from_transit, fields
+
+
+def _piece_from_transit(shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds) -> _Piece:
+    """The piece that :meth:`_Piece.__reduce__` sent."""
+    counters = [None if form is None else StateCounter.from_transit(form) for form in counters]
+    return _Piece(shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds)
+
 
 @dataclass
 class _ShardResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_words", "held_bytes", "narrowest", "trimmed"]
+__all__ = ["as_words", "held_bytes", "narrowest", "trimmed", "writable"]
 
 
 def trimmed(a: np.ndarray, m: int) -> np.ndarray:
@@ -40,3 +40,11 @@ def narrowest(counts: np.ndarray) -> np.ndarray:
         if top <= np.iinfo(dtype).max:
             return counts.astype(dtype)
     return counts
+
+
+def writable(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it is writable, aligned and C-contiguous, else a copy
+    that is: arrays unpickled from another process's buffers may be
+    read-only or unaligned, which the kernels would compile for anew or
+    refuse to write."""
+    return np.require(a, requirements=("C", "A", "W"))

@@ -254,6 +254,38 @@ class StateCounter:
         self.total = int(counts.sum())
         self._histogram = None
 
+    # -------------------------------------------------------------- transit
+    #
+    # Between processes that run the same version of this library (the
+    # workers of one sharded run), a counter moves as it is held: its keys,
+    # counts and state words, sent by pickle as out-of-band buffers. Neither
+    # side converts to packed bytes or rehashes, which costs more than
+    # merging the counter does. Pickles, not this, are what may be stored.
+
+    def to_transit(self) -> tuple:
+        """This counter's counts as held, for :meth:`from_transit` in a process
+        running the same version of this library (a tuple of plain values and
+        arrays; the arrays are shared with this counter, which must not count
+        more while they are being sent). Not a format to store: use pickle."""
+        store = self._store
+        head = (self.n_neurons, self.total, self._tuning)
+        if isinstance(store, DirectCounts):
+            return (*head, "direct", store.pickled())
+        return (*head, "runs", store.transit())
+
+    @classmethod
+    def from_transit(cls, form: tuple) -> StateCounter:
+        """The counter that :meth:`to_transit` gave ``form`` of (its arrays are
+        used as they are when writable, else copied)."""
+        n_neurons, total, tuning, kind, held = form
+        counter = cls(n_neurons, tuning)
+        counter.total = int(total)
+        if kind == "direct":
+            counter._store.fill(held)
+        else:
+            counter._store.load_transit(*held)
+        return counter
+
     # ------------------------------------------------------------- pickling
     #
     # Sharded runs ship counters between processes: each distinct state

@@ -60,8 +60,11 @@ class DirectCounts:
     @classmethod
     def load(cls, n_bytes: int, pickled: tuple[int, np.ndarray, np.ndarray]) -> DirectCounts:
         """The counts that :meth:`pickled` wrote."""
-        size, seen, counts = pickled
         direct = cls(n_bytes)
-        direct.table = np.zeros(size, np.int64)
-        direct.table[seen] = counts
+        direct.fill(pickled)
         return direct
+
+    def fill(self, pickled: tuple[int, np.ndarray, np.ndarray]) -> None:
+        """Start from the counts that :meth:`pickled` wrote (this table is empty)."""
+        _, seen, counts = pickled
+        self.table[seen] = counts

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import policy
-from .arrays import held_bytes, trimmed
+from .arrays import held_bytes, narrowest, trimmed, writable
 from .jit import kernel
 from .runs import UNIT, Run, count_sorted_keys, merge_many
 from .runset import RunSet
@@ -163,6 +163,18 @@ class KeyRuns(RunSet):
     def pickled(self) -> tuple[np.ndarray, np.ndarray]:
         """What a pickle holds: :meth:`result`, whose byte order is the order of the keys."""
         return self.result()
+
+    def transit(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys, counts)`` of the counted states as held (counts narrowed), for :meth:`load_transit`."""
+        run = self.compact()
+        if run is None:
+            return _NO_KEYS, _NO_COUNTS
+        return run.keys, narrowest(run.counts)
+
+    def load_transit(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Start from what :meth:`transit` gave."""
+        if keys.size:
+            self.load_keys(writable(keys), counts.astype(np.int64))
 
     def load(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """Start from distinct states ``ids`` in byte order (as :meth:`pickled`

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import policy
-from .arrays import as_words, held_bytes, trimmed
+from .arrays import as_words, held_bytes, narrowest, trimmed, writable
 from .hashing import dedup_words, hash_rows, in_run_order
 from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows, merge_many
 from .runset import RunSet
@@ -283,6 +283,32 @@ class WordRuns(RunSet):
         if run is None:
             return np.empty((0, self.n_bytes), np.uint8), np.empty(0, np.int64)
         return np.take(self.arena, run.refs, axis=0).view(np.uint8)[:, : self.n_bytes], run.counts
+
+    def transit(self) -> tuple:
+        """``(hashes, refs, counts, words)`` of the counted states as held, for
+        :meth:`load_transit`: ``words`` are arena rows and ``refs`` point into
+        them, or are None when the words come in run order."""
+        run = self.compact()
+        if run is None:
+            return np.empty(0, np.uint64), None, np.empty(0, np.int64), np.empty((0, self.n_words), np.uint64)
+        if self.arena_rows == len(run):  # every arena row is a state: sent as it lies
+            return run.keys, run.refs, narrowest(run.counts), self.arena[: self.arena_rows]
+        return run.keys, None, narrowest(run.counts), np.take(self.arena, run.refs, axis=0)
+
+    def load_transit(self, hashes: np.ndarray, refs: np.ndarray | None, counts: np.ndarray, words: np.ndarray) -> None:
+        """Start from what :meth:`transit` gave (of a counter with this tuning)."""
+        k = hashes.size
+        if k == 0:
+            return
+        if words.shape != (k, self.n_words) or counts.shape != (k,) or (refs is not None and refs.shape != (k,)):
+            raise RuntimeError(
+                f"a counter in transit is inconsistent: {k} hashes, counts {counts.shape}, words "
+                f"{words.shape} for {self.n_words} words a state"
+            )
+        self.arena = writable(words)
+        self.arena_rows = k
+        refs = np.arange(k, dtype=np.int64) if refs is None else writable(refs)
+        self.runs = [Run(writable(hashes), refs, counts.astype(np.int64))]
 
     def load(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """Start from distinct states ``ids`` seen ``counts`` (int64) times:

@@ -97,6 +97,39 @@ def test_merges_never_modify_their_inputs_and_a_rerun_gives_the_same_piece(sorte
         assert np.array_equal(x, y)
 
 
+def test_a_piece_sent_between_workers_arrives_whole_without_packed_rows(sorted_counts):
+    """Pieces move between workers as Dask serializes them (pickle with
+    out-of-band buffers): every probe's counts arrive, from a direct table, keys
+    and long states, and no buffer holds the states as packed bytes (a merge of
+    the arrived pieces needs no rehashing)."""
+    from distributed.protocol import deserialize, serialize
+
+    rng = np.random.default_rng(2)
+    widths = (12, 40, 200)
+    counters = [_counter(rng.integers(0, 256, (800, (c + 7) // 8), dtype=np.uint8) & _last_byte_mask(c), c) for c in widths]
+    pieces = _split([*counters, None], 4, ("a", "b", "c", "d"), 2)
+    for piece in pieces:
+        header, frames = serialize(piece, serializers=("pickle",))
+        arrived = deserialize(header, frames)
+        assert (arrived.shards, arrived.partition, arrived.n_partitions) == ([4], piece.partition, 2)
+        assert arrived.probe_names == piece.probe_names and arrived.counters[3] is None
+        for sent, got in zip(piece.counters[:3], arrived.counters[:3]):
+            assert got.total == sent.total and got.n_neurons == sent.n_neurons
+            for x, y in zip(sorted_counts(got), sorted_counts(sent)):
+                assert np.array_equal(x, y)
+        packed_200 = piece.counters[2].n_distinct * 25  # bytes of its states as packed rows
+        assert all(memoryview(frame).nbytes != packed_200 for frame in frames)
+    merged = _merge_pieces(0, 2, deserialize(*serialize(pieces[0], serializers=("pickle",))), pieces[0])
+    assert [c.total for c in merged.counters[:3]] == [2 * c.total for c in pieces[0].counters[:3]]
+
+
+def _last_byte_mask(c):
+    mask = np.full((c + 7) // 8, 255, np.uint8)
+    if c % 8:
+        mask[-1] = (1 << (c % 8)) - 1
+    return mask
+
+
 def test_pieces_that_do_not_fit_together_are_refused():
     rows = np.random.default_rng(1).integers(0, 256, (100, 5), dtype=np.uint8)
     wide = _split([_counter(rows)], 0, ("p",), 2)

@@ -165,6 +165,60 @@ def test_pickle_round_trip_keeps_counting(tuning, case, data):
     assert as_dict(*clone.result()) == {k: 2 * v for k, v in unique_dict(states).items()}
 
 
+def through_transit(counter, read_only):
+    """``counter`` sent as a sharded run's workers send it: its transit form
+    pickled with out-of-band buffers, which arrive read-only or writable."""
+    buffers = []
+    data = pickle.dumps(counter.to_transit(), protocol=5, buffer_callback=buffers.append)
+    arrived = [bytes(b.raw()) if read_only else bytearray(b.raw()) for b in buffers]
+    return StateCounter.from_transit(pickle.loads(data, buffers=arrived))
+
+
+@SLOW
+@given(packed_states(), st.data(), st.booleans())
+def test_transit_round_trip_keeps_the_counts_and_counting(tuning, case, data, read_only):
+    c, states = case
+    cut = data.draw(st.integers(0, len(states)))
+    counter = StateCounter(c, tuning)
+    counter.add(states[:cut])
+    clone = through_transit(counter, read_only)
+    assert clone.n_neurons == c and clone.total == cut and clone.tuning == counter.tuning
+    assert as_dict(*clone.result()) == unique_dict(states[:cut])
+    assert np.array_equal(clone.counts(), counter.counts())  # the same order: nothing was re-sorted
+    clone.add(states[cut:])  # counting goes on in arrays that may have arrived read-only
+    assert as_dict(*clone.result()) == unique_dict(states)
+    clone.merge_many([through_transit(counter, read_only), counter])
+    assert as_dict(*clone.result()) == {k: v + 2 * w for k, v, w in _pairs(unique_dict(states), unique_dict(states[:cut]))}
+    assert as_dict(*counter.result()) == unique_dict(states[:cut])  # the sender is unchanged
+
+
+def _pairs(whole, part):
+    return [(k, v, part.get(k, 0)) for k, v in whole.items()]
+
+
+@pytest.mark.parametrize("c", [24, 200])
+def test_transit_moves_the_arrays_as_held_not_packed_bytes(c):
+    """What makes transit cheap: a long state goes as its arena words with its
+    hash, never converted to packed bytes (which must be rehashed when loaded);
+    counts go in the narrowest dtype."""
+    states = random_states(np.random.default_rng(3), 5000, c)
+    counter = StateCounter(c)
+    counter.add(states)
+    counter.merge(pickle.loads(pickle.dumps(counter)))  # two runs, arena rows in no run's order
+    n_neurons, total, tuning, kind, held = counter.to_transit()
+    assert (n_neurons, total, kind) == (c, 10_000, "runs")
+    arrays = [a for a in held if a is not None]
+    assert arrays[0].dtype == np.uint64 and arrays[0].shape == (counter.n_distinct,)  # keys or hashes
+    assert all(a.dtype != np.uint8 or a.ndim == 1 for a in arrays)  # no packed rows
+    assert any(a.dtype == np.uint8 and a.ndim == 1 for a in arrays)  # counts of 2 fit a byte
+    if c > 64:
+        hashes, refs, counts, words = held
+        assert words.dtype == np.uint64 and words.shape == (counter.n_distinct, 4)
+        in_order = words if refs is None else words[refs]  # the states in the order of their hashes and counts
+        rows = np.ascontiguousarray(in_order.view(np.uint8)[:, : n_bytes_for(c)])
+        assert as_dict(rows, counts.astype(np.int64)) == as_dict(*counter.result())
+
+
 @pytest.mark.parametrize("c", [72, 200, 1000])
 def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
     """A pickle lists long states in the order that lets loading skip the sort; a
