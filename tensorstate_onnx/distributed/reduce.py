@@ -113,12 +113,27 @@ class _Summary:
     merge_cpu_seconds: float
 
 
+_WHOLE_UP_TO = 16  # neurons: at most 65,536 states, counted in a table that merges by adding
+
+
 def _split(counters: list[StateCounter | None], shard: int, names: tuple, n_partitions: int) -> list[_Piece]:
     """The shard's counters as ``n_partitions`` pieces, partition ``j`` in piece ``j``
-    (with one partition, the counters themselves: merges never modify their inputs)."""
+    (with one partition, the counters themselves: merges never modify their inputs).
+
+    A counter of up to 16 neurons is not split: it goes whole to partition
+    ``probe % n_partitions`` in every shard (a table of at most 65,536 counts
+    costs the same to send and merge whether it holds one state or all, so
+    splitting it would multiply that cost by the partitions)."""
     if n_partitions == 1:
         return [_Piece([shard], 0, 1, names, list(counters))]
-    split = [c.partition(n_partitions) if c is not None else [None] * n_partitions for c in counters]
+    split = []
+    for probe, counter in enumerate(counters):
+        if counter is not None and counter.n_neurons <= _WHOLE_UP_TO:
+            parts: list[StateCounter | None] = [None] * n_partitions
+            parts[probe % n_partitions] = counter
+        else:
+            parts = counter.partition(n_partitions) if counter is not None else [None] * n_partitions
+        split.append(parts)
     return [
         _Piece([shard], j, n_partitions, names, [parts[j] for parts in split]) for j in range(n_partitions)
     ]

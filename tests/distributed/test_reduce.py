@@ -114,6 +114,9 @@ def test_a_piece_sent_between_workers_arrives_whole_without_packed_rows(sorted_c
         assert (arrived.shards, arrived.partition, arrived.n_partitions) == ([4], piece.partition, 2)
         assert arrived.probe_names == piece.probe_names and arrived.counters[3] is None
         for sent, got in zip(piece.counters[:3], arrived.counters[:3]):
+            if sent is None:  # the 12-neuron probe goes whole to one partition
+                assert got is None
+                continue
             assert got.total == sent.total and got.n_neurons == sent.n_neurons
             for x, y in zip(sorted_counts(got), sorted_counts(sent)):
                 assert np.array_equal(x, y)
@@ -121,6 +124,26 @@ def test_a_piece_sent_between_workers_arrives_whole_without_packed_rows(sorted_c
         assert all(memoryview(frame).nbytes != packed_200 for frame in frames)
     merged = _merge_pieces(0, 2, deserialize(*serialize(pieces[0], serializers=("pickle",))), pieces[0])
     assert [c.total for c in merged.counters[:3]] == [2 * c.total for c in pieces[0].counters[:3]]
+    assert merged.counters[0].total == 1600  # probe 0 (12 neurons) lives in partition 0
+
+
+def test_a_counter_of_up_to_16_neurons_goes_whole_to_one_partition_in_every_shard():
+    """Its table costs the same whatever it holds: it is not split, and merging
+    its partition gives the counts of every shard."""
+    rng = np.random.default_rng(4)
+    shards = []
+    for shard in range(3):
+        rows = rng.integers(0, 256, (300, 2), dtype=np.uint8)
+        shards.append((rows, _split([_counter(rows[:, :1], 8), _counter(rows, 16), _counter(rows[:, :1], 8)], shard, ("a", "b", "c"), 4)))
+    for rows, pieces in shards:
+        for probe, home in ((0, 0), (1, 1), (2, 2)):
+            held = [j for j, piece in enumerate(pieces) if piece.counters[probe] is not None]
+            assert held == [home] and pieces[home].counters[probe].total == 300
+    merged = _merge_pieces(1, 4, *(pieces[1] for _, pieces in shards))
+    rows = np.concatenate([rows for rows, _ in shards])
+    ids, counts = np.unique(rows, axis=0, return_counts=True)
+    got_ids, got_counts = merged.counters[1].result(sort=True)
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_counts, counts)
 
 
 def _last_byte_mask(c):
@@ -133,15 +156,15 @@ def _last_byte_mask(c):
 def test_pieces_that_do_not_fit_together_are_refused():
     rows = np.random.default_rng(1).integers(0, 256, (100, 5), dtype=np.uint8)
     wide = _split([_counter(rows)], 0, ("p",), 2)
-    narrow = _split([_counter(rows[:, :2], 16)], 1, ("p",), 2)
-    with pytest.raises(ModelInputError, match=r"probe 'p' has states of 16 neurons in shards \[1\] but of 40 in shards \[0\]"):
+    narrow = _split([_counter(rows[:, :3], 24)], 1, ("p",), 2)
+    with pytest.raises(ModelInputError, match=r"probe 'p' has states of 24 neurons in shards \[1\] but of 40 in shards \[0\]"):
         _merge_pieces(0, 2, wide[0], narrow[0])
     with pytest.raises(OptionError, match=r"the merge of partition 0 of 2 got partition 1 of 2 from shards \[1\]"):
         _merge_pieces(0, 2, wide[0], narrow[1])
     other = _split([_counter(rows)], 1, ("p",), 3)
     with pytest.raises(OptionError, match="got partition 0 of 3"):
         _merge_pieces(0, 2, wide[0], other[0])
-    with pytest.raises(ModelInputError, match=r"probe 'p' has states of different numbers of neurons \(16 in partition 1, 40 in partition 0\)"):
+    with pytest.raises(ModelInputError, match=r"probe 'p' has states of different numbers of neurons \(24 in partition 1, 40 in partition 0\)"):
         _combine([_summarize(_merge_pieces(0, 2, wide[0])), _summarize(_merge_pieces(1, 2, narrow[1]))], ("p",))
 
 
