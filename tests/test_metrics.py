@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tensorstate_onnx import OptionError, aIQ, entropy, network_efficiency
+from tensorstate_onnx import NoStatesError, OptionError, aIQ, entropy, network_efficiency
 from tensorstate_onnx.metrics import histogram_of_counts
 
 
@@ -90,6 +90,46 @@ def test_network_efficiency_of_model_like():
         efficiency_layers = [Layer(0.1), Layer(0.9)]
 
     assert network_efficiency(Model()) == pytest.approx(0.3)
+
+
+def test_network_efficiency_of_a_model_runs_its_layers_side_by_side_in_order(monkeypatch):
+    """Finishing each layer's counting is its own work: layers run on threads
+    (two meet at a barrier, which sequential calls never would), results keep
+    the layers' order, a layer listed twice is asked once, and the first
+    failing layer's error is what the caller gets."""
+    import threading
+
+    from tensorstate_onnx import metrics
+
+    monkeypatch.setattr(metrics, "_usable_cores", lambda: 2)
+    barrier = threading.Barrier(2, timeout=10)
+    asked = []
+
+    class Layer:
+        def __init__(self, value, meets=False, fails=False):
+            self.value, self.meets, self.fails = value, meets, fails
+
+        def efficiency(self):
+            asked.append(self)
+            if self.meets:
+                barrier.wait()
+            if self.fails:
+                raise NoStatesError(f"layer {self.value} has no states")
+            return self.value
+
+    first, second, third = Layer(0.1, meets=True), Layer(0.9, meets=True), Layer(0.3)
+
+    class Model:
+        efficiency_layers = [first, second, third, first]
+
+    assert network_efficiency(Model()) == pytest.approx((0.1 * 0.9 * 0.3 * 0.1) ** 0.25)
+    assert sorted(map(id, asked)) == sorted(map(id, [first, second, third]))
+
+    class Failing:
+        efficiency_layers = [Layer(0.5), Layer(0.2, fails=True), Layer(0.7, fails=True)]
+
+    with pytest.raises(NoStatesError, match="layer 0.2 has no states"):
+        network_efficiency(Failing())
 
 
 def test_network_efficiency_errors():
