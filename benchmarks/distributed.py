@@ -177,6 +177,40 @@ def _scheduler_cost(cluster, shards: int, partitions: int) -> tuple[float, float
     return cluster.scheduler_cpu() - scheduler, time.process_time() - client, len(graph)
 
 
+def _move_costs(path, x, shard_size: int, batch_size: int, attach_to, partitions) -> dict:
+    """Per number of partitions ``p``: CPU seconds to send one shard's ``p``
+    pieces from a worker to another and receive them (Dask's serialization on
+    both sides), averaged over the shards of ``x``, as pieces move and with
+    each counter in its own pickle instead. The runs' merge times leave this
+    out: Dask deserializes a task's inputs outside the task."""
+    import pickle
+
+    from distributed.protocol import deserialize, serialize
+
+    from tensorstate_onnx.distributed.reduce import _split
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    model = OnnxEfficiencyModel(path, attach_to, providers="cpu", threads=1)
+    names = tuple(layer.name for layer in model.efficiency_layers)
+    costs = {p: [0.0, 0.0] for p in partitions}
+    shards = range(0, len(x) - shard_size + 1, shard_size)
+    for start in shards:
+        model.reset_states()
+        model.predict(x[start : start + shard_size], batch_size=batch_size)
+        counters = [layer.counter for layer in model.efficiency_layers]
+        for p in partitions:
+            pieces = _split(counters, 0, names, p)
+            started = time.process_time()
+            for piece in pieces:
+                deserialize(*serialize(piece, serializers=("pickle",)))
+            middle = time.process_time()
+            for piece in pieces:
+                pickle.loads(pickle.dumps(piece.counters, protocol=5))
+            costs[p][0] += middle - started
+            costs[p][1] += time.process_time() - middle
+    return {p: (moved / len(shards), pickled / len(shards)) for p, (moved, pickled) in costs.items()}
+
+
 def _n_tasks(shards: int, partitions: int, fan_in: int = FAN_IN) -> int:
     """Tasks of a run: shard, facts, pieces, merge levels per partition, summaries."""
     merges, level = 0, shards
@@ -210,22 +244,26 @@ def _costs(stats: dict, build_cpu: float) -> dict:
     )  # fmt: skip
 
 
-def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: int) -> tuple[float, float, dict]:
+def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: int, t_move: float) -> tuple[float, float, dict]:
     """Samples/s at ``w`` workers and ``p`` partitions, each worker running
     ``k`` shards of ``shard_size`` samples (per-shard costs measured on shards
-    of ``measured_size`` samples scale with the samples: all states distinct).
+    of ``measured_size`` samples scale with the samples: all states distinct;
+    ``t_move`` is measured on shards of ``shard_size`` itself, since much of
+    it is a cost per piece).
 
     A worker's CPU: k*t_shard (count and split) plus its share of the merges,
-    u_merge * k * levels * w / p (partition merges are spread over the p
-    partitions; all states distinct, so each tree level touches every
-    state). The scheduler handles tasks(k*w, p) tasks at t_sched each; the
-    client builds and sends them at t_submit each and reads k*w + p results
-    at t_read each, both while the workers run. T = the largest of the
-    three; linear = w * shard_size / t_shard.
+    (u_merge + t_move * (w - 1) / w) * k * levels * w / p (partition merges
+    are spread over the p partitions; all states distinct, so each tree level
+    touches every state, and every piece but those already on the merging
+    worker is sent and received: t_move). The scheduler handles tasks(k*w, p)
+    tasks at t_sched each; the client builds and sends them at t_submit each
+    and reads k*w + p results at t_read each, both while the workers run.
+    T = the largest of the three; linear = w * shard_size / t_shard.
     """
     scale = shard_size / measured_size
     shards = k * w
-    worker = k * scale * (c["t_shard"] + c["u_merge"] * _levels(shards) * w / p)
+    level = scale * c["u_merge"] + t_move * (w - 1) / w
+    worker = k * (scale * c["t_shard"] + level * _levels(shards) * w / p)
     sched = _n_tasks(shards, p) * c["t_sched"]
     client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
     total = max(worker, sched, client)
@@ -385,13 +423,24 @@ def _run(args, tmp: Path) -> None:
     # 3. Projection.
     workers, n, c = largest
     in_run = c["t_sched"]
+    big, size = 1_280_000, 1024
+    wanted = sorted({p for w in (8, 64, 512) for p in (w, min(w, 64), min(w, 16))})
+    moves = {
+        shard: _move_costs(path, x[: n_shards * shard], shard, args.batch_size, args.attach_to, wanted)
+        for shard, n_shards in ((args.shard_size, 4), (size, 1))
+    }  # fmt: skip
     c = {**c, "t_sched": sched_cpu / sched_tasks, "t_submit": sched_client / sched_tasks}
+    moving = "; ".join(
+        f"shards of {shard}, P = {p}: {moved:.3f} ({pickled:.3f} with each counter in its own pickle)"
+        for shard, by_p in moves.items() for p, (moved, pickled) in by_p.items()
+    )  # fmt: skip
     k = max(1, round(n / args.shard_size / workers))
     print()
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
-          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_read = {c['t_read'] * 1e3:.2f} ms "
+          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_move = CPU s to send and receive a "
+          f"shard's P pieces (measured in this process: {moving}), t_read = {c['t_read'] * 1e3:.2f} ms "
           f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
           f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
           f"{sched_client:.2f} s of client CPU; the runs above average {in_run * 1e3:.2f} ms, their "
@@ -401,10 +450,9 @@ def _run(args, tmp: Path) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in (8, 64, 512):
         for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
-            samples, ratio, parts = _project(c, args.shard_size, args.shard_size, k, w, p)
+            samples, ratio, parts = _project(c, args.shard_size, args.shard_size, k, w, p, moves[args.shard_size][p][0])
             print(f"| {w} | {p} | {_n_tasks(k * w, p):,} | {parts['worker']:.1f} | {parts['sched']:.1f} | "
                   f"{parts['client']:.2f} | {samples:.0f} | {ratio:.2f}x |")  # fmt: skip
-    big, size = 1_280_000, 1024
     print()
     print(f"A {big:,}-sample run of this model (96x96 inputs), shards of {size} samples:")
     print()
@@ -413,7 +461,7 @@ def _run(args, tmp: Path) -> None:
     for w in (8, 64, 512):
         k_big = math.ceil(big / (w * size))
         for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
-            samples, ratio, parts = _project(c, args.shard_size, size, k_big, w, p)
+            samples, ratio, parts = _project(c, args.shard_size, size, k_big, w, p, moves[size][p][0])
             print(f"| {w} | {p} | {k_big} | {_n_tasks(k_big * w, p):,} | {parts['worker']:.0f} | "
                   f"{parts['sched']:.0f} | {parts['client']:.1f} | {big / samples / 3600:.2f} | {ratio:.2f}x |")  # fmt: skip
 
