@@ -19,12 +19,22 @@ import numpy as np
 from . import policy
 from .arrays import as_words, held_bytes, narrowest, trimmed, writable
 from .hashing import dedup_words, hash_rows, in_run_order
+from .jit import kernel
 from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows, merge_many
 from .runset import RunSet
 from .sort import lex_order
 from .tuning import DEFAULT_TUNING
 
 __all__ = ["WordRuns"]
+
+
+@kernel
+def _counts_up(refs):
+    """Whether ``refs`` is 0, 1, 2, ..."""
+    for i in range(refs.size):
+        if refs[i] != i:
+            return False
+    return True
 
 
 class WordRuns(RunSet):
@@ -292,7 +302,8 @@ class WordRuns(RunSet):
         if run is None:
             return np.empty(0, np.uint64), None, np.empty(0, np.int64), np.empty((0, self.n_words), np.uint64)
         if self.arena_rows == len(run):  # every arena row is a state: sent as it lies
-            return run.keys, run.refs, narrowest(run.counts), self.arena[: self.arena_rows]
+            refs = None if _counts_up(run.refs) else run.refs  # rows in run order need no refs
+            return run.keys, refs, narrowest(run.counts), self.arena[: self.arena_rows]
         return run.keys, None, narrowest(run.counts), np.take(self.arena, run.refs, axis=0)
 
     def load_transit(self, hashes: np.ndarray, refs: np.ndarray | None, counts: np.ndarray, words: np.ndarray) -> None:
