@@ -622,7 +622,9 @@ def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
     if n_neurons == 0:
         raise OptionError(f"the channel axis {channel_axis} of an array of shape {x.shape} has 0 neurons")
     values, lo, hi = _comparable(x)
-    values = np.moveaxis(values, channel_axis, -1)
+    axis = channel_axis % x.ndim
+    if axis != x.ndim - 1:  # the channel axis last (np.moveaxis, without its checks: these are done)
+        values = values.transpose(*range(axis), *range(axis + 1, x.ndim), axis)
     out = np.empty((values.size // n_neurons, n_bytes_for(n_neurons)), np.uint8)
     if out.shape[0] == 0:
         return out
@@ -648,6 +650,16 @@ def unpack(packed: np.ndarray, n_neurons: int) -> np.ndarray:
     return np.unpackbits(packed, axis=1, count=n_neurons, bitorder="little").view(np.bool_)
 
 
+@kernel
+def _first_row_with_high_bits(packed, used):
+    """The first row whose last byte has a bit set at or above bit ``used``; -1 if none."""
+    last = packed.shape[1] - 1
+    for i in range(packed.shape[0]):
+        if packed[i, last] >> used:
+            return i
+    return -1
+
+
 def check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
     """``packed`` if it holds states of ``n_neurons`` as :func:`pack` makes
     them, else a typed error that ``where`` (the caller, named in it) raises.
@@ -668,9 +680,8 @@ def check_packed(packed: np.ndarray, n_neurons: int, where: str) -> np.ndarray:
         )
     used = int(n_neurons) % 8
     if used and packed.shape[0]:
-        unused = packed[:, -1] >> np.uint8(used)
-        if unused.any():
-            row = int(np.argmax(unused != 0))
+        row = _first_row_with_high_bits(packed, used)
+        if row >= 0:
             raise PackedStateError(
                 f"{where}: row {row} of the packed states has bits set above neuron {n_neurons - 1} "
                 f"(last byte {packed[row, -1]:#04x}); states of {n_neurons} neurons use the low {used} bits "
