@@ -21,7 +21,10 @@ for a reduction) on random 3x96x96 samples read by the workers from a ``.npy``.
    its RSS before the run is sampled every 10 ms; it must not grow with the
    distinct states.
 3. **Projection** to 8, 64 and 512 workers from the measured per-task costs
-   of the largest simulated run (see :func:`_project` for the model).
+   of the largest simulated run, run twice on the same workers: the repeat
+   reuses the memory the first freed, as the merges of a long run do; what
+   the first run's merges paid for pages touched for the first time is
+   charged once, to the merged counters a run keeps (see :func:`_project`).
 
 Usage: ``python benchmarks/distributed.py [--samples 1536] [--sim-samples 768] [--repeats 2]``
 """
@@ -98,6 +101,38 @@ def _keep_counts():
     if hasattr(worker, "_bench_original"):
         worker._result = worker._bench_original
         del worker._bench_original
+
+
+def _count_merge_faults():
+    """On a worker: every merge task also notes the page faults its thread took
+    (memory touched for the first time), read by :func:`_merge_faults`."""
+    import tensorstate_onnx.distributed.reduce as reduce
+
+    if not hasattr(reduce, "_bench_merge"):
+        reduce._bench_merge, reduce._bench_faults = reduce._merge_pieces, []
+
+        def counted(partition, n_partitions, *pieces):
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            merged = reduce._bench_merge(partition, n_partitions, *pieces)
+            reduce._bench_faults.append((partition, resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before))
+            return merged
+
+        reduce._merge_pieces = counted
+    reduce._bench_faults.clear()
+
+
+def _merge_faults() -> list:
+    import tensorstate_onnx.distributed.reduce as reduce
+
+    return list(getattr(reduce, "_bench_faults", []))
+
+
+def _faults_by_partition(cluster, partitions: int) -> np.ndarray:
+    faults = np.zeros(partitions)
+    for noted in cluster.client.run(_merge_faults).values():
+        for partition, count in noted:
+            faults[partition] += count
+    return faults
 
 
 def _worker_peak_rss() -> int:
@@ -255,7 +290,9 @@ def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: in
     (u_merge + t_move * (w - 1) / w) * k * levels * w / p (partition merges
     are spread over the p partitions; all states distinct, so each tree level
     touches every state, and every piece but those already on the merging
-    worker is sent and received: t_move). The scheduler handles tasks(k*w, p)
+    worker is sent and received: t_move), and k * t_keep * w / p for the new
+    memory its share of the merged counters takes (touched once: the memory of
+    every other merge is reused). The scheduler handles tasks(k*w, p)
     tasks at t_sched each; the client builds and sends them at t_submit each
     and reads k*w + p results at t_read each, both while the workers run.
     T = the largest of the three; linear = w * shard_size / t_shard.
@@ -263,7 +300,7 @@ def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: in
     scale = shard_size / measured_size
     shards = k * w
     level = scale * c["u_merge"] + t_move * (w - 1) / w
-    worker = k * (scale * c["t_shard"] + level * _levels(shards) * w / p)
+    worker = k * (scale * (c["t_shard"] + c["t_keep"] * w / p) + level * _levels(shards) * w / p)
     sched = _n_tasks(shards, p) * c["t_sched"]
     client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
     total = max(worker, sched, client)
@@ -394,15 +431,24 @@ def _run(args, tmp: Path) -> None:
     for workers in (2, args.sim_workers):
         cluster = _Cluster(workers)
         _sharded(cluster, path, files[args.sim_samples], 32, 32, args.attach_to)  # warm up every worker
-        for n in (args.sim_samples, 2 * args.sim_samples):
+        sizes = [args.sim_samples, 2 * args.sim_samples]
+        if workers == args.sim_workers:
+            sizes.append(2 * args.sim_samples)  # again: the workers reuse the memory the first run freed
+        runs = []
+        for n in sizes:
+            cluster.client.run(_count_merge_faults)
             result, wall, rss = _sharded(cluster, path, files[n], args.shard_size, args.batch_size, args.attach_to)
             worker_rss = max(cluster.client.run(_worker_peak_rss).values())
             c = _costs(result.stats, build_cpu)
+            faults = _faults_by_partition(cluster, result.stats["n_partitions"])
             distinct = sum(layer.distinct_count for layer in result.model.efficiency_layers)
-            rows.append((workers, n, result.stats, c, rss, worker_rss, distinct))
-            largest = (workers, n, c)
+            rows.append((workers, n, result.stats, c, rss, worker_rss, distinct, faults.sum()))
+            runs.append((n, result.stats, c, faults))
             print(f"simulated {workers} workers, {n} samples: {distinct:,} distinct states, client CPU "
-                  f"{c['client']:.2f} s, client RSS +{rss / 2**20:.0f} MiB", flush=True)  # fmt: skip
+                  f"{c['client']:.2f} s, client RSS +{rss / 2**20:.0f} MiB, merge page faults "
+                  f"{faults.sum():,.0f}", flush=True)  # fmt: skip
+        if workers == args.sim_workers:
+            largest = (workers, runs[-2], runs[-1])
         if workers == args.sim_workers:
             sched_cpu, sched_client, sched_tasks = _scheduler_cost(cluster, 128, 16)
         cluster.close()
@@ -411,17 +457,24 @@ def _run(args, tmp: Path) -> None:
     print()
     print("| workers | samples | distinct states | partitions | task CPU s | client CPU s (share) "
           "| scheduler CPU s (share) | merge CPU s per partition (mean / max) "
-          "| client peak RSS above start | worker peak RSS |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for workers, n, stats, c, rss, worker_rss, distinct in rows:
+          "| merge page faults | client peak RSS above start | worker peak RSS |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for workers, n, stats, c, rss, worker_rss, distinct, faults in rows:
         merges = stats["partition_merge_cpu_seconds"]
         run = c["work"] + c["client"] + c["scheduler"]
         print(f"| {workers} | {n} | {distinct:,} | {stats['n_partitions']} | {c['work']:.1f} | "
               f"{c['client']:.2f} ({c['client'] / run:.1%}) | {c['scheduler']:.2f} ({c['scheduler'] / run:.1%}) | "
-              f"{np.mean(merges):.2f} / {np.max(merges):.2f} | {rss / 2**20:.0f} MiB | {worker_rss / 2**20:.0f} MiB |")  # fmt: skip
+              f"{np.mean(merges):.2f} / {np.max(merges):.2f} | {faults:,.0f} | {rss / 2**20:.0f} MiB | {worker_rss / 2**20:.0f} MiB |")  # fmt: skip
 
     # 3. Projection.
-    workers, n, c = largest
+    # Costs of the repeated run, whose workers reuse memory as a long run's do, plus
+    # what the merges of the first run paid for pages touched for the first time: in
+    # a long run only the merged counters kept on the cluster need new memory, once.
+    workers, (n, cold_stats, cold, cold_faults), (_, warm_stats, c, warm_faults) = largest
+    cpu_gap = sum(cold_stats["partition_merge_cpu_seconds"]) - sum(warm_stats["partition_merge_cpu_seconds"])
+    fault_gap = cold_faults.sum() - warm_faults.sum()
+    fault_cost = max(0.0, cpu_gap / fault_gap) if fault_gap > 0 else 0.0
+    c["t_keep"] = fault_cost * cold_faults.sum() / cold_stats["n_shards"]
     in_run = c["t_sched"]
     big, size = 1_280_000, 1024
     wanted = sorted({p for w in (8, 64, 512) for p in (w, min(w, 64), min(w, 16))})
@@ -439,7 +492,10 @@ def _run(args, tmp: Path) -> None:
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
-          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level, t_move = CPU s to send and receive a "
+          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level ({cold['u_merge']:.4f} in the first run, "
+          f"whose merges put {cold_faults.sum():,.0f} pages in use for the first time against {warm_faults.sum():,.0f} "
+          f"in the repeat: {fault_cost * 1e6:.1f} us a page), t_keep = {c['t_keep']:.4f} CPU s per shard for "
+          f"the pages of the merged counters (all of the first run's new pages), t_move = CPU s to send and receive a "
           f"shard's P pieces (measured in this process: {moving}), t_read = {c['t_read'] * 1e3:.2f} ms "
           f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
           f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
