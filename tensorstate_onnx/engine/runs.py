@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import trimmed
+from .choice import pick
 from .hashing import cmp_words
 from .jit import kernel
 
@@ -124,19 +125,20 @@ def keep_rows(src, rows, dst, base, refs_out):
 def _merge_keys(h1, c1, h2, c2, h_out, c_out):
     """Merge two runs whose keys are the states (sorted, distinct), adding the
     counts of equal keys. Branch-free: the interleaving of random runs would
-    defeat the branch predictor."""
+    defeat the branch predictor (see :mod:`.choice`)."""
     n1 = h1.size
     n2 = h2.size
     i = 0
     j = 0
     m = 0
+    none = np.int64(0)
     while i < n1 and j < n2:
         x = h1[i]
         y = h2[j]
         take1 = x <= y
         take2 = y <= x
-        h_out[m] = x if take1 else y
-        c_out[m] = (c1[i] if take1 else 0) + (c2[j] if take2 else 0)
+        h_out[m] = pick(take1, x, y)
+        c_out[m] = pick(take1, c1[i], none) + pick(take2, c2[j], none)
         i += np.int64(take1)
         j += np.int64(take2)
         m += 1
@@ -171,9 +173,9 @@ def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
         y = h2[j]
         if x != y:
             take1 = x < y
-            h_out[m] = x if take1 else y
-            r_out[m] = r1[i] if take1 else r2[j]
-            c_out[m] = c1[i] if take1 else c2[j]
+            h_out[m] = pick(take1, x, y)
+            r_out[m] = pick(take1, r1[i], r2[j])
+            c_out[m] = pick(take1, c1[i], c2[j])
             i += np.int64(take1)
             j += np.int64(not take1)
         else:
