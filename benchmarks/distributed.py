@@ -21,10 +21,11 @@ for a reduction) on random 3x96x96 samples read by the workers from a ``.npy``.
    its RSS before the run is sampled every 10 ms; it must not grow with the
    distinct states.
 3. **Projection** to 8, 64 and 512 workers from the measured per-task costs
-   of the largest simulated run, run twice on the same workers: the repeat
-   reuses the memory the first freed, as the merges of a long run do; what
-   the first run's merges paid for pages touched for the first time is
-   charged once, to the merged counters a run keeps (see :func:`_project`).
+   of the largest simulated run, run twice on the same workers. The same
+   merges on fresh and on reused memory give what a page touched for the
+   first time costs; merges are charged as on reused memory (a long run's
+   merges reuse what earlier ones freed), plus new pages once for the merged
+   counters the run keeps (see :func:`_project`).
 
 Usage: ``python benchmarks/distributed.py [--samples 1536] [--sim-samples 768] [--repeats 2]``
 """
@@ -125,6 +126,21 @@ def _merge_faults() -> list:
     import tensorstate_onnx.distributed.reduce as reduce
 
     return list(getattr(reduce, "_bench_faults", []))
+
+
+_PAGE = 4096
+
+
+def _kept_bytes(model) -> int:
+    """Bytes the merged counters of a run hold on the cluster, at StateCounter's
+    cost of a distinct state (16 bytes up to 64 neurons, else its words and 24;
+    probes of up to 16 neurons hold a fixed table)."""
+    kept = 0
+    for layer in model.efficiency_layers:
+        n_bytes = (layer.n_neurons + 7) // 8
+        if n_bytes > 2:
+            kept += (16 if n_bytes <= 8 else 24 + 8 * ((n_bytes + 7) // 8)) * layer.distinct_count
+    return kept
 
 
 def _faults_by_partition(cluster, partitions: int) -> np.ndarray:
@@ -443,7 +459,7 @@ def _run(args, tmp: Path) -> None:
             faults = _faults_by_partition(cluster, result.stats["n_partitions"])
             distinct = sum(layer.distinct_count for layer in result.model.efficiency_layers)
             rows.append((workers, n, result.stats, c, rss, worker_rss, distinct, faults.sum()))
-            runs.append((n, result.stats, c, faults))
+            runs.append((n, result.stats, c, faults, _kept_bytes(result.model)))
             print(f"simulated {workers} workers, {n} samples: {distinct:,} distinct states, client CPU "
                   f"{c['client']:.2f} s, client RSS +{rss / 2**20:.0f} MiB, merge page faults "
                   f"{faults.sum():,.0f}", flush=True)  # fmt: skip
@@ -467,14 +483,17 @@ def _run(args, tmp: Path) -> None:
               f"{np.mean(merges):.2f} / {np.max(merges):.2f} | {faults:,.0f} | {rss / 2**20:.0f} MiB | {worker_rss / 2**20:.0f} MiB |")  # fmt: skip
 
     # 3. Projection.
-    # Costs of the repeated run, whose workers reuse memory as a long run's do, plus
-    # what the merges of the first run paid for pages touched for the first time: in
-    # a long run only the merged counters kept on the cluster need new memory, once.
-    workers, (n, cold_stats, cold, cold_faults), (_, warm_stats, c, warm_faults) = largest
-    cpu_gap = sum(cold_stats["partition_merge_cpu_seconds"]) - sum(warm_stats["partition_merge_cpu_seconds"])
+    # The same merges on fresh and on reused memory give the cost of a page touched
+    # for the first time. In a long run only the merged counters kept on the cluster
+    # need new memory, once (t_keep); every other merge reuses what earlier ones freed
+    # (u_merge: the repeat's merges less the new pages they still took).
+    workers, (n, cold_stats, cold, cold_faults, kept), (_, warm_stats, c, warm_faults, _) = largest
+    cold_cpu, warm_cpu = (sum(stats["partition_merge_cpu_seconds"]) for stats in (cold_stats, warm_stats))
     fault_gap = cold_faults.sum() - warm_faults.sum()
-    fault_cost = max(0.0, cpu_gap / fault_gap) if fault_gap > 0 else 0.0
-    c["t_keep"] = fault_cost * cold_faults.sum() / cold_stats["n_shards"]
+    fault_cost = max(0.0, (cold_cpu - warm_cpu) / fault_gap) if fault_gap > 0 else 0.0
+    shards = warm_stats["n_shards"]
+    c["u_merge"] = max(0.0, warm_cpu - fault_cost * warm_faults.sum()) / (shards * _levels(shards))
+    c["t_keep"] = fault_cost * kept / _PAGE / shards
     in_run = c["t_sched"]
     big, size = 1_280_000, 1024
     wanted = sorted({p for w in (8, 64, 512) for p in (w, min(w, 64), min(w, 16))})
@@ -492,10 +511,10 @@ def _run(args, tmp: Path) -> None:
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
-          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level ({cold['u_merge']:.4f} in the first run, "
-          f"whose merges put {cold_faults.sum():,.0f} pages in use for the first time against {warm_faults.sum():,.0f} "
-          f"in the repeat: {fault_cost * 1e6:.1f} us a page), t_keep = {c['t_keep']:.4f} CPU s per shard for "
-          f"the pages of the merged counters (all of the first run's new pages), t_move = CPU s to send and receive a "
+          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level on reused memory ({cold['u_merge']:.4f} "
+          f"as the first run measured it, its merges putting {cold_faults.sum():,.0f} pages in use for the first "
+          f"time against {warm_faults.sum():,.0f} in the repeat: {fault_cost * 1e6:.1f} us a page), t_keep = "
+          f"{c['t_keep']:.4f} CPU s per shard for the new pages of the merged counters ({kept / 2**20:.0f} MiB), t_move = CPU s to send and receive a "
           f"shard's P pieces (measured in this process: {moving}), t_read = {c['t_read'] * 1e3:.2f} ms "
           f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
           f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
