@@ -70,7 +70,8 @@ class ShardedAnalysis:
     labels. Unpacks as ``model, accuracy = analyze_sharded(...)``.
     ``stats`` holds timings: per-shard wall and CPU seconds (and the CPU
     seconds of splitting each shard into partitions), the CPU seconds of
-    each partition's merge tasks, the CPU seconds of the client reading the
+    each partition's merge tasks and of settling it (its totals and its
+    counters' pickles, what stays on the cluster), the CPU seconds of the client reading the
     results (``client_cpu_seconds``) and of its whole process during the
     call (``client_process_cpu_seconds``), the wall time, and
     the time from the end of the last shard to the end of the run
@@ -518,6 +519,7 @@ def _collect(client, infos, summaries, roots, local, where, n_shards, root, stor
         shard_seconds=[i.seconds for i in ordered], shard_cpu_seconds=[i.cpu_seconds for i in ordered],
         split_cpu_seconds=[i.split_seconds for i in ordered],
         partition_merge_cpu_seconds=[s.merge_cpu_seconds for s in sorted(got, key=lambda s: s.partition)],
+        partition_settle_cpu_seconds=[s.settle_cpu_seconds for s in sorted(got, key=lambda s: s.partition)],
         gather_seconds=gather, client_cpu_seconds=time.thread_time() - cpu_started,
         _last_end=max((i.last_end for i in ordered), default=0.0),
     )  # fmt: skip

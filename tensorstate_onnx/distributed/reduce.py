@@ -8,10 +8,13 @@ which puts every state in the same partition in every process. The pieces of
 partition ``j`` of every shard hold disjoint states from those of any other
 partition, so each partition is merged on its own, by merge tasks on the
 workers (:func:`_merge_pieces`, a small tree per partition so that merging
-overlaps the shards still running). A partition's merged counters stay on the
-cluster; :func:`_summarize` sends the client only their totals per probe
-(states, distinct states, count histogram), which :func:`_combine` adds up:
-every Rényi entropy follows from the histogram of the counts.
+overlaps the shards still running). :func:`_settle` turns a partition's
+merged counters into what stays on the cluster, a :class:`_Settled`: their
+pickles (each distinct state once as its packed bytes, counts in the
+narrowest dtype: a fraction of a counter's working memory) and their totals
+per probe (states, distinct states, count histogram), the only part the
+client reads; :func:`_combine` adds those up: every Rényi entropy follows from
+the histogram of the counts.
 
 Every task here is a pure function of its inputs (it builds new counters and
 never modifies what it is given), so Dask may rerun any of them after a lost
@@ -20,6 +23,7 @@ worker: a rerun replaces a result, it never adds to one.
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +115,19 @@ class _Summary:
     shards: list[int]
     probes: list[_ProbeTotals | None]
     merge_cpu_seconds: float
+    settle_cpu_seconds: float = 0.0  # CPU seconds of summing up the merged partition and pickling it
+
+
+@dataclass
+class _Settled:
+    """A merged partition as it stays on the cluster: its summary, and each
+    probe's counter as its pickle (None: no state), unpickled on request."""
+
+    summary: _Summary
+    pickles: list[bytes | None]
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + sum(len(blob) for blob in self.pickles if blob is not None)
 
 
 _WHOLE_UP_TO = 16  # neurons: at most 65,536 states, counted in a table that merges by adding
@@ -193,8 +210,24 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
     )  # fmt: skip
 
 
+def _settle(piece: _Piece) -> _Settled:
+    """Task: a merged partition's summary and its counters' pickles, which is
+    all that stays on the cluster (the merged piece, in the counters' working
+    form, is released once this is done)."""
+    started = time.thread_time()
+    pickles = [None if c is None or c.total == 0 else pickle.dumps(c, protocol=5) for c in piece.counters]
+    summary = _summarize(piece)
+    summary.settle_cpu_seconds = time.thread_time() - started
+    return _Settled(summary, pickles)
+
+
+def _summary_of(settled: _Settled) -> _Summary:
+    """Task: the totals of a settled partition (what the client gathers of it)."""
+    return settled.summary
+
+
 def _summarize(piece: _Piece) -> _Summary:
-    """Task: the totals of a merged partition, per probe (what the client gathers of it)."""
+    """The totals of a merged partition, per probe."""
     probes = []
     for counter in piece.counters:
         if counter is None or counter.total == 0:
@@ -206,9 +239,10 @@ def _summarize(piece: _Piece) -> _Summary:
     return _Summary(piece.partition, piece.shards, probes, piece.merge_cpu_seconds)
 
 
-def _probe_counter(piece: _Piece, probe: int) -> StateCounter | None:
+def _probe_counter(settled: _Settled, probe: int) -> StateCounter | None:
     """Task: the merged counter of one probe in a partition (for gathering on request)."""
-    return piece.counters[probe]
+    blob = settled.pickles[probe]
+    return None if blob is None else pickle.loads(blob)
 
 
 def _combine(summaries: list[_Summary], names: tuple) -> list[_ProbeTotals | None]:
@@ -255,7 +289,8 @@ def _reduction_graph(shard_keys: list[str], n_partitions: int, fan_in: int, toke
     """The tasks of the reduction over the shard tasks ``shard_keys``, as a
     Dask graph: for each partition, a piece of every shard merged ``fan_in``
     consecutive shards at a time (so merges start while later shards run)
-    down to one, and its summary. Returns ``(graph, root keys, summary keys)``."""
+    down to one, settled (what stays on the cluster: the root keys) and its
+    summary read. Returns ``(graph, root keys, summary keys)``."""
     graph: dict = {}
     roots, summaries = [], []
     for j in range(n_partitions):
@@ -273,7 +308,8 @@ def _reduction_graph(shard_keys: list[str], n_partitions: int, fan_in: int, toke
                 graph[key] = (_merge_pieces, j, n_partitions, *level[g : g + fan_in])
                 merged.append(key)
             level = merged
-        roots.append(level[0])
+        roots.append(f"tensorstate-settled-{j}-{token}")
+        graph[roots[-1]] = (_settle, level[0])
         summaries.append(f"tensorstate-summary-{j}-{token}")
-        graph[summaries[-1]] = (_summarize, level[0])
+        graph[summaries[-1]] = (_summary_of, roots[-1])
     return graph, roots, summaries

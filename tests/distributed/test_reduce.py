@@ -10,7 +10,9 @@ pytest.importorskip("distributed")
 
 from tensorstate_onnx import ModelInputError, OptionError, demo  # noqa: E402
 from tensorstate_onnx.distributed import analyze_sharded  # noqa: E402
-from tensorstate_onnx.distributed.reduce import _combine, _merge_pieces, _split, _summarize  # noqa: E402
+from tensorstate_onnx.distributed.reduce import (  # noqa: E402
+    _combine, _merge_pieces, _probe_counter, _settle, _split, _summarize, _summary_of,
+)
 from tensorstate_onnx.engine import StateCounter  # noqa: E402
 from tensorstate_onnx.metrics import entropy, histogram_entropy  # noqa: E402
 
@@ -28,6 +30,8 @@ def test_any_partitioning_gives_the_single_process_metrics_and_counts(
     assert result.n_partitions == (partitions or 2) == result.stats["n_partitions"]
     assert len(result.stats["shard_seconds"]) == 12
     assert len(result.stats["partition_merge_cpu_seconds"]) == result.n_partitions
+    assert len(result.stats["partition_settle_cpu_seconds"]) == result.n_partitions
+    assert all(seconds > 0 for seconds in result.stats["partition_settle_cpu_seconds"])
     assert result.accuracy == reference[1]
     assert_same_counts(reference[0], result.model)
 
@@ -151,6 +155,32 @@ def _last_byte_mask(c):
     if c % 8:
         mask[-1] = (1 << (c % 8)) - 1
     return mask
+
+
+def test_a_settled_partition_keeps_its_counters_compact_and_gives_them_back_whole(sorted_counts):
+    """What stays on the cluster: the summary of the merged partition and each
+    counter's pickle, smaller than the counter it was, rebuilt exactly on request."""
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(0, 256, (4000, n_bytes), dtype=np.uint8) for n_bytes in (2, 5, 25)]
+    shards = [_split([_counter(r[s::2], 8 * r.shape[1]) for r in rows] + [None], s, ("a", "b", "c", "d"), 2) for s in range(2)]
+    merged = _merge_pieces(1, 2, shards[0][1], shards[1][1])
+    settled = _settle(merged)
+    summary, expected = _summary_of(settled), _summarize(merged)
+    assert summary.partition == 1 and summary.shards == [0, 1]
+    for got, want in zip(summary.probes, expected.probes):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert (got.total, got.n_distinct) == (want.total, want.n_distinct)
+            assert all(np.array_equal(x, y) for x, y in zip(got.histogram, want.histogram))
+    assert settled.pickles[3] is None and _probe_counter(settled, 3) is None
+    for probe, counter in enumerate(merged.counters[:3]):
+        if counter is None:
+            assert settled.pickles[probe] is None
+            continue
+        assert len(settled.pickles[probe]) < counter.nbytes / 2
+        back = _probe_counter(settled, probe)
+        assert back.total == counter.total
+        assert all(np.array_equal(x, y) for x, y in zip(sorted_counts(back), sorted_counts(counter)))
 
 
 def test_pieces_that_do_not_fit_together_are_refused():
