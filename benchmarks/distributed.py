@@ -131,16 +131,11 @@ def _merge_faults() -> list:
 _PAGE = 4096
 
 
-def _kept_bytes(model) -> int:
-    """Bytes the merged counters of a run hold on the cluster, at StateCounter's
-    cost of a distinct state (16 bytes up to 64 neurons, else its words and 24;
-    probes of up to 16 neurons hold a fixed table)."""
-    kept = 0
-    for layer in model.efficiency_layers:
-        n_bytes = (layer.n_neurons + 7) // 8
-        if n_bytes > 2:
-            kept += (16 if n_bytes <= 8 else 24 + 8 * ((n_bytes + 7) // 8)) * layer.distinct_count
-    return kept
+def _settled_bytes(dask_worker) -> int:
+    """On a worker: bytes of the settled partitions it holds (what a run keeps on the cluster)."""
+    from tensorstate_onnx.distributed.reduce import _Settled
+
+    return sum(sys.getsizeof(value) for value in dask_worker.data.values() if isinstance(value, _Settled))
 
 
 def _faults_by_partition(cluster, partitions: int) -> np.ndarray:
@@ -190,6 +185,7 @@ def _sharded(cluster, path, npy, shard_size, batch_size, attach_to):
         result = analyze_sharded(path, npy, attach_to, client=cluster.client, shard_size=shard_size, batch_size=batch_size)
         result.stats["scheduler_cpu_seconds"] = cluster.scheduler_cpu() - scheduler
         wall = time.perf_counter() - started
+    result.stats["kept_bytes"] = sum(cluster.client.run(_settled_bytes).values())
     result.release()
     return result, wall, rss.peak
 
@@ -200,7 +196,7 @@ def _noop(*args):
 
 def _scheduler_cost(cluster, shards: int, partitions: int) -> tuple[float, float, int]:
     """``(scheduler CPU s, client CPU s, tasks)`` of a graph shaped like a run's (shards, facts,
-    pieces, merge trees, summaries) whose tasks do nothing: what each task costs to schedule."""
+    pieces, merge trees, settled partitions, summaries) whose tasks do nothing: what each task costs to schedule."""
     graph: dict = {}
     for s in range(shards):
         graph[f"s-{s}"] = (_noop,)
@@ -219,7 +215,8 @@ def _scheduler_cost(cluster, shards: int, partitions: int) -> tuple[float, float
                 graph[f"m-{j}-{depth}-{g}"] = (_noop, *level[g : g + FAN_IN])
                 merged.append(f"m-{j}-{depth}-{g}")
             level = merged
-        graph[f"u-{j}"] = (_noop, level[0])
+        graph[f"t-{j}"] = (_noop, level[0])
+        graph[f"u-{j}"] = (_noop, f"t-{j}")
         wanted.append(f"u-{j}")
     scheduler, client = cluster.scheduler_cpu(), time.process_time()
     futures = cluster.client.get(graph, wanted, sync=False)
@@ -263,14 +260,14 @@ def _move_costs(path, x, shard_size: int, batch_size: int, attach_to, partitions
 
 
 def _n_tasks(shards: int, partitions: int, fan_in: int = FAN_IN) -> int:
-    """Tasks of a run: shard, facts, pieces, merge levels per partition, summaries."""
+    """Tasks of a run: shard, facts, pieces, merge levels per partition, settled partitions, summaries."""
     merges, level = 0, shards
     while True:
         level = math.ceil(level / fan_in)
         merges += level
         if level == 1:
             break
-    return 2 * shards + shards * partitions + partitions * merges + partitions
+    return 2 * shards + shards * partitions + partitions * merges + 2 * partitions
 
 
 def _levels(shards: int, fan_in: int = FAN_IN) -> int:
@@ -288,10 +285,11 @@ def _costs(stats: dict, build_cpu: float) -> dict:
     return dict(
         t_shard=float(np.mean(stats["shard_cpu_seconds"])), t_split=float(np.mean(stats["split_cpu_seconds"])),
         u_merge=merge / (shards * _levels(shards)),  # merge CPU per shard of data and per tree level
+        t_settle=sum(stats["partition_settle_cpu_seconds"]) / shards,  # summing up and pickling, per shard of data
         t_read=reading / (shards + partitions),  # per shard fact or partition total read
         t_sched=scheduler / tasks,  # scheduler per task
         tasks=tasks, merge=merge, client=client, scheduler=scheduler,
-        work=sum(stats["shard_cpu_seconds"]) + merge,
+        work=sum(stats["shard_cpu_seconds"]) + merge + sum(stats["partition_settle_cpu_seconds"]),
     )  # fmt: skip
 
 
@@ -306,9 +304,10 @@ def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: in
     (u_merge + t_move * (w - 1) / w) * k * levels * w / p (partition merges
     are spread over the p partitions; all states distinct, so each tree level
     touches every state, and every piece but those already on the merging
-    worker is sent and received: t_move), and k * t_keep * w / p for the new
-    memory its share of the merged counters takes (touched once: the memory of
-    every other merge is reused). The scheduler handles tasks(k*w, p)
+    worker is sent and received: t_move), and k * (t_settle + t_keep) * w / p
+    for settling its share of the merged partitions (their totals and the
+    pickles kept on the cluster) and the new memory those take (touched once:
+    the memory of every other merge is reused). The scheduler handles tasks(k*w, p)
     tasks at t_sched each; the client builds and sends them at t_submit each
     and reads k*w + p results at t_read each, both while the workers run.
     T = the largest of the three; linear = w * shard_size / t_shard.
@@ -316,7 +315,7 @@ def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: in
     scale = shard_size / measured_size
     shards = k * w
     level = scale * c["u_merge"] + t_move * (w - 1) / w
-    worker = k * (scale * (c["t_shard"] + c["t_keep"] * w / p) + level * _levels(shards) * w / p)
+    worker = k * (scale * (c["t_shard"] + (c["t_settle"] + c["t_keep"]) * w / p) + level * _levels(shards) * w / p)
     sched = _n_tasks(shards, p) * c["t_sched"]
     client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
     total = max(worker, sched, client)
@@ -459,7 +458,7 @@ def _run(args, tmp: Path) -> None:
             faults = _faults_by_partition(cluster, result.stats["n_partitions"])
             distinct = sum(layer.distinct_count for layer in result.model.efficiency_layers)
             rows.append((workers, n, result.stats, c, rss, worker_rss, distinct, faults.sum()))
-            runs.append((n, result.stats, c, faults, _kept_bytes(result.model)))
+            runs.append((n, result.stats, c, faults, result.stats["kept_bytes"]))
             print(f"simulated {workers} workers, {n} samples: {distinct:,} distinct states, client CPU "
                   f"{c['client']:.2f} s, client RSS +{rss / 2**20:.0f} MiB, merge page faults "
                   f"{faults.sum():,.0f}", flush=True)  # fmt: skip
@@ -511,10 +510,10 @@ def _run(args, tmp: Path) -> None:
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
-          f"u_merge = {c['u_merge']:.4f} CPU s per shard and tree level on reused memory ({cold['u_merge']:.4f} "
+          f"t_settle = {c['t_settle']:.4f}, u_merge = {c['u_merge']:.4f} CPU s per shard and tree level on reused memory ({cold['u_merge']:.4f} "
           f"as the first run measured it, its merges putting {cold_faults.sum():,.0f} pages in use for the first "
           f"time against {warm_faults.sum():,.0f} in the repeat: {fault_cost * 1e6:.1f} us a page), t_keep = "
-          f"{c['t_keep']:.4f} CPU s per shard for the new pages of the merged counters ({kept / 2**20:.0f} MiB), t_move = CPU s to send and receive a "
+          f"{c['t_keep']:.4f} CPU s per shard for the new pages of the merged counters kept on the cluster ({kept / 2**20:.0f} MiB), t_move = CPU s to send and receive a "
           f"shard's P pieces (measured in this process: {moving}), t_read = {c['t_read'] * 1e3:.2f} ms "
           f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
           f"{sched_tasks:,} tasks shaped like a run's, doing nothing: {sched_cpu:.2f} s of scheduler and "
