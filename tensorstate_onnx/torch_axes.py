@@ -233,8 +233,10 @@ class AxisTracker:
         #: pass ends, and dropped if it raises.
         self.hooks: list["StateCaptureHook"] = []
 
-    def attach(self, module: torch.nn.Module) -> list:
-        """Register the tracking hooks on every submodule; return their handles."""
+    def attach(self, module: torch.nn.Module, within: list | None = None) -> list:
+        """Register the tracking hooks on every submodule of ``module`` (or on the
+        modules ``within`` only, ``module`` among them: then passes are opened,
+        closed and masked, but no tensor's axis is followed); return their handles."""
         self._root = module
         eager_before, eager_after = disable_compile(self._before), disable_compile(self._after)
 
@@ -249,7 +251,7 @@ class AxisTracker:
             return None if exporting() else self._ended(module)
 
         handles = []
-        for sub in module.modules():
+        for sub in module.modules() if within is None else within:
             handles.append(sub.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
             handles.append(sub.register_forward_hook(after, prepend=True))
             handles.append(sub.register_forward_hook(ended, always_call=True))

@@ -167,6 +167,13 @@ class StateCaptureHook(AbstractStateCapture):
         else:
             self.record_guessed(tensor)
 
+    def axis_fixed(self, module: torch.nn.Module) -> bool:
+        """Whether this hook's neuron axis on ``module`` never needs the tensors
+        of the pass followed: the caller's override, or a module whose kind
+        fixes it (a conv-family module, a dense module's output)."""
+        kind = module_kind(module)
+        return self.axis_override is not None or kind == CHANNELS or (kind == FEATURES and self.method == "after")
+
     def _rule_axis(self, module: torch.nn.Module, tensor: torch.Tensor) -> int | None:
         """The neuron axis of ``tensor`` by the rule, or ``None`` if nothing decides it yet."""
         rank = tensor.dim()
@@ -337,6 +344,7 @@ def attach_hooks(
     handles = []
     used_dirs: set[str] = set()
     tracker = AxisTracker(mask_input)
+    axes_fixed = True
     try:
         for (name, sub), label in zip(chosen, labels):
             for m in methods:
@@ -354,7 +362,10 @@ def attach_hooks(
                 else:
                     handles.append(sub.register_forward_hook(hook))
                 hooks.append(hook)
-        handles.extend(tracker.attach(module))
+                axes_fixed = axes_fixed and hook.axis_fixed(sub)
+        # Every module is followed only when some probe's axis depends on what made its
+        # tensor; otherwise the passes are tracked only through the modules that lead to a probe.
+        handles.extend(tracker.attach(module, None if not axes_fixed else _leading_to(module, [n for n, _ in chosen])))
     except BaseException:
         for handle in handles:
             handle.remove()
@@ -362,6 +373,20 @@ def attach_hooks(
     setattr(module, _HANDLES_ATTR, handles)
     module.efficiency_layers = hooks
     return module
+
+
+def _leading_to(module: torch.nn.Module, names: list[str]) -> list[torch.nn.Module]:
+    """``module`` and its submodules that are one of ``names`` (qualified names)
+    or contain one: every call that reaches a probe passes through them."""
+    wanted = {""}
+    for name in names:
+        parts = name.split(".") if name else []
+        wanted.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    found: dict[int, torch.nn.Module] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if name in wanted:
+            found.setdefault(id(sub), sub)
+    return list(found.values())
 
 
 def remove_state_layers(module: torch.nn.Module) -> torch.nn.Module:

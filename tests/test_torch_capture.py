@@ -600,6 +600,36 @@ def test_a_forward_pass_that_raises_midway_leaves_no_partial_batch(torch):
     assert np.array_equal(first.states[:], pack(wanted, 1)), "nor kept"
 
 
+def test_when_every_probed_module_fixes_its_axis_only_the_modules_leading_to_probes_are_tracked(torch):
+    """Conv probes need no tensor followed: passes are opened and closed through
+    the root and the modules that lead to a probe (each an extra hook call per
+    module per batch), so the others carry no hook; a probed block called alone
+    still records its pass whole. A probe whose axis depends on its tensor's
+    maker (a ReLU) has every module followed."""
+    nn = torch.nn
+    torch.manual_seed(0)
+
+    def model():
+        return nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+    def hooked(module):
+        return bool(module._forward_hooks or module._forward_pre_hooks)
+
+    convs = attach_hooks(model(), ["Conv2d"])
+    assert [hooked(m) for m in (convs, convs[0], convs[0][0], convs[0][1], convs[1], convs[2])] == [True, True, True, False, False, False]
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        convs(x)
+        convs[0](x)  # the block alone: a pass of its own
+    (probe,) = convs.efficiency_layers
+    remove_state_layers(convs)
+    with torch.no_grad():
+        wanted = torch.cat([convs[0][0](x), convs[0][0](x)]).numpy()
+    assert probe.state_count == 2 * 2 * 6 * 6 and _pairs(probe) == _numpy_counts(wanted, 1)
+    relus = attach_hooks(model(), ["ReLU"])
+    assert all(hooked(m) for m in relus.modules())
+
+
 def test_kept_states_are_the_packed_rows_of_every_pass_in_order(torch):
     nn = torch.nn
     torch.manual_seed(0)
