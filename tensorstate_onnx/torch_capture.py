@@ -19,7 +19,10 @@ by a conv-family module has its neurons on axis 1 (what the module reads as
 channels), one read by a dense module on the last axis. Rank-1 tensors ``[N]``
 are one neuron per sample and rank-2 tensors ``[N, C]`` have their neurons last.
 Where nothing decides, the last axis is taken with a :class:`GuessedAxisWarning`
-naming the ``channel_axes`` override.
+naming the ``channel_axes`` override. When every probed module fixes its axis
+itself (conv-family modules, a dense module's output, an override), no tensor
+needs following: the tracker then hooks only the root and the modules leading
+to a probe, to open and close each pass (and read the mask).
 
 On CPU the tensor is handed to the engine as a numpy view (no copy). On any
 other device (CUDA, ...) it is quantized and bit-packed there with torch ops,
