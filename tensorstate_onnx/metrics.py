@@ -7,13 +7,13 @@ Pure numpy: these functions take numbers, not models, except that
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral, Real
 
 import numpy as np
 
+from ._system import usable_cpus
 from .errors import NoStatesError, OptionError, OptionTypeError
 
 __all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "histogram_of_counts", "network_efficiency"]
@@ -192,19 +192,12 @@ def _layer_efficiencies(layers: list) -> list[float]:
     counting the states each layer still buffers and merging its runs, each
     layer's its own work in kernels that release the GIL."""
     unique = list({id(layer): layer for layer in layers}.values())  # a layer listed twice is counted once
-    workers = min(len(unique), _usable_cores())
+    workers = min(len(unique), usable_cpus())
     if workers <= 1:
         return [layer.efficiency() for layer in layers]
     with ThreadPoolExecutor(workers, thread_name_prefix="tensorstate-efficiency") as pool:
         found = dict(zip(map(id, unique), pool.map(lambda layer: layer.efficiency(), unique)))
     return [found[id(layer)] for layer in layers]
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity where the system tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 MAX_AIQ_WEIGHT = 10**6

@@ -101,7 +101,7 @@ def test_network_efficiency_of_a_model_runs_its_layers_side_by_side_in_order(mon
 
     from tensorstate_onnx import metrics
 
-    monkeypatch.setattr(metrics, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(metrics, "usable_cpus", lambda: 2)
     barrier = threading.Barrier(2, timeout=10)
     asked = []
 

@@ -37,7 +37,8 @@ from ..errors import (
 )
 from ..runtime import OnnxEfficiencyModel
 from ..store import StateStore, check_storage_root
-from .connect import check_scheduler_address, connect, cpu_count, dask_modules, n_workers_of
+from .._system import usable_cpus
+from .connect import check_scheduler_address, connect, dask_modules, n_workers_of
 from .plan import _plan_shards
 from .reduce import (
     _check_same_shape,
@@ -348,7 +349,7 @@ def analyze_sharded(
     # address, where the default shard size needs the worker count).
     planned = None
     if scheduler is None:
-        guess = len(client.nthreads()) if client is not None else (n_workers or cpu_count())
+        guess = len(client.nthreads()) if client is not None else (n_workers or usable_cpus())
         planned = plan(max(1, guess))
         if partitions is not None:
             _n_partitions(partitions, 1, len(planned[0]), len(local.probes))  # refused before any cluster starts

@@ -10,6 +10,7 @@ import socket
 from contextlib import contextmanager
 
 from .._optional import import_optional
+from .._system import usable_cpus
 from ..errors import OptionTypeError, SchedulerConnectionError
 
 
@@ -27,13 +28,6 @@ WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_THRESHOLD_"
 def dask_modules():
     """Import dask and dask.distributed, or explain how to install them."""
     return tuple(import_optional(name, "distributed", "distributed analysis") for name in ("dask", "distributed"))
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def check_scheduler_address(address: str, timeout: float) -> None:
@@ -89,7 +83,7 @@ def connect(client, scheduler, n_workers, threads_per_worker, timeout):
         finally:
             own.close()
         return
-    cluster = local_cluster(n_workers or cpu_count(), threads_per_worker)
+    cluster = local_cluster(n_workers or usable_cpus(), threads_per_worker)
     try:
         own = distributed.Client(cluster, set_as_default=False)
         try:

@@ -14,7 +14,6 @@ GIL); small ones on the calling thread.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
+from .._system import usable_cpus
 from ..errors import OptionError, OptionTypeError, PackedStateError
 from .jit import kernel
 
@@ -38,7 +38,7 @@ def n_bytes_for(n_neurons: int) -> int:
 # Inputs smaller than this are packed on the calling thread; thread start-up
 # would cost more than it saves.
 _PARALLEL_MIN_BYTES = 1 << 22
-_N_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+_N_THREADS = min(usable_cpus(), 8)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
