@@ -207,17 +207,24 @@ class WordRuns(RunSet):
             self.flush(run.counts)
             return
         # Keys are never written once in a run, so they are shared; counts are copied.
-        # When every arena row of ``other`` is a state (always after unpickling), its
-        # rows are copied as they lie, else gathered in run order first.
-        in_place = other.arena_rows == k
-        words = other.arena[:k] if in_place else np.take(other.arena, run.refs, axis=0)
         counts = run.counts.copy()
         self.flush()
         start = self._reserve(k)
-        self.arena[start : start + k] = words
+        refs = self._copy_rows(other, run, start)
         self.arena_rows += k
-        refs = start + run.refs if in_place else np.arange(start, start + k, dtype=np.int64)
         self._push_rows(Run(run.keys, refs, counts), start)
+
+    def _copy_rows(self, other: WordRuns, run: Run, start: int) -> np.ndarray:
+        """Copy the states of ``run`` (of ``other``'s arena) to this arena's rows
+        from ``start`` on (reserved); return their refs here. When every arena row
+        of ``other`` is a state (always after unpickling), its rows are copied as
+        they lie, else gathered in run order."""
+        k = len(run)
+        if other.arena_rows == k:
+            self.arena[start : start + k] = other.arena[:k]
+            return start + run.refs
+        np.take(other.arena, run.refs, axis=0, out=self.arena[start : start + k])
+        return np.arange(start, start + k, dtype=np.int64)
 
     def merge_many(self, others: list[WordRuns]) -> None:
         """Add the counts of every counter in ``others`` (left as they were) in one
@@ -233,15 +240,8 @@ class WordRuns(RunSet):
         start = self._reserve(sum(len(run) for _, run in theirs))
         runs = [] if own is None else [own]
         for other, run in theirs:
-            k = len(run)
-            if other.arena_rows == k:  # every row a state: copied as it lies
-                self.arena[start : start + k] = other.arena[:k]
-                refs = start + run.refs
-            else:
-                np.take(other.arena, run.refs, axis=0, out=self.arena[start : start + k])
-                refs = np.arange(start, start + k, dtype=np.int64)
-            runs.append(Run(run.keys, refs, run.counts))
-            start += k
+            runs.append(Run(run.keys, self._copy_rows(other, run, start), run.counts))
+            start += len(run)
         self.arena_rows = start
         merged = merge_many(runs, self.arena)
         self.runs = [] if merged is None else [merged]
