@@ -174,8 +174,16 @@ class StateCaptureHook(AbstractStateCapture):
         """Whether this hook's neuron axis on ``module`` never needs the tensors
         of the pass followed: the caller's override, or a module whose kind
         fixes it (a conv-family module, a dense module's output)."""
-        kind = module_kind(module)
-        return self.axis_override is not None or kind == CHANNELS or (kind == FEATURES and self.method == "after")
+        return self.axis_override is not None or self._kind_axis(module_kind(module), 3) is not None
+
+    def _kind_axis(self, kind, rank: int) -> int | None:
+        """The neuron axis a module of ``kind`` fixes for this hook's tensor of
+        ``rank`` > 2, or ``None`` when it depends on what made the tensor."""
+        if kind == CHANNELS:  # its output, or what it reads as channels
+            return 1
+        if kind == FEATURES and self.method == "after":
+            return rank - 1
+        return None
 
     def _rule_axis(self, module: torch.nn.Module, tensor: torch.Tensor) -> int | None:
         """The neuron axis of ``tensor`` by the rule, or ``None`` if nothing decides it yet."""
@@ -183,10 +191,9 @@ class StateCaptureHook(AbstractStateCapture):
         if rank <= 2:
             return plain_axis(rank)
         kind = module_kind(module)
-        if kind == CHANNELS:  # its output, or what it reads as channels
-            return 1
-        if kind == FEATURES and self.method == "after":
-            return rank - 1
+        fixed = self._kind_axis(kind, rank)
+        if fixed is not None:
+            return fixed
         axis = None if self._tracker is None else self._tracker.axis_of(tensor)
         if axis is None and kind == FEATURES:  # what a dense module reads as features
             return rank - 1
