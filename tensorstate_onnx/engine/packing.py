@@ -61,17 +61,19 @@ def _fires(v, lo, hi):
 
 
 @kernel
-def _pack_flat_by8(flat, lo, hi, out, head, out64):
-    """Channels-last contiguous data with C a multiple of 8: byte i from values 8i..8i+7.
+def _pack_flat_by8(flat, lo, hi, out):
+    """Channels-last contiguous data with C a multiple of 8: byte i of ``out``
+    (1-d, contiguous) from values 8i..8i+7.
 
-    ``out64`` is ``out[head:head + 8k]`` as uint64 (``head``: the bytes before
-    the first 8-byte aligned one): eight bytes from 64 values at a time. The
-    64-value inner loop vectorizes with wide loads and shuffles; narrower
-    groups (16 values to a uint16) were compiled to gathers on some CPUs,
-    several times slower.
+    Eight bytes from 64 values at a time, stored as one uint64 from the first
+    8-byte aligned byte of ``out`` on. The 64-value inner loop vectorizes with
+    wide loads and shuffles; narrower groups (16 values to a uint16) were
+    compiled to gathers on some CPUs, several times slower.
     """
     n_out = out.size
-    for i in range(min(head, n_out)):
+    head = min((-out.ctypes.data) % 8, n_out)
+    out64 = out[head : head + 8 * ((n_out - head) // 8)].view(np.uint64)
+    for i in range(head):
         byte = np.uint32(0)
         for j in range(8):
             byte |= np.uint32(_fires(flat[8 * i + j], lo, hi)) << j
@@ -478,6 +480,16 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
                 _emit_groups(lanes, s1 - s0, per, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
 
 
+# Per dtype: what to view the values as (None: as they are) and the bounds
+# (lo, hi) of a firing value, as _comparable describes them.
+_BOUNDS = {
+    np.dtype(np.float32): (None, np.float32(0), None),
+    np.dtype(np.float64): (None, np.float64(0), None),
+    np.dtype(np.float16): (np.int16, np.int16(0), np.int16(0x7C00)),
+    np.dtype(np.bool_): (np.uint8, np.uint8(0), None),
+}
+
+
 def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
     """A view of ``x`` and bounds ``(lo, hi)`` such that a neuron fires iff
     ``lo < v`` and, unless ``hi`` is None, ``v <= hi``.
@@ -487,12 +499,10 @@ def _comparable(x: np.ndarray) -> tuple[np.ndarray, object, object]:
     +inf have bit patterns in ``(0, 0x7C00]``, while negatives, -0.0 and every
     NaN fall outside. bool is viewed as uint8 so that any non-zero byte fires.
     """
-    if x.dtype == np.float32 or x.dtype == np.float64:
-        return x, x.dtype.type(0), None
-    if x.dtype == np.float16:
-        return x.view(np.int16), np.int16(0), np.int16(0x7C00)
-    if x.dtype == np.bool_:
-        return x.view(np.uint8), np.uint8(0), None
+    bounds = _BOUNDS.get(x.dtype)
+    if bounds is not None:
+        view_as, lo, hi = bounds
+        return (x if view_as is None else x.view(view_as)), lo, hi
     raise OptionTypeError(
         f"pack() takes float16, float32, float64 or bool arrays, got dtype {x.dtype}; "
         "cast other data to float first (a neuron fires iff its value is > 0)"
@@ -522,14 +532,15 @@ def _state_blocks(x: np.ndarray) -> list[np.ndarray]:
     Leading axes are merged where the strides allow; axes that cannot be merged
     are iterated over.
     """
-    shape, strides = _merge_axes(x.shape[:-1], x.strides[:-1])
+    shape, _ = _merge_axes(x.shape[:-1], x.strides[:-1])
     while len(shape) < 2:
         shape.insert(0, 1)
-        strides.insert(0, 0)
-    view = np.lib.stride_tricks.as_strided(
-        x, shape=(*shape, x.shape[-1]), strides=(*strides, x.strides[-1]), writeable=False
-    )
-    return [view[idx] for idx in np.ndindex(*shape[:-2])] if len(shape) > 2 else [view]
+    shape.append(x.shape[-1])
+    # reshape makes the view in a fraction of as_strided's time (which costs
+    # more than packing a small batch): it copies only axes that do not
+    # merge, and these do.
+    view = x.reshape(shape)
+    return [view[idx] for idx in np.ndindex(*shape[:-3])] if len(shape) > 3 else [view]
 
 
 def _split_work(view: np.ndarray, out: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -584,10 +595,7 @@ def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
         out64 = out.view(np.uint64) if wide else _NO_WORDS
         _pack_cols(view.transpose(0, 2, 1), lo, hi, out, out64)
     elif view.flags.c_contiguous and view.shape[2] % 8 == 0:
-        flat_out = out.reshape(-1)
-        head = min(-flat_out.ctypes.data % 8, flat_out.size)
-        words = (flat_out.size - head) // 8
-        _pack_flat_by8(view.reshape(-1), lo, hi, flat_out, head, flat_out[head : head + 8 * words].view(np.uint64))
+        _pack_flat_by8(view.reshape(-1), lo, hi, out.reshape(-1))
     else:
         _pack_rows(view, lo, hi, out)
 
