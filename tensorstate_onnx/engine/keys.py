@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import policy
+from .index import KeyIndex
 from .arrays import held_bytes, narrowest, trimmed, writable
 from .jit import kernel
 from .runs import UNIT, Run, count_sorted_keys, merge_many
 from .runset import RunSet
+from .unaligned import row_key
 
 __all__ = ["KeyRuns", "be_keys"]
 
@@ -24,21 +26,17 @@ _NO_COUNTS = np.empty(0, np.int64)
 
 
 @kernel
-def _be_words(packed, out):
-    """Each row of up to 8 bytes as one big-endian uint64 (zero padded at the low end)."""
-    n_bytes = packed.shape[1]
-    shift = np.uint64(8 * (8 - n_bytes))
-    for i in range(packed.shape[0]):
-        v = np.uint64(0)
-        for k in range(n_bytes):
-            v = (v << np.uint64(8)) | np.uint64(packed[i, k])
-        out[i] = v << shift
+def _be_words(flat, n_bytes, first, out):
+    """The keys of rows ``first..first + out.size`` of packed rows of
+    ``n_bytes`` (at most 8) bytes, given flattened (``flat``)."""
+    for i in range(out.size):
+        out[i] = row_key(flat, first + i, n_bytes)
 
 
 def be_keys(packed: np.ndarray) -> np.ndarray:
     """The key of each packed row of up to 8 bytes: the bytes as one big-endian uint64."""
     keys = np.empty(packed.shape[0], np.uint64)
-    _be_words(packed, keys)
+    _be_words(np.ascontiguousarray(packed).reshape(-1), packed.shape[1], 0, keys)
     return keys
 
 
@@ -58,20 +56,28 @@ class KeyRuns(RunSet):
     def __init__(self, n_bytes, tuning):
         super().__init__(n_bytes, tuning)
         self.pending: np.ndarray | None = None  # states waiting to be counted, as keys
+        # While states repeat: the largest run and its index (see _current_index),
+        # and the states looked up in it since the buffer was last counted, and found.
+        self._index: tuple[Run, KeyIndex] | None = None
+        self._looked = 0
+        self._found = 0
 
     def nbytes(self) -> int:
-        return super().nbytes() + held_bytes(self.pending)
+        index = 0 if self._index is None else self._index[1].nbytes
+        return super().nbytes() + held_bytes(self.pending) + index
 
     def add(self, packed: np.ndarray) -> None:
         n = packed.shape[0]
+        flat = np.ascontiguousarray(packed).reshape(-1)
         pos = 0
         while pos < n:
+            index = self._current_index()
             if self.n_pending == 0:
                 cap = self.buffer_rows()
-                if n - pos >= cap:
+                if index is None and n - pos >= cap:
                     take = min(n - pos, self.tuning.chunk_rows)
                     keys = np.empty(take, np.uint64)
-                    _be_words(packed[pos : pos + take], keys)
+                    _be_words(flat, self.n_bytes, pos, keys)
                     self.count_keys(keys, owned=True)
                     pos += take
                     continue
@@ -79,12 +85,47 @@ class KeyRuns(RunSet):
                     self.pending = None
                     self.pending = np.empty(cap, np.uint64)
             cap = self.pending.shape[0]
+            if index is not None:
+                pos = self._count_indexed(index, flat, pos, n)
+                continue
             take = min(cap - self.n_pending, n - pos)
-            _be_words(packed[pos : pos + take], self.pending[self.n_pending : self.n_pending + take])
+            _be_words(flat, self.n_bytes, pos, self.pending[self.n_pending : self.n_pending + take])
             self.n_pending += take
             if self.n_pending == cap or self.repeats_now():
                 self.flush()
             pos += take
+
+    def _current_index(self) -> KeyIndex | None:
+        """The index of the largest run while states repeat and that run is
+        small enough to index (see ``CounterTuning.index_rows``), made anew
+        when the run changed; None otherwise."""
+        if not (self.repeating and self.runs and len(self.runs[0]) <= self.tuning.index_rows):
+            self._index = None
+            self._looked = self._found = 0
+            return None
+        run = self.runs[0]
+        if self._index is None or self._index[0] is not run:
+            self._index = None  # (the old table goes before the new one is made)
+            self._index = (run, KeyIndex(run.keys))
+        return self._index[1]
+
+    def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int) -> int:
+        """Count rows ``pos..stop`` through ``index``: those the largest run
+        holds in place, the others into the buffer, counted when it is full
+        (and then whether states still repeat is judged by how many of the
+        rows looked up since the last time were found). Returns the next row.
+        Keys are made for all the rows first: a loop that makes and looks
+        them up one by one runs slower than the two."""
+        keys = np.empty(stop - pos, np.uint64)
+        _be_words(flat, self.n_bytes, pos, keys)
+        done, self.n_pending, found = index.count_keys(keys, 0, self.runs[0].counts, self.pending, self.n_pending)
+        self._looked += done
+        self._found += found
+        if self.n_pending == self.pending.shape[0]:
+            self.flush()
+            self.repeating = policy.mostly_known(self._found, self._looked)
+            self._looked = self._found = 0
+        return pos + done
 
     def _recent_keys(self, size: int) -> np.ndarray:
         return self.pending[self.n_pending - size : self.n_pending]

@@ -14,18 +14,15 @@ GIL); small ones on the calling thread.
 
 from __future__ import annotations
 
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic
 
 from .._system import usable_cpus
 from ..errors import OptionError, OptionTypeError, PackedStateError
 from .jit import kernel
+from .unaligned import load8, store8
 
 __all__ = ["check_packed", "n_bytes_for", "pack", "unpack"]
 
@@ -304,50 +301,6 @@ def _pack_cols(x, lo, hi, out, out64):
 
 # Bytes of fire flags that the small-map kernel makes at a time (in L1 cache).
 _MAP_CHUNK = 16384
-_WORD = ir.IntType(64)
-_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _byte_array_at(context, builder, signature, args):
-    """LLVM pointer to element ``args[1]`` of the 1-d contiguous array ``args[0]``."""
-    array = context.make_array(signature.args[0])(context, builder, args[0])
-    at = context.cast(builder, args[1], signature.args[1], types.intp)
-    return builder.bitcast(builder.gep(array.data, [at]), _WORD.as_pointer())
-
-
-def _is_byte_array(buf) -> bool:
-    """Whether the numba type ``buf`` is a 1-d contiguous uint8 array."""
-    return isinstance(buf, types.Array) and buf.dtype == types.uint8 and buf.ndim == 1 and buf.layout == "C"
-
-
-@intrinsic
-def _load8(typingctx, buf, index):
-    """``buf[index:index+8]`` (a contiguous uint8 array) as a little-endian
-    uint64, in one unaligned load: numba would check each of eight byte
-    indices for being negative, and a function of its own is not inlined."""
-    if not (_is_byte_array(buf) and isinstance(index, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        word = builder.load(_byte_array_at(context, builder, signature, args), align=1, typ=_WORD)
-        return builder.bswap(word) if sys.byteorder == "big" else word
-
-    return types.uint64(buf, index), codegen
-
-
-@intrinsic
-def _store8(typingctx, buf, index, word):
-    """``word`` (uint64) into ``buf[index:index+8]`` (a contiguous uint8
-    array), little-endian, in one unaligned store."""
-    if not (_is_byte_array(buf) and isinstance(index, types.Integer) and word == types.uint64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        value = builder.bswap(args[2]) if sys.byteorder == "big" else args[2]
-        builder.store(value, _byte_array_at(context, builder, signature, args), align=1)
-        return context.get_dummy_value()
-
-    return types.void(buf, index, word), codegen
 
 
 @kernel(inline="always")
@@ -356,7 +309,7 @@ def _group_word(lanes, at, span, i, k, n_groups, n_bytes, last_word):
     group of a state masked with ``last_word``; 0 past the ``n_groups``."""
     if i >= n_groups:
         return np.uint64(0)
-    word = _load8(lanes, at + i * span)
+    word = load8(lanes, at + i * span)
     return word & last_word if k + i == n_bytes - 1 else word
 
 
@@ -394,7 +347,7 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
             # One byte per state: the lanes are the states, in order.
             for q in range(0, n_b, 8):
                 p0 = max(0, min(q, n_b - 8))
-                _store8(out, row + p0, _load8(lanes, start + p0) & last_word)
+                store8(out, row + p0, load8(lanes, start + p0) & last_word)
         elif n_groups >= 8 or (n_b >= 8 and (row + n_b - 1) * n_bytes + 8 <= out.size):
             for kb in range(0, n_groups, 8):
                 k = k0 + min(kb, n_groups - 8) if n_groups >= 8 else k0
@@ -414,7 +367,7 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
                     )
                     first = (row + p0) * n_bytes + k
                     for p in range(valid):
-                        _store8(out, first + p * n_bytes, words[p])
+                        store8(out, first + p * n_bytes, words[p])
         else:
             for g in range(k0, k1):
                 at = start + (g - k0) * span

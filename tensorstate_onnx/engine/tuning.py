@@ -38,6 +38,12 @@ class CounterTuning:
             up its latest states (at most this many) in the runs; if most are
             known it is counted at once and the next buffers are small. The
             same number of states is sampled from a new run before absorbing.
+        index_rows: while states repeat and the largest run holds at most
+            this many, each new state is looked up where it arrives in a hash
+            index of that run (12 bytes a slot, 2 to 4 slots a state: for the
+            default, at most 3 MiB, in the cache) and counted in place; only
+            the states it does not hold wait in the buffer to be sorted.
+            0 never indexes.
         hash_mask: the bits kept of each long state's 64-bit hash (states of
             more than 8 bytes are ordered by hash, then by their words). Fewer
             bits mean more equal hashes, which cost time, never correctness;
@@ -50,6 +56,7 @@ class CounterTuning:
     group_reps: int = 8
     absorb_ratio: int = 8
     sample_rows: int = 4096
+    index_rows: int = 1 << 16
     hash_mask: int = _HASH_BITS
 
     def __post_init__(self) -> None:
@@ -67,6 +74,8 @@ class CounterTuning:
                 f"CounterTuning.buffer_max_bytes ({self.buffer_max_bytes}) is below "
                 f"buffer_min_bytes ({self.buffer_min_bytes})"
             )
+        if not 0 <= self.index_rows <= 1 << 30:
+            raise OptionError(f"CounterTuning.index_rows must be in 0..2**30, got {self.index_rows}")
         if not 0 <= self.hash_mask <= _HASH_BITS:
             raise OptionError(f"CounterTuning.hash_mask must be a 64-bit mask, got {self.hash_mask:#x}")
 

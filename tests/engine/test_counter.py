@@ -575,6 +575,76 @@ def test_mixed_streams_of_repeats_new_states_and_merges_equal_numpy(c, seed):
 
 
 
+# ---------------------------------------------------------- the index of the largest run
+
+
+def _indexed(counter: StateCounter) -> bool:
+    return getattr(counter._store, "_index", None) is not None
+
+
+@pytest.mark.parametrize("c", [17, 24, 40, 64])
+def test_repeating_states_are_counted_through_an_index_of_the_largest_run(c):
+    """Once states repeat, known ones are counted where they arrive and only
+    new ones wait in the buffer; the counts equal numpy's and those of a
+    counter that never indexes, through new states, merges and compactions."""
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 3_000, c)
+    small = {"buffer_min_bytes": 8 * 4096}
+    indexed, plain = StateCounter(c, CounterTuning(**small)), StateCounter(c, CounterTuning(index_rows=0, **small))
+    seen = []
+    for step in range(40):
+        batch = pool[rng.integers(0, len(pool), 2_000)]
+        if step % 7 == 3:  # some new states among the repeats
+            batch = np.concatenate([batch, random_states(rng, 300, c)])
+        for counter in (indexed, plain):
+            counter.add(batch)
+        seen.append(batch)
+        if step == 10:
+            assert indexed.repeating and _indexed(indexed) and not _indexed(plain)
+            # The buffer holds only states the largest run lacks: the others were counted there.
+            store = indexed._store
+            assert not np.isin(store.pending[: store.n_pending], store.runs[0].keys).any()
+            assert indexed.n_pending < 2_000
+        if step == 25:  # reading the counts midway compacts the runs; the index follows
+            assert as_dict(*indexed.result()) == unique_dict(np.concatenate(seen))
+    assert _indexed(indexed)
+    ids, counts = indexed.result(sort=True)
+    expected_ids, expected_counts = np.unique(np.concatenate(seen), axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert as_dict(*plain.result()) == as_dict(ids, counts)
+    assert indexed.nbytes >= plain.nbytes + indexed._store._index[1].nbytes - 8 * indexed.buffer_rows
+
+
+def test_states_that_stop_repeating_stop_the_index():
+    """When the states looked up in the index since the buffer was last
+    counted were mostly not found, states no longer repeat: the index goes,
+    and the buffer grows back to its size for new states."""
+    c = 32
+    rng = np.random.default_rng(5)
+    pool = random_states(rng, 2_000, c)
+    counter = StateCounter(c, CounterTuning(buffer_min_bytes=8 * 4096))
+    for _ in range(6):
+        counter.add(pool[rng.permutation(len(pool))])
+    assert counter.repeating and _indexed(counter)
+    new = random_states(rng, 20_000, c)
+    counter.add(new)
+    assert not counter.repeating and not _indexed(counter)
+    expected = unique_dict(np.concatenate([pool] * 6 + [new]))
+    assert as_dict(*counter.result()) == expected
+
+
+def test_a_largest_run_beyond_index_rows_is_not_indexed():
+    c = 40
+    rng = np.random.default_rng(6)
+    pool = random_states(rng, 3_000, c)
+    counter = StateCounter(c, CounterTuning(index_rows=2_999, buffer_min_bytes=8 * 4096))
+    for _ in range(5):
+        counter.add(pool[rng.permutation(len(pool))])
+    assert counter.repeating and not _indexed(counter)
+    assert set(counter.counts().tolist()) == {5}
+
+
 # --------------------------------------------------------------------------- partitions and histograms
 
 

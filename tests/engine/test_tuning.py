@@ -17,6 +17,8 @@ from tensorstate_onnx.errors import OptionError, OptionTypeError
         ({"group_reps": 0}, OptionError, "group_reps must be at least 1"),
         ({"absorb_ratio": -1}, OptionError, "absorb_ratio"),
         ({"sample_rows": 0}, OptionError, "sample_rows"),
+        ({"index_rows": -1}, OptionError, "index_rows must be in 0..2\\*\\*30"),
+        ({"index_rows": 1 << 31}, OptionError, "index_rows"),
         ({"hash_mask": 1 << 64}, OptionError, "hash_mask must be a 64-bit mask"),
         ({"hash_mask": -1}, OptionError, "hash_mask"),
         ({"sample_rows": 64.0}, OptionTypeError, "sample_rows must be an int, got 64.0"),

@@ -1,0 +1,91 @@
+"""Eight bytes of a byte array as one uint64, loaded or stored in one
+unaligned access (numba would check each of eight byte indices for being
+negative, and a function of its own is not inlined), and the key of a
+packed row of up to 8 bytes read that way."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+from .jit import kernel
+
+__all__ = ["load8", "load8_be", "row_key", "store8"]
+
+_WORD = ir.IntType(64)
+_LITTLE_HOST = sys.byteorder == "little"
+
+
+def _byte_array_at(context, builder, signature, args):
+    """LLVM pointer to element ``args[1]`` of the 1-d contiguous array ``args[0]``."""
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    at = context.cast(builder, args[1], signature.args[1], types.intp)
+    return builder.bitcast(builder.gep(array.data, [at]), _WORD.as_pointer())
+
+
+def _is_byte_array(buf) -> bool:
+    """Whether the numba type ``buf`` is a 1-d contiguous uint8 array."""
+    return isinstance(buf, types.Array) and buf.dtype == types.uint8 and buf.ndim == 1 and buf.layout == "C"
+
+
+def _load_word(returns, buf, index, big_endian: bool):
+    """The typing of a load of eight bytes, or None where it does not apply."""
+    if not (_is_byte_array(buf) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = builder.load(_byte_array_at(context, builder, signature, args), align=1, typ=_WORD)
+        return builder.bswap(word) if big_endian == _LITTLE_HOST else word
+
+    return returns(buf, index), codegen
+
+
+@intrinsic
+def load8(typingctx, buf, index):
+    """``buf[index:index+8]`` (a contiguous uint8 array) as a little-endian uint64."""
+    return _load_word(types.uint64, buf, index, big_endian=False)
+
+
+@intrinsic
+def load8_be(typingctx, buf, index):
+    """``buf[index:index+8]`` (a contiguous uint8 array) as a big-endian
+    uint64: ``buf[index]`` in the top byte, so that words order as their bytes do."""
+    return _load_word(types.uint64, buf, index, big_endian=True)
+
+
+@intrinsic
+def store8(typingctx, buf, index, word):
+    """``word`` (uint64) into ``buf[index:index+8]`` (a contiguous uint8
+    array), little-endian."""
+    if not (_is_byte_array(buf) and isinstance(index, types.Integer) and word == types.uint64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = builder.bswap(args[2]) if not _LITTLE_HOST else args[2]
+        builder.store(value, _byte_array_at(context, builder, signature, args), align=1)
+        return context.get_dummy_value()
+
+    return types.void(buf, index, word), codegen
+
+
+_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@kernel(inline="always")
+def row_key(flat, row, n_bytes):
+    """Row ``row`` of packed rows of ``n_bytes`` (at most 8) bytes, given
+    flattened (``flat``), as a big-endian uint64 padded with zeros at the low
+    end: keys order as the rows' bytes do. One load where eight bytes lie
+    within ``flat``, else byte by byte."""
+    at = row * n_bytes
+    low = np.uint64(8 * (8 - n_bytes))
+    if at + 8 <= flat.size:
+        return load8_be(flat, at) & (_ALL_ONES << low)
+    key = np.uint64(0)
+    for k in range(n_bytes):
+        key = (key << np.uint64(8)) | np.uint64(flat[at + k])
+    return key << low
