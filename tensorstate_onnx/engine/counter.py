@@ -39,8 +39,9 @@ class StateCounter:
     distinct state takes 16 bytes (up to 64 neurons) or its words plus 24
     bytes, at worst about twice over until runs are merged, plus a buffer of
     states not yet counted whose size follows the distinct states (2 MiB to
-    32 MiB by default; an eighth of that while states repeat). ``nbytes``
-    reports it.
+    32 MiB by default; an eighth of that while states repeat), and while
+    states of 3..8 bytes repeat, an index of up to 3 MiB of the largest run
+    (see :class:`CounterTuning`). ``nbytes`` reports it.
 
     ``tuning`` (a :class:`CounterTuning`; None: the defaults) sets those
     sizes and the other choices that trade speed for memory; it never changes

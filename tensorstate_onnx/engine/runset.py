@@ -6,8 +6,10 @@ A batch (or a buffer of small batches) becomes one run. Runs are merged
 pairwise LSM-style, the largest first (see :func:`.policy.merge_due`); a new
 run large enough may first be *absorbed*: the counts of the states the runs
 already hold are added to them in place, and only its new states stay a run
-(see :func:`.policy.absorb_choice`). A hash table was slower here: with
-millions of distinct states every probe misses the cache.
+(see :func:`.policy.absorb_choice`). A hash table of every state was
+slower: with millions of distinct states every probe misses the cache. Only
+a largest run small enough to stay in the cache is indexed by hash, while
+states repeat (see :mod:`.index`).
 """
 
 from __future__ import annotations
