@@ -246,6 +246,8 @@ def _pack_cols(x, lo, hi, out, out64):
     words = block.view(np.uint64)
     wide = out64.shape[0] > 0
     n_kw = n_bytes // 8
+    flat = out.reshape(-1)
+    zero = np.uint64(0)
     for a in range(n_a):
         for b0 in range(0, n_b, width_max):
             width = min(width_max, n_b - b0)
@@ -261,6 +263,20 @@ def _pack_cols(x, lo, hi, out, out64):
             n_pw = width // 8
             for pw in range(n_pw):
                 row = first + 8 * pw
+                if n_kw == 0 and (row + 7) * n_bytes + 8 <= flat.size:
+                    # Fewer than 8 bytes a state: an 8x8 transpose with the rows past
+                    # them empty; each row's 8 bytes spill into the next row, whose own
+                    # store comes after (the last row's spill: beyond this group,
+                    # stored later, as the room check ensures).
+                    r = _transpose8x8(
+                        words[0, pw], words[1, pw],
+                        words[2, pw] if n_bytes > 2 else zero, words[3, pw] if n_bytes > 3 else zero,
+                        words[4, pw] if n_bytes > 4 else zero, words[5, pw] if n_bytes > 5 else zero,
+                        words[6, pw] if n_bytes > 6 else zero, zero,
+                    )  # fmt: skip
+                    for i in range(8):
+                        store8(flat, (row + i) * n_bytes, r[i])
+                    continue
                 for kw in range(n_kw):
                     # An 8x8 byte transpose: byte c of r_i is block[8kw + i, 8pw + c].
                     r0 = words[8 * kw, pw]

@@ -115,6 +115,23 @@ def test_channels_last_kernel_at_every_output_alignment(offset, dtype):
     assert not buffer[:offset].any() and not buffer[offset + out.size :].any()
 
 
+@pytest.mark.parametrize("channels", [9, 20, 33, 56])
+def test_channels_first_kernel_writes_only_its_own_rows(channels):
+    """States of 2..7 bytes from maps too large for the small-map kernel are
+    stored 8 bytes at a time, each store spilling into the next row: never
+    past the rows it was given (threads pack the rows beyond)."""
+    rng = np.random.default_rng(channels)
+    x = random_values(rng, (2, channels, 16, 20), np.float32)  # 320 positions: the last group ends the rows
+    values, lo, hi = packing._comparable(x)
+    width = packing.n_bytes_for(channels)
+    rows = 2 * 16 * 20
+    buffer = np.full(rows * width + 16, 0xAA, np.uint8)
+    out = buffer[: rows * width].reshape(rows, width)
+    packing._run_block(values.transpose(0, 2, 3, 1).reshape(2, 320, channels), lo, hi, out)
+    np.testing.assert_array_equal(out, reference_pack(x, 1))
+    assert (buffer[rows * width :] == 0xAA).all(), "a store ran past the rows it was given"
+
+
 @pytest.mark.parametrize("channels", [8, 12])
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout):
