@@ -22,9 +22,12 @@ __all__ = [
     "buffer_rows",
     "collect_due",
     "first_arena_rows",
+    "first_sample_due",
     "merge_due",
     "mostly_known",
+    "next_first_sample_at",
     "next_sample_at",
+    "repeats_within",
     "roomy",
     "sample_due",
     "sample_size",
@@ -73,6 +76,26 @@ def sample_due(n_pending: int, next_check: int, repeating: bool, largest: int, t
     if repeating or n_pending < next_check or largest == 0:
         return False
     return tuning.absorb_ratio * n_pending >= largest
+
+
+def first_sample_due(n_pending: int, next_check: int, largest: int, tuning: CounterTuning) -> bool:
+    """Whether to look for repeats among the latest of ``n_pending`` buffered
+    states while no run exists yet (``largest`` 0): at ``sample_rows`` of
+    them, then each time the buffer has doubled (``next_check``), so that
+    states that repeat from the start are counted into a first run (and from
+    then on where they arrive) long before the buffer is full, at a cost
+    that stays a small share of sorting the buffer when they do not."""
+    return largest == 0 and n_pending >= max(next_check, tuning.sample_rows)
+
+
+def next_first_sample_at(n_pending: int) -> int:
+    """Buffered rows at which to look for repeats among them again, while no run exists."""
+    return 2 * n_pending
+
+
+def repeats_within(distinct: int, sampled: int) -> bool:
+    """Whether ``sampled`` states holding ``distinct`` distinct ones repeat: at most half are distinct."""
+    return 2 * distinct <= sampled
 
 
 def next_sample_at(n_pending: int, largest: int, tuning: CounterTuning) -> int:

@@ -69,9 +69,18 @@ class RunSet(abc.ABC):
 
     def repeats_now(self) -> bool:
         """Whether the buffer, filling while states were new, now holds mostly
-        states the runs know: then it is counted at once and the next
-        buffers are small (see :func:`.policy.sample_due`)."""
+        states the runs know (or, before there is a run, mostly states it
+        holds already): then it is counted at once and the next buffers are
+        small (see :func:`.policy.sample_due` and
+        :func:`.policy.first_sample_due`)."""
         n = self.n_pending
+        if policy.first_sample_due(n, self.next_check, self.largest, self.tuning):
+            # No run to look states up in yet: do the latest repeat among themselves?
+            self.next_check = policy.next_first_sample_at(n)
+            recent = np.sort(self._recent_keys(policy.sample_size(n, self.tuning)))
+            distinct = int(np.count_nonzero(recent[1:] != recent[:-1])) + 1
+            self.repeating = policy.repeats_within(distinct, recent.size)
+            return self.repeating
         if not policy.sample_due(n, self.next_check, self.repeating, self.largest, self.tuning):
             return False
         self.next_check = policy.next_sample_at(n, self.largest, self.tuning)

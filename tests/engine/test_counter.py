@@ -616,6 +616,25 @@ def test_repeating_states_are_counted_through_an_index_of_the_largest_run(c):
     assert indexed.nbytes >= plain.nbytes + indexed._store._index[1].nbytes - 8 * indexed.buffer_rows
 
 
+@pytest.mark.parametrize("c", [24, 100])
+def test_states_that_repeat_from_the_start_are_counted_early(c):
+    """A first buffer whose latest states repeat among themselves is counted
+    into a first run long before it is full (for up to 8 bytes, the index
+    takes over from the next batch); one of distinct states keeps filling."""
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 500, c)
+    repeating, distinct = StateCounter(c), StateCounter(c)
+    batches = [pool[rng.integers(0, len(pool), 8_192)] for _ in range(3)]
+    for batch in batches:
+        repeating.add(batch)
+        distinct.add(random_states(rng, 8_192, c))
+    assert repeating.repeating and repeating.n_runs >= 1
+    if c <= 64:  # counted through the index: only states the run lacks wait
+        assert _indexed(repeating) and repeating.n_pending < 8_192
+    assert distinct.n_runs == 0 and distinct.n_pending == 3 * 8_192 and not distinct.repeating
+    assert as_dict(*repeating.result()) == unique_dict(np.concatenate(batches))
+
+
 def test_states_that_stop_repeating_stop_the_index():
     """When the states looked up in the index since the buffer was last
     counted were mostly not found, states no longer repeat: the index goes,

@@ -57,6 +57,20 @@ def test_a_filling_buffer_is_sampled_once_it_holds_a_share_of_the_largest_run():
     assert policy.sample_size(250, SMALL) == 64 and policy.sample_size(10, SMALL) == 10
 
 
+def test_a_first_buffer_is_sampled_at_sample_rows_then_each_time_it_doubled():
+    # sample_rows 64 in SMALL; only while there is no run.
+    assert not policy.first_sample_due(63, 0, 0, SMALL)
+    assert policy.first_sample_due(64, 0, 0, SMALL)
+    assert not policy.first_sample_due(64, 0, 10, SMALL)  # a run: sample_due decides
+    assert policy.next_first_sample_at(64) == 128
+    assert not policy.first_sample_due(127, 128, 0, SMALL) and policy.first_sample_due(128, 128, 0, SMALL)
+
+
+def test_states_repeat_within_a_sample_when_at_most_half_are_distinct():
+    assert policy.repeats_within(32, 64) and policy.repeats_within(1, 5)
+    assert not policy.repeats_within(33, 64) and not policy.repeats_within(1, 1)
+
+
 def test_half_known_is_mostly_known():
     assert policy.mostly_known(32, 64) and policy.mostly_known(3, 5)
     assert not policy.mostly_known(31, 64) and not policy.mostly_known(0, 1)
