@@ -22,6 +22,7 @@ from .unaligned import row_key
 __all__ = ["KeyRuns", "be_keys"]
 
 _NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
+_INDEX_CHUNK = 8192  # rows whose keys are made, then looked up in the index, at a time (64 KiB)
 _NO_COUNTS = np.empty(0, np.int64)
 
 
@@ -59,12 +60,13 @@ class KeyRuns(RunSet):
         # While states repeat: the largest run and its index (see _current_index),
         # and the states looked up in it since the buffer was last counted, and found.
         self._index: tuple[Run, KeyIndex] | None = None
+        self._scratch: np.ndarray | None = None  # keys of a chunk of rows being looked up
         self._looked = 0
         self._found = 0
 
     def nbytes(self) -> int:
         index = 0 if self._index is None else self._index[1].nbytes
-        return super().nbytes() + held_bytes(self.pending) + index
+        return super().nbytes() + held_bytes(self.pending) + held_bytes(self._scratch) + index
 
     def add(self, packed: np.ndarray) -> None:
         n = packed.shape[0]
@@ -110,13 +112,16 @@ class KeyRuns(RunSet):
         return self._index[1]
 
     def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int) -> int:
-        """Count rows ``pos..stop`` through ``index``: those the largest run
-        holds in place, the others into the buffer, counted when it is full
-        (and then whether states still repeat is judged by how many of the
-        rows looked up since the last time were found). Returns the next row.
-        Keys are made for all the rows first: a loop that makes and looks
-        them up one by one runs slower than the two."""
-        keys = np.empty(stop - pos, np.uint64)
+        """Count a chunk of the rows ``pos..stop`` through ``index``: those the
+        largest run holds in place, the others into the buffer, counted when
+        it is full (and then whether states still repeat is judged by how many
+        of the rows looked up since the last time were found). Returns the
+        next row. The chunk's keys are made first, into a scratch array that
+        stays in cache: a loop that makes and looks them up one by one runs
+        slower than the two."""
+        if self._scratch is None:
+            self._scratch = np.empty(_INDEX_CHUNK, np.uint64)
+        keys = self._scratch[: min(stop - pos, _INDEX_CHUNK)]
         _be_words(flat, self.n_bytes, pos, keys)
         done, self.n_pending, found = index.count_keys(keys, 0, self.runs[0].counts, self.pending, self.n_pending)
         self._looked += done

@@ -593,7 +593,7 @@ def test_repeating_states_are_counted_through_an_index_of_the_largest_run(c):
     indexed, plain = StateCounter(c, CounterTuning(**small)), StateCounter(c, CounterTuning(index_rows=0, **small))
     seen = []
     for step in range(40):
-        batch = pool[rng.integers(0, len(pool), 2_000)]
+        batch = pool[rng.integers(0, len(pool), 20_000 if step == 20 else 2_000)]  # (20,000: looked up in chunks)
         if step % 7 == 3:  # some new states among the repeats
             batch = np.concatenate([batch, random_states(rng, 300, c)])
         for counter in (indexed, plain):
