@@ -60,7 +60,10 @@ def _assert_same_states(native_captures, onnx_captures, what: str) -> None:
         assert capture.state_count == other.state_count, (what, name, capture.state_count, other.state_count)
         states, neurons = _flipped(capture, other)
         assert states / capture.state_count < MAX_FLIPPED_STATES or states <= 1, (what, name, states)
-        assert neurons / (capture.state_count * capture.n_neurons) < MAX_FLIPPED_NEURONS, (what, name, neurons)
+        # (One flipped value is rounding however few a probe holds, as one flipped state is.)
+        assert neurons / (capture.state_count * capture.n_neurons) < MAX_FLIPPED_NEURONS or neurons <= 1, (
+            what, name, neurons,
+        )
 
 
 # --------------------------------------------------------------------------- torchvision
