@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import policy
-from .index import KeyIndex
 from .arrays import held_bytes, narrowest, trimmed, writable
+from .index import KeyIndex
 from .jit import kernel
 from .runs import UNIT, Run, count_sorted_keys, merge_many
 from .runset import RunSet
@@ -22,8 +22,8 @@ from .unaligned import row_key
 __all__ = ["KeyRuns", "be_keys"]
 
 _NO_KEYS = np.empty(0, np.uint64)  # an empty run to count into
-_INDEX_CHUNK = 8192  # rows whose keys are made, then looked up in the index, at a time (64 KiB)
 _NO_COUNTS = np.empty(0, np.int64)
+_INDEX_CHUNK = 8192  # rows whose keys are made, then looked up in the index, at a time (64 KiB)
 
 
 @kernel
