@@ -128,14 +128,16 @@ def absorb_choice(n_new: int, largest: int, final: bool, tuning: CounterTuning) 
     """Whether a new run of ``n_new`` states first gives the runs (the
     largest holding ``largest``; 0: none) the counts of the states they hold.
 
-    Always when every run is about to be merged into one (``final``), which
-    copies more than absorbing does; never while the new run is under
-    ``1/absorb_ratio`` of the largest (its merge is cheap); else if a sample
-    of it is mostly known (then states repeat, and the buffer shrinks)."""
+    Never while the new run is under ``1/absorb_ratio`` of the largest (its
+    merge is cheap), unless every run is about to be merged into one
+    (``final``); else if a sample of it is mostly known (then states repeat,
+    and the buffer shrinks). A final run of new states is merged at once:
+    looking each up first would only add to the merge that copies the
+    largest run anyway."""
     if largest == 0:
         return Absorb.NO
     if final:
-        return Absorb.YES
+        return Absorb.IF_KNOWN
     if tuning.absorb_ratio * n_new < largest:
         return Absorb.NO
     return Absorb.IF_KNOWN

@@ -85,7 +85,8 @@ def test_half_known_is_mostly_known():
     [
         (1000, 0, True, Absorb.NO),  # no runs to absorb into
         (1000, 0, False, Absorb.NO),
-        (1, 1000, True, Absorb.YES),  # all runs merge next: absorbing copies less
+        (1, 1000, True, Absorb.IF_KNOWN),  # all runs merge next: absorbed only if mostly known
+        (5000, 1000, True, Absorb.IF_KNOWN),
         (249, 1000, False, Absorb.NO),  # small: its merge is cheap
         (250, 1000, False, Absorb.IF_KNOWN),
         (5000, 1000, False, Absorb.IF_KNOWN),
