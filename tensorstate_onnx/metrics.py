@@ -1,7 +1,10 @@
 """Entropy, network efficiency and aIQ, as defined by TensorState 0.4.
 
-Pure numpy: these functions take numbers, not models, except that
+These functions take numbers, not models, except that
 ``network_efficiency`` also accepts anything with ``efficiency_layers``.
+Integer counts become their histogram first (the engine's
+:func:`~tensorstate_onnx.engine.histogram.histogram_of_counts`, imported when
+first needed: importing the package loads no numba).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from ._system import usable_cpus
 from .errors import NoStatesError, OptionError, OptionTypeError
 
-__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "histogram_of_counts", "network_efficiency"]
+__all__ = ["MAX_AIQ_WEIGHT", "aIQ", "check_aiq_weight", "check_efficiency_orders", "entropy", "histogram_entropy", "network_efficiency"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -41,25 +44,6 @@ def check_efficiency_orders(alpha1: float, alpha2: float | None) -> None:
         )
 
 
-def histogram_of_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, multiplicities)``, both int64, of non-negative integer counts:
-    ``multiplicities[i]`` counts equal ``values[i]`` (values ascending, zeros left out).
-
-    A bincount when the largest count is small next to the number of counts
-    (counts of many states are mostly small), a sort otherwise: a few states
-    seen millions of times would make a bincount's table as long as their count.
-    """
-    counts = counts.ravel()
-    if counts.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    if int(counts.max()) <= 4 * counts.size + 1024:
-        histogram = np.bincount(counts.astype(np.intp, copy=False))
-        values = np.flatnonzero(histogram[1:]) + 1
-        return values.astype(np.int64), histogram[values].astype(np.int64)
-    values, multiplicities = np.unique(counts[counts > 0], return_counts=True)
-    return values.astype(np.int64), multiplicities.astype(np.int64)
-
-
 def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(values, weights)``: the positive counts of ``array`` (not empty) as
     float64, each standing for ``weights`` states (``None``: one each).
@@ -74,6 +58,8 @@ def _distribution(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if array.dtype.kind in "ui":
         if array.min() < 0:
             raise OptionError("entropy() needs finite, non-negative counts")
+        from .engine.histogram import histogram_of_counts
+
         values, weights = histogram_of_counts(array)
         return values.astype(np.float64), weights.astype(np.float64)
     array = array.astype(np.float64, copy=False)

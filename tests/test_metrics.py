@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import NoStatesError, OptionError, aIQ, entropy, network_efficiency
-from tensorstate_onnx.metrics import histogram_of_counts
+from tensorstate_onnx.engine.histogram import histogram_of_counts
 
 
 def test_shannon_entropy_of_uniform_and_skewed_counts():

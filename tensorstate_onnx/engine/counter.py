@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import OptionError, OptionTypeError
-from ..metrics import histogram_of_counts
 from .arrays import narrowest
 from .direct import DirectCounts
 from .hashing import key_partition, partition_of, scatter_keys, scatter_rows
+from .histogram import histogram_of_counts
 from .keys import KeyRuns
 from .packing import check_packed, n_bytes_for
 from .runset import RunSet
@@ -195,7 +195,7 @@ class StateCounter:
         counters holding disjoint states add up, which is what lets a sharded
         run compute entropies without bringing the states together."""
         if self._histogram is None:  # kept until the counts change: every alpha's entropy reads it
-            self._histogram = histogram_of_counts(self.counts())
+            self._histogram = histogram_of_counts(self._store.held_counts())
         values, multiplicities = self._histogram
         return values.copy(), multiplicities.copy()
 

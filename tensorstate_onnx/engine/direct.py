@@ -52,6 +52,10 @@ class DirectCounts:
     def counts(self) -> np.ndarray:
         return self.table[np.flatnonzero(self.table)]
 
+    def held_counts(self) -> np.ndarray:
+        """The counts of the states seen, in no promised order (here a new array)."""
+        return self.counts()
+
     def pickled(self) -> tuple[int, np.ndarray, np.ndarray]:
         """``(slots, states seen, their counts in the narrowest dtype)``."""
         seen = np.flatnonzero(self.table)

@@ -138,6 +138,13 @@ class RunSet(abc.ABC):
         self.flush(final=True)
         return self.merge_all()
 
+    def held_counts(self) -> np.ndarray:
+        """The counts of the distinct states in no promised order, not copied:
+        the merged run's own array, to read and never to write (a histogram
+        of them needs no copy of millions of counts)."""
+        run = self.compact()
+        return np.empty(0, np.int64) if run is None else run.counts
+
     # ------------------------------------------------------ for subclasses
 
     @abc.abstractmethod
