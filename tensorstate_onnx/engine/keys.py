@@ -57,23 +57,17 @@ class KeyRuns(RunSet):
     def __init__(self, n_bytes, tuning):
         super().__init__(n_bytes, tuning)
         self.pending: np.ndarray | None = None  # states waiting to be counted, as keys
-        # While states repeat: the largest run and its index (see _current_index),
-        # and the states looked up in it since the buffer was last counted, and found.
-        self._index: tuple[Run, KeyIndex] | None = None
-        self._scratch: np.ndarray | None = None  # keys of a chunk of rows being looked up
-        self._looked = 0
-        self._found = 0
+        self._scratch: np.ndarray | None = None  # keys of a chunk of rows being looked up in the index
 
     def nbytes(self) -> int:
-        index = 0 if self._index is None else self._index[1].nbytes
-        return super().nbytes() + held_bytes(self.pending) + held_bytes(self._scratch) + index
+        return super().nbytes() + held_bytes(self.pending) + held_bytes(self._scratch)
 
     def add(self, packed: np.ndarray) -> None:
         n = packed.shape[0]
         flat = np.ascontiguousarray(packed).reshape(-1)
         pos = 0
         while pos < n:
-            index = self._current_index()
+            index = self.current_index()
             if self.n_pending == 0:
                 cap = self.buffer_rows()
                 if index is None and n - pos >= cap:
@@ -97,20 +91,6 @@ class KeyRuns(RunSet):
                 self.flush()
             pos += take
 
-    def _current_index(self) -> KeyIndex | None:
-        """The index of the largest run while states repeat and that run is
-        small enough to index (see ``CounterTuning.index_rows``), made anew
-        when the run changed; None otherwise."""
-        if not (self.repeating and self.runs and len(self.runs[0]) <= self.tuning.index_rows):
-            self._index = None
-            self._looked = self._found = 0
-            return None
-        run = self.runs[0]
-        if self._index is None or self._index[0] is not run:
-            self._index = None  # (the old table goes before the new one is made)
-            self._index = (run, KeyIndex(run.keys))
-        return self._index[1]
-
     def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int) -> int:
         """Count a chunk of the rows ``pos..stop`` through ``index``: those the
         largest run holds in place, the others into the buffer, counted when
@@ -124,12 +104,7 @@ class KeyRuns(RunSet):
         keys = self._scratch[: min(stop - pos, _INDEX_CHUNK)]
         _be_words(flat, self.n_bytes, pos, keys)
         done, self.n_pending, found = index.count_keys(keys, 0, self.runs[0].counts, self.pending, self.n_pending)
-        self._looked += done
-        self._found += found
-        if self.n_pending == self.pending.shape[0]:
-            self.flush()
-            self.repeating = policy.mostly_known(self._found, self._looked)
-            self._looked = self._found = 0
+        self.looked_up(done, found, full=self.n_pending == self.pending.shape[0])
         return pos + done
 
     def _recent_keys(self, size: int) -> np.ndarray:

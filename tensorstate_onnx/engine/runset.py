@@ -9,7 +9,8 @@ already hold are added to them in place, and only its new states stay a run
 (see :func:`.policy.absorb_choice`). A hash table of every state was
 slower: with millions of distinct states every probe misses the cache. Only
 a largest run small enough to stay in the cache is indexed by hash, while
-states repeat (see :mod:`.index`).
+states repeat (see :mod:`.index`): then a state it holds is counted where it
+arrives, and only the others wait in the buffer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from . import policy
 from .arrays import held_bytes
+from .index import KeyIndex
 from .runs import Run, count_known, merge_runs
 from .tuning import CounterTuning
 
@@ -47,6 +49,11 @@ class RunSet(abc.ABC):
         self.repeating = False
         self.next_check = 0
         self.n_pending = 0
+        # While states repeat: the largest run and its index (see current_index),
+        # and the states looked up in it since the buffer was last counted, and found.
+        self._index: tuple[Run, KeyIndex] | None = None
+        self._looked = 0
+        self._found = 0
 
     @property
     def largest(self) -> int:
@@ -62,8 +69,9 @@ class RunSet(abc.ABC):
         return 0 if run is None else len(run)
 
     def nbytes(self) -> int:
-        """Bytes of the runs and of the arrays that subclasses hold."""
-        return sum(held_bytes(r.keys) + held_bytes(r.refs) + held_bytes(r.counts) for r in self.runs)
+        """Bytes of the runs, of the index and of the arrays that subclasses hold."""
+        index = 0 if self._index is None else self._index[1].nbytes
+        return index + sum(held_bytes(r.keys) + held_bytes(r.refs) + held_bytes(r.counts) for r in self.runs)
 
     # ------------------------------------------------------------ decisions
 
@@ -102,6 +110,35 @@ class RunSet(abc.ABC):
             return choice is policy.Absorb.YES
         self.repeating = self.mostly_known(keys[:: policy.sample_stride(keys.size, self.tuning)])
         return self.repeating
+
+    # -------------------------------------------------------------- index
+
+    def current_index(self) -> KeyIndex | None:
+        """The index of the largest run while states repeat and that run is
+        small enough to index (see ``CounterTuning.index_rows``), made anew
+        when the run changed; None otherwise."""
+        if not (self.repeating and self.runs and len(self.runs[0]) <= self.tuning.index_rows):
+            self._index = None
+            self._looked = self._found = 0
+            return None
+        run = self.runs[0]
+        if self._index is None or self._index[0] is not run:
+            self._index = None  # (the old table goes before the new one is made)
+            self._index = (run, KeyIndex(run.keys))
+        return self._index[1]
+
+    def looked_up(self, looked: int, found: int, full: bool) -> None:
+        """Note that ``found`` of ``looked`` states were found in the index;
+        when the buffer of the others is ``full``, count it, and judge whether
+        states still repeat by how many of the states looked up since it was
+        last counted were found (the flush alone would judge by the buffer,
+        which holds only the states that were not)."""
+        self._looked += looked
+        self._found += found
+        if full:
+            self.flush()
+            self.repeating = policy.mostly_known(self._found, self._looked)
+            self._looked = self._found = 0
 
     # --------------------------------------------------------------- runs
 

@@ -39,9 +39,10 @@ class CounterTuning:
             known it is counted at once and the next buffers are small. The
             same number of states is sampled from a new run before absorbing.
         index_rows: while states repeat and the largest run holds at most
-            this many, each new state is looked up where it arrives in a hash
-            index of that run (12 bytes a slot, 2 to 4 slots a state: for the
-            default, at most 3 MiB, in the cache) and counted in place; only
+            this many, each new state (a long one by its hash) is looked up
+            where it arrives in a hash index of that run (12 bytes a slot,
+            2 to 4 slots a state: for the default, at most 3 MiB, in the
+            cache) and counted in place; only
             the states it does not hold wait in the buffer to be sorted.
             0 never indexes.
         hash_mask: the bits kept of each long state's 64-bit hash (states of

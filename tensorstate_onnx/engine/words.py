@@ -9,7 +9,8 @@ Arena rows of states absorbed are given back at once; those of states merged
 away are dropped once they are a third of it. Large batches are counted
 straight from the caller's array and their distinct states copied to the
 arena; small ones are copied to the end of the arena and counted there in
-place once enough have arrived.
+place once enough have arrived -- or, while states repeat, looked up in an
+index of the largest run first, so that only the states it lacks are copied.
 """
 
 from __future__ import annotations
@@ -19,13 +20,43 @@ import numpy as np
 from . import policy
 from .arrays import as_words, held_bytes, narrowest, trimmed, writable
 from .hashing import dedup_words, hash_rows, in_run_order
+from .index import KeyIndex
 from .jit import kernel
 from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows, merge_many
 from .runset import RunSet
 from .sort import lex_order
 from .tuning import DEFAULT_TUNING
+from .unaligned import load8, store8
 
 __all__ = ["WordRuns"]
+
+_CHUNK_BYTES = 1 << 18  # words of rows looked up in the index at a time (at least _MIN_CHUNK_ROWS rows)
+_MIN_CHUNK_ROWS = 1024
+
+
+@kernel
+def _copy_rows(flat, n_bytes, first, rows, n_words, out):
+    """Rows ``first..first + rows`` of packed rows of ``n_bytes`` bytes, given
+    flattened (``flat``), into ``out``: the bytes of ``(rows, n_words)``
+    uint64 words, each row's last word padded with zero bytes (as the arena
+    holds them), eight bytes a load and a store."""
+    full = n_bytes // 8
+    tail = n_bytes - 8 * full
+    keep = (np.uint64(1) << np.uint64(8 * tail)) - np.uint64(1)
+    for i in range(rows):
+        src = (first + i) * n_bytes
+        dst = 8 * n_words * i
+        for w in range(full):
+            store8(out, dst + 8 * w, load8(flat, src + 8 * w))
+        if tail:
+            at = src + 8 * full
+            if at + 8 <= flat.size:
+                word = load8(flat, at) & keep
+            else:
+                word = np.uint64(0)
+                for k in range(tail):
+                    word |= np.uint64(flat[at + k]) << np.uint64(8 * k)
+            store8(out, dst + 8 * full, word)
 
 
 @kernel
@@ -49,9 +80,10 @@ class WordRuns(RunSet):
         super().__init__(n_bytes, tuning)
         self.arena: np.ndarray | None = None
         self.arena_rows = 0
+        self._scratch: np.ndarray | None = None  # words of a chunk of rows being looked up in the index
 
     def nbytes(self) -> int:
-        return super().nbytes() + held_bytes(self.arena)
+        return super().nbytes() + held_bytes(self.arena) + held_bytes(self._scratch)
 
     def hash(self, words: np.ndarray) -> np.ndarray:
         """The hash of each row of ``words`` that orders states (see CounterTuning.hash_mask)."""
@@ -62,10 +94,12 @@ class WordRuns(RunSet):
 
     def add(self, packed: np.ndarray) -> None:
         n = packed.shape[0]
+        flat = None  # the rows as one byte array, made when the index first needs it
         pos = 0
         while pos < n:
+            index = self.current_index()
             cap = max(self.buffer_rows(), self.n_pending)
-            if self.n_pending == 0 and n - pos >= cap:
+            if index is None and self.n_pending == 0 and n - pos >= cap:
                 take = min(n - pos, self.tuning.chunk_rows)
                 words = as_words(packed[pos : pos + take], self.n_words)
                 hashes = self.hash(words)
@@ -80,6 +114,11 @@ class WordRuns(RunSet):
             if self.n_pending == 0:  # room for the whole buffer at once: one copy, not one per batch
                 self._fit(self.arena_rows + cap, slack=1.5)
                 self._reserve(cap)
+            if index is not None:
+                if flat is None:
+                    flat = np.ascontiguousarray(packed).reshape(-1)
+                pos = self._count_indexed(index, flat, pos, n, cap)
+                continue
             take = min(cap - self.n_pending, n - pos)
             start = self._reserve(self.n_pending + take) + self.n_pending
             as_bytes = self.arena[start : start + take].view(np.uint8)
@@ -90,6 +129,26 @@ class WordRuns(RunSet):
             if self.n_pending >= cap or self.repeats_now():
                 self.flush()
             pos += take
+
+    def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int, cap: int) -> int:
+        """Count a chunk of the rows ``pos..stop`` of packed rows (given
+        flattened, ``flat``) through ``index``: those the largest run holds in
+        place, the others into the buffer (the arena's tail, room for ``cap``
+        rows), counted when it is full. The chunk's words and hashes are made
+        first, in a scratch array that stays in cache. Returns the next row."""
+        rows = min(stop - pos, max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (8 * self.n_words)))
+        if self._scratch is None or self._scratch.shape[0] < rows:
+            self._scratch = None
+            self._scratch = np.empty((rows, self.n_words), np.uint64)
+        words = self._scratch[:rows]
+        _copy_rows(flat, self.n_bytes, pos, rows, self.n_words, words.view(np.uint8).reshape(-1))
+        self._reserve(cap)
+        run = self.runs[0]
+        done, self.n_pending, found = index.count_rows(
+            words, self.hash(words), run.refs, run.counts, self.arena, self.arena_rows, self.n_pending, cap
+        )
+        self.looked_up(done, found, full=self.n_pending >= cap)
+        return pos + done
 
     # -------------------------------------------------------------- arena
 

@@ -43,3 +43,46 @@ def test_a_full_buffer_stops_the_lookups_at_the_key_that_did_not_fit():
     pending = np.zeros(4, np.uint64)
     done, n_pending, found = index.count_keys(looked, done, counts, pending, 0)
     assert (done, n_pending, found) == (7, 2, 1) and pending[:2].tolist() == [4, 5] and counts[3] == 1
+
+
+@pytest.mark.parametrize("n_words", [2, 5])
+def test_rows_are_found_by_their_words_among_states_of_equal_hash(n_words):
+    """Long states are keyed by hash: rows whose hash a held state shares but
+    whose words differ are passed on, not counted (every key here is one of
+    three hashes, so nearly every lookup meets states of its hash that differ)."""
+    rng = np.random.default_rng(n_words)
+    held = np.unique(rng.integers(0, 4, (200, n_words), dtype=np.uint64), axis=0)  # distinct states
+    hash_of = lambda rows: (rows.sum(axis=1) % np.uint64(3)).astype(np.uint64)  # noqa: E731
+    order = np.lexsort((*held.T[::-1], hash_of(held)))  # a run's order: hash, then words
+    held = held[order]
+    arena = np.zeros((len(held) + 500, n_words), np.uint64)
+    arena[: len(held)] = held[::-1]  # the run refers to arena rows in another order
+    refs = np.arange(len(held) - 1, -1, -1, dtype=np.int64)
+    index = KeyIndex(hash_of(held))
+    looked = np.concatenate([held[rng.integers(0, len(held), 300)], rng.integers(4, 8, (40, n_words), dtype=np.uint64)])
+    rng.shuffle(looked)
+    counts = np.zeros(len(held), np.int64)
+    done, n_pending, found = index.count_rows(looked, hash_of(looked), refs, counts, arena, len(held), 0, 500)
+    position = {row.tobytes(): i for i, row in enumerate(held)}
+    expected = np.zeros(len(held), np.int64)
+    for row in looked:
+        if row.tobytes() in position:
+            expected[position[row.tobytes()]] += 1
+    passed_on = np.array([row for row in looked if row.tobytes() not in position])
+    assert (done, n_pending, found) == (len(looked), 40, 300)
+    np.testing.assert_array_equal(counts, expected)
+    np.testing.assert_array_equal(arena[len(held) : len(held) + n_pending], passed_on)
+    np.testing.assert_array_equal(arena[: len(held)], held[::-1])  # the held states untouched
+
+
+def test_rows_stop_when_cap_rows_are_pending():
+    held = np.arange(8, dtype=np.uint64).reshape(4, 2)
+    index = KeyIndex(held[:, 0].copy())
+    arena = np.zeros((7, 2), np.uint64)
+    arena[:4] = held
+    looked = np.array([[2, 3], [9, 9], [0, 1], [8, 8], [7, 7], [4, 5]], np.uint64)
+    counts = np.zeros(4, np.int64)
+    refs = np.arange(4, dtype=np.int64)
+    done, n_pending, found = index.count_rows(looked, looked[:, 0].copy(), refs, counts, arena, 4, 1, 3)
+    assert (done, n_pending, found) == (4, 3, 2)  # one was pending already; [8, 8] filled the buffer
+    assert counts.tolist() == [1, 1, 0, 0] and arena[5:7].tolist() == [[9, 9], [8, 8]]
