@@ -50,7 +50,7 @@ def tuning(request):
 @st.composite
 def packed_states(draw, channels=None):
     """Packed states of C neurons: few distinct, mostly distinct, or a mix."""
-    c = draw(st.sampled_from([1, 5, 8, 9, 16, 17, 24, 40, 64, 65, 100, 128, 200, 512, 1000]) if channels is None else st.just(channels))
+    c = draw(st.sampled_from([1, 5, 8, 9, 16, 17, 24, 32, 40, 64, 65, 100, 128, 200, 512, 1000]) if channels is None else st.just(channels))
     n = draw(st.integers(0, 600))
     kind = draw(st.sampled_from(["few", "distinct", "mixed", "sparse"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -138,6 +138,27 @@ def test_merged_counters_equal_combined_data(tuning, c, data):
     merged.merge(merged)
     assert as_dict(*merged.result()) == {k: 2 * v for k, v in before.items()}
     assert merged.total == 2 * len(combined)
+
+
+@pytest.mark.parametrize("c", [17, 25, 32, 33])
+@pytest.mark.parametrize("tuning", [None, TINY], ids=["default", "tiny"])
+def test_states_of_up_to_four_bytes_sort_like_numpy(c, tuning):
+    """States of 3 and 4 bytes are sorted as 32-bit words: the top bit of a
+    4-byte state (its 32nd neuron) and states that differ only in the last
+    byte keep numpy's order; 5 bytes sort as 64-bit words."""
+    rng = np.random.default_rng(c)
+    states = random_states(rng, 30_000, c)
+    states[:500, -1] = 0xFF if c % 8 == 0 else (1 << (c % 8)) - 1  # top neuron on
+    states[500:1000] = states[0]
+    states[1000:1256, :-1] = 0  # the same but for the last byte
+    states[1000:1256, -1] = np.arange(256) & (0xFF if c % 8 == 0 else (1 << (c % 8)) - 1)
+    counter = StateCounter(c, tuning)
+    for part in np.array_split(states, 7):
+        counter.add(part)
+    ids, counts = counter.result(sort=True)
+    expected_ids, expected_counts = np.unique(states, axis=0, return_counts=True)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(counts, expected_counts)
 
 
 @pytest.mark.parametrize("c", [5, 16, 40, 200])
