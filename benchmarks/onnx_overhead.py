@@ -36,7 +36,11 @@ It prints markdown tables of samples/s with the ratios to plain and of
 probed session and >= 0.3x plain on the exported MobileNetV2Small, LeNet-5
 ``predict`` >= 0.85x plain, efficiencies <= 5% of the run.
 
-Usage: ``python benchmarks/onnx_overhead.py [--threads N] [--repeats 5]``
+With ``--keep-freed-memory`` the process first calls
+``tensorstate_onnx.keep_freed_memory()`` (as the command line does): freed
+memory is reused, not handed back to the OS and faulted in again.
+
+Usage: ``python benchmarks/onnx_overhead.py [--threads N] [--repeats 5] [--keep-freed-memory]``
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
-from tensorstate_onnx import OnnxEfficiencyModel, demo, network_efficiency
+from tensorstate_onnx import OnnxEfficiencyModel, demo, keep_freed_memory, network_efficiency
 from models.onnx_models import mobilenet_v2_small_onnx
 
 
@@ -218,14 +222,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-samples", type=int, default=1440, help="demo digits, tiled from the 360 held-out ones")
     parser.add_argument("--mobilenet-samples", type=int, default=256)
     parser.add_argument("--no-torch-hooks", action="store_true", help="skip the native torch hooks comparison")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="keep_freed_memory() first, as the CLI does")
     args = parser.parse_args(argv)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
 
     results = [
         _bench(name, build(), x, args.batch, args.threads, args.repeats) for name, build, x in _models(args)
     ]
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider; {platform.processor() or platform.machine()}, "
           f"{_cpu_count()} CPUs available, intra-op threads {args.threads}, graph optimization 'all', "
-          f"batch {args.batch}, median of {args.repeats} runs after a warm-up")
+          f"batch {args.batch}, median of {args.repeats} runs after a warm-up; "
+          f"freed memory {'kept (keep_freed_memory)' if kept else 'handed back (glibc default)'}")
     print()
     _print_table(results)
     if _has("torch") and not args.no_torch_hooks:

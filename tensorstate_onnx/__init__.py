@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .api import build_efficiency_model, reset_efficiency_model
     from .capture import AbstractStateCapture, StateCaptureProbe
     from .engine import StateCounter, pack, unpack
+    from .heap import keep_freed_memory
     from .runtime import OnnxEfficiencyModel
     from .store import StateStore
 
@@ -52,6 +53,7 @@ _LAZY = {
     "StateCounter": "engine",
     "pack": "engine",
     "unpack": "engine",
+    "keep_freed_memory": "heap",
     "OnnxEfficiencyModel": "runtime",
     "StateStore": "store",
 }
@@ -84,6 +86,7 @@ __all__ = [
     "aIQ",
     "build_efficiency_model",
     "entropy",
+    "keep_freed_memory",
     "network_efficiency",
     "pack",
     "reset_efficiency_model",

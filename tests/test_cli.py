@@ -328,6 +328,14 @@ def test_inspect_lists_inputs_outputs_and_op_types(capsys, files):
     assert not any("axis k?" in line for line in lines)  # nothing guessed
 
 
+def test_the_command_line_keeps_freed_memory_for_its_run(capsys, files, monkeypatch):
+    kept = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: kept.append(True) or True)
+    code, _, err = _main(capsys, "inspect", files["model"])
+    assert code == 0, err
+    assert kept == [True]  # once, before the command runs (see tensorstate_onnx.heap)
+
+
 def _listed_nodes(out: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(("probe-able tensors", "all nodes")))

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from .._optional import import_optional
 from .._system import usable_cpus
 from ..errors import OptionTypeError, SchedulerConnectionError
+from ..heap import DEFAULT_KEPT_BYTES
 
 
 #: Environment of the worker processes :func:`local_cluster` starts: glibc malloc
@@ -21,8 +22,9 @@ from ..errors import OptionTypeError, SchedulerConnectionError
 #: again by the next shard, which on virtual machines costs several microseconds
 #: a page (2-worker runs measured 20-25% faster with these settings, see
 #: benchmarks/RESULTS.md). Must be set before a worker process starts; for a
-#: cluster of your own, put it in Dask's ``distributed.nanny.pre-spawn-environ``.
-WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_THRESHOLD_": str(2**30)}
+#: cluster of your own, put it in Dask's ``distributed.nanny.pre-spawn-environ``
+#: (in a process already running, :func:`tensorstate_onnx.keep_freed_memory`).
+WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": str(DEFAULT_KEPT_BYTES), "MALLOC_MMAP_THRESHOLD_": str(DEFAULT_KEPT_BYTES)}
 
 
 def dask_modules():
