@@ -91,9 +91,12 @@ def _torch_mobilenet() -> onnx.ModelProto:
 
 
 def _keras_mobilenet() -> onnx.ModelProto:
+    import keras
+
     from models.keras_models import mobilenet_v2_small, randomize_batchnorm
     from tensorstate_onnx.converters import from_keras
 
+    keras.utils.set_random_seed(0)  # the same weights, so the same distinct states, in every run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return from_keras(randomize_batchnorm(mobilenet_v2_small()))

@@ -23,7 +23,10 @@ spinning count as CPU time).
 
 :func:`torch_hook_rows` returns the rows for other benchmarks to print.
 
-Usage: ``python benchmarks/torch_hooks.py [--threads N] [--repeats 5] [--batch 32]``
+With ``--keep-freed-memory`` the process first calls
+``tensorstate_onnx.keep_freed_memory()`` (as the command line does).
+
+Usage: ``python benchmarks/torch_hooks.py [--threads N] [--repeats 5] [--batch 32] [--keep-freed-memory]``
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is in the repository, not installed
 
-from tensorstate_onnx import demo
+from tensorstate_onnx import demo, keep_freed_memory
 from tensorstate_onnx.torch_capture import attach_hooks
 from models.torch_models import lenet5, mobilenet_v2_small
 
@@ -134,11 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=_cpu_count(), help="torch intra-op threads (every mode)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median is reported)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--keep-freed-memory", action="store_true", help="keep_freed_memory() first, as the CLI does")
     args = parser.parse_args(argv)
 
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     rows = torch_hook_rows(args.threads, args.repeats, args.batch)
     print(f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs available, "
-          f"batch {args.batch}, median of {args.repeats} runs after a warm-up")
+          f"batch {args.batch}, median of {args.repeats} runs after a warm-up; "
+          f"freed memory {'kept (keep_freed_memory)' if kept else 'handed back (glibc default)'}")
     print()
     print_rows(rows, args.threads)
 
