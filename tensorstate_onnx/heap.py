@@ -20,7 +20,6 @@ the Dask workers a run starts get the same through their environment
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from numbers import Integral
 
@@ -36,17 +35,17 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _SMALLEST = 128 * 1024  # glibc's own starting thresholds: keeping less changes nothing
 _LARGEST = 2**31 - 1
+_MMAP_CAP = 32 * 1024 * 1024  # the largest mmap threshold some glibc versions accept on 64-bit
 
 
 @functools.cache
 def _mallopt():
-    """glibc's ``mallopt``, or None where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's ``mallopt``, or None where the C library has none. Looked up
+    among the symbols the process already has (its C library's among them),
+    with no search for the library's file."""
     try:
-        function = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        function = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):  # no such symbol (macOS) or no process handle (Windows)
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int]
     function.restype = ctypes.c_int
@@ -55,13 +54,15 @@ def _mallopt():
 
 def keep_freed_memory(max_bytes: int = DEFAULT_KEPT_BYTES) -> bool:
     """Have this process keep up to ``max_bytes`` of memory it frees for its
-    next allocations, and serve allocations up to that size from it, instead
-    of handing them back to the OS (glibc's ``M_TRIM_THRESHOLD`` and
+    next allocations, and serve allocations up to that size from it (up to
+    32 MiB where glibc caps the threshold), instead of handing them back to
+    the OS (glibc's ``M_TRIM_THRESHOLD`` and
     ``M_MMAP_THRESHOLD``, as the ``MALLOC_TRIM_THRESHOLD_`` and
     ``MALLOC_MMAP_THRESHOLD_`` environment variables set them at start-up).
 
-    Returns True when applied, False where the C library is not glibc (the
-    setting does not exist there; nothing changes). Process-wide: see the
+    Returns True when applied, False where the C library does not take it
+    (musl accepts and ignores it, macOS and Windows have no ``mallopt``;
+    nothing changes there). Process-wide: see the
     module's description for what it costs and when it pays.
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, Integral):
@@ -73,4 +74,6 @@ def keep_freed_memory(max_bytes: int = DEFAULT_KEPT_BYTES) -> bool:
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, int(max_bytes))) and bool(mallopt(_M_MMAP_THRESHOLD, int(max_bytes)))
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, int(max_bytes)))
+    served = any(mallopt(_M_MMAP_THRESHOLD, size) for size in (int(max_bytes), min(int(max_bytes), _MMAP_CAP)))
+    return kept and served

@@ -47,6 +47,26 @@ def test_freed_arrays_stay_with_the_process():
     assert default["free_held"] < 8 * 2**20  # glibc hands each back at once
 
 
+def test_a_glibc_that_caps_the_mmap_threshold_gets_its_cap(monkeypatch):
+    calls = []
+
+    def mallopt(param, value):  # refuses an mmap threshold over 32 MiB, as some glibc versions do
+        calls.append((param, value))
+        return int(not (param == -3 and value > 32 * 2**20))
+
+    monkeypatch.setattr(heap, "_mallopt", lambda: mallopt)
+    assert keep_freed_memory(2**30) is True
+    assert calls == [(-1, 2**30), (-3, 2**30), (-3, 32 * 2**20)]
+    calls.clear()
+    assert keep_freed_memory(2**20) is True
+    assert calls == [(-1, 2**20), (-3, 2**20)]  # accepted at once: no second try
+
+
+def test_a_c_library_that_refuses_both_reports_it(monkeypatch):
+    monkeypatch.setattr(heap, "_mallopt", lambda: lambda param, value: 0)  # musl's stub
+    assert keep_freed_memory() is False
+
+
 def test_without_glibc_nothing_changes(monkeypatch):
     monkeypatch.setattr(heap, "_mallopt", lambda: None)
     assert keep_freed_memory() is False
