@@ -41,29 +41,33 @@ def _fill(keys, slot_keys, slot_refs, shift):
         slot_refs[h] = i
 
 
+@kernel(inline="always")
+def _candidate(h, key, slot_keys, slot_refs):
+    """From slot ``h`` on (linear probes), the first slot that is empty or
+    holds ``key``."""
+    mask = slot_refs.size - 1
+    while slot_refs[h] >= 0 and slot_keys[h] != key:
+        h = (h + 1) & mask
+    return h
+
+
 @kernel
 def _count_keys(keys, start, slot_keys, slot_refs, shift, counts, pending, n_pending):
     """``keys`` from ``start`` on: a key the table holds adds 1 to its count in
     ``counts``, any other goes to ``pending[n_pending:]``, until the keys or
     ``pending`` run out. Returns ``(next key, n_pending, keys found)``."""
-    mask = slot_refs.size - 1
     cap = pending.size
     hits = 0
     i = start
     while i < keys.size and n_pending < cap:
         key = keys[i]
-        h = _slot(key, shift)
-        while True:
-            ref = slot_refs[h]
-            if ref < 0:
-                pending[n_pending] = key
-                n_pending += 1
-                break
-            if slot_keys[h] == key:
-                counts[ref] += 1
-                hits += 1
-                break
-            h = (h + 1) & mask
+        ref = slot_refs[_candidate(_slot(key, shift), key, slot_keys, slot_refs)]
+        if ref < 0:
+            pending[n_pending] = key
+            n_pending += 1
+        else:
+            counts[ref] += 1
+            hits += 1
         i += 1
     return i, n_pending, hits
 
