@@ -23,7 +23,7 @@ import onnx
 from . import __version__, demo
 from ._optional import import_optional
 from .datafiles import is_zarr
-from .heap import keep_freed_memory
+from .heap import GLIBC_THRESHOLDS, keep_freed_memory
 from .errors import (
     MissingFileError,
     ModelFileError,
@@ -490,7 +490,8 @@ def _native_stderr_hidden(verbose: bool) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    keep_freed_memory()  # this process is ours: counting reuses what it frees (see heap)
+    if not any(name in os.environ for name in GLIBC_THRESHOLDS):  # the user's own setting wins
+        keep_freed_memory()  # this process is ours: counting reuses what it frees (see heap)
     handlers = {"analyze": _analyze, "inspect": _inspect, "compare": _compare, "export": _export}
     try:
         with _framework_logs(args.verbose):

@@ -25,10 +25,13 @@ from numbers import Integral
 
 from .errors import OptionError, OptionTypeError
 
-__all__ = ["DEFAULT_KEPT_BYTES", "keep_freed_memory"]
+__all__ = ["DEFAULT_KEPT_BYTES", "GLIBC_THRESHOLDS", "keep_freed_memory"]
 
 #: What :func:`keep_freed_memory` keeps unless told otherwise: 1 GiB.
 DEFAULT_KEPT_BYTES = 1 << 30
+
+#: The environment variables that set the same thresholds when a process starts.
+GLIBC_THRESHOLDS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 # glibc's mallopt parameters (malloc.h) and the range of its int argument.
 _M_TRIM_THRESHOLD = -1

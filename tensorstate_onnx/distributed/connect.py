@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from .._optional import import_optional
 from .._system import usable_cpus
 from ..errors import OptionTypeError, SchedulerConnectionError
-from ..heap import DEFAULT_KEPT_BYTES
+from ..heap import DEFAULT_KEPT_BYTES, GLIBC_THRESHOLDS
 
 
 #: Environment of the worker processes :func:`local_cluster` starts: glibc malloc
@@ -24,7 +24,7 @@ from ..heap import DEFAULT_KEPT_BYTES
 #: benchmarks/RESULTS.md). Must be set before a worker process starts; for a
 #: cluster of your own, put it in Dask's ``distributed.nanny.pre-spawn-environ``
 #: (in a process already running, :func:`tensorstate_onnx.keep_freed_memory`).
-WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": str(DEFAULT_KEPT_BYTES), "MALLOC_MMAP_THRESHOLD_": str(DEFAULT_KEPT_BYTES)}
+WORKER_ENVIRON = dict.fromkeys(GLIBC_THRESHOLDS, str(DEFAULT_KEPT_BYTES))
 
 
 def dask_modules():
