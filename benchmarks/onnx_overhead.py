@@ -26,7 +26,10 @@ modes interleaved (drift hits all alike), it times:
   and counted on the host);
 * ``predict, graph pack``: the same with quantize + pack inside the graph;
 * ``efficiencies``: ``network_efficiency`` (every probe's efficiency) after a
-  ``predict``, reported as a share of that run.
+  ``predict``, reported as a share of that run;
+* ``recording alone``: packing and counting every probe on one thread over the
+  probed session's outputs computed beforehand, against what ``predict`` adds
+  to the probed session (how much of the recording the pipeline hides).
 
 Where the torch extra is installed it also runs ``benchmarks/torch_hooks.py``'s
 comparison of the native PyTorch hooks against plain torch.
@@ -161,6 +164,29 @@ def _bound_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return exposed
 
 
+def _recording_alone(host: OnnxEfficiencyModel, x: np.ndarray, batch: int, repeats: int) -> float:
+    """Seconds a sample that recording every probe (packing and counting)
+    takes on one thread, over the probed session's outputs computed
+    beforehand: the work ``predict`` overlaps with the session."""
+    name = host.session.get_inputs()[0].name
+    outputs = [output.name for output in host.session.get_outputs()]
+    batches = [
+        (dict(zip(outputs, host.session.run(None, {name: x[i : i + batch]}))), len(x[i : i + batch]))
+        for i in range(0, len(x), batch)
+    ]
+    times = []
+    for round_ in range(repeats + 1):  # round 0 is the warm-up
+        host.reset_states()
+        start = time.perf_counter()
+        for values, size in batches:
+            for capture in host.efficiency_layers:
+                capture.record_outputs(values, size)
+        if round_:
+            times.append(time.perf_counter() - start)
+    host.reset_states()
+    return statistics.median(times) / len(x)
+
+
 def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int, repeats: int) -> dict:
     host = OnnxEfficiencyModel(model, "Conv", providers="cpu", threads=threads)
     packed = OnnxEfficiencyModel(model, "Conv", providers="cpu", threads=threads, pack_in_graph=True)
@@ -196,6 +222,7 @@ def _bench(name: str, model: onnx.ModelProto, x: np.ndarray, batch: int, threads
     return {
         "network": name, "samples": len(x), "probes": len(host.probes), "rates": rates, "spreads": spreads,
         "efficiencies": statistics.median(efficiencies), "states": states, "distinct": distinct,
+        "recording": _recording_alone(host, x, batch, repeats),
     }  # fmt: skip
 
 
@@ -212,9 +239,13 @@ def _print_table(results: list[dict]) -> None:
                   f"{rate / plain:.2f} | {versus} |")
     print()
     for result in results:
+        rates = result["rates"]
+        added = 1 / rates["predict"] - 1 / rates["probed session, nothing recorded"]
         print(f"- {result['network']}: {result['probes']} probes, {result['samples']} samples, "
               f"{result['states']:,.0f} states per sample, {result['distinct']:,} distinct in total; "
-              f"every efficiency after the run: {100 * result['efficiencies']:.1f}% of the run")
+              f"every efficiency after the run: {100 * result['efficiencies']:.1f}% of the run; "
+              f"recording alone (one thread, outputs computed beforehand) {1e6 * result['recording']:,.0f} us "
+              f"a sample, predict adds {1e6 * added:,.0f} us a sample to the probed session")
 
 
 def main(argv: list[str] | None = None) -> None:
