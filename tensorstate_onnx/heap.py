@@ -5,10 +5,10 @@ Counting mostly distinct states allocates and frees arrays of hundreds of
 thousands of states every few batches (a sorted buffer, the counts of a new
 run, the merge of two runs). glibc's malloc returns large freed blocks to the
 OS at once, and on virtual machines each page touched again costs several
-microseconds to fault in (11-17 us on the development VM). Keeping freed
+microseconds to fault in (9-17 us on the development VM). Keeping freed
 memory for the next allocation made counting MobileNetV2Small's 22 probes 16%
 faster there (176 -> 147 us a sample), and counting a model whose early
-layers hold 2.1 million distinct states 37% faster.
+layers hold 2.2 million distinct states 37% faster.
 
 The setting is process-wide (it changes every library's allocations, and the
 process holds on to up to ``max_bytes`` it no longer uses), so the library
