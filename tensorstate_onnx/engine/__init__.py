@@ -20,7 +20,7 @@ Modules, one job each:
   they decide with;
 * kernels: ``sort`` (lexicographic order of word rows), ``hashing`` (hashes and
   dedup of long states), ``runs`` (search, merge and absorb sorted runs),
-  ``arrays`` (small numpy helpers), ``histogram`` (how many states were
+  ``arrays`` (small array helpers), ``histogram`` (how many states were
   seen once, twice, ...); ``jit``: the decorator they are compiled
   with, and the per-user folder their machine code is cached in.
 """

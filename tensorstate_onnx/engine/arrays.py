@@ -1,8 +1,10 @@
-"""Small numpy helpers shared by the counting modules."""
+"""Small array helpers shared by the counting modules."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .unaligned import padded_words
 
 __all__ = ["as_words", "held_bytes", "narrowest", "trimmed", "writable"]
 
@@ -28,9 +30,9 @@ def as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     n, width = packed.shape
     if width == 8 * n_words and packed.flags.c_contiguous and packed.ctypes.data % 8 == 0:
         return packed.view(np.uint64)
-    padded = np.zeros((n, 8 * n_words), np.uint8)
-    padded[:, :width] = packed
-    return padded.view(np.uint64)
+    words = np.empty((n, n_words), np.uint64)
+    padded_words(np.ascontiguousarray(packed).reshape(-1), width, 0, n, words.view(np.uint8).reshape(-1))
+    return words
 
 
 def narrowest(counts: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Eight bytes of a byte array as one uint64, loaded or stored in one
 unaligned access (numba would check each of eight byte indices for being
-negative, and a function of its own is not inlined), and the key of a
-packed row of up to 8 bytes read that way."""
+negative, and a function of its own is not inlined); the key of a packed
+row of up to 8 bytes, and packed rows as zero-padded words, read that way."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from numba.extending import intrinsic
 
 from .jit import kernel
 
-__all__ = ["load8", "load8_be", "row_key", "store8"]
+__all__ = ["load8", "load8_be", "padded_words", "row_key", "store8"]
 
 _WORD = ir.IntType(64)
 _LITTLE_HOST = sys.byteorder == "little"
@@ -89,3 +89,36 @@ def row_key(flat, row, n_bytes):
     for k in range(n_bytes):
         key = (key << np.uint64(8)) | np.uint64(flat[at + k])
     return key << low
+
+
+@kernel
+def padded_words(flat, n_bytes, first, rows, out):
+    """Rows ``first..first + rows`` of packed rows of ``n_bytes`` bytes, given
+    flattened (``flat``), into ``out``: the bytes of ``rows`` rows of uint64
+    words (``out.size // rows`` bytes a row), each row zero padded past its
+    ``n_bytes``, eight bytes a load and a store."""
+    if rows == 0:
+        return
+    row_bytes = out.size // rows
+    full = n_bytes // 8
+    tail = n_bytes - 8 * full
+    keep = (np.uint64(1) << np.uint64(8 * tail)) - np.uint64(1)
+    zero = np.uint64(0)
+    for i in range(rows):
+        src = (first + i) * n_bytes
+        dst = row_bytes * i
+        for w in range(full):
+            store8(out, dst + 8 * w, load8(flat, src + 8 * w))
+        done = 8 * full
+        if tail:
+            at = src + done
+            if at + 8 <= flat.size:
+                word = load8(flat, at) & keep
+            else:
+                word = zero
+                for k in range(tail):
+                    word |= np.uint64(flat[at + k]) << np.uint64(8 * k)
+            store8(out, dst + done, word)
+            done += 8
+        for b in range(done, row_bytes, 8):
+            store8(out, dst + b, zero)

@@ -26,37 +26,12 @@ from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows, merge_many
 from .runset import RunSet
 from .sort import lex_order
 from .tuning import DEFAULT_TUNING
-from .unaligned import load8, store8
+from .unaligned import padded_words
 
 __all__ = ["WordRuns"]
 
 _CHUNK_BYTES = 1 << 18  # words of rows looked up in the index at a time (at least _MIN_CHUNK_ROWS rows)
 _MIN_CHUNK_ROWS = 1024
-
-
-@kernel
-def _copy_rows(flat, n_bytes, first, rows, n_words, out):
-    """Rows ``first..first + rows`` of packed rows of ``n_bytes`` bytes, given
-    flattened (``flat``), into ``out``: the bytes of ``(rows, n_words)``
-    uint64 words, each row's last word padded with zero bytes (as the arena
-    holds them), eight bytes a load and a store."""
-    full = n_bytes // 8
-    tail = n_bytes - 8 * full
-    keep = (np.uint64(1) << np.uint64(8 * tail)) - np.uint64(1)
-    for i in range(rows):
-        src = (first + i) * n_bytes
-        dst = 8 * n_words * i
-        for w in range(full):
-            store8(out, dst + 8 * w, load8(flat, src + 8 * w))
-        if tail:
-            at = src + 8 * full
-            if at + 8 <= flat.size:
-                word = load8(flat, at) & keep
-            else:
-                word = np.uint64(0)
-                for k in range(tail):
-                    word |= np.uint64(flat[at + k]) << np.uint64(8 * k)
-            store8(out, dst + 8 * full, word)
 
 
 @kernel
@@ -141,7 +116,7 @@ class WordRuns(RunSet):
             self._scratch = None
             self._scratch = np.empty((rows, self.n_words), np.uint64)
         words = self._scratch[:rows]
-        _copy_rows(flat, self.n_bytes, pos, rows, self.n_words, words.view(np.uint8).reshape(-1))
+        padded_words(flat, self.n_bytes, pos, rows, words.view(np.uint8).reshape(-1))
         self._reserve(cap)
         run = self.runs[0]
         done, self.n_pending, found = index.count_rows(

@@ -1,9 +1,11 @@
-"""The keys of packed rows, read eight bytes at a time, against numpy."""
+"""The keys and padded words of packed rows, read eight bytes at a time, against numpy."""
 
 import numpy as np
 import pytest
 
+from tensorstate_onnx.engine.arrays import as_words
 from tensorstate_onnx.engine.keys import be_keys
+from tensorstate_onnx.engine.unaligned import padded_words
 
 
 @pytest.mark.parametrize("n_bytes", range(1, 9))
@@ -23,3 +25,32 @@ def test_row_keys_are_the_rows_big_endian_padded_at_the_low_end(n_bytes, n_rows)
     # Keys order as the rows do, byte by byte.
     order = np.lexsort(packed.T[::-1])
     assert np.all(np.diff(be_keys(packed)[order].astype(object)) >= 0)
+
+
+def numpy_words(packed, n_words):
+    padded = np.zeros((packed.shape[0], 8 * n_words), np.uint8)
+    padded[:, : packed.shape[1]] = packed
+    return padded.view(np.uint64)
+
+
+@pytest.mark.parametrize("n_bytes", [1, 3, 7, 8, 9, 13, 16, 17, 40])
+@pytest.mark.parametrize("n_rows", [1, 2, 7, 100])
+def test_padded_words_are_the_rows_zero_padded(n_bytes, n_rows):
+    rng = np.random.default_rng(n_bytes * 1000 + n_rows)
+    packed = rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)
+    n_words = -(-n_bytes // 8)
+    # All rows (the last ones near the array's end are read byte by byte), into garbage.
+    out = np.full((n_rows, n_words), 0xA5A5A5A5A5A5A5A5, np.uint64)
+    padded_words(packed.reshape(-1), n_bytes, 0, n_rows, out.view(np.uint8).reshape(-1))
+    np.testing.assert_array_equal(out, numpy_words(packed, n_words))
+    # Rows from the middle on, and rows of more words than they need (the rest zero).
+    first = n_rows // 2
+    out = np.full((n_rows - first, n_words + 1), 0xA5A5A5A5A5A5A5A5, np.uint64)
+    padded_words(packed.reshape(-1), n_bytes, first, n_rows - first, out.view(np.uint8).reshape(-1))
+    np.testing.assert_array_equal(out, numpy_words(packed[first:], n_words + 1))
+    # as_words: the same, for rows not contiguous in memory too; aligned full rows are a view.
+    wide = np.zeros((n_rows, n_bytes + 5), np.uint8)
+    wide[:, :n_bytes] = packed
+    np.testing.assert_array_equal(as_words(wide[:, :n_bytes], n_words), numpy_words(packed, n_words))
+    if n_bytes % 8 == 0:
+        assert np.shares_memory(as_words(packed, n_words), packed)
