@@ -392,6 +392,52 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
                     out[np.uint64((row + p) * n_bytes + g)] = lanes[np.uint64(at + p)] & mask
 
 
+@kernel(inline="always")
+def _lanes_of_groups(src, first_sample, n_samples, per, k0, k1, n_c, n_b, lo, hi, lanes):
+    """The lanes :func:`_emit_groups` reads, straight from the values: byte
+    ``k`` (channels ``8k..8k+7``) of position ``p`` of sample
+    ``first_sample + s`` of ``src`` into ``lanes[s * per + 8 * (k - k0) * n_b + p]``,
+    for groups ``k0..k1``; each group's eight channel rows are read side by
+    side, every value once."""
+    for s in range(n_samples):
+        for k in range(k0, k1):
+            at = s * per + 8 * (k - k0) * n_b
+            first = (first_sample + s) * per + 8 * k * n_b
+            dst = lanes[at : at + n_b]
+            if 8 * k + 8 <= n_c:
+                r0 = src[first : first + n_b]
+                r1 = src[first + n_b : first + 2 * n_b]
+                r2 = src[first + 2 * n_b : first + 3 * n_b]
+                r3 = src[first + 3 * n_b : first + 4 * n_b]
+                r4 = src[first + 4 * n_b : first + 5 * n_b]
+                r5 = src[first + 5 * n_b : first + 6 * n_b]
+                r6 = src[first + 6 * n_b : first + 7 * n_b]
+                r7 = src[first + 7 * n_b : first + 8 * n_b]
+                for p in range(n_b):
+                    dst[p] = (
+                        np.uint8(_fires(r0[p], lo, hi))
+                        | np.uint8(_fires(r1[p], lo, hi)) << 1
+                        | np.uint8(_fires(r2[p], lo, hi)) << 2
+                        | np.uint8(_fires(r3[p], lo, hi)) << 3
+                        | np.uint8(_fires(r4[p], lo, hi)) << 4
+                        | np.uint8(_fires(r5[p], lo, hi)) << 5
+                        | np.uint8(_fires(r6[p], lo, hi)) << 6
+                        | np.uint8(_fires(r7[p], lo, hi)) << 7
+                    )
+            else:  # the last group of C % 8 channels
+                dst[:] = 0
+                for j in range(n_c - 8 * k):
+                    row = src[first + j * n_b : first + (j + 1) * n_b]
+                    for p in range(n_b):
+                        dst[p] |= np.uint8(_fires(row[p], lo, hi)) << j
+
+
+# Maps of at least this many positions make their lanes straight from the
+# values (:func:`_lanes_of_groups`); smaller ones through fire flags, where
+# loops along a map's short rows cost more than making 8 times the lanes.
+_DIRECT_LANES_MIN = 64
+
+
 @kernel
 def _pack_maps(x, n_c, n_b, lo, hi, out):
     """``x`` is ``(runs, m * C * b)``: each row holds ``m`` whole samples of
@@ -408,13 +454,16 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
     far cheaper than short loops); :func:`_emit_groups` moves the state
     bytes to their rows. Flags past the chunk (stale) are read into lanes
     that are never stored, or into the bits of channels beyond ``C``, which
-    :func:`_emit_groups` masks."""
+    :func:`_emit_groups` masks. Maps of ``_DIRECT_LANES_MIN`` positions or
+    more have rows long enough for loops along them to pay: their lanes are
+    made straight from the values, with no flags (:func:`_lanes_of_groups`)."""
     n_runs, run = x.shape
     per = n_c * n_b
     n_bytes = (n_c + 7) // 8
     samples = run // per
     size = max(_MAP_CHUNK, 64 * n_b)
-    flags = np.zeros(size + 8 * n_b + 8, np.uint8)
+    direct = n_b >= _DIRECT_LANES_MIN
+    flags = np.zeros(0 if direct else size + 8 * n_b + 8, np.uint8)
     lanes = np.zeros(size + 8, np.uint8)
     # flags seen from each of the 8 rows of a group on: plain indices in the
     # loop below (an offset inside the index would defeat vectorization).
@@ -431,6 +480,10 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
             for kc in range(0, n_bytes, group_step):
                 k1 = min(n_bytes, kc + group_step)
                 k0 = max(0, min(kc, k1 - 8))
+                if direct:
+                    _lanes_of_groups(src, s0, s1 - s0, per, k0, k1, n_c, n_b, lo, hi, lanes)
+                    _emit_groups(lanes, s1 - s0, per, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
+                    continue
                 body = src[s0 * per + 8 * k0 * n_b : (s1 - 1) * per + min(8 * k1, n_c) * n_b]
                 m = body.size
                 for i in range(m):
@@ -569,6 +622,59 @@ def _run_block(view: np.ndarray, lo, hi, out: np.ndarray) -> None:
         _pack_rows(view, lo, hi, out)
 
 
+# Plans for C-contiguous inputs packed on the calling thread, by (dtype, shape,
+# channel axis as given); None: that layout takes the general path. Bounded,
+# since inputs of varying shapes (sequences of any length) would grow it.
+_PLANS: dict[tuple, _Plan | None] = {}
+_MAX_PLANS = 512
+
+
+class _Plan:
+    """How to pack every C-contiguous array of one dtype and shape on one
+    channel axis: its flat values reshaped for one kernel, with no per-call
+    layout analysis (for the small tensors of a batch, that analysis cost
+    more than packing them). The layout is ``(A, C, B)``: ``A`` leading
+    positions, ``C`` channels, ``B`` trailing positions."""
+
+    __slots__ = ("view_as", "lo", "hi", "kind", "shape", "n_c", "n_b", "out_shape")
+
+    def __init__(self, dtype: np.dtype, a: int, c: int, b: int):
+        self.view_as, self.lo, self.hi = _BOUNDS[dtype]
+        self.n_c, self.n_b = c, b
+        self.out_shape = (a * b, n_bytes_for(c))
+        if b == 1:  # channels-last
+            self.kind, self.shape = ("flat", (a * c,)) if c % 8 == 0 else ("rows", (1, a, c))
+        elif b <= _SMALL_MAP_MAX:
+            self.kind, self.shape = "maps", (1, a * c * b)
+        else:
+            self.kind, self.shape = "cols", (a, c, b)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        values = (x if self.view_as is None else x.view(self.view_as)).reshape(self.shape)
+        out = np.empty(self.out_shape, np.uint8)
+        if self.kind == "maps":
+            _pack_maps(values, self.n_c, self.n_b, self.lo, self.hi, out.reshape(-1))
+        elif self.kind == "flat":
+            _pack_flat_by8(values, self.lo, self.hi, out.reshape(-1))
+        elif self.kind == "rows":
+            _pack_rows(values, self.lo, self.hi, out)
+        else:
+            wide = self.out_shape[1] % 8 == 0 and out.ctypes.data % 8 == 0
+            _pack_cols(values, self.lo, self.hi, out, out.view(np.uint64) if wide else _NO_WORDS)
+        return out
+
+
+def _plan_for(x: np.ndarray, axis: int) -> _Plan | None:
+    """A plan for arrays laid out as ``x`` (already checked; ``axis`` >= 0),
+    or None where the general path serves: inputs large enough for threads,
+    empty ones, and single channels (rare, and no faster here)."""
+    c = x.shape[axis]
+    if x.nbytes >= _PARALLEL_MIN_BYTES or x.size == 0 or c < 2:
+        return None
+    a, b = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
+    return _Plan(x.dtype, a, c, b)
+
+
 def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
     """Quantize ``x`` (a neuron fires iff its value is > 0) and bit-pack each state.
 
@@ -581,6 +687,19 @@ def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
         ``uint8`` array of shape ``(n_states, ceil(C / 8))``, states batch
         first then positions in row-major order.
     """
+    if type(x) is np.ndarray and type(channel_axis) is int and x.flags.c_contiguous:
+        key = (x.dtype, x.shape, channel_axis)
+        plan = _PLANS.get(key, False)
+        if plan:
+            return plan(x)
+        if plan is False:  # not seen yet: checked below, planned after
+            return _pack_checked(x, channel_axis, key)
+    return _pack_checked(x, channel_axis, None)
+
+
+def _pack_checked(x: np.ndarray, channel_axis: int, key: tuple | None) -> np.ndarray:
+    """:func:`pack` after checking its arguments; with ``key`` (a C-contiguous
+    ``x`` not seen before), the plan for its layout is made and kept."""
     if not isinstance(x, np.ndarray):
         raise OptionTypeError(
             f"pack() takes a numpy.ndarray, got {type(x).__name__}; convert it with "
@@ -600,6 +719,12 @@ def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
         raise OptionError(f"the channel axis {channel_axis} of an array of shape {x.shape} has 0 neurons")
     values, lo, hi = _comparable(x)
     axis = channel_axis % x.ndim
+    if key is not None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan_for(x, axis)
+        if plan is not None:
+            return plan(x)
     if axis != x.ndim - 1:  # the channel axis last (np.moveaxis, without its checks: these are done)
         values = values.transpose(*range(axis), *range(axis + 1, x.ndim), axis)
     out = np.empty((values.size // n_neurons, n_bytes_for(n_neurons)), np.uint8)

@@ -295,7 +295,7 @@ def test_every_bit_of_the_last_byte_is_used_by_a_multiple_of_8_neurons():
 # ------------------------------------------- channels-first, small feature maps
 
 MAP_CHANNELS = [1, 7, 8, 9, 63, 64, 65, 1280, 4096]
-MAP_SIDES = [(1, 1), (2, 2), (3, 3), (7, 7)]
+MAP_SIDES = [(1, 1), (2, 2), (3, 3), (7, 7), (8, 8), (5, 13), (16, 16)]  # 64+ positions: lanes made directly
 
 
 def small_map_path(x, axis):
@@ -357,7 +357,7 @@ def test_pack_small_maps_special_values():
             np.testing.assert_array_equal(pack(filled, 1), expected)
 
 
-@pytest.mark.parametrize("side", [2, 3])
+@pytest.mark.parametrize("side", [2, 3, 8])
 @pytest.mark.parametrize("channels", [8, 13, 64])
 def test_pack_small_maps_at_every_output_alignment(channels, side):
     """The kernel stores 8 bytes at a time at any address, and with fewer
@@ -382,10 +382,69 @@ def test_pack_small_maps_of_large_samples_and_many_threads():
     groups of channels (with 340 channels of 7x7, 41 groups and then the last
     2, done as the last 8); large inputs are split between threads by samples."""
     rng = np.random.default_rng(3)
-    for shape in [(3, 5000, 7, 7), (2, 340, 7, 7)]:
+    for shape in [(3, 5000, 7, 7), (2, 340, 7, 7), (2, 340, 8, 8), (2, 1001, 9, 9)]:
         x = random_values(rng, shape, np.float32)
         assert x[0].size > packing._MAP_CHUNK and small_map_path(x, 1)
         np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
     many = random_values(rng, (1001, 129, 3, 3), np.float32)
     assert many.nbytes > packing._PARALLEL_MIN_BYTES
     np.testing.assert_array_equal(pack(many, 1), reference_pack(many, 1))
+
+
+# ------------------------------------------------------------------ plans
+
+
+CONTIGUOUS_LAYOUTS = [
+    ((32, 512, 1, 1), 1), ((32, 512), 1), ((32, 13), -1), ((32, 96, 6, 6), 1), ((32, 16, 8, 8), 1),
+    ((4, 9, 17, 17), 1), ((6, 6, 5), 1), ((3, 4, 5, 24), -1), ((2, 3, 40), 0), ((5, 2, 3, 4), 2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.bool_])
+@pytest.mark.parametrize(("shape", "axis"), CONTIGUOUS_LAYOUTS)
+def test_planned_layouts_pack_new_data_exactly(shape, axis, dtype):
+    """A C-contiguous layout is planned on its first call; later calls with
+    other values of that layout go through the plan and stay exact."""
+    rng = np.random.default_rng(len(shape) * 31 + shape[-1])
+    packing._PLANS.clear()
+    for _ in range(3):
+        x = random_values(rng, shape, dtype)
+        np.testing.assert_array_equal(pack(x, axis), reference_pack(x, axis))
+    assert packing._PLANS[(np.dtype(dtype), shape, axis)] is not None
+
+
+def test_plans_serve_only_their_own_layout():
+    """A plan is keyed by dtype, shape and the axis as given: a strided view,
+    a Fortran-ordered copy or a transposed view of the same shape, another
+    dtype or axis, and a bool axis all take the checked path."""
+    rng = np.random.default_rng(7)
+    x = random_values(rng, (8, 24, 4, 4), np.float32)
+    packing._PLANS.clear()
+    np.testing.assert_array_equal(pack(x, 1), reference_pack(x, 1))
+    assert list(packing._PLANS) == [(np.dtype(np.float32), (8, 24, 4, 4), 1)]
+    bigger = random_values(rng, (8, 48, 4, 4), np.float32)
+    others = [bigger[:, ::2], np.asfortranarray(x), random_values(rng, (8, 4, 4, 24), np.float32).transpose(0, 3, 1, 2)]
+    for other in others:
+        assert other.shape == x.shape
+        np.testing.assert_array_equal(pack(other, 1), reference_pack(other, 1))
+    np.testing.assert_array_equal(pack(x, -3), reference_pack(x, 1))
+    np.testing.assert_array_equal(pack(x, 2), reference_pack(x, 2))
+    np.testing.assert_array_equal(pack(x.astype(np.float64), 1), reference_pack(x, 1))
+    with pytest.raises(OptionTypeError, match="channel_axis must be an int"):
+        pack(x, True)
+
+
+def test_plans_stay_bounded_and_skip_what_they_cannot_serve():
+    """Inputs of many shapes (sequences of every length) do not grow the
+    plans without bound; inputs large enough for threads, empty ones and a
+    single channel are not planned."""
+    rng = np.random.default_rng(11)
+    packing._PLANS.clear()
+    for length in range(1, packing._MAX_PLANS + 40):
+        pack(np.ones((1, length, 8), np.float32), -1)
+    assert 0 < len(packing._PLANS) <= packing._MAX_PLANS
+    packing._PLANS.clear()
+    large = random_values(rng, (packing._PARALLEL_MIN_BYTES // 4 // 64 + 1, 64), np.float32)
+    for x, axis in [(large, 1), (np.ones((0, 8), np.float32), 1), (random_values(rng, (5, 1, 3), np.float32), 1)]:
+        np.testing.assert_array_equal(pack(x, axis), reference_pack(x, axis))
+        assert packing._PLANS[(x.dtype, x.shape, axis)] is None
