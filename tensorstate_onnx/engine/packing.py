@@ -32,9 +32,10 @@ def n_bytes_for(n_neurons: int) -> int:
     return (n_neurons + 7) // 8
 
 
-# Inputs smaller than this are packed on the calling thread; thread start-up
-# would cost more than it saves.
-_PARALLEL_MIN_BYTES = 1 << 22
+# Inputs smaller than this are packed on the calling thread; handing parts
+# to threads would cost more than it saves (on the 2-core development VM,
+# inputs of 4-9 MiB packed faster on one thread; 18 MiB 1.4x faster on two).
+_PARALLEL_MIN_BYTES = 1 << 24
 _N_THREADS = min(usable_cpus(), 8)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -330,11 +331,11 @@ def _group_word(lanes, at, span, i, k, n_groups, n_bytes, last_word):
 
 
 @kernel(inline="always")
-def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
+def _emit_groups(lanes, n_samples, per, span, k0, k1, n_c, n_b, out, row0):
     """Bytes ``k0..k1`` of the states of ``n_samples`` consecutive samples
     (``n_b`` states each, from row ``row0`` on) into ``out`` (the output rows
     flattened): byte ``k`` of position ``p`` of sample ``s`` is
-    ``lanes[s * per + 8 * (k - k0) * n_b + p]``.
+    ``lanes[s * per + (k - k0) * span + p]`` (``span >= n_b``).
 
     Eight groups at a time, the bytes of eight positions of each are read as
     one word and the 8x8 bytes transposed, so that each position gets its
@@ -350,7 +351,6 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
     fewer than eight positions."""
     n_bytes = (n_c + 7) // 8
     n_groups = k1 - k0
-    span = 8 * n_b
     valid = min(8, n_b)
     # The last group of a sample with C % 8 channels has bits of the next
     # sample's channels (or junk) above them: masked off.
@@ -394,14 +394,15 @@ def _emit_groups(lanes, n_samples, per, k0, k1, n_c, n_b, out, row0):
 
 @kernel(inline="always")
 def _lanes_of_groups(src, first_sample, n_samples, per, k0, k1, n_c, n_b, lo, hi, lanes):
-    """The lanes :func:`_emit_groups` reads, straight from the values: byte
-    ``k`` (channels ``8k..8k+7``) of position ``p`` of sample
-    ``first_sample + s`` of ``src`` into ``lanes[s * per + 8 * (k - k0) * n_b + p]``,
-    for groups ``k0..k1``; each group's eight channel rows are read side by
-    side, every value once."""
+    """The lanes :func:`_emit_groups` reads, straight from the values (samples
+    of ``per`` values in ``src``): byte ``k`` (channels ``8k..8k+7``) of
+    position ``p`` of sample ``first_sample + s`` into
+    ``lanes[(s * (k1 - k0) + k - k0) * n_b + p]``, for groups ``k0..k1``, with
+    no gaps; each group's eight channel rows are read side by side, every
+    value once."""
     for s in range(n_samples):
         for k in range(k0, k1):
-            at = s * per + 8 * (k - k0) * n_b
+            at = (s * (k1 - k0) + k - k0) * n_b
             first = (first_sample + s) * per + 8 * k * n_b
             dst = lanes[at : at + n_b]
             if 8 * k + 8 <= n_c:
@@ -462,17 +463,17 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
     n_bytes = (n_c + 7) // 8
     samples = run // per
     size = max(_MAP_CHUNK, 64 * n_b)
-    direct = n_b >= _DIRECT_LANES_MIN
-    flags = np.zeros(0 if direct else size + 8 * n_b + 8, np.uint8)
-    lanes = np.zeros(size + 8, np.uint8)
-    # flags seen from each of the 8 rows of a group on: plain indices in the
-    # loop below (an offset inside the index would defeat vectorization).
-    rows0, rows1, rows2, rows3 = flags, flags[n_b:], flags[2 * n_b :], flags[3 * n_b :]
-    rows4, rows5, rows6, rows7 = flags[4 * n_b :], flags[5 * n_b :], flags[6 * n_b :], flags[7 * n_b :]
     # A chunk is several whole samples, or at least eight groups of channels
     # of one (the last chunk overlapping the one before it, if need be).
     sample_step = max(1, _MAP_CHUNK // per)
     group_step = n_bytes if per <= _MAP_CHUNK else max(8, _MAP_CHUNK // (8 * n_b))
+    direct = n_b >= _DIRECT_LANES_MIN
+    flags = np.zeros(0 if direct else size + 8 * n_b + 8, np.uint8)
+    lanes = np.zeros((sample_step * min(n_bytes, group_step) * n_b if direct else size) + 8, np.uint8)
+    # flags seen from each of the 8 rows of a group on: plain indices in the
+    # loop below (an offset inside the index would defeat vectorization).
+    rows0, rows1, rows2, rows3 = flags, flags[n_b:], flags[2 * n_b :], flags[3 * n_b :]
+    rows4, rows5, rows6, rows7 = flags[4 * n_b :], flags[5 * n_b :], flags[6 * n_b :], flags[7 * n_b :]
     for r in range(n_runs):
         src = x[r]
         for s0 in range(0, samples, sample_step):
@@ -482,7 +483,8 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
                 k0 = max(0, min(kc, k1 - 8))
                 if direct:
                     _lanes_of_groups(src, s0, s1 - s0, per, k0, k1, n_c, n_b, lo, hi, lanes)
-                    _emit_groups(lanes, s1 - s0, per, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
+                    row = (r * samples + s0) * n_b
+                    _emit_groups(lanes, s1 - s0, (k1 - k0) * n_b, n_b, k0, k1, n_c, n_b, out, row)
                     continue
                 body = src[s0 * per + 8 * k0 * n_b : (s1 - 1) * per + min(8 * k1, n_c) * n_b]
                 m = body.size
@@ -499,7 +501,7 @@ def _pack_maps(x, n_c, n_b, lo, hi, out):
                         | rows6[i] << 6
                         | rows7[i] << 7
                     )
-                _emit_groups(lanes, s1 - s0, per, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
+                _emit_groups(lanes, s1 - s0, per, 8 * n_b, k0, k1, n_c, n_b, out, (r * samples + s0) * n_b)
 
 
 # Per dtype: what to view the values as (None: as they are) and the bounds
@@ -586,9 +588,17 @@ _NO_WORDS = np.empty((0, 0), np.uint64)
 
 
 # Channels-first blocks with at most this many positions per sample (16x16)
-# go to _pack_maps, faster there; larger feature maps to _pack_cols, as fast
-# and with no buffer growing with the map.
+# go to _pack_maps, faster there; so do larger feature maps with states of
+# two bytes or more (1.1-1.8x _pack_cols' speed, e.g. 96 channels of 24x24).
+# States of one byte of larger maps go to _pack_cols, which stores them
+# straight from the values (1.2-1.7x _pack_maps' speed).
 _SMALL_MAP_MAX = 256
+
+
+def _maps_serve(n_c: int, n_b: int) -> bool:
+    """Whether :func:`_pack_maps` packs channels-first samples of ``n_c``
+    channels of ``n_b`` positions (else :func:`_pack_cols`)."""
+    return n_b <= _SMALL_MAP_MAX or n_c > 8
 
 
 def _sample_runs(view: np.ndarray) -> np.ndarray | None:
@@ -597,7 +607,7 @@ def _sample_runs(view: np.ndarray) -> np.ndarray | None:
     values are not equally spaced (channel stride = b * position stride)."""
     n_a, n_b, n_c = view.shape
     s_a, s_b, s_c = view.strides
-    if n_b > _SMALL_MAP_MAX or s_c != n_b * s_b:
+    if not _maps_serve(n_c, n_b) or s_c != n_b * s_b:
         return None
     # (a, C, b) with the last two axes mergeable: reshape makes views, no copies.
     samples = view.transpose(0, 2, 1).reshape(n_a, n_c * n_b)
@@ -644,7 +654,7 @@ class _Plan:
         self.out_shape = (a * b, n_bytes_for(c))
         if b == 1:  # channels-last
             self.kind, self.shape = ("flat", (a * c,)) if c % 8 == 0 else ("rows", (1, a, c))
-        elif b <= _SMALL_MAP_MAX:
+        elif _maps_serve(c, b):
             self.kind, self.shape = "maps", (1, a * c * b)
         else:
             self.kind, self.shape = "cols", (a, c, b)

@@ -115,11 +115,14 @@ def test_channels_last_kernel_at_every_output_alignment(offset, dtype):
     assert not buffer[:offset].any() and not buffer[offset + out.size :].any()
 
 
+@pytest.mark.parametrize("kernel", ["dispatched", "columns"])
 @pytest.mark.parametrize("channels", [9, 20, 33, 56])
-def test_channels_first_kernel_writes_only_its_own_rows(channels):
-    """States of 2..7 bytes from maps too large for the small-map kernel are
-    stored 8 bytes at a time, each store spilling into the next row: never
-    past the rows it was given (threads pack the rows beyond)."""
+def test_channels_first_kernel_writes_only_its_own_rows(channels, kernel):
+    """States of 2..7 bytes from large maps are stored 8 bytes at a time, each
+    store spilling into the next row: never past the rows it was given
+    (threads pack the rows beyond), by the kernel pack() picks for them and
+    by the general channels-first kernel (which views it cannot reshape into
+    whole samples, and threads' parts of a sample, go to)."""
     rng = np.random.default_rng(channels)
     x = random_values(rng, (2, channels, 16, 20), np.float32)  # 320 positions: the last group ends the rows
     values, lo, hi = packing._comparable(x)
@@ -127,14 +130,28 @@ def test_channels_first_kernel_writes_only_its_own_rows(channels):
     rows = 2 * 16 * 20
     buffer = np.full(rows * width + 16, 0xAA, np.uint8)
     out = buffer[: rows * width].reshape(rows, width)
-    packing._run_block(values.transpose(0, 2, 3, 1).reshape(2, 320, channels), lo, hi, out)
+    view = values.transpose(0, 2, 3, 1).reshape(2, 320, channels)
+    if kernel == "columns":
+        packing._pack_cols(view.transpose(0, 2, 1), lo, hi, out, packing._NO_WORDS)
+    else:
+        assert packing._sample_runs(view) is not None  # the small-map kernel, for maps of any size
+        packing._run_block(view, lo, hi, out)
     np.testing.assert_array_equal(out, reference_pack(x, 1))
     assert (buffer[rows * width :] == 0xAA).all(), "a store ran past the rows it was given"
 
 
+@pytest.fixture
+def threads_from_4_mib(monkeypatch):
+    """Inputs of 4 MiB or more packed by threads (as on machines where that pays), to test them on small arrays."""
+    monkeypatch.setattr(packing, "_PARALLEL_MIN_BYTES", 1 << 22)
+    packing._PLANS.clear()
+    yield
+    packing._PLANS.clear()
+
+
 @pytest.mark.parametrize("channels", [8, 12])
 @pytest.mark.parametrize("layout", ["first", "last"])
-def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout):
+def test_pack_large_inputs_use_threads_and_stay_exact(channels, layout, threads_from_4_mib):
     rng = np.random.default_rng(channels)
     shape = (130, channels, 33, 31) if layout == "first" else (130, 33, 31, channels)
     x = random_values(rng, shape, np.float32)
@@ -377,7 +394,7 @@ def test_pack_small_maps_at_every_output_alignment(channels, side):
         assert (buffer[:offset] == 0xA5).all() and (buffer[offset + out.size :] == 0xA5).all()
 
 
-def test_pack_small_maps_of_large_samples_and_many_threads():
+def test_pack_small_maps_of_large_samples_and_many_threads(threads_from_4_mib):
     """Samples larger than the kernel's chunk are split between chunks by
     groups of channels (with 340 channels of 7x7, 41 groups and then the last
     2, done as the last 8); large inputs are split between threads by samples."""
