@@ -126,7 +126,13 @@ class KeyRuns(RunSet):
         return self.pending[self.n_pending - size : self.n_pending]
 
     def _count_pending(self, n: int, weights: np.ndarray | None, final: bool) -> None:
-        self.count_keys(self.pending[:n], owned=False, final=final)
+        if n == self.pending.shape[0]:
+            # A full buffer becomes the new run as it is (the next buffer is a
+            # new array): cheaper than copying its distinct keys out of it.
+            keys, self.pending = self.pending, None
+            self.count_keys(keys, owned=True, final=final)
+        else:
+            self.count_keys(self.pending[:n], owned=False, final=final)
 
     def count_keys(
         self, keys: np.ndarray, weights: np.ndarray = UNIT, owned: bool = False, final: bool = False
