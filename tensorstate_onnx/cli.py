@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--attach-to", nargs="+", default=["Conv"], metavar="NAME", help="op types, node or layer names, globs (default: Conv)")
     analyze.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="names never probed (wins over --attach-to)")
     analyze.add_argument("--method", choices=METHODS, default="after")
-    analyze.add_argument("--batch-size", type=int, help="samples per run (default 256, or the model's fixed batch size)")
+    analyze.add_argument("--batch-size", type=int, help="samples per run (default: the model's fixed batch size, or 256, fewer on CPU where a batch's probe outputs would pass 24 MiB)")
     analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda (default: auto)")
     analyze.add_argument("--pack-in-graph", action="store_true", help="quantize and pack inside the ONNX graph")
     analyze.add_argument("--storage", help="directory to keep the raw states (zarr); must not exist or be empty")

@@ -26,7 +26,7 @@ from . import graph
 from .accuracy import count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture, positions_kept
-from .data import Batch, iter_batches, n_samples
+from .data import Batch, cache_sized_batch, iter_batches, n_samples
 from .errors import ModelFileError, ModelInputError, OptionError, ProviderError, first_line
 from .graph import Probe, owned_copy, probe_in_place, save_model
 from .store import check_storage_root, unique_store_dirname
@@ -95,6 +95,21 @@ class OnnxProbeCapture(AbstractStateCapture):
             axis = probe.channel_axis % max(value.ndim, 2)
             states = value.size // value.shape[axis] if value.ndim > 1 else value.size
             self.record(value, probe.channel_axis, positions_kept(mask, states, batch_size, self.name))
+
+
+def _bytes_per_sample(session: ort.InferenceSession, names: set[str]) -> int | None:
+    """Bytes the session's outputs ``names`` hold per sample (every axis after
+    the first), or None when one has an axis of unknown size or a type not
+    in :data:`~tensorstate_onnx.binding.ORT_DTYPES`."""
+    total = 0
+    for arg in session.get_outputs():
+        if arg.name not in names:
+            continue
+        dims = arg.shape[1:]
+        if arg.type not in ORT_DTYPES or not all(isinstance(d, int) and d >= 0 for d in dims):
+            return None
+        total += int(np.prod(dims, dtype=np.int64)) * np.dtype(ORT_DTYPES[arg.type]).itemsize
+    return total
 
 
 def resolve_providers(providers: str | Iterable[str] = "auto") -> list[str]:
@@ -212,6 +227,12 @@ class OnnxEfficiencyModel:
         # Probes sharing a tensor share its output: request each output name once.
         probe_outputs = [call.output_name for probe in self.probes for call in probe.each_call()]
         self._run_outputs = list(dict.fromkeys(self.output_names + probe_outputs))
+        #: Samples a batch holds when ``predict``/``evaluate`` split arrays and no
+        #: ``batch_size`` is given: 256, fewer on CPU where a batch's probe outputs
+        #: would not fit in cache (see :func:`tensorstate_onnx.data.cache_sized_batch`).
+        self.default_batch_size = cache_sized_batch(
+            None if uses_cuda(self.session) else _bytes_per_sample(self.session, set(probe_outputs))
+        )
         if io_binding is None:
             io_binding = uses_cuda(self.session)
         self._runner = (
@@ -339,7 +360,7 @@ class OnnxEfficiencyModel:
         then); arrays whose samples do not fill whole batches are refused before the run."""
         fixed = self.fixed_batch_size
         if fixed is None:
-            return batch_size
+            return self.default_batch_size if batch_size is None else batch_size
         if batch_size is not None and batch_size != fixed:
             raise OptionError(
                 f"the {self._described} takes batches of exactly {fixed} (its inputs' first axis is "

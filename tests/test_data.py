@@ -12,7 +12,7 @@ import zarr
 from onnx import TensorProto, helper
 
 from tensorstate_onnx import OnnxEfficiencyModel, demo
-from tensorstate_onnx.data import iter_batches
+from tensorstate_onnx.data import CACHED_BATCH_BYTES, DEFAULT_BATCH_SIZE, cache_sized_batch, iter_batches
 from tensorstate_onnx.errors import ModelInputError
 
 N_SAMPLES = 120
@@ -290,3 +290,16 @@ def test_two_input_model_takes_dicts(two_inputs):
         model.predict({"a": a, "b": b[:29]}, progress=False)
     with pytest.raises(ModelInputError, match="a batch given as a tuple of 2 items is ambiguous"):
         model.predict(iter([(a, b)]), progress=False)
+
+
+def test_cache_sized_batch_halves_until_a_batch_of_probe_outputs_fits():
+    """256 samples unless their probe outputs pass the cache budget; then the
+    largest power of two that fits (at least 1); unknown sizes keep 256."""
+    assert DEFAULT_BATCH_SIZE == 256
+    assert cache_sized_batch(None) == cache_sized_batch(0) == 256
+    per_full = CACHED_BATCH_BYTES // 256
+    assert cache_sized_batch(per_full) == 256
+    assert cache_sized_batch(per_full + 1) == 128
+    assert cache_sized_batch(612_864) == 32  # MobileNetV2Small's 22 Conv outputs at 96x96, as bool
+    assert cache_sized_batch(CACHED_BATCH_BYTES) == 1
+    assert cache_sized_batch(10 * CACHED_BATCH_BYTES) == 1

@@ -19,6 +19,7 @@ import pytest
 from onnx import helper
 
 from tensorstate_onnx import OnnxEfficiencyModel, demo
+from tensorstate_onnx.data import CACHED_BATCH_BYTES, cache_sized_batch
 from tensorstate_onnx.errors import (
     ModelFileError,
     ModelInputError,
@@ -140,6 +141,39 @@ def test_a_model_with_a_fixed_batch_is_fed_batches_of_that_size():
     assert sorted(two.efficiency_layers[0].counts().tolist()) == want
     labels = np.maximum(x, 0).argmax(1)
     assert _build(_fixed_batch_relu(1), attach_to="Relu").evaluate((x, labels), progress=False) == 1.0
+
+
+def _dynamic_map_conv() -> onnx.ModelProto:
+    """A Conv whose feature map has no fixed size (``[N, 1, H, W]``)."""
+    weight = helper.make_tensor("w", onnx.TensorProto.FLOAT, [8, 1, 3, 3], np.ones(72, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "dynamic_map",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8, "h", "w"])], [weight],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_default_batch_keeps_a_batch_of_probe_outputs_in_cache(mobilenet, mobile_x, demo_model):
+    """Without batch_size, arrays are split into batches whose probe outputs
+    fit in CACHED_BATCH_BYTES on CPU; models whose probe outputs have axes of
+    unknown size keep 256, and so do small ones (LeNet-5)."""
+    probed = _build(mobilenet)
+    per_sample = sum(
+        int(np.prod(arg.shape[1:])) for arg in probed.session.get_outputs() if arg.name in {p.output_name for p in probed.probes}
+    )  # bool outputs: one byte a value
+    assert per_sample > CACHED_BATCH_BYTES // 256
+    assert probed.default_batch_size == cache_sized_batch(per_sample) < 256
+    sizes = []
+    run = probed.session.run
+    probed.session.run = lambda names, feed: sizes.append(next(iter(feed.values())).shape[0]) or run(names, feed)
+    x = np.concatenate([mobile_x] * (probed.default_batch_size // len(mobile_x) + 1))
+    probed.predict(x, progress=False)
+    step = probed.default_batch_size
+    assert sizes == [min(step, len(x) - start) for start in range(0, len(x), step)]
+    assert len(sizes) > 1
+    assert _build(demo_model).default_batch_size == 256
+    assert _build(_dynamic_map_conv()).default_batch_size == 256
 
 
 def test_predict_without_outputs_records_the_same_states(demo_model, demo_data):
