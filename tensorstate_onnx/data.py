@@ -143,9 +143,17 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
             raise ModelInputError("the data holds no samples")
         if labels is not None:
             labels = check_labels(labels, n)
-        for start in range(0, n, size):
-            stop = min(n, start + size)
-            yield Batch(_slice(data, start, stop), None if labels is None else labels[start:stop])
+        # Read in blocks of at least the default size, then split: arrays that
+        # decompress or compute a whole chunk for any slice (zarr, dask) are
+        # not read once per small batch.
+        read = max(size, DEFAULT_BATCH_SIZE)
+        for first in range(0, n, read):
+            last = min(n, first + read)
+            block = _slice(data, first, last)
+            for start in range(first, last, size):
+                stop = min(last, start + size)
+                piece = block if (start, stop) == (first, last) else _slice(block, start - first, stop - first)
+                yield Batch(piece, None if labels is None else labels[start:stop])
         return
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise OptionTypeError(

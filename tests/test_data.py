@@ -303,3 +303,30 @@ def test_cache_sized_batch_halves_until_a_batch_of_probe_outputs_fits():
     assert cache_sized_batch(612_864) == 32  # MobileNetV2Small's 22 Conv outputs at 96x96, as bool
     assert cache_sized_batch(CACHED_BATCH_BYTES) == 1
     assert cache_sized_batch(10 * CACHED_BATCH_BYTES) == 1
+
+
+class _CountedReads:
+    """An array-like that counts its reads (as a zarr or dask array would pay for each)."""
+
+    def __init__(self, values: np.ndarray):
+        self.values, self.shape, self.reads = values, values.shape, []
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.values[index]
+
+
+def test_small_batches_of_array_likes_are_read_in_default_sized_blocks():
+    """Batches smaller than the default come from blocks of 256 samples read
+    once each, in order and whole, with their labels alongside."""
+    values = np.arange(600 * 3, dtype=np.float32).reshape(600, 3)
+    labels = np.arange(600)
+    data = _CountedReads(values)
+    batches = list(iter_batches(data, labels, batch_size=32))
+    assert data.reads == [slice(0, 256), slice(256, 512), slice(512, 600)]
+    assert [len(b.inputs) for b in batches] == [32] * 18 + [24]
+    np.testing.assert_array_equal(np.concatenate([b.inputs for b in batches]), values)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), labels)
+    big = _CountedReads(values)
+    assert [len(b.inputs) for b in iter_batches(big, batch_size=500)] == [500, 100]
+    assert big.reads == [slice(0, 500), slice(500, 600)]
