@@ -111,28 +111,31 @@ def _pack_rows(x, lo, hi, out):
                 out[row, full] = byte
 
 
+@kernel(inline="always")
+def _eight_rows(r0, r1, r2, r3, r4, r5, r6, r7, lo, hi, dst):
+    """``dst[p]``: bit ``j`` fires iff ``rj[p]`` does, for every ``p`` of
+    ``dst`` (eight channel rows read side by side, each value once)."""
+    for p in range(dst.size):
+        dst[p] = (
+            np.uint8(_fires(r0[p], lo, hi))
+            | np.uint8(_fires(r1[p], lo, hi)) << 1
+            | np.uint8(_fires(r2[p], lo, hi)) << 2
+            | np.uint8(_fires(r3[p], lo, hi)) << 3
+            | np.uint8(_fires(r4[p], lo, hi)) << 4
+            | np.uint8(_fires(r5[p], lo, hi)) << 5
+            | np.uint8(_fires(r6[p], lo, hi)) << 6
+            | np.uint8(_fires(r7[p], lo, hi)) << 7
+        )
+
+
 @kernel
 def _byte_of_eight(x, a, c, b0, width, lo, hi, dst):
     """Bits of channels ``c..c+7`` at positions ``b0..b0+width`` of ``x[a]`` into ``dst``."""
-    s0 = x[a, c, b0 : b0 + width]
-    s1 = x[a, c + 1, b0 : b0 + width]
-    s2 = x[a, c + 2, b0 : b0 + width]
-    s3 = x[a, c + 3, b0 : b0 + width]
-    s4 = x[a, c + 4, b0 : b0 + width]
-    s5 = x[a, c + 5, b0 : b0 + width]
-    s6 = x[a, c + 6, b0 : b0 + width]
-    s7 = x[a, c + 7, b0 : b0 + width]
-    for p in range(width):
-        dst[p] = (
-            np.uint32(_fires(s0[p], lo, hi))
-            | np.uint32(_fires(s1[p], lo, hi)) << 1
-            | np.uint32(_fires(s2[p], lo, hi)) << 2
-            | np.uint32(_fires(s3[p], lo, hi)) << 3
-            | np.uint32(_fires(s4[p], lo, hi)) << 4
-            | np.uint32(_fires(s5[p], lo, hi)) << 5
-            | np.uint32(_fires(s6[p], lo, hi)) << 6
-            | np.uint32(_fires(s7[p], lo, hi)) << 7
-        )
+    _eight_rows(
+        x[a, c, b0 : b0 + width], x[a, c + 1, b0 : b0 + width], x[a, c + 2, b0 : b0 + width],
+        x[a, c + 3, b0 : b0 + width], x[a, c + 4, b0 : b0 + width], x[a, c + 5, b0 : b0 + width],
+        x[a, c + 6, b0 : b0 + width], x[a, c + 7, b0 : b0 + width], lo, hi, dst[:width],
+    )  # fmt: skip
 
 
 @kernel
@@ -406,25 +409,11 @@ def _lanes_of_groups(src, first_sample, n_samples, per, k0, k1, n_c, n_b, lo, hi
             first = (first_sample + s) * per + 8 * k * n_b
             dst = lanes[at : at + n_b]
             if 8 * k + 8 <= n_c:
-                r0 = src[first : first + n_b]
-                r1 = src[first + n_b : first + 2 * n_b]
-                r2 = src[first + 2 * n_b : first + 3 * n_b]
-                r3 = src[first + 3 * n_b : first + 4 * n_b]
-                r4 = src[first + 4 * n_b : first + 5 * n_b]
-                r5 = src[first + 5 * n_b : first + 6 * n_b]
-                r6 = src[first + 6 * n_b : first + 7 * n_b]
-                r7 = src[first + 7 * n_b : first + 8 * n_b]
-                for p in range(n_b):
-                    dst[p] = (
-                        np.uint8(_fires(r0[p], lo, hi))
-                        | np.uint8(_fires(r1[p], lo, hi)) << 1
-                        | np.uint8(_fires(r2[p], lo, hi)) << 2
-                        | np.uint8(_fires(r3[p], lo, hi)) << 3
-                        | np.uint8(_fires(r4[p], lo, hi)) << 4
-                        | np.uint8(_fires(r5[p], lo, hi)) << 5
-                        | np.uint8(_fires(r6[p], lo, hi)) << 6
-                        | np.uint8(_fires(r7[p], lo, hi)) << 7
-                    )
+                r = src[first : first + 8 * n_b]
+                _eight_rows(
+                    r[:n_b], r[n_b : 2 * n_b], r[2 * n_b : 3 * n_b], r[3 * n_b : 4 * n_b],
+                    r[4 * n_b : 5 * n_b], r[5 * n_b : 6 * n_b], r[6 * n_b : 7 * n_b], r[7 * n_b :], lo, hi, dst,
+                )  # fmt: skip
             else:  # the last group of C % 8 channels
                 dst[:] = 0
                 for j in range(n_c - 8 * k):
