@@ -230,8 +230,10 @@ class OnnxEfficiencyModel:
         #: Samples a batch holds when ``predict``/``evaluate`` split arrays and no
         #: ``batch_size`` is given: 256, fewer on CPU where a batch's probe outputs
         #: would not fit in cache (see :func:`tensorstate_onnx.data.cache_sized_batch`).
+        # (A probe packed in the graph gives states, not samples, on its first axis.)
+        packed = any(call.packed_in_graph for probe in self.probes for call in probe.each_call())
         self.default_batch_size = cache_sized_batch(
-            None if uses_cuda(self.session) else _bytes_per_sample(self.session, set(probe_outputs))
+            None if packed or uses_cuda(self.session) else _bytes_per_sample(self.session, set(probe_outputs))
         )
         if io_binding is None:
             io_binding = uses_cuda(self.session)

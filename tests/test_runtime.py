@@ -172,6 +172,7 @@ def test_default_batch_keeps_a_batch_of_probe_outputs_in_cache(mobilenet, mobile
     step = probed.default_batch_size
     assert sizes == [min(step, len(x) - start) for start in range(0, len(x), step)]
     assert len(sizes) > 1
+    assert _build(mobilenet, pack_in_graph=True).default_batch_size == 256  # states, not samples, on the first axis
     assert _build(demo_model).default_batch_size == 256
     assert _build(_dynamic_map_conv()).default_batch_size == 256
 
