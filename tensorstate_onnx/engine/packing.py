@@ -643,10 +643,8 @@ class _Plan:
         self.out_shape = (a * b, n_bytes_for(c))
         if b == 1:  # channels-last
             self.kind, self.shape = ("flat", (a * c,)) if c % 8 == 0 else ("rows", (1, a, c))
-        elif _maps_serve(c, b):
+        else:  # channels-first, whole samples (see _plan_for)
             self.kind, self.shape = "maps", (1, a * c * b)
-        else:
-            self.kind, self.shape = "cols", (a, c, b)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         values = (x if self.view_as is None else x.view(self.view_as)).reshape(self.shape)
@@ -655,23 +653,22 @@ class _Plan:
             _pack_maps(values, self.n_c, self.n_b, self.lo, self.hi, out.reshape(-1))
         elif self.kind == "flat":
             _pack_flat_by8(values, self.lo, self.hi, out.reshape(-1))
-        elif self.kind == "rows":
-            _pack_rows(values, self.lo, self.hi, out)
         else:
-            wide = self.out_shape[1] % 8 == 0 and out.ctypes.data % 8 == 0
-            _pack_cols(values, self.lo, self.hi, out, out.view(np.uint64) if wide else _NO_WORDS)
+            _pack_rows(values, self.lo, self.hi, out)
         return out
 
 
 def _plan_for(x: np.ndarray, axis: int) -> _Plan | None:
     """A plan for arrays laid out as ``x`` (already checked; ``axis`` >= 0),
     or None where the general path serves: inputs large enough for threads,
-    empty ones, and single channels (rare, and no faster here)."""
+    empty ones, single channels (rare, and no faster here) and maps of
+    one-byte states for :func:`_pack_cols` (large: the layout analysis is
+    a small part of packing them)."""
     c = x.shape[axis]
     if x.nbytes >= _PARALLEL_MIN_BYTES or x.size == 0 or c < 2:
         return None
     a, b = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
-    return _Plan(x.dtype, a, c, b)
+    return _Plan(x.dtype, a, c, b) if b == 1 or _maps_serve(c, b) else None
 
 
 def pack(x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
