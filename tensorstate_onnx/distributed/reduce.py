@@ -215,8 +215,17 @@ def _settle(piece: _Piece) -> _Settled:
     all that stays on the cluster (the merged piece, in the counters' working
     form, is released once this is done)."""
     started = time.thread_time()
-    pickles = [None if c is None or c.total == 0 else pickle.dumps(c, protocol=5) for c in piece.counters]
-    summary = _summarize(piece)
+    pickles: list[bytes | None] = []
+    probes: list[_ProbeTotals | None] = []
+    for counter in piece.counters:
+        if counter is None or counter.total == 0:
+            pickles.append(None)
+            probes.append(None)
+        else:
+            blob, ids, counts = counter.pickle_with_states()  # the states converted once for both
+            pickles.append(blob)
+            probes.append(_totals(counter, ids, counts))
+    summary = _Summary(piece.partition, piece.shards, probes, piece.merge_cpu_seconds)
     summary.settle_cpu_seconds = time.thread_time() - started
     return _Settled(summary, pickles)
 
@@ -228,15 +237,17 @@ def _summary_of(settled: _Settled) -> _Summary:
 
 def _summarize(piece: _Piece) -> _Summary:
     """The totals of a merged partition, per probe."""
-    probes = []
-    for counter in piece.counters:
-        if counter is None or counter.total == 0:
-            probes.append(None)
-        else:
-            ids, counts = counter.result()
-            firing = firing_counts_of(ids, counts, counter.n_neurons)
-            probes.append(_ProbeTotals(counter.n_neurons, counter.total, counter.n_distinct, counter.count_histogram(), firing))
+    probes = [
+        None if counter is None or counter.total == 0 else _totals(counter, *counter.result())
+        for counter in piece.counters
+    ]
     return _Summary(piece.partition, piece.shards, probes, piece.merge_cpu_seconds)
+
+
+def _totals(counter: StateCounter, ids: np.ndarray, counts: np.ndarray) -> _ProbeTotals:
+    """What the metrics need of ``counter``, which holds the states ``ids`` seen ``counts`` times."""
+    firing = firing_counts_of(ids, counts, counter.n_neurons)
+    return _ProbeTotals(counter.n_neurons, counter.total, counter.n_distinct, counter.count_histogram(), firing)
 
 
 def _probe_counter(settled: _Settled, probe: int) -> StateCounter | None:

@@ -10,6 +10,7 @@ reads and writes the pickle format.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -295,14 +296,33 @@ class StateCounter:
     # the keys and values that earlier versions wrote and read (the counter
     # was then one flat object), so pickles load across versions.
 
+    def pickle_with_states(self) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """``(pickle, state_ids, counts)``: a pickle that loads as this counter
+        (as ``pickle.dumps(counter)`` does, for this version of the library),
+        and the distinct states and their counts as :meth:`result` gives them
+        (in another order beyond 16 neurons), from one conversion of the held
+        states where each would make its own (a sharded run keeps the pickle
+        and sums the states up)."""
+        if isinstance(self._store, DirectCounts):
+            return pickle.dumps(self, protocol=5), *self._store.result()
+        ids, counts = self._store.pickled()
+        ids = np.ascontiguousarray(ids)
+        blob = pickle.dumps(_PickledAs(self._runs_state(ids, counts)), protocol=5)
+        return blob, ids, counts
+
     def __getstate__(self) -> dict:
-        state = {"n_neurons": self.n_neurons, "n_bytes": self.n_bytes, "total": self.total}
+        if isinstance(self._store, DirectCounts):
+            state = {"n_neurons": self.n_neurons, "n_bytes": self.n_bytes, "total": self.total}
+            return {**state, "_small": True, "_direct": self._store.pickled()}
+        return self._runs_state(*self._store.pickled())
+
+    def _runs_state(self, ids: np.ndarray, counts: np.ndarray) -> dict:
+        """The pickled state of a counter of more than 16 neurons holding
+        ``ids`` seen ``counts`` times (its store's ``pickled()``)."""
         store = self._store
-        if isinstance(store, DirectCounts):
-            return {**state, "_small": True, "_direct": store.pickled()}
+        state = {"n_neurons": self.n_neurons, "n_bytes": self.n_bytes, "total": self.total}
         # How the buffer flowed when pickled, read before counting what it holds.
         flow = {"_repeating": store.repeating, "_next_check": store.next_check}
-        ids, counts = store.pickled()
         return {
             **state,
             "_small": False,
@@ -329,3 +349,23 @@ class StateCounter:
         self._store = self._new_store()
         ids, counts = state["_runs"]
         self._store.load(ids, counts.astype(np.int64))
+
+
+
+def _restored(state: dict) -> StateCounter:
+    """The counter whose pickled state is ``state`` (what
+    :meth:`StateCounter.pickle_with_states` pickles calls)."""
+    counter = StateCounter.__new__(StateCounter)
+    counter.__setstate__(state)
+    return counter
+
+
+class _PickledAs:
+    """Pickles as the :class:`StateCounter` whose pickled state is ``state``,
+    for a state already built."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __reduce__(self):
+        return _restored, (self.state,)

@@ -271,6 +271,30 @@ def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
         assert as_dict(*clone.result()) == {k: v + unique_dict(states[:100]).get(k, 0) for k, v in expected.items()}
 
 
+@pytest.mark.parametrize("c", [5, 16, 17, 40, 64, 65, 200])
+def test_a_pickle_with_its_states_loads_as_the_counter_and_lists_what_it_counted(c):
+    """``pickle_with_states`` converts the held states once for a pickle and
+    for the states themselves: both must be what ``pickle.dumps`` and
+    ``result()`` give apart, for every store (direct, keys, words)."""
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 400, c)
+    states = pool[rng.integers(0, len(pool), 3000)]
+    counter = StateCounter(c)
+    counter.add(states)
+    expected = unique_dict(states)
+    blob, ids, counts = counter.pickle_with_states()
+    assert ids.flags.c_contiguous and ids.shape[1] == n_bytes_for(c)
+    assert as_dict(ids, counts) == expected
+    back = pickle.loads(blob)
+    assert isinstance(back, StateCounter) and back.total == counter.total == 3000
+    assert as_dict(*back.result()) == expected
+    assert len(blob) <= len(pickle.dumps(counter, protocol=5)) + 64  # the same state, not a larger form
+    assert as_dict(*counter.result()) == expected  # the counter itself is left as it was
+    empty_blob, empty_ids, empty_counts = StateCounter(c).pickle_with_states()
+    assert empty_ids.shape == (0, n_bytes_for(c)) and empty_counts.size == 0
+    assert pickle.loads(empty_blob).total == 0 and pickle.loads(empty_blob).n_distinct == 0
+
+
 @pytest.mark.parametrize("c", [12, 64, 512])
 def test_memory_and_pickle_follow_distinct_states(c):
     rng = np.random.default_rng(c)
