@@ -35,11 +35,14 @@ def as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     return words
 
 
+_NARROW = tuple((int(np.iinfo(dtype).max), dtype) for dtype in (np.uint8, np.uint16, np.uint32))
+
+
 def narrowest(counts: np.ndarray) -> np.ndarray:
     """``counts`` in the smallest unsigned dtype that holds them (a pickle is mostly counts of 1)."""
     top = int(counts.max()) if counts.size else 0
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if top <= np.iinfo(dtype).max:
+    for limit, dtype in _NARROW:
+        if top <= limit:
             return counts.astype(dtype)
     return counts
 

@@ -270,7 +270,8 @@ class StateCounter:
         arrays; the arrays are shared with this counter, which must not count
         more while they are being sent). Not a format to store: use pickle."""
         store = self._store
-        head = (self.n_neurons, self.total, self._tuning)
+        # The default tuning goes as None: pickling it per counter cost more than its arrays.
+        head = (self.n_neurons, self.total, None if self._tuning is DEFAULT_TUNING else self._tuning)
         if isinstance(store, DirectCounts):
             return (*head, "direct", store.pickled())
         return (*head, "runs", store.transit())
