@@ -229,34 +229,59 @@ def _move_costs(path, x, shard_size: int, batch_size: int, attach_to, partitions
     """Per number of partitions ``p``: CPU seconds to send one shard's ``p``
     pieces from a worker to another and receive them (Dask's serialization on
     both sides), averaged over the shards of ``x``, as pieces move and with
-    each counter in its own pickle instead. The runs' merge times leave this
-    out: Dask deserializes a task's inputs outside the task."""
+    each counter in its own pickle instead; and, with more than one shard,
+    CPU seconds per shard of data to move the merged pieces of every shard
+    (one per partition, as the merge tree's upper levels move them; else
+    None). The runs' merge times leave this out: Dask deserializes a task's
+    inputs outside the task."""
     import pickle
 
     from distributed.protocol import deserialize, serialize
 
-    from tensorstate_onnx.distributed.reduce import _split
+    from tensorstate_onnx.distributed.reduce import _merge_pieces, _split
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    def move(pieces) -> float:
+        started = time.process_time()
+        for piece in pieces:
+            deserialize(*serialize(piece, serializers=("pickle",)))
+        return time.process_time() - started
 
     model = OnnxEfficiencyModel(path, attach_to, providers="cpu", threads=1)
     names = tuple(layer.name for layer in model.efficiency_layers)
     costs = {p: [0.0, 0.0] for p in partitions}
+    split: dict = {p: [] for p in partitions}
     shards = range(0, len(x) - shard_size + 1, shard_size)
-    for start in shards:
+    for shard, start in enumerate(shards):
         model.reset_states()
         model.predict(x[start : start + shard_size], batch_size=batch_size)
         counters = [layer.counter for layer in model.efficiency_layers]
         for p in partitions:
-            pieces = _split(counters, 0, names, p)
+            pieces = _split(counters, shard, names, p)
+            costs[p][0] += move(pieces)
             started = time.process_time()
             for piece in pieces:
-                deserialize(*serialize(piece, serializers=("pickle",)))
-            middle = time.process_time()
-            for piece in pieces:
                 pickle.loads(pickle.dumps(piece.counters, protocol=5))
-            costs[p][0] += middle - started
-            costs[p][1] += time.process_time() - middle
-    return {p: (moved / len(shards), pickled / len(shards)) for p, (moved, pickled) in costs.items()}
+            costs[p][1] += time.process_time() - started
+            split[p].append(pieces)
+    merged = {p: None for p in partitions}
+    if len(shards) > 1:
+        for p in partitions:
+            merged[p] = move([_merge_pieces(j, p, *(pieces[j] for pieces in split[p])) for j in range(p)]) / len(shards)
+    return {p: (moved / len(shards), pickled / len(shards), merged[p]) for p, (moved, pickled) in costs.items()}
+
+
+def _move_fit(by_p: dict, n_shards: int) -> tuple[float, float]:
+    """``(a, b)`` of the least-squares line ``a + b * pieces``: CPU seconds to
+    move a shard of data as that many pieces, from :func:`_move_costs`'s
+    measurements (a shard's ``p`` pieces, and merged pieces: ``p / n_shards``
+    pieces a shard of data). ``a`` is what moving the states costs, ``b`` what
+    a piece costs however few states it holds."""
+    points = [(p, moved) for p, (moved, _, _) in by_p.items()]
+    points += [(p / n_shards, merged) for p, (_, _, merged) in by_p.items() if merged is not None]
+    pieces, seconds = np.array(points).T
+    b, a = np.polyfit(pieces, seconds, 1)
+    return max(0.0, float(a)), max(0.0, float(b))
 
 
 def _n_tasks(shards: int, partitions: int, fan_in: int = FAN_IN) -> int:
@@ -293,29 +318,34 @@ def _costs(stats: dict, build_cpu: float) -> dict:
     )  # fmt: skip
 
 
-def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: int, t_move: float) -> tuple[float, float, dict]:
+def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: int, move: tuple) -> tuple[float, float, dict]:
     """Samples/s at ``w`` workers and ``p`` partitions, each worker running
     ``k`` shards of ``shard_size`` samples (per-shard costs measured on shards
     of ``measured_size`` samples scale with the samples: all states distinct;
-    ``t_move`` is measured on shards of ``shard_size`` itself, since much of
-    it is a cost per piece).
+    moving is measured on shards of ``shard_size`` itself, since much of it
+    is a cost per piece: ``move = (t_move, a, b)``, see below).
 
     A worker's CPU: k*t_shard (count and split) plus its share of the merges,
-    (u_merge + t_move * (w - 1) / w) * k * levels * w / p (partition merges
-    are spread over the p partitions; all states distinct, so each tree level
-    touches every state, and every piece but those already on the merging
-    worker is sent and received: t_move), and k * (t_settle + t_keep) * w / p
-    for settling its share of the merged partitions (their totals and the
-    pickles kept on the cluster) and the new memory those take (touched once:
-    the memory of every other merge is reused). The scheduler handles tasks(k*w, p)
-    tasks at t_sched each; the client builds and sends them at t_submit each
-    and reads k*w + p results at t_read each, both while the workers run.
-    T = the largest of the three; linear = w * shard_size / t_shard.
+    k * w / p * sum over the tree levels of (u_merge + t_level * (w - 1) / w)
+    (partition merges are spread over the p partitions; all states distinct,
+    so each level touches every state, and every piece but those already on
+    the merging worker is sent and received: at the first level a shard's p
+    pieces, t_move as measured; at level L the merged pieces, p / FAN_IN^(L-1)
+    a shard of data, a + b * p / FAN_IN^(L-1) from the fit of the moves), and
+    k * (t_settle + t_keep) * w / p for settling its share of the merged
+    partitions (their totals and the pickles kept on the cluster) and the new
+    memory those take (touched once: the memory of every other merge is
+    reused). The scheduler handles tasks(k*w, p) tasks at t_sched each; the
+    client builds and sends them at t_submit each and reads k*w + p results at
+    t_read each, both while the workers run. T = the largest of the three;
+    linear = w * shard_size / t_shard.
     """
     scale = shard_size / measured_size
     shards = k * w
-    level = scale * c["u_merge"] + t_move * (w - 1) / w
-    worker = k * (scale * (c["t_shard"] + (c["t_settle"] + c["t_keep"]) * w / p) + level * _levels(shards) * w / p)
+    t_move, a, b = move
+    moves = [t_move] + [a + b * p / FAN_IN**level for level in range(1, _levels(shards))]
+    merging = sum(scale * c["u_merge"] + t * (w - 1) / w for t in moves)
+    worker = k * (scale * (c["t_shard"] + (c["t_settle"] + c["t_keep"]) * w / p) + merging * w / p)
     sched = _n_tasks(shards, p) * c["t_sched"]
     client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
     total = max(worker, sched, client)
@@ -496,14 +526,20 @@ def _run(args, tmp: Path) -> None:
     in_run = c["t_sched"]
     big, size = 1_280_000, 1024
     wanted = sorted({p for w in (8, 64, 512) for p in (w, min(w, 64), min(w, 16))})
+    measured = ((args.shard_size, 4), (size, 1))
     moves = {
         shard: _move_costs(path, x[: n_shards * shard], shard, args.batch_size, args.attach_to, wanted)
-        for shard, n_shards in ((args.shard_size, 4), (size, 1))
+        for shard, n_shards in measured
     }  # fmt: skip
+    fits = {shard: _move_fit(moves[shard], n_shards) for shard, n_shards in measured}
     c = {**c, "t_sched": sched_cpu / sched_tasks, "t_submit": sched_client / sched_tasks}
     moving = "; ".join(
-        f"shards of {shard}, P = {p}: {moved:.3f} ({pickled:.3f} with each counter in its own pickle)"
-        for shard, by_p in moves.items() for p, (moved, pickled) in by_p.items()
+        f"shards of {shard}, P = {p}: {moved:.3f} ({pickled:.3f} with each counter in its own pickle"
+        + ("" if merged is None else f"; the {dict(measured)[shard]} shards' pieces merged: {merged:.3f} a shard")
+        + ")"
+        for shard, by_p in moves.items() for p, (moved, pickled, merged) in by_p.items()
+    ) + "; fit a + b * pieces a shard: " + "; ".join(
+        f"shards of {shard}: a = {a:.4f}, b = {b * 1e3:.3f} ms" for shard, (a, b) in fits.items()
     )  # fmt: skip
     k = max(1, round(n / args.shard_size / workers))
     print()
@@ -524,7 +560,8 @@ def _run(args, tmp: Path) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in (8, 64, 512):
         for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
-            samples, ratio, parts = _project(c, args.shard_size, args.shard_size, k, w, p, moves[args.shard_size][p][0])
+            move = (moves[args.shard_size][p][0], *fits[args.shard_size])
+            samples, ratio, parts = _project(c, args.shard_size, args.shard_size, k, w, p, move)
             print(f"| {w} | {p} | {_n_tasks(k * w, p):,} | {parts['worker']:.1f} | {parts['sched']:.1f} | "
                   f"{parts['client']:.2f} | {samples:.0f} | {ratio:.2f}x |")  # fmt: skip
     print()
@@ -535,7 +572,7 @@ def _run(args, tmp: Path) -> None:
     for w in (8, 64, 512):
         k_big = math.ceil(big / (w * size))
         for p in sorted({w, min(w, 64), min(w, 16)}, reverse=True):
-            samples, ratio, parts = _project(c, args.shard_size, size, k_big, w, p, moves[size][p][0])
+            samples, ratio, parts = _project(c, args.shard_size, size, k_big, w, p, (moves[size][p][0], *fits[size]))
             print(f"| {w} | {p} | {k_big} | {_n_tasks(k_big * w, p):,} | {parts['worker']:.0f} | "
                   f"{parts['sched']:.0f} | {parts['client']:.1f} | {big / samples / 3600:.2f} | {ratio:.2f}x |")  # fmt: skip
 
