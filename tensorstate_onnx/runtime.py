@@ -357,9 +357,10 @@ class OnnxEfficiencyModel:
             return first
         return None
 
-    def _batch_size_for(self, data, batch_size: int | None) -> int | None:
-        """``batch_size``, checked against a fixed batch size of the model (the default
-        then); arrays whose samples do not fill whole batches are refused before the run."""
+    def run_batch_size(self, batch_size: int | None = None) -> int:
+        """The batch size :meth:`predict` and :meth:`evaluate` run with when given
+        ``batch_size`` (None: the default): the model's fixed batch size, which
+        refuses any other, else ``batch_size``, else :attr:`default_batch_size`."""
         fixed = self.fixed_batch_size
         if fixed is None:
             return self.default_batch_size if batch_size is None else batch_size
@@ -368,6 +369,15 @@ class OnnxEfficiencyModel:
                 f"the {self._described} takes batches of exactly {fixed} (its inputs' first axis is "
                 f"fixed), so batch_size={batch_size!r} cannot be used; leave batch_size out"
             )
+        return fixed
+
+    def _batch_size_for(self, data, batch_size: int | None) -> int:
+        """:meth:`run_batch_size`; with a fixed batch size, arrays whose samples do
+        not fill whole batches are refused before the run."""
+        fixed = self.fixed_batch_size
+        batch_size = self.run_batch_size(batch_size)
+        if fixed is None:
+            return batch_size
         head = data[0] if isinstance(data, tuple) and data else data
         if (hasattr(head, "shape") or isinstance(head, dict)) and n_samples(head) % fixed:
             raise ModelInputError(

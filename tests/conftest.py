@@ -105,6 +105,22 @@ def node_metadata():
 
 
 @pytest.fixture(scope="session")
+def fixed_batch_relu():
+    """Returns ``make(batch) -> ModelProto``: a Relu over ``x [batch, 4]``, its batch axis fixed."""
+    from onnx import helper
+
+    def make(batch: int) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"], name="relu")], "fixed_batch",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 4])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 4])],
+        )  # fmt: skip
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shape_math_model() -> onnx.ModelProto:
     """x [N, 3, 4, 4] -> Relu -> Add (of zeros of x's shape); Shape -> Cast to float -> Mul;
     Relu -> Cast to int: two probe-able tensors among shape arithmetic and an integer cast."""

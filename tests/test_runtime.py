@@ -119,28 +119,19 @@ def _build(model, **options) -> OnnxEfficiencyModel:
 # ---------------------------------------------------------------- outputs
 
 
-def _fixed_batch_relu(batch: int) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "fixed_batch",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 4])],
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-
-
-def test_a_model_with_a_fixed_batch_is_fed_batches_of_that_size():
+def test_a_model_with_a_fixed_batch_is_fed_batches_of_that_size(fixed_batch_relu):
     x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
     rows = np.packbits(x > 0, axis=-1, bitorder="little")
     want = sorted(np.unique(rows, axis=0, return_counts=True)[1].tolist())
-    one = _build(_fixed_batch_relu(1), attach_to="Relu")
+    one = _build(fixed_batch_relu(1), attach_to="Relu")
     assert one.fixed_batch_size == 1
     assert np.array_equal(one.predict(x, progress=False), np.maximum(x, 0))
     assert sorted(one.efficiency_layers[0].counts().tolist()) == want
-    two = _build(_fixed_batch_relu(2), attach_to="Relu")
+    two = _build(fixed_batch_relu(2), attach_to="Relu")
     assert np.array_equal(two.predict(iter([x[:4], x[4:]]), progress=False), np.maximum(x, 0))  # 4 is split in two
     assert sorted(two.efficiency_layers[0].counts().tolist()) == want
     labels = np.maximum(x, 0).argmax(1)
-    assert _build(_fixed_batch_relu(1), attach_to="Relu").evaluate((x, labels), progress=False) == 1.0
+    assert _build(fixed_batch_relu(1), attach_to="Relu").evaluate((x, labels), progress=False) == 1.0
 
 
 def _dynamic_map_conv() -> onnx.ModelProto:
@@ -186,9 +177,9 @@ def test_predict_without_outputs_records_the_same_states(demo_model, demo_data):
         assert sorted(a.counts().tolist()) == sorted(b.counts().tolist()) and a.state_count == b.state_count
 
 
-def test_a_fixed_batch_model_refuses_what_does_not_fill_its_batches():
+def test_a_fixed_batch_model_refuses_what_does_not_fill_its_batches(fixed_batch_relu):
     x = np.ones((3, 4), np.float32)
-    two = _build(_fixed_batch_relu(2), attach_to="Relu")
+    two = _build(fixed_batch_relu(2), attach_to="Relu")
     with pytest.raises(OptionError, match=r"takes batches of exactly 2 .*batch_size=1 cannot be used"):
         two.predict(x[:2], batch_size=1, progress=False)
     with pytest.raises(ModelInputError, match="takes batches of exactly 2 samples, but the data holds 3; give a multiple of 2"):

@@ -25,7 +25,6 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from ..data import DEFAULT_BATCH_SIZE
 from ..engine import StateCounter
 from ..errors import (
     ModelInputError,
@@ -261,7 +260,10 @@ def analyze_sharded(
         labels: class labels, one per sample (array sources), for accuracy.
         shard_size: samples per shard (default: about four shards per
             worker, a multiple of ``batch_size``).
-        batch_size: samples per onnxruntime run inside a shard (default 256).
+        batch_size: samples per onnxruntime run inside a shard (default: as
+            :meth:`OnnxEfficiencyModel.predict` picks it on each worker: the
+            model's fixed batch size, or 256, fewer on CPU where a batch's
+            probe outputs would pass 24 MiB).
         client, scheduler, n_workers: run on this ``distributed.Client``, or
             connect to the scheduler at this address (``"tcp://host:8786"``),
             or else start a ``LocalCluster`` of ``n_workers`` processes
@@ -304,7 +306,7 @@ def analyze_sharded(
         for an existing storage path.
     """
     dask, distributed = dask_modules()
-    batch_size = _check_count(batch_size, "batch_size") or DEFAULT_BATCH_SIZE
+    batch_size = _check_count(batch_size, "batch_size")
     shard_size = _check_count(shard_size, "shard_size")
     fan_in = _check_count(merge_fan_in, "merge_fan_in", allow_none=False)
     if fan_in < 2:
@@ -337,13 +339,29 @@ def analyze_sharded(
     else:
         raise OptionTypeError(f"model must be an onnx.ModelProto or a path to an .onnx file, not {type(model).__name__}")
     local = _build_local_model(model, attach_to, exclude, method, providers, optimization, pack_in_graph, channel_axes)
+    # Shards are planned in batches of what the workers will run (they pick the
+    # default themselves: their providers may differ from the client's).
+    fixed = local.fixed_batch_size
+    shard_batch = local.run_batch_size(batch_size)
+    if fixed is not None and shard_size is not None and shard_size % fixed:
+        raise OptionError(
+            f"the model takes batches of exactly {fixed} samples (its inputs' first axis is fixed), so "
+            f"shard_size={shard_size} cannot be used; give a multiple of {fixed} or leave shard_size out"
+        )
     digest = hashlib.sha256(model_bytes).hexdigest() if model_bytes is not None else ""
     started = time.perf_counter()
     started_wall = time.time()
     started_cpu = time.process_time()
 
     def plan(workers: int):
-        return _plan_shards(data, labels, shard_size, n_shards, shard_sizes, workers, batch_size)
+        planned = _plan_shards(data, labels, shard_size, n_shards, shard_sizes, workers, shard_batch, fixed is not None)
+        total = planned[2]
+        if fixed is not None and total is not None and total % fixed:
+            raise ModelInputError(
+                f"the model takes batches of exactly {fixed} samples, but the data holds {total}; "
+                f"give a multiple of {fixed}"
+            )
+        return planned
 
     # Bad data fails before any cluster starts (except with a scheduler
     # address, where the default shard size needs the worker count).

@@ -71,11 +71,15 @@ def _is_zarr_array(data) -> bool:
     return type(data).__module__.startswith("zarr") and hasattr(data, "store") and hasattr(data, "shape")
 
 
-def _default_shard_size(n: int, n_workers: int, batch_size: int) -> int:
+def _default_shard_size(n: int, n_workers: int, batch_size: int, whole_batches: bool) -> int:
+    """About four shards per worker, a multiple of ``batch_size`` when larger
+    (always, with ``whole_batches``: a model whose batch size is fixed), at
+    most 4096 samples or 4 batches."""
     size = max(1, math.ceil(n / (4 * max(1, n_workers))))
-    if size > batch_size:
+    if size > batch_size or whole_batches:
         size = math.ceil(size / batch_size) * batch_size
-    return min(size, max(4096, 4 * batch_size))
+    top = max(4096, 4 * batch_size)
+    return min(size, top - top % batch_size if whole_batches else top)
 
 
 def _local_labels(labels, n: int) -> np.ndarray | None:
@@ -83,14 +87,16 @@ def _local_labels(labels, n: int) -> np.ndarray | None:
     return None if labels is None else check_labels(labels, n)
 
 
-def _plan_shards(data, labels, shard_size, n_shards, shard_sizes, n_workers, batch_size):
-    """Split ``data`` into shards. Returns ``(shards, dask_blocks, total or None, sample shape)``."""
+def _plan_shards(data, labels, shard_size, n_shards, shard_sizes, n_workers, batch_size, whole_batches=False):
+    """Split ``data`` into shards. Returns ``(shards, dask_blocks, total or None, sample shape)``.
+    With ``whole_batches`` (the model's batch size is fixed to ``batch_size``)
+    default shards hold whole batches."""
     if isinstance(data, tuple) and len(data) == 2 and not callable(data[0]):
         if labels is not None:
             raise ModelInputError("labels were given twice: inside (x, y) data and as labels=")
         data, labels = data
     if isinstance(data, (str, os.PathLike)):
-        return _plan_path(Path(data), labels, shard_size, n_workers, batch_size)
+        return _plan_path(Path(data), labels, shard_size, n_workers, batch_size, whole_batches)
     if callable(data) and not hasattr(data, "shape"):
         return _plan_callable(data, labels, n_shards, shard_sizes)
     if n_shards is not None or shard_sizes is not None:
@@ -106,7 +112,7 @@ def _plan_shards(data, labels, shard_size, n_shards, shard_sizes, n_workers, bat
     if n == 0:
         raise ModelInputError("the data holds no samples")
     labels = _local_labels(labels, n)
-    size = shard_size or _default_shard_size(n, n_workers, batch_size)
+    size = shard_size or _default_shard_size(n, n_workers, batch_size, whole_batches)
     shards = []
     remote_zarr = _is_zarr_array(data) and type(data.store).__name__ != "MemoryStore"
     for index, start in enumerate(range(0, n, size)):
@@ -123,7 +129,7 @@ def _plan_shards(data, labels, shard_size, n_shards, shard_sizes, n_workers, bat
     return shards, None, n, shape
 
 
-def _plan_path(path: Path, labels, shard_size, n_workers, batch_size):
+def _plan_path(path: Path, labels, shard_size, n_workers, batch_size, whole_batches):
     path = path.absolute()
     if path.is_dir():
         import zarr
@@ -153,7 +159,7 @@ def _plan_path(path: Path, labels, shard_size, n_workers, batch_size):
     if n == 0:
         raise ModelInputError(f"{path} holds no samples")
     labels = _local_labels(labels, n)
-    size = shard_size or _default_shard_size(n, n_workers, batch_size)
+    size = shard_size or _default_shard_size(n, n_workers, batch_size, whole_batches)
     shards = [
         _Shard(i, start, min(n, start + size), kind, str(path),
                None if labels is None else labels[start : min(n, start + size)])

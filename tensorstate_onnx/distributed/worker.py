@@ -44,7 +44,7 @@ class _Job:
     providers: Any
     optimization: str
     threads: int | None
-    batch_size: int
+    batch_size: int | None  # None: each worker's model picks its default
     storage: dict | None  # probe name -> (directory, chunk rows, states per instance)
     probe_names: tuple
     n_partitions: int

@@ -9,9 +9,9 @@ pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 import zarr  # noqa: E402
 
-from tensorstate_onnx import ModelInputError, demo  # noqa: E402
+from tensorstate_onnx import ModelInputError, OptionError, demo  # noqa: E402
 from tensorstate_onnx.distributed import analyze_sharded  # noqa: E402
-from tensorstate_onnx.distributed.plan import _plan_shards  # noqa: E402
+from tensorstate_onnx.distributed.plan import _default_shard_size, _plan_shards  # noqa: E402
 from tensorstate_onnx.runtime import OnnxEfficiencyModel  # noqa: E402
 
 
@@ -105,3 +105,33 @@ def test_a_dict_of_inputs_is_split_input_by_input_with_its_labels():
         _plan_shards({"a": a, "b": b[:9]}, None, 4, None, None, 2, 256)
     with pytest.raises(ModelInputError, match="got 9 labels for 10 samples"):
         _plan_shards({"a": a, "b": b}, np.arange(9), 4, None, None, 2, 256)
+
+
+def test_default_shards_of_a_fixed_batch_model_hold_whole_batches():
+    assert _default_shard_size(100, 2, 3, whole_batches=True) == 15  # 13 rounded up to batches of 3
+    assert _default_shard_size(100, 2, 16, whole_batches=True) == 16  # never less than a batch
+    assert _default_shard_size(10**6, 1, 3, whole_batches=True) == 4095  # the cap, in whole batches
+    assert _default_shard_size(100, 2, 16, whole_batches=False) == 13  # free batches: as before
+    shards, _, total, _ = _plan_shards(np.zeros((102, 4)), None, None, None, None, 2, 3, True)
+    assert total == 102 and all((s.stop - s.start) % 3 == 0 for s in shards) and len(shards) > 1
+
+
+@pytest.mark.distributed
+def test_a_model_with_a_fixed_batch_is_sharded_without_a_batch_size(client, fixed_batch_relu):
+    """Left out, the batch size is the model's fixed one (before, 256 was sent
+    to the workers, which refused it), and shards hold whole batches."""
+    x = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
+    model = fixed_batch_relu(2)
+    result = analyze_sharded(model, x, "Relu", client=client)
+    expected = OnnxEfficiencyModel(model, "Relu", providers="cpu")
+    expected.predict(x, progress=False)
+    assert result.n_shards > 1 and result.n_samples == 30
+    got, want = result.model.efficiency_layers[0], expected.efficiency_layers[0]
+    assert got.state_count == want.state_count == 30
+    assert sorted(got.counts().tolist()) == sorted(want.counts().tolist())
+    with pytest.raises(OptionError, match="shard_size=5 cannot be used; give a multiple of 2"):
+        analyze_sharded(model, x, "Relu", client=client, shard_size=5)
+    with pytest.raises(OptionError, match="batch_size=3 cannot be used"):
+        analyze_sharded(model, x, "Relu", client=client, batch_size=3)
+    with pytest.raises(ModelInputError, match="the data holds 29; give a multiple of 2"):
+        analyze_sharded(model, x[:29], "Relu", client=client)
