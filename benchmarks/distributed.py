@@ -299,6 +299,17 @@ def _levels(shards: int, fan_in: int = FAN_IN) -> int:
     return max(1, math.ceil(math.log(max(shards, 1), fan_in) - 1e-9))
 
 
+def _passes(shards: int, fan_in: int = FAN_IN) -> list[int]:
+    """Per level of a partition's merge tree, the passes of its (largest) merge
+    task over its states: ``merge_many`` merges pairwise, so a task merging
+    ``n`` pieces moves each state ceil(log2 n) times."""
+    passes, pieces = [], max(shards, 1)
+    for _ in range(_levels(shards, fan_in)):
+        passes.append(max(1, math.ceil(math.log2(min(pieces, fan_in)))))
+        pieces = math.ceil(pieces / fan_in)
+    return passes
+
+
 def _costs(stats: dict, build_cpu: float) -> dict:
     """Per-task CPU costs of a run (seconds)."""
     shards, partitions = stats["n_shards"], stats["n_partitions"]
@@ -309,7 +320,7 @@ def _costs(stats: dict, build_cpu: float) -> dict:
     reading = stats["client_cpu_seconds"]  # the client thread reading facts and totals
     return dict(
         t_shard=float(np.mean(stats["shard_cpu_seconds"])), t_split=float(np.mean(stats["split_cpu_seconds"])),
-        u_merge=merge / (shards * _levels(shards)),  # merge CPU per shard of data and per tree level
+        u_merge=merge / (shards * sum(_passes(shards))),  # merge CPU per shard of data and per pairwise pass
         t_settle=sum(stats["partition_settle_cpu_seconds"]) / shards,  # summing up and pickling, per shard of data
         t_read=reading / (shards + partitions),  # per shard fact or partition total read
         t_sched=scheduler / tasks,  # scheduler per task
@@ -326,9 +337,10 @@ def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: in
     is a cost per piece: ``move = (t_move, a, b)``, see below).
 
     A worker's CPU: k*t_shard (count and split) plus its share of the merges,
-    k * w / p * sum over the tree levels of (u_merge + t_level * (w - 1) / w)
+    k * w / p * sum over the tree levels of (u_merge * passes + t_level * (w - 1) / w)
     (partition merges are spread over the p partitions; all states distinct,
-    so each level touches every state, and every piece but those already on
+    so each level touches every state, once per pass of its pairwise merges:
+    ceil(log2) of the pieces a task merges; and every piece but those already on
     the merging worker is sent and received: at the first level a shard's p
     pieces, t_move as measured; at level L the merged pieces, p / FAN_IN^(L-1)
     a shard of data, a + b * p / FAN_IN^(L-1) from the fit of the moves), and
@@ -343,8 +355,9 @@ def _project(c: dict, measured_size: int, shard_size: int, k: int, w: int, p: in
     scale = shard_size / measured_size
     shards = k * w
     t_move, a, b = move
-    moves = [t_move] + [a + b * p / FAN_IN**level for level in range(1, _levels(shards))]
-    merging = sum(scale * c["u_merge"] + t * (w - 1) / w for t in moves)
+    passes = _passes(shards)
+    moves = [t_move] + [a + b * p / FAN_IN**level for level in range(1, len(passes))]
+    merging = sum(scale * c["u_merge"] * n + t * (w - 1) / w for n, t in zip(passes, moves, strict=True))
     worker = k * (scale * (c["t_shard"] + (c["t_settle"] + c["t_keep"]) * w / p) + merging * w / p)
     sched = _n_tasks(shards, p) * c["t_sched"]
     client = _n_tasks(shards, p) * c["t_submit"] + (shards + p) * c["t_read"]
@@ -521,7 +534,7 @@ def _run(args, tmp: Path) -> None:
     fault_gap = cold_faults.sum() - warm_faults.sum()
     fault_cost = max(0.0, (cold_cpu - warm_cpu) / fault_gap) if fault_gap > 0 else 0.0
     shards = warm_stats["n_shards"]
-    c["u_merge"] = max(0.0, warm_cpu - fault_cost * warm_faults.sum()) / (shards * _levels(shards))
+    c["u_merge"] = max(0.0, warm_cpu - fault_cost * warm_faults.sum()) / (shards * sum(_passes(shards)))
     c["t_keep"] = fault_cost * kept / _PAGE / shards
     in_run = c["t_sched"]
     big, size = 1_280_000, 1024
@@ -546,7 +559,7 @@ def _run(args, tmp: Path) -> None:
     print(f"### Projection (from the {workers}-worker run of {n} samples; k = {k} shards of {args.shard_size} per worker)")
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
-          f"t_settle = {c['t_settle']:.4f}, u_merge = {c['u_merge']:.4f} CPU s per shard and tree level on reused memory ({cold['u_merge']:.4f} "
+          f"t_settle = {c['t_settle']:.4f}, u_merge = {c['u_merge']:.4f} CPU s per shard and pass of the pairwise merges on reused memory ({cold['u_merge']:.4f} "
           f"as the first run measured it, its merges putting {cold_faults.sum():,.0f} pages in use for the first "
           f"time against {warm_faults.sum():,.0f} in the repeat: {fault_cost * 1e6:.1f} us a page), t_keep = "
           f"{c['t_keep']:.4f} CPU s per shard for the new pages of the merged counters kept on the cluster ({kept / 2**20:.0f} MiB), t_move = CPU s to send and receive a "
