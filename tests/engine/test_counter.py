@@ -37,6 +37,16 @@ def random_states(rng, n, c):
     return states
 
 
+def pooled_counter(rng, c, pool_size, n):
+    """``(states, counter, expected)``: ``n`` states of ``c`` neurons drawn from a
+    pool of ``pool_size`` (so they repeat), counted, and their counts by numpy."""
+    pool = random_states(rng, pool_size, c)
+    states = pool[rng.integers(0, len(pool), n)]
+    counter = StateCounter(c)
+    counter.add(states)
+    return states, counter, unique_dict(states)
+
+
 TINY = CounterTuning(chunk_rows=37, buffer_min_bytes=8, buffer_max_bytes=8 * 200)
 
 
@@ -251,11 +261,7 @@ def test_pickled_states_out_of_order_or_repeated_are_counted_afresh(c):
     state whose rows are shuffled or repeated (not written by this class) must
     still load to the right counts."""
     rng = np.random.default_rng(c)
-    pool = random_states(rng, 300, c)
-    states = pool[rng.integers(0, len(pool), 5000)]
-    counter = StateCounter(c)
-    counter.add(states)
-    expected = unique_dict(states)
+    states, counter, expected = pooled_counter(rng, c, 300, 5000)
     assert as_dict(*pickle.loads(pickle.dumps(counter)).result()) == expected
     state = counter.__getstate__()
     ids, counts = state["_runs"]
@@ -277,12 +283,7 @@ def test_a_pickle_with_its_states_loads_as_the_counter_and_lists_what_it_counted
     """``pickle_with_states`` converts the held states once for a pickle and
     for the states themselves: both must be what ``pickle.dumps`` and
     ``result()`` give apart, for every store (direct, keys, words)."""
-    rng = np.random.default_rng(c)
-    pool = random_states(rng, 400, c)
-    states = pool[rng.integers(0, len(pool), 3000)]
-    counter = StateCounter(c)
-    counter.add(states)
-    expected = unique_dict(states)
+    _, counter, expected = pooled_counter(np.random.default_rng(c), c, 400, 3000)
     blob, ids, counts = counter.pickle_with_states()
     assert ids.flags.c_contiguous and ids.shape[1] == n_bytes_for(c)
     assert as_dict(ids, counts) == expected
