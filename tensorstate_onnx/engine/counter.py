@@ -352,7 +352,6 @@ class StateCounter:
         self._store.load(ids, counts.astype(np.int64))
 
 
-
 def _restored(state: dict) -> StateCounter:
     """The counter whose pickled state is ``state`` (what
     :meth:`StateCounter.pickle_with_states` pickles calls)."""
