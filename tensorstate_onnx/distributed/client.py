@@ -176,6 +176,22 @@ def _check_count(value, what: str, allow_none: bool = True) -> int | None:
     return int(value)
 
 
+def _check_whole_batches(shards: list, total: int | None, fixed: int) -> None:
+    """Refuse, before the run, data or shards (dask chunks, callable shard sizes)
+    that a model taking batches of exactly ``fixed`` samples cannot run."""
+    if total is not None and total % fixed:
+        raise ModelInputError(
+            f"the model takes batches of exactly {fixed} samples, but the data holds {total}; "
+            f"give a multiple of {fixed}"
+        )
+    for shard in shards:
+        if shard.size is not None and shard.size % fixed:
+            raise ModelInputError(
+                f"{shard.where} holds {shard.size} samples, but the model takes batches of exactly "
+                f"{fixed}; give shard_size (a multiple of {fixed}) or chunks, shard_sizes that hold whole batches"
+            )
+
+
 def _build_local_model(model, attach_to, exclude, method, providers, optimization, pack_in_graph, channel_axes):
     kwargs = dict(optimization=optimization, pack_in_graph=pack_in_graph, channel_axes=channel_axes)
     try:
@@ -355,12 +371,8 @@ def analyze_sharded(
 
     def plan(workers: int):
         planned = _plan_shards(data, labels, shard_size, n_shards, shard_sizes, workers, shard_batch, fixed is not None)
-        total = planned[2]
-        if fixed is not None and total is not None and total % fixed:
-            raise ModelInputError(
-                f"the model takes batches of exactly {fixed} samples, but the data holds {total}; "
-                f"give a multiple of {fixed}"
-            )
+        if fixed is not None:
+            _check_whole_batches(planned[0], planned[2], fixed)
         return planned
 
     # Bad data fails before any cluster starts (except with a scheduler

@@ -119,7 +119,8 @@ def test_default_shards_of_a_fixed_batch_model_hold_whole_batches():
 @pytest.mark.distributed
 def test_a_model_with_a_fixed_batch_is_sharded_without_a_batch_size(client, fixed_batch_relu):
     """Left out, the batch size is the model's fixed one (before, 256 was sent
-    to the workers, which refused it), and shards hold whole batches."""
+    to the workers, which refused it), and shards hold whole batches; data,
+    a shard_size or dask chunks that cannot are refused before the run."""
     x = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
     model = fixed_batch_relu(2)
     result = analyze_sharded(model, x, "Relu", client=client)
@@ -135,3 +136,7 @@ def test_a_model_with_a_fixed_batch_is_sharded_without_a_batch_size(client, fixe
         analyze_sharded(model, x, "Relu", client=client, batch_size=3)
     with pytest.raises(ModelInputError, match="the data holds 29; give a multiple of 2"):
         analyze_sharded(model, x[:29], "Relu", client=client)
+    with pytest.raises(ModelInputError, match=r"shard 0 \(samples 0..4\) holds 5 samples, .* exactly 2; give shard_size"):
+        analyze_sharded(model, da.from_array(x, chunks=(5, 4)), "Relu", client=client)
+    rechunked = analyze_sharded(model, da.from_array(x, chunks=(5, 4)), "Relu", client=client, shard_size=6)
+    assert rechunked.n_shards == 5 and rechunked.model.efficiency_layers[0].state_count == 30
