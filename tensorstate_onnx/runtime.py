@@ -371,20 +371,23 @@ class OnnxEfficiencyModel:
             )
         return fixed
 
+    def check_whole_batches(self, n: int) -> None:
+        """Refuse ``n`` samples that a fixed batch size of the model does not divide."""
+        fixed = self.fixed_batch_size
+        if fixed is not None and n % fixed:
+            raise ModelInputError(
+                f"the {self._described} takes batches of exactly {fixed} samples, but the data holds "
+                f"{n}; give a multiple of {fixed}"
+            )
+
     def _batch_size_for(self, data, batch_size: int | None) -> int:
         """:meth:`run_batch_size`; with a fixed batch size, arrays whose samples do
         not fill whole batches are refused before the run."""
-        fixed = self.fixed_batch_size
         batch_size = self.run_batch_size(batch_size)
-        if fixed is None:
-            return batch_size
         head = data[0] if isinstance(data, tuple) and data else data
-        if (hasattr(head, "shape") or isinstance(head, dict)) and n_samples(head) % fixed:
-            raise ModelInputError(
-                f"the {self._described} takes batches of exactly {fixed} samples, but the data holds "
-                f"{n_samples(head)}; give a multiple of {fixed}"
-            )
-        return fixed
+        if self.fixed_batch_size is not None and (hasattr(head, "shape") or isinstance(head, dict)):
+            self.check_whole_batches(n_samples(head))
+        return batch_size
 
     # ------------------------------------------------------------------ running
 

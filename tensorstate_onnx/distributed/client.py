@@ -176,14 +176,12 @@ def _check_count(value, what: str, allow_none: bool = True) -> int | None:
     return int(value)
 
 
-def _check_whole_batches(shards: list, total: int | None, fixed: int) -> None:
+def _check_whole_batches(local: OnnxEfficiencyModel, shards: list, total: int | None) -> None:
     """Refuse, before the run, data or shards (dask chunks, callable shard sizes)
-    that a model taking batches of exactly ``fixed`` samples cannot run."""
-    if total is not None and total % fixed:
-        raise ModelInputError(
-            f"the model takes batches of exactly {fixed} samples, but the data holds {total}; "
-            f"give a multiple of {fixed}"
-        )
+    that ``local``, whose batch size is fixed, cannot run in whole batches."""
+    if total is not None:
+        local.check_whole_batches(total)
+    fixed = local.fixed_batch_size
     for shard in shards:
         if shard.size is not None and shard.size % fixed:
             raise ModelInputError(
@@ -372,7 +370,7 @@ def analyze_sharded(
     def plan(workers: int):
         planned = _plan_shards(data, labels, shard_size, n_shards, shard_sizes, workers, shard_batch, fixed is not None)
         if fixed is not None:
-            _check_whole_batches(planned[0], planned[2], fixed)
+            _check_whole_batches(local, planned[0], planned[2])
         return planned
 
     # Bad data fails before any cluster starts (except with a scheduler
