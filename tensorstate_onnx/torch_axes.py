@@ -238,7 +238,8 @@ class AxisTracker:
         modules ``within`` only, ``module`` among them: then passes are opened,
         closed and masked, but no tensor's axis is followed); return their handles."""
         self._root = module
-        eager_before, eager_after = disable_compile(self._before), disable_compile(self._after)
+        opened, closed = (self._before, self._after) if within is None else (self._enter, self._leave)
+        eager_before, eager_after = disable_compile(opened), disable_compile(closed)
 
         # Checked before the compile-disabled call, which strict torch.export refuses.
         def before(module, args, kwargs):
@@ -282,12 +283,48 @@ class AxisTracker:
 
     # ----------------------------------------------------------------- hooks
 
+    def _open_pass(self, module, args, kwargs) -> None:
+        """A new pass begins (of the root module, or of a submodule called alone)."""
+        self._known.clear()
+        self.mask = self._mask_of(module, args, kwargs)
+        for hook in self.hooks:
+            hook.hold()
+
+    def _close_pass(self) -> None:
+        """The pass is over: no module will read a waiting tensor now."""
+        self._flush()
+        for hook in self.hooks:
+            hook.commit()
+
+    def _enter(self, module, args, kwargs):
+        """A module call begins, when no tensor is followed."""
+        if not self._frames:
+            self._open_pass(module, args, kwargs)
+        self._frames.append(_Frame(module, None, None, ()))
+        return None
+
+    def _leave(self, module, args, output):
+        """A module call returns, when no tensor is followed."""
+        if self._pop_frame(module) is not None and not self._frames:
+            self._close_pass()
+        return None
+
+    def _pop_frame(self, module) -> _Frame | None:
+        """The frame of ``module``'s call, taken off the stack with any left above it
+        (a call that raised inside it); ``None`` if ``module`` has no open call."""
+        frames = self._frames
+        if frames and frames[-1].module is module:
+            return frames.pop()
+        depth = next((k for k in range(len(frames) - 1, -1, -1) if frames[k].module is module), None)
+        if depth is None:
+            return None
+        frame = frames[depth]
+        del frames[depth:]
+        return frame
+
     def _before(self, module, args, kwargs):
-        if not self._frames:  # a new pass (of the root module, or of a submodule called alone)
-            self._known.clear()
-            self.mask = self._mask_of(module, args, kwargs)
-            for hook in self.hooks:
-                hook.hold()
+        if not self._frames:
+            self._open_pass(module, args, kwargs)
         tensor = first_tensor(args)
         if tensor is None:
             tensor = first_tensor(kwargs)
@@ -307,14 +344,9 @@ class AxisTracker:
         return None
 
     def _after(self, module, args, output):
-        if not self._frames:
+        frame = self._pop_frame(module)
+        if frame is None:
             return None
-        depth = next((k for k in range(len(self._frames) - 1, -1, -1)
-                      if self._frames[k].module is module), None)  # fmt: skip
-        if depth is None:
-            return None
-        frame = self._frames[depth]
-        del self._frames[depth:]
         tensor = first_tensor(output)
         if tensor is not None and is_real_tensor(tensor) and tensor.dim() > 0:
             axis = self._output_axis(module, frame, tensor)
@@ -322,10 +354,8 @@ class AxisTracker:
                 self._remember(tensor, axis)
                 if self._frames:
                     self._frames[-1].seen.append((tuple(tensor.shape), axis))
-        if not self._frames:  # the pass is over: no module will read a waiting tensor now
-            self._flush()
-            for hook in self.hooks:
-                hook.commit()
+        if not self._frames:
+            self._close_pass()
         return None
 
     def _mask_of(self, module, args, kwargs) -> np.ndarray | None:

@@ -650,3 +650,49 @@ def test_kept_states_are_the_packed_rows_of_every_pass_in_order(torch):
         fifth = sorted(zip(hook.state_ids(index=[4]), hook.counts(index=[4]).tolist(), strict=True))
         assert fifth == _reference(tensor[4:5].numpy(), 1), "the first sample of the second pass"
 
+
+
+@pytest.mark.parametrize("probed", [["Conv2d"], ["Conv2d", "ReLU"]], ids=["axes fixed", "tensors followed"])
+def test_a_call_that_raises_inside_a_pass_that_goes_on_leaves_the_pass_whole(torch, probed):
+    """A block that raises, caught by the model, leaves its call open on the
+    tracker's stack: the pass still closes when the root returns, with what
+    the probes recorded in it, and the next pass starts afresh."""
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.fail = nn.Conv2d(1, 4, 3), nn.ReLU(), False
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.fail:
+                raise ValueError("a fallback the model catches")
+            return self.relu(y)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            self.block.fail = True
+            try:
+                self.block(x)
+            except ValueError:
+                pass
+            self.block.fail = False
+            return self.block(x)
+
+    torch.manual_seed(0)
+    model = attach_hooks(Model().eval(), probed)
+    x, later = torch.randn(2, 1, 6, 6), torch.randn(3, 1, 6, 6)
+    with torch.no_grad():
+        model(x)
+        model(later)
+    conv = model.efficiency_layers[0]
+    remove_state_layers(model)
+    with torch.no_grad():
+        wanted = torch.cat([model.block.conv(b) for b in (x, x, later, later)]).numpy()
+    assert conv.state_count == (2 + 2 + 3 + 3) * 4 * 4, "every call recorded in both passes is counted"
+    assert _pairs(conv) == _numpy_counts(wanted, 1)
