@@ -32,7 +32,9 @@ modes interleaved (drift hits all alike), it times:
   to the probed session (how much of the recording the pipeline hides).
 
 Where the torch extra is installed it also runs ``benchmarks/torch_hooks.py``'s
-comparison of the native PyTorch hooks against plain torch.
+comparison of the native PyTorch hooks against plain torch, under this
+process's memory setting: it is fair to plain torch only with
+``--keep-freed-memory`` (see that script).
 
 It prints markdown tables of samples/s with the ratios to plain and of
 ``predict`` to the probed session. Targets (issue 15): ``predict`` >= 0.8x the
