@@ -30,6 +30,9 @@ __all__ = ["StateCounter"]
 
 
 
+_MAX_PARTS = 1 << 31  # parts are ranges of a hash's top 32 bits (see hashing.hash_partition)
+
+
 class StateCounter:
     """Streaming, mergeable counts of packed states.
 
@@ -206,12 +209,14 @@ class StateCounter:
         of them with its count, the same one in every process, so partition
         ``j`` of many counters can be merged apart from the other partitions.
         This counter is not changed; the parts have its tuning."""
-        if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)) or n_parts < 1:
-            raise OptionError(f"partition() needs a positive number of parts, got {n_parts!r}")
+        if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)) or not 1 <= n_parts <= _MAX_PARTS:
+            raise OptionError(f"partition() needs a number of parts from 1 to {_MAX_PARTS:,}, got {n_parts!r}")
         n_parts = int(n_parts)
         store = self._store
         if isinstance(store, KeyRuns):
             return self._partition_keys(n_parts)
+        if isinstance(store, WordRuns) and store.splits_by_key():
+            return self._partition_words(n_parts)
         ids, counts = store.result() if isinstance(store, DirectCounts) else store.pickled()
         which = partition_of(ids, n_parts)
         # Rows of each part together, in the order the store gave them.
@@ -241,6 +246,16 @@ class StateCounter:
             if bounds[j + 1] > bounds[j]:
                 part._store.load_keys(keys[bounds[j] : bounds[j + 1]], counts[bounds[j] : bounds[j + 1]].copy())
                 part.total = int(counts[bounds[j] : bounds[j + 1]].sum())
+        return parts
+
+    def _partition_words(self, n_parts: int) -> list[StateCounter]:
+        """:meth:`partition` of states of more than 8 bytes, straight from the
+        run's hashes and the arena's words (each part one run, in order)."""
+        parts = [StateCounter(self.n_neurons, self._tuning) for _ in range(n_parts)]
+        for part, held in zip(parts, self._store.split(n_parts), strict=True):
+            if held[0].size:
+                part._store.load_transit(*held)
+                part.total = int(held[2].sum())
         return parts
 
     def _load(self, ids: np.ndarray, counts: np.ndarray) -> None:

@@ -16,7 +16,10 @@ import numpy as np
 from .arrays import as_words, trimmed
 from .jit import kernel
 
-__all__ = ["cmp_words", "dedup_words", "hash_rows", "in_run_order", "key_partition", "partition_of", "scatter_keys", "scatter_rows", "tag"]
+__all__ = [
+    "cmp_words", "dedup_words", "hash_part_starts", "hash_partition", "hash_rows", "in_run_order", "key_partition",
+    "partition_of", "scatter_keys", "scatter_rows", "tag",
+]  # fmt: skip
 
 
 @kernel(inline="always")
@@ -89,11 +92,31 @@ def key_partition(keys: np.ndarray, n_parts: int) -> np.ndarray:
     return out
 
 
+@kernel
+def _hash_parts(hashes, n_parts, out):
+    for i in range(hashes.size):
+        out[i] = np.int64(((hashes[i] >> np.uint64(32)) * np.uint64(n_parts)) >> np.uint64(32))
+
+
+def hash_partition(hashes: np.ndarray, n_parts: int) -> np.ndarray:
+    """The part of each state longer than 8 bytes, from its :func:`hash_rows`
+    hash: ``floor(hash / 2**64 * n_parts)`` (of the hash's top 32 bits), so
+    parts are ranges of hashes and a run in hash order splits into slices."""
+    out = np.empty(hashes.size, np.int64)
+    _hash_parts(hashes, n_parts, out)
+    return out
+
+
+def hash_part_starts(n_parts: int) -> np.ndarray:
+    """The smallest hash of each of the ``n_parts`` parts of :func:`hash_partition`."""
+    return np.array([(-(-(j << 32) // n_parts)) << 32 for j in range(n_parts)], np.uint64)
+
+
 def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
     """Which of ``n_parts`` partitions each packed state (uint8 (n, n_bytes))
-    belongs to, as int64: a hash of the state modulo ``n_parts``. States of
-    up to 8 bytes are hashed as one big-endian word (:func:`key_partition`),
-    longer ones by :func:`hash_rows` of their little-endian words.
+    belongs to, as int64, from a hash of the state. States of up to 8 bytes
+    are hashed as one big-endian word (:func:`key_partition`), longer ones by
+    :func:`hash_rows` of their little-endian words (:func:`hash_partition`).
 
     The words are read the same way whatever the host, so every process on
     every machine puts a state in the same partition: sharded runs merge
@@ -107,7 +130,7 @@ def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
     words = as_words(packed, -(-packed.shape[1] // 8))
     if sys.byteorder == "big":
         words = words.byteswap()
-    return (hash_rows(words) % np.uint64(n_parts)).astype(np.int64)
+    return hash_partition(hash_rows(words), n_parts)
 
 
 def scatter_keys(keys: np.ndarray, counts: np.ndarray, which: np.ndarray, bounds: np.ndarray):

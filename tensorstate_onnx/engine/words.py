@@ -15,11 +15,13 @@ index of the largest run first, so that only the states it lacks are copied.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import policy
 from .arrays import as_words, held_bytes, narrowest, trimmed, writable
-from .hashing import dedup_words, hash_rows, in_run_order
+from .hashing import dedup_words, hash_part_starts, hash_rows, in_run_order
 from .index import KeyIndex
 from .jit import kernel
 from .runs import UNIT, Run, absorb_kernel, close_gaps, keep_rows, merge_many
@@ -335,6 +337,25 @@ class WordRuns(RunSet):
         if run is None:
             return np.empty((0, self.n_bytes), np.uint8), np.empty(0, np.int64)
         return np.take(self.arena, run.refs, axis=0).view(np.uint8)[:, : self.n_bytes], run.counts
+
+    def splits_by_key(self) -> bool:
+        """Whether a state's run key modulo the number of parts is its partition
+        (:func:`.hashing.partition_of`): keys are the canonical hash of the
+        words, as on a little-endian host with the default ``hash_mask``."""
+        return sys.byteorder == "little" and self.tuning.hash_mask == DEFAULT_TUNING.hash_mask
+
+    def split(self, n_parts: int) -> list[tuple]:
+        """The counted states split into ``n_parts`` by their partition (only
+        when :meth:`splits_by_key`): for each part, its :meth:`transit` form
+        ``(hashes, None, counts, words)`` in run order. Parts are ranges of
+        hashes (:func:`.hashing.hash_partition`), so each is a slice of the run:
+        no packed bytes are made, nothing is hashed or scattered."""
+        run = self.compact()
+        if run is None:
+            run = Run(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty(0, np.int64))
+        bounds = np.append(np.searchsorted(run.keys, hash_part_starts(n_parts)), len(run))
+        words = np.take(self.arena, run.refs, axis=0) if len(run) else np.empty((0, self.n_words), np.uint64)
+        return [(run.keys[a:b], None, run.counts[a:b], words[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def transit(self) -> tuple:
         """``(hashes, refs, counts, words)`` of the counted states as held, for

@@ -69,3 +69,31 @@ def test_partition_of_depends_on_the_state_alone():
     short = rows[:, :5]
     assert np.array_equal(partition_of(short, 7), key_partition(be_keys(np.ascontiguousarray(short)), 7))
     assert len(np.unique(partition_of(short, 7))) == 7
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 7, 64, 1000, 2**31])
+def test_long_states_go_to_ranges_of_their_hashes(n_parts):
+    """Parts of states longer than 8 bytes are ranges of hashes (so a run in
+    hash order splits into slices)."""
+    from tensorstate_onnx.engine.hashing import hash_partition
+
+    rng = np.random.default_rng(n_parts % 97)
+    edges = np.array([0, 1, 2**32 - 1, 2**32, 2**63, 2**64 - 2**32, 2**64 - 1], np.uint64)
+    hashes = np.sort(np.concatenate([rng.integers(0, 2**64 - 1, 20_000, dtype=np.uint64), edges]))
+    which = hash_partition(hashes, n_parts)
+    # Exact: floor(top 32 bits * n_parts / 2**32), in Python's integers.
+    assert which.tolist() == [(int(h) >> 32) * n_parts >> 32 for h in hashes]
+    assert which[0] == 0 and which[-1] == n_parts - 1 and np.all(np.diff(which) >= 0)
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 7, 64, 1000])
+def test_hash_part_starts_are_the_first_hash_of_each_part(n_parts):
+    from tensorstate_onnx.engine.hashing import hash_part_starts, hash_partition
+
+    starts = hash_part_starts(n_parts)
+    assert starts[0] == 0 and np.all(np.diff(starts) > 0)
+    assert np.array_equal(hash_partition(starts, n_parts), np.arange(n_parts))
+    assert np.array_equal(hash_partition(starts[1:] - np.uint64(1), n_parts), np.arange(n_parts - 1))
+    # Random hashes spread evenly over the parts.
+    sizes = np.bincount(hash_partition(np.random.default_rng(1).integers(0, 2**64 - 1, 200_000, dtype=np.uint64), n_parts))
+    assert sizes.size == n_parts and sizes.min() > 0.7 * 200_000 / n_parts
