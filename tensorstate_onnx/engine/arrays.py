@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .unaligned import padded_words
+from .unaligned import packed_rows, padded_words
 
-__all__ = ["as_words", "held_bytes", "narrowest", "trimmed", "writable"]
+__all__ = ["as_packed", "as_words", "held_bytes", "narrowest", "trimmed", "writable"]
 
 
 def trimmed(a: np.ndarray, m: int) -> np.ndarray:
@@ -33,6 +33,17 @@ def as_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     words = np.empty((n, n_words), np.uint64)
     padded_words(np.ascontiguousarray(packed).reshape(-1), width, 0, n, words.view(np.uint8).reshape(-1))
     return words
+
+
+def as_packed(words: np.ndarray, n_bytes: int) -> np.ndarray:
+    """The first ``n_bytes`` bytes of each row of ``words`` (uint64 (n, n_words),
+    as :func:`as_words` made them): the packed rows, a new uint8 (n, n_bytes)
+    array (numpy's copy of short strided rows costs about twice as much)."""
+    words = np.ascontiguousarray(words)
+    out = np.empty((words.shape[0], n_bytes), np.uint8)
+    if out.size:
+        packed_rows(words.view(np.uint8).reshape(-1), words.shape[1] * 8, n_bytes, out.reshape(-1))
+    return out
 
 
 _NARROW = tuple((int(np.iinfo(dtype).max), dtype) for dtype in (np.uint8, np.uint16, np.uint32))

@@ -14,7 +14,7 @@ from numba.extending import intrinsic
 
 from .jit import kernel
 
-__all__ = ["load8", "load8_be", "padded_words", "row_key", "store8"]
+__all__ = ["load8", "load8_be", "packed_rows", "padded_words", "row_key", "store8"]
 
 _WORD = ir.IntType(64)
 _LITTLE_HOST = sys.byteorder == "little"
@@ -122,3 +122,26 @@ def padded_words(flat, n_bytes, first, rows, out):
             done += 8
         for b in range(done, row_bytes, 8):
             store8(out, dst + b, zero)
+
+
+@kernel
+def packed_rows(flat, row_bytes, n_bytes, out):
+    """The inverse of :func:`padded_words`: the first ``n_bytes`` bytes of each
+    row of ``row_bytes`` bytes of ``flat``, one after the other into ``out``
+    (``out.size // n_bytes`` rows), eight bytes a load and a store. A row's
+    last word is stored whole where the next row will write over its spill."""
+    full = n_bytes // 8
+    tail = n_bytes - 8 * full
+    for i in range(out.size // n_bytes):
+        src = i * row_bytes
+        dst = i * n_bytes
+        for w in range(full):
+            store8(out, dst + 8 * w, load8(flat, src + 8 * w))
+        if tail:
+            at = dst + 8 * full
+            word = load8(flat, src + 8 * full)
+            if at + 8 <= out.size:
+                store8(out, at, word)
+            else:
+                for k in range(tail):
+                    out[at + k] = np.uint8(word >> np.uint64(8 * k))

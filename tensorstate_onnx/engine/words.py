@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from . import policy
-from .arrays import as_words, held_bytes, narrowest, trimmed, writable
+from .arrays import as_packed, as_words, held_bytes, narrowest, trimmed, writable
 from .hashing import dedup_words, hash_part_starts, hash_rows, in_run_order
 from .index import KeyIndex
 from .jit import kernel
@@ -314,9 +314,8 @@ class WordRuns(RunSet):
         if sort:
             # Big-endian words compare like the bytes they hold.
             order = lex_order(words.byteswap())
-            return words.view(np.uint8)[order, : self.n_bytes], counts[order]
-        ids = words.view(np.uint8)[:, : self.n_bytes]
-        return (ids.copy() if shared or not ids.flags.c_contiguous else ids), counts
+            return self._packed(np.take(words, order, axis=0)), counts[order]
+        return (as_packed(words, self.n_bytes) if shared else self._packed(words)), counts
 
     def counts(self) -> np.ndarray:
         """The counts of :meth:`result` (unsorted) without building the states."""
@@ -336,7 +335,14 @@ class WordRuns(RunSet):
         run = self.compact()
         if run is None:
             return np.empty((0, self.n_bytes), np.uint8), np.empty(0, np.int64)
-        return np.take(self.arena, run.refs, axis=0).view(np.uint8)[:, : self.n_bytes], run.counts
+        return self._packed(np.take(self.arena, run.refs, axis=0)), run.counts
+
+    def _packed(self, words: np.ndarray) -> np.ndarray:
+        """The packed rows of ``words`` (a new array, not the arena's): the
+        words' own bytes when the rows are whole words."""
+        if self.n_bytes % 8 == 0:
+            return words.view(np.uint8)
+        return as_packed(words, self.n_bytes)
 
     def splits_by_key(self) -> bool:
         """Whether a state's run key modulo the number of parts is its partition

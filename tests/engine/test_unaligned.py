@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tensorstate_onnx.engine.arrays import as_words
+from tensorstate_onnx.engine.arrays import as_packed, as_words
 from tensorstate_onnx.engine.keys import be_keys
 from tensorstate_onnx.engine.unaligned import padded_words
 
@@ -54,3 +54,18 @@ def test_padded_words_are_the_rows_zero_padded(n_bytes, n_rows):
     np.testing.assert_array_equal(as_words(wide[:, :n_bytes], n_words), numpy_words(packed, n_words))
     if n_bytes % 8 == 0:
         assert np.shares_memory(as_words(packed, n_words), packed)
+
+
+@pytest.mark.parametrize("n_bytes", [1, 3, 7, 8, 9, 13, 16, 17, 40])
+@pytest.mark.parametrize("n_rows", [0, 1, 2, 7, 100])
+def test_packed_rows_undo_padded_words(n_bytes, n_rows):
+    rng = np.random.default_rng(n_bytes * 1000 + n_rows + 7)
+    packed = rng.integers(0, 256, (n_rows, n_bytes), dtype=np.uint8)
+    n_words = -(-n_bytes // 8)
+    for extra in (0, 1):  # rows of just enough words, and of one more (its bytes ignored)
+        words = numpy_words(packed, n_words + extra)
+        words.view(np.uint8)[:, n_bytes:] = 0xA5  # what lies past a row's bytes is never read back
+        back = as_packed(words, n_bytes)
+        assert back.dtype == np.uint8 and back.shape == (n_rows, n_bytes) and back.flags.c_contiguous
+        np.testing.assert_array_equal(back, packed)
+        assert not np.shares_memory(back, words)
