@@ -252,10 +252,10 @@ class StateCounter:
         """:meth:`partition` of states of more than 8 bytes, straight from the
         run's hashes and the arena's words (each part one run, in order)."""
         parts = [StateCounter(self.n_neurons, self._tuning) for _ in range(n_parts)]
-        for part, held in zip(parts, self._store.split(n_parts), strict=True):
-            if held[0].size:
-                part._store.load_transit(*held)
-                part.total = int(held[2].sum())
+        for part, (hashes, refs, counts, words) in zip(parts, self._store.split(n_parts), strict=True):
+            if hashes.size:
+                part._store.load_transit(hashes, refs, counts, words)
+                part.total = int(counts.sum())
         return parts
 
     def _load(self, ids: np.ndarray, counts: np.ndarray) -> None:

@@ -345,8 +345,9 @@ class WordRuns(RunSet):
         return as_packed(words, self.n_bytes)
 
     def splits_by_key(self) -> bool:
-        """Whether a state's run key modulo the number of parts is its partition
-        (:func:`.hashing.partition_of`): keys are the canonical hash of the
+        """Whether the run's keys give each state's partition (the
+        :func:`.hashing.hash_partition` of its key is its
+        :func:`.hashing.partition_of`): keys are then the canonical hash of the
         words, as on a little-endian host with the default ``hash_mask``."""
         return sys.byteorder == "little" and self.tuning.hash_mask == DEFAULT_TUNING.hash_mask
 
@@ -358,9 +359,10 @@ class WordRuns(RunSet):
         no packed bytes are made, nothing is hashed or scattered."""
         run = self.compact()
         if run is None:
-            run = Run(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty(0, np.int64))
+            nothing = (np.empty(0, np.uint64), None, np.empty(0, np.int64), np.empty((0, self.n_words), np.uint64))
+            return [nothing] * n_parts
         bounds = np.append(np.searchsorted(run.keys, hash_part_starts(n_parts)), len(run))
-        words = np.take(self.arena, run.refs, axis=0) if len(run) else np.empty((0, self.n_words), np.uint64)
+        words = np.take(self.arena, run.refs, axis=0)
         return [(run.keys[a:b], None, run.counts[a:b], words[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def transit(self) -> tuple:
