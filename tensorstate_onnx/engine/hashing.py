@@ -109,7 +109,8 @@ def hash_partition(hashes: np.ndarray, n_parts: int) -> np.ndarray:
 
 def hash_part_starts(n_parts: int) -> np.ndarray:
     """The smallest hash of each of the ``n_parts`` parts of :func:`hash_partition`."""
-    return np.array([(-(-(j << 32) // n_parts)) << 32 for j in range(n_parts)], np.uint64)
+    top = np.arange(n_parts, dtype=np.uint64) << np.uint64(32)  # j * 2**32, below 2**63 for n_parts <= 2**31
+    return ((top + np.uint64(n_parts - 1)) // np.uint64(n_parts)) << np.uint64(32)  # ceil(j * 2**32 / n_parts)
 
 
 def partition_of(packed: np.ndarray, n_parts: int) -> np.ndarray:
