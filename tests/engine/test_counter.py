@@ -768,6 +768,28 @@ def test_partition_splits_every_state_into_exactly_one_part(tuning, c, n_parts):
     assert sum(part.total for part in parts) == counter.total == len(states)
 
 
+@pytest.mark.parametrize("c", [65, 200])
+@pytest.mark.parametrize("n_parts", [1, 3, 8])
+def test_long_states_split_alike_from_their_run_and_from_their_bytes(c, n_parts):
+    """A counter of long states with the default hash splits straight from its
+    run; one whose hashes are masked (so its run keys are not the canonical
+    hash) goes through the packed bytes. Both put every state in the same part."""
+    rng = np.random.default_rng(c + n_parts)
+    pool = random_states(rng, 2000, c)
+    states = pool[rng.integers(0, 2000, 5000)]
+    by_run, by_bytes = StateCounter(c), StateCounter(c, CounterTuning(hash_mask=0x7, buffer_min_bytes=8))
+    for counter in (by_run, by_bytes):
+        for piece in np.array_split(states, 4):
+            counter.add(piece)
+    assert by_run._store.splits_by_key() and not by_bytes._store.splits_by_key()
+    for part_run, part_bytes, j in zip(by_run.partition(n_parts), by_bytes.partition(n_parts), range(n_parts), strict=True):
+        assert as_dict(*part_run.result()) == as_dict(*part_bytes.result())
+        assert part_run.total == part_bytes.total and part_run.n_distinct == part_bytes.n_distinct
+        assert np.all(partition_of(part_run.result()[0], n_parts) == j)
+        part_run.add(pool[:3])  # a part counts on as any counter does
+        assert part_run.total == part_bytes.total + 3
+
+
 @pytest.mark.parametrize("c", [9, 40, 130])
 def test_partition_puts_a_state_in_the_same_part_whatever_counter_holds_it(c):
     # Partition j of several counters (other processes, other data) merges on its
