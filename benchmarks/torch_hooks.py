@@ -25,8 +25,8 @@ The process first calls ``tensorstate_onnx.keep_freed_memory()`` (as the
 command line does), so that no mode pays for memory handed back to the OS and
 faulted in again. With glibc's default (``--glibc-default``) the comparison is
 not fair to plain torch: interleaved with the hooked runs, whose counters and
-kept states hold heap memory, plain MobileNetV2Small took 170,000-190,000
-page faults a run (0.7 GB zeroed) and ran 1.5-2x slower, while the hooked
+kept states hold heap memory, plain MobileNetV2Small took 170,000-225,000
+page faults a run (0.7-0.9 GB zeroed) and ran 1.5-2x slower, while the hooked
 runs took none, and the hooked module looked faster than the plain one.
 
 :func:`torch_hook_rows` returns the rows for other benchmarks to print.

@@ -651,7 +651,6 @@ def test_kept_states_are_the_packed_rows_of_every_pass_in_order(torch):
         assert fifth == _reference(tensor[4:5].numpy(), 1), "the first sample of the second pass"
 
 
-
 @pytest.mark.parametrize("probed", [["Conv2d"], ["Conv2d", "ReLU"]], ids=["axes fixed", "tensors followed"])
 def test_a_call_that_raises_inside_a_pass_that_goes_on_leaves_the_pass_whole(torch, probed):
     """A block that raises, caught by the model, leaves its call open on the
