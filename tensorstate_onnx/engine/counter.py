@@ -322,7 +322,6 @@ class StateCounter:
         if isinstance(self._store, DirectCounts):
             return pickle.dumps(self, protocol=5), *self._store.result()
         ids, counts = self._store.pickled()
-        ids = np.ascontiguousarray(ids)
         blob = pickle.dumps(_PickledAs(self._runs_state(ids, counts)), protocol=5)
         return blob, ids, counts
 

@@ -98,22 +98,11 @@ class WordRuns(RunSet):
                 continue
             take = min(cap - self.n_pending, n - pos)
             start = self._reserve(self.n_pending + take) + self.n_pending
-            self._copy_in(packed, pos, take, start)
+            as_words(packed[pos : pos + take], self.n_words, out=self.arena[start : start + take])
             self.n_pending += take
             if self.n_pending >= cap or self.repeats_now():
                 self.flush()
             pos += take
-
-    def _copy_in(self, packed: np.ndarray, pos: int, take: int, start: int) -> None:
-        """Copy packed rows ``pos..pos + take`` to arena rows ``start..``, zero padded.
-        Rows of whole words are copied as one block; others a row at a time in
-        a kernel (numpy's copy of short strided rows costs ~19 ns a row)."""
-        rows = self.arena[start : start + take]
-        if self.n_bytes % 8 == 0:
-            rows.view(np.uint8)[:] = packed[pos : pos + take]
-        else:
-            flat = np.ascontiguousarray(packed[pos : pos + take]).reshape(-1)
-            padded_words(flat, self.n_bytes, 0, take, rows.view(np.uint8).reshape(-1))
 
     def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int, cap: int) -> int:
         """Count a chunk of the rows ``pos..stop`` of packed rows (given
@@ -398,13 +387,12 @@ class WordRuns(RunSet):
         writes them), else counted afresh."""
         if ids.shape[0] == 0:
             return
-        words = as_words(ids, self.n_words)
-        self._reserve(words.shape[0])
-        self.arena[: words.shape[0]] = words
-        hashes = self.hash(self.arena[: words.shape[0]])
+        k = ids.shape[0]
+        self._reserve(k)
+        hashes = self.hash(as_words(ids, self.n_words, out=self.arena[:k]))
         if in_run_order(hashes, self.arena):
-            self.arena_rows = words.shape[0]
-            self.runs = [Run(hashes, np.arange(words.shape[0], dtype=np.int64), counts)]
+            self.arena_rows = k
+            self.runs = [Run(hashes, np.arange(k, dtype=np.int64), counts)]
         else:
-            self.n_pending = words.shape[0]
+            self.n_pending = k
             self.flush(counts)

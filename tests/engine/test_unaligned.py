@@ -52,6 +52,10 @@ def test_padded_words_are_the_rows_zero_padded(n_bytes, n_rows):
     wide = np.zeros((n_rows, n_bytes + 5), np.uint8)
     wide[:, :n_bytes] = packed
     np.testing.assert_array_equal(as_words(wide[:, :n_bytes], n_words), numpy_words(packed, n_words))
+    # Into an array given (rows of a counter's arena), over what it held.
+    into = np.full((n_rows, n_words), 0xA5A5A5A5A5A5A5A5, np.uint64)
+    assert as_words(wide[:, :n_bytes], n_words, out=into) is into
+    np.testing.assert_array_equal(into, numpy_words(packed, n_words))
     if n_bytes % 8 == 0:
         assert np.shares_memory(as_words(packed, n_words), packed)
 
