@@ -235,15 +235,6 @@ def _summary_of(settled: _Settled) -> _Summary:
     return settled.summary
 
 
-def _summarize(piece: _Piece) -> _Summary:
-    """The totals of a merged partition, per probe."""
-    probes = [
-        None if counter is None or counter.total == 0 else _totals(counter, *counter.result())
-        for counter in piece.counters
-    ]
-    return _Summary(piece.partition, piece.shards, probes, piece.merge_cpu_seconds)
-
-
 def _totals(counter: StateCounter, ids: np.ndarray, counts: np.ndarray) -> _ProbeTotals:
     """What the metrics need of ``counter``, which holds the states ``ids`` seen ``counts`` times."""
     firing = firing_counts_of(ids, counts, counter.n_neurons)

@@ -11,7 +11,7 @@ pytest.importorskip("distributed")
 from tensorstate_onnx import ModelInputError, OptionError, demo  # noqa: E402
 from tensorstate_onnx.distributed import analyze_sharded  # noqa: E402
 from tensorstate_onnx.distributed.reduce import (  # noqa: E402
-    _combine, _merge_pieces, _probe_counter, _settle, _split, _summarize, _summary_of,
+    _combine, _merge_pieces, _probe_counter, _settle, _split, _Summary, _summary_of, _totals,
 )
 from tensorstate_onnx.engine import StateCounter  # noqa: E402
 from tensorstate_onnx.metrics import entropy, histogram_entropy  # noqa: E402
@@ -157,6 +157,13 @@ def _last_byte_mask(c):
     return mask
 
 
+def _summary_from_results(piece) -> _Summary:
+    """The reference for a settled partition's summary: each probe's totals from
+    its merged counter's own result()."""
+    probes = [None if c is None or c.total == 0 else _totals(c, *c.result()) for c in piece.counters]
+    return _Summary(piece.partition, piece.shards, probes, piece.merge_cpu_seconds)
+
+
 def test_a_settled_partition_keeps_its_counters_compact_and_gives_them_back_whole(sorted_counts):
     """What stays on the cluster: the summary of the merged partition and each
     counter's pickle, smaller than the counter it was, rebuilt exactly on request."""
@@ -165,7 +172,7 @@ def test_a_settled_partition_keeps_its_counters_compact_and_gives_them_back_whol
     shards = [_split([_counter(r[s::2], 8 * r.shape[1]) for r in rows] + [None], s, ("a", "b", "c", "d"), 2) for s in range(2)]
     merged = _merge_pieces(1, 2, shards[0][1], shards[1][1])
     settled = _settle(merged)
-    summary, expected = _summary_of(settled), _summarize(merged)
+    summary, expected = _summary_of(settled), _summary_from_results(merged)
     assert summary.partition == 1 and summary.shards == [0, 1]
     for got, want in zip(summary.probes, expected.probes):
         assert (got is None) == (want is None)
@@ -195,7 +202,7 @@ def test_pieces_that_do_not_fit_together_are_refused():
     with pytest.raises(OptionError, match="got partition 0 of 3"):
         _merge_pieces(0, 2, wide[0], other[0])
     with pytest.raises(ModelInputError, match=r"probe 'p' has states of different numbers of neurons \(24 in partition 1, 40 in partition 0\)"):
-        _combine([_summarize(_merge_pieces(0, 2, wide[0])), _summarize(_merge_pieces(1, 2, narrow[1]))], ("p",))
+        _combine([_summary_of(_settle(_merge_pieces(0, 2, wide[0]))), _summary_of(_settle(_merge_pieces(1, 2, narrow[1])))], ("p",))
 
 
 def test_combined_histograms_give_the_entropies_of_the_whole_counts_exactly():
@@ -206,7 +213,7 @@ def test_combined_histograms_give_the_entropies_of_the_whole_counts_exactly():
     for rows in shards:
         whole.add(rows)
     pieces = [_split([_counter(rows, 72), None], s, ("p", "q"), 5) for s, rows in enumerate(shards)]
-    summaries = [_summarize(_merge_pieces(j, 5, *[p[j] for p in pieces])) for j in range(5)]
+    summaries = [_summary_of(_settle(_merge_pieces(j, 5, *[p[j] for p in pieces]))) for j in range(5)]
     totals, nothing = _combine(summaries, ("p", "q"))
     assert nothing is None
     assert totals.total == whole.total and totals.n_distinct == whole.n_distinct and totals.n_neurons == 72
