@@ -32,6 +32,7 @@ from .errors import (
     StorageExistsError,
     StoreError,
     TensorStateError,
+    WorkerBuildError,
 )
 from .metrics import aIQ, entropy, network_efficiency
 
@@ -83,6 +84,7 @@ __all__ = [
     "StorageExistsError",
     "StoreError",
     "TensorStateError",
+    "WorkerBuildError",
     "aIQ",
     "build_efficiency_model",
     "entropy",

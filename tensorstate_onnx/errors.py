@@ -30,6 +30,7 @@ __all__ = [
     "StorageExistsError",
     "StoreError",
     "TensorStateError",
+    "WorkerBuildError",
     "first_line",
 ]
 
@@ -92,6 +93,10 @@ class ShardFailedError(TensorStateError, RuntimeError):
 
 class SchedulerConnectionError(TensorStateError, ConnectionError):
     """The Dask scheduler could not be reached, or it has no workers."""
+
+
+class WorkerBuildError(TensorStateError, RuntimeError):
+    """A Dask worker of a sharded run runs another build of tensorstate-onnx than the client."""
 
 
 class PackedStateError(TensorStateError, ValueError):

@@ -48,7 +48,8 @@ Raw states
 
 Modules: :mod:`.plan` splits the data into shards, :mod:`.worker` is what a
 shard task runs, :mod:`.reduce` splits, merges and sums up the counts, :mod:`.storage` writes
-the raw states, :mod:`.connect` reaches the cluster, :mod:`.client` runs it all
+the raw states, :mod:`.connect` reaches the cluster, :mod:`.build` checks that
+every worker runs the client's build of this library, :mod:`.client` runs it all
 (:func:`analyze_sharded`).
 
 ``dask[distributed]`` is an optional dependency, imported only by this package
@@ -59,12 +60,13 @@ name with Dask's ``distributed``; Python 3 imports are absolute, so
 
 from __future__ import annotations
 
-from ..errors import SchedulerConnectionError, ShardFailedError
+from ..errors import SchedulerConnectionError, ShardFailedError, WorkerBuildError
 from .client import ShardedAnalysis, analyze_sharded
 
 __all__ = [
     "ShardedAnalysis",
     "ShardFailedError",
     "SchedulerConnectionError",
+    "WorkerBuildError",
     "analyze_sharded",
 ]

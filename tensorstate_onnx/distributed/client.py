@@ -37,6 +37,7 @@ from ..errors import (
 from ..runtime import OnnxEfficiencyModel
 from ..store import StateStore, check_storage_root
 from .._system import usable_cpus
+from .build import build_id
 from .connect import check_scheduler_address, connect, dask_modules, n_workers_of
 from .plan import _plan_shards
 from .reduce import (
@@ -399,6 +400,7 @@ def analyze_sharded(
             providers=providers if isinstance(providers, str) else tuple(providers),
             optimization=optimization, threads=threads_per_worker, batch_size=batch_size,
             storage=storage, probe_names=tuple(p.name for p in local.probes), n_partitions=n_partitions,
+            build=build_id(),
         )  # fmt: skip
         token = uuid.uuid4().hex[:12]
         where = {shard.index: shard.where for shard in shards}

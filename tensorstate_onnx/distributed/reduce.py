@@ -33,6 +33,7 @@ import numpy as np
 from ..capture import firing_counts_of
 from ..engine import StateCounter
 from ..errors import ModelInputError, OptionError
+from .build import build_id, check_build
 from .plan import _shape_text
 
 
@@ -62,6 +63,15 @@ class _Piece:
     probe_names: tuple
     counters: list[StateCounter | None]  # one per probe; None: no state of that probe seen
     merge_cpu_seconds: float = 0.0  # CPU seconds of the merge tasks that built this piece
+    foreign_build: str | None = None  # set on arrival from another build: counters not read, see check()
+
+    def check(self) -> None:
+        """Refuse this piece if another build of the library sent it (before any use of its counters)."""
+        if self.foreign_build is not None:
+            check_build(
+                self.foreign_build, f"the worker that received partition {self.partition} of shards {self.shards}",
+                "the worker that sent it",
+            )  # fmt: skip
 
     def __sizeof__(self) -> int:
         # What Dask's memory accounting sees (it calls sys.getsizeof on results).
@@ -69,17 +79,23 @@ class _Piece:
         return object.__sizeof__(self) + int(held)
 
     def __reduce__(self):
-        # Pieces move only between the workers of one run, which run the same
-        # version of this library: counters go as they are held (see
-        # StateCounter.to_transit), their arrays as pickle's out-of-band
-        # buffers, not converted to packed bytes and rehashed.
+        # Pieces move only between the workers of one run: counters go as
+        # they are held (see StateCounter.to_transit), their arrays as
+        # pickle's out-of-band buffers, not converted to packed bytes and
+        # rehashed. That form is this build's own, so the sender's build
+        # travels with it. A receiver of another build does not read the
+        # counters and leaves the refusal to the task using the piece
+        # (check()): an error while Dask deserializes is not reported, the
+        # transfer is retried forever.
         counters = [None if c is None else c.to_transit() for c in self.counters]
         fields = (self.shards, self.partition, self.n_partitions, self.probe_names, counters, self.merge_cpu_seconds)
-        return _piece_from_transit, fields
+        return _piece_from_transit, (build_id(), *fields)
 
 
-def _piece_from_transit(shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds) -> _Piece:
-    """The piece that :meth:`_Piece.__reduce__` sent."""
+def _piece_from_transit(build, shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds) -> _Piece:
+    """The piece that :meth:`_Piece.__reduce__` sent (by a process of build ``build``)."""
+    if build != build_id():
+        return _Piece(shards, partition, n_partitions, probe_names, [None] * len(counters), merge_cpu_seconds, build)
     counters = [None if form is None else StateCounter.from_transit(form) for form in counters]
     return _Piece(shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds)
 
@@ -176,6 +192,7 @@ def _merge_pieces(partition: int, n_partitions: int, *pieces: _Piece) -> _Piece:
     started = time.thread_time()  # the merge runs in this thread alone; transfers are the worker's
     first = pieces[0]
     for piece in pieces:
+        piece.check()
         if piece.partition != partition or piece.n_partitions != n_partitions:
             raise OptionError(
                 f"the merge of partition {partition} of {n_partitions} got partition {piece.partition} of "
@@ -215,6 +232,7 @@ def _settle(piece: _Piece) -> _Settled:
     all that stays on the cluster (the merged piece, in the counters' working
     form, is released once this is done)."""
     started = time.thread_time()
+    piece.check()
     pickles: list[bytes | None] = []
     probes: list[_ProbeTotals | None] = []
     for counter in piece.counters:

@@ -25,6 +25,7 @@ from ..data import n_samples, split_pair
 from ..errors import ModelInputError
 from ..graph import Probe
 from ..runtime import OnnxEfficiencyModel, OnnxProbeCapture
+from .build import check_build
 from .plan import _sample_shape, _shape_text, _Shard
 from .reduce import _ShardInfo, _ShardResult, _split
 from .storage import _RegionWriter
@@ -48,6 +49,7 @@ class _Job:
     storage: dict | None  # probe name -> (directory, chunk rows, states per instance)
     probe_names: tuple
     n_partitions: int
+    build: str  # the client's build_id(): every worker must run the same
 
     @property
     def cache_key(self) -> tuple:
@@ -187,6 +189,10 @@ def _with_context(exc: BaseException, where: str) -> BaseException:
 def _run_shard(job: _Job, shard: _Shard, data=None, model_bytes: bytes | None = None) -> _ShardResult:
     """Task: analyze one shard; return its counters split into partitions (pure: a rerun gives the same result)."""
     started = (time.perf_counter(), time.process_time())
+    try:
+        check_build(job.build, "the worker")
+    except Exception as exc:
+        raise _with_context(exc, shard.where) from exc
     try:
         key, model = _acquire_model(job, model_bytes)
     except Exception as exc:
