@@ -63,15 +63,12 @@ class _Piece:
     probe_names: tuple
     counters: list[StateCounter | None]  # one per probe; None: no state of that probe seen
     merge_cpu_seconds: float = 0.0  # CPU seconds of the merge tasks that built this piece
-    foreign_build: str | None = None  # set on arrival from another build: counters not read, see check()
+    arrival_error: Exception | None = None  # why its counters could not be read on arrival, see check()
 
     def check(self) -> None:
-        """Refuse this piece if another build of the library sent it (before any use of its counters)."""
-        if self.foreign_build is not None:
-            check_build(
-                self.foreign_build, f"the worker that received partition {self.partition} of shards {self.shards}",
-                "the worker that sent it",
-            )  # fmt: skip
+        """Raise what went wrong when this piece arrived (another build sent it, say), before its counters are used."""
+        if self.arrival_error is not None:
+            raise self.arrival_error
 
     def __sizeof__(self) -> int:
         # What Dask's memory accounting sees (it calls sys.getsizeof on results).
@@ -83,21 +80,31 @@ class _Piece:
         # they are held (see StateCounter.to_transit), their arrays as
         # pickle's out-of-band buffers, not converted to packed bytes and
         # rehashed. That form is this build's own, so the sender's build
-        # travels with it. A receiver of another build does not read the
-        # counters and leaves the refusal to the task using the piece
-        # (check()): an error while Dask deserializes is not reported, the
-        # transfer is retried forever.
+        # travels with it.
         counters = [None if c is None else c.to_transit() for c in self.counters]
         fields = (self.shards, self.partition, self.n_partitions, self.probe_names, counters, self.merge_cpu_seconds)
-        return _piece_from_transit, (build_id(), *fields)
+        return _piece_from_transit, (build_id(), *fields, self.arrival_error)
 
 
-def _piece_from_transit(build, shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds) -> _Piece:
-    """The piece that :meth:`_Piece.__reduce__` sent (by a process of build ``build``)."""
-    if build != build_id():
-        return _Piece(shards, partition, n_partitions, probe_names, [None] * len(counters), merge_cpu_seconds, build)
-    counters = [None if form is None else StateCounter.from_transit(form) for form in counters]
-    return _Piece(shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds)
+def _piece_from_transit(
+    build, shards, partition, n_partitions, probe_names, counters, merge_cpu_seconds, arrival_error
+) -> _Piece:
+    """The piece that :meth:`_Piece.__reduce__` sent (by a process of build ``build``).
+
+    A piece that cannot be read here (sent by another build, or not whole)
+    arrives without counters and with the error, which the task using it
+    raises (:meth:`_Piece.check`): an error raised while Dask deserializes
+    fails no task, the transfer is retried forever."""
+    if arrival_error is None:
+        try:
+            where = f"the worker that received partition {partition} of shards {shards}"
+            check_build(build, where, "the worker that sent it")
+            loaded = [None if form is None else StateCounter.from_transit(form) for form in counters]
+        except Exception as exc:
+            arrival_error = exc
+    if arrival_error is not None:
+        loaded = [None] * len(counters)
+    return _Piece(shards, partition, n_partitions, probe_names, loaded, merge_cpu_seconds, arrival_error)
 
 
 @dataclass

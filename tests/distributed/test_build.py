@@ -75,16 +75,32 @@ def test_a_piece_sent_by_another_build_is_refused_by_the_task_using_it(monkeypat
     sent = pickle.dumps(piece)
     monkeypatch.setattr(build, "_build", None)
     arrived = pickle.loads(sent)
-    assert arrived.foreign_build == OTHER and arrived.counters == [None]
+    assert isinstance(arrived.arrival_error, WorkerBuildError) and arrived.counters == [None]
     message = rf"received partition 0 of shards \[3\].*but the worker that sent it runs {re.escape(OTHER)}"
     with pytest.raises(WorkerBuildError, match=message):
         _merge_pieces(0, 1, _piece_of(4), arrived)
     with pytest.raises(WorkerBuildError, match=message):
         _settle(arrived)
+    with pytest.raises(WorkerBuildError, match=message):  # sent on again, it stays refused
+        _settle(pickle.loads(pickle.dumps(arrived)))
     monkeypatch.setattr(build, "_build", OTHER)
     same = pickle.loads(sent)
-    assert same.foreign_build is None and same.counters[0].total == 300  # the same build reads it
+    assert same.arrival_error is None and same.counters[0].total == 300  # the same build reads it
     same.check()
+
+
+def test_a_piece_that_arrives_broken_fails_the_task_using_it():
+    """Not while Dask deserializes it (which would retry the transfer forever)."""
+    counter = StateCounter(200)
+    counter.add(np.random.default_rng(6).integers(0, 256, (300, 25), dtype=np.uint8))
+    function, fields = _split([counter], 6, ("probe",), 1)[0].__reduce__()
+    (n_neurons, total, tuning, kind, (hashes, refs, counts, words)), = fields[5]
+    broken = (n_neurons, total, tuning, kind, (hashes, refs, counts, words[:1]))  # states without their words
+    arrived = function(*fields[:5], [broken], *fields[6:])
+    assert arrived.counters == [None]
+    with pytest.raises(Exception, match="inconsistent") as caught:
+        _settle(arrived)
+    assert not isinstance(caught.value, TensorStateError)  # not a user's mistake: it looks like a bug
 
 
 @pytest.mark.distributed
