@@ -196,6 +196,7 @@ def _check_options_before_run(args) -> None:
     if not 0 < args.connect_timeout < math.inf:
         raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
+    _refuse_outputs_over_inputs(args)
     for attribute in ("json", "csv", "plot", "firing_plot"):
         path = getattr(args, attribute)
         if path is None:
@@ -214,6 +215,25 @@ def _check_options_before_run(args) -> None:
     for path in (args.plot, args.firing_plot):
         if path is not None:
             check_plot_format(path)
+
+
+def _refuse_outputs_over_inputs(args) -> None:
+    """Refuse a report path that names an input of the run (the report would
+    replace it) or another report's path (one would replace the other)."""
+    script = args.data_loader_script.partition(":")[0] if args.data_loader_script else None
+    named: dict[Path, str] = {}
+    for what, path in (("the model", args.model), ("--data", args.data), ("--labels", args.labels), ("--data-loader-script", script)):
+        if path is not None:
+            named.setdefault(Path(path).resolve(), f"{what} of this run")
+    for attribute in ("json", "csv", "plot", "firing_plot"):
+        path = getattr(args, attribute)
+        if path is None:
+            continue
+        option = "--" + attribute.replace("_", "-")
+        target = Path(path).resolve()
+        if target in named:
+            raise OptionError(f"{option} {path} is also {named[target]}: the report would replace it; give another path")
+        named[target] = f"the path of {option}"
 
 
 def _analyze_here(args, model_path: str) -> tuple:

@@ -478,6 +478,32 @@ def test_report_paths_are_checked_before_the_run(capsys, files, option, name, me
     assert sorted(p.name for p in files["full"].iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.parametrize(
+    "inputs, reports, message",
+    [
+        (["model.onnx", "--data", "x.npy"], ["--json", "model.onnx"], r"--json .*model.onnx is also the model of this run: the report would replace it"),
+        (["model.onnx", "--data", "x.npy"], ["--csv", "./x.npy"], r"--csv .*x.npy is also --data of this run"),
+        (["model.onnx", "--data", "x.npy", "--labels", "y.npy"], ["--json", "y.npy"], r"--json .*y.npy is also --labels of this run"),
+        (["model.onnx", "--data-loader-script", "loader.py:batches"], ["--csv", "loader.py"], r"--csv .*loader.py is also --data-loader-script"),
+        (["model.onnx", "--data", "x.npy"], ["--json", "r.json", "--csv", "sub/../r.json"], r"--csv .*r.json is also the path of --json"),
+    ],
+    ids=["json onto the model", "csv onto the data", "json onto the labels", "csv onto the loader script", "two reports, one file"],
+)  # fmt: skip
+def test_a_report_path_that_names_an_input_or_another_report_is_refused(capsys, files, tmp_path, monkeypatch, inputs, reports, message):
+    """Nothing is replaced: the run's inputs stay byte for byte as they were."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model.onnx").write_bytes(files["model"].read_bytes())
+    for name in ("x.npy", "y.npy"):
+        (tmp_path / name).write_bytes(files[name].read_bytes())
+    (tmp_path / "loader.py").write_text("def batches():\n    return []\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    code, out, err = _main(capsys, "analyze", *inputs, *reports)
+    assert code == cli.EXIT_BAD_INPUT and out == "", err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_overwrite_replaces_the_stores_in_an_existing_storage(capsys, expected, tmp_path):
     from tensorstate_onnx.store import StateStore
 
