@@ -188,8 +188,14 @@ def _per_channel(values: tuple[float, ...], channels: int, option: str) -> np.nd
 
 
 def load_script(spec: str) -> Iterable:
-    """The batches that ``FILE.py[:function]`` (default function ``load_data``) gives:
-    arrays, dicts of arrays (one per model input), or ``(x, y)`` pairs."""
+    """The batches that ``FILE.py[:function]`` (default function ``load_data``) gives.
+
+    The function returns one batch (an array, a dict of arrays, one per model
+    input, or an ``(x, y)`` tuple) or an iterable of batches (a list, a
+    generator). A failure of the script's own code, an exception or
+    ``sys.exit()``, while it is imported, called or gives its batches, is
+    the script's: a :class:`ModelInputError` naming it.
+    """
     file, _, name = spec.partition(":")
     name = name or "load_data"
     path = Path(file)
@@ -200,11 +206,56 @@ def load_script(spec: str) -> Iterable:
     sys.path.insert(0, str(path.absolute().parent))  # the script may import its neighbours
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ModelInputError(f"data loader script {file} failed to run: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        raise ModelInputError(f"data loader script {file} failed to run: {_script_failure(exc)}") from exc
     finally:
         sys.path.remove(str(path.absolute().parent))
     function: Callable | None = getattr(module, name, None)
     if not callable(function):
         raise ModelInputError(f"data loader script {file} has no function {name!r}; define it or name it as FILE.py:function")
-    return function()
+    where = f"data loader script {file}, function {name}()"
+    try:
+        result = function()
+    except (Exception, SystemExit) as exc:
+        raise ModelInputError(f"{where} failed: {_script_failure(exc)}") from exc
+    return _script_batches(result, where)
+
+
+def _script_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_batch_part(value) -> bool:
+    return isinstance(value, (np.ndarray, dict)) or (hasattr(value, "__array__") and hasattr(value, "shape"))
+
+
+def _script_batches(result, where: str) -> Iterable:
+    """``result`` of a loader function as batches: one batch as a list of it,
+    an iterable of batches as one whose failures name the script."""
+    if _is_batch_part(result):
+        return [result]
+    if isinstance(result, tuple) and len(result) == 2 and all(_is_batch_part(part) for part in result):
+        return [result]  # one (x, y) pair
+    if isinstance(result, (list, tuple)):
+        return result
+    try:
+        iterator = iter(result)
+    except TypeError:
+        raise ModelInputError(
+            f"{where} returned {type(result).__name__}; return a batch (an array, a dict of arrays, an (x, y) "
+            "tuple) or an iterable of batches"
+        ) from None
+    return _checked_batches(iterator, where)
+
+
+def _checked_batches(iterator, where: str) -> Iterable:
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (Exception, SystemExit) as exc:
+            raise ModelInputError(f"{where} failed while giving its batches: {_script_failure(exc)}") from exc
+        yield batch

@@ -89,3 +89,50 @@ def test_loader_scripts(tmp_path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('no data today')\n")
     with pytest.raises(ModelInputError, match="failed to run: RuntimeError: no data today"):
         load_script(str(tmp_path / "broken.py"))
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(ModelInputError, match=r"exits.py failed to run: it called sys.exit\(0\)"):
+        load_script(str(tmp_path / "exits.py"))
+
+
+def test_a_loader_returning_one_batch_gives_that_batch(tmp_path):
+    script = tmp_path / "one.py"
+    script.write_text(
+        "import numpy as np\n"
+        "x, y = np.arange(8, dtype=np.float32).reshape(2, 4), np.array([0, 1])\n"
+        "def array():\n    return x\n"
+        "def pair():\n    return x, y\n"
+        "def named():\n    return {'input': x}\n"
+        "def two_batches():\n    return [x, x + 1]\n"
+    )
+    (batch,) = load_script(f"{script}:array")
+    assert batch.shape == (2, 4)
+    ((bx, by),) = load_script(f"{script}:pair")
+    assert bx.shape == (2, 4) and by.tolist() == [0, 1]
+    (batch,) = load_script(f"{script}:named")
+    assert list(batch) == ["input"]
+    assert [b[0, 0] for b in load_script(f"{script}:two_batches")] == [0, 1]
+
+
+def test_a_loader_failing_in_its_own_code_names_the_script(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(
+        "import sys\nimport numpy as np\n"
+        "def raises():\n    raise RuntimeError('disk gone')\n"
+        "def exits():\n    sys.exit(3)\n"
+        "def nothing():\n    return None\n"
+        "def needs_an_argument(path):\n    return []\n"
+        "def raises_mid():\n    yield np.zeros((2, 4), np.float32)\n    raise OSError('connection reset')\n"
+    )
+    cases = {
+        "raises": r"function raises\(\) failed: RuntimeError: disk gone",
+        "exits": r"function exits\(\) failed: it called sys.exit\(3\)",
+        "nothing": r"function nothing\(\) returned NoneType; return a batch .* or an iterable of batches",
+        "needs_an_argument": r"function needs_an_argument\(\) failed: TypeError: .*missing 1 required positional argument",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ModelInputError, match=message):
+            load_script(f"{script}:{name}")
+    batches = iter(load_script(f"{script}:raises_mid"))
+    assert next(batches).shape == (2, 4)
+    with pytest.raises(ModelInputError, match=r"raises_mid\(\) failed while giving its batches: OSError: connection reset"):
+        next(batches)
