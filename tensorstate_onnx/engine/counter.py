@@ -157,8 +157,13 @@ class StateCounter:
         for other in others:
             self._check_mergeable(other, "merge_many() takes StateCounters")
         if isinstance(self._store, DirectCounts):
+            # This counter among others adds its counts as they were before the merge.
+            own = self._store.table.copy() if any(other is self for other in others) else None
             for other in others:
-                self._store.merge(other._store)
+                if other is self:
+                    self._store.table += own
+                else:
+                    self._store.merge(other._store)
         else:
             self._store.merge_many([other._store for other in others])
         self.total += sum(other.total for other in others)

@@ -913,6 +913,19 @@ def test_merge_many_counts_afresh_the_counters_of_another_hash(c):
     assert as_dict(*counters[0].result()) == unique_dict(np.concatenate(parts))
 
 
+@pytest.mark.parametrize("c", [8, 16, 40, 200])
+def test_merge_many_with_the_counter_itself_among_others_adds_its_counts_as_they_were(c):
+    rng = np.random.default_rng(c)
+    pool = random_states(rng, 6, c)
+    a_rows, b_rows = pool[rng.integers(0, 6, 40)], pool[rng.integers(0, 6, 30)]
+    a, b = StateCounter(c), StateCounter(c)
+    a.add(a_rows)
+    b.add(b_rows)
+    a.merge_many([b, a])
+    assert as_dict(*a.result()) == unique_dict(np.concatenate([a_rows, b_rows, a_rows]))
+    assert a.total == a.counts().sum() == 110
+
+
 def test_merge_many_checks_neurons_and_types():
     with pytest.raises(OptionError, match="31 neurons into counts of 30"):
         StateCounter(30).merge_many([StateCounter(30), StateCounter(31)])
