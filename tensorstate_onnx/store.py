@@ -36,7 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .engine import n_bytes_for
-from .errors import IndexOutOfRangeError, MissingFileError, StorageExistsError, StoreError
+from .errors import IndexOutOfRangeError, MissingFileError, OptionError, OptionTypeError, StorageExistsError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,16 @@ __all__ = ["ChunkedRows", "MemoryRows", "StateStore", "state_codec", "store_dirn
 STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
 ROWS_WRITTEN = "rows_written"  # attribute: rows completely written
 COMPLETE = "complete"  # attribute: the run that wrote the store finished
+# Attribute: every chunk is written, all-zero ones too (zarr skips those by
+# default, and reads any absent chunk as zeros): an absent chunk is then a lost
+# one, refused on reading instead of read as states where no neuron fired.
+EVERY_CHUNK = "every_chunk_written"
+_EVERY_CHUNK_CONFIG = {"write_empty_chunks": True}
+
+
+def writing_every_chunk(array: zarr.Array) -> zarr.Array:
+    """``array`` set to write all-zero chunks too (a setting of the process, not of the file)."""
+    return array.with_config(_EVERY_CHUNK_CONFIG)
 
 
 def state_codec() -> BloscCodec:
@@ -189,6 +199,10 @@ class StateStore:
         metadata: dict | None = None,
         overwrite: bool = False,
     ):
+        if _positive_int(n_neurons) is None:
+            raise OptionError(f"a state store holds states of a positive int number of neurons, got {n_neurons!r}")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise OptionTypeError(f"a state store's path is a str or os.PathLike (None: in memory), not {type(path).__name__}")
         self.n_neurons = int(n_neurons)
         self.n_bytes = n_bytes_for(self.n_neurons)
         self.path = None if path is None else Path(path)
@@ -199,7 +213,9 @@ class StateStore:
             elif self.path.exists():
                 self.path.unlink()
         rows = max(1, STATE_CHUNK_BYTES // self.n_bytes)
-        attributes = {"n_neurons": self.n_neurons, **(metadata or {}), ROWS_WRITTEN: 0, COMPLETE: False}
+        attributes = {
+            "n_neurons": self.n_neurons, **(metadata or {}), ROWS_WRITTEN: 0, COMPLETE: False, EVERY_CHUNK: True,
+        }  # fmt: skip
         # In memory: the rows themselves, the zarr array built when asked for.
         self._memory = MemoryRows(rows, self.n_bytes) if self.path is None else None
         self._attributes = attributes
@@ -231,7 +247,7 @@ class StateStore:
         if not path.is_dir():
             raise MissingFileError(f"no state store at {path}: it is not a directory")
         try:
-            array = zarr.open_array(zarr.storage.LocalStore(path), mode="r+")
+            array = writing_every_chunk(zarr.open_array(zarr.storage.LocalStore(path), mode="r+"))
         except Exception as exc:  # zarr raises several types for a directory that is not an array
             raise StoreError(f"{path} is not a tensorstate-onnx state store: {exc}") from None
         if "n_neurons" not in array.attrs or array.dtype != np.uint8 or array.ndim != 2:
@@ -296,6 +312,8 @@ class StateStore:
 
     def append(self, packed: np.ndarray) -> None:
         """Add rows; whole chunks are written at once, the rest waits for more or ``flush``."""
+        if not isinstance(packed, np.ndarray):
+            raise OptionTypeError(f"a state store appends a numpy array of packed states, not {type(packed).__name__}")
         if packed.ndim != 2 or packed.shape[1] != self.n_bytes or packed.dtype != np.uint8:
             raise StoreError(
                 f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
@@ -361,14 +379,18 @@ class StateStore:
                 ranges.append((start, stop))
         return ranges
 
-    def read(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Stored rows: all, a slice, or an integer index array (in the order given).
+    def read(self, rows: slice | np.ndarray | int | None = None) -> np.ndarray:
+        """Stored rows, as a ``(k, n_bytes)`` array: all, a slice (any step), an
+        integer or a one-dimensional array of integers (rows in the order given),
+        or a boolean mask of one value per row.
 
         Only written rows can be read (see ``written_ranges``).
         """
         self.flush()
         if rows is None:
             rows = slice(0, len(self))
+        # A sharded run's store may hold rows past a gap (read by range, see written_ranges).
+        rows = _row_selection(rows, len(self) if self._memory is not None else self._array.shape[0])
         if self._memory is not None:
             return self._read_memory(rows)
         if isinstance(rows, slice):
@@ -376,11 +398,13 @@ class StateStore:
             picked = range(self._array.shape[0])[rows]
             if len(picked):
                 self._check_written(np.array([min(picked), max(picked)]), contiguous=True)
+                self._check_chunks_present(np.arange(picked[0] // self._array.chunks[0], (picked[-1] // self._array.chunks[0]) + 1))
             return self._decoded(lambda: self._array[rows], picked)
         index = np.asarray(rows, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= len(self)) and not self._regions:
             raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
         self._check_written(index)
+        self._check_chunks_present(np.unique(index // self._array.chunks[0]))
         return self._decoded(lambda: self._array.get_orthogonal_selection((index, slice(None))), index)
 
     def _read_memory(self, rows: slice | np.ndarray) -> np.ndarray:
@@ -411,6 +435,20 @@ class StateStore:
                 f"(its run stopped early); the written rows are {ranges}"
             )
 
+    def _check_chunks_present(self, chunks: np.ndarray) -> None:
+        """Raise if a chunk of a store that writes every chunk is absent from its directory."""
+        if self.path is None or not chunks.size or not self._array.attrs.get(EVERY_CHUNK, False):
+            return
+        chunk_rows = self._array.chunks[0]
+        for chunk in chunks.tolist():
+            if not (self.path / self._array.metadata.encode_chunk_key((chunk, 0))).is_file():
+                begin = chunk * chunk_rows
+                raise StoreError(
+                    f"state store {self.path} is damaged: chunk {chunk} (rows {begin} to "
+                    f"{min(begin + chunk_rows, self._array.shape[0]) - 1}) is missing from its directory; "
+                    "rerun the analysis to rebuild it"
+                )
+
     def _decoded(self, read: Callable[[], np.ndarray], rows: range | np.ndarray) -> np.ndarray:
         """``read()`` of ``rows``, with a chunk that does not decode named instead of a codec's bare error."""
         try:
@@ -430,6 +468,30 @@ class StateStore:
             raise exc
 
 
+def _row_selection(rows, n_rows: int) -> slice | np.ndarray:
+    """What :meth:`StateStore.read` was asked for (of ``n_rows``), as a slice of step 1 or an int64 index array."""
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(n_rows)
+        return slice(start, max(start, stop)) if step == 1 else np.arange(start, stop, step, dtype=np.int64)
+    index = np.asarray(rows)
+    if index.size == 0 and isinstance(rows, (list, tuple)):
+        return np.zeros(0, np.int64)
+    if index.dtype == bool:
+        if index.shape != (n_rows,):
+            raise IndexOutOfRangeError(
+                f"a boolean mask of state rows needs one value per row ({n_rows}), got shape {index.shape}"
+            )
+        return np.flatnonzero(index)
+    if index.dtype.kind not in "iu":
+        raise OptionTypeError(
+            "state rows are read by a slice, an integer, an array of integers or a boolean mask, not "
+            f"{type(rows).__name__} ({index.dtype})"
+        )
+    if index.ndim > 1:
+        raise OptionTypeError(f"an index array of state rows must be one-dimensional, got shape {index.shape}")
+    return index.reshape(-1).astype(np.int64, copy=False)
+
+
 def _new_array(store, chunk_rows: int, n_bytes: int, attributes: dict) -> zarr.Array:
     """An empty state array in ``store``: chunks of ``chunk_rows`` rows, compressed."""
     return zarr.create_array(
@@ -440,6 +502,7 @@ def _new_array(store, chunk_rows: int, n_bytes: int, attributes: dict) -> zarr.A
         compressors=[state_codec()],
         attributes=attributes,
         fill_value=0,
+        config=_EVERY_CHUNK_CONFIG,
     )
 
 

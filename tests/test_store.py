@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,7 @@ def test_memory_store_keeps_the_rows_appended_and_builds_its_array_when_asked():
     array = store.array
     assert array.shape == (9000, 512) and np.array_equal(array[:], data[:9000])
     assert array.chunks == (8192, 512) and array.compressors[0].cname.value == "lz4"
-    assert dict(array.attrs) == store.metadata == {"n_neurons": 4096, "name": "probe", "rows_written": 9000, "complete": False}
+    assert dict(array.attrs) == store.metadata == {"n_neurons": 4096, "name": "probe", "rows_written": 9000, "complete": False, "every_chunk_written": True}
     store.append(data[9000:])
     store.mark_complete()
     assert store.array is array and np.array_equal(array[:], data)  # brought up to date
@@ -76,7 +78,7 @@ def test_directory_store_reopens_with_metadata(tmp_path):
     assert reopened.n_neurons == 20
     assert reopened.metadata == {
         "n_neurons": 20, "name": "conv1:after", "node": "/conv1/Conv", "states_per_instance": 576,
-        "rows_written": 5000, "complete": False,
+        "rows_written": 5000, "complete": False, "every_chunk_written": True,
     }  # fmt: skip
     assert np.array_equal(reopened.read(), data)
     reopened.append(data[:3])
@@ -112,9 +114,45 @@ def test_bad_rows_and_indices():
         store.append(np.zeros((3, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         store.append(np.zeros((3, 2), np.int16))
+    with pytest.raises(TypeError, match="appends a numpy array of packed states, not list"):
+        store.append([[1, 2]])
     store.append(np.zeros((4, 2), np.uint8))
     with pytest.raises(IndexError, match="rows must lie"):
         store.read(np.array([4]))
+    for n_neurons in (0, -3, 2.7, True, "20", None):
+        with pytest.raises(ValueError, match=rf"positive int number of neurons, got {re.escape(repr(n_neurons))}"):
+            StateStore(n_neurons)
+    with pytest.raises(TypeError, match="path is a str or os.PathLike .*not int"):
+        StateStore(20, 5)
+    assert StateStore(np.int32(20)).n_bytes == 3
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_every_kind_of_row_selection_reads_what_numpy_does(tmp_path, on_disk):
+    from tensorstate_onnx import IndexOutOfRangeError, OptionTypeError
+
+    data = _rows(1000, 3)
+    data[:, -1] &= 15
+    store = StateStore(20, tmp_path / "probe" if on_disk else None)
+    store.append(data)
+    mask = np.zeros(1000, bool)
+    mask[[3, 500, 999]] = True
+    selections = {
+        "mask": (mask, data[mask]), "int": (5, data[[5]]), "numpy int": (np.int64(7), data[[7]]),
+        "empty list": ([], data[:0]), "list": ([4, 2, 4], data[[4, 2, 4]]),
+        "reversed": (slice(None, None, -1), data[::-1]), "step -3": (slice(10, 0, -3), data[10:0:-3]),
+        "step 7": (slice(1, 900, 7), data[1:900:7]), "uint index": (np.array([9, 1], np.uint16), data[[9, 1]]),
+    }  # fmt: skip
+    for name, (rows, want) in selections.items():
+        assert np.array_equal(store.read(rows), want), name
+    with pytest.raises(IndexOutOfRangeError, match=r"one value per row \(1000\), got shape \(10,\)"):
+        store.read(mask[:10])
+    with pytest.raises(OptionTypeError, match=r"not list \(float64\)"):
+        store.read([1.7])
+    with pytest.raises(OptionTypeError, match=r"not str"):
+        store.read("abc")
+    with pytest.raises(OptionTypeError, match=r"one-dimensional, got shape \(2, 2\)"):
+        store.read(np.array([[1, 2], [3, 4]]))
 
 
 def test_storage_root_must_be_a_free_directory(tmp_path):
@@ -246,3 +284,25 @@ def test_a_damaged_chunk_is_named(tmp_path):
         reopened.read()
     with pytest.raises(StoreError, match="chunk 1"):
         reopened.read(np.array([0, 9000]))
+
+
+def test_a_missing_chunk_is_refused_not_read_as_states_where_nothing_fired(tmp_path):
+    path = tmp_path / "probe"
+    store = StateStore(4096, path)  # 8192 rows a chunk
+    rows = _rows(20_000, 512)
+    rows[:8192] = 0  # a whole chunk of states where no neuron fired: still written
+    store.append(rows)
+    store.mark_complete()
+    assert (path / "c" / "0" / "0").is_file()
+    store.append(np.zeros((8192, 512), np.uint8))  # appended after reopening-free growth, too
+    store.flush()
+    assert StateStore.open(path).read(slice(20_000, 28_192)).sum() == 0
+    (path / "c" / "1" / "0").unlink()
+    reopened = StateStore.open(path)
+    assert np.array_equal(reopened.read(slice(0, 8192)), rows[:8192]), "the chunks still there read"
+    for rows_asked in (None, slice(8000, 9000), np.array([16_000, 9000])):
+        with pytest.raises(StoreError, match=r"damaged: chunk 1 \(rows 8192 to 16383\) is missing"):
+            reopened.read(rows_asked)
+    reopened.append(np.zeros((8192, 512), np.uint8))  # a reopened store writes all-zero chunks too
+    reopened.flush()
+    assert (path / "c" / "3" / "0").is_file()

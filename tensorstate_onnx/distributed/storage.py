@@ -23,7 +23,10 @@ from ..engine import n_bytes_for
 from ..errors import OptionError
 from ..graph import Probe
 from ..runtime import OnnxEfficiencyModel
-from ..store import COMPLETE, ROWS_WRITTEN, STATE_CHUNK_BYTES, ChunkedRows, StateStore, state_codec, store_dirname
+from ..store import (
+    COMPLETE, EVERY_CHUNK, ROWS_WRITTEN, STATE_CHUNK_BYTES, ChunkedRows, StateStore, state_codec, store_dirname,
+    writing_every_chunk,
+)  # fmt: skip
 from .plan import _Shard
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ class _RegionWriter:
     """
 
     def __init__(self, path: str, start_row: int, n_rows: int, chunk_rows: int, where: str):
-        self.array = zarr.open_array(zarr.storage.LocalStore(path), mode="r+")
+        self.array = writing_every_chunk(zarr.open_array(zarr.storage.LocalStore(path), mode="r+"))
         self.start = start_row
         self.n_rows = n_rows
         self.where = where
@@ -134,7 +137,7 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
         attributes = {
             "n_neurons": neurons, "name": name, **capture.metadata, "states_per_instance": per,
             "n_samples": n, "n_shards": len(shards), COMPLETE: False, "shards_written": [],
-            "shard_rows": [s.start * per for s in shards] + [n * per], ROWS_WRITTEN: 0,
+            "shard_rows": [s.start * per for s in shards] + [n * per], ROWS_WRITTEN: 0, EVERY_CHUNK: True,
         }  # fmt: skip
         zarr.create_array(
             zarr.storage.LocalStore(directory), shape=(n * per, n_bytes), chunks=(chunk_rows, n_bytes),
