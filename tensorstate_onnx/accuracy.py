@@ -10,11 +10,13 @@ things would still look like a number.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .errors import ModelInputError
 
-__all__ = ["count_correct"]
+__all__ = ["check_labels", "count_correct"]
 
 
 def _shape(array: np.ndarray) -> str:
@@ -37,11 +39,42 @@ def _predictions(output: np.ndarray) -> np.ndarray:
             "no class is predicted; evaluate a model that outputs class scores [N, K] (or integer class ids), "
             "or call predict() and score the outputs yourself"
         )
-    return output.argmax(axis=-1)
+    predicted = output.argmax(axis=-1)
+    unscored = np.isnan(output).any(axis=-1)
+    if unscored.any():
+        # One message for every batch: Python shows it once, not once per batch.
+        warnings.warn(
+            "predictions with NaN among their class scores are counted as wrong (a NaN score predicts "
+            "no class): the model overflowed, or its inputs hold NaN",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        predicted = np.where(unscored, -1, predicted)  # never a class id
+    return predicted
 
 
-def _class_ids(labels: np.ndarray, output: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """The labels as integer class ids shaped like ``predicted``."""
+def check_labels(labels, n_classes: int | None) -> None:
+    """Refuse labels that cannot be class ids (of ``n_classes`` scored classes, when
+    known) before any sample runs: a refusal after some batches ran would leave
+    their states recorded. One-hot rows (a last axis of ``n_classes``) pass."""
+    labels = np.asarray(labels)
+    if n_classes is not None and n_classes > 1 and labels.ndim >= 2 and labels.shape[-1] == n_classes:
+        return
+    if labels.dtype.kind == "f":
+        if not (np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+            raise ModelInputError("labels must be integer class ids (or one-hot rows), got floats that are not whole numbers")
+    elif labels.dtype.kind not in "ui":
+        raise ModelInputError(f"labels must be integer class ids (or one-hot rows), got {labels.dtype}")
+    if n_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ModelInputError(
+            f"labels run from {labels.min():g} to {labels.max():g}, but the model's first output scores "
+            f"{n_classes} classes (0..{n_classes - 1}); pass class ids of the outputs"
+        )
+
+
+def _class_ids(labels: np.ndarray, output: np.ndarray, predicted: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """The labels as integer class ids shaped like ``predicted`` (those at positions
+    ``real`` is false at, padding, are not checked)."""
     if labels.shape == output.shape and output.ndim >= 2 and output.shape[-1] > 1 and labels.shape != predicted.shape:
         return labels.argmax(axis=-1)  # one-hot rows
     if labels.shape != predicted.shape and labels.size == predicted.size and labels.shape[:1] == predicted.shape[:1]:
@@ -55,9 +88,10 @@ def _class_ids(labels: np.ndarray, output: np.ndarray, predicted: np.ndarray) ->
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "ui":
         raise ModelInputError(f"labels must be integer class ids (or one-hot rows), got {labels.dtype}")
-    if output.dtype.kind == "f" and labels.size and (labels.min() < 0 or labels.max() >= output.shape[-1]):
+    checked = labels if real is None else labels[real]
+    if output.dtype.kind == "f" and checked.size and (checked.min() < 0 or checked.max() >= output.shape[-1]):
         raise ModelInputError(
-            f"labels run from {labels.min()} to {labels.max()}, but the model's first output scores "
+            f"labels run from {checked.min()} to {checked.max()}, but the model's first output scores "
             f"{output.shape[-1]} classes (0..{output.shape[-1] - 1}); pass class ids of the outputs"
         )
     return labels
@@ -71,9 +105,9 @@ def count_correct(output, labels, mask=None) -> tuple[int, int]:
     predicted = _predictions(output)
     if output.dtype.kind == "f" and output.ndim > 2:
         output = output.reshape(*predicted.shape, -1)
-    ids = _class_ids(labels, output, predicted)
+    real = None if mask is None or np.shape(mask) != predicted.shape else np.asarray(mask, dtype=bool)
+    ids = _class_ids(labels, output, predicted, real)
     right = predicted == ids
-    if mask is None or np.shape(mask) != right.shape:
+    if real is None:
         return int(np.count_nonzero(right)), int(ids.size)
-    real = np.asarray(mask, dtype=bool)
     return int(np.count_nonzero(right & real)), int(np.count_nonzero(real))

@@ -485,7 +485,7 @@ def _framework_logs(verbose: bool) -> Iterator[None]:
     os.environ.setdefault("TORCH_LOGS", "-onnx")  # read when torch is imported: errors only
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(4)  # fatal only: its errors reach us as exceptions, said once
     yield
 
 

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from . import graph
-from .accuracy import count_correct
+from .accuracy import check_labels, count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture, positions_kept
 from .data import Batch, cache_sized_batch, iter_batches, n_samples
@@ -276,11 +276,12 @@ class OnnxEfficiencyModel:
                 path = save_model(self.model, Path(tmp, "probed.onnx"), external_data=True)
                 return ort.InferenceSession(str(path), options, providers=self.providers)
         except _ORT_ERRORS as exc:
-            raise ModelFileError(
-                f"onnxruntime cannot load the {self._described}: {first_line(exc)} "
-                "(an operator or opset it does not implement, or an invalid graph); "
-                "re-export the model with a supported opset"
-            ) from exc
+            text = first_line(exc)
+            if "External initializer" in text or "external data" in text.lower():
+                cause = "its external data (weights in files beside it) cannot be read in full; the files are damaged or truncated: copy or export them again"
+            else:
+                cause = "an operator or opset it does not implement, or an invalid graph; re-export the model with a supported opset"
+            raise ModelFileError(f"onnxruntime cannot load the {self._described}: {text} ({cause})") from exc
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -427,9 +428,10 @@ class OnnxEfficiencyModel:
         for capture in self.efficiency_layers:
             capture.record_outputs(values, batch_size, mask)
 
-    def _stream(self, data, labels, batch_size: int | None, progress: bool | None) -> Iterator[tuple]:
+    def _stream(self, data, labels, batch_size: int | None, progress: bool | None, check_labels=None) -> Iterator[tuple]:
         """``(outputs, labels, mask)`` of each batch, recorded; the stores are flushed at the end
-        (and marked complete if every batch ran)."""
+        (and marked complete if every batch ran). ``check_labels(labels)`` runs on each
+        batch's labels before the batch does."""
         pending: Future | None = None
         finished = False
         batches = iter_batches(data, labels, self._batch_size_for(data, batch_size), len(self.inputs) == 1)
@@ -437,6 +439,8 @@ class OnnxEfficiencyModel:
             batches = _exact_batches(batches, self.fixed_batch_size)
         try:
             for batch in _with_progress(batches, progress):
+                if check_labels is not None:
+                    check_labels(batch.labels)
                 outputs, pending, mask = self._run_batch(self._feed(batch.inputs), pending)
                 yield outputs, batch.labels, mask
             if pending is not None:
@@ -475,14 +479,34 @@ class OnnxEfficiencyModel:
         :mod:`~tensorstate_onnx.accuracy`). Labels are class ids or one-hot
         rows, given here or inside ``data`` as ``(x, y)``.
         """
-        correct = total = 0
-        for outputs, batch_labels, mask in self._stream(data, labels, batch_size, progress):
+        n_classes = None if self.mask_input is not None else self._n_classes()
+        if labels is not None:
+            check_labels(labels, n_classes)  # all of them before a batch runs: a refusal records nothing
+
+        def check(batch_labels) -> None:
             if batch_labels is None:
                 raise ModelInputError("evaluate() needs labels: pass labels=... or (x, y) batches")
+            if labels is None:
+                check_labels(batch_labels, n_classes)
+
+        correct = total = 0
+        for outputs, batch_labels, mask in self._stream(data, labels, batch_size, progress, check):
             batch_correct, batch_total = count_correct(outputs[0], batch_labels, mask)
             correct += batch_correct
             total += batch_total
+        if total == 0:
+            raise ModelInputError(
+                f"no prediction to score: every position was padding ({self.mask_input!r} was 0 everywhere)"
+            )
         return correct / total
+
+    def _n_classes(self) -> int | None:
+        """How many classes the first output scores, when its type says (float, one axis above 1)."""
+        first = self.session.get_outputs()[0]
+        if "float" not in first.type or not first.shape:
+            return None
+        axes = [d for d in first.shape[1:] if d != 1]
+        return axes[-1] if len(axes) == 1 and isinstance(axes[-1], int) else None
 
     def flush(self, complete: bool = True) -> None:
         """Write buffered raw states of every probe to their stores; ``complete``

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import ModelInputError
-from tensorstate_onnx.accuracy import count_correct
+from tensorstate_onnx.accuracy import check_labels, count_correct
 
 SCORES = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], np.float32)
 LABELS = np.array([1, 0, 1, 0])  # the third prediction (2) is wrong
@@ -50,3 +50,40 @@ def test_per_token_labels_against_per_token_logits():
 def test_ambiguous_or_mismatched_inputs_are_refused(output, labels, match):
     with pytest.raises(ModelInputError, match=match):
         count_correct(output, labels)
+
+
+def test_a_prediction_with_a_nan_score_is_wrong_and_said_so():
+    scores = SCORES.copy()
+    scores[0, 2] = np.nan  # its argmax would be 2: wrong anyway
+    scores[1, :] = np.nan  # argmax 0 would match its label 0
+    with pytest.warns(RuntimeWarning, match="NaN among their class scores are counted as wrong"):
+        assert count_correct(scores, LABELS) == (1, 4)
+
+
+def test_padded_positions_are_not_checked_as_labels():
+    logits = np.random.default_rng(1).normal(size=(2, 4, 5)).astype(np.float32)
+    labels = logits.argmax(-1)
+    real = np.ones((2, 4), bool)
+    real[1, 2:] = False
+    labels[1, 2:] = -100  # Hugging Face's padding label
+    assert count_correct(logits, labels, real) == (6, 6)
+    with pytest.raises(ModelInputError, match="labels run from -100"):
+        count_correct(logits, labels)
+
+
+def test_labels_are_checked_before_anything_runs():
+    check_labels(LABELS, 3)
+    check_labels(LABELS.astype(np.float32), None)
+    check_labels(np.eye(3)[LABELS] * 0.9, 3)  # soft one-hot rows: argmaxed later
+    for labels, n_classes, match in [
+        (np.array([1, 0, 3]), 3, r"labels run from 0 to 3, but the model's first output scores 3 classes"),
+        (np.array([-1, 0]), None, None),
+        (np.array([0.5, 1]), 3, "not whole numbers"),
+        (np.array([np.nan, 1]), None, "not whole numbers"),
+        (np.array(["a"]), 3, "integer class ids"),
+    ]:
+        if match is None:
+            check_labels(labels, n_classes)  # the class count unknown: ranges are checked per batch
+            continue
+        with pytest.raises(ModelInputError, match=match):
+            check_labels(labels, n_classes)

@@ -928,3 +928,33 @@ def test_compare_bad_input_exits_2_with_one_line(capsys, two_reports, tmp_path, 
 def test_compare_refuses_a_plot_format_before_reading(capsys, two_reports, tmp_path):
     err = _one_line_error(capsys, "compare", *two_reports, "--plot", tmp_path / "chart.txt")
     assert "cannot plot to" in err and "txt extension" in err
+
+
+def test_truncated_external_data_is_named_as_the_cause(capfd, tmp_path):
+    model = onnx.load(str(demo.model_path()))
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    data = tmp_path / "m.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    code = cli.main(["analyze", str(tmp_path / "m.onnx")])
+    out, err = capfd.readouterr()
+    assert code == cli.EXIT_BAD_INPUT and out == ""
+    assert err.count("\n") == 1 and "onnxruntime:" not in err.replace("onnxruntime cannot", ""), err
+    assert re.search(r"external data .* cannot be read in full; the files are damaged or truncated", err), err
+
+
+def test_a_failed_run_is_one_line_without_onnxruntime_s_own_error_log(capfd, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"]), helper.make_node("Relu", ["emb"], ["y"])],
+        "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 4])], [weight],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "lookup.onnx")
+    np.save(tmp_path / "ids.npy", np.full((2, 5), 50, np.int64))  # past the table's 10 rows
+    code = cli.main(["analyze", str(tmp_path / "lookup.onnx"), "--data", str(tmp_path / "ids.npy"), "--attach-to", "Relu"])
+    out, err = capfd.readouterr()
+    assert code == cli.EXIT_BAD_INPUT and out == ""
+    assert err.count("\n") == 1 and "[E:onnxruntime" not in err, err
+    assert "indices element out of data bounds" in err

@@ -236,6 +236,10 @@ def test_a_mask_input_leaves_padded_positions_out_of_states_and_accuracy():
     labels[~real] = (labels[~real] + 1) % 3  # wrong only at padded positions
     scored = _build(model, attach_to="Relu", mask_input="mask")
     assert scored.evaluate(({"x": x, "mask": mask}, labels), progress=False) == 1.0
+    labels[~real] = -100  # Hugging Face's padding label: not checked where the mask is 0
+    assert scored.evaluate(({"x": x, "mask": mask}, labels), progress=False) == 1.0
+    with pytest.raises(ModelInputError, match="no prediction to score: every position was padding"):
+        scored.evaluate(({"x": x, "mask": np.zeros_like(mask)}, labels), progress=False)
 
 
 def test_a_mask_that_does_not_fit_a_probe_or_the_model_is_refused():
@@ -533,6 +537,42 @@ def test_evaluate_accuracy_equals_plain_argmax(demo_model, demo_data):
     probed.reset_states()
     one_hot = np.eye(10, dtype=np.float32)[y]
     assert probed.evaluate(x, one_hot, batch_size=50, progress=False) == expected
+
+
+def test_labels_refused_by_evaluate_leave_nothing_recorded(demo_model, demo_data):
+    """A bad label is refused before any batch runs, so evaluating again counts each sample once."""
+    x, y = demo_data
+    probed = _build(demo_model)
+    bad = y.copy()
+    bad[150] = 10
+    with pytest.raises(ModelInputError, match=r"labels run from 0 to 10, but the model's first output scores 10 classes"):
+        probed.evaluate(x, bad, batch_size=100, progress=False)
+    with pytest.raises(ModelInputError, match="evaluate\\(\\) needs labels"):
+        probed.evaluate(x, batch_size=100, progress=False)
+    assert [c.state_count for c in probed.efficiency_layers] == [0] * len(probed.efficiency_layers)
+
+    def pairs():
+        yield x[:100], y[:100]
+        yield x[100:200], np.full(100, 12)
+
+    with pytest.raises(ModelInputError, match="labels run from 12 to 12"):
+        probed.evaluate(pairs(), progress=False)
+    first_batch = [c.state_count for c in probed.efficiency_layers]  # batches are checked as they come
+    probed.reset_states()
+    probed.predict(x[:100], progress=False)
+    assert [c.state_count for c in probed.efficiency_layers] == first_batch
+
+
+def test_nan_scores_count_as_wrong_predictions(demo_model, demo_data):
+    x, y = demo_data
+    nan_inputs = x.copy()
+    nan_inputs[y == 0] = np.nan
+    probed = _build(demo_model)
+    clean = probed.evaluate(x, y, progress=False)
+    with pytest.warns(RuntimeWarning, match="NaN among their class scores"):
+        accuracy = probed.evaluate(nan_inputs, y, progress=False)
+    correct_elsewhere = clean * len(y) - np.count_nonzero(y == 0)  # every digit 0 of the demo set is right
+    assert accuracy == pytest.approx(correct_elsewhere / len(y))
 
 
 def test_nan_and_infinite_inputs_follow_the_quantization_rule(demo_model):
