@@ -58,6 +58,8 @@ def check_labels(labels, n_classes: int | None) -> None:
     known) before any sample runs: a refusal after some batches ran would leave
     their states recorded. One-hot rows (a last axis of ``n_classes``) pass."""
     labels = np.asarray(labels)
+    if labels.ndim == 0:
+        raise ModelInputError(f"labels hold one class id per sample (an array), got the single value {labels!r}")
     if n_classes is not None and n_classes > 1 and labels.ndim >= 2 and labels.shape[-1] == n_classes:
         return
     if labels.dtype.kind == "f":

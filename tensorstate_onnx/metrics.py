@@ -149,7 +149,11 @@ def network_efficiency(efficiencies) -> float:
     layers = getattr(efficiencies, "efficiency_layers", None)
     if layers is not None:
         values = _layer_efficiencies(list(layers))
-    elif isinstance(efficiencies, Iterable) and not isinstance(efficiencies, (str, bytes, Mapping)):
+    elif isinstance(efficiencies, np.ndarray) and efficiencies.ndim == 1:
+        values = efficiencies.tolist()
+    elif (
+        isinstance(efficiencies, Iterable) and not isinstance(efficiencies, (str, bytes, Mapping, np.ndarray))
+    ):
         values = list(efficiencies)
     else:
         raise OptionTypeError(

@@ -27,7 +27,7 @@ from .accuracy import check_labels, count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture, positions_kept
 from .data import Batch, cache_sized_batch, iter_batches, n_samples
-from .errors import ModelFileError, ModelInputError, OptionError, ProviderError, first_line
+from .errors import ModelFileError, ModelInputError, OptionError, OptionTypeError, ProviderError, first_line
 from .graph import Probe, owned_copy, probe_in_place, save_model
 from .store import check_storage_root, unique_store_dirname
 
@@ -112,6 +112,24 @@ def _bytes_per_sample(session: ort.InferenceSession, names: set[str]) -> int | N
     return total
 
 
+def _check_options(storage_path, threads, channel_axes, mask_input, flags: dict) -> None:
+    """Refuse options of the wrong kind before anything is built (a float thread count, a
+    flag given as a string, a path that is not one)."""
+    if storage_path is not None and not isinstance(storage_path, (str, os.PathLike)):
+        raise OptionTypeError(f"storage_path must be a directory path (str or os.PathLike), not {type(storage_path).__name__}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise OptionError(f"threads must be a positive int (onnxruntime's intra-op threads) or None, got {threads!r}")
+    if channel_axes is not None and not isinstance(channel_axes, dict):
+        raise OptionTypeError(
+            f"channel_axes must be a dict of probe name -> neuron axis, not {type(channel_axes).__name__}"
+        )
+    if mask_input is not None and not isinstance(mask_input, str):
+        raise OptionTypeError(f"mask_input must be the name of a model input, not {type(mask_input).__name__}")
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise OptionTypeError(f"{name} must be True or False, not {value!r}")
+
+
 def resolve_providers(providers: str | Iterable[str] = "auto") -> list[str]:
     """onnxruntime provider names for ``"auto"``, ``"cpu"``, ``"cuda"`` or an explicit list."""
     available = ort.get_available_providers()
@@ -127,7 +145,15 @@ def resolve_providers(providers: str | Iterable[str] = "auto") -> list[str]:
                 f"onnxruntime provider names (available here: {', '.join(available)})"
             )
         providers = [_PROVIDERS[choice]] + (["CPUExecutionProvider"] if choice == "cuda" else [])
-    providers = list(providers)
+    if isinstance(providers, (bytes, dict)) or not isinstance(providers, Iterable):
+        providers = None
+    else:
+        providers = list(providers)
+    if not providers or not all(isinstance(name, str) for name in providers):
+        raise ProviderError(
+            "providers must be 'auto', 'cpu', 'cuda' or a non-empty list of onnxruntime provider names "
+            f"(available here: {', '.join(available)})"
+        )
     missing = [name for name in providers if name not in available]
     if missing:
         hint = " install the 'gpu' extra (onnxruntime-gpu) and check the CUDA drivers;" if "CUDAExecutionProvider" in missing else ""
@@ -186,6 +212,10 @@ class OnnxEfficiencyModel:
             raise OptionError(
                 f"unknown optimization level {optimization!r}; use one of {', '.join(_OPTIMIZATION_LEVELS)}"
             )
+        _check_options(
+            storage_path=storage_path, threads=threads, channel_axes=channel_axes, mask_input=mask_input,
+            flags=dict(pack_in_graph=pack_in_graph, keep_states=keep_states, overwrite=overwrite),
+        )  # fmt: skip
         self.providers = resolve_providers(providers)
         self.storage_path = None if storage_path is None else Path(storage_path)
         if self.storage_path is not None:

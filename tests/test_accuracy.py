@@ -81,6 +81,7 @@ def test_labels_are_checked_before_anything_runs():
         (np.array([0.5, 1]), 3, "not whole numbers"),
         (np.array([np.nan, 1]), None, "not whole numbers"),
         (np.array(["a"]), 3, "integer class ids"),
+        (3, 10, "one class id per sample .*single value"),
     ]:
         if match is None:
             check_labels(labels, n_classes)  # the class count unknown: ranges are checked per batch

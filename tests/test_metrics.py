@@ -138,8 +138,10 @@ def test_network_efficiency_errors():
     for bad in ([0.5, -0.1], [0.5, 1.5], [0.5, float("nan")], [float("inf")]):
         with pytest.raises(ValueError, match=r"efficiencies must be numbers in \[0, 1\]"):
             network_efficiency(bad)
-    with pytest.raises(TypeError, match="list of floats"):
-        network_efficiency(0.5)
+    for not_a_list in (0.5, np.array(0.5), np.array([[0.5, 0.25]])):
+        with pytest.raises(TypeError, match="list of floats"):
+            network_efficiency(not_a_list)
+    assert network_efficiency(np.array([0.25, 1.0], np.float32)) == pytest.approx(0.5)
 
 
 def test_aiq_by_hand():

@@ -25,6 +25,7 @@ from tensorstate_onnx.errors import (
     ModelInputError,
     NoStatesError,
     OptionError,
+    OptionTypeError,
     ProbeMatchError,
     ProviderError,
     StorageExistsError,
@@ -679,6 +680,29 @@ def test_empty_existing_storage_directory_is_used(demo_model, demo_data, tmp_pat
     probed = _build(demo_model, storage_path=root)
     probed.predict(demo_data[0][:4], progress=False)
     assert probed.efficiency_layers[0].states.shape == (4 * 24 * 24, 3)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(providers=None), ProviderError, "providers must be 'auto', 'cpu', 'cuda' or a non-empty list"),
+        (dict(providers=3), ProviderError, "providers must be"),
+        (dict(providers=[]), ProviderError, "non-empty list"),
+        (dict(threads="a"), OptionError, r"threads must be a positive int .*got 'a'"),
+        (dict(threads=2.5), OptionError, r"threads must be a positive int .*got 2.5"),
+        (dict(threads=-1), OptionError, "got -1"),
+        (dict(threads=True), OptionError, "got True"),
+        (dict(channel_axes=[1]), OptionTypeError, "channel_axes must be a dict of probe name -> neuron axis, not list"),
+        (dict(storage_path=5), OptionTypeError, r"storage_path must be a directory path \(str or os.PathLike\), not int"),
+        (dict(keep_states="no"), OptionTypeError, "keep_states must be True or False, not 'no'"),
+        (dict(pack_in_graph=None), OptionTypeError, "pack_in_graph must be True or False"),
+        (dict(overwrite=1), OptionTypeError, "overwrite must be True or False, not 1"),
+        (dict(mask_input=3), OptionTypeError, "mask_input must be the name of a model input, not int"),
+    ],
+)  # fmt: skip
+def test_options_of_the_wrong_kind_are_refused_by_name(demo_model, options, error, message):
+    with pytest.raises(error, match=message):
+        OnnxEfficiencyModel(demo_model, "Conv", **options)
 
 
 def test_unknown_provider(demo_model):
