@@ -29,7 +29,7 @@ from .capture import AbstractStateCapture, positions_kept
 from .data import Batch, cache_sized_batch, iter_batches, n_samples
 from .errors import ModelFileError, ModelInputError, OptionError, OptionTypeError, ProviderError, first_line
 from .graph import Probe, owned_copy, probe_in_place, save_model
-from .store import check_storage_root, unique_store_dirname
+from .store import check_storage_root, remove_state_stores, unique_store_dirname
 
 __all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
 
@@ -220,6 +220,8 @@ class OnnxEfficiencyModel:
         self.storage_path = None if storage_path is None else Path(storage_path)
         if self.storage_path is not None:
             check_storage_root(self.storage_path, overwrite)
+            if overwrite:
+                remove_state_stores(self.storage_path)
         # Rewritten in place: a large model is held once, and a file's weights not at
         # all when onnxruntime can read them from the file itself.
         if _reads_weights_from_files(model):

@@ -24,6 +24,7 @@ count, whose chunks may be missing (zeros) or half-replaced, are dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -78,6 +79,26 @@ def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None
             f"storage path {root} already exists and is not empty; choose a new directory, "
             "empty it, or pass overwrite=True (--overwrite on the command line)"
         )
+
+
+def remove_state_stores(root: str | os.PathLike) -> list[str]:
+    """Delete the state stores directly under ``root``, what an earlier run kept
+    there, and return their names; anything else in it stays. A run told to
+    overwrite a storage path calls this first: a store it would not write again
+    (a probe it no longer has) would otherwise sit beside its own, marked complete."""
+    removed = []
+    root = Path(root)
+    for entry in sorted(root.iterdir()) if root.is_dir() else ():
+        metadata = entry / "zarr.json"
+        if entry.is_dir() and not entry.is_symlink() and metadata.is_file():
+            try:
+                attributes = json.loads(metadata.read_text()).get("attributes", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(attributes, dict) and "n_neurons" in attributes:
+                shutil.rmtree(entry)
+                removed.append(entry.name)
+    return removed
 
 
 def store_dirname(probe_name: str) -> str:

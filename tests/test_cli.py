@@ -520,6 +520,19 @@ def test_overwrite_replaces_the_stores_in_an_existing_storage(capsys, expected, 
     assert _table_rows(out)["conv1:after"][-1] == f"{expected['layers'][0]['efficiency']:.4f}"
 
 
+def test_overwrite_with_fewer_probes_leaves_no_store_of_the_earlier_run(capsys, tmp_path):
+    store = tmp_path / "states"
+    assert _main(capsys, "analyze", "--storage", store, "--attach-to", "Conv", "Gemm")[0] == 0
+    (store / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in store.iterdir())
+    assert "dense_after" in before, before
+    code, out, err = _main(capsys, "analyze", "--storage", store, "--attach-to", "Conv", "--overwrite")
+    assert code == 0, err
+    after = sorted(p.name for p in store.iterdir())
+    assert after == sorted(set(before) - {"dense_after"}), after  # the Gemm store is gone, the notes stay
+    assert (store / "notes.txt").read_text() == "mine"
+
+
 def test_a_full_disk_exits_2_with_one_line_and_keeps_what_was_stored(capsys, monkeypatch, tmp_path):
     import errno
 

@@ -35,7 +35,7 @@ from ..errors import (
     ShardFailedError,
 )
 from ..runtime import OnnxEfficiencyModel
-from ..store import StateStore, check_storage_root
+from ..store import StateStore, check_storage_root, remove_state_stores
 from .._system import usable_cpus
 from .build import build_id
 from .connect import check_scheduler_address, connect, dask_modules, n_workers_of
@@ -392,6 +392,8 @@ def analyze_sharded(
         shards, dask_blocks, total, _ = planned if planned is not None else plan(workers)
         del planned
         n_partitions = _n_partitions(partitions, workers, len(shards), len(local.probes))
+        if root is not None and overwrite:
+            remove_state_stores(root)
         storage = None if root is None else _create_stores(root, local, shards, total, overwrite)
         job = _Job(
             model_path=model_path, model_digest=digest, attach_to=_as_tuple(attach_to),
