@@ -76,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--labels", help=".npy file of class labels, one per sample")
     analyze.add_argument("--data-loader-script", metavar="FILE.py[:FUNCTION]", help="a function (default load_data) that returns a batch or returns or yields batches: arrays, dicts of arrays, or (x, y) pairs")
     analyze.add_argument("--labels-from-folders", action="store_true", help="with a folder of images: each sub-folder is a class (sorted by name)")
-    analyze.add_argument("--scale", type=float, default=1 / 255, help="images: pixel values are multiplied by this (default 1/255) ...")
-    analyze.add_argument("--mean", type=_floats, default=(0.0,), help="... minus this (one or one per channel, comma-separated; default 0) ...")
-    analyze.add_argument("--std", type=_floats, default=(1.0,), help="... divided by this (default 1)")
+    analyze.add_argument("--scale", type=float, help="images: pixel values are multiplied by this (default 1/255) ...")
+    analyze.add_argument("--mean", type=_floats, help="... minus this (one or one per channel, comma-separated; default 0) ...")
+    analyze.add_argument("--std", type=_floats, help="... divided by this (default 1)")
     analyze.add_argument("--attach-to", nargs="+", default=["Conv"], metavar="NAME", help="op types, node or layer names, globs (default: Conv)")
     analyze.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="names never probed (wins over --attach-to)")
     analyze.add_argument("--method", choices=METHODS, default="after")
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--workers", type=int, metavar="N", help="shard the data over a local Dask cluster of N worker processes")
     analyze.add_argument("--scheduler", metavar="ADDRESS", help="shard the data over a running Dask cluster (e.g. tcp://host:8786)")
     analyze.add_argument("--partitions", type=int, metavar="P", help="with --workers/--scheduler: reduce the counts in P partitions on the workers (default: one per worker, up to 64)")
-    analyze.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
+    analyze.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="give up on an unreachable --scheduler after this long (default 30)")
     analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)")
 
     compare = commands.add_parser("compare", parents=[common], help="show reports written by analyze --json side by side")
@@ -140,7 +140,8 @@ def _data_and_labels(args, model) -> tuple:
     if path.is_dir() and not is_zarr(path):
         if len(model.inputs) != 1:
             raise ModelInputError(f"a folder of images feeds a model of one input; this one has {len(model.inputs)}")
-        options = ImageOptions(args.scale, args.mean, args.std, args.labels_from_folders)
+        given = {name: getattr(args, name) for name in ("scale", "mean", "std") if getattr(args, name) is not None}
+        options = ImageOptions(**given, labels_from_folders=args.labels_from_folders)
         folder = ImageFolder(path, model.inputs[0].shape, options)
         labels = folder.labels if args.labels_from_folders else None
         return folder, load_labels(args.labels) if args.labels is not None else labels, False
@@ -184,6 +185,9 @@ def _check_options_before_run(args) -> None:
         raise OptionError("give --data or --data-loader-script, not both")
     if args.labels_from_folders and (args.data is None or not Path(args.data).is_dir()):
         raise OptionError("--labels-from-folders goes with --data naming a folder of images (one sub-folder per class)")
+    image_options = [f"--{name}" for name in ("scale", "mean", "std") if getattr(args, name) is not None]
+    if image_options and (args.data is None or not Path(args.data).is_dir() or is_zarr(Path(args.data))):
+        raise OptionError(f"{', '.join(image_options)} apply to --data naming a folder of images; the data here are arrays")
     if args.labels_from_folders and args.labels is not None:
         raise OptionError("give --labels or --labels-from-folders, not both")
     if args.labels is not None and args.data is None:
@@ -193,8 +197,11 @@ def _check_options_before_run(args) -> None:
             raise OptionError("--partitions splits the reduction of a sharded run; give --workers or --scheduler too")
         if args.partitions <= 0:
             raise OptionError(f"--partitions must be a positive number, got {args.partitions}")
-    if not 0 < args.connect_timeout < math.inf:
-        raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
+    if args.connect_timeout is not None:
+        if args.scheduler is None:
+            raise OptionError("--connect-timeout limits the wait for --scheduler; give --scheduler too")
+        if not 0 < args.connect_timeout < math.inf:
+            raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
     _refuse_outputs_over_inputs(args)
     for attribute in ("json", "csv", "plot", "firing_plot"):
@@ -272,7 +279,7 @@ def _analyze_sharded(args, model_path: str) -> tuple:
         return analyze_cli(
             model_path, data, labels, args.attach_to, args.exclude, args.method, args.batch_size,
             args.workers, args.scheduler, args.storage, args.pack_in_graph, providers=args.provider,
-            timeout=args.connect_timeout, overwrite=args.overwrite, partitions=args.partitions,
+            timeout=30.0 if args.connect_timeout is None else args.connect_timeout, overwrite=args.overwrite, partitions=args.partitions,
         )  # fmt: skip
     except ShardFailedError as exc:
         raise _RunFailed(str(exc)) from exc

@@ -118,6 +118,13 @@ class ImageFolder:
         self._image = import_optional("PIL.Image", "images", "reading a folder of images")
         folder = Path(folder)
         if options.labels_from_folders:
+            loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            if loose:
+                raise ModelInputError(
+                    f"--labels-from-folders: {folder} holds images outside any class folder ({', '.join(sorted(loose)[:3])}"
+                    f"{', ...' if len(loose) > 3 else ''}); with labels from folders every image must be in the "
+                    "sub-folder of its class: move them there or remove them"
+                )
             classes = [_images_in(p) for p in sorted(p for p in folder.iterdir() if p.is_dir())]
             self.files = [f for images in classes for f in images]
             self.labels = np.array([k for k, images in enumerate(classes) for _ in images], dtype=np.int64)
@@ -135,8 +142,12 @@ class ImageFolder:
         self._scale = np.float32(options.scale)
         self._mean = _per_channel(options.mean, channels, "--mean")
         self._std = _per_channel(options.std, channels, "--std")
-        if np.any(self._std == 0):
-            raise OptionError("--std must not be 0")
+        if not (np.isfinite(self._scale) and self._scale != 0):
+            raise OptionError(f"--scale must be a finite number other than 0, got {options.scale}")
+        if not np.all(np.isfinite(self._mean)):
+            raise OptionError(f"--mean must be finite numbers, got {options.mean}")
+        if not np.all(np.isfinite(self._std) & (self._std > 0)):
+            raise OptionError(f"--std must be finite numbers above 0, got {options.std}")
         height, width = self._size
         body = (channels, height, width) if self._layout == "NCHW" else (height, width, channels)
         self.shape = (len(self.files), *body)

@@ -226,6 +226,20 @@ def test_analyze_a_folder_of_images_like_the_array_it_decodes_to(capsys, tmp_pat
     code, same, err = _main(capsys, "analyze", demo.model_path(), "--data", tmp_path / "decoded.npy", "--labels", tmp_path / "labels.npy")
     assert code == 0, err
     assert out == same and _table_rows(out)["conv3:after"][2] == "12"
+    bad = {
+        ("--std", "nan"): r"--std must be finite numbers above 0, got \(nan,\)",
+        ("--std", "-1"): r"--std must be finite numbers above 0",
+        ("--mean", "inf"): r"--mean must be finite numbers",
+        ("--scale", "0"): r"--scale must be a finite number other than 0",
+    }
+    for option, message in bad.items():
+        code, out, err = _main(capsys, "analyze", demo.model_path(), "--data", tmp_path / "digits", *option)
+        assert code == cli.EXIT_BAD_INPUT and re.search(message, err), err
+    code, out, err = _main(capsys, "analyze", demo.model_path(), "--data", tmp_path / "decoded.npy", "--scale", "1", "--std", "2")
+    assert code == cli.EXIT_BAD_INPUT and "--scale, --std apply to --data naming a folder of images" in err, err
+    (tmp_path / "digits" / "stray.png").write_bytes((tmp_path / "digits" / "class_0").iterdir().__next__().read_bytes())
+    code, out, err = _main(capsys, "analyze", demo.model_path(), "--data", tmp_path / "digits", "--labels-from-folders")
+    assert code == cli.EXIT_BAD_INPUT and "holds images outside any class folder (stray.png)" in err, err
 
 
 def test_analyze_options(capsys, expected, files, tmp_path):
@@ -294,14 +308,14 @@ def test_analyze_cli_on_its_own_local_cluster_gives_single_process_counts(files)
         (["analyze", "--scheduler", "tcp://localhost"], "not a Dask scheduler address .*missing port"),
         (["analyze", "--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "-1"],
          "--connect-timeout must be a positive number of seconds, got -1.0"),
-        (["analyze", "--workers", "2", "--connect-timeout", "0"], "--connect-timeout must be a positive number"),
+        (["analyze", "--workers", "2", "--connect-timeout", "5"], "--connect-timeout limits the wait for --scheduler; give --scheduler too"),
         (["analyze", "model", "--data", "text.npy", "--workers", "2"], "data file .*text.npy is not a readable"),
         (["analyze", "model", "--data", "full", "--workers", "2"], "image folders run in one process; drop --workers"),
         (["analyze", "--workers", "2", "--partitions", "0"], "--partitions must be a positive number, got 0"),
         (["analyze", "--partitions", "2"], "--partitions splits the reduction of a sharded run; give --workers"),
         (["analyze", "--workers", "1", "--partitions", "100000"], "partitions=100000 is more than this run can use"),
     ],
-    ids=["no workers", "too many workers", "refused port", "unknown scheme", "no port", "negative timeout", "zero timeout",
+    ids=["no workers", "too many workers", "refused port", "unknown scheme", "no port", "negative timeout", "timeout without a scheduler",
          "bad data file", "image folder", "zero partitions", "partitions alone", "too many partitions"],
 )  # fmt: skip
 def test_sharded_bad_input_exits_2_with_one_line(capsys, files, argv, message):
