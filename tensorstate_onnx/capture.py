@@ -18,7 +18,7 @@ import numpy as np
 from . import metrics
 from .engine import StateCounter, n_bytes_for, pack
 from .engine.bits import weighted_bit_counts
-from .errors import IndexOutOfRangeError, ModelInputError, NoStatesError, OptionError
+from .errors import IndexOutOfRangeError, ModelInputError, NoStatesError, OptionError, OptionTypeError
 from .store import StateStore
 
 __all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances"]
@@ -190,16 +190,40 @@ class AbstractStateCapture(abc.ABC):
             self._overwrite = True
 
     def merge(self, other: "AbstractStateCapture | StateCounter") -> None:
-        """Add the counts of another capture or counter of the same probe."""
+        """Add the counts of another capture or counter of the same probe.
+
+        A capture that keeps its raw states takes the other's too (appended
+        after its own, instances after its own), so that ``states`` and
+        ``counts(index=...)`` agree with the counts; merging into it what has
+        no raw states (a counter, a capture that keeps none) is refused."""
+        if not isinstance(other, (AbstractStateCapture, StateCounter)):
+            raise OptionTypeError(f"merge() takes a capture or a StateCounter of the same probe, got {type(other).__name__}")
         counter = other.counter if isinstance(other, AbstractStateCapture) else other
         if counter is None:
             return
+        rows = None
+        if self.keep_states:
+            if not (isinstance(other, AbstractStateCapture) and other.keep_states):
+                raise OptionError(
+                    f"probe {self.name!r} keeps its raw states, and what is merged into it has none: its states "
+                    "and per-instance counts would miss the merged ones. Merge a capture that keeps its states, "
+                    "or merge into one built with keep_states=False"
+                )
+            rows = np.asarray(other.states[:])
         self._gather_counter()
         with self._record_lock:
             if self.n_neurons is None:
                 self._start(counter.n_neurons)
             self._counter.merge(counter)
             self._result = None
+            if rows is not None:
+                self._store.append(rows)
+                self._batches.extend(other._batches)
+                theirs = other.states_per_instance
+                if self.states_per_instance is None:
+                    self.states_per_instance = theirs
+                elif theirs is not None and theirs != self.states_per_instance:
+                    self.states_per_instance = -1  # varies between instances
 
     def adopt_summary(self, n_neurons: int, total: int, n_distinct: int, histogram, gather=None, firing=None) -> None:
         """Hold the totals of counts kept elsewhere instead of a counter.

@@ -3,7 +3,7 @@ import threading
 import numpy as np
 import pytest
 
-from tensorstate_onnx import NoStatesError, OptionError, StateCaptureProbe, StorageExistsError, entropy
+from tensorstate_onnx import NoStatesError, OptionError, OptionTypeError, StateCaptureProbe, StorageExistsError, entropy
 from tensorstate_onnx.store import StateStore
 
 
@@ -149,6 +149,24 @@ def test_merge_matches_single_capture(batches):
     left.merge(right)
     assert _as_dict(left) == _as_dict(whole)
     assert left.state_count == whole.state_count
+    assert np.array_equal(left.states[:], whole.states[:])  # its raw states came along, in order
+    for instance in range(sum(batch.shape[0] for batch in batches)):
+        assert sorted(left.counts(index=[instance])) == sorted(whole.counts(index=[instance]))
+
+
+def test_merge_refuses_what_would_leave_states_and_counts_apart(batches):
+    keeping, counting_only = StateCaptureProbe("k"), StateCaptureProbe("c", keep_states=False)
+    keeping.record(batches[0], 1)
+    counting_only.record(batches[1], 1)
+    for wrong in (None, 3, "probe"):
+        with pytest.raises(OptionTypeError, match="merge\\(\\) takes a capture or a StateCounter"):
+            keeping.merge(wrong)
+    for without_states in (counting_only, counting_only.counter):
+        with pytest.raises(OptionError, match="keeps its raw states, and what is merged into it has none"):
+            keeping.merge(without_states)
+    before = keeping.state_count
+    counting_only.merge(keeping)  # counts alone: fine
+    assert counting_only.state_count == before + batches[1].shape[0] * int(np.prod(batches[1].shape[2:]))
 
 
 def test_many_threads_feed_one_capture():
