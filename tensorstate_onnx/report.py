@@ -267,6 +267,14 @@ def read_report(path: str | os.PathLike, label: str | None = None) -> ReportFile
             f"{file} is not a report JSON (written by analyze --json): it needs 'layers' "
             "(each with a 'name' and an 'efficiency') and a 'network_efficiency'"
         )
+    fractions = {f"efficiency of {layer['name']!r}": layer["efficiency"] for layer in layers}
+    fractions.update((key, data.get(key)) for key in ("network_efficiency", "accuracy", "aiq"))
+    for what, value in fractions.items():
+        if value is not None and not 0 <= value <= 1:  # NaN fails too
+            raise ModelInputError(f"{file} is not a sound report: its {what} is {value}, not a number in [0, 1]")
+    weight = data.get("aiq_weight")
+    if weight is not None and not (isinstance(weight, int) and weight >= 1):
+        raise ModelInputError(f"{file} is not a sound report: its aiq_weight is {weight}, not an int >= 1")
     return ReportFile(
         label,
         {layer["name"]: float(layer["efficiency"]) for layer in layers},

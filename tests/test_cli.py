@@ -939,8 +939,14 @@ def test_compare_plot_and_repeated_names(capsys, two_reports, tmp_path):
         ('{"layers": [{"name": "a"}], "network_efficiency": 0.5}', r"bad.json is not a report JSON .*'efficiency'"),
         ('{"layers": [], "network_efficiency": "high"}', r"bad.json is not a report JSON"),
         ("dir", r"report .*bad.json is a directory"),
+        ('{"layers": [{"name": "a", "efficiency": NaN}], "network_efficiency": 0.5}', r"not a sound report: its efficiency of 'a' is nan, not a number in \[0, 1\]"),
+        ('{"layers": [{"name": "a", "efficiency": 1.7}], "network_efficiency": 0.5}', r"its efficiency of 'a' is 1.7"),
+        ('{"layers": [], "network_efficiency": -3}', r"its network_efficiency is -3"),
+        ('{"layers": [], "network_efficiency": 0.5, "accuracy": 5}', r"its accuracy is 5"),
+        ('{"layers": [], "network_efficiency": 0.5, "aiq_weight": 1.5}', r"its aiq_weight is 1.5, not an int >= 1"),
     ],
-    ids=["missing", "not json", "a list", "layer without efficiency", "network not a number", "directory"],
+    ids=["missing", "not json", "a list", "layer without efficiency", "network not a number", "directory",
+         "nan efficiency", "efficiency above 1", "negative network efficiency", "accuracy of 5", "fractional weight"],
 )
 def test_compare_bad_input_exits_2_with_one_line(capsys, two_reports, tmp_path, content, message):
     path = tmp_path / ("missing.json" if content is None else "bad.json")
