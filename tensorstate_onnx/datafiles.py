@@ -48,6 +48,13 @@ def load_array(path: str | os.PathLike, what: str) -> np.ndarray | dict:
         raise ModelInputError(f"{what} file {path} is a directory; pass a .npy or .npz file")
     if not file.is_file():
         raise MissingFileError(f"{what} file {path} does not exist")
+    with open(file, "rb") as handle:
+        signature = handle.read(6)
+    if not (signature.startswith(b"\x93NUMPY") or signature.startswith(b"PK")):
+        raise ModelInputError(
+            f"{what} file {path} is not a .npy/.npz file (it starts with neither numpy's nor zip's signature); "
+            "save arrays with numpy.save or numpy.savez"
+        )
     try:
         loaded = np.load(file, mmap_mode="r", allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
