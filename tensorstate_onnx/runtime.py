@@ -527,9 +527,8 @@ class OnnxEfficiencyModel:
             correct += batch_correct
             total += batch_total
         if total == 0:
-            raise ModelInputError(
-                f"no prediction to score: every position was padding ({self.mask_input!r} was 0 everywhere)"
-            )
+            why = "no labels" if self.mask_input is None else f"every position was padding ({self.mask_input!r} was 0 everywhere)"
+            raise ModelInputError(f"no prediction to score: {why}")
         return correct / total
 
     def _n_classes(self) -> int | None:
