@@ -40,7 +40,8 @@ def _predictions(output: np.ndarray) -> np.ndarray:
             "or call predict() and score the outputs yourself"
         )
     predicted = output.argmax(axis=-1)
-    unscored = np.isnan(output).any(axis=-1)
+    # argmax lands on the first NaN of a row that has one: only the chosen scores need a look.
+    unscored = np.isnan(np.take_along_axis(output, predicted[..., None], axis=-1)[..., 0])
     if unscored.any():
         # One message for every batch: Python shows it once, not once per batch.
         warnings.warn(
@@ -60,8 +61,8 @@ def check_labels(labels, n_classes: int | None) -> None:
     labels = np.asarray(labels)
     if labels.ndim == 0:
         raise ModelInputError(f"labels hold one class id per sample (an array), got the single value {labels!r}")
-    if n_classes is not None and n_classes > 1 and labels.ndim >= 2 and labels.shape[-1] == n_classes:
-        return
+    if labels.ndim >= 2 and (n_classes is None or (n_classes > 1 and labels.shape[-1] == n_classes)):
+        return  # one-hot (or soft) rows, or of a model whose class count is not known: checked with the outputs
     if labels.dtype.kind == "f":
         if not (np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
             raise ModelInputError("labels must be integer class ids (or one-hot rows), got floats that are not whole numbers")

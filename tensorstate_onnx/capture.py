@@ -199,7 +199,7 @@ class AbstractStateCapture(abc.ABC):
         if not isinstance(other, (AbstractStateCapture, StateCounter)):
             raise OptionTypeError(f"merge() takes a capture or a StateCounter of the same probe, got {type(other).__name__}")
         counter = other.counter if isinstance(other, AbstractStateCapture) else other
-        if counter is None:
+        if counter is None or counter.total == 0:
             return
         rows = None
         if self.keep_states:
@@ -209,7 +209,7 @@ class AbstractStateCapture(abc.ABC):
                     "and per-instance counts would miss the merged ones. Merge a capture that keeps its states, "
                     "or merge into one built with keep_states=False"
                 )
-            rows = np.asarray(other.states[:])
+            rows = other._require_store("merge()").read()  # not ``states``: that would mark its store complete
         self._gather_counter()
         with self._record_lock:
             if self.n_neurons is None:

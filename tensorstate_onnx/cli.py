@@ -125,10 +125,13 @@ def _data_and_labels(args, model) -> tuple:
     """``(data, labels, paired)`` for one process: the demo, a loader script's batches
     (``paired`` when they are ``(x, y)`` pairs, which carry the labels), a folder of
     images, or arrays from ``--data``."""
-    from .datafiles import ImageFolder, ImageOptions, load_labels, load_script, read_data
+    from .datafiles import ImageFolder, ImageOptions, is_whole_data, load_labels, load_script, read_data
 
     if args.data_loader_script is not None:
-        batches = iter(load_script(args.data_loader_script))
+        loaded = load_script(args.data_loader_script)
+        if is_whole_data(loaded):  # split into batches of --batch-size by predict/evaluate
+            return loaded, None, isinstance(loaded, tuple)
+        batches = iter(loaded)
         first = next(batches, None)
         if first is None:
             raise ModelInputError(f"data loader script {args.data_loader_script} gave no batches")

@@ -21,7 +21,9 @@ import numpy as np
 from ._optional import import_optional
 from .errors import MissingFileError, ModelInputError, OptionError
 
-__all__ = ["ImageFolder", "ImageOptions", "is_zarr", "load_array", "load_labels", "load_script", "read_data"]
+__all__ = [
+    "ImageFolder", "ImageOptions", "is_whole_data", "is_zarr", "load_array", "load_labels", "load_script", "read_data",
+]  # fmt: skip
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -208,9 +210,11 @@ def _per_channel(values: tuple[float, ...], channels: int, option: str) -> np.nd
 def load_script(spec: str) -> Iterable:
     """The batches that ``FILE.py[:function]`` (default function ``load_data``) gives.
 
-    The function returns one batch (an array, a dict of arrays, one per model
-    input, or an ``(x, y)`` tuple) or an iterable of batches (a list, a
-    generator). A failure of the script's own code, an exception or
+    The function returns the data (an array, a dict of arrays, one per model
+    input, or an ``(x, y)`` tuple), given back as it is so that ``predict``
+    and ``evaluate`` split it into batches (:func:`is_whole_data`), or an
+    iterable of batches (a list, a generator), whose batches are used as
+    they come. A failure of the script's own code, an exception or
     ``sys.exit()``, while it is imported, called or gives its batches, is
     the script's: a :class:`ModelInputError` naming it.
     """
@@ -245,18 +249,22 @@ def _script_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _is_batch_part(value) -> bool:
+def _is_array_data(value) -> bool:
     return isinstance(value, (np.ndarray, dict)) or (hasattr(value, "__array__") and hasattr(value, "shape"))
 
 
+def is_whole_data(value) -> bool:
+    """Whether a loader returned its data whole (an array, a dict of arrays or an
+    ``(x, y)`` tuple of them) rather than an iterable of batches."""
+    return _is_array_data(value) or (
+        isinstance(value, tuple) and len(value) == 2 and all(_is_array_data(part) for part in value)
+    )
+
+
 def _script_batches(result, where: str) -> Iterable:
-    """``result`` of a loader function as batches: one batch as a list of it,
-    an iterable of batches as one whose failures name the script."""
-    if _is_batch_part(result):
-        return [result]
-    if isinstance(result, tuple) and len(result) == 2 and all(_is_batch_part(part) for part in result):
-        return [result]  # one (x, y) pair
-    if isinstance(result, (list, tuple)):
+    """``result`` of a loader function: whole data as it is, an iterable of
+    batches as one whose failures name the script."""
+    if is_whole_data(result) or isinstance(result, (list, tuple)):
         return result
     try:
         iterator = iter(result)

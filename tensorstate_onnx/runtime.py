@@ -220,8 +220,8 @@ class OnnxEfficiencyModel:
         self.storage_path = None if storage_path is None else Path(storage_path)
         if self.storage_path is not None:
             check_storage_root(self.storage_path, overwrite)
-            if overwrite:
-                remove_state_stores(self.storage_path)
+        # Stores of an earlier run this one does not write again go once it has written (see _stream).
+        self._stale_stores = overwrite and self.storage_path is not None
         # Rewritten in place: a large model is held once, and a file's weights not at
         # all when onnxruntime can read them from the file itself.
         if _reads_weights_from_files(model):
@@ -482,6 +482,15 @@ class OnnxEfficiencyModel:
             if pending is not None and not pending.done():
                 pending.result()
             self.flush(complete=finished)
+            self._remove_stale_stores()
+
+    def _remove_stale_stores(self) -> None:
+        """With overwrite, once this model has written into its storage path, delete
+        the stores an earlier run left there that this one does not write."""
+        written = [c.disk_path.name for c in self.efficiency_layers if c.disk_path is not None and c.disk_path.exists()]
+        if self._stale_stores and written:
+            remove_state_stores(self.storage_path, keep=set(written))
+            self._stale_stores = False
 
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None, keep_outputs: bool = True):
         """Run all of ``data`` through the model, recording every probe.
@@ -512,13 +521,16 @@ class OnnxEfficiencyModel:
         rows, given here or inside ``data`` as ``(x, y)``.
         """
         n_classes = None if self.mask_input is not None else self._n_classes()
-        if labels is not None:
-            check_labels(labels, n_classes)  # all of them before a batch runs: a refusal records nothing
+        # Labels in memory are checked all at once before a batch runs (a refusal records
+        # nothing); others (dask, zarr, inside the batches) batch by batch, before each runs.
+        upfront = isinstance(labels, (np.ndarray, list, tuple))
+        if upfront:
+            check_labels(labels, n_classes)
 
         def check(batch_labels) -> None:
             if batch_labels is None:
                 raise ModelInputError("evaluate() needs labels: pass labels=... or (x, y) batches")
-            if labels is None:
+            if not upfront:
                 check_labels(batch_labels, n_classes)
 
         correct = total = 0
@@ -534,7 +546,7 @@ class OnnxEfficiencyModel:
     def _n_classes(self) -> int | None:
         """How many classes the first output scores, when its type says (float, one axis above 1)."""
         first = self.session.get_outputs()[0]
-        if "float" not in first.type or not first.shape:
+        if not ("float" in first.type or "double" in first.type) or not first.shape:
             return None
         axes = [d for d in first.shape[1:] if d != 1]
         return axes[-1] if len(axes) == 1 and isinstance(axes[-1], int) else None

@@ -81,14 +81,17 @@ def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None
         )
 
 
-def remove_state_stores(root: str | os.PathLike) -> list[str]:
-    """Delete the state stores directly under ``root``, what an earlier run kept
-    there, and return their names; anything else in it stays. A run told to
-    overwrite a storage path calls this first: a store it would not write again
-    (a probe it no longer has) would otherwise sit beside its own, marked complete."""
+def remove_state_stores(root: str | os.PathLike, keep: set[str] = frozenset()) -> list[str]:
+    """Delete the state stores directly under ``root`` but those named in ``keep``,
+    and return their names; anything else in it stays. A run told to overwrite a
+    storage path calls this once it has written there: a store of an earlier run
+    that it does not write again (a probe it no longer has) would otherwise sit
+    beside its own, marked complete."""
     removed = []
     root = Path(root)
     for entry in sorted(root.iterdir()) if root.is_dir() else ():
+        if entry.name in keep:
+            continue
         metadata = entry / "zarr.json"
         if entry.is_dir() and not entry.is_symlink() and metadata.is_file():
             try:
@@ -314,6 +317,8 @@ class StateStore:
                 f"state store {self.path} holds only its first {self._rows.written} of "
                 f"{self._array.shape[0]} rows (its run stopped early); read them with read()"
             )
+        if self._array.shape[0]:
+            self._check_chunks_present(np.arange(-(-self._array.shape[0] // self._array.chunks[0])))
         return self._array
 
     @property

@@ -75,6 +75,8 @@ def test_labels_are_checked_before_anything_runs():
     check_labels(LABELS, 3)
     check_labels(LABELS.astype(np.float32), None)
     check_labels(np.eye(3)[LABELS] * 0.9, 3)  # soft one-hot rows: argmaxed later
+    check_labels(np.eye(3)[LABELS] * 0.9, None)  # ... also where the class count is not known
+    check_labels(np.eye(3, dtype=bool)[LABELS], None)
     for labels, n_classes, match in [
         (np.array([1, 0, 3]), 3, r"labels run from 0 to 3, but the model's first output scores 3 classes"),
         (np.array([-1, 0]), None, None),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import NoStatesError, OptionError, OptionTypeError, StateCaptureProbe, StorageExistsError, entropy
+from tensorstate_onnx.engine import StateCounter
 from tensorstate_onnx.store import StateStore
 
 
@@ -154,6 +155,16 @@ def test_merge_matches_single_capture(batches):
         assert sorted(left.counts(index=[instance])) == sorted(whole.counts(index=[instance]))
 
 
+def test_merge_leaves_the_other_store_as_it_was_marked(batches, tmp_path):
+    stopped = StateCaptureProbe("stopped", disk_path=tmp_path / "stopped")
+    stopped.record(batches[0], 1)
+    stopped.flush(complete=False)  # its run stopped early
+    into = StateCaptureProbe("into")
+    into.merge(stopped)
+    assert into.state_count == stopped.state_count
+    assert StateStore.open(tmp_path / "stopped").metadata["complete"] is False
+
+
 def test_merge_refuses_what_would_leave_states_and_counts_apart(batches):
     keeping, counting_only = StateCaptureProbe("k"), StateCaptureProbe("c", keep_states=False)
     keeping.record(batches[0], 1)
@@ -164,6 +175,8 @@ def test_merge_refuses_what_would_leave_states_and_counts_apart(batches):
     for without_states in (counting_only, counting_only.counter):
         with pytest.raises(OptionError, match="keeps its raw states, and what is merged into it has none"):
             keeping.merge(without_states)
+    keeping.merge(StateCaptureProbe("empty"))  # nothing recorded: nothing to add
+    keeping.merge(StateCounter(keeping.n_neurons))
     before = keeping.state_count
     counting_only.merge(keeping)  # counts alone: fine
     assert counting_only.state_count == before + batches[1].shape[0] * int(np.prod(batches[1].shape[2:]))

@@ -207,6 +207,23 @@ def test_analyze_a_loader_script_of_pairs_gives_the_demo_numbers(capsys, expecte
     _assert_table_matches(out, expected, with_accuracy=True)
 
 
+def test_a_loader_returning_its_data_whole_is_split_into_batches_of_batch_size(capsys, expected, files, tmp_path, monkeypatch):
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    script = tmp_path / "whole_loader.py"
+    script.write_text("from tensorstate_onnx import demo\ndef load_data():\n    return demo.load_test_data()\n")
+    runs = []
+    run_batch = OnnxEfficiencyModel._run_batch
+    monkeypatch.setattr(
+        OnnxEfficiencyModel, "_run_batch",
+        lambda self, feed, pending: runs.append(len(next(iter(feed.values())))) or run_batch(self, feed, pending),
+    )  # fmt: skip
+    code, out, err = _main(capsys, "analyze", files["model"], "--data-loader-script", script, "--batch-size", "60")
+    assert code == 0, err
+    _assert_table_matches(out, expected, with_accuracy=True)
+    assert max(runs) == 60 and sum(runs) >= len(demo.load_test_data()[0])  # not one batch of everything
+
+
 def test_analyze_a_folder_of_images_like_the_array_it_decodes_to(capsys, tmp_path):
     Image = pytest.importorskip("PIL.Image")
     from tensorstate_onnx.datafiles import ImageFolder, ImageOptions
@@ -545,6 +562,11 @@ def test_overwrite_with_fewer_probes_leaves_no_store_of_the_earlier_run(capsys, 
     after = sorted(p.name for p in store.iterdir())
     assert after == sorted(set(before) - {"dense_after"}), after  # the Gemm store is gone, the notes stay
     assert (store / "notes.txt").read_text() == "mine"
+    # A run that fails before writing anything deletes nothing.
+    for failing in (["--data", tmp_path / "missing.npy"], ["--attach-to", "NoSuchOp"]):
+        code, out, err = _main(capsys, "analyze", "--storage", store, "--overwrite", *failing)
+        assert code == cli.EXIT_BAD_INPUT, err
+        assert sorted(p.name for p in store.iterdir()) == after
 
 
 def test_a_full_disk_exits_2_with_one_line_and_keeps_what_was_stored(capsys, monkeypatch, tmp_path):

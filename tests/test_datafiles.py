@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tensorstate_onnx.datafiles import ImageFolder, ImageOptions, load_array, load_script, read_data
+from tensorstate_onnx.datafiles import ImageFolder, ImageOptions, is_whole_data, load_array, load_script, read_data
 from tensorstate_onnx.errors import MissingFileError, ModelInputError, OptionError
 
 Image = pytest.importorskip("PIL.Image")
@@ -94,7 +94,7 @@ def test_loader_scripts(tmp_path):
         load_script(str(tmp_path / "exits.py"))
 
 
-def test_a_loader_returning_one_batch_gives_that_batch(tmp_path):
+def test_a_loader_returning_its_data_whole_gives_it_as_it_is(tmp_path):
     script = tmp_path / "one.py"
     script.write_text(
         "import numpy as np\n"
@@ -104,12 +104,12 @@ def test_a_loader_returning_one_batch_gives_that_batch(tmp_path):
         "def named():\n    return {'input': x}\n"
         "def two_batches():\n    return [x, x + 1]\n"
     )
-    (batch,) = load_script(f"{script}:array")
-    assert batch.shape == (2, 4)
-    ((bx, by),) = load_script(f"{script}:pair")
+    batch = load_script(f"{script}:array")
+    assert batch.shape == (2, 4) and is_whole_data(batch)
+    bx, by = load_script(f"{script}:pair")
     assert bx.shape == (2, 4) and by.tolist() == [0, 1]
-    (batch,) = load_script(f"{script}:named")
-    assert list(batch) == ["input"]
+    batch = load_script(f"{script}:named")
+    assert list(batch) == ["input"] and is_whole_data(batch)
     assert [b[0, 0] for b in load_script(f"{script}:two_batches")] == [0, 1]
 
 

@@ -32,13 +32,13 @@ def build_id() -> str:
     if _build is None:
         digest = hashlib.sha256()
         try:
-            for path in sorted(_PACKAGE.rglob("*.py")):
+            sources = sorted(_PACKAGE.rglob("*.py"))
+            for path in sources:
                 digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0")
                 digest.update(path.read_bytes())
         except OSError:
-            _build = __version__
-        else:
-            _build = f"{__version__}+{digest.hexdigest()[:12]}"
+            sources = []
+        _build = f"{__version__}+{digest.hexdigest()[:12]}" if sources else __version__
     return _build
 
 

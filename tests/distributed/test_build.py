@@ -57,6 +57,9 @@ def test_the_build_is_the_version_and_a_digest_of_every_source_file(tmp_path, mo
         ids.append(build.build_id())
     assert ids[0] != ids[1] and ids[1] == ids[2] and ids[3] not in ids[:3]
     assert build.build_id() is build.build_id()  # computed once per process
+    monkeypatch.setattr(build, "_PACKAGE", tmp_path / "bytecode_only")
+    monkeypatch.setattr(build, "_build", None)
+    assert build.build_id() == __version__  # no source to digest: the version alone
 
 
 def test_another_build_is_refused_with_both_builds_named(monkeypatch):
