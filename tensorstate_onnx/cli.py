@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("model", nargs="?", help="path of an .onnx file (default: the bundled LeNet-5 digits demo)")
     analyze.add_argument("--data", help=".npy/.npz file or zarr array of inputs (.npz, zarr group: arrays named like the inputs, or x [and y]), or a folder of images")
     analyze.add_argument("--labels", help=".npy file of class labels, one per sample")
-    analyze.add_argument("--data-loader-script", metavar="FILE.py[:FUNCTION]", help="a function (default load_data) that returns a batch or returns or yields batches: arrays, dicts of arrays, or (x, y) pairs")
+    analyze.add_argument("--data-loader-script", metavar="FILE.py[:FUNCTION]", help="a function (default load_data) that returns its data whole or returns or yields batches: arrays, dicts of arrays, or (x, y) pairs")
     analyze.add_argument("--labels-from-folders", action="store_true", help="with a folder of images: each sub-folder is a class (sorted by name)")
     analyze.add_argument("--scale", type=float, help="images: pixel values are multiplied by this (default 1/255) ...")
     analyze.add_argument("--mean", type=_floats, help="... minus this (one or one per channel, comma-separated; default 0) ...")
