@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ModelInputError
 
-__all__ = ["check_labels", "count_correct"]
+__all__ = ["check_class_labels", "count_correct"]
 
 
 def _shape(array: np.ndarray) -> str:
@@ -54,7 +54,7 @@ def _predictions(output: np.ndarray) -> np.ndarray:
     return predicted
 
 
-def check_labels(labels, n_classes: int | None) -> None:
+def check_class_labels(labels, n_classes: int | None) -> None:
     """Refuse labels that cannot be class ids (of ``n_classes`` scored classes, when
     known) before any sample runs: a refusal after some batches ran would leave
     their states recorded. One-hot rows (a last axis of ``n_classes``) pass."""
@@ -63,14 +63,25 @@ def check_labels(labels, n_classes: int | None) -> None:
         raise ModelInputError(f"labels hold one class id per sample (an array), got the single value {labels!r}")
     if labels.ndim >= 2 and (n_classes is None or (n_classes > 1 and labels.shape[-1] == n_classes)):
         return  # one-hot (or soft) rows, or of a model whose class count is not known: checked with the outputs
-    if labels.dtype.kind == "f":
-        if not (np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
-            raise ModelInputError("labels must be integer class ids (or one-hot rows), got floats that are not whole numbers")
-    elif labels.dtype.kind not in "ui":
-        raise ModelInputError(f"labels must be integer class ids (or one-hot rows), got {labels.dtype}")
-    if n_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+    ids = _whole_ids(labels)
+    if n_classes is not None:
+        _check_in_classes(ids, n_classes)
+
+
+def _whole_ids(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as integers (whole-number floats converted), or ``ModelInputError``."""
+    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+        return labels.astype(np.int64)
+    if labels.dtype.kind not in "ui":
+        got = f"{labels.dtype} values that are not whole numbers" if labels.dtype.kind == "f" else str(labels.dtype)
+        raise ModelInputError(f"labels must be integer class ids (or one-hot rows), got {got}")
+    return labels
+
+
+def _check_in_classes(ids: np.ndarray, n_classes: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= n_classes):
         raise ModelInputError(
-            f"labels run from {labels.min():g} to {labels.max():g}, but the model's first output scores "
+            f"labels run from {ids.min()} to {ids.max()}, but the model's first output scores "
             f"{n_classes} classes (0..{n_classes - 1}); pass class ids of the outputs"
         )
 
@@ -87,16 +98,9 @@ def _class_ids(labels: np.ndarray, output: np.ndarray, predicted: np.ndarray, re
             f"labels of shape {_shape(labels)} fit neither the predictions {_shape(predicted)} (class ids) "
             f"nor the scores {_shape(output)} (one-hot rows) of the model's first output"
         )
-    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
-        labels = labels.astype(np.int64)
-    if labels.dtype.kind not in "ui":
-        raise ModelInputError(f"labels must be integer class ids (or one-hot rows), got {labels.dtype}")
-    checked = labels if real is None else labels[real]
-    if output.dtype.kind == "f" and checked.size and (checked.min() < 0 or checked.max() >= output.shape[-1]):
-        raise ModelInputError(
-            f"labels run from {checked.min()} to {checked.max()}, but the model's first output scores "
-            f"{output.shape[-1]} classes (0..{output.shape[-1] - 1}); pass class ids of the outputs"
-        )
+    labels = _whole_ids(labels)
+    if output.dtype.kind == "f":
+        _check_in_classes(labels if real is None else labels[real], output.shape[-1])
     return labels
 
 

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from . import graph
-from .accuracy import check_labels, count_correct
+from .accuracy import check_class_labels, count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
 from .capture import AbstractStateCapture, positions_kept
 from .data import Batch, cache_sized_batch, iter_batches, n_samples
@@ -525,13 +525,13 @@ class OnnxEfficiencyModel:
         # nothing); others (dask, zarr, inside the batches) batch by batch, before each runs.
         upfront = isinstance(labels, (np.ndarray, list, tuple))
         if upfront:
-            check_labels(labels, n_classes)
+            check_class_labels(labels, n_classes)
 
         def check(batch_labels) -> None:
             if batch_labels is None:
                 raise ModelInputError("evaluate() needs labels: pass labels=... or (x, y) batches")
             if not upfront:
-                check_labels(batch_labels, n_classes)
+                check_class_labels(batch_labels, n_classes)
 
         correct = total = 0
         for outputs, batch_labels, mask in self._stream(data, labels, batch_size, progress, check):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import ModelInputError
-from tensorstate_onnx.accuracy import check_labels, count_correct
+from tensorstate_onnx.accuracy import check_class_labels, count_correct
 
 SCORES = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], np.float32)
 LABELS = np.array([1, 0, 1, 0])  # the third prediction (2) is wrong
@@ -72,11 +72,11 @@ def test_padded_positions_are_not_checked_as_labels():
 
 
 def test_labels_are_checked_before_anything_runs():
-    check_labels(LABELS, 3)
-    check_labels(LABELS.astype(np.float32), None)
-    check_labels(np.eye(3)[LABELS] * 0.9, 3)  # soft one-hot rows: argmaxed later
-    check_labels(np.eye(3)[LABELS] * 0.9, None)  # ... also where the class count is not known
-    check_labels(np.eye(3, dtype=bool)[LABELS], None)
+    check_class_labels(LABELS, 3)
+    check_class_labels(LABELS.astype(np.float32), None)
+    check_class_labels(np.eye(3)[LABELS] * 0.9, 3)  # soft one-hot rows: argmaxed later
+    check_class_labels(np.eye(3)[LABELS] * 0.9, None)  # ... also where the class count is not known
+    check_class_labels(np.eye(3, dtype=bool)[LABELS], None)
     for labels, n_classes, match in [
         (np.array([1, 0, 3]), 3, r"labels run from 0 to 3, but the model's first output scores 3 classes"),
         (np.array([-1, 0]), None, None),
@@ -86,7 +86,7 @@ def test_labels_are_checked_before_anything_runs():
         (3, 10, "one class id per sample .*single value"),
     ]:
         if match is None:
-            check_labels(labels, n_classes)  # the class count unknown: ranges are checked per batch
+            check_class_labels(labels, n_classes)  # the class count unknown: ranges are checked per batch
             continue
         with pytest.raises(ModelInputError, match=match):
-            check_labels(labels, n_classes)
+            check_class_labels(labels, n_classes)
