@@ -125,7 +125,8 @@ def _data_and_labels(args, model) -> tuple:
     """``(data, labels, paired)`` for one process: the demo, a loader script's batches
     (``paired`` when they are ``(x, y)`` pairs, which carry the labels), a folder of
     images, or arrays from ``--data``."""
-    from .datafiles import ImageFolder, ImageOptions, is_whole_data, load_labels, load_script, read_data
+    from .data import is_whole_data
+    from .datafiles import ImageFolder, ImageOptions, load_labels, load_script, read_data
 
     if args.data_loader_script is not None:
         loaded = load_script(args.data_loader_script)

@@ -63,6 +63,16 @@ def _is_array_like(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "__getitem__") and not isinstance(value, (dict, tuple, list))
 
 
+def _is_pair(value) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and (_is_array_like(value[0]) or isinstance(value[0], dict))
+
+
+def is_whole_data(value) -> bool:
+    """Whether ``value`` is data :func:`iter_batches` splits into batches itself (an
+    array, a dict of arrays, an ``(x, y)`` tuple of them), not an iterable of batches."""
+    return _is_array_like(value) or isinstance(value, dict) or _is_pair(value)
+
+
 def n_samples(inputs) -> int:
     """The number of samples in an array (its first axis) or a dict of arrays (one per input).
 
@@ -131,7 +141,7 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0):
         raise OptionError(f"batch_size must be a positive int, got {batch_size!r}")
     size = int(batch_size or DEFAULT_BATCH_SIZE)
-    if isinstance(data, tuple) and len(data) == 2 and (_is_array_like(data[0]) or isinstance(data[0], dict)):
+    if _is_pair(data):
         if labels is not None:
             raise ModelInputError("labels were given twice: inside (x, y) data and as labels=")
         data, labels = split_pair(data, single_input)

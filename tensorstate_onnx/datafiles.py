@@ -19,11 +19,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ._optional import import_optional
+from .data import is_whole_data
 from .errors import MissingFileError, ModelInputError, OptionError
 
-__all__ = [
-    "ImageFolder", "ImageOptions", "is_whole_data", "is_zarr", "load_array", "load_labels", "load_script", "read_data",
-]  # fmt: skip
+__all__ = ["ImageFolder", "ImageOptions", "is_zarr", "load_array", "load_labels", "load_script", "read_data"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -212,7 +211,7 @@ def load_script(spec: str) -> Iterable:
 
     The function returns the data (an array, a dict of arrays, one per model
     input, or an ``(x, y)`` tuple), given back as it is so that ``predict``
-    and ``evaluate`` split it into batches (:func:`is_whole_data`), or an
+    and ``evaluate`` split it into batches (:func:`~.data.is_whole_data`), or an
     iterable of batches (a list, a generator), whose batches are used as
     they come. A failure of the script's own code, an exception or
     ``sys.exit()``, while it is imported, called or gives its batches, is
@@ -247,18 +246,6 @@ def _script_failure(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"it called sys.exit({exc.code!r})"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _is_array_data(value) -> bool:
-    return isinstance(value, (np.ndarray, dict)) or (hasattr(value, "__array__") and hasattr(value, "shape"))
-
-
-def is_whole_data(value) -> bool:
-    """Whether a loader returned its data whole (an array, a dict of arrays or an
-    ``(x, y)`` tuple of them) rather than an iterable of batches."""
-    return _is_array_data(value) or (
-        isinstance(value, tuple) and len(value) == 2 and all(_is_array_data(part) for part in value)
-    )
 
 
 def _script_batches(result, where: str) -> Iterable:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from tensorstate_onnx.datafiles import ImageFolder, ImageOptions, is_whole_data, load_array, load_script, read_data
+from tensorstate_onnx.data import is_whole_data
+from tensorstate_onnx.datafiles import ImageFolder, ImageOptions, load_array, load_script, read_data
 from tensorstate_onnx.errors import MissingFileError, ModelInputError, OptionError
 
 Image = pytest.importorskip("PIL.Image")
