@@ -419,14 +419,14 @@ class StateStore:
         rows = _row_selection(rows, len(self) if self._memory is not None else self._array.shape[0])
         if self._memory is not None:
             return self._read_memory(rows)
-        if isinstance(rows, slice):
-            rows = slice(*rows.indices(self._array.shape[0]))
-            picked = range(self._array.shape[0])[rows]
+        if isinstance(rows, slice):  # of step 1, within the array
+            picked = range(rows.start, rows.stop)
             if len(picked):
-                self._check_written(np.array([min(picked), max(picked)]), contiguous=True)
-                self._check_chunks_present(np.arange(picked[0] // self._array.chunks[0], (picked[-1] // self._array.chunks[0]) + 1))
+                self._check_written(np.array([picked[0], picked[-1]]), contiguous=True)
+                chunk_rows = self._array.chunks[0]
+                self._check_chunks_present(np.arange(picked[0] // chunk_rows, picked[-1] // chunk_rows + 1))
             return self._decoded(lambda: self._array[rows], picked)
-        index = np.asarray(rows, dtype=np.int64)
+        index = rows
         if index.size and (index.min() < 0 or index.max() >= len(self)) and not self._regions:
             raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
         self._check_written(index)
@@ -434,16 +434,13 @@ class StateStore:
         return self._decoded(lambda: self._array.get_orthogonal_selection((index, slice(None))), index)
 
     def _read_memory(self, rows: slice | np.ndarray) -> np.ndarray:
-        """:meth:`read` of an in-memory store, where every row appended is there."""
+        """:meth:`read` of an in-memory store (a selection of :func:`_row_selection`),
+        where every row appended is there."""
         if isinstance(rows, slice):
-            start, stop, step = rows.indices(len(self))
-            if step == 1:
-                return self._memory.span(start, max(start, stop))
-            rows = np.arange(start, stop, step)
-        index = np.asarray(rows, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {index.min()}..{index.max()}")
-        return self._memory.take(index.ravel())
+            return self._memory.span(rows.start, rows.stop)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexOutOfRangeError(f"state rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}")
+        return self._memory.take(rows)
 
     def _check_written(self, rows: np.ndarray, contiguous: bool = False) -> None:
         """Raise unless every row lies in a written range (all in one range if ``contiguous``)."""
