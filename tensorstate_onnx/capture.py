@@ -153,13 +153,16 @@ class AbstractStateCapture(abc.ABC):
             if self._store is not None:
                 self._store.append(packed)
             self._batches.append((instances, per_instance))
-            if not isinstance(per_instance, int):
-                self.states_per_instance = -1  # varies between instances
-            elif self.states_per_instance is None:
-                self.states_per_instance = per_instance
-            elif self.states_per_instance != per_instance:
-                self.states_per_instance = -1  # varies between batches
+            self._note_states_per_instance(per_instance)
             self._result = None
+
+    def _note_states_per_instance(self, per_instance) -> None:
+        """Keep ``states_per_instance`` while every batch has the same; -1 once it varies
+        (between batches, or between the instances of one: an array)."""
+        if not isinstance(per_instance, int) or self.states_per_instance not in (None, per_instance):
+            self.states_per_instance = -1
+        else:
+            self.states_per_instance = per_instance
 
     def hold(self) -> None:
         """Keep what is recorded from now on aside until :meth:`commit` counts it or
@@ -219,11 +222,7 @@ class AbstractStateCapture(abc.ABC):
             if rows is not None:
                 self._store.append(rows)
                 self._batches.extend(other._batches)
-                theirs = other.states_per_instance
-                if self.states_per_instance is None:
-                    self.states_per_instance = theirs
-                elif theirs is not None and theirs != self.states_per_instance:
-                    self.states_per_instance = -1  # varies between instances
+                self._note_states_per_instance(other.states_per_instance)
 
     def adopt_summary(self, n_neurons: int, total: int, n_distinct: int, histogram, gather=None, firing=None) -> None:
         """Hold the totals of counts kept elsewhere instead of a counter.
