@@ -487,8 +487,10 @@ class OnnxEfficiencyModel:
     def _remove_stale_stores(self) -> None:
         """With overwrite, once this model has written into its storage path, delete
         the stores an earlier run left there that this one does not write."""
+        if not self._stale_stores:
+            return
         written = [c.disk_path.name for c in self.efficiency_layers if c.disk_path is not None and c.disk_path.exists()]
-        if self._stale_stores and written:
+        if written:
             remove_state_stores(self.storage_path, keep=set(written))
             self._stale_stores = False
 
