@@ -208,24 +208,26 @@ def _check_options_before_run(args) -> None:
             raise OptionError(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
 
     _refuse_outputs_over_inputs(args)
-    for attribute in ("json", "csv", "plot", "firing_plot"):
-        path = getattr(args, attribute)
-        if path is None:
-            continue
-        option = attribute.replace("_", "-")
+    for option, path in _report_paths(args):
         target = Path(path)
         if target.is_dir():
-            raise ModelInputError(f"--{option} {path} is a directory; give a file name")
+            raise ModelInputError(f"{option} {path} is a directory; give a file name")
         parent = target.absolute().parent
         if parent.exists() and not parent.is_dir():
-            raise ModelInputError(f"--{option} {path}: {parent} is a file, not a directory")
+            raise ModelInputError(f"{option} {path}: {parent} is a file, not a directory")
         if not parent.is_dir():
-            raise ModelInputError(f"--{option} {path}: directory {parent} does not exist; create it first")
+            raise ModelInputError(f"{option} {path}: directory {parent} does not exist; create it first")
         if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-            raise ModelInputError(f"--{option} {path} cannot be written (permission denied); choose another path")
+            raise ModelInputError(f"{option} {path} cannot be written (permission denied); choose another path")
     for path in (args.plot, args.firing_plot):
         if path is not None:
             check_plot_format(path)
+
+
+def _report_paths(args) -> list[tuple[str, str]]:
+    """``(option, path)`` of every report file the command line asks for."""
+    options = (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot), ("--firing-plot", args.firing_plot))
+    return [(option, path) for option, path in options if path is not None]
 
 
 def _refuse_outputs_over_inputs(args) -> None:
@@ -236,11 +238,7 @@ def _refuse_outputs_over_inputs(args) -> None:
     for what, path in (("the model", args.model), ("--data", args.data), ("--labels", args.labels), ("--data-loader-script", script)):
         if path is not None:
             named.setdefault(Path(path).resolve(), f"{what} of this run")
-    for attribute in ("json", "csv", "plot", "firing_plot"):
-        path = getattr(args, attribute)
-        if path is None:
-            continue
-        option = "--" + attribute.replace("_", "-")
+    for option, path in _report_paths(args):
         target = Path(path).resolve()
         if target in named:
             raise OptionError(f"{option} {path} is also {named[target]}: the report would replace it; give another path")
