@@ -19,9 +19,9 @@ from . import metrics
 from .engine import StateCounter, n_bytes_for, pack
 from .engine.bits import weighted_bit_counts
 from .errors import IndexOutOfRangeError, ModelInputError, NoStatesError, OptionError, OptionTypeError
-from .store import StateStore
+from .store import StaleStoreSweep, StateStore
 
-__all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances"]
+__all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances", "sweep_stale_stores"]
 
 
 def batch_instances(shape, channel_axis: int) -> int:
@@ -34,6 +34,18 @@ def batch_instances(shape, channel_axis: int) -> int:
     if rank == 1:
         return int(shape[0])
     return 1 if channel_axis % rank == 0 else int(shape[0])
+
+
+def sweep_stale_stores(captures, storage_path: str | os.PathLike | None, overwrite: bool) -> None:
+    """With ``overwrite`` and a storage path, give a run's captures one
+    :class:`StaleStoreSweep`: once the first of them has created its store, the
+    stores of an earlier run under ``storage_path`` that none of them writes are
+    deleted (the same on every front end)."""
+    if not overwrite or storage_path is None:
+        return
+    sweep = StaleStoreSweep(storage_path, [c.disk_path.name for c in captures if c.disk_path is not None])
+    for capture in captures:
+        capture.stale_store_sweep = sweep
 
 
 class AbstractStateCapture(abc.ABC):
@@ -75,6 +87,8 @@ class AbstractStateCapture(abc.ABC):
         self._overwrite = overwrite
         self._record_lock = threading.Lock()
         self._held: list | None = None  # batches of a pass not yet counted (see hold)
+        #: Shared by a run's captures with overwrite (see :func:`sweep_stale_stores`).
+        self.stale_store_sweep: StaleStoreSweep | None = None
         if self.disk_path is not None:
             StateStore.check_free(self.disk_path, overwrite)
         self._clear()
@@ -191,6 +205,8 @@ class AbstractStateCapture(abc.ABC):
             self._store = StateStore(n_neurons, self.disk_path, meta, overwrite=self._overwrite)
             # Our own store from here on: a reset may replace it.
             self._overwrite = True
+            if self.disk_path is not None and self.stale_store_sweep is not None:
+                self.stale_store_sweep.sweep()
 
     def merge(self, other: "AbstractStateCapture | StateCounter") -> None:
         """Add the counts of another capture or counter of the same probe.

@@ -30,12 +30,12 @@ import keras
 import numpy as np
 
 from .axes import check_override_keys, checked_override, checked_type, dtype_error, is_float_dtype_name
-from .capture import AbstractStateCapture
+from .capture import AbstractStateCapture, sweep_stale_stores
 from .errors import ProbeMatchError
 from .keras_passes import BOUNDARIES, PassBegin, PassEnd, tracing_for_export
 from .keras_training import EfficiencyCallback
 from .patterns import as_patterns, matches_any, preview, probe_methods
-from .store import unique_store_dirname
+from .store import check_storage_root, unique_store_dirname
 
 __all__ = ["EfficiencyCallback", "PassBegin", "PassEnd", "StateCapture", "build_keras_efficiency_model"]
 
@@ -352,7 +352,9 @@ def build_keras_efficiency_model(
             at ``<storage_path>/<capture name>``.
         keep_states: keep raw states in memory when there is no storage path
             (needed for ``states`` and ``counts(index=...)`` only).
-        overwrite: replace existing stores under ``storage_path``.
+        overwrite: allow a ``storage_path`` that is not empty: each probe replaces
+            its store there, and once one has written, the stores an earlier run
+            left there for other probes are deleted (other files stay).
         channel_axes: ``{probe: axis}`` overriding the neuron axis (the last one;
             axis 1 for ``channels_first`` layers). A probe is named by its capture
             name (``"dense_states"``), as ``"<layer>:<method>"`` or by its layer
@@ -380,6 +382,8 @@ def build_keras_efficiency_model(
         ProbeDtypeError: a probe on an integer or bool tensor.
         ProbeMatchError: ``attach_to`` matched no layer (the message lists the
             layer names and classes), or everything matched is excluded.
+        StorageExistsError: ``storage_path`` is a file, cannot be written, or is
+            a directory that is not empty and ``overwrite`` is false.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"build_keras_efficiency_model takes a keras.Model, got {type(model).__name__}")
@@ -425,9 +429,12 @@ def build_keras_efficiency_model(
     if not [c for c in matched if not matches_any(excluded, c)]:
         raise ProbeMatchError(f"everything attach_to {patterns} matched is excluded by exclude {excluded}")
 
+    if storage_path is not None:
+        check_storage_root(storage_path, overwrite)
     builder = _Builder(model, patterns, excluded, method, storage_path, keep_states, overwrite, channel_axes)
     new_model = _rebuild_sequential(model, builder) if sequential else _rebuild_functional(model, builder)
     builder.check_overrides()
+    sweep_stale_stores(builder.captures, storage_path, overwrite)
     if getattr(model, "compiled", False):
         try:
             config = model.get_compile_config()

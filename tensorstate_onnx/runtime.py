@@ -25,11 +25,11 @@ import onnxruntime as ort
 from . import graph
 from .accuracy import check_class_labels, count_correct
 from .binding import ORT_DTYPES, BoundRunner, uses_cuda
-from .capture import AbstractStateCapture, positions_kept
+from .capture import AbstractStateCapture, positions_kept, sweep_stale_stores
 from .data import Batch, cache_sized_batch, iter_batches, n_samples
 from .errors import ModelFileError, ModelInputError, OptionError, OptionTypeError, ProviderError, first_line
 from .graph import Probe, owned_copy, probe_in_place, save_model
-from .store import check_storage_root, remove_state_stores, unique_store_dirname
+from .store import check_storage_root, unique_store_dirname
 
 __all__ = ["OnnxEfficiencyModel", "OnnxProbeCapture", "resolve_providers"]
 
@@ -220,8 +220,6 @@ class OnnxEfficiencyModel:
         self.storage_path = None if storage_path is None else Path(storage_path)
         if self.storage_path is not None:
             check_storage_root(self.storage_path, overwrite)
-        # Stores of an earlier run this one does not write again go once it has written (see _stream).
-        self._stale_stores = overwrite and self.storage_path is not None
         # Rewritten in place: a large model is held once, and a file's weights not at
         # all when onnxruntime can read them from the file itself.
         if _reads_weights_from_files(model):
@@ -248,6 +246,7 @@ class OnnxEfficiencyModel:
             )
             for probe in self.probes
         ]
+        sweep_stale_stores(self.efficiency_layers, self.storage_path, overwrite)
         self.session = self._make_session(optimization, threads)
         self.inputs = self.session.get_inputs()
         if mask_input is not None and mask_input not in {spec.name for spec in self.inputs}:
@@ -482,17 +481,6 @@ class OnnxEfficiencyModel:
             if pending is not None and not pending.done():
                 pending.result()
             self.flush(complete=finished)
-            self._remove_stale_stores()
-
-    def _remove_stale_stores(self) -> None:
-        """With overwrite, once this model has written into its storage path, delete
-        the stores an earlier run left there that this one does not write."""
-        if not self._stale_stores:
-            return
-        written = [c.disk_path.name for c in self.efficiency_layers if c.disk_path is not None and c.disk_path.exists()]
-        if written:
-            remove_state_stores(self.storage_path, keep=set(written))
-            self._stale_stores = False
 
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None, keep_outputs: bool = True):
         """Run all of ``data`` through the model, recording every probe.

@@ -29,8 +29,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import zarr
@@ -41,7 +42,7 @@ from .errors import IndexOutOfRangeError, MissingFileError, OptionError, OptionT
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChunkedRows", "MemoryRows", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
+__all__ = ["ChunkedRows", "MemoryRows", "StaleStoreSweep", "StateStore", "state_codec", "store_dirname", "unique_store_dirname", "STATE_CHUNK_BYTES"]
 
 STATE_CHUNK_BYTES = 4 << 20  # target size of one stored chunk
 ROWS_WRITTEN = "rows_written"  # attribute: rows completely written
@@ -69,9 +70,7 @@ def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise StorageExistsError(f"storage path {root} already exists and is not a directory; choose a new directory")
-    ancestor = next((p for p in root.absolute().parents if p.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        raise StorageExistsError(f"storage path {root} lies under {ancestor}, which is a file; choose a directory path")
+    ancestor = _existing_ancestor(root, "storage path")
     if ancestor is not None and not os.access(ancestor if not root.exists() else root, os.W_OK):
         raise StorageExistsError(f"storage path {root} cannot be written (permission denied); choose another directory")
     if root.exists() and any(root.iterdir()) and not overwrite:
@@ -79,6 +78,36 @@ def check_storage_root(root: str | os.PathLike, overwrite: bool = False) -> None
             f"storage path {root} already exists and is not empty; choose a new directory, "
             "empty it, or pass overwrite=True (--overwrite on the command line)"
         )
+
+
+def _existing_ancestor(path: Path, what: str) -> Path | None:
+    """The nearest existing folder above ``path``; ``StorageExistsError`` when it is a file
+    (a directory cannot be made there)."""
+    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise StorageExistsError(f"{what} {path} lies under {ancestor}, which is a file; choose a directory path")
+    return ancestor
+
+
+class StaleStoreSweep:
+    """Deletes, once, the state stores under a storage path that no probe of a run
+    writes, for a run told to overwrite: an earlier run's store of a probe this one
+    no longer has would otherwise sit beside the new stores, marked complete. The
+    run's captures call :meth:`sweep` when they create their stores, so a run that
+    fails before writing anything deletes nothing; what is not a state store stays."""
+
+    def __init__(self, root: str | os.PathLike, keep: Iterable[str]):
+        self.root = Path(root)
+        self.keep = frozenset(keep)
+        self._lock = threading.Lock()
+        self._done = False
+
+    def sweep(self) -> None:
+        """Delete the stale stores, the first time only (safe from several threads)."""
+        with self._lock:
+            if not self._done:
+                self._done = True
+                remove_state_stores(self.root, self.keep)
 
 
 def remove_state_stores(root: str | os.PathLike, keep: set[str] = frozenset()) -> list[str]:
@@ -232,6 +261,7 @@ class StateStore:
         self.path = None if path is None else Path(path)
         if self.path is not None:
             self.check_free(self.path, overwrite)
+            _existing_ancestor(self.path, "state store path")
             if self.path.is_dir():
                 shutil.rmtree(self.path)
             elif self.path.exists():

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 
 from .axes import check_override_keys, checked_override, dtype_error, warn_guessed
-from .capture import AbstractStateCapture, batch_instances, positions_kept
+from .capture import AbstractStateCapture, batch_instances, positions_kept, sweep_stale_stores
 from .errors import OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
-from .store import unique_store_dirname
+from .store import check_storage_root, unique_store_dirname
 from .torch_training import EfficiencyTracker
 from .torch_axes import (
     CHANNELS, FEATURES, AxisTracker, disable_compile, exporting, first_tensor, is_real_tensor, module_kind, plain_axis,
@@ -314,7 +314,9 @@ def attach_hooks(
         keep_states: keep raw states in memory when there is no storage path
             (needed for ``states`` and ``counts(index=...)``; counts and
             entropies never need them).
-        overwrite: replace existing stores under ``storage_path``.
+        overwrite: allow a ``storage_path`` that is not empty: each probe replaces
+            its store there, and once one has written, the stores an earlier run
+            left there for other probes are deleted (other files stay).
         channel_axes: ``{probe name: axis}`` (or ``{module name: axis}`` for both
             of its probes) overriding the neuron axis the rule gives (see the
             module docstring); each axis is checked against its tensor's rank
@@ -338,6 +340,8 @@ def attach_hooks(
         ChannelAxisError: a ``channel_axes`` key names no probe (and, when the
             probe records, an axis out of range for its tensor).
         ProbeDtypeError: (when a probe records) its tensor is integer or bool.
+        StorageExistsError: ``storage_path`` is a file, cannot be written, or is
+            a directory that is not empty and ``overwrite`` is false.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
@@ -348,8 +352,10 @@ def attach_hooks(
     labels = [name or type(sub).__name__ for name, sub in chosen]
     check_override_keys(overrides, [f"{label}:{m}" for label in labels for m in methods], labels)
 
-    remove_state_layers(module)
     root = None if storage_path is None else Path(storage_path)
+    if root is not None:
+        check_storage_root(root, overwrite)
+    remove_state_layers(module)
     hooks: list[StateCaptureHook] = []
     handles = []
     used_dirs: set[str] = set()
@@ -380,6 +386,7 @@ def attach_hooks(
         for handle in handles:
             handle.remove()
         raise
+    sweep_stale_stores(hooks, root, overwrite)
     setattr(module, _HANDLES_ATTR, handles)
     module.efficiency_layers = hooks
     return module

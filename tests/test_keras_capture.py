@@ -192,9 +192,15 @@ def test_storage_path_and_existing_store(functional, images, tmp_path):
     assert stored.array.shape == (48 * 576, 3)
     with pytest.raises(StorageExistsError):
         build_keras_efficiency_model(functional, ["conv1"], storage_path=root)
+    (root / "notes.txt").write_text("mine")
     again = build_keras_efficiency_model(functional, ["conv1"], storage_path=root, overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ["conv1_states", "conv3_states", "notes.txt"]
     again.predict(images[:4], verbose=0)
     assert again.efficiency_layers[0].state_count == 4 * 576
+    again.efficiency_layers[0].flush()
+    # The earlier run's conv3 store is gone once conv1 wrote; the notes stay.
+    assert sorted(p.name for p in root.iterdir()) == ["conv1_states", "notes.txt"]
+    assert len(StateStore.open(root / "conv1_states").read()) == 4 * 576
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

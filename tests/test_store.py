@@ -6,7 +6,9 @@ import pytest
 import zarr
 
 from tensorstate_onnx import StorageExistsError, StoreError
-from tensorstate_onnx.store import ChunkedRows, StateStore, check_storage_root, store_dirname, unique_store_dirname
+from tensorstate_onnx.store import (
+    ChunkedRows, StaleStoreSweep, StateStore, check_storage_root, store_dirname, unique_store_dirname,
+)
 
 
 def _rows(n, n_bytes, seed=0):
@@ -169,6 +171,31 @@ def test_storage_root_must_be_a_free_directory(tmp_path):
         check_storage_root(tmp_path / "full")
     check_storage_root(tmp_path / "full", overwrite=True)
     assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "keep").read_text() == "y"
+
+
+def test_a_store_path_under_a_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageExistsError, match=r"state store path .*sub lies under .*file, which is a file"):
+        StateStore(20, tmp_path / "file" / "deeper" / "sub")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_the_stale_store_sweep_deletes_only_other_stores_and_only_once(tmp_path):
+    for name in ("mine", "stale", "other_stale"):
+        store = StateStore(8, tmp_path / name)
+        store.append(np.ones((3, 1), np.uint8))
+        store.mark_complete()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "zarr.json").write_text('{"attributes": {"not": "a store"}}')
+    (tmp_path / "readme.txt").write_text("mine")
+    sweep = StaleStoreSweep(tmp_path, ["mine", "not_written_yet"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "other_stale", "readme.txt", "stale"]
+    sweep.sweep()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "readme.txt"]
+    assert len(StateStore.open(tmp_path / "mine").read()) == 3
+    StateStore(8, tmp_path / "later")  # written after the sweep: a sweep runs once
+    sweep.sweep()
+    assert (tmp_path / "later").is_dir()
 
 
 def test_store_dirnames_are_safe_and_unique_per_storage_path():

@@ -239,6 +239,29 @@ def test_storage_path_keep_states_and_existing_store(fresh_lenet, images, tmp_pa
         fresh_lenet.efficiency_layers[0].states
 
 
+def test_overwrite_with_fewer_probes_deletes_the_earlier_stores_once_a_probe_writes(fresh_lenet, images, tmp_path):
+    root = tmp_path / "states"
+    attach_hooks(fresh_lenet, ["Conv2d"], storage_path=root)
+    with torch.no_grad():
+        fresh_lenet(images)
+    for hook in fresh_lenet.efficiency_layers:
+        hook.flush()
+    (root / "notes.txt").write_text("mine")
+    assert sorted(p.name for p in root.iterdir()) == ["conv1_after", "conv2_after", "conv3_after", "notes.txt"]
+    with pytest.raises(StorageExistsError, match=r"is not empty; .*overwrite=True"):
+        attach_hooks(fresh_lenet, ["conv2"], storage_path=root)
+    assert len(fresh_lenet.efficiency_layers) == 3  # a refused call leaves the earlier hooks on
+
+    attach_hooks(fresh_lenet, ["conv2"], storage_path=root, overwrite=True)
+    assert len(list(root.iterdir())) == 4  # nothing deleted before a probe writes
+    with torch.no_grad():
+        fresh_lenet(images[:5])
+    fresh_lenet.efficiency_layers[0].flush()
+    assert sorted(p.name for p in root.iterdir()) == ["conv2_after", "notes.txt"]
+    assert (root / "notes.txt").read_text() == "mine"
+    assert len(StateStore.open(root / "conv2_after").read()) == 5 * 64  # replaced, not appended to
+
+
 def test_build_efficiency_model_dispatches_to_hooks(fresh_lenet, images):
     model = build_efficiency_model(fresh_lenet, ["Conv2d"], method="after")
     assert model is fresh_lenet
