@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from .data import to_numpy
 from .errors import ModelInputError
 
 __all__ = ["check_class_labels", "count_correct"]
@@ -58,7 +59,7 @@ def check_class_labels(labels, n_classes: int | None) -> None:
     """Refuse labels that cannot be class ids (of ``n_classes`` scored classes, when
     known) before any sample runs: a refusal after some batches ran would leave
     their states recorded. One-hot rows (a last axis of ``n_classes``) pass."""
-    labels = np.asarray(labels)
+    labels = to_numpy(labels, "labels")
     if labels.ndim == 0:
         raise ModelInputError(f"labels hold one class id per sample (an array), got the single value {labels!r}")
     if labels.ndim >= 2 and (n_classes is None or (n_classes > 1 and labels.shape[-1] == n_classes)):
@@ -108,7 +109,7 @@ def count_correct(output, labels, mask=None) -> tuple[int, int]:
     """``(correct, total)`` predictions of one batch of the model's first output against
     ``labels``; ``mask`` (true where real, shaped like per-token labels) leaves padded
     positions out."""
-    output, labels = np.asarray(output), np.asarray(labels)
+    output, labels = np.asarray(output), to_numpy(labels, "labels")
     predicted = _predictions(output)
     if output.dtype.kind == "f" and output.ndim > 2:
         output = output.reshape(*predicted.shape, -1)

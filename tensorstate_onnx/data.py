@@ -48,15 +48,22 @@ class Batch:
     labels: np.ndarray | None = None
 
 
-def to_numpy(value) -> np.ndarray:
-    """A numpy view or copy of an array, torch tensor, TF tensor or array-like."""
+def to_numpy(value, what: str = "data") -> np.ndarray:
+    """A numpy view or copy of an array, torch tensor, TF tensor or array-like
+    (``what`` it holds names it in the error when it is not one array)."""
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "detach"):  # torch.Tensor
         return value.detach().cpu().numpy()
     if hasattr(value, "numpy"):  # tf.Tensor, EagerTensor
         return value.numpy()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # nested lists of unequal lengths, mixed types
+        raise ModelInputError(
+            f"{what} given as a {type(value).__name__} that is not one array ({error}); give lists of one length at every "
+            "level (pad ragged sequences; padded labels are -100) or a numpy array"
+        ) from None
 
 
 def _is_array_like(value) -> bool:
@@ -121,7 +128,7 @@ def _convert(inputs):
 
 def check_labels(labels, n: int) -> np.ndarray:
     """``labels`` as a numpy array, one per sample of ``n``, or ``ModelInputError``."""
-    labels = to_numpy(labels)
+    labels = to_numpy(labels, "labels")
     if labels.ndim == 0 or labels.shape[0] != n:
         got = "a scalar" if labels.ndim == 0 else f"{labels.shape[0]} labels"
         raise ModelInputError(f"got {got} for {n} samples; give one label per sample")
@@ -174,7 +181,7 @@ def iter_batches(data, labels=None, batch_size: int | None = None, single_input:
 
 
 def _iter_stream(data, labels, single_input: bool) -> Iterator[Batch]:
-    labels = None if labels is None else to_numpy(labels)
+    labels = None if labels is None else to_numpy(labels, "labels")
     used = 0
     for item in data:
         inputs, batch_labels = split_pair(item, single_input)

@@ -84,9 +84,16 @@ def test_labels_are_checked_before_anything_runs():
         (np.array([np.nan, 1]), None, "not whole numbers"),
         (np.array(["a"]), 3, "integer class ids"),
         (3, 10, "one class id per sample .*single value"),
+        ([[1, 2], [3]], 10, r"labels given as a list that is not one array .*pad ragged sequences; padded labels are -100"),
     ]:
         if match is None:
             check_class_labels(labels, n_classes)  # the class count unknown: ranges are checked per batch
             continue
         with pytest.raises(ModelInputError, match=match):
             check_class_labels(labels, n_classes)
+
+
+def test_ragged_per_token_labels_are_refused_naming_the_padding():
+    logits = np.zeros((2, 3, 5), np.float32)
+    with pytest.raises(ModelInputError, match=r"labels given as a list that is not one array .*pad ragged"):
+        count_correct(logits, [[1, 2, 3], [4]])

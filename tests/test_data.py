@@ -227,6 +227,17 @@ def test_labels_of_a_different_length_stream(build, data):
         build().evaluate(pairs, progress=False)
 
 
+def test_ragged_labels_and_inputs_are_refused_naming_which(build, data):
+    x, _ = data
+    ragged = [[1, 2]] + [[0]] * (len(x) - 1)
+    with pytest.raises(ModelInputError, match=r"^labels given as a list that is not one array"):
+        build().evaluate(x, ragged, progress=False)
+    with pytest.raises(ModelInputError, match=r"^labels given as a list that is not one array"):
+        build().evaluate(iter([x]), ragged, progress=False)
+    with pytest.raises(ModelInputError, match=r"^data given as a list that is not one array"):
+        build().predict(iter([{"input": [[0.0, 1.0], [2.0]]}]), progress=False)
+
+
 def test_evaluate_without_labels(build, data):
     with pytest.raises(ModelInputError, match=r"evaluate\(\) needs labels: pass labels=\.\.\. or \(x, y\) batches"):
         build().evaluate(data[0], progress=False)
