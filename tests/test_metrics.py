@@ -54,6 +54,37 @@ def test_integer_counts_match_the_direct_formula(alpha, dtype):
     assert entropy(counts.astype(np.float64), alpha) == pytest.approx(expected, rel=1e-12)
 
 
+def _long_double_entropy(counts, alpha):
+    """The Rényi entropy summed in 80-bit floats: ~3 more digits than float64, enough
+    to check float64 results next to alpha = 1 where the textbook form cancels."""
+    counts = np.asarray(counts, np.longdouble)
+    p = counts[counts > 0] / counts.sum()
+    return float(np.log2((p ** np.longdouble(alpha)).sum()) / (1 - np.longdouble(alpha)))
+
+
+@pytest.mark.parametrize("alpha", [sum([0.1] * 10), np.nextafter(1.0, 2.0), 1 - 1e-12, 1 + 1e-9])
+def test_alpha_within_rounding_of_one_gives_shannon(alpha):
+    counts = np.arange(1, 2001)
+    # The textbook form gave 16.0 (above log2(2000) = 10.97 bits) at 0.1 added ten times.
+    assert entropy(counts, alpha) == pytest.approx(entropy(counts, 1), abs=1e-8)
+    assert entropy(counts, alpha) <= math.log2(2000)
+
+
+@pytest.mark.parametrize("alpha", [1 - 2e-3, 1 - 1e-3, 1 - 1e-5, 1 + 1e-6, 1 + 1e-4, 1 + 1e-3, 1 + 2e-3])
+def test_alpha_next_to_one_matches_a_higher_precision_sum(alpha):
+    counts = np.random.default_rng(5).geometric(0.01, 20_000)
+    assert entropy(counts, alpha) == pytest.approx(_long_double_entropy(counts, alpha), rel=1e-11)
+
+
+def test_entropy_stays_non_increasing_across_the_two_forms_next_to_one():
+    counts = np.random.default_rng(6).geometric(0.02, 5_000)
+    alphas = [1 - 2e-3, np.nextafter(1 - 1e-3, 0), 1 - 1e-3, 1 - 1e-6, 1, 1 + 1e-6, 1 + 1e-3, np.nextafter(1 + 1e-3, 2), 1 + 2e-3]
+    values = [entropy(counts, a) for a in alphas]
+    # Within the ~1e-13 the textbook form keeps at the switch (1 +- 1e-3).
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(values, values[1:])), values
+    assert values[0] - values[-1] > 1e-3
+
+
 @pytest.mark.parametrize("alpha", [0, 1, 2, float("inf")])
 def test_counts_too_large_for_a_histogram(alpha):
     counts = np.array([3, 1 << 40, 5, 1 << 23, 1], np.int64)
