@@ -108,38 +108,41 @@ class EfficiencyHistory(list):
         return cls.from_dict(data)
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """One row per epoch and probe: ``epoch, probe, efficiency``, then the
-        epoch's ``network_efficiency, accuracy, aiq`` (empty cells for ``None``)."""
+        """One row per record and probe: ``epoch, probe, efficiency``, then the
+        record's ``network_efficiency, accuracy, aiq`` (empty cells for ``None``;
+        a record without probes is one row with empty probe and efficiency).
+        A record's rows are consecutive, so records sharing an epoch (a second
+        training phase counting from 0 again) stay apart."""
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(_CSV_HEADER)
             for record in self:
-                tail = [record.network_efficiency, _cell(record.accuracy), _cell(record.aiq)]
-                for probe, value in record.efficiencies.items():
-                    writer.writerow([record.epoch, probe, repr(value), *map(_text, tail)])
+                tail = [_text(v) for v in (record.network_efficiency, _cell(record.accuracy), _cell(record.aiq))]
+                for probe, value in record.efficiencies.items() or [("", "")]:
+                    writer.writerow([record.epoch, probe, _text(value), *tail])
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> "EfficiencyHistory":
-        """Read a history written by :meth:`to_csv`."""
-        records: dict[int, dict] = {}
+        """Read a history written by :meth:`to_csv`, record by record."""
+        entries: list[dict] = []
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames != _CSV_HEADER:
                 raise OptionError(f"{os.fspath(path)!r} is not an efficiency history CSV (columns {_CSV_HEADER})")
             for row in reader:
-                epoch = int(row["epoch"])
-                entry = records.setdefault(
-                    epoch,
-                    {
-                        "epoch": epoch,
-                        "efficiencies": {},
-                        "network_efficiency": row["network_efficiency"],
-                        "accuracy": row["accuracy"] or None,
-                        "aiq": row["aiq"] or None,
-                    },
-                )
-                entry["efficiencies"][row["probe"]] = row["efficiency"]
-        return cls(EpochRecord.from_dict(entry) for entry in records.values())
+                tail = {key: row[key] or None for key in ("network_efficiency", "accuracy", "aiq")}
+                entry = entries[-1] if entries else None
+                # A record's rows are consecutive: a new one starts at another epoch or
+                # network-wide values, at a probe the record already has, or after a record without probes.
+                if (
+                    entry is None or not entry["efficiencies"] or not row["probe"]
+                    or row["probe"] in entry["efficiencies"] or entry["row"] != (row["epoch"], tail)
+                ):  # fmt: skip
+                    entry = {"epoch": row["epoch"], "efficiencies": {}, **tail, "row": (row["epoch"], tail)}
+                    entries.append(entry)
+                if row["probe"]:
+                    entry["efficiencies"][row["probe"]] = row["efficiency"]
+        return cls(EpochRecord.from_dict(entry) for entry in entries)
 
     def plot(self, path: str | os.PathLike) -> None:
         """Efficiency of each probe and the network over the epochs, and aIQ when
@@ -202,4 +205,4 @@ def _cell(value: float | None):
 
 
 def _text(value) -> str:
-    return value if isinstance(value, str) else repr(float(value))
+    return value if isinstance(value, str) else repr(float(value))  # float(): no "np.float64(...)"

@@ -74,6 +74,24 @@ def test_history_csv_round_trip(tmp_path):
     assert EfficiencyHistory.from_csv(tmp_path / "h.csv") == history
 
 
+def test_history_csv_keeps_records_that_share_an_epoch_apart(tmp_path):
+    # A second training phase counting epochs from 0 again, numpy floats, a record without probes.
+    history = EfficiencyHistory(
+        [
+            EpochRecord(0, {"a": 0.5, "b": 0.25}, 0.35, 0.5, 0.4),
+            EpochRecord(0, {"a": np.float64(0.75), "b": np.float32(0.5)}, np.float64(0.6), np.float64(0.8), None),
+            EpochRecord(0, {"a": 0.75, "b": 0.5}, 0.6, 0.8, None),  # the same values again: still its own record
+            EpochRecord(1, {}, 0.0, None, None),
+            EpochRecord(1, {"a": 0.1}, 0.1, None, None),
+        ]
+    )
+    history.to_csv(tmp_path / "h.csv")
+    back = EfficiencyHistory.from_csv(tmp_path / "h.csv")
+    assert len(back) == 5, back
+    assert [r.to_dict() for r in back] == [r.to_dict() for r in history]
+    assert "np.float" not in (tmp_path / "h.csv").read_text()
+
+
 def test_history_rejects_other_files(tmp_path):
     (tmp_path / "x.json").write_text('{"layers": []}')
     with pytest.raises(OptionError, match="not an efficiency history"):
