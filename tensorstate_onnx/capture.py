@@ -457,10 +457,12 @@ class StateCaptureProbe(AbstractStateCapture):
 def positions_kept(mask: np.ndarray | None, n_states: int, instances: int, probe_name: str) -> np.ndarray | None:
     """Which of a batch's ``n_states`` states to record under ``mask`` (``[batch, length]``,
     true where real): all of them when the probe has one state per sample, those of
-    the true positions when it has one state per position."""
+    the true positions when it has one state per position, in ``[batch, length,
+    features]`` or with the positions flattened (``[batch * length, features]``, as
+    mixture-of-experts layers see tokens)."""
     if mask is None:
         return None
-    if n_states == mask.size and mask.shape[0] == instances:  # one state per position
+    if n_states == mask.size and instances in (mask.shape[0], mask.size):  # one state per position
         return mask.reshape(-1)
     if n_states == instances:  # one state per sample: the mask does not apply
         return None

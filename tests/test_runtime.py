@@ -251,6 +251,33 @@ def test_a_mask_that_does_not_fit_a_probe_or_the_model_is_refused():
         probed.predict({"x": np.ones((2, 3, 4), np.float32), "mask": np.ones((2, 5), np.int64)}, progress=False)
 
 
+def test_a_mask_applies_to_a_probe_that_sees_the_positions_flattened():
+    """[B, T, 4] -> Reshape [B*T, 4] -> MatMul -> Relu, as mixture-of-experts layers see tokens."""
+    weights = onnx.numpy_helper.from_array(np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32), "w")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 4], np.int64), "flat")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "flat"], ["tokens"], name="flatten"),
+         helper.make_node("MatMul", ["tokens", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"], name="act"),
+         helper.make_node("Identity", ["mask"], ["mask_out"], name="keep_mask")],
+        "flat_tokens",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "T", 4]),
+         helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["BT", 3]),
+         helper.make_tensor_value_info("mask_out", onnx.TensorProto.INT64, ["B", "T"])],
+        initializer=[weights, shape],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(5, 7, 4)).astype(np.float32)
+    mask = (np.arange(7)[None, :] < rng.integers(1, 8, size=(5, 1))).astype(np.int64)
+    probed = _build(model, attach_to="Relu", mask_input="mask", keep_states=True)
+    y, _ = probed.predict({"x": x, "mask": mask}, batch_size=2, progress=False)
+    real = mask.astype(bool).reshape(-1)
+    capture = probed.efficiency_layers[0]
+    assert capture.state_count == int(real.sum()) < real.size  # padding left out, as on [B, T, F]
+    assert sorted(capture.counts().tolist()) == _reference_counts_of(y[real])
+
+
 def _reference_counts_of(rows: np.ndarray) -> list[int]:
     packed = np.packbits(rows > 0, axis=-1, bitorder="little")
     return sorted(np.unique(packed, axis=0, return_counts=True)[1].tolist())
