@@ -718,3 +718,34 @@ def test_a_call_that_raises_inside_a_pass_that_goes_on_leaves_the_pass_whole(tor
         wanted = torch.cat([model.block.conv(b) for b in (x, x, later, later)]).numpy()
     assert conv.state_count == (2 + 2 + 3 + 3) * 4 * 4, "every call recorded in both passes is counted"
     assert _pairs(conv) == _numpy_counts(wanted, 1)
+
+
+class _TokenMLP(torch.nn.Module):
+    """Embedding -> Linear, on [batch, length, features] or with the positions flattened."""
+
+    def __init__(self, flatten: bool):
+        super().__init__()
+        self.emb, self.mlp, self.flatten = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8), flatten
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        return self.mlp(h.reshape(-1, h.shape[-1]) if self.flatten else h)
+
+
+def test_a_mask_applies_alike_to_positions_flattened_or_not():
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 2 + [0] * 4, [1] * 6])  # 17 real positions of 24
+    counts = []
+    for flatten in (False, True):
+        torch.manual_seed(0)
+        model = _TokenMLP(flatten)
+        attach_hooks(model, ["mlp"], mask_input="attention_mask")
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask)
+        capture = model.efficiency_layers[0]
+        assert capture.state_count == 17
+        real = out.reshape(-1, 8)[mask.reshape(-1).bool()].numpy()
+        expected = np.unique(np.packbits(real > 0, axis=1, bitorder="little"), axis=0, return_counts=True)[1]
+        assert sorted(capture.counts().tolist()) == sorted(expected.tolist())
+        counts.append(sorted(capture.counts().tolist()))
+    assert counts[0] == counts[1]
