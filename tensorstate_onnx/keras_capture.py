@@ -31,7 +31,7 @@ import numpy as np
 
 from .axes import check_override_keys, checked_override, checked_type, dtype_error, is_float_dtype_name
 from .capture import AbstractStateCapture, sweep_stale_stores
-from .errors import ProbeMatchError
+from .errors import ModelInputError, OptionTypeError, ProbeMatchError
 from .keras_passes import BOUNDARIES, PassBegin, PassEnd, tracing_for_export
 from .keras_training import EfficiencyCallback
 from .patterns import as_patterns, matches_any, preview, probe_methods
@@ -386,17 +386,17 @@ def build_keras_efficiency_model(
             a directory that is not empty and ``overwrite`` is false.
     """
     if not isinstance(model, keras.Model):
-        raise TypeError(f"build_keras_efficiency_model takes a keras.Model, got {type(model).__name__}")
+        raise OptionTypeError(f"build_keras_efficiency_model takes a keras.Model, got {type(model).__name__}")
     probe_methods(method)
     if not model.built:
-        raise ValueError(
+        raise ModelInputError(
             f"Keras model {model.name!r} is not built, so its layers have no shapes yet; "
             "build it first (model.build(input_shape), start it with keras.Input, or call it "
             "on a batch of data)"
         )
     sequential = isinstance(model, keras.Sequential)
     if not sequential and not _is_functional(model):
-        raise TypeError(
+        raise OptionTypeError(
             f"{type(model).__name__} is a subclassed Keras model, whose layer graph cannot be "
             "rebuilt; use a Functional or Sequential model, or the ONNX path "
             "(build_efficiency_model(model, ..., runtime='onnxruntime'))"
@@ -410,7 +410,7 @@ def build_keras_efficiency_model(
     except (AttributeError, ValueError):
         inputs = []
     if sequential and not inputs:
-        raise ValueError(
+        raise ModelInputError(
             f"Sequential model {model.name!r} has no defined input; start it with keras.Input "
             "or build it with model.build(input_shape)"
         )

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from .accuracy import count_correct
+from .capture import AbstractStateCapture
 from .errors import ModelInputError, OptionError, OptionTypeError
 from .history import EfficiencyHistory, EpochRecord, check_every, measured_record
 from .metrics import check_aiq_weight
@@ -97,7 +98,9 @@ class EfficiencyCallback(keras.callbacks.Callback):
         return self._probed[1]
 
     def on_train_begin(self, logs=None):
-        self._efficiency_model()  # ProbeMatchError before the first epoch, not after it
+        if self.model is not None and self.model.built:
+            self._efficiency_model()  # ProbeMatchError before the first epoch, not after it
+        # else fit builds the model on its first batch: it is probed at the first measurement
 
     def on_epoch_end(self, epoch, logs=None):
         self.measure(epoch)
@@ -112,7 +115,21 @@ class EfficiencyCallback(keras.callbacks.Callback):
             return None
         probed = self._efficiency_model()
         reset_efficiency_model(probed)
-        outputs = probed.predict(self.data, batch_size=self.batch_size, verbose=0)
+        # Probes the trained model carries itself (it may be an efficiency model) stay in
+        # the rebuilt one: they must not record the held-out data.
+        own = {id(capture) for capture in probed.efficiency_layers}
+        theirs = [*getattr(self.model, "efficiency_layers", ()), *probed.layers]
+        paused = [
+            layer for layer in theirs
+            if isinstance(layer, AbstractStateCapture) and id(layer) not in own and layer.capture_on
+        ]  # fmt: skip
+        for capture in paused:
+            capture.capture_on = False
+        try:
+            outputs = probed.predict(self.data, batch_size=self.batch_size, verbose=0)
+        finally:
+            for capture in paused:
+                capture.capture_on = True
         efficiencies = {capture.name: capture.efficiency() for capture in probed.efficiency_layers}
         reset_efficiency_model(probed)  # hold no counts between measurements
         correct = total = 0

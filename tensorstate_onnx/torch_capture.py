@@ -41,7 +41,7 @@ import torch
 
 from .axes import check_override_keys, checked_override, dtype_error, warn_guessed
 from .capture import AbstractStateCapture, batch_instances, positions_kept, sweep_stale_stores
-from .errors import OptionTypeError, ProbeMatchError
+from .errors import OptionError, OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import check_storage_root, unique_store_dirname
 from .torch_training import EfficiencyTracker
@@ -130,7 +130,7 @@ class StateCaptureHook(AbstractStateCapture):
         **kwargs,
     ):
         if method not in ("before", "after"):
-            raise ValueError(f"a StateCaptureHook's method is 'before' or 'after', got {method!r}")
+            raise OptionError(f"a StateCaptureHook's method is 'before' or 'after', got {method!r}")
         meta = {"method": method, "framework": "torch", **(metadata or {})}
         super().__init__(name, disk_path, keep_states, overwrite, meta, **kwargs)
         self.method = method
@@ -344,7 +344,7 @@ def attach_hooks(
             a directory that is not empty and ``overwrite`` is false.
     """
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
+        raise OptionTypeError(f"attach_hooks takes a torch.nn.Module, got {type(module).__name__}")
     methods = probe_methods(method)
     chosen = match_modules(module, attach_to, exclude)
 

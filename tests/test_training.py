@@ -331,6 +331,38 @@ def test_keras_callback_leaves_the_model_unchanged(keras, digits):
     assert unlabelled.measure(0).accuracy is None and unlabelled.history[0].aiq is None
 
 
+def test_keras_callback_on_an_efficiency_model_leaves_its_probes_to_the_training_data(keras):
+    import tensorstate_onnx as ts
+    from tensorstate_onnx.keras_capture import EfficiencyCallback
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 2, 64)
+    x_held = rng.normal(size=(50, 6)).astype("float32")
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(7, name="d1", activation="relu"), keras.layers.Dense(2, name="d2")])
+    model = ts.build_efficiency_model(base, ["d1"])  # the user's probe: the states seen in training
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = EfficiencyCallback(["d2"], x_held)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[callback])
+    assert model.efficiency_layers[0].state_count == 2 * 64  # none of the 2 x 50 held-out samples
+    assert model.efficiency_layers[0].capture_on
+    assert callback.history.epochs == [0, 1] and list(callback.history[0].efficiencies) == ["d2_states"]
+
+
+def test_keras_callback_on_a_sequential_model_fit_builds(keras):
+    from tensorstate_onnx.keras_capture import EfficiencyCallback
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 2, 64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(7, name="d1", activation="relu"), keras.layers.Dense(2, name="d2")])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = EfficiencyCallback(["d1"], x[:20], y[:20])
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])  # built by fit, after on_train_begin
+    (record,) = callback.history
+    assert 0 < record.efficiencies["d1_states"] <= 1 and record.accuracy is not None
+
+
 def test_keras_callback_bad_input(keras, digits):
     from tensorstate_onnx.keras_capture import EfficiencyCallback
 
