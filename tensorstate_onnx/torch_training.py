@@ -113,8 +113,14 @@ class EfficiencyTracker:
                 yield _as_tensor(self.data[start : start + size]), labels
             return
         for batch in self.data:
-            if isinstance(batch, (tuple, list)) and len(batch) == 2:
-                yield _as_tensor(batch[0]), batch[1]
+            if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):  # [x] of a TensorDataset(x), (x, y)
+                yield _as_tensor(batch[0]), (batch[1] if len(batch) == 2 else None)
+            elif isinstance(batch, (tuple, list, dict)):
+                got = f"a {type(batch).__name__} of {len(batch)} items" if not isinstance(batch, dict) else "a dict"
+                raise ModelInputError(
+                    f"the data loader yielded {got}; the tracker takes batches x, [x] or (x, y) (model(x) "
+                    "is what it measures): yield those, or wrap the loader in a generator that does"
+                )
             else:
                 yield _as_tensor(batch), None
 

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from tensorstate_onnx import demo  # noqa: E402
 from tensorstate_onnx.accuracy import count_correct  # noqa: E402
-from tensorstate_onnx.errors import OptionError, ProbeMatchError  # noqa: E402
+from tensorstate_onnx.errors import ModelInputError, OptionError, ProbeMatchError  # noqa: E402
 from tensorstate_onnx.history import EfficiencyHistory, EpochRecord  # noqa: E402
 from tensorstate_onnx.metrics import aIQ, network_efficiency  # noqa: E402
 
@@ -225,6 +225,16 @@ def test_torch_tracker_every_n_epochs_and_data_loader(torch, digits):
     # Without labels: no accuracy, no aIQ.
     unlabelled = EfficiencyTracker(model, "Conv2d", x)
     assert unlabelled.measure(0).accuracy is None and unlabelled.history[0].aiq is None
+    # A loader of x alone yields [x] batches: the same efficiencies, no accuracy.
+    x_only = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.as_tensor(x)), batch_size=40)
+    from_x_only = EfficiencyTracker(model, "Conv2d", x_only).measure(0)
+    assert from_x_only.efficiencies == unlabelled.history[0].efficiencies and from_x_only.accuracy is None
+    weighted = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.as_tensor(x), torch.as_tensor(y), torch.ones(len(y))), batch_size=40
+    )
+    with pytest.raises(ModelInputError, match=r"yielded a list of 3 items; the tracker takes batches x, \[x\] or \(x, y\)"):
+        EfficiencyTracker(model, "Conv2d", weighted).measure(0)
+    assert "efficiency_layers" not in model.__dict__  # its hooks are gone again
 
 
 def test_torch_tracker_bad_input(torch, digits):
