@@ -172,12 +172,27 @@ def _unit_free(shape) -> tuple[list[int], list[int]]:
     return [shape[k] for k in kept], kept
 
 
-def _carried_axis(shape, source_shape, source_axis: int) -> int | None:
+def _memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The non-unit dimensions of ``tensor`` from outermost to innermost in memory;
+    ``None`` when strides do not tell (a broadcast dimension, equal strides)."""
+    dims = [k for k in range(tensor.dim()) if tensor.shape[k] != 1]
+    strides = [tensor.stride(k) for k in dims]
+    if 0 in strides or len(set(strides)) != len(strides):
+        return None
+    return tuple(k for _, k in sorted(zip(strides, dims), reverse=True))
+
+
+def _carried_axis(shape, source_shape, source_axis: int, order=None, source_order=None) -> int | None:
     """The axis of a tensor of ``shape`` made from one of ``source_shape`` (axis
     ``source_axis``) by an elementwise op, a squeeze or an unsqueeze: the same
     dimensions once the unit ones are dropped. ``None`` when they differ or the
-    neuron axis is itself a unit dimension."""
+    neuron axis is itself a unit dimension, and when the shapes are equal but the
+    memory orders (see :func:`_memory_order`) differ: a transpose of equal-sized
+    dimensions (``[B, C, L]`` to ``[B, L, C]`` with ``C == L``) keeps the shape but
+    shows in the strides of its view and of what elementwise ops make of it."""
     if tuple(shape) == tuple(source_shape):
+        if order is not None and source_order is not None and order != source_order:
+            return None
         return source_axis
     dims, positions = _unit_free(shape)
     source_dims, source_positions = _unit_free(source_shape)
@@ -195,13 +210,14 @@ class _Frame:
         self.module = module
         self.input_axis = input_axis
         self.input_rank = input_rank
-        self.seen = seen  # [(shape, axis)], in the order the tensors appeared
+        self.seen = seen  # [(shape, axis, memory order)], in the order the tensors appeared
 
-    def match(self, shape) -> int | None:
-        """The axis of the latest seen tensor that ``shape`` carries (same dimensions up
-        to unit ones): a tensor made from it by a plain torch function."""
-        for source_shape, axis in reversed(self.seen):
-            carried = _carried_axis(shape, source_shape, axis)
+    def match(self, tensor: torch.Tensor) -> int | None:
+        """The axis of the latest seen tensor that ``tensor`` carries (same dimensions up
+        to unit ones, laid out alike): a tensor made from it by a plain torch function."""
+        order = _memory_order(tensor)
+        for source_shape, axis, source_order in reversed(self.seen):
+            carried = _carried_axis(tensor.shape, source_shape, axis, order, source_order)
             if carried is not None:
                 return carried
         return None
@@ -267,7 +283,7 @@ class AxisTracker:
         if entry is not None and entry[0]() is tensor:
             return entry[1]
         if self._frames:
-            return self._frames[-1].match(tensor.shape)
+            return self._frames[-1].match(tensor)
         return None
 
     def _remember(self, tensor: torch.Tensor, axis: int) -> None:
@@ -339,7 +355,7 @@ class AxisTracker:
                 self._resolve(tensor, axis)
             if axis is not None:
                 self._remember(tensor, axis)
-        seen = [] if axis is None else [(tuple(tensor.shape), axis)]
+        seen = [] if axis is None else [(tuple(tensor.shape), axis, _memory_order(tensor))]
         self._frames.append(_Frame(module, axis, rank, seen))
         return None
 
@@ -353,7 +369,7 @@ class AxisTracker:
             if axis is not None:
                 self._remember(tensor, axis)
                 if self._frames:
-                    self._frames[-1].seen.append((tuple(tensor.shape), axis))
+                    self._frames[-1].seen.append((tuple(tensor.shape), axis, _memory_order(tensor)))
         if not self._frames:
             self._close_pass()
         return None
@@ -410,7 +426,7 @@ class AxisTracker:
         entry = self._known.get(id(tensor))
         if entry is not None and entry[0]() is tensor:
             return entry[1]  # a submodule produced it
-        axis = frame.match(tensor.shape)
+        axis = frame.match(tensor)
         if axis is None and rank <= 2:
             return plain_axis(rank)
         return axis

@@ -575,6 +575,56 @@ def test_permute_modules_carry_the_axis():
     remove_state_layers(model)
 
 
+class _ConvThenDense(torch.nn.Module):
+    """Conv1d -> transpose(1, 2) as a plain torch call -> Linear over the channels."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv1d(4, channels, 1), torch.nn.Linear(channels, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("length", [9, 8])
+def test_a_transpose_of_equal_sized_dimensions_does_not_carry_the_axis(length):
+    # With 8 channels at 8 positions the transposed tensor has the conv output's shape;
+    # its strides show the transpose, and the Linear that reads it decides: the last axis.
+    torch.manual_seed(0)
+    model = _ConvThenDense(8)
+    attach_hooks(model, ["fc"], method="before")
+    x = torch.randn(5, 4, length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)
+        hook = model.efficiency_layers[0]
+    assert (hook.channel_axis, hook.n_neurons) == (2, 8)
+    read = torch.relu(model.conv(x).transpose(1, 2)).detach().numpy().reshape(-1, 8)
+    expected = np.unique(np.packbits(read > 0, axis=1, bitorder="little"), axis=0, return_counts=True)[1]
+    assert sorted(hook.counts().tolist()) == sorted(expected.tolist())
+    remove_state_layers(model)
+
+
+def test_an_elementwise_function_of_a_channels_last_conv_keeps_its_axis():
+    class ConvRelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = torch.nn.Conv2d(3, 8, 1), torch.nn.Identity()
+
+        def forward(self, x):
+            return self.out(torch.relu(self.conv(x)))
+
+    model = ConvRelu().to(memory_format=torch.channels_last)
+    attach_hooks(model, ["out"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))  # C == H == W
+    assert model.efficiency_layers[0].channel_axis == 1
+    remove_state_layers(model)
+
+
 def test_build_efficiency_model_takes_channel_axes_natively():
     torch.manual_seed(9)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16))
