@@ -41,6 +41,48 @@ __all__ = ["EfficiencyCallback", "PassBegin", "PassEnd", "StateCapture", "build_
 
 _NUMPY_DTYPES = (np.float16, np.float32, np.float64)
 
+# Layers whose output has its input's neuron axis (DESIGN §1: elementwise layers inherit it).
+_ELEMENTWISE = frozenset({
+    "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Softmax", "Identity", "Rescaling",
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise", "GaussianDropout",
+    "AlphaDropout", "ActivityRegularization", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum",
+})  # fmt: skip
+# Normalization layers whose ``axis`` (an int) is the feature axis.
+_AXIS_NORMALIZATION = frozenset({"BatchNormalization", "GroupNormalization"})
+
+
+def _rank(tensor) -> int | None:
+    shape = getattr(tensor, "shape", None)
+    return None if shape is None else len(shape)
+
+
+def _output_axis(layer, input_axis: int, input_rank: int | None, output_rank: int | None) -> int:
+    """The neuron axis of ``layer``'s output (``-1``: the last), from the axis of what
+    it reads: channels-first layers give axis 1, batch and group normalization their
+    ``axis``, elementwise layers (and captures) the axis they read; anything else
+    the last axis, as everything in channels-last Keras."""
+    if output_rank is None or output_rank <= 2:
+        return -1
+    if getattr(layer, "data_format", None) == "channels_first":
+        return 1
+    name = type(layer).__name__
+    if name in _AXIS_NORMALIZATION and isinstance(getattr(layer, "axis", None), int):
+        return _last_as_minus_one(layer.axis, output_rank)
+    if (name in _ELEMENTWISE or isinstance(layer, AbstractStateCapture)) and input_rank == output_rank:
+        return input_axis
+    return -1
+
+
+def _last_as_minus_one(axis: int, rank: int) -> int:
+    axis %= rank
+    return -1 if axis == rank - 1 else axis
+
+
+def _read_axis(layer, tensor_axis: int) -> int:
+    """The neuron axis of a tensor ``layer`` reads: axis 1 for a channels-first layer
+    (what it reads as channels), else the axis the tensor has."""
+    return 1 if getattr(layer, "data_format", None) == "channels_first" else tensor_axis
+
 
 def _as_numpy(value) -> np.ndarray:
     """A numpy array the engine accepts (float16/32/64 or bool) for any backend value."""
@@ -203,20 +245,25 @@ class _Builder:
         self.captures: list[StateCapture] = []
         self.captured: list = []  # the captures' output tensors (Functional models)
         self.store_dirs: set[str] = set()
+        self.made: dict[tuple[str, str], StateCapture] = {}  # (layer name, method): its capture
 
     def wanted(self, name: str, class_name: str) -> bool:
         return matches_any(self.patterns, (name, class_name)) and not matches_any(self.excluded, (name, class_name))
 
-    def make(self, label: str, class_name: str, method: str, layer=None) -> StateCapture:
-        """A new StateCapture for ``method`` of layer ``label``, with a unique name.
+    def make(self, label: str, class_name: str, method: str, axis: int = -1) -> StateCapture:
+        """The StateCapture for ``method`` of layer ``label``: a new one with a unique
+        name, or the one made for an earlier call of the same layer (one probe per
+        layer, every call).
 
-        Its neurons are on the last axis (Keras is channels-last), on axis 1 for
-        a layer with ``data_format="channels_first"``, or where ``channel_axes``
-        says (keyed by capture name, ``"<layer>:<method>"`` or layer name).
+        Its neurons are on ``axis`` (see :func:`_output_axis` and :func:`_read_axis`),
+        or where ``channel_axes`` says (keyed by capture name, ``"<layer>:<method>"``
+        or layer name).
         """
+        made = self.made.get((label, method))
+        if made is not None:
+            return made
         name = self.unique(f"{label}_states" if method == "after" else f"{label}_pre_states")
         disk_path = None if self.root is None else self.root / unique_store_dirname(name, self.store_dirs)
-        axis = 1 if getattr(layer, "data_format", None) == "channels_first" else -1
         key = next((k for k in (name, f"{label}:{method}", label) if k in self.overrides), None)
         if key is not None:
             axis = self.overrides[key]
@@ -226,6 +273,7 @@ class _Builder:
             method=method,
         )  # fmt: skip
         self.captures.append(capture)
+        self.made[(label, method)] = capture
         return capture
 
     def unique(self, base: str) -> str:
@@ -242,18 +290,19 @@ class _Builder:
         aliases = [k for c in self.captures for k in (c.label, f"{c.label}:{c.method}")]
         check_override_keys(self.overrides, names, aliases)
 
-    def capture(self, tensor, label: str, class_name: str, method: str, layer=None):
-        """Apply a new StateCapture to ``tensor``; return its output."""
-        output = self.make(label, class_name, method, layer)(tensor)
+    def capture(self, tensor, label: str, class_name: str, method: str, axis: int = -1):
+        """Apply the layer's StateCapture to ``tensor``; return its output."""
+        output = self.make(label, class_name, method, axis)(tensor)
         self.captured.append(output)
         return output
 
-    def wrap_first(self, structure, label: str, class_name: str, method: str, layer=None):
-        """``structure`` with its first tensor replaced by a captured one."""
+    def wrap_first(self, structure, label: str, class_name: str, method: str, axis_of):
+        """``structure`` with its first tensor replaced by a captured one
+        (``axis_of(tensor)``: the neuron axis to capture it on)."""
         flat = keras.tree.flatten(structure)
         for i, item in enumerate(flat):
             if isinstance(item, keras.KerasTensor):
-                flat[i] = self.capture(item, label, class_name, method, layer)
+                flat[i] = self.capture(item, label, class_name, method, axis_of(item))
                 return keras.tree.pack_sequence_as(structure, flat)
         return structure
 
@@ -278,18 +327,34 @@ def _rebuild_functional(model, builder: _Builder):
             lambda t: replaced.get(id(t), t) if isinstance(t, keras.KerasTensor) else t, structure
         )
 
+    axes: dict[int, int] = {}  # id of a tensor of the new graph: its neuron axis, where not the last
+
+    def axis_of(tensor) -> int:
+        return axes.get(id(tensor), -1)
+
     def call_function(layer, *args, **kwargs):
         args, kwargs = substitute(args), substitute(kwargs)
         if isinstance(layer, BOUNDARIES):
             return args[0]  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
-        if not builder.wanted(layer.name, class_name):
-            return layer(*args, **kwargs)
-        if "before" in builder.methods:
-            args, kwargs = builder.wrap_first((args, kwargs), layer.name, class_name, "before", layer)
+        read = next((t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)), None)
+        wanted = builder.wanted(layer.name, class_name)
+        if wanted and "before" in builder.methods:
+            args, kwargs = builder.wrap_first(
+                (args, kwargs), layer.name, class_name, "before", lambda t: _read_axis(layer, axis_of(t))
+            )
         outputs = layer(*args, **kwargs)
-        if "after" in builder.methods:
-            outputs = builder.wrap_first(outputs, layer.name, class_name, "after", layer)
+        for output in keras.tree.flatten(outputs):
+            if isinstance(output, keras.KerasTensor):
+                axis = _output_axis(layer, axis_of(read), _rank(read), _rank(output))
+                if axis != -1:
+                    axes[id(output)] = axis
+        if wanted and "after" in builder.methods:
+            plain = keras.tree.flatten(outputs)
+            outputs = builder.wrap_first(outputs, layer.name, class_name, "after", axis_of)
+            for tensor, captured in zip(plain, keras.tree.flatten(outputs)):
+                if captured is not tensor and id(tensor) in axes:
+                    axes[id(captured)] = axes[id(tensor)]  # a capture passes its tensor on unchanged
         return outputs
 
     clone = keras.models.clone_model(
@@ -311,16 +376,19 @@ def _rebuild_sequential(model, builder: _Builder):
     ]
     if builder.wanted(source.name, "InputLayer"):
         layers.append(builder.make(source.name, "InputLayer", "after"))
+    axis, rank = -1, _rank(source)  # of the tensor between two layers
     for layer in model.layers:
         if isinstance(layer, BOUNDARIES):
             continue  # left out: the new model's own boundary covers every capture
         class_name = type(layer).__name__
         wanted = builder.wanted(layer.name, class_name)
         if wanted and "before" in builder.methods:
-            layers.append(builder.make(layer.name, class_name, "before", layer))
+            layers.append(builder.make(layer.name, class_name, "before", _read_axis(layer, axis)))
         layers.append(layer)
+        output_rank = _rank(getattr(layer, "output", None))
+        axis, rank = _output_axis(layer, axis, rank, output_rank), output_rank
         if wanted and "after" in builder.methods:
-            layers.append(builder.make(layer.name, class_name, "after", layer))
+            layers.append(builder.make(layer.name, class_name, "after", axis))
     layers.append(PassEnd(name=builder.unique("tensorstate_pass_end")))  # every capture is above it
     return keras.Sequential(layers, name=model.name, trainable=model.trainable)
 

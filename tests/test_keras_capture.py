@@ -533,3 +533,59 @@ def test_a_pass_that_raises_is_dropped_on_the_torch_backend(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("predict", "call"))]
     assert lines == ["predict [4, 4, 4] [8, 8, 8] 1", "call [4, 4, 4] [8, 8, 8] 1"]
+
+
+def _reference_counts(tensor: np.ndarray, axis: int) -> list[int]:
+    rows = np.moveaxis(tensor > 0, axis, -1).reshape(-1, tensor.shape[axis])
+    return sorted(np.unique(np.packbits(rows, axis=1, bitorder="little"), axis=0, return_counts=True)[1].tolist())
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_layers_after_a_channels_first_layer_take_its_axis(kind):
+    # Elementwise layers inherit the axis they read, batch normalization has its own:
+    # the ReLU and BatchNormalization after an NCHW conv have its 5 channels as neurons
+    # (they took the image width, 4 positions, before).
+    keras.utils.set_random_seed(4)
+    layers = [
+        keras.layers.Conv2D(5, 3, data_format="channels_first", name="conv"),
+        keras.layers.ReLU(name="relu"),
+        keras.layers.BatchNormalization(axis=1, name="bn"),
+        keras.layers.Dense(3, name="dense"),  # reads [N, 5, 4, 4] as 4 features
+    ]
+    if kind == "sequential":
+        model = keras.Sequential([keras.Input((3, 6, 6)), *layers])
+    else:
+        inputs = keras.Input((3, 6, 6))
+        tensor = inputs
+        for layer in layers:
+            tensor = layer(tensor)
+        model = keras.Model(inputs, tensor)
+    x = np.random.default_rng(4).normal(size=(8, 3, 6, 6)).astype("float32")
+    probed = build_keras_efficiency_model(model, ["conv", "relu", "bn", "dense"], method="both")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probed.predict(x, verbose=0)
+    axes = {c.name: (c.channel_axis, c.n_neurons) for c in probed.efficiency_layers}
+    assert axes == {
+        "conv_pre_states": (1, 3), "conv_states": (1, 5), "relu_pre_states": (1, 5), "relu_states": (1, 5),
+        "bn_pre_states": (1, 5), "bn_states": (1, 5), "dense_pre_states": (1, 5), "dense_states": (3, 3),
+    }  # fmt: skip
+    conv = layers[0](x)
+    relu = keras.ops.convert_to_numpy(layers[1](conv))
+    capture = {c.name: c for c in probed.efficiency_layers}
+    assert sorted(capture["relu_states"].counts().tolist()) == _reference_counts(relu, 1)
+
+
+def test_a_layer_called_twice_is_one_probe_recording_both_calls():
+    keras.utils.set_random_seed(5)
+    shared = keras.layers.Dense(6, name="dense")
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, shared(shared(inputs)))
+    x = np.random.default_rng(5).normal(size=(64, 6)).astype("float32")
+    probed = build_keras_efficiency_model(model, ["dense"])
+    probed.predict(x, batch_size=16, verbose=0)
+    (capture,) = probed.efficiency_layers
+    first = keras.ops.convert_to_numpy(shared(x))
+    second = keras.ops.convert_to_numpy(shared(first))
+    assert capture.state_count == 128
+    assert sorted(capture.counts().tolist()) == _reference_counts(np.concatenate([first, second]), 1)
