@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from .index import GraphIndex
 from .metadata import KERAS_LAYER_NAME
 
-__all__ = ["AXIS1_OPS", "Layout", "infer_channel_axes", "is_channels_last"]
+__all__ = ["AXIS1_OPS", "Layout", "infer_channel_axes", "is_channels_last", "reshaped_axis"]
 
 #: Producers whose graph inputs are Keras/TensorFlow tensors, hence channels-last.
 _CHANNELS_LAST_PRODUCERS = frozenset({"tf2onnx", "keras2onnx"})
@@ -111,13 +111,18 @@ class Layout:
 
     axes: dict[str, int] = field(default_factory=dict)
     guessed: set[str] = field(default_factory=set)
+    #: Tensors whose axis is the last-axis fallback of a tensor no rule or reader
+    #: explained (a Reshape that split the neuron axis), or was carried from one:
+    #: readers of such a tensor still decide (a channel shuffle read by a Conv).
+    fallback: set[str] = field(default_factory=set)
 
-    def set(self, name: str, axis: int, guessed: bool) -> None:
+    def set(self, name: str, axis: int, guessed: bool, fallback: bool = False) -> None:
         self.axes[name] = axis
-        if guessed:
-            self.guessed.add(name)
-        else:
-            self.guessed.discard(name)
+        for flag, names in ((guessed, self.guessed), (fallback, self.fallback)):
+            if flag:
+                names.add(name)
+            else:
+                names.discard(name)
 
 
 def is_channels_last(model: onnx.ModelProto) -> bool:
@@ -141,10 +146,25 @@ def infer_channel_axes(index: GraphIndex, channels_last: bool) -> Layout:
         layout.set(name, *_settle(name, axis, guessed, ctx))
     for node in index.graph.node:
         results = _output_axes(node, layout, ctx)
+        carried = _carries_fallback(node, layout, ctx)
         for name, (axis, guessed) in zip(node.output, results):
             if name:
-                layout.set(name, *_settle(name, axis, guessed, ctx))
+                layout.set(name, *_settle(name, axis, guessed, ctx, carried and axis is not None))
     return layout
+
+
+def _carries_fallback(node: onnx.NodeProto, layout: Layout, ctx: _Context) -> bool:
+    """Whether ``node``'s outputs carry a fallback axis (see :attr:`Layout.fallback`):
+    an op with no layout of its own whose data inputs (the first of a shape op; every
+    one of more than one value a sample of an elementwise op) all have one."""
+    op = node.op_type
+    if op in AXIS1_OPS or op in _LAST_OPS or not node.input:
+        return False
+    if op in _INHERIT_OPS or op in _REDUCE_OPS:
+        data = [name for name in node.input if name in layout.axes and ctx.rank(name) != 1]
+    else:
+        data = [node.input[0]] if node.input[0] in layout.axes else []
+    return bool(data) and all(name in layout.fallback for name in data)
 
 
 class _Context:
@@ -195,22 +215,28 @@ class _Context:
         return [self.index.graph.node[i] for i in sorted(self.index.consumers.get(name, ()))]
 
 
-def _settle(name: str, axis: int | None, guessed: bool, ctx: _Context) -> tuple[int, bool]:
-    """The final (axis, guessed) of ``name``: what the rule gave, else what its readers
-    read, else the last axis (a guess when the rule could not tell, for rank >= 3)."""
+def _settle(
+    name: str, axis: int | None, guessed: bool, ctx: _Context, fallback: bool = False
+) -> tuple[int, bool, bool]:
+    """The final (axis, guessed, fallback) of ``name``: what the rule gave, else what
+    its readers read, else the last axis (a guess when the rule could not tell, for
+    rank >= 3; a fallback its readers may still overrule downstream). An axis carried
+    from a fallback (``fallback``) also gives way to what the readers read."""
     rank = ctx.rank(name)
     if rank == 1:
-        return 1, False  # one neuron per sample
-    if axis is None:
+        return 1, False, False  # one neuron per sample
+    if axis is None or fallback:
         read = _reader_axis(name, ctx)
         if read is not None:
-            return read, False
-        return _normalize(-1, rank), guessed and (rank is None or rank > 2)
+            return read, False, False
+    if axis is None:
+        wide = rank is None or rank > 2  # a rank-2 tensor's last axis is the rule, not a fallback
+        return _normalize(-1, rank), guessed and wide, wide
     if rank is None:
-        return axis, guessed
+        return axis, guessed, fallback
     if not -rank <= axis < rank:
-        return rank - 1, True
-    return axis % rank, guessed
+        return rank - 1, True, fallback
+    return axis % rank, guessed, fallback
 
 
 def _normalize(axis: int, rank: int | None) -> int:
@@ -264,7 +290,7 @@ def _reader_axis(name: str, ctx: _Context, depth: int = 0) -> int | None:
         elif op in ("Squeeze", "Unsqueeze", "Reshape", "Flatten") and node.input[0] == name:
             inner = _reader_axis(node.output[0], ctx, depth + 1)
             if inner is not None:  # the input axis that lands on the axis read
-                back, _ = _reshaped(inner, ctx.dims(node.output[0]), ctx.dims(name))
+                back, _ = reshaped_axis(inner, ctx.dims(node.output[0]), ctx.dims(name))
                 if back is not None:
                     said.add(back)
     ctx.reader_axes[name] = said.pop() if len(said) == 1 else None
@@ -308,7 +334,10 @@ def _inherited(node, data: list[str], layout: Layout, ctx: _Context) -> tuple[in
     """The axis an elementwise/broadcasting op carries over from its data inputs."""
     rank_out = ctx.rank(node.output[0])
     ranked = [name for name in data if ctx.rank(name) != 1]  # per-sample scalars broadcast
-    best = sorted(ranked or data, key=lambda name: (name in layout.guessed, ctx.rank(name) != rank_out))
+    best = sorted(
+        ranked or data,
+        key=lambda name: (name in layout.guessed, name in layout.fallback, ctx.rank(name) != rank_out),
+    )
     source = best[0]
     axis, rank_in = layout.axes[source], ctx.rank(source)
     if rank_in == 1:
@@ -334,11 +363,11 @@ def _moved_axis(node, axis: int, rank_in: int, ctx: _Context) -> tuple[int | Non
         moved = _squeezed_axis(op, axis, rank_in, ctx.rank(out), axes, ctx.dims(source))
         if moved is not None:
             return moved, False
-        return _reshaped(axis, ctx.dims(source), ctx.dims(out))
+        return reshaped_axis(axis, ctx.dims(source), ctx.dims(out))
     if op == "Reshape":
-        return _reshaped(axis, ctx.dims(source), _reshape_target(node, ctx) or ctx.dims(out))
+        return reshaped_axis(axis, ctx.dims(source), _reshape_target(node, ctx) or ctx.dims(out))
     if op == "Flatten":
-        return _reshaped(axis, ctx.dims(source), ctx.dims(out))
+        return reshaped_axis(axis, ctx.dims(source), ctx.dims(out))
     if op == "Gather":
         gather_axis = _attr(node, "axis", 0) % rank_in
         indices_rank = ctx.rank(node.input[1])
@@ -398,7 +427,7 @@ def _reshape_target(node: onnx.NodeProto, ctx: _Context) -> list | None:
     return [fill if d == -1 else d for d in dims]
 
 
-def _reshaped(axis: int, dims_in, dims_out) -> tuple[int | None, bool]:
+def reshaped_axis(axis: int, dims_in, dims_out) -> tuple[int | None, bool]:
     """Where a reshape moves ``axis``: the output axis of the same size with the same
     dimensions before (or after) it; (None, False) when the reshape merges or splits
     the axis, (None, True) when the shapes are not known well enough to tell."""

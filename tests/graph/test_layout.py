@@ -251,6 +251,32 @@ def test_reshape_keeps_the_axis_only_when_untouched(initializer):
     ]  # fmt: skip
 
 
+def test_a_channel_shuffle_read_by_a_conv_has_the_channels_as_neurons(initializer, run, numpy_counts):
+    """Conv -> Reshape [N, g, C/g, H, W] -> Transpose -> Reshape [N, C, H, W] -> Conv, as in
+    ShuffleNet: the split tensor falls back on the last axis, and that fallback, carried
+    through the shuffle, gave the shuffled channels' probe the width (axis 3) as neurons."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
+        helper.make_node("Reshape", ["c1", "s5"], ["r5"], name="split"),
+        helper.make_node("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4], name="swap"),
+        helper.make_node("Reshape", ["t5", "s4"], ["shuffled"], name="shuffle"),
+        helper.make_node("Relu", ["shuffled"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2"),
+    ]
+    model = _model(nodes, [_vi("x", ["N", 4, 5, 6])], [_vi("y", ["N", 3, 5, 6])],
+                   [initializer("W1", 4, 4, 1, 1), initializer("W2", 3, 4, 1, 1),
+                    _ints("s5", [0, 2, 2, 5, 6]), _ints("s4", [0, 4, 5, 6])])  # fmt: skip
+    rewritten, probes = _strict_probes(model, ["split", "shuffle", "relu"])
+    assert [(p.name, p.channel_axis, p.n_neurons) for p in probes] == [
+        ("split:after", 4, 6), ("shuffle:after", 1, 4), ("relu:after", 1, 4),
+    ]  # fmt: skip
+    x = np.random.default_rng(2).normal(size=(3, 4, 5, 6)).astype(np.float32)
+    out = run(rewritten, {"x": x})
+    shuffled = out[probes[1].output_name]
+    assert numpy_counts(shuffled, 1) == numpy_counts(out[probes[2].output_name], 1)
+    assert sum(numpy_counts(shuffled, 1).values()) == 3 * 5 * 6
+
+
 def test_rank_one_tensors_are_one_neuron_per_sample(initializer, numpy_counts):
     """A [N] tensor: counts independent of the batch size, an uneven last batch works."""
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
