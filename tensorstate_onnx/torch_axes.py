@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ModelInputError
+from .graph.layout import reshaped_axis
 from .patterns import preview
 
 if TYPE_CHECKING:
@@ -201,6 +202,24 @@ def _carried_axis(shape, source_shape, source_axis: int, order=None, source_orde
     return positions[source_positions.index(source_axis)]
 
 
+def _in_order(order: tuple[int, ...] | None) -> bool:
+    return order is not None and list(order) == sorted(order)
+
+
+def _reshaped_whole(shape, source_shape, source_axis: int, order, source_order) -> int | None:
+    """The axis of a tensor of ``shape`` made from one of ``source_shape`` by a
+    reshape that leaves axis ``source_axis`` whole (``[N, C, H, W]`` to ``[N, C,
+    H*W]``: the ONNX path's Reshape rule), when nothing else could have made it:
+    both laid out in order (no transpose before the reshape) and the axis's size
+    found once past the batch axis; ``None`` otherwise."""
+    if int(np.prod(shape)) != int(np.prod(source_shape)) or not (_in_order(order) and _in_order(source_order)):
+        return None
+    moved, _ = reshaped_axis(source_axis, list(source_shape), list(shape))
+    if moved is None or moved == 0 or list(shape[1:]).count(shape[moved]) > 1:
+        return None
+    return moved
+
+
 class _Frame:
     """What one module call has seen so far: its input and its children's outputs."""
 
@@ -220,6 +239,10 @@ class _Frame:
             carried = _carried_axis(tensor.shape, source_shape, axis, order, source_order)
             if carried is not None:
                 return carried
+        for source_shape, axis, source_order in reversed(self.seen):
+            moved = _reshaped_whole(tuple(tensor.shape), source_shape, axis, order, source_order)
+            if moved is not None:
+                return moved
         return None
 
 

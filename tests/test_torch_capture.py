@@ -799,3 +799,48 @@ def test_a_mask_applies_alike_to_positions_flattened_or_not():
         assert sorted(capture.counts().tolist()) == sorted(expected.tolist())
         counts.append(sorted(capture.counts().tolist()))
     assert counts[0] == counts[1]
+
+
+class _Tokens(torch.nn.Module):
+    """[N, C, H, W] -> [N, C, H*W] in plain torch calls (no submodule to follow)."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h * w)
+
+
+class _ConvTokens(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv, self.tok = torch.nn.Conv2d(3, channels, 1), _Tokens()
+
+    def forward(self, x):
+        return self.tok(self.conv(x)).sum(-1)
+
+
+def test_a_reshape_that_leaves_the_channels_whole_keeps_their_axis_as_on_the_onnx_path():
+    torch.manual_seed(0)
+    model = _ConvTokens(6).eval()
+    attach_hooks(model, ["tok"])
+    x = torch.randn(8, 3, 2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)
+    hook = model.efficiency_layers[0]
+    assert (hook.channel_axis, hook.n_neurons, hook.state_count) == (1, 6, 8 * 10)
+    tokens = model.conv(x).detach().numpy().reshape(8, 6, 10)
+    rows = np.moveaxis(tokens > 0, 1, -1).reshape(-1, 6)
+    expected = np.unique(np.packbits(rows, axis=1, bitorder="little"), axis=0, return_counts=True)[1]
+    assert sorted(hook.counts().tolist()) == sorted(expected.tolist())
+    remove_state_layers(model)
+
+
+def test_a_reshape_whose_sizes_leave_the_channels_ambiguous_is_a_warned_guess():
+    # 4 channels at 2 x 2 positions: [N, 4, 4] could hold the channels on either axis.
+    model = _ConvTokens(4).eval()
+    attach_hooks(model, ["tok"])
+    with pytest.warns(GuessedAxisWarning, match="channel_axes"):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 2, 2))
+    remove_state_layers(model)
