@@ -38,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .engine import n_bytes_for
+from .engine.packing import check_packed
 from .errors import IndexOutOfRangeError, MissingFileError, OptionError, OptionTypeError, StorageExistsError, StoreError
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,8 @@ class StateStore:
             raise StoreError(
                 f"this store holds uint8 rows of {self.n_bytes} bytes, got {packed.dtype} {packed.shape}"
             )
+        # Bits above the last neuron would be read back as states of their own (a few us a batch).
+        check_packed(packed, self.n_neurons, "StateStore.append()")
         if self._memory is not None:
             self._memory.append(packed)
             if packed.shape[0]:

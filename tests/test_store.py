@@ -5,22 +5,25 @@ import pytest
 
 import zarr
 
-from tensorstate_onnx import StorageExistsError, StoreError
+from tensorstate_onnx import PackedStateError, StorageExistsError, StoreError
 from tensorstate_onnx.store import (
     ChunkedRows, StaleStoreSweep, StateStore, check_storage_root, store_dirname, unique_store_dirname,
 )
 
 
-def _rows(n, n_bytes, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, n_bytes), dtype=np.uint8)
+def _rows(n, n_bytes, seed=0, n_neurons=None):
+    """Random packed rows; of ``n_neurons`` (default: every bit of ``n_bytes``), the
+    unused high bits of the last byte zero, as pack() leaves them."""
+    rows = np.random.default_rng(seed).integers(0, 256, (n, n_bytes), dtype=np.uint8)
+    if n_neurons is not None and n_neurons % 8:
+        rows[:, -1] &= (1 << (n_neurons % 8)) - 1
+    return rows
 
 
 @pytest.mark.parametrize("n_neurons", [1, 12, 64, 1000])
 def test_memory_round_trip_in_many_small_appends(n_neurons):
     n_bytes = (n_neurons + 7) // 8
-    data = _rows(20_000, n_bytes)
-    if n_neurons % 8:
-        data[:, -1] &= (1 << (n_neurons % 8)) - 1
+    data = _rows(20_000, n_bytes, n_neurons=n_neurons)
     store = StateStore(n_neurons)
     for start in range(0, len(data), 777):
         store.append(data[start : start + 777])
@@ -71,7 +74,7 @@ def test_memory_store_keeps_the_rows_appended_and_builds_its_array_when_asked():
 
 
 def test_directory_store_reopens_with_metadata(tmp_path):
-    data = _rows(5000, 3)
+    data = _rows(5000, 3, n_neurons=20)
     path = tmp_path / "conv1"
     store = StateStore(20, path, {"name": "conv1:after", "node": "/conv1/Conv", "states_per_instance": 576})
     store.append(data)
@@ -87,6 +90,19 @@ def test_directory_store_reopens_with_metadata(tmp_path):
     assert len(StateStore.open(path)) == 5000  # buffered rows reach the disk on flush
     reopened.flush()
     assert np.array_equal(StateStore.open(path).read()[-3:], data[:3])
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_rows_with_bits_above_the_last_neuron_are_refused_and_nothing_is_kept(tmp_path, on_disk):
+    store = StateStore(20, tmp_path / "probe" if on_disk else None)
+    good = _rows(50, 3, n_neurons=20)
+    store.append(good)
+    bad = _rows(40, 3, seed=2, n_neurons=20)
+    bad[17, 2] |= 0x40  # neuron 22 of 20
+    with pytest.raises(PackedStateError, match=r"StateStore.append\(\): row 17 .* bits set above neuron 19"):
+        store.append(bad)
+    store.flush()
+    assert np.array_equal(store.read(), good)
 
 
 def test_existing_store_is_never_overwritten_unless_asked(tmp_path):
@@ -133,8 +149,7 @@ def test_bad_rows_and_indices():
 def test_every_kind_of_row_selection_reads_what_numpy_does(tmp_path, on_disk):
     from tensorstate_onnx import IndexOutOfRangeError, OptionTypeError
 
-    data = _rows(1000, 3)
-    data[:, -1] &= 15
+    data = _rows(1000, 3, n_neurons=20)
     store = StateStore(20, tmp_path / "probe" if on_disk else None)
     store.append(data)
     mask = np.zeros(1000, bool)
