@@ -381,7 +381,8 @@ def _moved_axis(node, axis: int, rank_in: int, ctx: _Context) -> tuple[int | Non
         if axes is None:
             return None
         axes = {a % rank_in for a in axes}
-        return (None, False) if axis in axes else (axis - sum(a < axis for a in axes), False)
+        # Reducing the neuron axis away leaves no rule: its readers decide, else a guess.
+        return (None, True) if axis in axes else (axis - sum(a < axis for a in axes), False)
     return None
 
 

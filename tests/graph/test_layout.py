@@ -63,6 +63,22 @@ def test_broadcast_and_reduce_axes(initializer):
     ]
 
 
+def test_a_reduction_over_the_channels_is_a_warned_guess_as_natively(initializer):
+    """x.mean(1) of a conv output: no rule gives its neurons; the PyTorch hooks warn, so does this path."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("ReduceMean", ["c"], ["m"], name="channel_mean", axes=[1], keepdims=0),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 5])],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 4, 5])], [initializer("W", 3, 2, 1, 1)],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.warns(GuessedAxisWarning, match="channel_mean:after"):
+        _, probes = add_probes(model, ["channel_mean"])
+    assert (probes[0].channel_axis, probes[0].axis_guessed) == (2, True)
+
+
 @pytest.mark.parametrize("producer", ["tf2onnx", "pytorch"], ids=["tf2onnx", "other"])
 def test_channels_last_producers(producer, make_cnn, tf2onnx_style):
     """Inputs of tf2onnx models are Keras tensors, channels-last whatever reads them;
