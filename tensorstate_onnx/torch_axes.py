@@ -177,7 +177,10 @@ def _memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
     """The non-unit dimensions of ``tensor`` from outermost to innermost in memory;
     ``None`` when strides do not tell (a broadcast dimension, equal strides)."""
     dims = [k for k in range(tensor.dim()) if tensor.shape[k] != 1]
-    strides = [tensor.stride(k) for k in dims]
+    try:
+        strides = [tensor.stride(k) for k in dims]
+    except (RuntimeError, NotImplementedError):  # sparse and other layouts without strides
+        return None
     if 0 in strides or len(set(strides)) != len(strides):
         return None
     return tuple(k for _, k in sorted(zip(strides, dims), reverse=True))
