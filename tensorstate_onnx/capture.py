@@ -163,9 +163,9 @@ class AbstractStateCapture(abc.ABC):
                 raise OptionError(
                     f"{packed.shape[0]} states cannot be split evenly into {instances} instances"
                 )
-            self._counter.add(packed)
+            self._counter.add(packed)  # checks the rows: the store takes them as they are
             if self._store is not None:
-                self._store.append(packed)
+                self._store._append_valid(packed)
             self._batches.append((instances, per_instance))
             self._note_states_per_instance(per_instance)
             self._result = None

@@ -377,6 +377,11 @@ class StateStore:
             )
         # Bits above the last neuron would be read back as states of their own (a few us a batch).
         check_packed(packed, self.n_neurons, "StateStore.append()")
+        self._append_valid(packed)
+
+    def _append_valid(self, packed: np.ndarray) -> None:
+        """:meth:`append` of rows already checked as this store's packed states (a
+        capture's, which its counter checked): the hot path checks them once."""
         if self._memory is not None:
             self._memory.append(packed)
             if packed.shape[0]:
