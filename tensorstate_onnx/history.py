@@ -136,9 +136,10 @@ class EfficiencyHistory(list):
                 # network-wide values, at a probe the record already has, or after a record without probes.
                 if (
                     entry is None or not entry["efficiencies"] or not row["probe"]
-                    or row["probe"] in entry["efficiencies"] or entry["row"] != (row["epoch"], tail)
+                    or row["probe"] in entry["efficiencies"] or entry["epoch"] != row["epoch"]
+                    or any(entry[key] != value for key, value in tail.items())
                 ):  # fmt: skip
-                    entry = {"epoch": row["epoch"], "efficiencies": {}, **tail, "row": (row["epoch"], tail)}
+                    entry = {"epoch": row["epoch"], "efficiencies": {}, **tail}
                     entries.append(entry)
                 if row["probe"]:
                     entry["efficiencies"][row["probe"]] = row["efficiency"]
