@@ -21,7 +21,35 @@ from .engine.bits import weighted_bit_counts
 from .errors import IndexOutOfRangeError, ModelInputError, NoStatesError, OptionError, OptionTypeError
 from .store import StaleStoreSweep, StateStore
 
-__all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_instances", "sweep_stale_stores"]
+__all__ = ["AbstractStateCapture", "StateCaptureProbe", "batch_axis", "batch_instances", "sweep_stale_stores"]
+
+
+def batch_axis(shape, channel_axis: int, batch_size: int | None, preferred: int = 0) -> int:
+    """The axis of a probed tensor of ``shape`` that holds the batch's samples, so
+    its states can be ordered batch first (DESIGN §1) whichever axis that is.
+
+    Axis 0 when its length is the batch size (or ``batch_size`` is None, or the
+    rank is below 3, or axis 0 holds the neurons). Otherwise the one other
+    axis, besides the neurons, that is ``batch_size`` long: a sequence-first
+    ``[L, N, D]`` tensor inside a batch-first model (an ``nn.LSTM`` or
+    ``nn.MultiheadAttention`` without ``batch_first``, a Transpose) has its
+    samples on axis 1. Where none or several are, axis 0: flattened tokens
+    ``[N*L, D]`` stay as they are. ``preferred``, the axis an earlier batch
+    showed, wins while it is ``batch_size`` long: a last, smaller batch whose
+    size happens to be the sequence length keeps its samples on that axis. The
+    rule reads shapes only, so every path (PyTorch hooks, ONNX, in-graph
+    packing) takes the same axis.
+    """
+    rank = len(shape)
+    channel_axis %= max(rank, 1)
+    if batch_size is None or rank < 3 or channel_axis == 0:
+        return 0
+    if 0 < preferred < rank and preferred != channel_axis and shape[preferred] == batch_size:
+        return preferred
+    if shape[0] == batch_size:
+        return 0
+    matches = [k for k in range(1, rank) if k != channel_axis and shape[k] == batch_size]
+    return matches[0] if len(matches) == 1 else 0
 
 
 def batch_instances(shape, channel_axis: int) -> int:
@@ -95,6 +123,8 @@ class AbstractStateCapture(abc.ABC):
 
     def _clear(self) -> None:
         self.n_neurons: int | None = None
+        #: The axis that held the samples in the last batch (see :func:`batch_axis`).
+        self.sample_axis = 0
         self.states_per_instance: int | None = None
         self._counter: StateCounter | None = None
         self._store: StateStore | None = None
@@ -108,13 +138,17 @@ class AbstractStateCapture(abc.ABC):
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, tensor: np.ndarray, channel_axis: int, keep: np.ndarray | None = None) -> None:
+    def record(
+        self, tensor: np.ndarray, channel_axis: int, keep: np.ndarray | None = None, batch_size: int | None = None
+    ) -> None:
         """Quantize, pack, count and (optionally) store one batch.
 
         Axis 0 is the batch axis unless it is the channel axis (then the whole
-        tensor is one instance). A rank-1 tensor ``[N]`` is one neuron per
-        sample: it is read as ``[N, 1]``, whose neurons are on axis 1 (or -1).
-        ``keep`` leaves out masked states (see :meth:`record_packed`).
+        tensor is one instance), or, given the ``batch_size`` of the batch, the
+        axis :func:`batch_axis` finds: the states are ordered by it first. A
+        rank-1 tensor ``[N]`` is one neuron per sample: it is read as ``[N, 1]``,
+        whose neurons are on axis 1 (or -1). ``keep`` leaves out masked states,
+        in that order (see :meth:`record_packed`).
         """
         if not self.capture_on:
             return
@@ -122,9 +156,18 @@ class AbstractStateCapture(abc.ABC):
         if tensor.ndim == 1:
             tensor = tensor.reshape(-1, 1)
         axis = channel_axis % tensor.ndim
-        packed = pack(tensor, axis)
         self.channel_axis = axis
+        first = self.find_sample_axis(tensor.shape, axis, batch_size)
+        if first:
+            tensor = np.moveaxis(tensor, first, 0)
+            axis += axis < first
+        packed = pack(tensor, axis)
         self.record_packed(packed, tensor.shape[axis], batch_instances(tensor.shape, axis), keep)
+
+    def find_sample_axis(self, shape, channel_axis: int, batch_size: int | None) -> int:
+        """:func:`batch_axis` of a batch of ``shape``, preferring the axis the last batch had."""
+        self.sample_axis = batch_axis(shape, channel_axis, batch_size, self.sample_axis)
+        return self.sample_axis
 
     def record_packed(self, packed: np.ndarray, n_neurons: int, instances: int, keep: np.ndarray | None = None) -> None:
         """Count and store states already packed (by ``engine.pack`` or in an ONNX graph).

@@ -79,22 +79,40 @@ class OnnxProbeCapture(AbstractStateCapture):
     def record_outputs(self, values: dict[str, np.ndarray], batch_size: int, mask: np.ndarray | None = None) -> None:
         """Record one batch: the session output of every call of this probe, in call order."""
         for call in self.probe.each_call():
-            self.record_output(values[call.output_name], batch_size, call, mask)
+            shape = None if call.shape_output is None else values[call.shape_output]
+            self.record_output(values[call.output_name], batch_size, call, mask, shape)
 
     def record_output(
-        self, value: np.ndarray, batch_size: int, probe: Probe | None = None, mask: np.ndarray | None = None
+        self, value: np.ndarray, batch_size: int, probe: Probe | None = None, mask: np.ndarray | None = None,
+        shape: np.ndarray | None = None,
     ) -> None:
         """Record one batch of this probe's session output (of its call ``probe``);
-        ``mask`` (``[batch, length]``, true where real) leaves out padded positions."""
+        ``mask`` (``[batch, length]``, true where real) leaves out padded positions.
+        ``shape``, the probed tensor's shape when it was packed in the graph, puts
+        its rows in batch order (see :func:`~tensorstate_onnx.capture.batch_axis`)."""
         probe = self.probe if probe is None else probe
         if probe.packed_in_graph:
             instances = batch_size if len(probe.shape) == 1 or probe.channel_axis != 0 else 1
             self.channel_axis = probe.channel_axis
+            if shape is not None:
+                shape = tuple(int(d) for d in shape)
+                value = _rows_batch_first(value, shape, probe.channel_axis, self.find_sample_axis(shape, probe.channel_axis, batch_size))
             self.record_packed(value, probe.n_neurons, instances, positions_kept(mask, value.shape[0], instances, self.name))
         else:
             axis = probe.channel_axis % max(value.ndim, 2)
             states = value.size // value.shape[axis] if value.ndim > 1 else value.size
-            self.record(value, probe.channel_axis, positions_kept(mask, states, batch_size, self.name))
+            self.record(value, probe.channel_axis, positions_kept(mask, states, batch_size, self.name), batch_size)
+
+
+def _rows_batch_first(packed: np.ndarray, shape: tuple[int, ...], channel_axis: int, first: int) -> np.ndarray:
+    """The packed rows of a tensor of ``shape`` (in its row-major order) reordered
+    with axis ``first`` (the samples') first, as :meth:`AbstractStateCapture.record` orders them."""
+    axis = channel_axis % len(shape)
+    if not first:
+        return packed
+    positions = [d for k, d in enumerate(shape) if k != axis]
+    rows = packed.reshape(*positions, packed.shape[-1])
+    return np.ascontiguousarray(np.moveaxis(rows, first - (first > axis), 0)).reshape(packed.shape)
 
 
 def _bytes_per_sample(session: ort.InferenceSession, names: set[str]) -> int | None:
@@ -256,20 +274,22 @@ class OnnxEfficiencyModel:
             )
         self.mask_input = mask_input
         # Probes sharing a tensor share its output: request each output name once.
-        probe_outputs = [call.output_name for probe in self.probes for call in probe.each_call()]
+        calls = [call for probe in self.probes for call in probe.each_call()]
+        shapes = {call.shape_output for call in calls if call.shape_output is not None}
+        probe_outputs = [call.output_name for call in calls] + sorted(shapes)
         self._run_outputs = list(dict.fromkeys(self.output_names + probe_outputs))
         #: Samples a batch holds when ``predict``/``evaluate`` split arrays and no
         #: ``batch_size`` is given: 256, fewer on CPU where a batch's probe outputs
         #: would not fit in cache (see :func:`tensorstate_onnx.data.cache_sized_batch`).
         # (A probe packed in the graph gives states, not samples, on its first axis.)
-        packed = any(call.packed_in_graph for probe in self.probes for call in probe.each_call())
+        packed = any(call.packed_in_graph for call in calls)
         self.default_batch_size = cache_sized_batch(
             None if packed or uses_cuda(self.session) else _bytes_per_sample(self.session, set(probe_outputs))
         )
         if io_binding is None:
             io_binding = uses_cuda(self.session)
         self._runner = (
-            BoundRunner(self.session, self._run_outputs, set(probe_outputs) - set(self.output_names))
+            BoundRunner(self.session, self._run_outputs, set(probe_outputs) - set(self.output_names) - shapes)
             if io_binding
             else None
         )

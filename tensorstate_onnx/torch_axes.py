@@ -267,6 +267,10 @@ class AxisTracker:
         #: The pass's mask (``[batch, length]``, true where real), from the root call's
         #: ``mask_input`` argument; None without one.
         self.mask: np.ndarray | None = None
+        #: The pass's batch size: the length of axis 0 of the first tensor the call
+        #: that opened it received (None without one), as the ONNX path takes it from
+        #: its first input; probes find their batch axis by it (``capture.batch_axis``).
+        self.batch_size: int | None = None
         self._root: torch.nn.Module | None = None
         self._known: dict[int, tuple[weakref.ref, int]] = {}
         self._frames: list[_Frame] = []
@@ -329,6 +333,8 @@ class AxisTracker:
         """A new pass begins (of the root module, or of a submodule called alone)."""
         self._known.clear()
         self.mask = self._mask_of(module, args, kwargs)
+        first = first_tensor((args, kwargs))
+        self.batch_size = int(first.shape[0]) if first is not None and first.dim() > 0 else None
         for hook in self.hooks:
             hook.hold()
 

@@ -234,17 +234,21 @@ class StateCaptureHook(AbstractStateCapture):
         if tensor.dim() == 1:
             tensor = tensor.reshape(-1, 1)  # one neuron per sample
         axis = channel_axis % tensor.dim()
-        instances = batch_instances(tuple(tensor.shape), axis)
+        batch_size = None if self._tracker is None else self._tracker.batch_size
+        first = self.find_sample_axis(tuple(tensor.shape), axis, batch_size)
+        instances = int(tensor.shape[first]) if first else batch_instances(tuple(tensor.shape), axis)
         mask = None if self._tracker is None else self._tracker.mask
         keep = positions_kept(mask, tensor.numel() // tensor.shape[axis], instances, self.name)
         if tensor.device.type == "cpu":
             data = tensor.detach()
             if data.dtype not in _NUMPY_DTYPES:  # bfloat16: the firing pattern only
                 data = data > 0
-            self.record(data.numpy(), axis, keep)
+            self.record(data.numpy(), axis, keep, batch_size)
             return
-        packed = pack_tensor(tensor.detach(), axis)
         self.channel_axis = axis
+        if first:  # samples first, as on the host (see capture.batch_axis)
+            tensor, axis = tensor.movedim(first, 0), axis + (axis < first)
+        packed = pack_tensor(tensor.detach(), axis)
         self.record_packed(packed, tensor.shape[axis], instances, keep)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tensorstate_onnx import NoStatesError, OptionError, OptionTypeError, StateCaptureProbe, StorageExistsError, entropy
+from tensorstate_onnx.capture import batch_axis
 from tensorstate_onnx.engine import StateCounter
 from tensorstate_onnx.store import StateStore
 
@@ -58,6 +59,43 @@ def test_counts_by_instance_index(batches):
             capture.counts(bad)
     with pytest.raises(OptionError, match="selects no input instance"):
         capture.counts([])
+
+
+@pytest.mark.parametrize(
+    ("shape", "channel_axis", "batch_size", "preferred", "expected"),
+    [
+        ((4, 7, 12), 2, 4, 0, 0),  # batch first
+        ((7, 4, 12), 2, 4, 0, 1),  # sequence first: the samples on axis 1
+        ((7, 3, 4, 12), 3, 4, 0, 2),
+        ((28, 12), 1, 4, 0, 0),  # flattened tokens [N*L, D] stay as they are
+        ((7, 5, 12), 2, 4, 0, 0),  # no axis is the batch size
+        ((7, 4, 4, 12), 3, 4, 0, 0),  # two candidates: nothing to choose by
+        ((4, 4, 12), 2, 4, 0, 0),  # as long as axis 0: batch first
+        ((4, 4, 12), 2, 4, 1, 1),  # ... unless an earlier batch showed axis 1
+        ((4, 7, 12), 2, 4, 1, 0),  # an earlier axis that is not the batch size now gives way
+        ((7, 12, 4), 1, 4, 0, 2),  # neurons on axis 1 (a conv after a transpose)
+        ((12, 4, 7), 0, 4, 0, 0),  # neurons on axis 0: the whole tensor is one instance
+        ((7, 4, 12), 2, None, 0, 0),  # batch size unknown (Keras: always axis 0)
+    ],
+)
+def test_batch_axis_is_where_the_samples_lie(shape, channel_axis, batch_size, preferred, expected):
+    assert batch_axis(shape, channel_axis, batch_size, preferred) == expected
+
+
+def test_a_sequence_first_batch_is_recorded_batch_first_and_indexed_by_sample():
+    rng = np.random.default_rng(3)
+    seq_first = [rng.standard_normal((6, n, 9)).astype(np.float32) for n in (5, 6, 2)]  # [L, N, D]
+    capture = StateCaptureProbe("lstm")
+    for batch in seq_first:
+        capture.record(batch, -1, batch_size=batch.shape[1])
+    samples = np.concatenate([np.moveaxis(b, 1, 0) for b in seq_first])  # [N, L, D]
+    packed, expected = _reference(samples, -1)
+    assert capture.states_per_instance == 6
+    np.testing.assert_array_equal(capture.states[:], packed)
+    for index in ([0], [5], [10, 12], [-1]):
+        _, wanted = _reference(samples[np.asarray(index)], -1)
+        assert _as_dict(capture, index) == wanted
+    assert capture.channel_axis == 2, "the probe reports its tensor's own neuron axis"
 
 
 def test_efficiency_orders_must_fall(batches):

@@ -368,3 +368,88 @@ def test_tutorial_lenet5_keras_native_and_onnx(keras, tutorial_images):
     assert [c.state_count for c in onnx_model.efficiency_layers] == TUTORIAL_STATES
     assert [c.probe.label for c in onnx_model.efficiency_layers] == ["conv1", "conv2", "conv3"]
     _assert_parity(list(zip(native.efficiency_layers, onnx_model.efficiency_layers, strict=True)), "tutorial keras")
+
+
+class _SeqFirstEncoder:
+    """Token ids ``[N, L]`` in, sequence first inside: an ``nn.LSTM`` and a
+    ``TransformerEncoderLayer`` without ``batch_first`` and a LayerNorm after them
+    see ``[L, N, D]`` tensors, as many pre-``batch_first`` models do."""
+
+    @staticmethod
+    def build(torch):
+        nn = torch.nn
+
+        class Encoder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.rnn = nn.Embedding(40, 8), nn.LSTM(8, 8)
+                self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+                self.norm, self.out = nn.LayerNorm(8), nn.Linear(8, 3)
+
+            def forward(self, input_ids, attention_mask):
+                x = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+                x = self.rnn(x.transpose(0, 1))[0]
+                return self.out(self.norm(self.encoder(x)).mean(0))
+
+        torch.manual_seed(0)
+        return Encoder().eval()
+
+
+@pytest.mark.parametrize("pack_in_graph", [False, True], ids=["host", "in-graph"])
+def test_sequence_first_tensors_give_each_sample_its_own_states_on_every_path(torch, pack_in_graph):
+    """States are ordered batch first whichever axis holds the samples (DESIGN §1): the
+    hooks, the ONNX path and in-graph packing give each sample its own states, in
+    the order of the same tensors moved batch first by numpy, padding left out; the
+    last batch is as long as the sequence and keeps its samples on axis 1."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    model = _SeqFirstEncoder.build(torch)
+    n, length, batch = 17, 5, 6  # batches of 6, 6 and 5 samples
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 40, (n, length), generator=gen)
+    mask = torch.ones(n, length, dtype=torch.int64)
+    for row, real in ((1, 2), (4, 3), (9, 1), (16, 4)):
+        mask[row, real:] = 0
+    probed = ["rnn", "encoder.linear1", "norm"]
+    seen = {name: [] for name in probed}
+    plain = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _a, out, name=name: seen[name].append((out[0] if isinstance(out, tuple) else out).detach())
+    ) for name in probed]  # fmt: skip
+    with torch.no_grad():
+        for part, part_mask in zip(ids.split(batch), mask.split(batch), strict=True):
+            model(part, part_mask)
+    for handle in plain:
+        handle.remove()
+    real = mask.bool().numpy()
+    wanted = {}
+    for name, parts in seen.items():
+        assert [p.shape[:2] for p in parts] == [(length, 6), (length, 6), (length, 5)]
+        samples = np.concatenate([np.moveaxis(p.numpy(), 1, 0) for p in parts])  # [N, L, D]
+        wanted[f"{name}:after"] = (np.packbits(samples[real] > 0, axis=-1, bitorder="little"), samples, real)
+
+    onnx_model = OnnxEfficiencyModel(
+        from_torch(model, (ids[:2], mask[:2])), probed, providers="cpu", keep_states=True,
+        mask_input="attention_mask", pack_in_graph=pack_in_graph,
+    )  # fmt: skip
+    onnx_model.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, batch_size=batch)
+    attach_hooks(model, probed, mask_input="attention_mask")
+    with torch.no_grad():
+        for part, part_mask in zip(ids.split(batch), mask.split(batch), strict=True):
+            model(part, attention_mask=part_mask)
+    hooks = {hook.name: hook for hook in model.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    for name, (rows, samples, real_positions) in wanted.items():
+        np.testing.assert_array_equal(hooks[name].states[:], rows, err_msg=name)
+        for capture in (hooks[name], probes[name]):
+            assert capture.state_count == real_positions.sum(), name
+            for index in (0, 4, 9, 15, 16):  # 16: the last batch, 5 samples of 5 positions
+                own = np.packbits(samples[index][real_positions[index]] > 0, axis=-1, bitorder="little")
+                ids_, counts = np.unique(own, axis=0, return_counts=True)
+                expected = dict(zip((r.tobytes() for r in ids_), counts.tolist(), strict=True))
+                got = dict(zip(capture.state_ids([index]), capture.counts([index]).tolist(), strict=True))
+                assert got == expected, (name, index)
+    pairs = [(hooks[name], probes[name]) for name in wanted]
+    assert _assert_parity(pairs, f"sequence-first, pack_in_graph={pack_in_graph}") < MAX_FLIPPED
+    remove_state_layers(model)

@@ -450,7 +450,7 @@ def analyze_sharded(
         capture.adopt_summary(
             width, probe_totals.total, probe_totals.n_distinct, probe_totals.histogram, gather, probe_totals.firing
         )
-    per_known = {c.name: _states_per_instance(c.probe) for c in local.efficiency_layers}
+    per_known = {c.name: _states_per_instance(c.probe, local.fixed_batch_size) for c in local.efficiency_layers}
     for capture in local.efficiency_layers:
         if per_known[capture.name] is not None:
             capture.states_per_instance = per_known[capture.name]

@@ -19,6 +19,7 @@ from typing import Iterable
 import numpy as np
 import zarr
 
+from ..capture import batch_axis
 from ..engine import n_bytes_for
 from ..errors import OptionError
 from ..graph import Probe
@@ -69,23 +70,27 @@ class _RegionWriter:
             )
 
 
-def _states_per_instance(probe: Probe) -> int | None:
+def _states_per_instance(probe: Probe, batch_size: int | None = None) -> int | None:
     """States one sample gives ``probe`` (its positions besides batch and channel, summed
-    over the calls of a module that runs several times), or None if not static."""
-    per = [_call_states_per_instance(call) for call in probe.each_call()]
+    over the calls of a module that runs several times), or None if not static.
+    ``batch_size`` is the model's fixed batch size, None when its batch axis is free."""
+    per = [_call_states_per_instance(call, batch_size) for call in probe.each_call()]
     return None if None in per else sum(per)
 
 
-def _call_states_per_instance(probe: Probe) -> int | None:
+def _call_states_per_instance(probe: Probe, batch_size: int | None) -> int | None:
     shape = probe.shape
     if shape is not None and len(shape) == 1:
         return 1  # [N]: one neuron per sample
     if shape is None or len(shape) < 2 or probe.channel_axis % len(shape) == 0:
         return None
     axis = probe.channel_axis % len(shape)
-    dims = [d for i, d in enumerate(shape) if i not in (0, axis)]
-    if any(not isinstance(d, (int, np.integer)) or d is None for d in dims):
+    unknown = [i for i, d in enumerate(shape) if i != axis and not isinstance(d, (int, np.integer))]
+    if len(unknown) > 1:
         return None
+    # The batch axis: the one free dimension (a free batch axis), else where capture.batch_axis finds it.
+    first = unknown[0] if unknown else batch_axis(shape, axis, batch_size)
+    dims = [d for i, d in enumerate(shape) if i not in (first, axis)]
     return int(np.prod(dims, dtype=np.int64))
 
 
@@ -114,7 +119,7 @@ def _create_stores(root: Path, local: OnnxEfficiencyModel, shards: list[_Shard],
     plan = {}
     for capture in local.efficiency_layers:
         probe = capture.probe
-        per = _states_per_instance(probe)
+        per = _states_per_instance(probe, local.fixed_batch_size)
         neurons = probe.n_neurons
         if per is None or not neurons:
             raise OptionError(

@@ -6,7 +6,9 @@ producer, so the original outputs stay bit-identical to the unprobed model's.
 A float32/float64 probe leaves the session quantized, as the bool tensor
 ``x > 0`` (a quarter or an eighth of the bytes to copy out, reorder from
 onnxruntime's blocked layouts and pack). With packing, the graph itself also
-bit-packs a probe so only ``uint8[n_states, ceil(C/8)]`` leaves the session.
+bit-packs a probe so only ``uint8[n_states, ceil(C/8)]`` leaves the session
+(with the probed tensor's shape, for tensors of rank >= 3: their rows are put in
+batch order on the host).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class Editor:
     # outputs of duplicates that read one): onnxruntime's common-subexpression
     # elimination cannot merge a node reading one of them with an original node.
     _private: set[str] = field(init=False, default_factory=set)
+    #: Packed output -> the graph output carrying its tensor's shape, for packed
+    #: tensors of rank >= 3 whose samples may lie on another axis than 0 (the
+    #: packed rows are put in batch order on the host; see ``capture.batch_axis``).
+    shape_outputs: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.initializers = {t.name: k for k, t in enumerate(self.graph.initializer)}
@@ -124,7 +130,11 @@ class Editor:
         if len(shape) == 1:  # [N]: one neuron per sample; the Reshape in pack() makes it [N, 1]
             shape, axis = (shape[0], 1), 1
         n_neurons = shape[axis]
-        packed = self.pack(source, elem_type_of(tensor_type), len(shape), axis, n_neurons)
+        packed, fired = self.pack(source, elem_type_of(tensor_type), len(shape), axis, n_neurons)
+        if len(shape) >= 3 and axis != 0:
+            sizes = self.node("Shape", [fired], f"{packed}_shape")
+            self.graph.output.append(helper.make_tensor_value_info(sizes, TensorProto.INT64, [len(shape)]))
+            self.shape_outputs[packed] = sizes
         others = [d for k, d in enumerate(shape) if k != axis]
         n_states = int(np.prod(others)) if None not in others else f"{packed}_states"
         self.graph.output.append(
@@ -186,8 +196,9 @@ class Editor:
         self._private.add(copy.name)
         return self._add_initializer(copy)
 
-    def pack(self, tensor: str, elem_type: int, rank: int, axis: int, n_neurons: int) -> str:
-        """Append ops that quantize (``> 0``) and bit-pack ``tensor``; return the uint8 output.
+    def pack(self, tensor: str, elem_type: int, rank: int, axis: int, n_neurons: int) -> tuple[str, str]:
+        """Append ops that quantize (``> 0``) and bit-pack ``tensor``; return the uint8
+        output and the boolean firing pattern (``tensor > 0``, in ``tensor``'s shape).
 
         ``x > 0`` -> channels last -> ``(-1, C)`` -> zero-pad C to a multiple of 8 ->
         ``(-1, C/8, 8)`` -> weights 1, 2, ..., 128 summed per byte -> uint8. The sum
@@ -195,7 +206,8 @@ class Editor:
         implements Mul and ReduceSum for it.
         """
         base = f"{tensor}__packed"
-        fired = self._fired(tensor, elem_type, base)
+        quantized = self._fired(tensor, elem_type, base)
+        fired = quantized
         if axis != rank - 1:
             perm = [k for k in range(rank) if k != axis] + [axis]
             fired = self.node("Transpose", [fired], f"{base}_last", perm=perm)
@@ -212,7 +224,7 @@ class Editor:
         weighted = self.node("Mul", [groups, weights], f"{base}_weighted")
         axes = self.const(f"{base}_axes", np.array([-1], dtype=np.int64))
         summed = self.node("ReduceSum", [weighted, axes], f"{base}_sum", keepdims=0)
-        return self.node("Cast", [summed], base, to=TensorProto.UINT8)
+        return self.node("Cast", [summed], base, to=TensorProto.UINT8), quantized
 
     def _fired(self, tensor: str, elem_type: int, base: str) -> str:
         """Boolean ``tensor > 0`` (bool tensors are their own firing pattern)."""

@@ -70,6 +70,9 @@ class Probe:
     packed_in_graph: bool
     axis_guessed: bool = False
     calls: tuple["Probe", ...] = ()
+    #: With ``packed_in_graph``, the graph output holding the probed tensor's shape
+    #: (rank >= 3), from which its rows are put in batch order; else None.
+    shape_output: str | None = None
 
     def each_call(self) -> tuple["Probe", ...]:
         """This probe and the probes of its later calls, in call order."""
@@ -346,7 +349,8 @@ def _make_probe(
         outputs[out_key] = editor.output(cand.tensor, index, axis, pack)
     node = index.graph.node[cand.node]
     return Probe(name, cand.label, node.name, node.op_type, cand.method, cand.tensor,
-                 outputs[out_key], axis, shape, n_neurons, pack, guessed)  # fmt: skip
+                 outputs[out_key], axis, shape, n_neurons, pack, guessed,
+                 shape_output=editor.shape_outputs.get(outputs[out_key]))  # fmt: skip
 
 
 def _probe_axis(cand: _Candidate, shape: tuple, layout: Layout, index: GraphIndex) -> tuple[int, bool]:

@@ -10,7 +10,12 @@ pytest.importorskip("distributed")
 
 from tensorstate_onnx import StateStore, StorageExistsError, demo  # noqa: E402
 from tensorstate_onnx.distributed import analyze_sharded  # noqa: E402
-from tensorstate_onnx.distributed.storage import _largest_divisor_at_most, _RegionWriter  # noqa: E402
+from tensorstate_onnx.distributed.storage import (  # noqa: E402
+    _largest_divisor_at_most,
+    _RegionWriter,
+    _states_per_instance,
+)
+from tensorstate_onnx.graph import Probe  # noqa: E402
 from tensorstate_onnx.store import store_dirname  # noqa: E402
 
 
@@ -41,6 +46,23 @@ def test_storage_regions_hold_rows_in_dataset_order(client, digits, reference, p
         assert np.array_equal(have.counts(index=[3, 200, 359]), want.counts(index=[3, 200, 359]))
     with pytest.raises(StorageExistsError):
         analyze_sharded(demo.model_path(), x, client=client, storage_path=root, **probes)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "fixed_batch", "expected"),
+    [
+        ((None, 7, 12), 2, None, 7),  # batch first, free batch axis
+        ((7, None, 12), 2, None, 7),  # sequence first: the free axis is the batch
+        ((7, 4, 12), 2, 4, 7),  # sequence first, batch fixed at 4
+        ((4, 7, 12), 2, 4, 7),
+        ((None, 8, 5, 5), 1, None, 25),
+        ((None, None, 12), 2, None, None),  # free batch and length: not static
+        ((None, 12), 1, None, 1),
+    ],
+)
+def test_states_per_sample_of_a_probe_skip_its_batch_axis_wherever_it_is(shape, axis, fixed_batch, expected):
+    probe = Probe("p", "p", "n", "MatMul", "after", "t", "t", axis, shape, shape[axis], False)
+    assert _states_per_instance(probe, fixed_batch) == expected
 
 
 @pytest.mark.distributed
