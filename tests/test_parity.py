@@ -453,3 +453,27 @@ def test_sequence_first_tensors_give_each_sample_its_own_states_on_every_path(to
     pairs = [(hooks[name], probes[name]) for name in wanted]
     assert _assert_parity(pairs, f"sequence-first, pack_in_graph={pack_in_graph}") < MAX_FLIPPED
     remove_state_layers(model)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_exclude_names_a_module_not_the_modules_inside_it_on_both_paths(torch, dynamo):
+    """``exclude=["block"]`` drops the module ``block`` only (TensorState: "layers to not
+    attach to"), natively and on the exported graph: its LayerNorm stays probed."""
+    from collections import OrderedDict
+
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    block = nn.Sequential(OrderedDict(fc=nn.Linear(6, 8), norm=nn.LayerNorm(8)))
+    model = nn.Sequential(OrderedDict(block=block, norm=nn.LayerNorm(8), out=nn.Linear(8, 2))).eval()
+    x = torch.randn(4, 6)
+    attach_to, exclude = ["block", "LayerNorm", "out"], ["block", "out"]
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x, dynamo=dynamo), attach_to, exclude, providers="cpu")
+    attach_hooks(model, attach_to, exclude)
+    expected = ["block.norm:after", "norm:after"]
+    assert [hook.name for hook in model.efficiency_layers] == expected
+    assert [probe.name for probe in onnx_model.probes] == expected
+    remove_state_layers(model)

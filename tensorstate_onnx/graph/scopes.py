@@ -369,7 +369,9 @@ def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 def select_scopes(
     matcher: Matcher, attach_to: list[str], exclude: list[str]
 ) -> list[Scope]:
-    """Scopes matched by ``attach_to`` minus those lying inside an excluded scope."""
+    """Scopes matched by ``attach_to`` minus the excluded ones: a module or layer
+    only when an ``exclude`` entry names it (not its parent: the same as the
+    native front ends), an ONNX node also when it lies inside an excluded scope."""
     if not attach_to:
         raise ProbeMatchError(
             "attach_to is empty; name at least one op type, node, module or layer"
@@ -378,12 +380,18 @@ def select_scopes(
     if not chosen:
         raise ProbeMatchError(matcher.no_match_message(attach_to))
     excluded: set[int] = set()
+    named: set[tuple[str, tuple[int, ...]]] = set()
     for pattern in exclude:
         hits = matcher.match(pattern)
         if not hits:
             warnings.warn(f"exclude entry {pattern!r} matched nothing", UserWarning, stacklevel=3)
         excluded.update(i for scope in hits for i in scope.nodes)
-    kept = [scope for scope in chosen if not set(scope.nodes) <= excluded]
+        named.update((scope.label, tuple(scope.nodes)) for scope in hits)
+    kept = [
+        scope for scope in chosen
+        if (scope.label, tuple(scope.nodes)) not in named
+        and not (scope.kind in ("op", "node") and set(scope.nodes) <= excluded)
+    ]  # fmt: skip
     if not kept:
         raise ProbeMatchError(
             f"everything attach_to {attach_to} matched is excluded by exclude {exclude}"
