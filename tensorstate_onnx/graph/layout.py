@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from .index import GraphIndex
 from .metadata import KERAS_LAYER_NAME
 
-__all__ = ["AXIS1_OPS", "Layout", "infer_channel_axes", "is_channels_last", "reshaped_axis"]
+__all__ = ["AXIS1_OPS", "CHANNEL_READERS", "Layout", "infer_channel_axes", "is_channels_last", "reshaped_axis"]
 
 #: Producers whose graph inputs are Keras/TensorFlow tensors, hence channels-last.
 _CHANNELS_LAST_PRODUCERS = frozenset({"tf2onnx", "keras2onnx"})
@@ -52,6 +52,12 @@ AXIS1_OPS = frozenset(
         "DepthToSpace", "SpaceToDepth",
     }
 )  # fmt: skip
+
+#: Conv-family ops whose reading a tensor shows that its axis 1 holds channels. Not
+#: global pooling, which reduces every axis past 1 of any tensor: tf2onnx lowers a
+#: mean over the last axis of a channels-last ``[N, L, D]`` tensor (a Keras
+#: LayerNormalization's moments) to a GlobalAveragePool.
+CHANNEL_READERS = AXIS1_OPS - {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 
 # Ops whose output has its neurons on the last axis (dense and sequence layers).
 _LAST_OPS = frozenset(
@@ -257,8 +263,9 @@ def _graph_input_axis(name: str, ctx: _Context, channels_last: bool) -> tuple[in
 
 
 def _conv_reader_only(name: str, ctx: _Context) -> bool:
+    """Whether only conv-family ops read the Keras input ``name`` (as ``[N, C, ...]``)."""
     readers = ctx.readers(name)
-    return bool(readers) and all(n.op_type in AXIS1_OPS and n.input[0] == name for n in readers)
+    return bool(readers) and all(n.op_type in CHANNEL_READERS and n.input[0] == name for n in readers)
 
 
 def _reader_axis(name: str, ctx: _Context, depth: int = 0) -> int | None:

@@ -23,7 +23,7 @@ from ..patterns import as_patterns, probe_methods
 from .editor import MIN_PACK_OPSET, Editor, all_names, default_opset
 from .index import GraphIndex, build_index
 from .io import check_model, infer_types, load_model, shape_of
-from .layout import AXIS1_OPS, Layout, infer_channel_axes, is_channels_last
+from .layout import CHANNEL_READERS, Layout, infer_channel_axes, is_channels_last
 from .scopes import (
     Matcher,
     Scope,
@@ -359,7 +359,7 @@ def _probe_axis(cand: _Candidate, shape: tuple, layout: Layout, index: GraphInde
     node = index.graph.node[cand.node]
     if (
         cand.method == "before" and len(shape) >= 2
-        and node.op_type in AXIS1_OPS and node.input and node.input[0] == cand.tensor
+        and node.op_type in CHANNEL_READERS and node.input and node.input[0] == cand.tensor
     ):  # fmt: skip
         return 1, False
     return layout.axes[cand.tensor], cand.tensor in layout.guessed

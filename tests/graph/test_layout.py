@@ -160,6 +160,28 @@ def test_keras_dense_on_a_sequence_is_channels_last(assert_same_states):
     assert_same_states(*after)
 
 
+def test_keras_layer_normalization_of_a_sequence_input_is_channels_last(assert_same_states):
+    """tf2onnx computes a LayerNormalization's moments over the last axis of a (7, 32)
+    input with GlobalAveragePool, which reads axis 1 as channels: the input is still
+    channels-last, 32 neurons at 7 positions, as natively."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("from_keras converts through TensorFlow")
+    from tensorstate_onnx import build_efficiency_model
+
+    inputs = keras.Input((7, 32), name="seq")
+    model = keras.Model(inputs, keras.layers.LayerNormalization(name="ln")(inputs))
+    x = np.random.default_rng(5).normal(size=(6, 7, 32)).astype(np.float32)
+    native = build_efficiency_model(model, ["ln"], method="before")
+    native.predict(x, verbose=0)
+    onnx_model = build_efficiency_model(model, ["ln"], method="before", runtime="onnxruntime", providers="cpu")
+    onnx_model.predict(x)
+    assert [(p.name, p.channel_axis, p.n_neurons) for p in onnx_model.probes] == [("ln:before", 2, 32)]
+    assert onnx_model.efficiency_layers[0].state_count == 6 * 7
+    assert_same_states(native.efficiency_layers[0], onnx_model.efficiency_layers[0], exact=True)
+
+
 # ---------------------------------------------------------------- shape ops, readers, rank 1
 
 
