@@ -155,17 +155,24 @@ def _annotate_layers(proto: onnx.ModelProto, model) -> None:
     """Tag each node with the Keras layer (name, class and class path) its name scope belongs to,
     under the keys of :mod:`tensorstate_onnx.graph.metadata`, where the rewriter reads them.
 
-    tf2onnx names nodes ``<model scope>/<layer scope>/<op...>``; TensorFlow may
-    append ``_<n>`` to a scope to keep it unique. Nodes outside any layer scope
+    tf2onnx names nodes ``<model scope>/<layer scope>/<op...>``; TensorFlow
+    appends ``_<n>`` to a scope to keep it unique, and under Keras 3 to every
+    layer's scope (layer ``conv`` is ``conv_1``, layer ``conv_1`` then
+    ``conv_1_2``). When every scope carries such a suffix it is stripped first, so
+    ``conv_1`` is layer ``conv`` even where a layer ``conv_1`` exists; otherwise
+    a scope that is a layer's name is that layer. Nodes outside any layer scope
     (added by the converter) are left alone.
     """
     layers = {layer.name: layer for layer in model.layers}
+    scoped = []
     for node in proto.graph.node:
         parts = [part for part in node.name.split("/") if part and part != "StatefulPartitionedCall"]
-        if len(parts) < 3:
-            continue
-        scope = parts[1]
-        layer = layers.get(scope) or layers.get(_SCOPE_SUFFIX.sub("", scope))
+        if len(parts) >= 3:
+            scoped.append((node, parts[1]))
+    all_suffixed = bool(scoped) and all(_SCOPE_SUFFIX.search(scope) for _, scope in scoped)
+    for node, scope in scoped:
+        bare = layers.get(_SCOPE_SUFFIX.sub("", scope))
+        layer = (bare or layers.get(scope)) if all_suffixed else (layers.get(scope) or bare)
         if layer is None:
             continue
         cls = type(layer)

@@ -477,3 +477,32 @@ def test_exclude_names_a_module_not_the_modules_inside_it_on_both_paths(torch, d
     assert [hook.name for hook in model.efficiency_layers] == expected
     assert [probe.name for probe in onnx_model.probes] == expected
     remove_state_layers(model)
+
+
+def test_keras_layers_named_like_another_layers_export_scope_match_onnx_path(keras):
+    """Keras 3 export scopes layer ``conv`` as ``conv_1`` and layer ``conv_1`` as
+    ``conv_1_2`` (auto-named layers of MobileNetV3 are named so): each ONNX probe is
+    its own layer's, with the native neurons and states."""
+    from tensorstate_onnx.keras_capture import build_keras_efficiency_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3), name="img")
+    x = keras.layers.Conv2D(4, 1, name="conv")(inputs)
+    x = keras.layers.Conv2D(6, 1, name="conv_1")(x)
+    x = keras.layers.Conv2D(5, 1, name="conv_2")(keras.layers.ReLU(name="re_lu")(x))
+    model = keras.Model(inputs, x)
+    data = np.random.default_rng(8).normal(size=(8, 6, 6, 3)).astype(np.float32)
+    native = build_keras_efficiency_model(model, ["Conv2D"], method="both")
+    native.predict(data, batch_size=4, verbose=0)
+    onnx_model = build_efficiency_model(
+        model, ["Conv2D"], method="both", runtime="onnxruntime", providers="cpu", keep_states=True
+    )
+    onnx_model.predict(data, batch_size=4)
+    probes = {(c.probe.label, c.probe.method): c for c in onnx_model.efficiency_layers}
+    captures = {(c.label, c.method): c for c in native.efficiency_layers}
+    assert sorted(probes) == sorted(captures) == sorted(
+        (name, method) for name in ("conv", "conv_1", "conv_2") for method in ("before", "after")
+    )
+    assert {key: c.n_neurons for key, c in probes.items()} == {key: c.n_neurons for key, c in captures.items()}
+    assert probes[("conv_1", "before")].n_neurons == 4
+    assert _assert_parity([(captures[key], probes[key]) for key in captures], "keras conv/conv_1") < MAX_FLIPPED
