@@ -376,9 +376,19 @@ def select_scopes(
         raise ProbeMatchError(
             "attach_to is empty; name at least one op type, node, module or layer"
         )
-    chosen = [scope for pattern in attach_to for scope in matcher.match(pattern, warn=True)]
+    matched = {pattern: matcher.match(pattern, warn=True) for pattern in attach_to}
+    chosen = [scope for pattern in attach_to for scope in matched[pattern]]
     if not chosen:
         raise ProbeMatchError(matcher.no_match_message(attach_to))
+    missing = [pattern for pattern in attach_to if not matched[pattern]]
+    if missing:
+        warnings.warn(
+            f"attach_to entries {missing} matched nothing in the ONNX graph; a module or layer that "
+            "exports to no node (Dropout or Identity at inference) has no tensor of its own there: "
+            "probe the layer it passes through instead",
+            UserWarning,
+            stacklevel=3,
+        )
     excluded: set[int] = set()
     named: set[tuple[str, tuple[int, ...]]] = set()
     for pattern in exclude:

@@ -110,6 +110,13 @@ def test_unmatched_exclude_warns(cnn):
     assert len(probes) == 1
 
 
+def test_an_attach_to_entry_that_matches_nothing_warns_and_the_others_are_probed(cnn):
+    with pytest.warns(UserWarning, match=r"\['Dropout'\] matched nothing in the ONNX graph") as caught:
+        _, probes = add_probes(cnn, ["Conv", "Dropout"])
+    assert len([w for w in caught if "matched nothing" in str(w.message)]) == 1
+    assert [p.tensor_name for p in probes] == ["c", "c2"]
+
+
 # ------------------------------------------------------------- framework names
 
 
