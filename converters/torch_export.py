@@ -370,11 +370,24 @@ def _annotate_legacy_scopes(proto: onnx.ModelProto, module) -> None:
         cls = type(obj)
         return f"{cls.__module__}.{cls.__qualname__}"
 
+    import torch
+
+    # The modules a scope may hold: its children, and the children of a ModuleList or
+    # ModuleDict among them, which are never called and so have no scope of their own
+    # (``/blocks.0/MatMul`` is ``blocks.0`` of the root's ``blocks`` list).
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict)
     children: dict[str, list[tuple[str, object]]] = {}
     for qualname, sub in module.named_modules():
-        for name, child in sub.named_children():
-            full = f"{qualname}.{name}" if qualname else name
-            children.setdefault(qualname, []).append((full, child))
+        if isinstance(sub, containers):
+            continue
+        pending = [(qualname, sub)]
+        while pending:
+            prefix, holder = pending.pop(0)
+            for name, child in holder.named_children():
+                full = f"{prefix}.{name}" if prefix else name
+                children.setdefault(qualname, []).append((full, child))
+                if isinstance(child, containers):
+                    pending.append((full, child))
     for node in proto.graph.node:
         if not node.name.startswith("/"):
             continue

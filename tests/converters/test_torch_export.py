@@ -63,6 +63,36 @@ def test_from_torch_records_module_names_and_classes(torch_exports, dynamo, node
         assert convs[1].name == "/features/features.1/conv/conv.0/conv.0.0/Conv"
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_modules_held_in_a_module_list_or_dict_keep_their_names_and_classes(torch, dynamo):
+    """A ModuleList or ModuleDict is never called, so the legacy exporter gives it no
+    scope (``/blocks.0/MatMul``, ``/a/MatMul``): its children are still found, and
+    ``attach_to=["Linear"]`` probes the same modules as the native hooks."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import match_modules
+
+    nn = torch.nn
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 4)])
+            self.heads = nn.ModuleDict({"a": nn.Linear(4, 3)})
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = torch.relu(block(x))
+            return self.heads["a"](x)
+
+    model = Stack().eval()
+    onnx_model = OnnxEfficiencyModel(from_torch(model, torch.randn(2, 5, 8), dynamo=dynamo), ["Linear"], providers="cpu")
+    expected = [name for name, _ in match_modules(model, ["Linear"])]
+    assert expected == ["blocks.0", "blocks.1", "heads.a"]
+    assert [probe.label for probe in onnx_model.probes] == expected
+    assert [probe.n_neurons for probe in onnx_model.probes] == [16, 4, 3]
+
+
 def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatch):
     from tensorstate_onnx.converters import from_torch
     from models.torch_models import LeNet5
