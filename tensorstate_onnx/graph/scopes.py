@@ -80,13 +80,40 @@ class Scope:
 def framework_scopes(graph: onnx.GraphProto) -> list[Scope]:
     """Scopes of every module or layer name found in the node metadata and names."""
     scopes: dict[tuple, Scope] = {}
+    per_node: list[set[tuple]] = []
     for i, node in enumerate(graph.node):
-        for key, scope in _node_scope_entries(node):
+        entries = _node_scope_entries(node)
+        per_node.append({key for key, _ in entries if key[0] == "torch"})
+        for key, scope in entries:
             scopes.setdefault(key, scope).add(i)
+    _adopt_unscoped_nodes(graph, scopes, per_node)
     _add_parameter_scopes(graph, scopes)
     _alias_keras_suffixes([s for s in scopes.values() if s.kind == "keras"])
     root = _torch_root_scope(graph)
     return list(scopes.values()) + ([root] if root is not None else [])
+
+
+def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], per_node: list[set[tuple]]) -> None:
+    """Put a node the exporter left without module metadata into the modules that
+    both its producers and its readers belong to: the dynamo exporter's Split of
+    GPT-2's fused query/key/value projection has none, and without it the
+    attention module's tensors would seem to leave it and come back (two calls)."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    for i, node in enumerate(graph.node):
+        if per_node[i]:
+            continue
+        before = [per_node[producer[name]] for name in node.input if name in producer and per_node[producer[name]]]
+        after = [per_node[j] for name in node.output for j in readers.get(name, ()) if per_node[j]]
+        if not before or not after:
+            continue
+        for key in set.intersection(*before, *after):
+            members = scopes[key].nodes
+            if i not in members:
+                members.insert(next((k for k, j in enumerate(members) if j > i), len(members)), i)
 
 
 def _torch_root_scope(graph: onnx.GraphProto) -> Scope | None:

@@ -63,6 +63,40 @@ def test_transformers_export_with_any_sequence_length_and_match_native_hooks(tor
 
 
 @pytest.mark.slow
+def test_gpt2_attention_is_one_module_with_its_own_input_on_both_paths(torch, transformers):
+    """GPT-2's attention splits its fused query/key/value projection with a Split the
+    exporter leaves without module metadata, and ends in a view that c_proj's own view
+    follows: the ONNX probes of ``attn`` and ``attn.c_proj`` are one call each on the
+    tensors the native hooks see (32 neurons, one state per token)."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    torch.manual_seed(0)
+    model, _ = _gpt2(transformers)
+    probes = ["transformer.h.0.attn", "transformer.h.0.attn.c_proj"]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 100, (3, 9), generator=gen)
+    onnx_model = OnnxEfficiencyModel(from_torch(model, {"input_ids": ids[:2]}), probes, method="both",
+                                     providers="cpu", keep_states=True)  # fmt: skip
+    assert all(len(probe.each_call()) == 1 for probe in onnx_model.probes)
+    onnx_model.predict({"input_ids": ids.numpy()}, batch_size=3)
+    attach_hooks(model, probes, method="both")
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+        native = {hook.name: hook for hook in model.efficiency_layers}
+        assert sorted(native) == sorted(capture.name for capture in onnx_model.efficiency_layers)
+        for capture in onnx_model.efficiency_layers:
+            hook = native[capture.name]
+            assert (capture.n_neurons, capture.state_count) == (hook.n_neurons, hook.state_count) == (32, 27), capture.name
+            flipped = np.count_nonzero((capture.states[:] != hook.states[:]).any(axis=1))
+            assert flipped <= 1, (capture.name, flipped)
+    finally:
+        remove_state_layers(model)
+
+
+@pytest.mark.slow
 def test_padded_tokens_are_left_out_alike_on_both_paths(torch, transformers):
     from tensorstate_onnx import build_efficiency_model
     from tensorstate_onnx.converters import from_torch
