@@ -376,13 +376,16 @@ def _annotate_legacy_scopes(proto: onnx.ModelProto, module) -> None:
 
     import torch
 
-    # The modules a scope may hold: its children, and the children of a ModuleList or
-    # ModuleDict among them, which are never called and so have no scope of their own
-    # (``/blocks.0/MatMul`` is ``blocks.0`` of the root's ``blocks`` list).
-    containers = (torch.nn.ModuleList, torch.nn.ModuleDict)
+    def never_called(sub) -> bool:
+        """A container without a forward of its own (ModuleList, ModuleDict): it has no
+        scope, so ``/blocks.0/MatMul`` is ``blocks.0`` of the root's ``blocks`` list. A
+        subclass with a forward (DenseNet's ``_DenseBlock``) is called and has one."""
+        return type(sub).forward is torch.nn.Module.forward
+
+    # The modules a scope may hold: its children, and the children of those never called.
     children: dict[str, list[tuple[str, object]]] = {}
     for qualname, sub in module.named_modules():
-        if isinstance(sub, containers):
+        if never_called(sub):
             continue
         pending = [(qualname, sub)]
         while pending:
@@ -390,7 +393,7 @@ def _annotate_legacy_scopes(proto: onnx.ModelProto, module) -> None:
             for name, child in holder.named_children():
                 full = f"{prefix}.{name}" if prefix else name
                 children.setdefault(qualname, []).append((full, child))
-                if isinstance(child, containers):
+                if never_called(child):
                     pending.append((full, child))
     for node in proto.graph.node:
         if not node.name.startswith("/"):

@@ -74,23 +74,31 @@ def test_modules_held_in_a_module_list_or_dict_keep_their_names_and_classes(torc
 
     nn = torch.nn
 
+    class Dense(nn.ModuleDict):  # a ModuleDict that is called (DenseNet's _DenseBlock)
+        def forward(self, x):
+            for layer in self.values():
+                x = layer(x)
+            return x
+
     class Stack(nn.Module):
         def __init__(self):
             super().__init__()
             self.blocks = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 4)])
             self.heads = nn.ModuleDict({"a": nn.Linear(4, 3)})
+            self.dense = Dense({"layer1": nn.Sequential(nn.Linear(3, 5), nn.ReLU())})
 
         def forward(self, x):
             for block in self.blocks:
                 x = torch.relu(block(x))
-            return self.heads["a"](x)
+            return self.dense(self.heads["a"](x))
 
     model = Stack().eval()
-    onnx_model = OnnxEfficiencyModel(from_torch(model, torch.randn(2, 5, 8), dynamo=dynamo), ["Linear"], providers="cpu")
-    expected = [name for name, _ in match_modules(model, ["Linear"])]
-    assert expected == ["blocks.0", "blocks.1", "heads.a"]
+    attach_to = ["Linear", "ReLU"]
+    onnx_model = OnnxEfficiencyModel(from_torch(model, torch.randn(2, 5, 8), dynamo=dynamo), attach_to, providers="cpu")
+    expected = [name for name, _ in match_modules(model, attach_to)]
+    assert expected == ["blocks.0", "blocks.1", "heads.a", "dense.layer1.0", "dense.layer1.1"]
     assert [probe.label for probe in onnx_model.probes] == expected
-    assert [probe.n_neurons for probe in onnx_model.probes] == [16, 4, 3]
+    assert [probe.n_neurons for probe in onnx_model.probes] == [16, 4, 3, 5, 5]
 
 
 def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatch):
