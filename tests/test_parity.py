@@ -506,3 +506,46 @@ def test_keras_layers_named_like_another_layers_export_scope_match_onnx_path(ker
     assert {key: c.n_neurons for key, c in probes.items()} == {key: c.n_neurons for key, c in captures.items()}
     assert probes[("conv_1", "before")].n_neurons == 4
     assert _assert_parity([(captures[key], probes[key]) for key in captures], "keras conv/conv_1") < MAX_FLIPPED
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_a_module_building_a_mask_in_its_forward_is_one_call_on_both_paths(torch, dynamo):
+    """Swin builds its shifted-window mask by slice assignment in its forward; the legacy
+    exporter leaves those Shape -> ConstantOfShape -> ScatterND nodes without a module
+    scope. They belong to the module around them: each module is one call, as natively."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    nn = torch.nn
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            mask = y.new_zeros((y.shape[1], y.shape[1]))
+            mask[: y.shape[1] // 2, :] = 1.0
+            mask[:, : y.shape[1] // 2] = 2.0
+            return y + mask @ y
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(Masked(), Masked()), nn.Linear(4, 2)).eval()
+    x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(5))
+    attach_to = ["Sequential", "Masked"]
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2], dynamo=dynamo), attach_to, method="both",
+                                     providers="cpu", keep_states=True)  # fmt: skip
+    assert all(len(probe.each_call()) == 1 for probe in onnx_model.probes)
+    onnx_model.predict(x.numpy(), batch_size=3)
+    attach_hooks(model, attach_to, method="both")
+    with torch.no_grad():
+        for part in x.split(3):
+            model(part)
+    hooks = {hook.name: hook for hook in model.efficiency_layers}
+    probes = {capture.name: capture for capture in onnx_model.efficiency_layers}
+    assert sorted(hooks) == sorted(probes) and len(hooks) == 8
+    assert all(hook.state_count == 30 for hook in hooks.values())
+    assert _assert_parity([(hooks[name], probes[name]) for name in hooks], "mask in forward") < MAX_FLIPPED
+    remove_state_layers(model)

@@ -94,26 +94,50 @@ def framework_scopes(graph: onnx.GraphProto) -> list[Scope]:
 
 
 def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], per_node: list[set[tuple]]) -> None:
-    """Put a node the exporter left without module metadata into the modules that
-    both its producers and its readers belong to: the dynamo exporter's Split of
-    GPT-2's fused query/key/value projection has none, and without it the
-    attention module's tensors would seem to leave it and come back (two calls)."""
+    """Put the nodes the exporter left without module metadata into the modules that
+    both the producers of their inputs and the readers of their outputs belong to, a
+    connected group of such nodes at a time: the dynamo exporter's Split of GPT-2's
+    fused query/key/value projection and the legacy exporter's Shape ->
+    ConstantOfShape -> ScatterND chain of Swin's window mask have none, and without
+    them a module's tensors would seem to leave it and come back (several calls)."""
     producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
     readers: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
         for name in node.input:
             readers.setdefault(name, []).append(i)
-    for i, node in enumerate(graph.node):
-        if per_node[i]:
-            continue
-        before = [per_node[producer[name]] for name in node.input if name in producer and per_node[producer[name]]]
-        after = [per_node[j] for name in node.output for j in readers.get(name, ()) if per_node[j]]
+    unscoped = [i for i in range(len(graph.node)) if not per_node[i]]
+    group = {i: i for i in unscoped}
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i in unscoped:
+        for name in graph.node[i].output:
+            for j in readers.get(name, ()):
+                if j in group:
+                    group[root(j)] = root(i)
+    members: dict[int, list[int]] = {}
+    for i in unscoped:
+        members.setdefault(root(i), []).append(i)
+    for nodes in members.values():
+        inside = set(nodes)
+        before = [
+            per_node[producer[name]] for i in nodes for name in graph.node[i].input
+            if name in producer and producer[name] not in inside
+        ]  # fmt: skip
+        after = [
+            per_node[j] for i in nodes for name in graph.node[i].output
+            for j in readers.get(name, ()) if j not in inside
+        ]  # fmt: skip
         if not before or not after:
             continue
         for key in set.intersection(*before, *after):
-            members = scopes[key].nodes
-            if i not in members:
-                members.insert(next((k for k, j in enumerate(members) if j > i), len(members)), i)
+            scope_nodes = scopes[key].nodes
+            scope_nodes.extend(i for i in nodes if i not in scope_nodes)
+            scope_nodes.sort()
 
 
 def _torch_root_scope(graph: onnx.GraphProto) -> Scope | None:
