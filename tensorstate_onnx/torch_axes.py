@@ -130,10 +130,22 @@ def _kind_classes() -> tuple[tuple[str, tuple[type, ...]], ...]:
     )
 
 
+@functools.cache
+def _reimplements_forward(cls: type) -> bool:
+    """Whether ``cls`` has a forward of its own, not the one of the PyTorch class it extends."""
+    base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.")), None)
+    return base is not None and getattr(cls, "forward", None) is not getattr(base, "forward", None)
+
+
 def module_kind(module: torch.nn.Module) -> str:
-    """How ``module``'s output lays out its neurons (one of the kinds above)."""
+    """How ``module``'s output lays out its neurons (one of the kinds above). A dense
+    class extended with a forward of its own may lay its output out otherwise
+    (torchvision's ``LayerNorm2d`` normalizes ``[N, C, H, W]`` tensors through a
+    permute): it is of no kind, and what reads its output decides."""
     for kind, classes in _kind_classes():
         if isinstance(module, classes):
+            if kind == FEATURES and _reimplements_forward(type(module)):
+                break
             return kind
     # torchvision.ops.misc.Permute (ConvNeXt's NCHW <-> NHWC) and look-alikes.
     cls = type(module)

@@ -549,3 +549,34 @@ def test_a_module_building_a_mask_in_its_forward_is_one_call_on_both_paths(torch
     assert all(hook.state_count == 30 for hook in hooks.values())
     assert _assert_parity([(hooks[name], probes[name]) for name in hooks], "mask in forward") < MAX_FLIPPED
     remove_state_layers(model)
+
+
+def test_a_layer_norm_subclass_with_its_own_forward_is_laid_out_by_its_readers(torch):
+    """torchvision's ``LayerNorm2d`` (ConvNeXt) extends ``nn.LayerNorm`` with a forward
+    that normalizes ``[N, C, H, W]`` through permutes: its neurons are the channels the
+    next Conv reads, natively as on the ONNX path (not the last axis of a dense layer)."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+    from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
+
+    nn, functional = torch.nn, torch.nn.functional
+
+    class LayerNorm2d(nn.LayerNorm):
+        def forward(self, x):
+            x = functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+            return x.permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), LayerNorm2d(8), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(6))
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2]), ["LayerNorm2d"], providers="cpu", keep_states=True)
+    onnx_model.predict(x.numpy(), batch_size=3)
+    attach_hooks(model, ["LayerNorm2d"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)
+    (hook,), (probe,) = model.efficiency_layers, onnx_model.efficiency_layers
+    assert (hook.channel_axis, hook.n_neurons, hook.state_count) == (probe.channel_axis, probe.n_neurons, probe.state_count) == (1, 8, 120)
+    assert _assert_parity([(hook, probe)], "LayerNorm2d") < MAX_FLIPPED
+    remove_state_layers(model)
