@@ -290,10 +290,11 @@ def _reader_axis(name: str, ctx: _Context, depth: int = 0) -> int | None:
             perm = _transpose_perm(node, rank)
             if inner is not None and len(perm) == rank:
                 said.add(perm[inner])
-        elif op in _INHERIT_OPS and node.output and ctx.rank(node.output[0]) == rank:
-            inner = _reader_axis(node.output[0], ctx, depth + 1)
-            if inner is not None:
-                said.add(inner)
+        elif op in _INHERIT_OPS:  # every output: the second half of a Split may be the one a Conv reads
+            for out in node.output:
+                inner = _reader_axis(out, ctx, depth + 1) if out and ctx.rank(out) == rank else None
+                if inner is not None:
+                    said.add(inner)
         elif op in ("Squeeze", "Unsqueeze", "Reshape", "Flatten") and node.input[0] == name:
             inner = _reader_axis(node.output[0], ctx, depth + 1)
             if inner is not None:  # the input axis that lands on the axis read

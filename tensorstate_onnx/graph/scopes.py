@@ -99,13 +99,22 @@ def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], pe
     connected group of such nodes at a time: the dynamo exporter's Split of GPT-2's
     fused query/key/value projection and the legacy exporter's Shape ->
     ConstantOfShape -> ScatterND chain of Swin's window mask have none, and without
-    them a module's tensors would seem to leave it and come back (several calls)."""
+    them a module's tensors would seem to leave it and come back (several calls).
+    In a graph with the dynamo exporter's metadata, a group between modules joins
+    the modules that read it."""
     producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
     readers: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
         for name in node.input:
             readers.setdefault(name, []).append(i)
-    unscoped = [i for i in range(len(graph.node)) if not per_node[i]]
+    # Nodes named with a module path (``/features/Relu``; ``/Relu`` is the root's own) or
+    # given module metadata (the root's own ops have scopes ``['', op]``) have a scope.
+    placed = [
+        node.name.startswith("/") or any(prop.key == TORCH_NAME_SCOPES for prop in node.metadata_props)
+        for node in graph.node
+    ]
+    exported_with_metadata = any(prop.key == TORCH_NAME_SCOPES for node in graph.node for prop in node.metadata_props)
+    unscoped = [i for i in range(len(graph.node)) if not per_node[i] and not placed[i]]
     group = {i: i for i in unscoped}
 
     def root(i: int) -> int:
@@ -134,7 +143,13 @@ def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], pe
         ]  # fmt: skip
         if not before or not after:
             continue
-        for key in set.intersection(*before, *after):
+        common = set.intersection(*before, *after)
+        if not common and exported_with_metadata:
+            # Between two modules: the dynamo exporter gives ops in a module's own forward
+            # its scope, so a node it left without one (the Split of ShuffleNet's
+            # ``x.chunk(2, 1)``) begins the module that reads it.
+            common = set.intersection(*after)
+        for key in common:
             scope_nodes = scopes[key].nodes
             scope_nodes.extend(i for i in nodes if i not in scope_nodes)
             scope_nodes.sort()

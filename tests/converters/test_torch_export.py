@@ -101,6 +101,47 @@ def test_modules_held_in_a_module_list_or_dict_keep_their_names_and_classes(torc
     assert [probe.n_neurons for probe in onnx_model.probes] == [16, 4, 3, 5, 5]
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_a_channel_shuffle_and_chunk_keep_the_channels_as_neurons_with_either_exporter(torch, dynamo):
+    """ShuffleNet's blocks end in a channel shuffle (view, transpose, view) and the next
+    begins with ``x.chunk(2, 1)``, one half read by a Conv: the block output's neurons
+    are its 8 channels, and the next block's input is that whole tensor, not the half
+    of it (the dynamo exporter leaves the chunk's Split without module metadata)."""
+    from tensorstate_onnx.converters import from_torch
+    from tensorstate_onnx.runtime import OnnxEfficiencyModel
+
+    nn = torch.nn
+
+    def shuffle(y):
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 1, stride=2), nn.Conv2d(4, 4, 1, stride=2)
+
+        def forward(self, x):
+            return shuffle(torch.cat((self.a(x), self.b(x)), 1))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            a, b = x.chunk(2, 1)
+            return shuffle(torch.cat((a, self.conv(b)), 1))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Down(), Block(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(6, 3, 8, 8)
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2], dynamo=dynamo), ["1", "2"], method="both", providers="cpu")
+    axes = {probe.name: (probe.channel_axis, probe.axis_guessed) for probe in onnx_model.probes}
+    assert axes == {name: (1, False) for name in ("1:before", "1:after", "2:before", "2:after")}
+    after_down = next(p for p in onnx_model.probes if p.name == "1:after")
+    assert next(p for p in onnx_model.probes if p.name == "2:before").tensor_name == after_down.tensor_name
+
+
 def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatch):
     from tensorstate_onnx.converters import from_torch
     from models.torch_models import LeNet5
