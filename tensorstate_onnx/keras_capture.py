@@ -167,28 +167,35 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
     def compute_mask(self, inputs, mask=None):
         return mask
 
-    def call(self, inputs):
+    def call(self, inputs, channel_axis: int | None = None):
+        """Record ``inputs`` (neurons on ``channel_axis``, else the layer's axis: a
+        shared layer's later call may read a tensor of another layout) and return it."""
         if tracing_for_export():
             return inputs  # traced for ONNX export: a plain identity
         self._check_dtype(inputs.dtype)
+        axis = self.channel_axis
+        if channel_axis is not None:
+            axis = checked_override(self.name, channel_axis, self.name, tuple(inputs.shape))
+
+        def record(value):
+            return self._record_host(value, axis)
+
         backend = keras.backend.backend()
         if backend == "tensorflow":
             import tensorflow as tf
 
             if tf.executing_eagerly():
-                self._record_host(inputs.numpy() if hasattr(inputs, "numpy") else inputs)
+                record(inputs.numpy() if hasattr(inputs, "numpy") else inputs)
                 return inputs
-            token = tf.numpy_function(
-                self._record_host, [inputs], Tout=tf.bool, stateful=True, name="record_states"
-            )
+            token = tf.numpy_function(record, [inputs], Tout=tf.bool, stateful=True, name="record_states")
             with tf.control_dependencies([token]):
                 return tf.identity(inputs)
         if backend == "jax":
             import jax
 
-            jax.debug.callback(lambda value: self._record_host(value) and None, inputs, ordered=True)
+            jax.debug.callback(lambda value: record(value) and None, inputs, ordered=True)
             return inputs
-        self._record_host(inputs)  # torch / numpy backends: concrete tensors
+        record(inputs)  # torch / numpy backends: concrete tensors
         return inputs
 
     def get_config(self) -> dict:
@@ -209,12 +216,12 @@ class StateCapture(keras.layers.Layer, AbstractStateCapture):
 
     # ---------------------------------------------------------------- recording
 
-    def _record_host(self, value):
+    def _record_host(self, value, channel_axis: int):
         """Record one batch on the host; returns a token for the graph."""
         if self.capture_on:
             array = _as_numpy(value)
             if array.ndim >= 1 and array.size:
-                self.record(array, self.channel_axis)
+                self.record(array, channel_axis)
         return np.array(True)
 
 
@@ -246,6 +253,7 @@ class _Builder:
         self.captured: list = []  # the captures' output tensors (Functional models)
         self.store_dirs: set[str] = set()
         self.made: dict[tuple[str, str], StateCapture] = {}  # (layer name, method): its capture
+        self.call_axes: dict[tuple[str, str], int] = {}  # (layer name, method): its first call's axis (-1: last)
 
     def wanted(self, name: str, class_name: str) -> bool:
         return matches_any(self.patterns, (name, class_name)) and not matches_any(self.excluded, (name, class_name))
@@ -291,8 +299,18 @@ class _Builder:
         check_override_keys(self.overrides, names, aliases)
 
     def capture(self, tensor, label: str, class_name: str, method: str, axis: int = -1):
-        """Apply the layer's StateCapture to ``tensor``; return its output."""
-        output = self.make(label, class_name, method, axis)(tensor)
+        """Apply the layer's StateCapture to ``tensor``; return its output. A later
+        call of a shared layer whose tensor has its neurons on another axis than the
+        first call's is recorded on its own axis, as on the other paths (DESIGN §1)."""
+        capture = self.make(label, class_name, method, axis)
+        rank = _rank(tensor)
+        overridden = any(key in self.overrides for key in (capture.name, f"{label}:{method}", label))
+        if rank is None or overridden:
+            output = capture(tensor)
+        else:
+            axis = _last_as_minus_one(axis, rank)
+            first = self.call_axes.setdefault((label, method), axis)
+            output = capture(tensor) if axis == first else capture(tensor, channel_axis=axis)
         self.captured.append(output)
         return output
 

@@ -589,3 +589,28 @@ def test_a_layer_called_twice_is_one_probe_recording_both_calls():
     second = keras.ops.convert_to_numpy(shared(first))
     assert capture.state_count == 128
     assert sorted(capture.counts().tolist()) == _reference_counts(np.concatenate([first, second]), 1)
+
+
+def test_a_layer_called_on_tensors_with_neurons_on_different_axes_records_each_call_on_its_own_axis():
+    """A shared ReLU reads a channels-first conv output (neurons on axis 1) and a
+    channels-last tensor of the same shape (the last axis): each call's states are
+    its own tensor's channels, as the PyTorch hooks and the ONNX path record a
+    module's calls, not both on the first call's axis; ``channel_axes`` still
+    puts every call on the axis it names."""
+    keras.utils.set_random_seed(3)
+    relu = keras.layers.ReLU(name="relu")
+    inputs = keras.Input((3, 4, 4))
+    channels_first = keras.layers.Conv2D(4, 1, data_format="channels_first", name="conv")(inputs)
+    channels_last = keras.layers.Conv2D(4, 1, name="conv_last")(keras.layers.Permute((2, 3, 1))(inputs))
+    model = keras.Model(inputs, [relu(channels_first), relu(channels_last)])
+    x = np.random.default_rng(3).normal(size=(8, 3, 4, 4)).astype("float32")
+    first, second = (keras.ops.convert_to_numpy(t) for t in keras.Model(inputs, [channels_first, channels_last])(x))
+    for overrides, expected in (
+        (None, np.concatenate([np.moveaxis(first, 1, -1), second])),
+        ({"relu": -1}, np.concatenate([first, second])),
+    ):
+        probed = build_keras_efficiency_model(model, ["relu"], channel_axes=overrides)
+        probed.predict(x, verbose=0)
+        (capture,) = probed.efficiency_layers
+        assert capture.state_count == 2 * 8 * 4 * 4
+        assert sorted(capture.counts().tolist()) == _reference_counts(expected, -1)
