@@ -253,7 +253,6 @@ class _Builder:
         self.captured: list = []  # the captures' output tensors (Functional models)
         self.store_dirs: set[str] = set()
         self.made: dict[tuple[str, str], StateCapture] = {}  # (layer name, method): its capture
-        self.call_axes: dict[tuple[str, str], int] = {}  # (layer name, method): its first call's axis (-1: last)
 
     def wanted(self, name: str, class_name: str) -> bool:
         return matches_any(self.patterns, (name, class_name)) and not matches_any(self.excluded, (name, class_name))
@@ -272,7 +271,7 @@ class _Builder:
             return made
         name = self.unique(f"{label}_states" if method == "after" else f"{label}_pre_states")
         disk_path = None if self.root is None else self.root / unique_store_dirname(name, self.store_dirs)
-        key = next((k for k in (name, f"{label}:{method}", label) if k in self.overrides), None)
+        key = self._override_key(name, label, method)
         if key is not None:
             axis = self.overrides[key]
         capture = StateCapture(
@@ -283,6 +282,10 @@ class _Builder:
         self.captures.append(capture)
         self.made[(label, method)] = capture
         return capture
+
+    def _override_key(self, name: str, label: str, method: str) -> str | None:
+        """The ``channel_axes`` key that sets capture ``name``'s axis, if any."""
+        return next((k for k in (name, f"{label}:{method}", label) if k in self.overrides), None)
 
     def unique(self, base: str) -> str:
         """``base``, or ``base_2``, ``base_3``... if a layer or input already has that name."""
@@ -304,13 +307,12 @@ class _Builder:
         first call's is recorded on its own axis, as on the other paths (DESIGN §1)."""
         capture = self.make(label, class_name, method, axis)
         rank = _rank(tensor)
-        overridden = any(key in self.overrides for key in (capture.name, f"{label}:{method}", label))
-        if rank is None or overridden:
-            output = capture(tensor)
-        else:
-            axis = _last_as_minus_one(axis, rank)
-            first = self.call_axes.setdefault((label, method), axis)
-            output = capture(tensor) if axis == first else capture(tensor, channel_axis=axis)
+        own_axis = (
+            rank is not None
+            and self._override_key(capture.name, label, method) is None
+            and _last_as_minus_one(axis, rank) != _last_as_minus_one(capture._axis_config, rank)
+        )
+        output = capture(tensor, channel_axis=axis) if own_axis else capture(tensor)
         self.captured.append(output)
         return output
 

@@ -109,11 +109,9 @@ def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], pe
             readers.setdefault(name, []).append(i)
     # Nodes named with a module path (``/features/Relu``; ``/Relu`` is the root's own) or
     # given module metadata (the root's own ops have scopes ``['', op]``) have a scope.
-    placed = [
-        node.name.startswith("/") or any(prop.key == TORCH_NAME_SCOPES for prop in node.metadata_props)
-        for node in graph.node
-    ]
-    exported_with_metadata = any(prop.key == TORCH_NAME_SCOPES for node in graph.node for prop in node.metadata_props)
+    with_metadata = [any(prop.key == TORCH_NAME_SCOPES for prop in node.metadata_props) for node in graph.node]
+    placed = [node.name.startswith("/") or meta for node, meta in zip(graph.node, with_metadata)]
+    exported_with_metadata = any(with_metadata)
     unscoped = [i for i in range(len(graph.node)) if not per_node[i] and not placed[i]]
     group = {i: i for i in unscoped}
 
