@@ -100,8 +100,8 @@ def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], pe
     fused query/key/value projection and the legacy exporter's Shape ->
     ConstantOfShape -> ScatterND chain of Swin's window mask have none, and without
     them a module's tensors would seem to leave it and come back (several calls).
-    In a graph with the dynamo exporter's metadata, a group between modules joins
-    the modules that read it."""
+    In a graph with the dynamo exporter's metadata, a group also joins the modules
+    that read it."""
     producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
     readers: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
@@ -142,11 +142,12 @@ def _adopt_unscoped_nodes(graph: onnx.GraphProto, scopes: dict[tuple, Scope], pe
         if not before or not after:
             continue
         common = set.intersection(*before, *after)
-        if not common and exported_with_metadata:
-            # Between two modules: the dynamo exporter gives ops in a module's own forward
-            # its scope, so a node it left without one (the Split of ShuffleNet's
-            # ``x.chunk(2, 1)``) begins the module that reads it.
-            common = set.intersection(*after)
+        if exported_with_metadata:
+            # The dynamo exporter gives ops in a module's own forward its scope, so a node
+            # it left without one between two modules (the Split of ShuffleNet's
+            # ``x.chunk(2, 1)``) begins the module that reads it, besides belonging to
+            # the modules around both (the stage both blocks are in).
+            common |= set.intersection(*after)
         for key in common:
             scope_nodes = scopes[key].nodes
             scope_nodes.extend(i for i in nodes if i not in scope_nodes)

@@ -101,12 +101,14 @@ def test_modules_held_in_a_module_list_or_dict_keep_their_names_and_classes(torc
     assert [probe.n_neurons for probe in onnx_model.probes] == [16, 4, 3, 5, 5]
 
 
+@pytest.mark.parametrize("in_a_stage", [False, True], ids=["flat", "stage"])
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
-def test_a_channel_shuffle_and_chunk_keep_the_channels_as_neurons_with_either_exporter(torch, dynamo):
+def test_a_channel_shuffle_and_chunk_keep_the_channels_as_neurons_with_either_exporter(torch, dynamo, in_a_stage):
     """ShuffleNet's blocks end in a channel shuffle (view, transpose, view) and the next
     begins with ``x.chunk(2, 1)``, one half read by a Conv: the block output's neurons
     are its 8 channels, and the next block's input is that whole tensor, not the half
-    of it (the dynamo exporter leaves the chunk's Split without module metadata)."""
+    of it (the dynamo exporter leaves the chunk's Split without module metadata), also
+    where both blocks are in one stage (torchvision's ``stage2``)."""
     from tensorstate_onnx.converters import from_torch
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
 
@@ -133,13 +135,18 @@ def test_a_channel_shuffle_and_chunk_keep_the_channels_as_neurons_with_either_ex
             a, b = x.chunk(2, 1)
             return shuffle(torch.cat((a, self.conv(b)), 1))
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), Down(), Block(), nn.Conv2d(8, 2, 1)).eval()
+    blocks = [nn.Sequential(Down(), Block())] if in_a_stage else [Down(), Block()]
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), *blocks, nn.Conv2d(8, 2, 1)).eval()
+    down, block = ("1.0", "1.1") if in_a_stage else ("1", "2")
     x = torch.randn(6, 3, 8, 8)
-    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2], dynamo=dynamo), ["1", "2"], method="both", providers="cpu")
-    axes = {probe.name: (probe.channel_axis, probe.axis_guessed) for probe in onnx_model.probes}
-    assert axes == {name: (1, False) for name in ("1:before", "1:after", "2:before", "2:after")}
-    after_down = next(p for p in onnx_model.probes if p.name == "1:after")
-    assert next(p for p in onnx_model.probes if p.name == "2:before").tensor_name == after_down.tensor_name
+    onnx_model = OnnxEfficiencyModel(from_torch(model, x[:2], dynamo=dynamo), [down, block], method="both", providers="cpu")
+    probes = {probe.name: probe for probe in onnx_model.probes}
+    names = [f"{module}:{method}" for module in (down, block) for method in ("before", "after")]
+    assert {name: (p.channel_axis, p.axis_guessed) for name, p in probes.items()} == dict.fromkeys(names, (1, False))
+    assert probes[f"{block}:before"].tensor_name == probes[f"{down}:after"].tensor_name
+    onnx_model.predict(x.numpy())
+    neurons = {capture.name: capture.n_neurons for capture in onnx_model.efficiency_layers}
+    assert neurons == {name: 4 if name == f"{down}:before" else 8 for name in names}
 
 
 def test_from_torch_writes_only_the_path_it_is_given(torch, tmp_path, monkeypatch):
