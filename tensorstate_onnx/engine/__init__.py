@@ -18,7 +18,8 @@ Modules, one job each:
 * ``policy``: the decisions of those structures (when to flush, absorb,
   merge, resize), as pure functions; ``tuning``: CounterTuning, the sizes
   they decide with;
-* kernels: ``sort`` (lexicographic order of word rows), ``hashing`` (hashes and
+* kernels: ``radix`` (sorting keys in place, by the faster sort of the
+  machine), ``sort`` (lexicographic order of word rows), ``hashing`` (hashes and
   dedup of long states), ``runs`` (search, merge and absorb sorted runs),
   ``arrays`` (small array helpers), ``histogram`` (how many states were
   seen once, twice, ...); ``jit``: the decorator they are compiled

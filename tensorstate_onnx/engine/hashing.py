@@ -15,6 +15,7 @@ import numpy as np
 
 from .arrays import as_words, trimmed
 from .jit import kernel
+from .radix import sort_keys
 
 __all__ = [
     "cmp_words", "dedup_words", "hash_part_starts", "hash_partition", "hash_rows", "in_run_order", "key_partition",
@@ -346,8 +347,8 @@ def dedup_words(
     bits = max(1, int(n - 1).bit_length())
     tagged = np.empty(n, np.uint64)
     tag(hashes, bits, tagged)
-    tagged.sort()
     rows = np.empty(n, np.int64)
+    sort_keys(tagged, scratch=rows)
     counts = np.empty(n, np.int64)
     k = _dedup_tagged(tagged, bits, hashes, words, weights, rows, counts, max_reps)
     return rows[:k], trimmed(counts, k)

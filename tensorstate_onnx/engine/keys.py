@@ -2,7 +2,7 @@
 word that is its own key.
 
 The key is exact and its order is the lexicographic byte order, so a run
-needs no other data. A batch is sorted (numpy's vectorized sort) and
+needs no other data. A batch is sorted (by :func:`.radix.sort_keys`) and
 run-length counted, fused with absorbing in one pass over one scratch array; a merge is branch-free. Large batches are counted
 straight from the caller's array, small ones gathered in a buffer first.
 """
@@ -15,6 +15,7 @@ from . import policy
 from .arrays import held_bytes, narrowest, trimmed, writable
 from .index import KeyIndex
 from .jit import kernel
+from .radix import sort_keys
 from .runs import UNIT, Run, count_sorted_keys, merge_many
 from .runset import RunSet
 from .unaligned import row_key
@@ -157,7 +158,7 @@ class KeyRuns(RunSet):
             counts = np.empty(keys.size, np.int64)
         else:
             counts = np.empty(keys.size, np.int64)
-            self._sort(keys)
+            self._sort(keys, scratch=counts)
             out = keys
             absorbing = self.absorbing(keys, final)
         runs = self.runs if absorbing else [Run(_NO_KEYS, None, _NO_COUNTS)]
@@ -172,20 +173,21 @@ class KeyRuns(RunSet):
             out = trimmed(out, m) if owned else out[:m].copy()
             self.append(Run(out, None, trimmed(counts, m)))
 
-    def _sort(self, keys: np.ndarray) -> None:
-        """Sort ``keys`` in place. Keys of states of up to 4 bytes (17 to 32
-        neurons), whose low half is zero, sort as 32-bit words: half the
-        bytes, and numpy sorts them in half the time (a layer of 32 mostly
-        distinct states a batch spent most of its counting sorting)."""
+    def _sort(self, keys: np.ndarray, scratch: np.ndarray) -> None:
+        """Sort ``keys`` in place (``scratch``: as many bytes, overwritten). Keys
+        of states of up to 4 bytes (17 to 32 neurons), whose low half is
+        zero, sort as 32-bit words: half the bytes, sorted in half the time
+        (a layer of 32 mostly distinct states a batch spent most of its
+        counting sorting)."""
         if self.n_bytes > 4:
-            keys.sort()
+            sort_keys(keys, scratch)
             return
         if self._halves is None or self._halves.size < keys.size:
             self._halves = None  # (the old one goes before the new one is made)
             self._halves = np.empty(keys.size, np.uint32)
         halves = self._halves[: keys.size]
         _high_halves(keys, halves)
-        halves.sort()
+        sort_keys(halves, scratch)
         _from_high_halves(halves, keys)
 
     def compact(self) -> Run | None:

@@ -22,6 +22,7 @@ import numpy as np
 from . import policy
 from .arrays import held_bytes
 from .index import KeyIndex
+from .radix import sort_keys
 from .runs import Run, count_known, merge_runs
 from .tuning import CounterTuning
 
@@ -85,16 +86,22 @@ class RunSet(abc.ABC):
         if policy.first_sample_due(n, self.next_check, self.largest, self.tuning):
             # No run to look states up in yet: do the latest repeat among themselves?
             self.next_check = policy.next_first_sample_at(n)
-            recent = np.sort(self._recent_keys(policy.sample_size(n, self.tuning)))
+            recent = self._sorted_recent(n)
             distinct = int(np.count_nonzero(recent[1:] != recent[:-1])) + 1
             self.repeating = policy.repeats_within(distinct, recent.size)
             return self.repeating
         if not policy.sample_due(n, self.next_check, self.repeating, self.largest, self.tuning):
             return False
         self.next_check = policy.next_sample_at(n, self.largest, self.tuning)
-        recent = np.sort(self._recent_keys(policy.sample_size(n, self.tuning)))
+        recent = self._sorted_recent(n)
         self.repeating = self.mostly_known(recent)
         return self.repeating
+
+    def _sorted_recent(self, n_pending: int) -> np.ndarray:
+        """A sorted copy of the keys of the latest pending states, as many as a sample takes."""
+        recent = self._recent_keys(policy.sample_size(n_pending, self.tuning)).copy()
+        sort_keys(recent)
+        return recent
 
     def mostly_known(self, sorted_keys: np.ndarray) -> bool:
         """Whether the runs hold at least half of ``sorted_keys``."""

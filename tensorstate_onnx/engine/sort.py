@@ -1,9 +1,9 @@
 """The lexicographic order of rows of words, which the counter needs for
 ``result(sort=True)`` of long states.
 
-Keys and tags (uint64) are sorted with numpy's own sort: its vectorized
-quicksort (x86-simd-sort, Highway on ARM) sorts 8-byte keys at 4-7 ns each
-on a 2-core EPYC, 2-3x faster than an LSD radix sort in numba.
+Only ``result(sort=True)`` needs it, once, so its column keys are ordered
+with numpy's argsort; the sorts on the counting path, a batch at a time, are
+:func:`.radix.sort_keys`.
 """
 
 from __future__ import annotations
