@@ -27,6 +27,7 @@ __all__ = ["radix_sort", "radix_faster", "sort_keys"]
 # Below this many keys numpy's sort is used whatever the machine: the radix
 # sort's fixed cost (histograms of 256 counts per byte) is not worth paying.
 _SMALL = 2048
+_RADIX_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))  # (a signed key's shift would index below 0)
 _CALIBRATION_KEYS = 1 << 16
 _CALIBRATION_ROUNDS = 3
 
@@ -110,10 +111,10 @@ def radix_faster(dtype: np.dtype) -> bool:
 
 
 def sort_keys(keys: np.ndarray, scratch: np.ndarray | None = None) -> None:
-    """Sort ``keys`` (contiguous uint32 or uint64) in place, by the faster
-    sort of this machine; ``scratch`` (optional, at least ``keys.size`` items
+    """Sort ``keys`` (contiguous uint32 or uint64; other dtypes by numpy) in
+    place, by the faster sort of this machine; ``scratch`` (optional, at least ``keys.size`` items
     of any dtype, overwritten) spares the radix sort allocating its own."""
-    if keys.size < _SMALL or not radix_faster(keys.dtype):
+    if keys.size < _SMALL or keys.dtype not in _RADIX_DTYPES or not radix_faster(keys.dtype):
         keys.sort()
         return
     if scratch is None or scratch.nbytes < keys.nbytes:

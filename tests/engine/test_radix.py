@@ -62,6 +62,14 @@ def test_sort_keys_allocates_when_the_scratch_is_too_small():
     np.testing.assert_array_equal(keys, expected)
 
 
+def test_sort_keys_leaves_signed_keys_to_numpy(monkeypatch):
+    monkeypatch.setattr(radix, "radix_faster", lambda _dtype: True)
+    keys = np.random.default_rng(5).integers(-(2**62), 2**62, 10_000, dtype=np.int64)
+    expected = np.sort(keys)
+    sort_keys(keys)
+    np.testing.assert_array_equal(keys, expected)
+
+
 def test_radix_faster_is_decided_once_per_dtype():
     radix.radix_faster.cache_clear()
     first = radix.radix_faster(np.dtype(np.uint64))
