@@ -13,6 +13,11 @@ Prints markdown tables:
   (``(32, 1280, 3, 3)``, ``(32, 320, 3, 3)``, ``(32, 96, 6, 6)``,
   ``(32, 16, 48, 48)``, ``(32, 512, 1, 1)``; these fit in cache, and so does
   their ``x.sum()``): pack GB/s, ``x.sum()`` GB/s and pack/sum.
+* **sorting keys**: ns a key of numpy's ``ndarray.sort`` and of the engine's
+  radix sort (``engine.radix``) on random uint32 keys, uint64 keys with 5
+  significant bytes and 64-bit ones, 4,096 to 2^20 of them (the time of
+  copying the keys back in is subtracted), and which of the two the counter
+  picked on this machine.
 * **counting**: states/s of ``StateCounter`` (``add`` + ``result``, timed
   together) against ``np.unique(packed, axis=0, return_counts=True)`` for
   (a) about 1,000 distinct states and (b) mostly distinct random states.
@@ -44,6 +49,7 @@ import time
 import numpy as np
 
 from tensorstate_onnx.engine import StateCounter, n_bytes_for, pack
+from tensorstate_onnx.engine.radix import radix_faster, radix_sort
 
 CHANNELS = (8, 64, 512, 4096)
 STREAM_BATCH = 65_536
@@ -235,6 +241,52 @@ def bench_counting(repeats: int, rows: int, unique_seconds: float) -> list[str]:
     return table
 
 
+# ---------------------------------------------------------------- sorting keys
+
+SORT_SIZES = (4096, 65_536, 1 << 20)
+
+
+def bench_sort(repeats: int) -> list[str]:
+    """numpy's sort against the radix sort on the counter's keys, and the one it picks."""
+    table = [
+        "| keys | n | numpy sort ns/key | radix sort ns/key | radix / numpy speed | the counter sorts with |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    rng = np.random.default_rng(2)
+    kinds = (
+        ("uint32 (states of 17-32 neurons)", np.uint32, 32),
+        ("uint64, 5 significant bytes (33-40 neurons)", np.uint64, 40),
+        ("uint64, 64 random bits (hash tags)", np.uint64, 64),
+    )
+    for label, dtype, bits in kinds:
+        chosen = "radix" if radix_faster(np.dtype(dtype)) else "numpy"
+        for n in SORT_SIZES:
+            keys = rng.integers(0, 2**bits, n, dtype=np.uint64, endpoint=False)
+            keys = (keys << np.uint64(64 - bits)) if dtype is np.uint64 else keys.astype(np.uint32)
+            scratch = np.empty_like(keys)
+            work = keys.copy()
+
+            def numpy_sort():
+                work[:] = keys
+                work.sort()
+
+            def radix():
+                work[:] = keys
+                radix_sort(work, scratch)
+
+            def copy_only():
+                work[:] = keys
+
+            t_numpy, t_radix, t_copy = interleaved_medians([numpy_sort, radix, copy_only], repeats)
+            t_numpy, t_radix = t_numpy - t_copy, t_radix - t_copy
+            table.append(
+                f"| {label} | {n:,} | {t_numpy / n * 1e9:.1f} | {t_radix / n * 1e9:.1f} | "
+                f"{t_numpy / t_radix:.2f}x | {chosen} |"
+            )
+            print(table[-1], flush=True)
+    return table
+
+
 # ---------------------------------------------------------------- fresh process
 
 
@@ -260,7 +312,7 @@ def main(argv=None) -> None:
                         help="states counted for C <= 512 (a tenth of it for C = 4096)")
     parser.add_argument("--unique-seconds", type=float, default=1.0,
                         help="np.unique gets as many of the rows as it counts in about this time")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["pack", "small", "count", "fresh"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pack", "small", "sort", "count", "fresh"])
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -280,6 +332,9 @@ def main(argv=None) -> None:
                 bench_pack_small_maps(args.mib, args.repeats),
             )
         )
+    if "sort" not in args.skip:
+        print(f"\nsorting keys, medians of {args.repeats} runs", flush=True)
+        sections.append(("Sorting keys (numpy's sort vs the radix sort)", bench_sort(args.repeats)))
     if "count" not in args.skip:
         print(f"\ncounting, medians of {args.repeats} runs", flush=True)
         sections.append(("Counting (add + result)", bench_counting(args.repeats, args.rows, args.unique_seconds)))
