@@ -75,16 +75,26 @@ def _vit(torchvision):
     )
 
 
-# name: (builder, attach_to, input side)
+# name: (builder, attach_to, input side, method)
 _TORCHVISION = {
-    "resnet18": (lambda tv: tv.models.resnet18(num_classes=10), ["Conv2d", "ReLU"], 32),
-    "mobilenet_v3_small": (lambda tv: tv.models.mobilenet_v3_small(num_classes=10), ["Conv2d", "Hardswish"], 32),
-    "efficientnet_b0": (lambda tv: tv.models.efficientnet_b0(num_classes=10), ["Conv2d", "SiLU"], 32),
-    "convnext_tiny": (lambda tv: tv.models.convnext_tiny(num_classes=10), ["Conv2d", "Linear"], 32),
-    "regnet_y_400mf": (lambda tv: tv.models.regnet_y_400mf(num_classes=10), ["Conv2d", "ReLU"], 32),
-    "densenet121": (lambda tv: tv.models.densenet121(num_classes=10), ["Conv2d"], 32),
-    "vit": (_vit, ["Linear", "LayerNorm", "GELU"], 32),
+    "resnet18": (lambda tv: tv.models.resnet18(num_classes=10), ["Conv2d", "ReLU"], 32, "after"),
+    "mobilenet_v3_small": (
+        lambda tv: tv.models.mobilenet_v3_small(num_classes=10), ["Conv2d", "Hardswish"], 32, "after",
+    ),
+    "efficientnet_b0": (lambda tv: tv.models.efficientnet_b0(num_classes=10), ["Conv2d", "SiLU"], 32, "after"),
+    "convnext_tiny": (lambda tv: tv.models.convnext_tiny(num_classes=10), ["Conv2d", "Linear"], 32, "after"),
+    "regnet_y_400mf": (lambda tv: tv.models.regnet_y_400mf(num_classes=10), ["Conv2d", "ReLU"], 32, "after"),
+    "densenet121": (lambda tv: tv.models.densenet121(num_classes=10), ["Conv2d"], 32, "after"),
+    "vit": (_vit, ["Linear", "LayerNorm", "GELU"], 32, "after"),
+    "shufflenet_v2": (
+        lambda tv: tv.models.shufflenet_v2_x0_5(num_classes=10), ["Conv2d", "ReLU", "InvertedResidual"], 32, "both",
+    ),
 }
+
+# Module classes whose inputs and outputs come out of functional ops the hooks
+# cannot follow (ShuffleNet's chunk and channel shuffle; see the README's
+# limitations): the hooks are given their channel axis, the ONNX path must find it.
+_AXIS_GIVEN_TO_HOOKS = {"shufflenet_v2": "InvertedResidual"}
 
 
 @pytest.mark.parametrize("arch", list(_TORCHVISION))
@@ -94,14 +104,16 @@ def test_torchvision_native_hooks_match_the_onnx_path(torch, torchvision, arch):
     from tensorstate_onnx.runtime import OnnxEfficiencyModel
     from tensorstate_onnx.torch_capture import attach_hooks, remove_state_layers
 
-    build, attach_to, side = _TORCHVISION[arch]
+    build, attach_to, side, method = _TORCHVISION[arch]
     torch.manual_seed(0)
     model = randomize_batchnorm(build(torchvision).eval())
     x = torch.randn(6, 3, side, side, generator=torch.Generator().manual_seed(1))
     exported = from_torch(model, x[:2])
-    onnx_model = OnnxEfficiencyModel(exported, attach_to, providers="cpu", keep_states=True)
+    onnx_model = OnnxEfficiencyModel(exported, attach_to, method=method, providers="cpu", keep_states=True)
     outputs = onnx_model.predict(x.numpy(), batch_size=3)
-    attach_hooks(model, attach_to)
+    given = _AXIS_GIVEN_TO_HOOKS.get(arch)
+    axes = {name: 1 for name, sub in model.named_modules() if type(sub).__name__ == given}
+    attach_hooks(model, attach_to, method=method, channel_axes=axes)
     try:
         with torch.no_grad():
             expected = torch.cat([model(part) for part in x.split(3)])
