@@ -3,8 +3,10 @@ import threading
 import numpy as np
 import pytest
 
-from tensorstate_onnx import NoStatesError, OptionError, OptionTypeError, StateCaptureProbe, StorageExistsError, entropy
-from tensorstate_onnx.capture import batch_axis
+from tensorstate_onnx import (
+    ModelInputError, NoStatesError, OptionError, OptionTypeError, StateCaptureProbe, StorageExistsError, entropy,
+)
+from tensorstate_onnx.capture import batch_axis, positions_kept
 from tensorstate_onnx.engine import StateCounter
 from tensorstate_onnx.store import StateStore
 
@@ -96,6 +98,14 @@ def test_a_sequence_first_batch_is_recorded_batch_first_and_indexed_by_sample():
         _, wanted = _reference(samples[np.asarray(index)], -1)
         assert _as_dict(capture, index) == wanted
     assert capture.channel_axis == 2, "the probe reports its tensor's own neuron axis"
+
+
+def test_positions_kept_under_a_mask():
+    mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    np.testing.assert_array_equal(positions_kept(mask, 6, 2, "p"), mask.ravel())  # one state per position
+    assert positions_kept(mask, 2, 2, "p") is None  # one state per sample
+    with pytest.raises(ModelInputError, match=r"gives 3 states for 1 sample; masks apply"):
+        positions_kept(mask, 3, 1, "p")  # [1, L, D] position embeddings
 
 
 def test_efficiency_orders_must_fall(batches):
