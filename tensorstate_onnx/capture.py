@@ -511,8 +511,8 @@ def positions_kept(mask: np.ndarray | None, n_states: int, instances: int, probe
         return None
     raise ModelInputError(
         f"the mask of shape {mask.shape} does not fit probe {probe_name!r}, which gives {n_states} states "
-        f"for {instances} sample{'s' if instances != 1 else ''}; masks apply to probes with one state per sample or per position "
-        "([batch, length, features]): exclude this probe or run without the mask"
+        f"for {instances} sample{'s' if instances != 1 else ''}; masks apply to probes with one state per "
+        "sample or per position ([batch, length, features]): exclude this probe or run without the mask"
     )
 
 

@@ -112,8 +112,9 @@ def radix_faster(dtype: np.dtype) -> bool:
 
 def sort_keys(keys: np.ndarray, scratch: np.ndarray | None = None) -> None:
     """Sort ``keys`` (contiguous uint32 or uint64; other dtypes by numpy) in
-    place, by the faster sort of this machine; ``scratch`` (optional, at least ``keys.size`` items
-    of any dtype, overwritten) spares the radix sort allocating its own."""
+    place, by the faster sort of this machine; ``scratch`` (optional,
+    contiguous, at least as many bytes as ``keys``, of any dtype, overwritten)
+    spares the radix sort allocating its own."""
     if keys.size < _SMALL or keys.dtype not in _RADIX_DTYPES or not radix_faster(keys.dtype):
         keys.sort()
         return
