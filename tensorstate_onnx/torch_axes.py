@@ -62,9 +62,27 @@ def exporting() -> bool:
 
 def disable_compile(func):
     """Keep ``func`` out of ``torch.compile`` graphs: dynamo breaks the graph and runs
-    it eagerly on real tensors, so compiled modules record too."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(func) if disable is not None else func
+    it eagerly on real tensors, so compiled modules record too.
+
+    Outside compilation ``func`` is called directly: a call through dynamo's
+    ``disable`` wrapper cost 20-30 us inside a model's forward pass (measured on
+    MobileNetV2Small, where the hooks and the tracker make ~130 such calls a
+    batch), and eager code needs none of it. While dynamo traces,
+    ``is_compiling()`` is true, so the traced branch is the disabled call."""
+    compiler = getattr(torch, "compiler", None)
+    disable = getattr(compiler, "disable", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    if disable is None or is_compiling is None:
+        return func if disable is None else disable(func)
+    disabled = disable(func)
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        if is_compiling():
+            return disabled(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    return call
 
 
 def first_tensor(values) -> torch.Tensor | None:
