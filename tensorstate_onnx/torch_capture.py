@@ -41,6 +41,7 @@ import torch
 
 from .axes import check_override_keys, checked_override, dtype_error, warn_guessed
 from .capture import AbstractStateCapture, batch_instances, positions_kept, sweep_stale_stores
+from .engine import pack
 from .errors import OptionError, OptionTypeError, ProbeMatchError
 from .patterns import as_patterns, matches_any, preview, probe_methods
 from .store import check_storage_root, unique_store_dirname
@@ -139,6 +140,10 @@ class StateCaptureHook(AbstractStateCapture):
         #: Whether the neuron axis had to be guessed (the last axis, with a warning).
         self.axis_guessed = False
         self._tracker: AxisTracker | None = None
+        # The last batch's layout when the next one of the same shape may skip the
+        # rules (see _record_as_before); None until then.
+        self._known_layout: tuple | None = None
+        self._layout_seen: tuple | None = None  # what record_tensor last decided, for record_from
 
     def __call__(self, module, args, *rest):
         """Forward hook ``(module, args, output)`` / ``(module, args, kwargs, output)``
@@ -159,16 +164,49 @@ class StateCaptureHook(AbstractStateCapture):
     def record_from(self, module: torch.nn.Module, tensor: torch.Tensor) -> None:
         """Record the tensor a hook on ``module`` received, on the axis the rule gives
         (see the module docstring); with no rule, once a reader decides or guessed."""
+        if self._record_as_before(module, tensor):
+            return
+        self._known_layout = None
         if not self.capture_on or not is_real_tensor(tensor) or tracing() or tensor.dim() == 0:
             return
         self._check_dtype(tensor)
         axis = None if self.axis_override is not None else self._rule_axis(module, tensor)
         if axis is not None or self.axis_override is not None:
+            self._layout_seen = None
             self.record_tensor(tensor, axis)
+            if self._layout_seen is not None and (tensor.dim() <= 2 or self.axis_fixed(module)):
+                self._known_layout = (module, self.axis_override, *self._layout_seen)
         elif self._tracker is not None and self._tracker.in_pass():
             self._tracker.defer(self, tensor)
         else:
             self.record_guessed(tensor)
+
+    def _record_as_before(self, module: torch.nn.Module, tensor: torch.Tensor) -> bool:
+        """Record ``tensor`` laid out as the last batch this hook recorded from
+        ``module`` (a CPU tensor of the same shape and dtype, the pass's batch
+        size the same, no mask, an axis the module fixes), skipping the rules,
+        which would decide as they did then; return whether it did.
+
+        A hook runs right after its module has streamed its output through the
+        caches, so every line of Python it runs is a cache miss: the rules
+        took 50-100 us a call there (13 us with warm caches), against ~35 us
+        for this check."""
+        known = self._known_layout
+        if known is None or type(tensor) is not torch.Tensor or not self.capture_on:
+            return False
+        tracker = self._tracker
+        batch_size = None if tracker is None else tracker.batch_size
+        mask = None if tracker is None else tracker.mask
+        held_module, override, shape, dtype, layout_batch, axis, instances = known
+        if (
+            held_module is not module or override != self.axis_override or mask is not None
+            or tensor.shape != shape or tensor.dtype != dtype or batch_size != layout_batch
+            or tensor.device.type != "cpu" or tensor.layout is not torch.strided
+            or self.sample_axis != 0 or tracing()
+        ):  # fmt: skip
+            return False
+        self.record_packed(pack(tensor.detach().numpy(), axis), shape[axis], instances)
+        return True
 
     def axis_fixed(self, module: torch.nn.Module) -> bool:
         """Whether this hook's neuron axis on ``module`` never needs the tensors
@@ -243,6 +281,8 @@ class StateCaptureHook(AbstractStateCapture):
             data = tensor.detach()
             if data.dtype not in _NUMPY_DTYPES:  # bfloat16: the firing pattern only
                 data = data > 0
+            elif keep is None and first == 0:
+                self._layout_seen = (tuple(tensor.shape), tensor.dtype, batch_size, axis, instances)
             self.record(data.numpy(), axis, keep, batch_size)
             return
         self.channel_axis = axis

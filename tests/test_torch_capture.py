@@ -21,7 +21,7 @@ from tensorstate_onnx import (  # noqa: E402
     reset_efficiency_model,
 )
 from tensorstate_onnx.engine import pack  # noqa: E402
-from tensorstate_onnx.errors import OptionTypeError  # noqa: E402
+from tensorstate_onnx.errors import OptionError, OptionTypeError  # noqa: E402
 from models.torch_models import LeNet5, MobileNetV2Small  # noqa: E402
 from tensorstate_onnx.store import StateStore  # noqa: E402
 from tensorstate_onnx.torch_capture import (  # noqa: E402
@@ -294,6 +294,52 @@ def test_compiled_modules_record_and_strict_export_does_not(fresh_lenet, images)
     torch.export.export(fresh_lenet, (images[:2],), strict=True)
     torch.export.export(fresh_lenet, (images[:2],), strict=False)
     assert [h.state_count for h in fresh_lenet.efficiency_layers] == [0, 0, 0]
+
+
+def test_batches_laid_out_as_before_record_like_the_first(fresh_lenet, images):
+    """From the second batch of a layout on, a hook skips the axis rules; its
+    states must stay those of the reference, across changes of batch size and back."""
+    attach_hooks(fresh_lenet, ["Conv2d"], method="both")
+    batches = [images[:8], images[8:16], images[16:19], images[19:27], images[27:]]
+    with torch.no_grad():
+        for batch in batches:
+            fresh_lenet(batch)
+    names = ["conv1", "conv2", "conv3"]
+    for before in (True, False):
+        expected = _outputs_of(fresh_lenet, names, images, before=before)
+        for name in names:
+            hook = next(h for h in fresh_lenet.efficiency_layers if h.name == f"{name}:{'before' if before else 'after'}")
+            assert hook.state_count == expected[name].shape[0] * np.prod(expected[name].shape[2:])
+            assert _pairs(hook) == _reference(expected[name], 1), hook.name
+
+
+def test_a_changed_channel_axis_applies_to_the_next_batch_of_the_same_layout():
+    conv = torch.nn.Conv2d(3, 4, 1)
+    hook = StateCaptureHook("conv", channel_axis=1)
+    conv.register_forward_hook(hook)
+    x = torch.randn(2, 3, 6, 6)
+    conv(x)
+    conv(x)
+    assert hook.n_neurons == 4 and hook.state_count == 2 * 2 * 36
+    hook.axis_override = 2
+    with pytest.raises(OptionError, match="recorded 4 neurons before and now got 6"):
+        conv(x)
+
+
+def test_one_hook_on_two_modules_follows_each_module():
+    """A hook registered by hand on a conv and on an elementwise module of the same
+    output shape: the conv fixes axis 1, the elementwise module's tensor is guessed
+    (last axis), whichever came first with that shape."""
+    conv, act = torch.nn.Conv2d(3, 5, 1), torch.nn.ReLU()
+    hook = StateCaptureHook("shared")
+    conv.register_forward_hook(hook)
+    act.register_forward_hook(hook)
+    x = torch.randn(2, 3, 5, 7)
+    with torch.no_grad():
+        conv(x)
+        conv(x)
+        with pytest.warns(GuessedAxisWarning), pytest.raises(OptionError, match="recorded 5 neurons before and now got 7"):
+            act(conv(x))
 
 
 def test_standalone_hook_and_capture_switch():
