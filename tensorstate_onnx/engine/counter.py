@@ -43,7 +43,8 @@ class StateCounter:
     distinct state takes 16 bytes (up to 64 neurons) or its words plus 24
     bytes, at worst about twice over until runs are merged, plus a buffer of
     states not yet counted whose size follows the distinct states (2 MiB to
-    32 MiB by default; an eighth of that while states repeat), and while
+    32 MiB by default; an eighth of that while states repeat; the first
+    buffer grows while its states are new, see :class:`CounterTuning`), and while
     states of 3..8 bytes repeat, an index of up to 3 MiB of the largest run
     (see :class:`CounterTuning`). ``nbytes`` reports it.
 

@@ -86,7 +86,7 @@ class KeyRuns(RunSet):
             index = self.current_index()
             if self.n_pending == 0:
                 cap = self.buffer_rows()
-                if index is None and n - pos >= cap:
+                if index is None and n - pos >= cap and not self.first_buffer_may_grow():
                     take = min(n - pos, self.tuning.chunk_rows)
                     keys = np.empty(take, np.uint64)
                     _be_words(flat, self.n_bytes, pos, keys)
@@ -103,9 +103,16 @@ class KeyRuns(RunSet):
             take = min(cap - self.n_pending, n - pos)
             _be_words(flat, self.n_bytes, pos, self.pending[self.n_pending : self.n_pending + take])
             self.n_pending += take
-            if self.n_pending == cap or self.repeats_now():
-                self.flush()
             pos += take
+            if self.repeats_now():
+                self.flush()
+            elif self.n_pending == cap:
+                if self.grow_buffer(cap):
+                    pending = np.empty(self.buffer_rows(), np.uint64)
+                    pending[:cap] = self.pending
+                    self.pending = pending
+                else:
+                    self.flush()
 
     def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int) -> int:
         """Count a chunk of the rows ``pos..stop`` through ``index``: those the
@@ -125,6 +132,9 @@ class KeyRuns(RunSet):
 
     def _recent_keys(self, size: int) -> np.ndarray:
         return self.pending[self.n_pending - size : self.n_pending]
+
+    def _buffered_keys(self, stop: int, stride: int) -> np.ndarray:
+        return self.pending[:stop:stride].copy()
 
     def _count_pending(self, n: int, weights: np.ndarray | None, final: bool) -> None:
         if n == self.pending.shape[0]:
@@ -189,6 +199,8 @@ class KeyRuns(RunSet):
         _high_halves(keys, halves)
         sort_keys(halves, scratch)
         _from_high_halves(halves, keys)
+        if self._halves.size > 2 * self.buffer_rows():  # a grown first buffer's: not needed again
+            self._halves = None
 
     def compact(self) -> Run | None:
         self.flush(final=True)

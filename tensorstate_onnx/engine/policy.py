@@ -22,9 +22,13 @@ __all__ = [
     "buffer_rows",
     "collect_due",
     "first_arena_rows",
+    "first_buffer_growth",
+    "first_buffer_may_grow",
     "first_sample_due",
+    "growth_sample_size",
     "merge_due",
     "mostly_known",
+    "mostly_new",
     "next_first_sample_at",
     "next_sample_at",
     "repeats_within",
@@ -57,6 +61,46 @@ def buffer_rows(largest: int, repeating: bool, row_bytes: int, tuning: CounterTu
         largest = _ceil_div(largest, tuning.absorb_ratio)
     rows = min(max(largest, tuning.buffer_min_bytes // row_bytes), tuning.buffer_max_bytes // row_bytes)
     return max(rows, _MIN_ROWS)
+
+
+def first_buffer_may_grow(largest: int, repeating: bool) -> bool:
+    """Whether the buffer is the first (no run yet: ``largest`` 0) and states
+    are not known to repeat: then a full buffer may grow rather than be counted."""
+    return largest == 0 and not repeating
+
+
+def first_buffer_growth(rows: int, largest: int, repeating: bool, row_bytes: int, tuning: CounterTuning) -> int | None:
+    """Rows that a full first buffer of ``rows`` may grow to (twice as many, at
+    most ``buffer_max_bytes``), or None when it is counted now (see
+    :func:`first_buffer_may_grow`). Grown while its states stay new (see
+    :func:`mostly_new`), a stream of distinct states is sorted once instead
+    of in runs merged again and again: counting 590,000 all-distinct states
+    of 32 neurons took 14 instead of 22 ns a state."""
+    if not first_buffer_may_grow(largest, repeating):
+        return None
+    limit = max(tuning.buffer_max_bytes // row_bytes, _MIN_ROWS)
+    return min(2 * rows, limit) if rows < limit else None
+
+
+def growth_sample_size(rows: int, tuning: CounterTuning) -> int:
+    """How many of the latest of ``rows`` buffered states are looked up among
+    a sample of as many earlier ones before the buffer grows: as many as the
+    repeat check looks up (at most half the buffer)."""
+    return max(1, min(rows // 2, tuning.sample_rows))
+
+
+def mostly_new(found: int, sampled: int, earlier_sampled: int, earlier: int, tuning: CounterTuning) -> bool:
+    """Whether the latest buffered states are nearly all absent from the
+    earlier ones, judged from samples: ``found`` of ``sampled`` latest states
+    occur among ``earlier_sampled`` states taken evenly from the ``earlier``.
+    If a share ``r`` of the latest repeat an earlier state, about ``sampled *
+    r * earlier_sampled / earlier`` are found (more when the earlier ones
+    repeat among themselves), so this estimates ``r`` (from above) and asks
+    for it to be under ``1/absorb_ratio``: states that repeat more are
+    counted sooner by runs, absorbing and the index. Repeats that a sample of
+    the latest states alone cannot see, such as a second pass over the same
+    data, stop the growth too."""
+    return tuning.absorb_ratio * found * earlier < sampled * earlier_sampled
 
 
 def buffer_fits(allocated: int, wanted: int) -> bool:

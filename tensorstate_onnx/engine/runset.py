@@ -55,6 +55,8 @@ class RunSet(abc.ABC):
         self._index: tuple[Run, KeyIndex] | None = None
         self._looked = 0
         self._found = 0
+        # Rows the first buffer has grown to while its states stayed new (see grow_buffer).
+        self._grown_rows = 0
 
     @property
     def largest(self) -> int:
@@ -62,8 +64,13 @@ class RunSet(abc.ABC):
         return len(self.runs[0]) if self.runs else 0
 
     def buffer_rows(self) -> int:
-        """States to gather before counting them (see :func:`.policy.buffer_rows`)."""
-        return policy.buffer_rows(self.largest, self.repeating, 8 * self.n_words, self.tuning)
+        """States to gather before counting them (see :func:`.policy.buffer_rows`;
+        more once the first buffer has grown, see :meth:`grow_buffer`)."""
+        return max(policy.buffer_rows(self.largest, self.repeating, 8 * self.n_words, self.tuning), self._grown_rows)
+
+    def first_buffer_may_grow(self) -> bool:
+        """Whether a full buffer may grow rather than be counted (see :func:`.policy.first_buffer_may_grow`)."""
+        return policy.first_buffer_may_grow(self.largest, self.repeating)
 
     def n_distinct(self) -> int:
         run = self.compact()
@@ -102,6 +109,27 @@ class RunSet(abc.ABC):
         recent = self._recent_keys(policy.sample_size(n_pending, self.tuning)).copy()
         sort_keys(recent)
         return recent
+
+    def grow_buffer(self, rows: int) -> bool:
+        """Whether the full buffer of ``rows`` states grows (to as many as
+        :meth:`buffer_rows` now says) instead of being counted: only the
+        first, while its latest states are nearly all absent from a sample of
+        its earlier ones (see :func:`.policy.first_buffer_growth` and
+        :func:`.policy.mostly_new`)."""
+        grown = policy.first_buffer_growth(rows, self.largest, self.repeating, 8 * self.n_words, self.tuning)
+        if grown is None:
+            return False
+        size = policy.growth_sample_size(rows, self.tuning)
+        latest = self._recent_keys(size).copy()
+        earlier = rows - size
+        stride = max(1, earlier // size)
+        sampled = self._buffered_keys(earlier, stride)
+        sort_keys(latest)
+        sort_keys(sampled)
+        if not policy.mostly_new(count_known(latest, sampled), size, sampled.size, earlier, self.tuning):
+            return False
+        self._grown_rows = grown
+        return True
 
     def mostly_known(self, sorted_keys: np.ndarray) -> bool:
         """Whether the runs hold at least half of ``sorted_keys``."""
@@ -163,6 +191,7 @@ class RunSet(abc.ABC):
         ``final``: all runs are about to be merged into one)."""
         n = self.n_pending
         self.next_check = 0
+        self._grown_rows = 0
         if n == 0:
             return
         self.n_pending = 0
@@ -198,6 +227,10 @@ class RunSet(abc.ABC):
     @abc.abstractmethod
     def _recent_keys(self, size: int) -> np.ndarray:
         """The keys of the latest ``size`` pending states, unsorted."""
+
+    @abc.abstractmethod
+    def _buffered_keys(self, stop: int, stride: int) -> np.ndarray:
+        """The keys of every ``stride``-th of the first ``stop`` pending states (a new array)."""
 
     @abc.abstractmethod
     def _count_pending(self, n: int, weights: np.ndarray | None, final: bool) -> None:

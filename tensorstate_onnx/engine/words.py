@@ -76,7 +76,7 @@ class WordRuns(RunSet):
         while pos < n:
             index = self.current_index()
             cap = max(self.buffer_rows(), self.n_pending)
-            if index is None and self.n_pending == 0 and n - pos >= cap:
+            if index is None and self.n_pending == 0 and n - pos >= cap and not self.first_buffer_may_grow():
                 take = min(n - pos, self.tuning.chunk_rows)
                 words = as_words(packed[pos : pos + take], self.n_words)
                 hashes = self.hash(words)
@@ -100,9 +100,9 @@ class WordRuns(RunSet):
             start = self._reserve(self.n_pending + take) + self.n_pending
             as_words(packed[pos : pos + take], self.n_words, out=self.arena[start : start + take])
             self.n_pending += take
-            if self.n_pending >= cap or self.repeats_now():
-                self.flush()
             pos += take
+            if self.repeats_now() or (self.n_pending >= cap and not self.grow_buffer(self.n_pending)):
+                self.flush()
 
     def _count_indexed(self, index: KeyIndex, flat: np.ndarray, pos: int, stop: int, cap: int) -> int:
         """Count a chunk of the rows ``pos..stop`` of packed rows (given
@@ -171,6 +171,10 @@ class WordRuns(RunSet):
     def _recent_keys(self, size: int) -> np.ndarray:
         end = self.arena_rows + self.n_pending
         return self.hash(self.arena[end - size : end])
+
+    def _buffered_keys(self, stop: int, stride: int) -> np.ndarray:
+        start = self.arena_rows
+        return self.hash(np.ascontiguousarray(self.arena[start : start + stop : stride]))
 
     def _count_pending(self, n: int, weights: np.ndarray | None, final: bool) -> None:
         start = self.arena_rows

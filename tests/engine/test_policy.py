@@ -36,6 +36,30 @@ def test_the_buffer_holds_at_least_64_rows_and_follows_row_size():
     assert policy.buffer_rows(8 * 10**6, True, 8, DEFAULT) == 10**6
 
 
+def test_only_the_first_buffer_grows_while_states_are_new_up_to_the_largest_buffer():
+    assert policy.first_buffer_growth(512, 0, False, 8, SMALL) == 1024
+    assert policy.first_buffer_growth(3000, 0, False, 8, SMALL) == 4096  # capped at 32 KiB of rows
+    assert policy.first_buffer_growth(4096, 0, False, 8, SMALL) is None  # already the largest
+    assert policy.first_buffer_growth(512, 1, False, 8, SMALL) is None  # a run exists
+    assert policy.first_buffer_growth(512, 0, True, 8, SMALL) is None  # states repeat
+    assert policy.first_buffer_growth(64, 0, False, 1 << 20, SMALL) is None  # 64 rows of 1 MiB: the floor
+    assert policy.first_buffer_may_grow(0, False) and not policy.first_buffer_may_grow(0, True)
+    assert policy.growth_sample_size(100, SMALL) == 50 and policy.growth_sample_size(10**6, SMALL) == 64
+
+
+@pytest.mark.parametrize(
+    "found, sampled, earlier_sampled, earlier, expected",
+    [
+        (0, 64, 64, 10_000, True),  # nothing found: all new
+        (1, 64, 64, 10_000, False),  # 1 of 64 in a 64/10,000 sample: about every one repeats
+        (10, 64, 64, 100, True),  # 10 of 64 found in 64 of the 100 earlier: about 24% repeat
+        (11, 64, 64, 100, False),  # about 27%: over a quarter (absorb_ratio 4)
+    ],
+)
+def test_the_latest_states_are_new_when_few_occur_in_a_sample_of_the_earlier(found, sampled, earlier_sampled, earlier, expected):
+    assert policy.mostly_new(found, sampled, earlier_sampled, earlier, SMALL) is expected
+
+
 def test_a_buffer_is_kept_while_neither_too_small_nor_over_twice_too_large():
     assert policy.buffer_fits(100, 100) and policy.buffer_fits(200, 100)
     assert not policy.buffer_fits(99, 100) and not policy.buffer_fits(201, 100)
