@@ -70,7 +70,7 @@ class RunSet(abc.ABC):
 
     def first_buffer_may_grow(self) -> bool:
         """Whether a full buffer may grow rather than be counted (see :func:`.policy.first_buffer_may_grow`)."""
-        return policy.first_buffer_may_grow(self.largest, self.repeating)
+        return policy.first_buffer_may_grow(self.largest, self.repeating, 8 * self.n_words)
 
     def n_distinct(self) -> int:
         run = self.compact()

@@ -43,7 +43,9 @@ def test_only_the_first_buffer_grows_while_states_are_new_up_to_the_largest_buff
     assert policy.first_buffer_growth(512, 1, False, 8, SMALL) is None  # a run exists
     assert policy.first_buffer_growth(512, 0, True, 8, SMALL) is None  # states repeat
     assert policy.first_buffer_growth(64, 0, False, 1 << 20, SMALL) is None  # 64 rows of 1 MiB: the floor
-    assert policy.first_buffer_may_grow(0, False) and not policy.first_buffer_may_grow(0, True)
+    assert policy.first_buffer_growth(512, 0, False, 24, SMALL) is None  # rows of 24 bytes (over 128 neurons)
+    assert policy.first_buffer_may_grow(0, False, 16) and not policy.first_buffer_may_grow(0, True, 16)
+    assert not policy.first_buffer_may_grow(0, False, 24)
     assert policy.growth_sample_size(100, SMALL) == 50 and policy.growth_sample_size(10**6, SMALL) == 64
 
 
