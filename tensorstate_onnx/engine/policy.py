@@ -68,6 +68,10 @@ def buffer_rows(largest: int, repeating: bool, row_bytes: int, tuning: CounterTu
 # neurons (40- and 64-byte rows) it made no difference (0.89-1.05x), since
 # gathering wide rows in hash order out of a large buffer costs what the merges saved.
 _GROWN_ROW_BYTES = 16
+# Most bytes the first buffer grows to. Grown to 32 MiB, the doubling buffers of
+# 22 probes fragmented glibc's heap: benchmarks/memory.py's long pool run then
+# peaked 1.2x above the short one (target 1.1); at 8 MiB, 1.04x.
+_GROWN_BYTES = 8 << 20
 
 
 def first_buffer_may_grow(largest: int, repeating: bool, row_bytes: int) -> bool:
@@ -79,14 +83,14 @@ def first_buffer_may_grow(largest: int, repeating: bool, row_bytes: int) -> bool
 
 def first_buffer_growth(rows: int, largest: int, repeating: bool, row_bytes: int, tuning: CounterTuning) -> int | None:
     """Rows that a full first buffer of ``rows`` may grow to (twice as many, at
-    most ``buffer_max_bytes``), or None when it is counted now (see
+    most 8 MiB or ``buffer_max_bytes``), or None when it is counted now (see
     :func:`first_buffer_may_grow`). Grown while its states stay new (see
     :func:`mostly_new`), a stream of distinct states is sorted once instead
     of in runs merged again and again: counting 590,000 all-distinct states
     of 32 neurons took 14-19 instead of 20-30 ns a state."""
     if not first_buffer_may_grow(largest, repeating, row_bytes):
         return None
-    limit = max(tuning.buffer_max_bytes // row_bytes, _MIN_ROWS)
+    limit = max(min(tuning.buffer_max_bytes, _GROWN_BYTES) // row_bytes, _MIN_ROWS)
     return min(2 * rows, limit) if rows < limit else None
 
 
@@ -140,9 +144,13 @@ def first_sample_due(n_pending: int, next_check: int, largest: int, tuning: Coun
     return largest == 0 and n_pending >= max(next_check, tuning.sample_rows)
 
 
-def next_first_sample_at(n_pending: int) -> int:
-    """Buffered rows at which to look for repeats among them again, while no run exists."""
-    return 2 * n_pending
+def next_first_sample_at(n_pending: int, grown: bool, tuning: CounterTuning) -> int:
+    """Buffered rows at which to look for repeats again while no run exists:
+    twice as many, or, once the first buffer has grown (see
+    :func:`first_buffer_growth`), ``1/absorb_ratio`` more, as a buffer beside
+    a run is checked: a grown buffer is large, and a second pass over the
+    same states is seen within an eighth of it rather than when it is full."""
+    return n_pending + _ceil_div(n_pending, tuning.absorb_ratio) if grown else 2 * n_pending
 
 
 def repeats_within(distinct: int, sampled: int) -> bool:

@@ -55,8 +55,10 @@ class RunSet(abc.ABC):
         self._index: tuple[Run, KeyIndex] | None = None
         self._looked = 0
         self._found = 0
-        # Rows the first buffer has grown to while its states stayed new (see grow_buffer).
+        # Rows the first buffer has grown to while its states stayed new, and a
+        # sorted sample of the states it held when it last grew (see grow_buffer).
         self._grown_rows = 0
+        self._earlier: tuple[np.ndarray, int] | None = None  # (sorted sample, rows it was taken from)
 
     @property
     def largest(self) -> int:
@@ -91,11 +93,12 @@ class RunSet(abc.ABC):
         :func:`.policy.first_sample_due`)."""
         n = self.n_pending
         if policy.first_sample_due(n, self.next_check, self.largest, self.tuning):
-            # No run to look states up in yet: do the latest repeat among themselves?
-            self.next_check = policy.next_first_sample_at(n)
+            # No run to look states up in yet: do the latest repeat among themselves,
+            # or (in a grown buffer) the states it held when it last grew?
+            self.next_check = policy.next_first_sample_at(n, self._earlier is not None, self.tuning)
             recent = self._sorted_recent(n)
             distinct = int(np.count_nonzero(recent[1:] != recent[:-1])) + 1
-            self.repeating = policy.repeats_within(distinct, recent.size)
+            self.repeating = policy.repeats_within(distinct, recent.size) or not self._new_to_earlier(recent)
             return self.repeating
         if not policy.sample_due(n, self.next_check, self.repeating, self.largest, self.tuning):
             return False
@@ -121,15 +124,29 @@ class RunSet(abc.ABC):
             return False
         size = policy.growth_sample_size(rows, self.tuning)
         latest = self._recent_keys(size).copy()
-        earlier = rows - size
-        stride = max(1, earlier // size)
-        sampled = self._buffered_keys(earlier, stride)
         sort_keys(latest)
-        sort_keys(sampled)
-        if not policy.mostly_new(count_known(latest, sampled), size, sampled.size, earlier, self.tuning):
+        if self._earlier is None:  # the first growth: the latest against the rest
+            self._earlier = self._sample_of(rows - size, size)
+        if not self._new_to_earlier(latest):
             return False
+        self._earlier = self._sample_of(rows, size)  # what later checks look the latest states up in
         self._grown_rows = grown
         return True
+
+    def _sample_of(self, rows: int, size: int) -> tuple[np.ndarray, int]:
+        """About ``size`` keys taken evenly from the first ``rows`` pending states, sorted, and ``rows``."""
+        sampled = self._buffered_keys(rows, max(1, rows // size))
+        sort_keys(sampled)
+        return sampled, rows
+
+    def _new_to_earlier(self, latest: np.ndarray) -> bool:
+        """Whether the sorted keys ``latest`` are nearly all absent from the states
+        the first buffer held when it last grew (see :func:`.policy.mostly_new`); true
+        before it grew."""
+        if self._earlier is None:
+            return True
+        sampled, rows = self._earlier
+        return policy.mostly_new(count_known(latest, sampled), latest.size, sampled.size, rows, self.tuning)
 
     def mostly_known(self, sorted_keys: np.ndarray) -> bool:
         """Whether the runs hold at least half of ``sorted_keys``."""
@@ -192,6 +209,7 @@ class RunSet(abc.ABC):
         n = self.n_pending
         self.next_check = 0
         self._grown_rows = 0
+        self._earlier = None
         if n == 0:
             return
         self.n_pending = 0

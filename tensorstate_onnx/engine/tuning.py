@@ -24,13 +24,14 @@ class CounterTuning:
             buffer and counted together; its size follows the distinct states
             counted so far (as many as the largest run holds), within these
             bounds. The first buffer (before any run) of states of up to
-            128 neurons starts at the smaller and doubles, up to the larger,
-            while its latest states are nearly all absent from a sample of
-            its earlier ones (see :func:`.policy.mostly_new`): a stream of
-            distinct states is then sorted once instead of in runs merged
-            again and again, and the buffer holds at most about twice as
-            many states as distinct ones (a waiting state takes fewer bytes
-            than a counted one: 8 against 16 up to 64 neurons).
+            128 neurons starts at the smaller and doubles, up to 8 MiB (at
+            most the larger), while its latest states are nearly all absent
+            from a sample of its earlier ones (see
+            :func:`.policy.mostly_new`): a stream of distinct states is then
+            sorted once instead of in runs merged again and again, and the
+            buffer holds at most about twice as many states as distinct ones
+            (a waiting state takes fewer bytes than a counted one: 8 against
+            16 up to 64 neurons).
         group_reps: distinct states compared one by one within a group of
             equal hash bits before the group is sorted instead.
         absorb_ratio: a new run holding at least ``1/absorb_ratio`` as many

@@ -44,6 +44,8 @@ def test_only_the_first_buffer_grows_while_states_are_new_up_to_the_largest_buff
     assert policy.first_buffer_growth(512, 0, True, 8, SMALL) is None  # states repeat
     assert policy.first_buffer_growth(64, 0, False, 1 << 20, SMALL) is None  # 64 rows of 1 MiB: the floor
     assert policy.first_buffer_growth(512, 0, False, 24, SMALL) is None  # rows of 24 bytes (over 128 neurons)
+    assert policy.first_buffer_growth(600_000, 0, False, 8, DEFAULT) == 1 << 20  # 8 MiB, below buffer_max_bytes
+    assert policy.first_buffer_growth(1 << 20, 0, False, 8, DEFAULT) is None
     assert policy.first_buffer_may_grow(0, False, 16) and not policy.first_buffer_may_grow(0, True, 16)
     assert not policy.first_buffer_may_grow(0, False, 24)
     assert policy.growth_sample_size(100, SMALL) == 50 and policy.growth_sample_size(10**6, SMALL) == 64
@@ -88,7 +90,8 @@ def test_a_first_buffer_is_sampled_at_sample_rows_then_each_time_it_doubled():
     assert not policy.first_sample_due(63, 0, 0, SMALL)
     assert policy.first_sample_due(64, 0, 0, SMALL)
     assert not policy.first_sample_due(64, 0, 10, SMALL)  # a run: sample_due decides
-    assert policy.next_first_sample_at(64) == 128
+    assert policy.next_first_sample_at(64, False, SMALL) == 128
+    assert policy.next_first_sample_at(64, True, SMALL) == 80  # a grown buffer: a quarter more (absorb_ratio 4)
     assert not policy.first_sample_due(127, 128, 0, SMALL) and policy.first_sample_due(128, 128, 0, SMALL)
 
 
