@@ -96,20 +96,21 @@ class RunSet(abc.ABC):
             # No run to look states up in yet: do the latest repeat among themselves,
             # or (in a grown buffer) the states it held when it last grew?
             self.next_check = policy.next_first_sample_at(n, self._earlier is not None, self.tuning)
-            recent = self._sorted_recent(n)
+            recent = self._sorted_recent(policy.sample_size(n, self.tuning))
             distinct = int(np.count_nonzero(recent[1:] != recent[:-1])) + 1
-            self.repeating = policy.repeats_within(distinct, recent.size) or not self._new_to_earlier(recent)
+            repeats_earlier = self._earlier is not None and not self._new_to(recent, self._earlier)
+            self.repeating = policy.repeats_within(distinct, recent.size) or repeats_earlier
             return self.repeating
         if not policy.sample_due(n, self.next_check, self.repeating, self.largest, self.tuning):
             return False
         self.next_check = policy.next_sample_at(n, self.largest, self.tuning)
-        recent = self._sorted_recent(n)
+        recent = self._sorted_recent(policy.sample_size(n, self.tuning))
         self.repeating = self.mostly_known(recent)
         return self.repeating
 
-    def _sorted_recent(self, n_pending: int) -> np.ndarray:
-        """A sorted copy of the keys of the latest pending states, as many as a sample takes."""
-        recent = self._recent_keys(policy.sample_size(n_pending, self.tuning)).copy()
+    def _sorted_recent(self, size: int) -> np.ndarray:
+        """A sorted copy of the keys of the latest ``size`` pending states."""
+        recent = self._recent_keys(size).copy()
         sort_keys(recent)
         return recent
 
@@ -123,11 +124,9 @@ class RunSet(abc.ABC):
         if grown is None:
             return False
         size = policy.growth_sample_size(rows, self.tuning)
-        latest = self._recent_keys(size).copy()
-        sort_keys(latest)
-        if self._earlier is None:  # the first growth: the latest against the rest
-            self._earlier = self._sample_of(rows - size, size)
-        if not self._new_to_earlier(latest):
+        # At the first growth the latest are looked up in the rest of the buffer.
+        earlier = self._earlier if self._earlier is not None else self._sample_of(rows - size, size)
+        if not self._new_to(self._sorted_recent(size), earlier):
             return False
         self._earlier = self._sample_of(rows, size)  # what later checks look the latest states up in
         self._grown_rows = grown
@@ -139,13 +138,11 @@ class RunSet(abc.ABC):
         sort_keys(sampled)
         return sampled, rows
 
-    def _new_to_earlier(self, latest: np.ndarray) -> bool:
-        """Whether the sorted keys ``latest`` are nearly all absent from the states
-        the first buffer held when it last grew (see :func:`.policy.mostly_new`); true
-        before it grew."""
-        if self._earlier is None:
-            return True
-        sampled, rows = self._earlier
+    def _new_to(self, latest: np.ndarray, earlier: tuple[np.ndarray, int]) -> bool:
+        """Whether the sorted keys ``latest`` are nearly all absent from the
+        states ``earlier`` was sampled from (:meth:`_sample_of`; see
+        :func:`.policy.mostly_new`)."""
+        sampled, rows = earlier
         return policy.mostly_new(count_known(latest, sampled), latest.size, sampled.size, rows, self.tuning)
 
     def mostly_known(self, sorted_keys: np.ndarray) -> bool:
