@@ -302,44 +302,53 @@ def merge_many(runs: list[Run], arena: np.ndarray | None) -> Run | None:
     """One run of the states of every run in ``runs`` (each sorted and distinct;
     together in any number), the counts of equal states added; None for no states.
 
-    Merged pairwise level by level between two buffers of the total length, so
-    every state moves once per level (log2 of the number of runs) and no array
-    is allocated per merge (fresh memory is what a merge pays most for on large
-    runs). The result owns its counts; its keys (and refs) are new arrays
-    unless a single run is given, whose keys it shares (keys are never written).
+    Merged pairwise level by level, the first level reading the runs
+    themselves and every other one going between two buffers of the total
+    length, so every state moves once per level (log2 of the number of runs)
+    and no array is allocated per merge (fresh memory is what a merge pays
+    most for on large runs). The result owns its counts; its keys (and refs)
+    are new arrays unless a single run is given, whose keys it shares (keys
+    are never written).
     """
     runs = [run for run in runs if len(run)]
     if not runs:
         return None
     if len(runs) == 1:
         return Run(runs[0].keys, runs[0].refs, runs[0].counts.copy())
-    keys = np.concatenate([run.keys for run in runs])
-    counts = np.concatenate([run.counts for run in runs])
-    refs = None if arena is None else np.concatenate([run.refs for run in runs])
-    spare = (np.empty_like(keys), np.empty_like(counts), None if refs is None else np.empty_like(refs))
-    bounds = np.concatenate([[0], np.cumsum([len(run) for run in runs])]).tolist()
-    while len(bounds) > 2:
-        out_keys, out_counts, out_refs = spare
-        merged = [0]
-        for i in range(0, len(bounds) - 1, 2):
-            a, b, out = bounds[i], bounds[i + 1], merged[-1]
-            if i + 2 >= len(bounds):  # the odd run out moves on as it is
-                m = b - a
-                out_keys[out : out + m], out_counts[out : out + m] = keys[a:b], counts[a:b]
+    total = sum(len(run) for run in runs)
+    level = [(run.keys, run.refs, np.asarray(run.counts, np.int64)) for run in runs]
+    buffers = [_run_buffers(total, arena is not None), None]
+    side = 0
+    while len(level) > 1:
+        if buffers[side] is None:
+            buffers[side] = _run_buffers(total, arena is not None)
+        out_keys, out_refs, out_counts = buffers[side]
+        merged, at = [], 0
+        for i in range(0, len(level), 2):
+            keys, refs, counts = level[i]
+            if i + 1 == len(level):  # the odd one out moves on as it is
+                m = len(keys)
+                out_keys[at : at + m], out_counts[at : at + m] = keys, counts
                 if refs is not None:
-                    out_refs[out : out + m] = refs[a:b]
+                    out_refs[at : at + m] = refs
             elif refs is None:
-                c = bounds[i + 2]
-                m = _merge_keys(keys[a:b], counts[a:b], keys[b:c], counts[b:c], out_keys[out:], out_counts[out:])
+                keys2, _, counts2 = level[i + 1]
+                m = _merge_keys(keys, counts, keys2, counts2, out_keys[at:], out_counts[at:])
             else:
-                c = bounds[i + 2]
+                keys2, refs2, counts2 = level[i + 1]
                 m = _merge_refs(
-                    keys[a:b], refs[a:b], counts[a:b], keys[b:c], refs[b:c], counts[b:c], arena,
-                    out_keys[out:], out_refs[out:], out_counts[out:],
+                    keys, refs, counts, keys2, refs2, counts2, arena, out_keys[at:], out_refs[at:], out_counts[at:]
                 )  # fmt: skip
-            merged.append(out + m)
-        spare = (keys, counts, refs)
-        keys, counts, refs = out_keys, out_counts, out_refs
-        bounds = merged
-    m = bounds[1]
-    return Run(trimmed(keys, m), None if refs is None else trimmed(refs, m), trimmed(counts, m))
+            merged.append((out_keys[at : at + m], None if refs is None else out_refs[at : at + m], out_counts[at : at + m]))
+            at += m
+        level = merged
+        side = 1 - side
+    m = len(level[0][0])
+    del level, merged  # views of the buffer about to be shrunk in place
+    out_keys, out_refs, out_counts = buffers[1 - side]
+    return Run(trimmed(out_keys, m), None if out_refs is None else trimmed(out_refs, m), trimmed(out_counts, m))
+
+
+def _run_buffers(n: int, with_refs: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Empty ``(keys, refs or None, counts)`` arrays of ``n`` states, for :func:`merge_many`."""
+    return np.empty(n, np.uint64), np.empty(n, np.int64) if with_refs else None, np.empty(n, np.int64)

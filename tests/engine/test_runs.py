@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tensorstate_onnx.engine.runs import Run, absorb_kernel, count_sorted_keys, gallop, merge_runs
+from tensorstate_onnx.engine.runs import Run, absorb_kernel, count_sorted_keys, gallop, merge_many, merge_runs
 
 
 def test_absorb_compares_the_words_of_states_with_equal_hashes():
@@ -58,3 +58,37 @@ def test_merging_runs_of_arena_rows_tells_equal_hashes_apart_by_words():
     merged = merge_runs(a, b, arena)
     assert merged.keys.tolist() == [5, 5, 5, 6]
     assert arena[merged.refs, 0].tolist() == [1, 2, 3, 7] and merged.counts.tolist() == [1, 10, 21, 30]
+
+
+@pytest.mark.parametrize("n_runs", [2, 3, 4, 5, 7, 9, 16])
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_merging_many_runs_adds_the_counts_of_equal_states_and_leaves_the_runs_as_they_were(n_runs, with_refs):
+    """Odd runs out at several levels (3, 5, 7, 9), given runs moving on as they are, empty runs."""
+    rng = np.random.default_rng(n_runs * 2 + with_refs)
+    # 200 distinct states of two words; the first word, of 4 values, stands for the hash
+    arena = np.stack(np.divmod(rng.permutation(200), 50), axis=1).astype(np.uint64) if with_refs else None
+    runs, expected = [], {}
+    for r in range(n_runs):
+        rows = np.unique(rng.integers(0, 200, rng.integers(0, 60) if r else 0))  # the first run empty
+        counts = rng.integers(1, 9, rows.size)
+        if with_refs:  # a hash of few values: equal hashes told apart by the rows' words
+            keys = arena[rows, 0]
+            order = np.lexsort((arena[rows, 1], keys))
+            run = Run(keys[order], rows[order], counts[order])
+            states = [tuple(arena[row]) for row in rows[order]]
+        else:
+            run = Run(rows.astype(np.uint64), None, counts)
+            states = rows.tolist()
+        for state, count in zip(states, run.counts.tolist(), strict=True):
+            expected[state] = expected.get(state, 0) + count
+        runs.append(run)
+    before = [(run.keys.copy(), None if run.refs is None else run.refs.copy(), run.counts.copy()) for run in runs]
+    merged = merge_many(runs, arena)
+    states = [tuple(arena[r]) for r in merged.refs] if with_refs else merged.keys.tolist()
+    assert dict(zip(states, merged.counts.tolist(), strict=True)) == expected
+    assert len(states) == len(expected)  # each state once
+    keys = merged.keys.tolist()
+    assert keys == sorted(keys)
+    for run, (keys, refs, counts) in zip(runs, before, strict=True):
+        assert np.array_equal(run.keys, keys) and np.array_equal(run.counts, counts)
+        assert refs is None or np.array_equal(run.refs, refs)
