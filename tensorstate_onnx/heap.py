@@ -25,7 +25,7 @@ from numbers import Integral
 
 from .errors import OptionError, OptionTypeError
 
-__all__ = ["DEFAULT_KEPT_BYTES", "GLIBC_THRESHOLDS", "keep_freed_memory"]
+__all__ = ["DEFAULT_KEPT_BYTES", "GLIBC_THRESHOLDS", "keep_freed_memory", "kept_memory_environ"]
 
 #: What :func:`keep_freed_memory` keeps unless told otherwise: 1 GiB.
 DEFAULT_KEPT_BYTES = 1 << 30
@@ -39,6 +39,32 @@ _M_MMAP_THRESHOLD = -3
 _SMALLEST = 128 * 1024  # glibc's own starting thresholds: keeping less changes nothing
 _LARGEST = 2**31 - 1
 _MMAP_CAP = 32 * 1024 * 1024  # the largest mmap threshold some glibc versions accept on 64-bit
+
+
+#: The environment variable that has every thread of a process allocate from
+#: glibc's main arena. A thread's own arena grows by heaps of 64 MiB, and glibc
+#: hands a heap that becomes free back to the OS whatever the thresholds say:
+#: a thread counting hundreds of MB faulted its memory in again every shard.
+GLIBC_ONE_ARENA = "MALLOC_ARENA_MAX"
+
+
+def kept_memory_environ(max_bytes: int = DEFAULT_KEPT_BYTES) -> dict[str, str]:
+    """The environment a process must start with to keep up to ``max_bytes``
+    of freed memory in every thread, not only in its main thread (what
+    :func:`keep_freed_memory` sets in a running process, plus one arena for
+    all threads: the Dask workers count in threads of their own). Checked
+    as :func:`keep_freed_memory` checks it."""
+    _check_size(max_bytes)
+    return {**dict.fromkeys(GLIBC_THRESHOLDS, str(int(max_bytes))), GLIBC_ONE_ARENA: "1"}
+
+
+def _check_size(max_bytes) -> None:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, Integral):
+        raise OptionTypeError(f"max_bytes must be an int (bytes), got {type(max_bytes).__name__}")
+    if not _SMALLEST <= max_bytes <= _LARGEST:
+        raise OptionError(
+            f"max_bytes must be between {_SMALLEST:,} (glibc's default) and {_LARGEST:,} bytes, got {max_bytes:,}"
+        )
 
 
 @functools.cache
@@ -68,12 +94,7 @@ def keep_freed_memory(max_bytes: int = DEFAULT_KEPT_BYTES) -> bool:
     nothing changes there). Process-wide: see the
     module's description for what it costs and when it pays.
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, Integral):
-        raise OptionTypeError(f"max_bytes must be an int (bytes), got {type(max_bytes).__name__}")
-    if not _SMALLEST <= max_bytes <= _LARGEST:
-        raise OptionError(
-            f"max_bytes must be between {_SMALLEST:,} (glibc's default) and {_LARGEST:,} bytes, got {max_bytes:,}"
-        )
+    _check_size(max_bytes)
     mallopt = _mallopt()
     if mallopt is None:
         return False

@@ -1,6 +1,7 @@
 """keep_freed_memory: freed memory stays with the process (glibc), bad sizes are refused."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from tensorstate_onnx import heap, keep_freed_memory
+from tensorstate_onnx.heap import kept_memory_environ
 from tensorstate_onnx.errors import OptionError, OptionTypeError
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -47,6 +49,58 @@ def test_freed_arrays_stay_with_the_process():
     assert default["free_held"] < 8 * 2**20  # glibc hands each back at once
 
 
+# In a thread of its own, allocates and frees four 40 MiB arrays three times and
+# reports the page faults each round took (memory touched for the first time).
+_THREAD_PROBE = """
+import json, resource, threading
+import numpy as np
+
+faults = []
+
+def rounds():
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        arrays = [np.ones(5 << 20) for _ in range(4)]
+        del arrays
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+thread = threading.Thread(target=rounds)
+thread.start()
+thread.join()
+print(json.dumps(faults))
+"""
+
+
+GLIBC_SETTINGS = (*heap.GLIBC_THRESHOLDS, heap.GLIBC_ONE_ARENA)
+PAGES_A_ROUND = 4 * 40 * 2**20 // 4096
+
+
+def _thread_faults(environ: dict) -> list[int]:
+    names = (*GLIBC_SETTINGS, "NUMPY_MADVISE_HUGEPAGE")
+    env = {name: value for name, value in os.environ.items() if name not in names}
+    env.update(environ, NUMPY_MADVISE_HUGEPAGE="0")  # 4 KiB pages only: a huge page is one fault for 512
+    result = subprocess.run([sys.executable, "-c", _THREAD_PROBE], capture_output=True, text=True, check=True, env=env)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting exists in glibc's malloc only")
+def test_a_process_started_with_the_kept_memory_environ_reuses_what_its_threads_free():
+    first, *again = _thread_faults(kept_memory_environ())
+    assert first >= PAGES_A_ROUND * 0.9
+    assert max(again) < PAGES_A_ROUND / 100  # served from what the first round freed
+    # Why one arena: with the thresholds alone, a thread's arena hands its freed
+    # 64 MiB heaps back and faults them in again.
+    thresholds_only = {name: str(heap.DEFAULT_KEPT_BYTES) for name in heap.GLIBC_THRESHOLDS}
+    assert min(_thread_faults(thresholds_only)[1:]) > PAGES_A_ROUND / 4
+
+
+def test_the_kept_memory_environ_names_the_size_and_one_arena():
+    assert kept_memory_environ(2**20) == {
+        "MALLOC_TRIM_THRESHOLD_": str(2**20), "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_ARENA_MAX": "1",
+    }  # fmt: skip
+    assert kept_memory_environ()["MALLOC_TRIM_THRESHOLD_"] == str(2**30)
+
+
 def test_a_glibc_that_caps_the_mmap_threshold_gets_its_cap(monkeypatch):
     calls = []
 
@@ -72,13 +126,15 @@ def test_without_glibc_nothing_changes(monkeypatch):
     assert keep_freed_memory() is False
 
 
+@pytest.mark.parametrize("setting", [keep_freed_memory, kept_memory_environ])
 @pytest.mark.parametrize("size", [True, 1.5e9, "1G", None])
-def test_a_size_that_is_not_an_int_is_refused(size):
+def test_a_size_that_is_not_an_int_is_refused(setting, size):
     with pytest.raises(OptionTypeError, match="max_bytes must be an int"):
-        keep_freed_memory(size)
+        setting(size)
 
 
+@pytest.mark.parametrize("setting", [keep_freed_memory, kept_memory_environ])
 @pytest.mark.parametrize("size", [-1, 0, 128 * 1024 - 1, 2**31])
-def test_a_size_out_of_range_is_refused(size):
+def test_a_size_out_of_range_is_refused(setting, size):
     with pytest.raises(OptionError, match="max_bytes must be between"):
-        keep_freed_memory(size)
+        setting(size)

@@ -12,19 +12,19 @@ from contextlib import contextmanager
 from .._optional import import_optional
 from .._system import usable_cpus
 from ..errors import OptionTypeError, SchedulerConnectionError
-from ..heap import DEFAULT_KEPT_BYTES, GLIBC_THRESHOLDS
+from ..heap import kept_memory_environ
 
 
 #: Environment of the worker processes :func:`local_cluster` starts: glibc malloc
 #: keeps up to 1 GiB of freed memory for reuse instead of returning it to the
-#: OS (Dask's default returns everything over 64 KiB). Each shard allocates and
-#: frees its counters (tens to hundreds of MB); memory handed back is faulted in
-#: again by the next shard, which on virtual machines costs several microseconds
-#: a page (2-worker runs measured 20-25% faster with these settings, see
-#: benchmarks/RESULTS.md). Must be set before a worker process starts; for a
-#: cluster of your own, put it in Dask's ``distributed.nanny.pre-spawn-environ``
-#: (in a process already running, :func:`tensorstate_onnx.keep_freed_memory`).
-WORKER_ENVIRON = dict.fromkeys(GLIBC_THRESHOLDS, str(DEFAULT_KEPT_BYTES))
+#: OS (Dask's default returns everything over 64 KiB), in the threads that run
+#: the tasks too (one arena: see :func:`tensorstate_onnx.heap.kept_memory_environ`).
+#: Each shard allocates and frees its counters (tens to hundreds of MB); memory
+#: handed back is faulted in again by the next shard, which on virtual machines
+#: costs several microseconds a page (see benchmarks/RESULTS.md). Must be set
+#: before a worker process starts; for a cluster of your own, put it in Dask's
+#: ``distributed.nanny.pre-spawn-environ``.
+WORKER_ENVIRON = kept_memory_environ()
 
 
 def dask_modules():
