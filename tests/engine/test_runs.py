@@ -51,6 +51,22 @@ def test_merging_runs_of_keys_adds_the_counts_of_equal_keys():
     assert merged.keys.tolist() == [0, 1, 4, 9, 10] and merged.counts.tolist() == [5, 1, 8, 3, 7]
 
 
+def test_merging_short_runs_of_keys_equals_numpy_at_every_length():
+    """Every pair of lengths up to 6 (a run's first and last keys take their own
+    steps), keys from a small range so that many are equal, counts past 2**32."""
+    rng = np.random.default_rng(3)
+    for n1 in range(7):
+        for n2 in range(7):
+            for _ in range(20):
+                runs = [np.unique(rng.integers(0, 9, n, dtype=np.uint64)) for n in (n1, n2)]
+                counts = [rng.integers(1, 2**40, run.size) for run in runs]
+                merged = merge_runs(*(Run(k, None, c) for k, c in zip(runs, counts)), None)
+                keys, inverse = np.unique(np.concatenate(runs), return_inverse=True)
+                want = np.zeros(keys.size, np.int64)
+                np.add.at(want, inverse, np.concatenate(counts))
+                assert merged.keys.tolist() == keys.tolist() and merged.counts.tolist() == want.tolist()
+
+
 def test_merging_runs_of_arena_rows_tells_equal_hashes_apart_by_words():
     arena = np.array([[1, 0], [3, 0], [2, 0], [3, 0], [7, 7]], np.uint64)
     a = Run(np.array([5, 5], np.uint64), np.array([0, 1]), np.array([1, 1]))
