@@ -179,14 +179,39 @@ def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
 
     A run holds hashes, references to arena rows and counts; only those move.
     Unequal hashes (the common case) are merged without a data-dependent
-    branch; equal hashes compare the arena rows.
+    branch, each run's next hash read ahead as in :func:`_merge_keys`; equal
+    hashes compare the arena rows. The indices are unsigned: numba then
+    leaves out the wrap-around of negative indices, which here kept the
+    reads ahead from paying (1.6x with them, on random runs).
     """
-    n1 = h1.size
-    n2 = h2.size
-    i = 0
-    j = 0
-    m = 0
-    while i < n1 and j < n2:
+    one = np.uint64(1)
+    n1 = np.uint64(h1.size)
+    n2 = np.uint64(h2.size)
+    i = np.uint64(0)
+    j = np.uint64(0)
+    m = np.uint64(0)
+    if n1 > one and n2 > one:
+        x = h1[i]
+        y = h2[j]
+        while i < n1 - one and j < n2 - one:
+            next_x = h1[i + one]
+            next_y = h2[j + one]
+            if x != y:
+                take1 = x < y
+                take2 = not take1
+                h_out[m] = pick(take1, x, y)
+                r_out[m] = pick(take1, r1[i], r2[j])
+                c_out[m] = pick(take1, c1[i], c2[j])
+                x = pick(take1, next_x, x)
+                y = pick(take2, next_y, y)
+                i += np.uint64(take1)
+                j += np.uint64(take2)
+                m += one
+            else:
+                m, i, j = _merge_equal_hashes(r1, c1, r2, c2, arena, i, j, x, h_out, r_out, c_out, m)
+                x = h1[i]  # rare: read again
+                y = h2[j]
+    while i < n1 and j < n2:  # up to the last entry of a run
         x = h1[i]
         y = h2[j]
         if x != y:
@@ -194,36 +219,46 @@ def _merge_refs(h1, r1, c1, h2, r2, c2, arena, h_out, r_out, c_out):
             h_out[m] = pick(take1, x, y)
             r_out[m] = pick(take1, r1[i], r2[j])
             c_out[m] = pick(take1, c1[i], c2[j])
-            i += np.int64(take1)
-            j += np.int64(not take1)
+            i += np.uint64(take1)
+            j += np.uint64(not take1)
+            m += one
         else:
-            order = cmp_words(arena, r1[i], arena, r2[j])
-            h_out[m] = x
-            if order <= 0:
-                r_out[m] = r1[i]
-                c_out[m] = c1[i]
-                if order == 0:
-                    c_out[m] += c2[j]
-                    j += 1
-                i += 1
-            else:
-                r_out[m] = r2[j]
-                c_out[m] = c2[j]
-                j += 1
-        m += 1
+            m, i, j = _merge_equal_hashes(r1, c1, r2, c2, arena, i, j, x, h_out, r_out, c_out, m)
     while i < n1:
         h_out[m] = h1[i]
         r_out[m] = r1[i]
         c_out[m] = c1[i]
-        i += 1
-        m += 1
+        i += one
+        m += one
     while j < n2:
         h_out[m] = h2[j]
         r_out[m] = r2[j]
         c_out[m] = c2[j]
-        j += 1
-        m += 1
-    return m
+        j += one
+        m += one
+    return np.int64(m)
+
+
+@kernel(inline="always")
+def _merge_equal_hashes(r1, c1, r2, c2, arena, i, j, h, h_out, r_out, c_out, m):
+    """The step of :func:`_merge_refs` where both runs' next entries have hash
+    ``h``: the state with the smaller words goes out, with both counts if the
+    states are equal. Returns the new ``(m, i, j)``."""
+    one = np.uint64(1)
+    order = cmp_words(arena, r1[i], arena, r2[j])
+    h_out[m] = h
+    if order <= 0:
+        r_out[m] = r1[i]
+        c_out[m] = c1[i]
+        if order == 0:
+            c_out[m] += c2[j]
+            j += one
+        i += one
+    else:
+        r_out[m] = r2[j]
+        c_out[m] = c2[j]
+        j += one
+    return m + one, i, j
 
 
 @kernel

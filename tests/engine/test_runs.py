@@ -67,6 +67,31 @@ def test_merging_short_runs_of_keys_equals_numpy_at_every_length():
                 assert merged.keys.tolist() == keys.tolist() and merged.counts.tolist() == want.tolist()
 
 
+def test_merging_short_runs_of_arena_rows_equals_numpy_at_every_length():
+    """Every pair of lengths up to 6, hashes from a tiny range (most equal
+    hashes hold different states, some the same state in both runs)."""
+    rng = np.random.default_rng(4)
+    arena = rng.integers(0, 3, (40, 2)).astype(np.uint64)
+    hashes = arena[:, 0] % np.uint64(2)  # equal for states that differ
+    words = [tuple(row) for row in arena.tolist()]
+    for n1 in range(7):
+        for n2 in range(7):
+            for _ in range(20):
+                runs = []
+                for n in (n1, n2):
+                    rows = list({words[r]: r for r in rng.integers(0, 40, n)}.values())  # distinct states
+                    rows.sort(key=lambda r: (int(hashes[r]), words[r]))
+                    refs = np.array(rows, np.int64)
+                    runs.append(Run(hashes[refs], refs, rng.integers(1, 2**40, refs.size)))
+                merged = merge_runs(*runs, arena)
+                want: dict = {}
+                for run in runs:
+                    for r, c in zip(run.refs.tolist(), run.counts.tolist()):
+                        want[words[r]] = want.get(words[r], 0) + c
+                got = [(int(h), words[r], c) for h, r, c in zip(merged.keys, merged.refs, merged.counts.tolist())]
+                assert got == sorted((int(w[0]) % 2, w, c) for w, c in want.items())
+
+
 def test_merging_runs_of_arena_rows_tells_equal_hashes_apart_by_words():
     arena = np.array([[1, 0], [3, 0], [2, 0], [3, 0], [7, 7]], np.uint64)
     a = Run(np.array([5, 5], np.uint64), np.array([0, 1]), np.array([1, 1]))
