@@ -21,11 +21,11 @@ for a reduction) on random 3x96x96 samples read by the workers from a ``.npy``.
    its RSS before the run is sampled every 10 ms; it must not grow with the
    distinct states.
 3. **Projection** to 8, 64 and 512 workers from the measured per-task costs
-   of the largest simulated run, run twice on the same workers. The same
-   merges on fresh and on reused memory give what a page touched for the
-   first time costs; merges are charged as on reused memory (a long run's
-   merges reuse what earlier ones freed), plus new pages once for the merged
-   counters the run keeps (see :func:`_project`).
+   of the largest simulated run, run twice on the same workers: merges are
+   charged as the repeat measured them, on reused memory (a long run's merges
+   reuse what earlier ones freed), plus new pages once for the merged
+   counters the run keeps, at what a page never touched costs on the workers
+   (measured there directly; see :func:`_project`).
 
 Usage: ``python benchmarks/distributed.py [--samples 1536] [--sim-samples 768] [--repeats 2]``
 """
@@ -129,6 +129,30 @@ def _merge_faults() -> list:
 
 
 _PAGE = 4096
+
+
+def _new_page_costs(nbytes: int = 64 * 2**20) -> tuple[float, float]:
+    """On a worker: CPU seconds of writing a 4 KiB page of memory this process
+    never touched, as small pages and as huge pages (madvised; one fault
+    zeroes 2 MiB), per 4 KiB, the best of three. A virtual machine's host may
+    have to back such a page too, which is what makes it dear."""
+    import mmap
+
+    costs = []
+    for huge in (False, True):
+        best = math.inf
+        for _ in range(3):
+            region = mmap.mmap(-1, nbytes)
+            if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+                region.madvise(mmap.MADV_HUGEPAGE)
+            pages = np.frombuffer(region, np.uint8)
+            started = time.thread_time()
+            pages[::_PAGE] = 1
+            best = min(best, (time.thread_time() - started) / (nbytes // _PAGE))
+            del pages
+            region.close()
+        costs.append(best)
+    return costs[0], costs[1]
 
 
 def _settled_bytes(dask_worker) -> int:
@@ -508,6 +532,7 @@ def _run(args, tmp: Path) -> None:
         if workers == args.sim_workers:
             largest = (workers, runs[-2], runs[-1])
         if workers == args.sim_workers:
+            page_costs = cluster.client.run(_new_page_costs)
             sched_cpu, sched_client, sched_tasks = _scheduler_cost(cluster, 128, 16)
         cluster.close()
     print()
@@ -525,17 +550,18 @@ def _run(args, tmp: Path) -> None:
               f"{np.mean(merges):.2f} / {np.max(merges):.2f} | {faults:,.0f} | {rss / 2**20:.0f} MiB | {worker_rss / 2**20:.0f} MiB |")  # fmt: skip
 
     # 3. Projection.
-    # The same merges on fresh and on reused memory give the cost of a page touched
-    # for the first time. In a long run only the merged counters kept on the cluster
-    # need new memory, once (t_keep); every other merge reuses what earlier ones freed
-    # (u_merge: the repeat's merges less the new pages they still took).
-    workers, (n, cold_stats, cold, cold_faults, kept), (_, warm_stats, c, warm_faults, _) = largest
-    cold_cpu, warm_cpu = (sum(stats["partition_merge_cpu_seconds"]) for stats in (cold_stats, warm_stats))
-    fault_gap = cold_faults.sum() - warm_faults.sum()
-    fault_cost = max(0.0, (cold_cpu - warm_cpu) / fault_gap) if fault_gap > 0 else 0.0
+    # A long run's merges reuse what earlier ones freed (u_merge: the repeat's
+    # merges, less the few new pages they still took); only the merged counters
+    # kept on the cluster need new memory, once (t_keep: their pages at what a
+    # page never touched costs on the workers, measured directly, the dearer of
+    # small and huge pages). Comparing the first run's merges with the repeat's
+    # is no measure of a page: the first run pays other first-time costs too.
+    workers, (n, _, cold, cold_faults, kept), (_, warm_stats, c, warm_faults, _) = largest
+    warm_cpu = sum(warm_stats["partition_merge_cpu_seconds"])
+    small_page, huge_page = np.median(list(page_costs.values()), axis=0)
     shards = warm_stats["n_shards"]
-    c["u_merge"] = max(0.0, warm_cpu - fault_cost * warm_faults.sum()) / (shards * sum(_passes(shards)))
-    c["t_keep"] = fault_cost * kept / _PAGE / shards
+    c["u_merge"] = max(0.0, warm_cpu - small_page * warm_faults.sum()) / (shards * sum(_passes(shards)))
+    c["t_keep"] = max(small_page, huge_page) * kept / _PAGE / shards
     in_run = c["t_sched"]
     big, size = 1_280_000, 1024
     wanted = sorted({p for w in (8, 64, 512) for p in (w, min(w, 64), min(w, 16))})
@@ -560,8 +586,9 @@ def _run(args, tmp: Path) -> None:
     print()
     print(f"Measured: t_shard = {c['t_shard']:.3f} CPU s per shard (of which splitting {c['t_split']:.3f}), "
           f"t_settle = {c['t_settle']:.4f}, u_merge = {c['u_merge']:.4f} CPU s per shard and pass of the pairwise merges on reused memory ({cold['u_merge']:.4f} "
-          f"as the first run measured it, its merges putting {cold_faults.sum():,.0f} pages in use for the first "
-          f"time against {warm_faults.sum():,.0f} in the repeat: {fault_cost * 1e6:.1f} us a page), t_keep = "
+          f"as the first run measured it, its merges taking {cold_faults.sum():,.0f} page faults against "
+          f"{warm_faults.sum():,.0f} in the repeat), a page never touched = {small_page * 1e6:.2f} us ({huge_page * 1e6:.2f} "
+          f"per 4 KiB of a huge page) on the workers, t_keep = "
           f"{c['t_keep']:.4f} CPU s per shard for the new pages of the merged counters kept on the cluster ({kept / 2**20:.0f} MiB), t_move = CPU s to send and receive a "
           f"shard's P pieces (measured in this process: {moving}), t_read = {c['t_read'] * 1e3:.2f} ms "
           f"per result read, t_submit = {c['t_submit'] * 1e3:.3f} ms of client CPU per task, t_sched = {c['t_sched'] * 1e3:.2f} ms of scheduler CPU per task (a graph of "
