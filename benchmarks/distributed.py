@@ -134,13 +134,14 @@ _PAGE = 4096
 def _new_page_costs(nbytes: int = 64 * 2**20) -> tuple[float, float]:
     """On a worker: CPU seconds of writing a 4 KiB page of memory this process
     never touched, as small pages and as huge pages (madvised; one fault
-    zeroes 2 MiB), per 4 KiB, the best of three. A virtual machine's host may
-    have to back such a page too, which is what makes it dear."""
+    zeroes 2 MiB), per 4 KiB, the mean of three regions (not the best: the
+    dearer pages are the ones to charge). A virtual machine's host may have
+    to back such a page too, which is what makes it dear."""
     import mmap
 
     costs = []
     for huge in (False, True):
-        best = math.inf
+        seconds = []
         for _ in range(3):
             region = mmap.mmap(-1, nbytes)
             if huge and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -148,10 +149,10 @@ def _new_page_costs(nbytes: int = 64 * 2**20) -> tuple[float, float]:
             pages = np.frombuffer(region, np.uint8)
             started = time.thread_time()
             pages[::_PAGE] = 1
-            best = min(best, (time.thread_time() - started) / (nbytes // _PAGE))
+            seconds.append((time.thread_time() - started) / (nbytes // _PAGE))
             del pages
             region.close()
-        costs.append(best)
+        costs.append(float(np.mean(seconds)))
     return costs[0], costs[1]
 
 
