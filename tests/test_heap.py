@@ -51,6 +51,7 @@ def test_freed_arrays_stay_with_the_process():
 
 # In a thread of its own, allocates and frees four 40 MiB arrays three times and
 # reports the page faults each round took (memory touched for the first time).
+# At 40 MiB each array takes a 64 MiB heap of a thread arena of its own.
 _THREAD_PROBE = """
 import json, resource, threading
 import numpy as np
@@ -78,7 +79,7 @@ PAGES_A_ROUND = 4 * 40 * 2**20 // 4096
 def _thread_faults(environ: dict) -> list[int]:
     names = (*GLIBC_SETTINGS, "NUMPY_MADVISE_HUGEPAGE")
     env = {name: value for name, value in os.environ.items() if name not in names}
-    env.update(environ, NUMPY_MADVISE_HUGEPAGE="0")  # 4 KiB pages only: a huge page is one fault for 512
+    env.update(environ, NUMPY_MADVISE_HUGEPAGE="0")  # numpy's arrays in small pages, as most memory is
     result = subprocess.run([sys.executable, "-c", _THREAD_PROBE], capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout)
 
@@ -86,12 +87,13 @@ def _thread_faults(environ: dict) -> list[int]:
 @pytest.mark.skipif(not GLIBC, reason="the setting exists in glibc's malloc only")
 def test_a_process_started_with_the_kept_memory_environ_reuses_what_its_threads_free():
     first, *again = _thread_faults(kept_memory_environ())
-    assert first >= PAGES_A_ROUND * 0.9
-    assert max(again) < PAGES_A_ROUND / 100  # served from what the first round freed
+    assert first >= PAGES_A_ROUND / 512  # new memory, in huge pages where the system always uses them
+    assert max(again) < first / 10  # served from what the first round freed
     # Why one arena: with the thresholds alone, a thread's arena hands its freed
     # 64 MiB heaps back and faults them in again.
     thresholds_only = {name: str(heap.DEFAULT_KEPT_BYTES) for name in heap.GLIBC_THRESHOLDS}
-    assert min(_thread_faults(thresholds_only)[1:]) > PAGES_A_ROUND / 4
+    first, *again = _thread_faults(thresholds_only)
+    assert min(again) > first / 10  # a quarter on the development machine
 
 
 def test_the_kept_memory_environ_names_the_size_and_one_arena():
