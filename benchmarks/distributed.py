@@ -532,7 +532,6 @@ def _run(args, tmp: Path) -> None:
                   f"{faults.sum():,.0f}", flush=True)  # fmt: skip
         if workers == args.sim_workers:
             largest = (workers, runs[-2], runs[-1])
-        if workers == args.sim_workers:
             page_costs = cluster.client.run(_new_page_costs)
             sched_cpu, sched_client, sched_tasks = _scheduler_cost(cluster, 128, 16)
         cluster.close()

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from tensorstate_onnx import heap, keep_freed_memory
-from tensorstate_onnx.heap import kept_memory_environ
 from tensorstate_onnx.errors import OptionError, OptionTypeError
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -86,7 +85,7 @@ def _thread_faults(environ: dict) -> list[int]:
 
 @pytest.mark.skipif(not GLIBC, reason="the setting exists in glibc's malloc only")
 def test_a_process_started_with_the_kept_memory_environ_reuses_what_its_threads_free():
-    first, *again = _thread_faults(kept_memory_environ())
+    first, *again = _thread_faults(heap.kept_memory_environ())
     assert first >= PAGES_A_ROUND / 512  # new memory, in huge pages where the system always uses them
     assert max(again) < first / 10  # served from what the first round freed
     # Why one arena: with the thresholds alone, a thread's arena hands its freed
@@ -97,10 +96,10 @@ def test_a_process_started_with_the_kept_memory_environ_reuses_what_its_threads_
 
 
 def test_the_kept_memory_environ_names_the_size_and_one_arena():
-    assert kept_memory_environ(2**20) == {
+    assert heap.kept_memory_environ(2**20) == {
         "MALLOC_TRIM_THRESHOLD_": str(2**20), "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_ARENA_MAX": "1",
     }  # fmt: skip
-    assert kept_memory_environ()["MALLOC_TRIM_THRESHOLD_"] == str(2**30)
+    assert heap.kept_memory_environ()["MALLOC_TRIM_THRESHOLD_"] == str(2**30)
 
 
 def test_a_glibc_that_caps_the_mmap_threshold_gets_its_cap(monkeypatch):
@@ -128,14 +127,14 @@ def test_without_glibc_nothing_changes(monkeypatch):
     assert keep_freed_memory() is False
 
 
-@pytest.mark.parametrize("setting", [keep_freed_memory, kept_memory_environ])
+@pytest.mark.parametrize("setting", [keep_freed_memory, heap.kept_memory_environ])
 @pytest.mark.parametrize("size", [True, 1.5e9, "1G", None])
 def test_a_size_that_is_not_an_int_is_refused(setting, size):
     with pytest.raises(OptionTypeError, match="max_bytes must be an int"):
         setting(size)
 
 
-@pytest.mark.parametrize("setting", [keep_freed_memory, kept_memory_environ])
+@pytest.mark.parametrize("setting", [keep_freed_memory, heap.kept_memory_environ])
 @pytest.mark.parametrize("size", [-1, 0, 128 * 1024 - 1, 2**31])
 def test_a_size_out_of_range_is_refused(setting, size):
     with pytest.raises(OptionError, match="max_bytes must be between"):
